@@ -1,0 +1,2299 @@
+#!/usr/bin/env python3
+"""jobstate: run any command as a durable background job.
+
+One file, standard library only (ctypes for kernel32 on Windows), Python 3.8+.
+Copy it into your repository and run it; nothing to install.
+
+A job is started under a stable, time-ordered id, supervised by a detached
+process that outlives the caller, and recorded on disk in one directory per
+job.  Any later process can see it, wait for it, read its output and stop its
+whole process tree.
+
+Public API (the CLI is a thin layer over it):
+    run(argv, ...) -> Job        define and launch a job
+    create(argv, ...) -> Job     define a job without launching it
+    open_job(id_or_prefix) -> Job
+    list_jobs(...) -> [JobSummary]
+    Job                          .state() .wait() .tail() .kill() .start() .restart() .delete()
+    JobState, JobStatus, Tail, KillResult, JobSummary
+    JobError and its subclasses (each has a stable .code)
+
+CLI:
+    python jobstate.py [--root PATH] [--pretty] COMMAND ...
+    commands: run create start restart status wait tail kill list ps delete rm gc tag schema
+    Every command prints one JSON object on stdout.  `python jobstate.py --help`.
+"""
+
+# ---------------------------------------------------------------------------
+# 1. Imports and platform facts
+# ---------------------------------------------------------------------------
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal as _signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__version__ = "0.1.0"
+__all__ = [
+    "run", "create", "open_job", "list_jobs", "resolve_root", "new_job_id",
+    "Job", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary",
+    "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError",
+    "InvalidStateError", "InvalidArgumentError", "StateFileError", "LaunchError",
+]
+
+_WINDOWS = os.name == "nt"
+_LINUX = sys.platform.startswith("linux")
+_THIS_FILE = os.path.abspath(__file__)
+
+# ---------------------------------------------------------------------------
+# 2. Constants, enums, errors, schema
+# ---------------------------------------------------------------------------
+
+SCHEMA_VERSION = "1.0"
+JOB_ID_ENV = "JOBSTATE_JOB_ID"
+DEFAULT_MAX_BYTES = 65536
+DEFAULT_TAIL_LINES = 50
+DEFAULT_RUN_UNTIL_S = 10.0
+DEFAULT_WAIT_UNTIL_S = 30.0
+DEFAULT_KILL_AFTER_S = 5.0
+DEFAULT_KILL_OBSERVE_S = 3.0
+DEFAULT_STDIN_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_LIST_LIMIT = 50
+LAUNCH_ACK_TIMEOUT_S = 5.0
+DRAIN_TIMEOUT_S = 2.0
+
+_MAX_CANDIDATES = 20
+_CHUNK_BYTES = 1 << 20
+# Signals a user may name; each platform layer says which of them exist.
+_SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
+# Signals whose purpose is to end the job: a kill with one of these leaves a
+# kill request, so the job is recorded as `killed` however the child reacts.
+_TERMINATING = frozenset({"TERM", "INT", "KILL", "HUP", "QUIT"})
+_TAG_RE = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\Z")
+
+
+class JobStatus(str, Enum):
+    """Life-cycle state of a job, as stored in state.json (`job.status`)."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+    KILLED = "killed"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # reported for an unreadable state file; never written
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.EXITED, JobStatus.KILLED, JobStatus.FAILED)
+
+
+class JobError(Exception):
+    """Base of every error jobstate reports; `.code` is the stable JSON error code."""
+
+    code = "internal_error"
+    retryable = False
+
+    def __init__(self, message: str, *, hint: Optional[str] = None, details: Optional[dict] = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = details
+
+
+class JobNotFoundError(JobError):
+    code = "job_not_found"
+
+    def __init__(self, job_id: str, root: str):
+        self.job_id, self.root = job_id, root
+        super().__init__("no job %r under %s" % (job_id, root),
+                         hint="run 'jobstate list --all' to see job ids")
+
+
+class AmbiguousJobIdError(JobError):
+    code = "ambiguous_job_id"
+
+    def __init__(self, prefix: str, matches: List[str]):
+        self.prefix, self.matches = prefix, matches
+        super().__init__("job id prefix %r matches %d jobs" % (prefix, len(matches)),
+                         hint="give more characters of the job id",
+                         details={"candidates": matches[:_MAX_CANDIDATES],
+                                  "truncated": len(matches) > _MAX_CANDIDATES})
+
+
+class InvalidJobIdError(JobError):
+    code = "invalid_job_id"
+
+    def __init__(self, value: str):
+        self.value = value
+        super().__init__("invalid job id %r" % (value[:80],),
+                         hint="a job id is 1 to 32 hexadecimal characters (a prefix of the full id)")
+
+
+class InvalidStateError(JobError):
+    code = "invalid_state"
+
+    def __init__(self, job_id: str, state: "JobStatus", wanted: str):
+        self.job_id, self.state = job_id, state
+        super().__init__("job %s is %s; %s" % (job_id, state.value, wanted),
+                         details={"job_id": job_id, "state": state.value})
+
+
+class InvalidArgumentError(JobError):
+    code = "invalid_argument"
+
+
+class InvalidSignalError(InvalidArgumentError):
+    code = "invalid_signal"
+
+
+class InvalidTagError(InvalidArgumentError):
+    code = "invalid_tag"
+
+
+class StdinRequiredError(InvalidArgumentError):
+    code = "stdin_required"
+
+
+class StdinTooLargeError(InvalidArgumentError):
+    code = "stdin_too_large"
+
+
+class StateFileError(JobError):
+    code = "state_unreadable"
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        super().__init__("cannot read %s: %s" % (path, reason),
+                         hint="the file is missing or corrupt; 'jobstate delete' removes the job")
+
+
+class LaunchError(JobError):
+    code = "launch_failed"
+    retryable = True
+
+
+class JobIOError(JobError):
+    code = "io_error"
+    retryable = True
+
+
+@dataclass
+class JobInfo:
+    id: str
+    status: JobStatus
+    started_at: Optional[str] = None
+
+
+@dataclass
+class JobResult:
+    exit_code: Optional[int] = None
+    signal: Optional[str] = None
+    duration_ms: Optional[int] = None
+    timed_out: bool = False
+
+
+@dataclass
+class Failure:
+    """Why jobstate could not run or keep supervising a job (`error` in state.json)."""
+
+    stage: str
+    message: str
+
+
+@dataclass
+class JobState:
+    """The content of state.json.  `to_dict`/`from_dict` are the only code that knows its keys."""
+
+    job: JobInfo
+    result: JobResult = field(default_factory=JobResult)
+    pid: Optional[int] = None
+    finished_at: Optional[str] = None
+    updated_at: Optional[str] = None
+    windows_job_name: Optional[str] = None
+    error: Optional[Failure] = None
+    supervisor_pid: Optional[int] = None
+    pid_token: Optional[str] = None
+    logs_drained: Optional[bool] = None
+    extra: Dict[str, object] = field(default_factory=dict)  # keys of other versions, kept on rewrite
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def status(self) -> JobStatus:
+        return self.job.status
+
+    @property
+    def started_at(self) -> Optional[str]:
+        return self.job.started_at
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        return self.result.exit_code
+
+    @property
+    def signal(self) -> Optional[str]:
+        return self.result.signal
+
+    @property
+    def duration_ms(self) -> Optional[int]:
+        return self.result.duration_ms
+
+    def to_dict(self) -> dict:
+        doc = dict(self.extra)
+        doc["job"] = {"id": self.job.id, "status": self.job.status.value,
+                      "started_at": self.job.started_at}
+        doc["result"] = {"exit_code": self.result.exit_code, "signal": self.result.signal,
+                         "duration_ms": self.result.duration_ms, "timed_out": self.result.timed_out}
+        if self.pid is not None:
+            doc["pid"] = self.pid
+        doc["finished_at"] = self.finished_at
+        doc["updated_at"] = self.updated_at
+        if self.windows_job_name is not None:
+            doc["windows_job_name"] = self.windows_job_name
+        if self.error is not None:
+            doc["error"] = {"stage": self.error.stage, "message": self.error.message}
+        for key in ("supervisor_pid", "pid_token", "logs_drained"):
+            if getattr(self, key) is not None:
+                doc[key] = getattr(self, key)
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "JobState":
+        """Build from a parsed state.json; raises ValueError on a malformed document."""
+        if not isinstance(doc, dict):
+            raise ValueError("state is not a JSON object")
+        job, result = doc.get("job"), doc.get("result") or {}
+        if not isinstance(job, dict) or not isinstance(result, dict):
+            raise ValueError("'job' or 'result' is not an object")
+        error = doc.get("error")
+        known = {"job", "result", "pid", "finished_at", "updated_at", "windows_job_name", "error",
+                 "supervisor_pid", "pid_token", "logs_drained"}
+        return cls(
+            job=JobInfo(id=_typed(job.get("id"), str, "job.id", required=True),
+                        status=JobStatus(job.get("status")),
+                        started_at=_typed(job.get("started_at"), str, "job.started_at")),
+            result=JobResult(exit_code=_typed(result.get("exit_code"), int, "result.exit_code"),
+                             signal=_typed(result.get("signal"), str, "result.signal"),
+                             duration_ms=_typed(result.get("duration_ms"), int, "result.duration_ms"),
+                             timed_out=bool(result.get("timed_out", False))),
+            pid=_typed(doc.get("pid"), int, "pid"),
+            finished_at=_typed(doc.get("finished_at"), str, "finished_at"),
+            updated_at=_typed(doc.get("updated_at"), str, "updated_at"),
+            windows_job_name=_typed(doc.get("windows_job_name"), str, "windows_job_name"),
+            error=Failure(str(error.get("stage")), str(error.get("message")))
+            if isinstance(error, dict) else None,
+            supervisor_pid=_typed(doc.get("supervisor_pid"), int, "supervisor_pid"),
+            pid_token=_typed(doc.get("pid_token"), str, "pid_token"),
+            logs_drained=_typed(doc.get("logs_drained"), bool, "logs_drained"),
+            extra={k: v for k, v in doc.items() if k not in known},
+        )
+
+
+@dataclass
+class JobSpec:
+    """The complete definition of a job (meta.json): enough to restart it exactly."""
+
+    argv: List[str]
+    cwd: str
+    env: Dict[str, str] = field(default_factory=dict)
+    env_files: List[str] = field(default_factory=list)
+    inherit_env: bool = True
+    masks: List[str] = field(default_factory=list)
+    has_stdin: bool = False
+    timeout_s: float = 0.0
+    kill_after_s: float = DEFAULT_KILL_AFTER_S
+    kill_orphans: bool = False
+    tags: List[str] = field(default_factory=list)
+    notify_command: Optional[str] = None
+    notify_file: Optional[str] = None
+    created_at: Optional[str] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    _KEYS = ("argv", "cwd", "env", "env_files", "inherit_env", "masks", "has_stdin", "timeout_s",
+             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "created_at")
+
+    def to_dict(self) -> dict:
+        doc = dict(self.extra)
+        doc["schema_version"] = SCHEMA_VERSION
+        for key in self._KEYS:
+            doc[key] = getattr(self, key)
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "JobSpec":
+        if not isinstance(doc, dict):
+            raise ValueError("meta is not a JSON object")
+        argv = doc.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("'argv' is not a non-empty list of strings")
+        env = doc.get("env") or {}
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise ValueError("'env' is not an object of strings")
+        spec = cls(argv=argv, cwd=_typed(doc.get("cwd"), str, "cwd", required=True), env=env)
+        for key in cls._KEYS[3:]:
+            if doc.get(key) is not None:
+                setattr(spec, key, doc[key])
+        spec.extra = {k: v for k, v in doc.items() if k not in cls._KEYS and k != "schema_version"}
+        return spec
+
+    def masked_env(self) -> Dict[str, str]:
+        return {k: ("***" if k in self.masks else v) for k, v in self.env.items()}
+
+
+def _typed(value, kind, name, required=False):
+    """Return value if it is None (and allowed) or of `kind`; else raise ValueError."""
+    if value is None and not required:
+        return None
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ValueError("%r is not a %s" % (name, kind.__name__))
+
+
+@dataclass
+class Tail:
+    """The last part of a job's output.  Ranges are half-open byte offsets into the log files."""
+
+    stdout: str
+    stderr: str
+    stdout_range: Tuple[int, int]
+    stderr_range: Tuple[int, int]
+    stdout_total_bytes: int
+    stderr_total_bytes: int
+    encoding: str = "utf-8-lossy"
+
+
+@dataclass
+class KillResult:
+    state: JobState
+    signal_sent: str
+    processes_signalled: int
+    processes_alive: int
+
+
+@dataclass
+class JobSummary:
+    """One row of `list_jobs`: the state plus the parts of the definition people filter on."""
+
+    job_id: str
+    state: JobState
+    argv: List[str]
+    cwd: Optional[str]
+    tags: List[str]
+    created_at: Optional[str]
+
+# ---------------------------------------------------------------------------
+# 3. Helpers: time, ids, paths, parsing
+# ---------------------------------------------------------------------------
+
+
+def _format_time(t: float) -> str:
+    """RFC 3339 UTC with exactly three fractional digits and a Z."""
+    ms = int(t * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
+
+
+def _utc_now() -> str:
+    return _format_time(time.time())
+
+
+def _parse_time(text: Optional[str]) -> Optional[float]:
+    """Inverse of _format_time; None for anything unparseable."""
+    import calendar
+    try:
+        base = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
+        frac = text[19:].rstrip("Z")
+        return base + (float(frac) if frac.startswith(".") else 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _deadline(timeout_s: Optional[float]) -> Optional[float]:
+    return None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def new_job_id() -> str:
+    """A new job id: 32 hex digits in the UUIDv7 layout, so ids sort by creation time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    rand_a, rand_b = (rand >> 62) & 0xFFF, rand & ((1 << 62) - 1)
+    return "%032x" % (ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b)
+
+
+def _is_job_id(name: str) -> bool:
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+
+
+def _normalize_job_ref(ref) -> str:
+    """Validate a job id or prefix before it touches the filesystem."""
+    if not isinstance(ref, str) or not 1 <= len(ref) <= 32 or \
+            not all(c in "0123456789abcdefABCDEF" for c in ref):
+        raise InvalidJobIdError(str(ref))
+    return ref.lower()
+
+
+def resolve_root(root: Optional[str] = None) -> str:
+    """The jobs root: `root` > $JOBSTATE_ROOT > $XDG_DATA_HOME/jobstate/jobs > platform default."""
+    if root:
+        return os.path.abspath(os.path.expanduser(root))
+    if os.environ.get("JOBSTATE_ROOT"):
+        return os.path.abspath(os.path.expanduser(os.environ["JOBSTATE_ROOT"]))
+    if os.environ.get("XDG_DATA_HOME"):
+        return os.path.join(os.path.abspath(os.environ["XDG_DATA_HOME"]), "jobstate", "jobs")
+    return _process_layer.default_root()
+
+
+class JobPaths:
+    """Where each file of one job lives."""
+
+    def __init__(self, root: str, job_id: str):
+        self.root, self.job_id = root, job_id
+        self.dir = os.path.join(root, job_id)
+        join = lambda name: os.path.join(self.dir, name)  # noqa: E731
+        self.meta, self.state, self.lock = join("meta.json"), join("state.json"), join("lock")
+        self.stdout_log, self.stderr_log, self.full_log = join("stdout.log"), join("stderr.log"), join("full.log")
+        self.stdin, self.supervisor_log = join("stdin.bin"), join("supervisor.log")
+        self.event, self.kill_request = join("completion_event.json"), join("kill_request.json")
+
+
+def _parse_duration(value, name: str) -> float:
+    """Seconds from a number or '90s', '5m', '2h', '7d', '250ms'."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", str(value))
+        if not match:
+            raise InvalidArgumentError("%s: %r is not a duration" % (name, value),
+                                       hint="use seconds or a suffix: 500ms, 90s, 5m, 2h, 7d")
+        unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        seconds = float(match.group(1)) * unit
+    if not 0 <= seconds < 1e9:
+        raise InvalidArgumentError("%s: %r is out of range" % (name, value))
+    return seconds
+
+
+def _parse_size(value, name: str) -> int:
+    """Bytes from a number or '64k', '10M', '1GiB'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*", str(value), re.IGNORECASE)
+        if not match:
+            raise InvalidArgumentError("%s: %r is not a size" % (name, value),
+                                       hint="use bytes or a suffix: 64k, 10M, 1G")
+        size = int(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
+    if size < 0:
+        raise InvalidArgumentError("%s: %r is negative" % (name, value))
+    return size
+
+
+def _parse_signal(value) -> Tuple[int, str]:
+    """(number, 'SIGNAME') for 'TERM', 'SIGTERM', 'term' or '15'; else InvalidSignalError."""
+    known = _process_layer.signal_numbers()
+    text = str(value).strip().upper()
+    if text.isdigit():
+        names = [n for n, num in known.items() if num == int(text)]
+        name = names[0] if names else None
+    else:
+        name = text[3:] if text.startswith("SIG") else text
+    if name not in known:
+        raise InvalidSignalError("unknown signal %r" % (value,),
+                                 hint="use one of: " + ", ".join(sorted(known)))
+    return known[name], "SIG" + name
+
+
+def _validate_tags(tags: Sequence[str]) -> List[str]:
+    """Check tag syntax and drop duplicates, keeping the first occurrence's order."""
+    out: List[str] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not _TAG_RE.match(tag):
+            raise InvalidTagError("invalid tag %r" % (tag,),
+                                  hint="tags are dot-separated segments of letters, digits and '-'")
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+def _tag_matches(pattern: str, tags: Sequence[str]) -> bool:
+    """`a.b` matches exactly; `a.*` matches `a` and anything under `a.`."""
+    if pattern.endswith(".*"):
+        base = pattern[:-2]
+        return any(t == base or t.startswith(base + ".") for t in tags)
+    return pattern in tags
+
+
+def _validate_tag_filter(pattern: str) -> str:
+    body = pattern[:-2] if pattern.endswith(".*") else pattern
+    if not _TAG_RE.match(body):
+        raise InvalidTagError("invalid tag filter %r" % (pattern,),
+                              hint="filters are tags, optionally ending in '.*'")
+    return pattern
+
+
+def _read_env_file(path: str) -> Dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments skipped; optional 'export '; no quoting."""
+    env = {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("export "):
+                line = line[7:].lstrip()
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise ValueError("%s:%d: expected KEY=VALUE" % (path, number))
+            env[key.strip()] = value
+    return env
+
+
+def _parse_env_pairs(pairs: Sequence[str]) -> Dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or "\0" in pair:
+            raise InvalidArgumentError("--env %r is not KEY=VALUE" % (pair,))
+        env[key] = value
+    return env
+
+# ---------------------------------------------------------------------------
+# 4. Atomic store
+# ---------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: str, doc: dict) -> None:
+    """Write a JSON file so that readers see the old or the new content, never a mix.
+
+    Temp file in the same directory, fsync, replace, fsync of the directory.
+    ensure_ascii keeps argv bytes that are not UTF-8 (surrogate escapes) round-trippable.
+    """
+    data = json.dumps(doc, separators=(",", ":")).encode("ascii")
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _process_layer.replace(tmp, path)
+    except BaseException:  # clean up the temp file whatever stopped us, then re-raise
+        _unlink_quietly(tmp)
+        raise
+    _process_layer.fsync_dir(os.path.dirname(path))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:  # already gone or never made: nothing to clean
+        pass
+
+
+def _read_json(path: str):
+    with open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def read_state(paths: JobPaths) -> JobState:
+    """Parse state.json; StateFileError when it is missing or corrupt."""
+    try:
+        state = JobState.from_dict(_read_json(paths.state))
+    except FileNotFoundError:
+        if not os.path.isdir(paths.dir):
+            raise JobNotFoundError(paths.job_id, paths.root) from None
+        raise StateFileError(paths.state, "missing") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StateFileError(paths.state, str(exc)) from None
+    if state.job_id != paths.job_id:
+        raise StateFileError(paths.state, "it names job %s" % state.job_id)
+    return state
+
+
+def write_state(paths: JobPaths, state: JobState) -> None:
+    state.updated_at = _utc_now()
+    _write_json_atomic(paths.state, state.to_dict())
+
+
+def read_spec(paths: JobPaths) -> JobSpec:
+    try:
+        return JobSpec.from_dict(_read_json(paths.meta))
+    except FileNotFoundError:
+        if not os.path.isdir(paths.dir):
+            raise JobNotFoundError(paths.job_id, paths.root) from None
+        raise StateFileError(paths.meta, "missing") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StateFileError(paths.meta, str(exc)) from None
+
+
+def _ensure_root(root: str) -> None:
+    """Create the root (0700) and refuse one that another user could tamper with."""
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise JobIOError("cannot create the jobs root %s: %s" % (root, exc.strerror),
+                         hint="pass --root or set JOBSTATE_ROOT to a writable directory") from None
+    problem = _process_layer.unsafe_dir_reason(root)
+    if problem:
+        raise JobIOError("refusing the jobs root %s: %s" % (root, problem),
+                         hint="use a directory owned by you and not writable by others")
+
+
+def _resolve_job_id(root: str, ref) -> str:
+    """Full job id for an id or unique prefix (validated before any filesystem access)."""
+    prefix = _normalize_job_ref(ref)
+    if len(prefix) == 32:
+        if os.path.isdir(os.path.join(root, prefix)):
+            return prefix
+        raise JobNotFoundError(prefix, root)
+    matches = [n for n in _list_job_ids(root) if n.startswith(prefix)]
+    if not matches:
+        raise JobNotFoundError(prefix, root)
+    if len(matches) > 1:
+        raise AmbiguousJobIdError(prefix, matches)
+    return matches[0]
+
+
+def _list_job_ids(root: str) -> List[str]:
+    """Job ids under root, newest first (ids are time-ordered); a missing root has none."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise JobIOError("cannot read the jobs root %s: %s" % (root, exc.strerror)) from None
+    return sorted((n for n in names if _is_job_id(n)), reverse=True)
+
+
+class _JobLock:
+    """The job's `lock` file: held exclusively by the live supervisor for its whole life.
+
+    Readers take it to prove the supervisor is gone (no pid guessing), and `wait`
+    blocks on it to wake the moment the supervisor exits.
+    """
+
+    def __init__(self, paths: JobPaths):
+        self.path = paths.lock
+        self.fd: Optional[int] = None
+
+    def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
+        flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_BINARY", 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            return not create and self._gone()
+        if _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
+            return True
+        self.release()
+        return False
+
+    def _gone(self) -> bool:
+        # A job directory without a lock file never had a supervisor: it is free.
+        self.fd = None
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing drops the lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _reconcile(paths: JobPaths, state: JobState) -> JobState:
+    """Turn a `running` state whose supervisor is gone into `failed` (supervisor_lost).
+
+    The supervisor holds the lock for its whole life, so a free lock is proof; the
+    re-read under the lock avoids racing a supervisor that just finished.
+    """
+    if state.status is not JobStatus.RUNNING:
+        return state
+    with _JobLock(paths) as lock:
+        if not lock.acquire(create=False):
+            return state
+        state = read_state(paths)
+        if state.status is JobStatus.RUNNING:
+            state.job.status = JobStatus.FAILED
+            state.error = Failure("supervisor_lost",
+                                  "the supervisor exited without recording the job's end")
+            state.finished_at = _utc_now()
+            write_state(paths, state)
+        return state
+
+
+def _read_state_reconciled(paths: JobPaths) -> JobState:
+    return _reconcile(paths, read_state(paths))
+
+
+def _read_kill_request(paths: JobPaths) -> Optional[str]:
+    """The signal name a killer asked for, if any ('SIGTERM')."""
+    try:
+        value = _read_json(paths.kill_request).get("signal")
+        return value if isinstance(value, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+# ---------------------------------------------------------------------------
+# 5. Platform process layer
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Proc:
+    """One process identity: a pid is only trusted together with its start-time token."""
+
+    pid: int
+    token: str
+
+
+@dataclass
+class _Child:
+    """The job's main process, as seen by its supervisor."""
+
+    popen: subprocess.Popen
+    pid: int
+    token: Optional[str]
+    windows_job_name: Optional[str] = None
+    handle: object = None  # platform-private (the Job Object handle on Windows)
+
+
+@dataclass
+class _TreeRef:
+    """Everything recorded about a job's process tree, so any later process can find it."""
+
+    job_id: str
+    pid: Optional[int]
+    pid_token: Optional[str]
+    supervisor_pid: Optional[int]
+    windows_job_name: Optional[str]
+    descendants: List[_Proc] = field(default_factory=list)
+
+    @classmethod
+    def from_state(cls, state: JobState) -> "_TreeRef":
+        return cls(state.job_id, state.pid, state.pid_token, state.supervisor_pid,
+                   state.windows_job_name)
+
+
+class _PosixProcessLayer:
+    """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
+
+    def default_root(self) -> str:
+        return os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
+
+    def shell_argv(self, command: str) -> List[str]:
+        return ["/bin/sh", "-c", command]
+
+    def signal_numbers(self) -> Dict[str, int]:
+        return {n: int(getattr(_signal, "SIG" + n)) for n in _SIGNAL_NAMES if hasattr(_signal, "SIG" + n)}
+
+    def unsafe_dir_reason(self, path: str) -> Optional[str]:
+        st = os.stat(path)
+        if st.st_uid != os.getuid():
+            return "it is owned by uid %d, not by you (uid %d)" % (st.st_uid, os.getuid())
+        if st.st_mode & 0o022:
+            return "it is writable by other users (mode %o)" % (st.st_mode & 0o777)
+        return None
+
+    # -- files ---------------------------------------------------------------
+
+    def lock(self, fd: int, *, exclusive: bool, blocking: bool) -> bool:
+        import fcntl
+        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, op)
+            return True
+        except BlockingIOError:
+            return False
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- supervisor ------------------------------------------------------------
+
+    def spawn_supervisor(self, argv: List[str], *, stdout, stderr, lock_fd: int) -> subprocess.Popen:
+        """Start the supervisor in a new session, handing it the job lock we hold."""
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                close_fds=True, pass_fds=(lock_fd,), start_new_session=True)
+
+    def release_supervisor(self, popen: subprocess.Popen) -> None:
+        # The supervisor double-forks at once (prepare_supervisor): reap the
+        # intermediate so an API caller does not collect zombies.
+        popen.wait()
+
+    def prepare_supervisor(self) -> None:
+        """Detach for good: ignore terminal signals, leave the launcher, adopt orphans."""
+        for name in ("SIGHUP", "SIGINT", "SIGTTOU", "SIGTTIN"):
+            _signal.signal(getattr(_signal, name), _signal.SIG_IGN)
+        if os.fork() > 0:
+            os._exit(0)
+        if _LINUX:
+            self._become_subreaper()
+
+    def _become_subreaper(self) -> None:
+        # PR_SET_CHILD_SUBREAPER: double-forked daemons of the job re-parent to
+        # us instead of init, so they stay inside the tree we can find.
+        import ctypes
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                                   ctypes.c_ulong, ctypes.c_ulong]
+            libc.prctl.restype = ctypes.c_int
+            libc.prctl(36, 1, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the marker scan still finds escapees
+            pass
+
+    def tune_pipe(self, fd: int) -> None:
+        # Bigger pipes mean fewer wake-ups for chatty jobs (Linux F_SETPIPE_SZ).
+        if _LINUX:
+            import fcntl
+            try:
+                fcntl.fcntl(fd, 1031, 1 << 20)
+            except OSError:  # over /proc/sys/fs/pipe-max-size: the default still works
+                pass
+
+    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
+        popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                                 close_fds=True, start_new_session=True)
+        return _Child(popen, popen.pid, self.process_token(popen.pid))
+
+    def wait_child(self, child: _Child) -> Tuple[Optional[int], Optional[int]]:
+        """Block until the child exits, reaping adopted orphans on the way; (code, signum)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return None, None
+            if pid != child.pid:
+                continue
+            child.popen.returncode = status  # keeps Popen from waiting on it again
+            if os.WIFSIGNALED(status):
+                return None, os.WTERMSIG(status)
+            return os.WEXITSTATUS(status), None
+
+    # -- process identity and trees -------------------------------------------
+
+    def process_token(self, pid: int) -> Optional[str]:
+        info = self._stat(pid)
+        return info[3] if info else None
+
+    def is_alive(self, proc: _Proc) -> bool:
+        info = self._stat(proc.pid)
+        return bool(info) and info[3] == proc.token and info[2] != "Z"
+
+    def _stat(self, pid: int) -> Optional[Tuple[int, int, str, str]]:
+        """(ppid, pgid, state, token) of one process, or None."""
+        if _LINUX:
+            return self._linux_stat(pid)
+        table = self._ps_table(pid)
+        return table.get(pid)
+
+    _boot_id: Optional[str] = None
+
+    def _linux_stat(self, pid: int):
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        fields = data[data.rindex(b")") + 2:].split()
+        if self._boot_id is None:
+            try:
+                with open("/proc/sys/kernel/random/boot_id") as f:
+                    self._boot_id = f.read().strip()
+            except OSError:
+                self._boot_id = "?"
+        return int(fields[1]), int(fields[2]), fields[0].decode(), "%s:%s" % (self._boot_id, fields[19].decode())
+
+    def _ps_table(self, pid: Optional[int] = None) -> Dict[int, Tuple[int, int, str, str]]:
+        """macOS and other POSIX: ps gives ppid, pgid, state and the start time."""
+        argv = ["ps", "-o", "pid=,ppid=,pgid=,stat=,lstart="] + (["-p", str(pid)] if pid else ["-ax"])
+        try:
+            out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 env=dict(os.environ, LC_ALL="C"), timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        table = {}
+        for line in out.decode(errors="replace").splitlines():
+            parts = line.split(None, 4)
+            if len(parts) == 5 and parts[0].isdigit():
+                table[int(parts[0])] = (int(parts[1]), int(parts[2]), parts[3][:1], parts[4].strip())
+        return table
+
+    def _all_processes(self) -> Dict[int, Tuple[int, int, str, str]]:
+        if not _LINUX:
+            return self._ps_table()
+        table = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                info = self._linux_stat(int(name))
+                if info:
+                    table[int(name)] = info
+        return table
+
+    def _carries_marker(self, pid: int, marker: bytes) -> bool:
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                return marker in f.read().split(b"\0")
+        except OSError:  # another user's process, or gone: not ours to find
+            return False
+
+    def find_tree(self, ref: _TreeRef) -> List[_Proc]:
+        """Live processes of the job: its process group, descendants, and marker carriers."""
+        table = self._all_processes()
+        live = {pid: info for pid, info in table.items() if info[2] != "Z"}
+        found = set()
+        root_ok = ref.pid is not None and ref.pid in live and live[ref.pid][3] == ref.pid_token
+        # A group id cannot be reused while the group has members, so members of
+        # group `pid` are ours when the leader is ours or no process has that pid.
+        if ref.pid is not None and (root_ok or ref.pid not in table):
+            found.update(pid for pid, info in live.items() if info[1] == ref.pid)
+        if root_ok:
+            found.add(ref.pid)
+        found.update(p.pid for p in ref.descendants if live.get(p.pid, (0, 0, "", None))[3] == p.token)
+        if _LINUX:
+            marker = ("%s=%s" % (JOB_ID_ENV, ref.job_id)).encode()
+            found.update(pid for pid in live if self._carries_marker(pid, marker))
+        if ref.supervisor_pid in live:
+            found.update(pid for pid, info in live.items() if info[0] == ref.supervisor_pid)
+        found |= self._descendants(live, found)
+        found -= {os.getpid(), ref.supervisor_pid, 1}
+        return [_Proc(pid, live[pid][3]) for pid in sorted(found) if pid in live]
+
+    def _descendants(self, live, roots) -> set:
+        children: Dict[int, List[int]] = {}
+        for pid, info in live.items():
+            children.setdefault(info[0], []).append(pid)
+        seen, todo = set(), list(roots)
+        while todo:
+            for kid in children.get(todo.pop(), ()):
+                if kid not in seen:
+                    seen.add(kid)
+                    todo.append(kid)
+        return seen
+
+    def signal_tree(self, ref: _TreeRef, signum: int) -> int:
+        """Signal every verified process of the tree; returns how many were signalled."""
+        return sum(self._signal_verified(p, signum) for p in self.find_tree(ref))
+
+    def _signal_verified(self, proc: _Proc, signum: int) -> bool:
+        """Signal proc only if its start time still matches (a recycled pid is never hit).
+
+        With a pidfd (Linux, Python 3.9+) the check and the signal refer to the
+        same process, so there is no window for reuse at all.
+        """
+        pidfd = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                pidfd = os.pidfd_open(proc.pid)  # novm (guarded by hasattr above)
+            except OSError:
+                return False
+        try:
+            if self.process_token(proc.pid) != proc.token:
+                return False
+            if pidfd is not None:
+                _signal.pidfd_send_signal(pidfd, signum)  # novm (pidfd is only set on 3.9+)
+            else:
+                os.kill(proc.pid, signum)
+            return True
+        except ProcessLookupError:  # exited meanwhile: nothing to stop
+            return False
+        except PermissionError:
+            return False
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+
+_process_layer = _PosixProcessLayer()
+
+# ---------------------------------------------------------------------------
+# 6. Supervisor
+# ---------------------------------------------------------------------------
+
+
+class _SpawnFailure(Exception):
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage, self.message = stage, message
+
+
+class _FullLog:
+    """full.log: both streams interleaved in arrival order, each line prefixed.
+
+    One timestamp per chunk; a chunk that continues a line of the same stream
+    gets no prefix, one that interrupts another stream's line starts a new line.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.at_line_start = True
+        self.last_label = b""
+
+    def append(self, label: bytes, chunk: bytes) -> None:
+        with self.lock:
+            prefix = b"%s [%s] " % (_utc_now().encode(), label)
+            parts = []
+            if self.at_line_start:
+                parts.append(prefix)
+            elif label != self.last_label:
+                parts += [b"\n", prefix]
+            ends_line = chunk.endswith(b"\n")
+            body = chunk[:-1] if ends_line else chunk
+            parts += [body.replace(b"\n", b"\n" + prefix), b"\n" if ends_line else b""]
+            self.at_line_start, self.last_label = ends_line, label
+            _write_all(self.fd, b"".join(parts))
+
+
+class _Supervisor:
+    """Runs inside the detached supervisor process: one job, start to finish."""
+
+    def __init__(self, paths: JobPaths):
+        self.paths = paths
+        self.exited = threading.Event()
+        self.timed_out = False
+        self.last_signal: Optional[str] = None
+        self.write_error: Optional[str] = None
+        self.child: Optional[_Child] = None
+
+    def log(self, message: str) -> None:
+        sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
+        sys.stderr.flush()
+
+    def run(self) -> int:
+        state = read_state(self.paths)
+        if state.status is not JobStatus.CREATED:
+            self.log("job is %s, not created; nothing to do" % state.status.value)
+            return 1
+        spec = read_spec(self.paths)
+        state.supervisor_pid = os.getpid()
+        try:
+            child, pipes = self._spawn(spec)
+        except _SpawnFailure as failure:
+            self.log("cannot start the command: %s" % failure.message)
+            state.job.status, state.error = JobStatus.FAILED, Failure(failure.stage, failure.message)
+            state.finished_at, state.logs_drained = _utc_now(), True
+            write_state(self.paths, state)
+            _acknowledge()
+            _deliver_notifications(self.paths, spec, state)
+            return 0
+        started = time.monotonic()
+        self.child = child
+        pumps = self._start_pumps(pipes)
+        state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
+        state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
+        write_state(self.paths, state)
+        _acknowledge()
+        if spec.timeout_s:
+            threading.Thread(target=self._enforce_timeout, args=(spec,), daemon=True).start()
+        code, signum = _process_layer.wait_child(child)
+        self.exited.set()
+        self._record_end(state, code, signum, int((time.monotonic() - started) * 1000))
+        if spec.kill_orphans:
+            self._stop_tree(spec.kill_after_s)
+        deadline = _deadline(DRAIN_TIMEOUT_S)
+        for pump in pumps:
+            pump.join(_remaining(deadline))
+        state.logs_drained = not any(p.is_alive() for p in pumps)
+        if self.write_error:
+            state.error = Failure("output", self.write_error)
+        write_state(self.paths, state)
+        _deliver_notifications(self.paths, spec, state)
+        return 0
+
+    def _spawn(self, spec: JobSpec):
+        """Start the child with its output on pipes; _SpawnFailure says why it could not start."""
+        if not os.path.isdir(spec.cwd):
+            raise _SpawnFailure("cwd", "working directory %s does not exist" % spec.cwd)
+        try:
+            env = _job_environment(spec, self.paths.job_id)
+        except (OSError, ValueError) as exc:
+            raise _SpawnFailure("env", "cannot read env file: %s" % exc) from None
+        argv = _process_layer.shell_argv(spec.argv[0]) if len(spec.argv) == 1 else spec.argv
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        for fd in (out_r, err_r):
+            _process_layer.tune_pipe(fd)
+        stdin = open(self.paths.stdin, "rb") if spec.has_stdin else subprocess.DEVNULL
+        try:
+            child = _process_layer.spawn_child(argv, job_id=self.paths.job_id, cwd=spec.cwd, env=env,
+                                               stdin=stdin, stdout=out_w, stderr=err_w)
+        except OSError as exc:
+            os.close(out_r)
+            os.close(err_r)
+            raise _SpawnFailure("spawn", _describe_spawn_error(exc, argv)) from None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+            if stdin is not subprocess.DEVNULL:
+                stdin.close()
+        return child, (out_r, err_r)
+
+    def _start_pumps(self, pipes) -> List[threading.Thread]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+        logs = [os.open(p, flags, 0o600) for p in
+                (self.paths.stdout_log, self.paths.stderr_log, self.paths.full_log)]
+        full = _FullLog(logs[2])
+        pumps = [threading.Thread(target=self._pump, args=(pipes[0], logs[0], b"STDOUT", full), daemon=True),
+                 threading.Thread(target=self._pump, args=(pipes[1], logs[1], b"STDERR", full), daemon=True)]
+        for pump in pumps:
+            pump.start()
+        return pumps
+
+    def _pump(self, read_fd: int, log_fd: int, label: bytes, full: _FullLog) -> None:
+        """Copy one pipe to its log and full.log until EOF.  After a write error
+        (disk full) keep reading, so the child never blocks on a full pipe."""
+        while True:
+            try:
+                chunk = os.read(read_fd, _CHUNK_BYTES)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if self.write_error:
+                continue
+            try:
+                _write_all(log_fd, chunk)
+                full.append(label, chunk)
+            except OSError as exc:
+                self.write_error = "output could not be saved: %s" % exc
+                self.log(self.write_error)
+        os.close(read_fd)
+
+    def _enforce_timeout(self, spec: JobSpec) -> None:
+        if self.exited.wait(spec.timeout_s):
+            return
+        self.timed_out = True
+        self.log("timeout of %gs reached; stopping the process tree" % spec.timeout_s)
+        self._stop_tree(spec.kill_after_s)
+
+    def _stop_tree(self, kill_after_s: float) -> None:
+        """TERM the tree, then KILL whatever is left after kill_after_s (0 = KILL at once)."""
+        ref = _TreeRef(self.paths.job_id, self.child.pid, self.child.token, os.getpid(),
+                       self.child.windows_job_name)
+        for name, grace in (("TERM", kill_after_s), ("KILL", 0.0)):
+            if name == "TERM" and kill_after_s == 0:
+                continue
+            self.last_signal = "SIG" + name
+            if not _process_layer.signal_tree(ref, _process_layer.signal_numbers()[name]):
+                return
+            if grace and _wait_tree_gone(ref, grace):
+                return
+
+    def _record_end(self, state: JobState, code, signum, duration_ms: int) -> None:
+        requested = _read_kill_request(self.paths)
+        state.result.duration_ms, state.result.timed_out = duration_ms, self.timed_out
+        state.finished_at = _utc_now()
+        if signum is not None:
+            state.job.status, state.result.signal = JobStatus.KILLED, _signal_name(signum)
+        elif requested or self.timed_out:
+            # Ended after jobstate asked it to (it may have trapped the signal).
+            state.job.status = JobStatus.KILLED
+            state.result.signal = self.last_signal if self.timed_out else requested
+        else:
+            state.job.status, state.result.exit_code = JobStatus.EXITED, code
+        write_state(self.paths, state)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return "SIG%d" % signum
+
+
+def _wait_tree_gone(ref: _TreeRef, timeout_s: float) -> bool:
+    """Poll until no process of the tree is left; True if that happened in time."""
+    deadline = _deadline(timeout_s)
+    delay = 0.005
+    while _process_layer.find_tree(ref):
+        if _remaining(deadline) <= 0:
+            return False
+        time.sleep(min(delay, _remaining(deadline)))
+        delay = min(delay * 2, 0.1)
+    return True
+
+
+def _job_environment(spec: JobSpec, job_id: str) -> Dict[str, str]:
+    env = dict(os.environ) if spec.inherit_env else {}
+    for path in spec.env_files:
+        env.update(_read_env_file(path))
+    env.update(spec.env)
+    env[JOB_ID_ENV] = job_id
+    return env
+
+
+def _describe_spawn_error(exc: OSError, argv: List[str]) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "command not found: %s" % argv[0]
+    if isinstance(exc, PermissionError):
+        return "permission denied: %s is not executable" % argv[0]
+    return "cannot execute %s: %s" % (argv[0], exc.strerror or exc)
+
+
+def _acknowledge() -> None:
+    """Tell the launcher we are up (one line on the inherited stdout pipe), then let go of it."""
+    try:
+        os.write(1, b"ok\n")
+    except OSError:  # the launcher is gone (killed): the job goes on regardless
+        pass
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+
+
+def _deliver_notifications(paths: JobPaths, spec: JobSpec, state: JobState) -> None:
+    """Emit the job.finished event to the configured sinks; failures never touch the state."""
+    if not spec.notify_command and not spec.notify_file:
+        return
+    event = _finished_event(paths, spec, state)
+    record = {"event": event, "deliveries": []}
+    _write_json_atomic(paths.event, record)
+    line = json.dumps(event, separators=(",", ":")) + "\n"
+    if spec.notify_file:
+        record["deliveries"].append(_notify_file(spec.notify_file, line))
+    if spec.notify_command:
+        record["deliveries"].append(_notify_command(paths, spec.notify_command, line))
+    _write_json_atomic(paths.event, record)
+
+
+def _finished_event(paths: JobPaths, spec: JobSpec, state: JobState) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "event_type": "job.finished", "job_id": state.job_id,
+            "state": state.status.value, "command": spec.argv, "cwd": spec.cwd,
+            "started_at": state.started_at, "finished_at": state.finished_at,
+            "duration_ms": state.duration_ms, "exit_code": state.exit_code, "signal": state.signal,
+            "stdout_log_path": paths.stdout_log, "stderr_log_path": paths.stderr_log}
+
+
+def _notify_file(path: str, line: str) -> dict:
+    result = {"sink": "file", "target": path, "delivered_at": _utc_now()}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
+        result.update(ok=True, error=None)
+    except OSError as exc:
+        result.update(ok=False, error=str(exc))
+    return result
+
+
+def _notify_command(paths: JobPaths, command: str, line: str) -> dict:
+    timeout_s = float(os.environ.get("JOBSTATE_NOTIFY_TIMEOUT", "30"))
+    result = {"sink": "command", "target": command, "delivered_at": _utc_now()}
+    env = dict(os.environ, JOBSTATE_EVENT_PATH=paths.event, JOBSTATE_JOB_ID=paths.job_id)
+    try:
+        proc = subprocess.run(_process_layer.shell_argv(command), input=line.encode("utf-8"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=timeout_s, close_fds=True)
+        result.update(ok=proc.returncode == 0, exit_code=proc.returncode, error=None)
+    except subprocess.TimeoutExpired:
+        result.update(ok=False, exit_code=None, error="timed out after %gs" % timeout_s)
+    except OSError as exc:
+        result.update(ok=False, exit_code=None, error=str(exc))
+    return result
+
+
+def _supervise_main(args: List[str]) -> int:
+    """Entry point of the re-executed supervisor: `_supervise ROOT JOB_ID LOCK_FD`."""
+    root, job_id, lock_fd = args[0], args[1], int(args[2])
+    paths = JobPaths(root, job_id)
+    _process_layer.prepare_supervisor()
+    lock = _JobLock(paths)
+    if lock_fd >= 0:
+        lock.fd = lock_fd  # inherited from the launcher, already locked: the hand-over has no gap
+    elif not lock.acquire(blocking=False):
+        sys.stderr.write("%s: another supervisor holds the job lock\n" % _utc_now())
+        return 1
+    supervisor = _Supervisor(paths)
+    try:
+        return supervisor.run()
+    except Exception as exc:  # record why, so the job reads `failed` with a reason, not a bare crash
+        import traceback
+        supervisor.log("internal error:\n" + traceback.format_exc())
+        _record_supervisor_crash(paths, exc)
+        return 1
+    finally:
+        sys.stderr.flush()
+
+
+def _record_supervisor_crash(paths: JobPaths, exc: Exception) -> None:
+    try:
+        state = read_state(paths)
+        if not state.status.is_terminal:
+            state.job.status = JobStatus.FAILED
+            state.error = Failure("supervisor", "%s: %s" % (type(exc).__name__, exc))
+            state.finished_at = _utc_now()
+            write_state(paths, state)
+        _acknowledge()
+    except (JobError, OSError):  # nothing more we can record; supervisor.log has the traceback
+        pass
+
+# ---------------------------------------------------------------------------
+# 7. Observation: state, wait, tail
+# ---------------------------------------------------------------------------
+
+
+def _lock_is_free(paths: JobPaths) -> bool:
+    with _JobLock(paths) as lock:
+        return lock.acquire(exclusive=False, create=False)
+
+
+class _ReleaseWaiter:
+    """Wakes when the job's supervisor releases the lock: a thread blocks on the
+    lock itself, so the wake-up comes from the kernel, not from polling.
+
+    One waiter thread per Job object is reused across timed-out waits, so a
+    caller that waits in short slices does not pile up threads.
+    """
+
+    def __init__(self, paths: JobPaths):
+        self.paths = paths
+        self.guard = threading.Lock()
+        self.event: Optional[threading.Event] = None
+
+    def wait(self, timeout_s: Optional[float]) -> bool:
+        with self.guard:
+            if self.event is None or self.event.is_set():
+                self.event = threading.Event()
+                threading.Thread(target=self._block, args=(self.event,), daemon=True).start()
+            event = self.event
+        return event.wait(timeout_s)
+
+    def _block(self, event: threading.Event) -> None:
+        try:
+            with _JobLock(self.paths) as lock:
+                lock.acquire(exclusive=False, blocking=True, create=False)
+        except OSError:  # the job directory went away: nothing left to wait for
+            pass
+        event.set()
+
+
+def _read_tail(path: str, lines: Optional[int], max_bytes: int) -> Tuple[str, Tuple[int, int], int]:
+    """Last `lines` lines (at most max_bytes) of a log, read from the end with a seek."""
+    try:
+        with open(path, "rb") as f:
+            total = f.seek(0, os.SEEK_END)
+            start = max(0, total - max_bytes)
+            f.seek(start)
+            data = f.read(total - start)
+    except FileNotFoundError:
+        return "", (0, 0), 0
+    if lines is not None:
+        cut = len(data) - 1 if data.endswith(b"\n") else len(data)
+        for _ in range(lines):
+            cut = data.rfind(b"\n", 0, cut)
+            if cut < 0:
+                break
+        if cut >= 0:
+            data, start = data[cut + 1:], start + cut + 1
+    # Do not start in the middle of a UTF-8 character.
+    skip = 0
+    while skip < min(3, len(data)) and start > 0 and 0x80 <= data[skip] < 0xC0:
+        skip += 1
+    data, start = data[skip:], start + skip
+    return data.decode("utf-8", errors="replace"), (start, start + len(data)), total
+
+
+def _tail(paths: JobPaths, lines: Optional[int], max_bytes: int) -> Tail:
+    out, out_range, out_total = _read_tail(paths.stdout_log, lines, max_bytes)
+    err, err_range, err_total = _read_tail(paths.stderr_log, lines, max_bytes)
+    return Tail(out, err, out_range, err_range, out_total, err_total)
+
+
+def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05) -> None:
+    """Copy new bytes of stdout.log and stderr.log to the sinks until the job ends."""
+    offsets = list(start)
+    logs = (paths.stdout_log, paths.stderr_log)
+    while True:
+        finished = _read_state_reconciled(paths).status.is_terminal and _lock_is_free(paths)
+        for i, path in enumerate(logs):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offsets[i])
+                    while True:
+                        chunk = f.read(_CHUNK_BYTES)
+                        if not chunk:
+                            break
+                        offsets[i] += len(chunk)
+                        sinks[i](chunk)
+            except FileNotFoundError:
+                pass
+        if finished:
+            return
+        time.sleep(poll_s)
+
+# ---------------------------------------------------------------------------
+# 8. Commands: run, create, kill, list, delete, gc, tags
+# ---------------------------------------------------------------------------
+
+
+class Job:
+    """A handle on one job directory.  Cheap to create; every method reads the disk afresh."""
+
+    def __init__(self, job_id: str, root: str):
+        self.id = job_id
+        self.root = root
+        self.paths = JobPaths(root, job_id)
+        self._release = _ReleaseWaiter(self.paths)
+
+    def __repr__(self) -> str:
+        return "Job(%r, root=%r)" % (self.id, self.root)
+
+    def spec(self) -> JobSpec:
+        """The job's definition (meta.json)."""
+        return read_spec(self.paths)
+
+    def state(self) -> JobState:
+        """The current JobState; a job whose supervisor died reads as failed (supervisor_lost)."""
+        return _read_state_reconciled(self.paths)
+
+    def wait(self, timeout_s: Optional[float] = None) -> JobState:
+        """Block until the job is terminal and its logs are drained, or timeout_s passes.
+
+        Returns the state at that moment (check `.status`).  None waits forever.
+        A created job is waited on too: it may be started meanwhile.
+        """
+        deadline = _deadline(timeout_s)
+        while True:
+            state = self.state()
+            if state.status.is_terminal and _lock_is_free(self.paths):
+                return state
+            remaining = _remaining(deadline)
+            if remaining == 0:
+                return state
+            if state.status is JobStatus.CREATED:
+                time.sleep(0.05 if remaining is None else min(0.05, remaining))
+            else:
+                self._release.wait(remaining)
+
+    def tail(self, lines: Optional[int] = DEFAULT_TAIL_LINES, max_bytes: int = DEFAULT_MAX_BYTES) -> Tail:
+        """The last `lines` lines (None: no line limit) and at most max_bytes of each stream."""
+        self.state()  # raises JobNotFoundError for a job that is gone
+        return _tail(self.paths, lines, _parse_size(max_bytes, "max_bytes"))
+
+    def start(self) -> "Job":
+        """Launch a created job; returns once its supervisor has acknowledged."""
+        with _JobLock(self.paths) as lock:
+            if not lock.acquire():
+                raise InvalidStateError(self.id, JobStatus.RUNNING, "only a created job can be started")
+            state = read_state(self.paths)
+            if state.status is not JobStatus.CREATED:
+                raise InvalidStateError(self.id, state.status, "only a created job can be started")
+            _launch(self.paths, lock)
+        _auto_gc(self.root)
+        return self
+
+    def restart(self, signal: str = "TERM", *, kill_after_s: float = DEFAULT_KILL_AFTER_S) -> "Job":
+        """Stop the job's tree if it runs, then launch the same definition under the same id.
+
+        Serialized through the job lock: however many restarts and kills race,
+        at most one supervisor runs the job at a time.
+        """
+        _parse_signal(signal)
+        self.state()
+        with _JobLock(self.paths) as lock:
+            while not lock.acquire():
+                try:
+                    self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
+                except InvalidStateError:  # being started by someone else right now
+                    time.sleep(0.02)
+            for path in (self.paths.kill_request, self.paths.event):
+                _unlink_quietly(path)
+            write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
+            _launch(self.paths, lock)
+        _auto_gc(self.root)
+        return self
+
+    def kill(self, signal: str = "TERM", *, kill_after_s: Optional[float] = None,
+             wait_s: float = DEFAULT_KILL_OBSERVE_S) -> KillResult:
+        """Signal the job's whole process tree, then observe it for up to wait_s.
+
+        kill_after_s: escalate to KILL for whatever is left after that many seconds.
+        On a terminal job, stops leftover processes and keeps the recorded result.
+        """
+        signum, name = _parse_signal(signal)
+        state = self.state()
+        if state.status is JobStatus.CREATED:
+            raise InvalidStateError(self.id, state.status, "it has no process to signal")
+        ref = _TreeRef.from_state(state)
+        terminating = name[3:] in _TERMINATING
+        if state.status is JobStatus.RUNNING and terminating:
+            _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
+        signalled = _process_layer.signal_tree(ref, signum)
+        if terminating and kill_after_s is not None and not self._stopped(ref, kill_after_s):
+            if state.status is JobStatus.RUNNING:
+                _write_json_atomic(self.paths.kill_request, {"signal": "SIGKILL", "requested_at": _utc_now()})
+            signalled += _process_layer.signal_tree(ref, _process_layer.signal_numbers()["KILL"])
+        if terminating and wait_s:
+            self._stopped(ref, wait_s)
+        return KillResult(self.state(), name, signalled, len(_process_layer.find_tree(ref)))
+
+    def _stopped(self, ref: _TreeRef, timeout_s: float) -> bool:
+        """Wait until the supervisor has finished and no process of the tree is left."""
+        deadline = _deadline(timeout_s)
+        self.wait(timeout_s)
+        return _wait_tree_gone(ref, _remaining(deadline))
+
+    def delete(self) -> None:
+        """Remove the job's directory; refuses a running job (InvalidStateError)."""
+        _delete_job(self.paths)
+
+    def set_tags(self, tags: Sequence[str]) -> List[str]:
+        """Replace the job's tags (deduplicated, in order); returns the new list."""
+        tags = _validate_tags(tags)
+        with _meta_lock(self.paths):
+            spec = read_spec(self.paths)
+            spec.tags = tags
+            _write_json_atomic(self.paths.meta, spec.to_dict())
+        return tags
+
+
+class _meta_lock:
+    """Serializes read-modify-write of meta.json (tags) between processes."""
+
+    def __init__(self, paths: JobPaths):
+        self.path = os.path.join(paths.dir, "meta.lock")
+        self.fd: Optional[int] = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+        _process_layer.lock(self.fd, exclusive=True, blocking=True)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, masks=(), has_stdin=False,
+                timeout_s=None, kill_after_s=None, kill_orphans=False, tags=(), notify_command=None,
+                notify_file=None) -> JobSpec:
+    """Validate a definition and make it absolute, so the job means the same from anywhere."""
+    if isinstance(argv, str):
+        argv = [argv]
+    argv = list(argv or [])
+    if not argv or not all(isinstance(a, str) for a in argv) or any("\0" in a for a in argv) or not argv[0]:
+        raise InvalidArgumentError("the command must be a non-empty list of strings without NUL",
+                                   hint="python jobstate.py run -- echo hello")
+    env = dict(env or {})
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key \
+                or "\0" in key + value:
+            raise InvalidArgumentError("invalid environment variable %r" % (key,))
+    cwd = os.path.abspath(cwd or os.getcwd())
+    return JobSpec(
+        argv=argv, cwd=cwd, env=env, env_files=[os.path.abspath(p) for p in env_files],
+        inherit_env=bool(inherit_env), masks=list(masks), has_stdin=has_stdin,
+        timeout_s=_parse_duration(timeout_s or 0, "timeout"),
+        kill_after_s=_parse_duration(DEFAULT_KILL_AFTER_S if kill_after_s is None else kill_after_s,
+                                     "kill_after"),
+        kill_orphans=bool(kill_orphans), tags=_validate_tags(tags),
+        notify_command=notify_command,
+        notify_file=os.path.abspath(notify_file) if notify_file else None,
+        created_at=_utc_now())
+
+
+def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
+           env: Optional[Dict[str, str]] = None, env_files: Sequence[str] = (), inherit_env: bool = True,
+           masks: Sequence[str] = (), stdin=None, timeout_s=None, kill_after_s=None,
+           kill_orphans: bool = False, tags: Sequence[str] = (), notify_command: Optional[str] = None,
+           notify_file: Optional[str] = None) -> Job:
+    """Define a job (state `created`) without starting it.
+
+    argv: a list (run directly) or a one-element list / string (run by the shell).
+    stdin: bytes or str given to the job as its standard input.
+    timeout_s / kill_after_s: seconds (or '90s', '5m'); TERM at the timeout, KILL after the grace.
+    kill_orphans: when the main process exits, stop whatever it left running.
+    The job directory appears atomically: readers never see a half-made job.
+    """
+    if isinstance(stdin, str):
+        stdin = stdin.encode("utf-8", errors="surrogateescape")
+    spec = _build_spec(argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env, masks=masks,
+                       has_stdin=stdin is not None, timeout_s=timeout_s, kill_after_s=kill_after_s,
+                       kill_orphans=kill_orphans, tags=tags, notify_command=notify_command,
+                       notify_file=notify_file)
+    root = resolve_root(root)
+    _ensure_root(root)
+    job_id = new_job_id()
+    staging = os.path.join(root, ".new-" + job_id)
+    try:
+        os.mkdir(staging, 0o700)
+        _populate_job_dir(JobPaths(root, job_id), staging, spec, stdin)
+        os.rename(staging, os.path.join(root, job_id))
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise JobIOError("cannot create the job directory under %s: %s" % (root, exc.strerror or exc),
+                         hint="check free space and permissions of the jobs root") from None
+    return Job(job_id, root)
+
+
+def _populate_job_dir(final: JobPaths, staging: str, spec: JobSpec, stdin: Optional[bytes]) -> None:
+    """Write meta.json, state.json (created), stdin.bin and the lock file into the staging dir."""
+    def at(path):
+        return os.path.join(staging, os.path.basename(path))
+    if stdin is not None:
+        fd = os.open(at(final.stdin), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        try:
+            _write_all(fd, stdin)
+        finally:
+            os.close(fd)
+    os.close(os.open(at(final.lock), os.O_WRONLY | os.O_CREAT, 0o600))
+    _write_json_atomic(at(final.meta), spec.to_dict())
+    state = JobState(JobInfo(final.job_id, JobStatus.CREATED), updated_at=_utc_now())
+    _write_json_atomic(at(final.state), state.to_dict())
+
+
+def run(argv, *, root: Optional[str] = None, **definition) -> Job:
+    """Define and launch a job; returns once its supervisor has acknowledged.
+
+    Takes the same keyword arguments as create().  A command that cannot be
+    executed is not an error here: the job ends `failed` with `error` set.
+    Raises LaunchError when the supervisor could not be started.
+    """
+    job = create(argv, root=root, **definition)
+    try:
+        job.start()
+    except LaunchError:
+        if job.state().status is JobStatus.CREATED:
+            shutil.rmtree(job.paths.dir, ignore_errors=True)  # no half-made job left behind
+        raise
+    return job
+
+
+def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
+    """The Job for an id or unique prefix (case-insensitive)."""
+    root = resolve_root(root)
+    return Job(_resolve_job_id(root, job_id_or_prefix), root)
+
+
+def _launch(paths: JobPaths, lock: _JobLock) -> None:
+    """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
+    hand_over = getattr(_process_layer, "hands_over_lock", True)
+    argv = [sys.executable, "-S", _THIS_FILE, "_supervise", paths.root, paths.job_id,
+            str(lock.fd if hand_over else -1)]
+    if not hand_over:
+        lock.release()
+    log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0),
+                  0o600)
+    try:
+        popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, lock_fd=lock.fd)
+    except OSError as exc:
+        raise LaunchError("cannot start the supervisor: %s" % exc,
+                          hint="check process limits (ulimit -u) and that %s runs" % sys.executable) from None
+    finally:
+        os.close(log)
+    acknowledged = _read_ack(popen.stdout, LAUNCH_ACK_TIMEOUT_S)
+    if acknowledged is not None:
+        popen.stdout.close()
+        _process_layer.release_supervisor(popen)
+    if not acknowledged:
+        raise LaunchError("the supervisor did not acknowledge within %gs" % LAUNCH_ACK_TIMEOUT_S
+                          if acknowledged is None else "the supervisor exited before starting the job",
+                          hint="see %s" % paths.supervisor_log,
+                          details={"supervisor_log": paths.supervisor_log})
+
+
+def _read_ack(stream, timeout_s: float) -> Optional[bool]:
+    """True on 'ok', False on EOF (the supervisor died), None on timeout."""
+    box: List[bytes] = []
+    reader = threading.Thread(target=lambda: box.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if not box:
+        return None
+    return box[0].startswith(b"ok")
+
+
+def _delete_job(paths: JobPaths) -> None:
+    """Remove a job directory that no supervisor holds; symlinks are removed, never followed."""
+    if os.path.islink(paths.dir):
+        os.unlink(paths.dir)
+        return
+    with _JobLock(paths) as lock:
+        if not lock.acquire(create=False):
+            raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
+        try:
+            state = read_state(paths)
+            if state.status is JobStatus.RUNNING:
+                state = _reconcile(paths, state)
+        except StateFileError:
+            pass  # an unreadable job can still be deleted
+        try:
+            shutil.rmtree(paths.dir)
+        except FileNotFoundError:
+            raise JobNotFoundError(paths.job_id, paths.root) from None
+        except OSError as exc:
+            raise JobIOError("cannot delete %s: %s" % (paths.dir, exc)) from None
+
+
+def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
+                    tags: Sequence[str], limit: Optional[int]) -> Tuple[List[JobSummary], bool]:
+    """Jobs newest first with filters; reads files only until `limit` matches are found."""
+    want = JobStatus(state) if state else None
+    filters = [_validate_tag_filter(t) for t in tags]
+    scope = None if all_jobs else os.path.realpath(cwd or os.getcwd())
+    found: List[JobSummary] = []
+    for job_id in _list_job_ids(root):
+        summary = _summarize(JobPaths(root, job_id))
+        if scope is not None and (summary.cwd is None or os.path.realpath(summary.cwd) != scope):
+            continue
+        if want is not None and summary.state.status is not want:
+            continue
+        if not all(_tag_matches(f, summary.tags) for f in filters):
+            continue
+        if limit is not None and len(found) == limit:
+            return found, True
+        found.append(summary)
+    return found, False
+
+
+def _summarize(paths: JobPaths) -> JobSummary:
+    try:
+        state = _read_state_reconciled(paths)
+    except JobError:
+        state = JobState(JobInfo(paths.job_id, JobStatus.UNKNOWN))
+    try:
+        spec: Optional[JobSpec] = read_spec(paths)
+    except JobError:
+        spec = None
+    return JobSummary(paths.job_id, state, spec.argv if spec else [], spec.cwd if spec else None,
+                      spec.tags if spec else [], spec.created_at if spec else None)
+
+
+def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: bool = False,
+              state: Optional[str] = None, tags: Sequence[str] = (), limit: Optional[int] = DEFAULT_LIST_LIMIT
+              ) -> List[JobSummary]:
+    """Jobs newest first: those whose cwd is `cwd` (default: the current directory), or all.
+
+    state: only jobs in that state ('running', ...).  tags: patterns that must all
+    match ('a.b' exact, 'a.*' subtree).  limit: at most that many (None: no limit).
+    """
+    if state is not None and state not in {s.value for s in JobStatus}:
+        raise InvalidArgumentError("unknown state %r" % (state,),
+                                   hint="one of: " + ", ".join(s.value for s in JobStatus))
+    return _list_summaries(resolve_root(root), cwd=cwd, all_jobs=all, state=state, tags=tags, limit=limit)[0]
+
+
+def _auto_gc(root: str) -> None:
+    """Seam for bounded housekeeping after a launch (see gc); never fails the launch."""
+
+# ---------------------------------------------------------------------------
+# 9. Responses: the one place that shapes each JSON document
+# ---------------------------------------------------------------------------
+
+
+def _envelope(kind: str, body: dict) -> dict:
+    doc = {"schema_version": SCHEMA_VERSION, "ok": True, "type": kind}
+    doc.update(body)
+    return doc
+
+
+def _error_envelope(error: JobError) -> dict:
+    body = {"code": error.code, "message": error.message, "retryable": error.retryable}
+    if error.hint:
+        body["hint"] = error.hint
+    if error.details is not None:
+        body["details"] = error.details
+    return {"schema_version": SCHEMA_VERSION, "ok": False, "type": "error", "error": body}
+
+
+def _job_view(job: Job, state: JobState) -> dict:
+    """The keys every job-shaped response carries, for every state (unknown = null)."""
+    try:
+        spec: Optional[JobSpec] = job.spec()
+    except JobError:
+        spec = None
+    return {
+        "job_id": job.id, "state": state.status.value,
+        "exit_code": state.exit_code, "signal": state.signal, "timed_out": state.result.timed_out,
+        "duration_ms": state.duration_ms, "created_at": spec.created_at if spec else None,
+        "started_at": state.started_at, "finished_at": state.finished_at, "pid": state.pid,
+        "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
+        "command": spec.argv if spec else None, "cwd": spec.cwd if spec else None,
+        "env": spec.masked_env() if spec else None, "tags": spec.tags if spec else [],
+        "stdout_log_path": job.paths.stdout_log, "stderr_log_path": job.paths.stderr_log,
+    }
+
+
+def _output_view(tail: Tail) -> dict:
+    return {"stdout": tail.stdout, "stderr": tail.stderr,
+            "stdout_range": list(tail.stdout_range), "stderr_range": list(tail.stderr_range),
+            "stdout_total_bytes": tail.stdout_total_bytes, "stderr_total_bytes": tail.stderr_total_bytes,
+            "encoding": tail.encoding}
+
+
+def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int) -> dict:
+    """RunData: the job view plus the last max_bytes of each stream."""
+    view = _job_view(job, state)
+    view.update(_output_view(_tail(job.paths, None, max_bytes)))
+    view["elapsed_ms"] = elapsed_ms
+    return view
+
+
+def _kill_view(job: Job, result: KillResult) -> dict:
+    view = _job_view(job, result.state)
+    view.update(signal_sent=result.signal_sent, processes_signalled=result.processes_signalled,
+                processes_alive=result.processes_alive)
+    return view
+
+
+def _summary_view(root: str, summary: JobSummary) -> dict:
+    state = summary.state
+    return {"job_id": summary.job_id, "state": state.status.value, "exit_code": state.exit_code,
+            "signal": state.signal, "timed_out": state.result.timed_out, "duration_ms": state.duration_ms,
+            "created_at": summary.created_at, "started_at": state.started_at,
+            "finished_at": state.finished_at, "pid": state.pid,
+            "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
+            "command": summary.argv, "cwd": summary.cwd, "tags": summary.tags,
+            "stdout_log_path": JobPaths(root, summary.job_id).stdout_log,
+            "stderr_log_path": JobPaths(root, summary.job_id).stderr_log}
+
+
+def _exit_status_of(state: JobState) -> int:
+    """--exit-code: the job's own code, 128+n for a signal, 125 failed, 124 not finished yet."""
+    if state.status is JobStatus.EXITED:
+        return state.exit_code if state.exit_code is not None else 1
+    if state.status is JobStatus.KILLED:
+        number = _process_layer.signal_numbers().get((state.signal or "SIGKILL")[3:], 9)
+        return 128 + number
+    if state.status is JobStatus.FAILED:
+        return 125
+    return 124
+
+# ---------------------------------------------------------------------------
+# 10. CLI
+# ---------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _ParserExit(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+def _make_parser_class():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """argparse that raises instead of exiting, so main() prints a JSON error."""
+
+        def error(self, message):
+            raise _UsageError("%s: %s" % (self.prog, message))
+
+        def exit(self, status=0, message=None):
+            if message:
+                sys.stderr.write(message)
+            raise _ParserExit(status)
+
+    return argparse, Parser
+
+
+def _add_global_options(parser, suppress: bool) -> None:
+    default = (lambda value: __import__("argparse").SUPPRESS) if suppress else (lambda value: value)
+    parser.add_argument("--root", default=default(None), help="jobs root (default: $JOBSTATE_ROOT, "
+                        "$XDG_DATA_HOME/jobstate/jobs, ~/.local/share/jobstate/jobs)")
+    parser.add_argument("--pretty", action="store_true", default=default(False), help="indent the JSON output")
+
+
+def _add_definition_options(p) -> None:
+    p.add_argument("--cwd", help="working directory of the job (default: the current one)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable (repeatable)")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="KEY=VALUE lines read when the job starts (repeatable)")
+    p.add_argument("--no-inherit-env", action="store_true", help="start from an empty environment")
+    p.add_argument("--mask", action="append", default=[], metavar="KEY",
+                   help="show this variable's value as *** in responses and events")
+    p.add_argument("--stdin", metavar="TEXT|-", help="standard input for the job ('-' reads ours)")
+    p.add_argument("--stdin-file", metavar="PATH", help="file to give the job as standard input")
+    p.add_argument("--stdin-max-bytes", default=str(DEFAULT_STDIN_MAX_BYTES), metavar="B",
+                   help="largest accepted standard input (default 64M)")
+    p.add_argument("--timeout", default="0", metavar="S", help="stop the tree after S seconds (0 = never)")
+    p.add_argument("--kill-after", default=str(DEFAULT_KILL_AFTER_S), metavar="S",
+                   help="KILL what is left S seconds after TERM (default 5; 0 = KILL at once)")
+    p.add_argument("--kill-orphans", action="store_true",
+                   help="when the main process exits, stop what it left running")
+    p.add_argument("--tag", action="append", default=[], help="tag such as ci.lint (repeatable)")
+    p.add_argument("--notify-command", metavar="CMD", help="shell command run with the job.finished event on stdin")
+    p.add_argument("--notify-file", metavar="PATH", help="append the job.finished event to this NDJSON file")
+
+
+def _add_observe_options(p, default_until: float) -> None:
+    p.add_argument("--until", default=str(default_until), metavar="S",
+                   help="wait at most S seconds for the job to finish (default %g)" % default_until)
+    p.add_argument("--forever", action="store_true", help="wait until the job finishes")
+    p.add_argument("--no-wait", action="store_true", help="return as soon as the job is launched")
+    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B",
+                   help="output excerpt size per stream (default 64k)")
+    p.add_argument("--exit-code", action="store_true",
+                   help="exit with the job's exit code (128+n for signal n, 125 failed, 124 unfinished)")
+
+
+def _build_parser():
+    argparse, Parser = _make_parser_class()
+    parser = Parser(prog="jobstate", description="Run commands as durable background jobs. "
+                    "Every command prints one JSON object.")
+    parser.add_argument("--version", action="version", version="jobstate " + __version__)
+    _add_global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+
+    def command(name, handler, help, aliases=()):
+        p = commands.add_parser(name, help=help, description=help, aliases=list(aliases))
+        _add_global_options(p, suppress=True)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("run", _cmd_run, "define and launch a job, then observe it")
+    _add_definition_options(p)
+    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    p = command("create", _cmd_create, "define a job without starting it")
+    _add_definition_options(p)
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    p = command("start", _cmd_start, "launch a created job")
+    p.add_argument("job")
+    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
+    p = command("restart", _cmd_restart, "stop the job if it runs, then run it again under the same id")
+    p.add_argument("job")
+    p.add_argument("--signal", default="TERM", help="signal that stops the running tree (default TERM)")
+    p.add_argument("--kill-after", default=str(DEFAULT_KILL_AFTER_S), metavar="S")
+    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
+    p = command("status", _cmd_status, "show a job's state")
+    p.add_argument("job")
+    p = command("wait", _cmd_wait, "wait until a job finishes")
+    p.add_argument("job")
+    p.add_argument("--until", default=str(DEFAULT_WAIT_UNTIL_S), metavar="S",
+                   help="wait at most S seconds (default 30)")
+    p.add_argument("--forever", action="store_true", help="no deadline")
+    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B")
+    p.add_argument("--exit-code", action="store_true", help="exit with the job's exit code")
+    p = command("tail", _cmd_tail, "show the end of a job's output")
+    p.add_argument("job")
+    p.add_argument("--lines", default=str(DEFAULT_TAIL_LINES), metavar="N", help="lines per stream (default 50)")
+    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", help="bytes per stream (default 64k)")
+    p.add_argument("--follow", "-f", action="store_true", help="stream raw output until the job ends")
+    p.add_argument("--exit-code", action="store_true", help="with --follow: exit with the job's exit code")
+    p = command("kill", _cmd_kill, "signal a job's whole process tree")
+    p.add_argument("job")
+    p.add_argument("--signal", "-s", default="TERM", help="TERM (default), INT, KILL, HUP, QUIT, USR1, ...")
+    p.add_argument("--kill-after", metavar="S", help="then KILL whatever is left after S seconds")
+    p.add_argument("--no-wait", action="store_true", help="do not observe the result")
+    for name, aliases, handler, text in (("list", (), _cmd_list, "list jobs, newest first"),
+                                         ("ps", (), _cmd_ps, "list running jobs")):
+        p = command(name, handler, text, aliases)
+        if name == "list":
+            p.add_argument("--state", choices=[s.value for s in JobStatus])
+        p.add_argument("--limit", default=str(DEFAULT_LIST_LIMIT), metavar="N")
+        scope = p.add_mutually_exclusive_group()
+        scope.add_argument("--cwd", help="jobs started in this directory (default: the current one)")
+        scope.add_argument("--all", action="store_true", help="jobs of every directory")
+        p.add_argument("--tag", action="append", default=[], metavar="PATTERN", help="a.b or a.* (repeat = AND)")
+    p = command("delete", _cmd_delete, "remove finished jobs", aliases=("rm",))
+    p.add_argument("job", nargs="?")
+    p.add_argument("--all", action="store_true", help="every finished job of the current directory")
+    p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    p = command("tag", _cmd_tag, "manage tags")
+    tag_commands = p.add_subparsers(dest="tag_command", metavar="set", parser_class=Parser)
+    tag_commands.required = True
+    p = tag_commands.add_parser("set", help="replace a job's tags")
+    _add_global_options(p, suppress=True)
+    p.add_argument("job")
+    p.add_argument("--tag", action="append", default=[])
+    p.set_defaults(handler=_cmd_tag)
+    return parser
+
+
+def _observe_deadline(ns) -> Optional[float]:
+    if getattr(ns, "no_wait", False):
+        return 0.0
+    if ns.forever:
+        return None
+    return _parse_duration(ns.until, "--until")
+
+
+def _observe(job: Job, ns, started: float) -> Tuple[dict, int]:
+    """Shared tail of run/start/restart: wait as asked, then RunData."""
+    max_bytes = _parse_size(ns.max_bytes, "--max-bytes")
+    until = _observe_deadline(ns)
+    state = job.state() if until == 0 else job.wait(until)
+    doc = _envelope("run", _run_view(job, state, max_bytes, int((time.monotonic() - started) * 1000)))
+    return doc, _exit_status_of(state) if ns.exit_code else 0
+
+
+def _cli_command(ns) -> List[str]:
+    argv = list(ns.argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise _UsageError("%s: a command is required: jobstate %s -- CMD ..." % (ns.command, ns.command))
+    return argv
+
+
+def _cli_stdin(ns, auto: bool) -> Optional[bytes]:
+    """Standard input for the job from --stdin/--stdin-file, or our own piped stdin for run."""
+    limit = _parse_size(ns.stdin_max_bytes, "--stdin-max-bytes")
+    if ns.stdin is not None and ns.stdin_file is not None:
+        raise InvalidArgumentError("give either --stdin or --stdin-file, not both")
+    if ns.stdin == "-" or (ns.stdin is None and ns.stdin_file is None and auto and _stdin_is_piped()):
+        if sys.stdin is None or sys.stdin.isatty():
+            raise StdinRequiredError("--stdin - needs piped standard input",
+                                     hint="pipe data in, or use --stdin TEXT / --stdin-file PATH")
+        data = sys.stdin.buffer.read(limit + 1)
+    elif ns.stdin is not None:
+        data = ns.stdin.encode("utf-8", errors="surrogateescape")
+    elif ns.stdin_file is not None:
+        try:
+            with open(ns.stdin_file, "rb") as f:
+                data = f.read(limit + 1)
+        except OSError as exc:
+            raise InvalidArgumentError("cannot read --stdin-file %s: %s" % (ns.stdin_file, exc.strerror)) from None
+    else:
+        return None
+    if len(data) > limit:
+        raise StdinTooLargeError("standard input is larger than %d bytes" % limit,
+                                 hint="raise --stdin-max-bytes or pass a smaller input")
+    return data
+
+
+def _stdin_is_piped() -> bool:
+    """Our stdin is a pipe or a file (not a terminal, not /dev/null, not closed)."""
+    import stat
+    try:
+        mode = os.fstat(0).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def _cli_definition(ns, auto_stdin: bool) -> dict:
+    env = _parse_env_pairs(ns.env)
+    return dict(cwd=ns.cwd, env=env, env_files=ns.env_file, inherit_env=not ns.no_inherit_env,
+                masks=ns.mask, stdin=_cli_stdin(ns, auto_stdin), timeout_s=_parse_duration(ns.timeout, "--timeout"),
+                kill_after_s=_parse_duration(ns.kill_after, "--kill-after"), kill_orphans=ns.kill_orphans,
+                tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file)
+
+
+def _cmd_run(ns):
+    started = time.monotonic()
+    argv = _cli_command(ns)
+    job = run(argv, root=ns.root, **_cli_definition(ns, auto_stdin=True))
+    return _observe(job, ns, started)
+
+
+def _cmd_create(ns):
+    job = create(_cli_command(ns), root=ns.root, **_cli_definition(ns, auto_stdin=False))
+    return _envelope("create", _job_view(job, job.state())), 0
+
+
+def _cmd_start(ns):
+    started = time.monotonic()
+    job = open_job(ns.job, ns.root)
+    _observe_deadline(ns)  # validate before launching
+    job.start()
+    return _observe(job, ns, started)
+
+
+def _cmd_restart(ns):
+    started = time.monotonic()
+    job = open_job(ns.job, ns.root)
+    job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"))
+    return _observe(job, ns, started)
+
+
+def _cmd_status(ns):
+    job = open_job(ns.job, ns.root)
+    return _envelope("status", _job_view(job, job.state())), 0
+
+
+def _cmd_wait(ns):
+    started = time.monotonic()
+    job = open_job(ns.job, ns.root)
+    until = None if ns.forever else _parse_duration(ns.until, "--until")
+    max_bytes = _parse_size(ns.max_bytes, "--max-bytes")
+    state = job.wait(until)
+    doc = _envelope("wait", _run_view(job, state, max_bytes, int((time.monotonic() - started) * 1000)))
+    return doc, _exit_status_of(state) if ns.exit_code else 0
+
+
+def _cmd_tail(ns):
+    job = open_job(ns.job, ns.root)
+    lines = _parse_count(ns.lines, "--lines")
+    tail = job.tail(lines, _parse_size(ns.max_bytes, "--max-bytes"))
+    if not ns.follow:
+        view = {"job_id": job.id, "state": job.state().status.value, "lines": lines}
+        view.update(_output_view(tail))
+        view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log)
+        return _envelope("tail", view), 0
+    sinks = [_raw_sink(sys.stdout), _raw_sink(sys.stderr)]
+    try:
+        _follow(job.paths, (tail.stdout_range[0], tail.stderr_range[0]), sinks)
+    except KeyboardInterrupt:  # Ctrl-C stops following; the job is not touched
+        return None, 130
+    return None, _exit_status_of(job.state()) if ns.exit_code else 0
+
+
+def _raw_sink(stream):
+    def write(chunk: bytes) -> None:
+        stream.buffer.write(chunk)
+        stream.buffer.flush()
+    return write
+
+
+def _parse_count(value, name: str) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value))
+    return count
+
+
+def _cmd_kill(ns):
+    job = open_job(ns.job, ns.root)
+    kill_after = None if ns.kill_after is None else _parse_duration(ns.kill_after, "--kill-after")
+    result = job.kill(ns.signal, kill_after_s=kill_after, wait_s=0 if ns.no_wait else DEFAULT_KILL_OBSERVE_S)
+    return _envelope("kill", _kill_view(job, result)), 0
+
+
+def _cmd_list(ns, state: Optional[str] = None):
+    root = resolve_root(ns.root)
+    limit = _parse_count(ns.limit, "--limit")
+    summaries, truncated = _list_summaries(root, cwd=ns.cwd, all_jobs=ns.all, state=state or ns.state,
+                                           tags=ns.tag, limit=limit)
+    return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
+                              "count": len(summaries), "truncated": truncated}), 0
+
+
+def _cmd_ps(ns):
+    return _cmd_list(ns, state=JobStatus.RUNNING.value)
+
+
+def _cmd_delete(ns):
+    root = resolve_root(ns.root)
+    if bool(ns.job) == bool(ns.all):
+        raise InvalidArgumentError("give a job id or --all", hint="jobstate delete JOB | --all [--dry-run]")
+    if ns.job:
+        job = open_job(ns.job, root)
+        if ns.dry_run:
+            state = job.state()
+            if state.status is JobStatus.RUNNING:
+                raise InvalidStateError(job.id, state.status, "stop it first ('jobstate kill')")
+        else:
+            job.delete()
+        results = [{"job_id": job.id, "action": "would_delete" if ns.dry_run else "deleted", "reason": None}]
+    else:
+        summaries, _ = _list_summaries(root, cwd=None, all_jobs=False, state=None, tags=(), limit=None)
+        results = [_delete_one(root, s, ns.dry_run) for s in summaries]
+    deleted = sum(r["action"] in ("deleted", "would_delete") for r in results)
+    return _envelope("delete", {"root": root, "dry_run": ns.dry_run, "jobs": results, "deleted": deleted}), 0
+
+
+def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
+    """One row of `delete --all`: only terminal jobs are removed."""
+    result = {"job_id": summary.job_id, "action": "skipped", "reason": None}
+    if not summary.state.status.is_terminal:
+        result["reason"] = "job is %s" % summary.state.status.value
+        return result
+    if dry_run:
+        result["action"] = "would_delete"
+        return result
+    try:
+        _delete_job(JobPaths(root, summary.job_id))
+        result["action"] = "deleted"
+    except JobError as exc:
+        result["reason"] = exc.message
+    return result
+
+
+def _cmd_tag(ns):
+    job = open_job(ns.job, ns.root)
+    tags = job.set_tags(ns.tag)
+    return _envelope("tag", {"job_id": job.id, "tags": tags}), 0
+
+
+def _emit(doc: dict, pretty: bool) -> None:
+    """Print one JSON document on stdout (the only place the CLI writes JSON)."""
+    indent = 2 if pretty else None
+    separators = None if pretty else (",", ":")
+    try:
+        data = json.dumps(doc, ensure_ascii=False, indent=indent, separators=separators).encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in paths or argv: fall back to \u escapes
+        data = json.dumps(doc, indent=indent, separators=separators).encode("ascii")
+    try:
+        sys.stdout.buffer.write(data + b"\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away; nothing left to tell it
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the process exit status (0 ok, 1 error envelope, 2 usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_supervise"]:
+        return _supervise_main(argv[1:])
+    pretty = "--pretty" in argv
+    try:
+        ns = _build_parser().parse_args(argv)
+    except _ParserExit as exc:
+        return exc.status
+    except _UsageError as exc:
+        _emit(_error_envelope(InvalidArgumentError(str(exc), hint="run 'jobstate --help'")), pretty)
+        return 2
+    try:
+        doc, status = ns.handler(ns)
+    except _UsageError as exc:
+        doc, status = _error_envelope(InvalidArgumentError(str(exc), hint="run 'jobstate --help'")), 2
+    except JobError as exc:
+        doc, status = _error_envelope(exc), 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: answer with an envelope, never a traceback
+        if os.environ.get("JOBSTATE_DEBUG"):
+            raise
+        doc, status = _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc),
+                                               hint="set JOBSTATE_DEBUG=1 for a traceback")), 1
+    if doc is not None:
+        _emit(doc, ns.pretty)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
