@@ -2093,13 +2093,21 @@ def _cli_stdin(ns, auto: bool) -> Optional[bytes]:
 
 
 def _stdin_is_piped() -> bool:
-    """Our stdin is a pipe or a file (not a terminal, not /dev/null, not closed)."""
+    """Our stdin is a file, or a pipe that already holds data or its end.
+
+    A pipe that is open but idle (an agent harness that never closes our stdin)
+    is not forwarded: reading it would block `run` forever.  `--stdin -` waits
+    for a slow producer on purpose.
+    """
+    import select
     import stat
     try:
         mode = os.fstat(0).st_mode
-    except (OSError, ValueError):
+        if stat.S_ISREG(mode):
+            return True
+        return stat.S_ISFIFO(mode) and bool(select.select([0], [], [], 0)[0])
+    except (OSError, ValueError):  # closed stdin, or a pipe select cannot watch (Windows)
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
 def _cli_definition(ns, auto_stdin: bool) -> dict:

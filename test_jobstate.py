@@ -1,0 +1,899 @@
+"""Tests for jobstate.py: stdlib unittest only, so they run where pip is unavailable.
+
+    python3 test_jobstate.py                 # everything; ends with "N passed, N failed, N skipped"
+    python3 test_jobstate.py StoreTests      # one class
+
+Children are `sys.executable -c` snippets that print a ready line; tests wait
+for real signals (a line in a log, a state change), never for fixed sleeps.
+Every test gets its own root and stops every process its jobs left behind.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import jobstate
+
+PY = sys.executable
+HERE = os.path.dirname(os.path.abspath(__file__))
+JOBSTATE = os.path.join(HERE, "jobstate.py")
+POSIX = not jobstate._WINDOWS
+
+
+def wait_for(predicate, timeout_s=10.0, message="condition"):
+    """Poll predicate until it returns something truthy; fail the test with `message` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout_s, message))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def py(code):
+    """argv running a Python snippet."""
+    return [PY, "-c", code]
+
+
+def marker_pids(job_id):
+    """Live (non-zombie) pids whose environment carries the job's marker: an independent check."""
+    needle = ("JOBSTATE_JOB_ID=%s" % job_id).encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rindex(b")") + 2:][:1] != b"Z":
+            pids.append(int(name))
+    return pids
+
+
+def pid_alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
+
+
+class JobTestCase(unittest.TestCase):
+    """A private root per test; every process of every job is stopped at the end."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="jobstate-test-")
+        self.root = os.path.join(self.tmp, "root")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(self.stop_everything)
+
+    def stop_everything(self):
+        for job_id in jobstate._list_job_ids(self.root):
+            job = jobstate.Job(job_id, self.root)
+            ref = jobstate._TreeRef(job_id, None, None, None, None)
+            try:
+                ref = jobstate._TreeRef.from_state(job.state())
+            except jobstate.JobError:
+                pass
+            jobstate._process_layer.signal_tree(ref, signal.SIGKILL if POSIX else 9)
+            try:
+                job.wait(10)
+            except jobstate.JobError:
+                pass
+
+    def run_job(self, argv, **kw):
+        return jobstate.run(argv, root=self.root, **kw)
+
+    def cli(self, *args, stdin=None):
+        """Run main() in-process; returns (exit status, parsed JSON or None, raw stdout)."""
+        out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+        with contextlib.redirect_stdout(out):
+            status = jobstate.main(["--root", self.root] + list(args))
+        out.flush()
+        raw = out.buffer.getvalue().decode("utf-8")
+        lines = raw.splitlines()
+        doc = json.loads(lines[0]) if lines else None
+        if doc is not None:
+            self.assertEqual(len(lines), 1, "one JSON line expected, got %r" % raw[:500])
+        return status, doc, raw
+
+    def cli_process(self, *args, input=None, timeout=30, **kw):
+        """Run the CLI as a separate process (end to end)."""
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root] + list(args), input=input,
+                              stdin=None if input is not None else subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout, **kw)
+        doc = json.loads(proc.stdout) if proc.stdout.strip() else None
+        return proc.returncode, doc, proc
+
+    def wait_log(self, job, text, stream="stdout", timeout_s=10):
+        path = job.paths.stdout_log if stream == "stdout" else job.paths.stderr_log
+
+        def has_text():
+            try:
+                with open(path, "rb") as f:
+                    return text.encode() in f.read()
+            except OSError:
+                return False
+        wait_for(has_text, timeout_s, "%r in %s" % (text, stream))
+
+
+# ---------------------------------------------------------------------------
+# Static checks
+# ---------------------------------------------------------------------------
+
+
+class StaticTests(unittest.TestCase):
+    def test_only_stdlib_imports(self):
+        import ast
+        if not hasattr(sys, "stdlib_module_names"):
+            self.skipTest("sys.stdlib_module_names needs Python 3.10+")
+        allowed = set(sys.stdlib_module_names) | {"__future__", "jobstate"}
+        for name in ("jobstate.py", "test_jobstate.py"):
+            with open(os.path.join(HERE, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                for module in names:
+                    self.assertIn(module.split(".")[0], allowed, "%s imports %s" % (name, module))
+
+    def test_import_has_no_side_effects(self):
+        home = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, home, True)
+        code = ("import sys, jobstate; "
+                "print(sorted(m for m in ('ctypes', 'argparse') if m in sys.modules))")
+        env = dict(os.environ, HOME=home, XDG_DATA_HOME=os.path.join(home, "xdg"), PYTHONPATH=HERE)
+        env.pop("JOBSTATE_ROOT", None)
+        out = subprocess.run([PY, "-c", code], env=env, stdout=subprocess.PIPE, check=True,
+                             cwd=home).stdout
+        self.assertEqual(json.loads(out.decode().replace("'", '"')), [])
+        self.assertEqual(os.listdir(home), [], "importing created files")
+
+    def test_public_names_exist(self):
+        for name in jobstate.__all__:
+            self.assertTrue(hasattr(jobstate, name), name)
+
+
+# ---------------------------------------------------------------------------
+# Schema: JobState, JobSpec, ids, timestamps
+# ---------------------------------------------------------------------------
+
+
+class SchemaTests(unittest.TestCase):
+    def test_required_keys_are_null_not_omitted(self):
+        state = jobstate.JobState(jobstate.JobInfo("a" * 32, jobstate.JobStatus.CREATED))
+        doc = state.to_dict()
+        self.assertEqual(doc["job"], {"id": "a" * 32, "status": "created", "started_at": None})
+        for key in ("exit_code", "signal", "duration_ms"):
+            self.assertIn(key, doc["result"])
+            self.assertIsNone(doc["result"][key])
+        self.assertIsNone(doc["finished_at"])
+        self.assertIn("updated_at", doc)
+        self.assertNotIn("pid", doc)
+        self.assertNotIn("windows_job_name", doc)
+
+    def test_round_trip_keeps_unknown_keys(self):
+        doc = {"job": {"id": "b" * 32, "status": "exited", "started_at": "2026-01-01T00:00:00.000Z"},
+               "result": {"exit_code": 3, "signal": None, "duration_ms": 12, "future": 1},
+               "pid": 42, "finished_at": "2026-01-01T00:00:01.000Z",
+               "updated_at": "2026-01-01T00:00:01.000Z", "from_a_newer_version": {"x": 1}}
+        state = jobstate.JobState.from_dict(doc)
+        self.assertEqual((state.job_id, state.status, state.exit_code, state.duration_ms, state.pid),
+                         ("b" * 32, jobstate.JobStatus.EXITED, 3, 12, 42))
+        self.assertEqual(state.started_at, "2026-01-01T00:00:00.000Z")
+        self.assertIsNone(state.signal)
+        self.assertEqual(state.to_dict()["from_a_newer_version"], {"x": 1})
+
+    def test_malformed_state_is_rejected(self):
+        for doc in ([], {"job": {"id": 5, "status": "exited"}}, {"job": {"id": "c", "status": "bogus"}},
+                    {"job": {"id": "c", "status": "exited"}, "result": {"exit_code": "0"}}):
+            with self.assertRaises(ValueError):
+                jobstate.JobState.from_dict(doc)
+
+    def test_timestamps_are_rfc3339_utc_milliseconds(self):
+        import re
+        self.assertRegex(jobstate._utc_now(), r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
+        self.assertEqual(jobstate._format_time(0.5), "1970-01-01T00:00:00.500Z")
+        self.assertAlmostEqual(jobstate._parse_time("2026-11-29T03:18:04.123Z"),
+                               jobstate._parse_time("2026-11-29T03:18:04.000Z") + 0.123, places=6)
+        self.assertTrue(re)
+
+    def test_job_ids_are_time_ordered_uuid7(self):
+        ids = []
+        for _ in range(3):
+            ids.append(jobstate.new_job_id())
+            time.sleep(0.002)
+        for job_id in ids:
+            self.assertRegex(job_id, r"\A[0-9a-f]{32}\Z")
+            self.assertEqual(job_id[12], "7")
+            self.assertIn(job_id[16], "89ab")
+            self.assertLess(abs(int(job_id[:12], 16) - time.time() * 1000), 5000)
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(jobstate.new_job_id() for _ in range(1000))), 1000)
+
+    def test_signal_parsing(self):
+        for value in ("TERM", "SIGTERM", "term", "15", 15):
+            self.assertEqual(jobstate._parse_signal(value), (15, "SIGTERM"))
+        self.assertEqual(jobstate._parse_signal("kill"), (9, "SIGKILL"))
+        for value in ("FOO", "", "99", "SIGSEGV", "-1"):
+            with self.assertRaises(jobstate.InvalidSignalError):
+                jobstate._parse_signal(value)
+
+    def test_durations_sizes_tags(self):
+        self.assertEqual(jobstate._parse_duration("90s", "t"), 90)
+        self.assertEqual(jobstate._parse_duration("1.5", "t"), 1.5)
+        self.assertEqual(jobstate._parse_duration("7d", "t"), 7 * 86400)
+        self.assertEqual(jobstate._parse_duration("250ms", "t"), 0.25)
+        self.assertEqual(jobstate._parse_size("64k", "s"), 65536)
+        self.assertEqual(jobstate._parse_size("1MiB", "s"), 1 << 20)
+        for bad in ("-1", "abc", "5 parsecs"):
+            with self.assertRaises(jobstate.InvalidArgumentError):
+                jobstate._parse_duration(bad, "t")
+        self.assertEqual(jobstate._validate_tags(["a.b", "c", "a.b"]), ["a.b", "c"])
+        for bad in ("a..b", ".a", "a b", "a/b", ""):
+            with self.assertRaises(jobstate.InvalidTagError):
+                jobstate._validate_tags([bad])
+        self.assertTrue(jobstate._tag_matches("a.*", ["a"]))
+        self.assertTrue(jobstate._tag_matches("a.*", ["a.x.y"]))
+        self.assertFalse(jobstate._tag_matches("a.*", ["ab"]))
+        self.assertFalse(jobstate._tag_matches("a.b", ["a.b.c"]))
+
+
+# ---------------------------------------------------------------------------
+# Store: root, ids, permissions, atomic writes
+# ---------------------------------------------------------------------------
+
+
+class StoreTests(JobTestCase):
+    def test_root_resolution_order(self):
+        env = {k: v for k, v in os.environ.items() if k not in ("JOBSTATE_ROOT", "XDG_DATA_HOME")}
+        with unittest.mock.patch.dict(os.environ, env, clear=True):
+            self.assertEqual(jobstate.resolve_root(), os.path.join(
+                os.path.expanduser("~"), ".local", "share", "jobstate", "jobs"))
+            os.environ["XDG_DATA_HOME"] = "/x/data"
+            self.assertEqual(jobstate.resolve_root(), "/x/data/jobstate/jobs")
+            os.environ["JOBSTATE_ROOT"] = "/y/jobs"
+            self.assertEqual(jobstate.resolve_root(), "/y/jobs")
+            self.assertEqual(jobstate.resolve_root("/z"), "/z")
+
+    def test_missing_root_reads_as_no_jobs(self):
+        status, doc, _ = self.cli("list", "--all")
+        self.assertEqual((status, doc["jobs"], doc["truncated"]), (0, [], False))
+        self.assertFalse(os.path.exists(self.root))
+
+    def test_invalid_ids_never_touch_the_filesystem(self):
+        os.makedirs(self.root)
+        for bad in ("..", "../..", "/etc", "", "a/b", "x" * 33, "0" * 33, "g1", "a\0b", "é"):
+            with self.assertRaises(jobstate.InvalidJobIdError, msg=repr(bad)):
+                jobstate.open_job(bad, self.root)
+        status, doc, _ = self.cli("delete", "..")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_job_id"))
+        self.assertTrue(os.path.isdir(self.tmp))
+
+    def test_prefix_lookup(self):
+        os.makedirs(self.root)
+        ids = ["abc" + "0" * 27 + "%02d" % i for i in range(25)]
+        for job_id in ids:
+            os.mkdir(os.path.join(self.root, job_id))
+        self.assertEqual(jobstate.open_job(ids[3].upper(), self.root).id, ids[3])
+        with self.assertRaises(jobstate.AmbiguousJobIdError) as ctx:
+            jobstate.open_job("abc", self.root)
+        details = jobstate._error_envelope(ctx.exception)["error"]["details"]
+        self.assertEqual(len(details["candidates"]), 20)
+        self.assertTrue(details["truncated"])
+        with self.assertRaises(jobstate.JobNotFoundError):
+            jobstate.open_job("fff", self.root)
+
+    @unittest.skipUnless(POSIX, "POSIX permissions")
+    def test_permissions(self):
+        job = self.run_job(["true"], stdin=b"secret")
+        job.wait(10)
+        self.assertEqual(os.stat(self.root).st_mode & 0o777, 0o700)
+        self.assertEqual(os.stat(job.paths.dir).st_mode & 0o777, 0o700)
+        for name in os.listdir(job.paths.dir):
+            mode = os.stat(os.path.join(job.paths.dir, name)).st_mode & 0o777
+            self.assertEqual(mode, 0o600, name)
+
+    @unittest.skipUnless(POSIX, "POSIX ownership")
+    def test_world_writable_root_is_refused(self):
+        os.makedirs(self.root)
+        os.chmod(self.root, 0o777)
+        status, doc, _ = self.cli("run", "--", "true")
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+        self.assertIn("writable by other users", doc["error"]["message"])
+        self.assertEqual(os.listdir(self.root), [])
+
+    def test_concurrent_readers_never_see_a_partial_state(self):
+        job = jobstate.create(py("import sys\nfor i in range(200): print(i, flush=True)\n"), root=self.root)
+        seen, bad, stop = set(), [], threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    with open(job.paths.state, "rb") as f:
+                        data = f.read()
+                    seen.add(jobstate.JobState.from_dict(json.loads(data)).status)
+                except (ValueError, KeyError) as exc:
+                    bad.append((repr(exc), data[:100]))
+        readers = [threading.Thread(target=reader) for _ in range(20)]
+        for t in readers:
+            t.start()
+        try:
+            job.start()
+            state = job.wait(30)
+        finally:
+            stop.set()
+            for t in readers:
+                t.join()
+        self.assertEqual(bad, [])
+        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+        self.assertIn(jobstate.JobStatus.EXITED, seen)
+        self.assertFalse([n for n in os.listdir(job.paths.dir) if n.endswith(".tmp")])
+
+    def test_corrupt_state_is_a_clear_error(self):
+        job = self.run_job(["true"])
+        job.wait(10)
+        for content in (b"", b"{not json", b'{"job": 1}', b"\xff\xfe"):
+            with open(job.paths.state, "wb") as f:
+                f.write(content)
+            status, doc, _ = self.cli("status", job.id)
+            self.assertEqual((status, doc["error"]["code"]), (1, "state_unreadable"), content)
+            status, doc, _ = self.cli("list", "--all")
+            self.assertEqual(doc["jobs"][0]["state"], "unknown")
+        status, doc, _ = self.cli("delete", job.id)
+        self.assertEqual(status, 0, doc)
+        self.assertFalse(os.path.exists(job.paths.dir))
+
+
+# ---------------------------------------------------------------------------
+# Supervisor: detachment, logs, drain, crashes, failures
+# ---------------------------------------------------------------------------
+
+
+class SupervisorTests(JobTestCase):
+    def test_logs_are_byte_exact(self):
+        code = ("import os, random, sys\n"
+                "r = random.Random(7)\n"
+                "for i in range(40):\n"
+                "    sys.stdout.buffer.write(bytes(r.getrandbits(8) for _ in range(100000)))\n"
+                "    sys.stderr.buffer.write(b'\\xff\\xfe err %d\\n' % i)\n"
+                "sys.stdout.flush()\n")
+        job = self.run_job(py(code))
+        state = job.wait(60)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        import random
+        r = random.Random(7)
+        expected = hashlib.sha256()
+        for i in range(40):
+            expected.update(bytes(r.getrandbits(8) for _ in range(100000)))
+        with open(job.paths.stdout_log, "rb") as f:
+            self.assertEqual(hashlib.sha256(f.read()).hexdigest(), expected.hexdigest())
+        with open(job.paths.stderr_log, "rb") as f:
+            self.assertEqual(f.read(), b"".join(b"\xff\xfe err %d\n" % i for i in range(40)))
+        self.assertTrue(state.logs_drained)
+
+    def test_full_log_interleaves_with_prefixes(self):
+        code = ("import sys, time\n"
+                "print('out one', flush=True); time.sleep(0.05)\n"
+                "print('err one', file=sys.stderr, flush=True); time.sleep(0.05)\n"
+                "sys.stdout.write('a\\nb\\n'); sys.stdout.flush()\n")
+        job = self.run_job(py(code))
+        job.wait(10)
+        with open(job.paths.full_log, "rb") as f:
+            lines = f.read().decode().splitlines()
+        import re
+        pattern = r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(STDOUT|STDERR)\] (.*)\Z"
+        parsed = [re.match(pattern, line).groups() for line in lines]
+        self.assertEqual(parsed, [("STDOUT", "out one"), ("STDERR", "err one"), ("STDOUT", "a"), ("STDOUT", "b")])
+
+    def test_drain_is_bounded_when_a_grandchild_holds_the_pipe(self):
+        job = self.run_job(["sh", "-c", "sleep 30 & echo started"])
+        started = time.monotonic()
+        state = job.wait(15)
+        self.assertLess(time.monotonic() - started, 8)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertFalse(state.logs_drained)
+        self.assertEqual(job.tail().stdout, "started\n")
+
+    @unittest.skipUnless(POSIX, "process groups")
+    def test_ctrl_c_on_the_launcher_does_not_touch_the_job(self):
+        code = "import time; print('ready', flush=True); time.sleep(1.0); print('done')"
+        launcher = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--forever", "--"] + py(code),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        self.addCleanup(launcher.wait)
+        job = wait_for(lambda: [jobstate.Job(i, self.root) for i in jobstate._list_job_ids(self.root)],
+                       10, "the job directory")[0]
+        self.wait_log(job, "ready")
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.communicate(timeout=10)
+        self.assertNotEqual(launcher.returncode, 0)
+        state = job.wait(15)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertEqual(job.tail().stdout, "ready\ndone\n")
+
+    @unittest.skipUnless(POSIX, "SIGKILL")
+    def test_supervisor_killed_makes_the_job_failed_and_wait_returns(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        state = job.state()
+        os.kill(state.supervisor_pid, signal.SIGKILL)
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", "--forever", job.id)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((doc["state"], doc["error"]["stage"]), ("failed", "supervisor_lost"))
+        # The orphaned child is still found through its marker and stopped.
+        self.assertTrue(pid_alive(state.pid))
+        result = job.kill("TERM")
+        self.assertGreaterEqual(result.processes_signalled, 1)
+        self.assertEqual(result.processes_alive, 0)
+        self.assertEqual(result.state.status, jobstate.JobStatus.FAILED)
+        wait_for(lambda: not pid_alive(state.pid), 5, "the orphan to exit")
+
+    def test_command_not_found_is_a_failed_job(self):
+        job = self.run_job(["definitely-not-a-command-xyz", "arg"])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "spawn"))
+        self.assertIn("command not found", state.error.message)
+        with open(job.paths.supervisor_log) as f:
+            self.assertIn("definitely-not-a-command-xyz", f.read())
+
+    def test_missing_cwd_and_bad_env_file_are_failed_jobs(self):
+        cwd = os.path.join(self.tmp, "gone")
+        os.mkdir(cwd)
+        job = jobstate.create(["true", "x"], root=self.root, cwd=cwd)
+        os.rmdir(cwd)
+        state = job.start().wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "cwd"))
+        job = self.run_job(["true", "x"], env_files=[os.path.join(self.tmp, "missing.env")])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "env"))
+
+    def test_child_environment(self):
+        env_file = os.path.join(self.tmp, "vars.env")
+        with open(env_file, "w") as f:
+            f.write("# comment\n\nexport FROM_FILE=one=two\nOVERRIDDEN=file\n")
+        code = "import os, json; print(json.dumps(dict(os.environ)))"
+        job = self.run_job(py(code), env={"OVERRIDDEN": "flag", "X": "a\nb"}, env_files=[env_file])
+        job.wait(10)
+        env = json.loads(job.tail().stdout)
+        self.assertEqual(env["JOBSTATE_JOB_ID"], job.id)
+        self.assertEqual((env["FROM_FILE"], env["OVERRIDDEN"], env["X"]), ("one=two", "flag", "a\nb"))
+        self.assertIn("PATH", env)
+        job = self.run_job(py(code), env={"ONLY": "1"}, inherit_env=False)
+        job.wait(10)
+        env = json.loads(job.tail().stdout)
+        self.assertEqual(set(env) - {"LC_CTYPE", "__CF_USER_TEXT_ENCODING"}, {"ONLY", "JOBSTATE_JOB_ID"})
+
+    def test_meta_holds_the_complete_definition(self):
+        job = self.run_job(["true", "x"], env={"SECRET": "s3"}, masks=["SECRET"], timeout_s="90s",
+                           kill_after_s=2, tags=["ci.lint"], stdin="in")
+        spec = jobstate.JobSpec.from_dict(json.load(open(job.paths.meta)))
+        self.assertEqual((spec.argv, spec.env, spec.masks, spec.timeout_s, spec.kill_after_s, spec.tags,
+                          spec.has_stdin), (["true", "x"], {"SECRET": "s3"}, ["SECRET"], 90.0, 2.0,
+                                            ["ci.lint"], True))
+        self.assertEqual(json.load(open(job.paths.meta))["schema_version"], "1.0")
+
+
+# ---------------------------------------------------------------------------
+# Process trees, signals, timeouts (POSIX)
+# ---------------------------------------------------------------------------
+
+
+@unittest.skipIf(jobstate._WINDOWS, "POSIX only")
+class PosixProcessTests(JobTestCase):
+    TREE = ("for i in 1 2 3; do sleep 300 & done; "
+            "setsid sleep 301 & "
+            "python3 -c 'import os, time\nif os.fork(): os._exit(0)\nos.setsid()\nif os.fork(): os._exit(0)\ntime.sleep(302)' & "
+            "echo ready; wait")
+
+    def test_kill_tree(self):
+        job = self.run_job(["sh", "-c", self.TREE])
+        self.wait_log(job, "ready")
+        wait_for(lambda: len(marker_pids(job.id)) >= 6, 10, "the whole tree to start")
+        result = job.kill("TERM")
+        self.assertEqual(result.state.status, jobstate.JobStatus.KILLED)
+        self.assertEqual(result.state.signal, "SIGTERM")
+        self.assertGreaterEqual(result.processes_signalled, 6)
+        self.assertEqual(result.processes_alive, 0)
+        self.assertEqual(marker_pids(job.id), [])
+
+    def test_kill_leftovers_of_an_exited_job(self):
+        job = self.run_job(["sh", "-c", "setsid sleep 303 & echo ready"])
+        state = job.wait(10)
+        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+        wait_for(lambda: marker_pids(job.id), 5, "the daemon")
+        result = job.kill("TERM")
+        self.assertEqual((result.state.status, result.state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertGreaterEqual(result.processes_signalled, 1)
+        self.assertEqual(result.processes_alive, 0)
+        self.assertEqual(marker_pids(job.id), [])
+
+    def test_kill_orphans_option(self):
+        job = self.run_job(["sh", "-c", "setsid sleep 304 & echo ready"], kill_orphans=True)
+        state = job.wait(15)
+        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+        self.assertTrue(state.logs_drained)
+        self.assertEqual(marker_pids(job.id), [])
+
+    def test_recycled_pid_is_never_signalled(self):
+        bystander = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(bystander.wait)
+        self.addCleanup(bystander.kill)
+        for status in ("exited", "running"):
+            job = jobstate.create(["true", "x"], root=self.root)
+            doc = json.load(open(job.paths.state))
+            doc["job"]["status"] = status
+            doc.update(pid=bystander.pid, pid_token="0:bogus", supervisor_pid=bystander.pid)
+            jobstate._write_json_atomic(job.paths.state, doc)
+            result = job.kill("KILL")
+            self.assertEqual(result.processes_signalled, 0)
+            self.assertIsNone(bystander.poll(), "the unrelated process was killed")
+
+    def test_invalid_signal_sends_nothing(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        for bad in ("FOO", "99", "SIGSEGV"):
+            status, doc, _ = self.cli("kill", "--signal", bad, job.id)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_signal"))
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+
+    def test_stop_and_continue(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        pid = job.state().pid
+
+        def proc_state():
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                data = f.read()
+            return data[data.rindex(b")") + 2:][:1]
+        status, doc, _ = self.cli("kill", "--signal", "STOP", job.id)
+        self.assertEqual((doc["signal_sent"], doc["state"]), ("SIGSTOP", "running"))
+        wait_for(lambda: proc_state() == b"T", 5, "the child to stop")
+        self.cli("kill", "--signal", "18" if sys.platform.startswith("linux") else "CONT", job.id)
+        wait_for(lambda: proc_state() != b"T", 5, "the child to continue")
+
+    def test_timeout_escalates_to_kill_for_a_child_that_traps_term(self):
+        code = ("import signal, time\n"
+                "signal.signal(signal.SIGTERM, lambda *a: print('got TERM', flush=True))\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(60)\n")
+        job = self.run_job(py(code), timeout_s=0.5, kill_after_s=0.5)
+        state = job.wait(20)
+        self.assertEqual((state.status, state.signal, state.result.timed_out),
+                         (jobstate.JobStatus.KILLED, "SIGKILL", True))
+        self.assertGreaterEqual(state.duration_ms, 900)
+        self.assertIn("got TERM", job.tail().stdout)
+
+    def test_timeout_term_is_recorded(self):
+        job = self.run_job(["sleep", "60"], timeout_s="0.2")
+        state = job.wait(20)
+        self.assertEqual((state.status, state.signal, state.exit_code, state.result.timed_out),
+                         (jobstate.JobStatus.KILLED, "SIGTERM", None, True))
+
+    def test_kill_after_escalates(self):
+        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+        job = self.run_job(py(code))
+        self.wait_log(job, "ready")
+        status, doc, _ = self.cli("kill", "--kill-after", "0.3", job.id)
+        self.assertEqual((doc["state"], doc["signal"], doc["processes_alive"]), ("killed", "SIGKILL", 0))
+
+    def test_kill_created_job_is_invalid_state(self):
+        job = jobstate.create(["true", "x"], root=self.root)
+        status, doc, _ = self.cli("kill", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+
+    def test_trapped_term_exit_is_recorded_as_killed(self):
+        code = ("import signal, sys, time\n"
+                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+                "print('ready', flush=True); time.sleep(60)\n")
+        job = self.run_job(py(code))
+        self.wait_log(job, "ready")
+        result = job.kill("TERM")
+        self.assertEqual((result.state.status, result.state.signal, result.state.exit_code),
+                         (jobstate.JobStatus.KILLED, "SIGTERM", None))
+
+
+# ---------------------------------------------------------------------------
+# Observation: wait, tail, follow
+# ---------------------------------------------------------------------------
+
+
+class ObservationTests(JobTestCase):
+    def test_tail_lines_bytes_and_ranges(self):
+        job = self.run_job(py("for i in range(100): print('line', i)"))
+        job.wait(10)
+        tail = job.tail(lines=3)
+        self.assertEqual(tail.stdout, "line 97\nline 98\nline 99\n")
+        with open(job.paths.stdout_log, "rb") as f:
+            data = f.read()
+        self.assertEqual(data[tail.stdout_range[0]:tail.stdout_range[1]].decode(), tail.stdout)
+        self.assertEqual(tail.stdout_total_bytes, len(data))
+        tail = job.tail(lines=None, max_bytes=10)
+        self.assertEqual(tail.stdout, "\nline 99\n"[-10:] if len("\nline 99\n") >= 10 else tail.stdout)
+        self.assertEqual(tail.stdout_range, (len(data) - 10, len(data)))
+
+    def test_tail_does_not_split_utf8(self):
+        job = self.run_job(py("import sys; sys.stdout.write('é' * 10)"))
+        job.wait(10)
+        tail = job.tail(lines=None, max_bytes=5)
+        self.assertEqual(tail.stdout, "éé")
+        self.assertEqual(tail.stdout_range, (16, 20))
+
+    def test_wait_deadline_and_created(self):
+        job = jobstate.create(["true", "x"], root=self.root)
+        self.assertEqual(job.wait(0.1).status, jobstate.JobStatus.CREATED)
+        job = self.run_job(py("import time; time.sleep(30)"))
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", "--until", "0.3", job.id)
+        self.assertEqual((status, doc["state"]), (0, "running"))
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_wait_wakes_on_exit(self):
+        job = self.run_job(py("import sys; sys.stdin.read(); print('bye')"), stdin="")
+        state = job.wait(10)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+
+    def test_follow_streams_until_the_end(self):
+        code = ("import time\n"
+                "for i in range(3):\n"
+                "    print('tick', i, flush=True); time.sleep(0.2)\n")
+        job = self.run_job(py(code))
+        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "tail", "--follow", "--exit-code", job.id],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = proc.stdout.readline()
+        self.assertTrue(first.startswith(b"tick"), first)
+        rest, _ = proc.communicate(timeout=20)
+        self.assertEqual(proc.returncode, 0)
+        self.assertTrue((first + rest).endswith(b"tick 2\n"), first + rest)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+class CommandLineTests(JobTestCase):
+    def test_run_envelope(self):
+        status, doc, _ = self.cli("run", "--", "echo", "hello")
+        self.assertEqual(status, 0)
+        self.assertEqual((doc["schema_version"], doc["ok"], doc["type"]), ("1.0", True, "run"))
+        self.assertEqual((doc["state"], doc["exit_code"], doc["stdout"]), ("exited", 0, "hello\n"))
+        for key in ("job_id", "signal", "duration_ms", "started_at", "finished_at", "stderr", "stdout_range",
+                    "stderr_range", "stdout_total_bytes", "stderr_total_bytes", "encoding",
+                    "stdout_log_path", "stderr_log_path", "elapsed_ms", "tags", "error", "timed_out"):
+            self.assertIn(key, doc)
+
+    def test_same_keys_in_every_state(self):
+        _, created, _ = self.cli("create", "--", "true", "x")
+        _, status_doc, _ = self.cli("status", created["job_id"])
+        _, ran, _ = self.cli("run", "--", "true", "x")
+        _, done, _ = self.cli("status", ran["job_id"])
+        self.assertEqual(set(status_doc), set(done))
+        self.assertEqual(status_doc["state"], "created")
+
+    def test_shell_string(self):
+        status, doc, _ = self.cli("run", "--", "echo a && echo b >&2; exit 4")
+        self.assertEqual((doc["exit_code"], doc["stdout"], doc["stderr"]), (4, "a\n", "b\n"))
+
+    def test_exit_code_flag(self):
+        status, doc, _ = self.cli("run", "--exit-code", "--", "sh", "-c", "exit 7")
+        self.assertEqual(status, 7)
+        status, doc, _ = self.cli("wait", "--exit-code", doc["job_id"])
+        self.assertEqual(status, 7)
+        status, doc, _ = self.cli("run", "--exit-code", "--timeout", "0.1", "--", "sleep", "30")
+        self.assertEqual(status, 128 + 15)
+
+    def test_usage_errors_exit_2_with_json(self):
+        for args in (["bogus"], ["run", "--nope", "--", "x"], ["status"], ["run"]):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["ok"], doc["error"]["code"]), (2, False, "invalid_argument"), args)
+
+    def test_validation_errors_exit_1(self):
+        cases = [(["run", "--timeout", "soon", "--", "x"], "invalid_argument"),
+                 (["run", "--tag", "bad tag", "--", "x"], "invalid_tag"),
+                 (["run", "--stdin", "abc", "--stdin-max-bytes", "2", "--", "cat"], "stdin_too_large"),
+                 (["status", "zz"], "invalid_job_id"),
+                 (["status", "abcd"], "job_not_found"),
+                 (["list", "--tag", "a..b"], "invalid_tag")]
+        for args, code in cases:
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, code), args)
+            self.assertIn("hint", doc["error"]) if code != "job_not_found" else None
+        self.assertEqual(jobstate._list_job_ids(self.root), [], "a rejected run left a job behind")
+
+    def test_stdin_variants(self):
+        _, doc, _ = self.cli("run", "--stdin", "from flag", "--", "cat")
+        self.assertEqual(doc["stdout"], "from flag")
+        path = os.path.join(self.tmp, "in.bin")
+        with open(path, "wb") as f:
+            f.write(b"\x00\xffbinary")
+        _, doc, _ = self.cli("run", "--stdin-file", path, "--", "cat")
+        with open(doc["stdout_log_path"], "rb") as f:
+            self.assertEqual(f.read(), b"\x00\xffbinary")
+        status, doc, proc = self.cli_process("run", "--stdin", "-", "--", "cat", input=b"dash")
+        self.assertEqual(doc["stdout"], "dash")
+        status, doc, proc = self.cli_process("run", "--", "cat", input=b"piped")
+        self.assertEqual(doc["stdout"], "piped")
+        status, doc, proc = self.cli_process("run", "--", "cat")  # /dev/null: nothing forwarded
+        self.assertEqual((doc["stdout"], doc["state"]), ("", "exited"))
+
+    def test_mask_hides_values(self):
+        _, doc, _ = self.cli("run", "--env", "TOKEN=hunter2", "--mask", "TOKEN", "--", "true", "x")
+        self.assertEqual(doc["env"], {"TOKEN": "***"})
+        _, doc, raw = self.cli("status", doc["job_id"])
+        self.assertNotIn("hunter2", raw)
+
+    def test_list_scope_filters_and_limit(self):
+        a, b = os.path.join(self.tmp, "a"), os.path.join(self.tmp, "b")
+        os.mkdir(a)
+        os.mkdir(b)
+        ids = {}
+        for name, cwd, tags in (("a1", a, ["ci.lint"]), ("a2", a, ["ci.test"]), ("b1", b, ["dev"])):
+            _, doc, _ = self.cli("run", "--cwd", cwd, *sum((["--tag", t] for t in tags), []), "--", "true", name)
+            ids[name] = doc["job_id"]
+        _, doc, _ = self.cli("list", "--cwd", a)
+        self.assertEqual([j["job_id"] for j in doc["jobs"]], [ids["a2"], ids["a1"]])
+        _, doc, _ = self.cli("list", "--all", "--limit", "2")
+        self.assertEqual((doc["count"], doc["truncated"]), (2, True))
+        _, doc, _ = self.cli("list", "--all", "--tag", "ci.*")
+        self.assertEqual(sorted(j["job_id"] for j in doc["jobs"]), sorted([ids["a1"], ids["a2"]]))
+        _, doc, _ = self.cli("list", "--all", "--tag", "ci.*", "--tag", "ci.lint")
+        self.assertEqual([j["job_id"] for j in doc["jobs"]], [ids["a1"]])
+        _, doc, _ = self.cli("list", "--all", "--state", "running")
+        self.assertEqual(doc["jobs"], [])
+        old = os.getcwd()
+        os.chdir(b)
+        self.addCleanup(os.chdir, old)
+        _, doc, _ = self.cli("list")
+        self.assertEqual([j["job_id"] for j in doc["jobs"]], [ids["b1"]])
+
+    def test_ps_lists_running(self):
+        job = self.run_job(py("import time; time.sleep(30)"))
+        _, done, _ = self.cli("run", "--", "true", "x")
+        _, doc, _ = self.cli("ps", "--all")
+        self.assertEqual([j["job_id"] for j in doc["jobs"]], [job.id])
+
+    def test_delete(self):
+        running = self.run_job(py("import time; time.sleep(30)"))
+        status, doc, _ = self.cli("delete", running.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+        self.assertTrue(os.path.isdir(running.paths.dir))
+        _, done, _ = self.cli("run", "--cwd", self.tmp, "--", "true", "x")
+        status, doc, _ = self.cli("rm", "--all", "--dry-run")
+        self.assertEqual(status, 0)
+        status, doc, _ = self.cli("delete", done["job_id"])
+        self.assertEqual((status, doc["jobs"][0]["action"]), (0, "deleted"))
+        self.assertFalse(os.path.exists(os.path.join(self.root, done["job_id"])))
+
+    def test_delete_all_only_terminal_jobs_of_this_directory(self):
+        here, elsewhere = os.path.join(self.tmp, "here"), os.path.join(self.tmp, "elsewhere")
+        os.mkdir(here)
+        os.mkdir(elsewhere)
+        _, mine, _ = self.cli("run", "--cwd", here, "--", "true", "x")
+        _, other, _ = self.cli("run", "--cwd", elsewhere, "--", "true", "x")
+        running = self.run_job(py("import time; time.sleep(30)"), cwd=here)
+        old = os.getcwd()
+        os.chdir(here)
+        self.addCleanup(os.chdir, old)
+        _, doc, _ = self.cli("delete", "--all", "--dry-run")
+        self.assertEqual(doc["deleted"], 1)
+        self.assertTrue(os.path.isdir(os.path.join(self.root, mine["job_id"])))
+        _, doc, _ = self.cli("delete", "--all")
+        actions = {j["job_id"]: j["action"] for j in doc["jobs"]}
+        self.assertEqual(actions, {mine["job_id"]: "deleted", running.id: "skipped"})
+        self.assertTrue(os.path.isdir(os.path.join(self.root, other["job_id"])))
+
+    def test_tags(self):
+        _, doc, _ = self.cli("create", "--tag", "a.b", "--", "true", "x")
+        status, out, _ = self.cli("tag", "set", doc["job_id"], "--tag", "x", "--tag", "y.z", "--tag", "x")
+        self.assertEqual((status, out["tags"]), (0, ["x", "y.z"]))
+        _, out, _ = self.cli("status", doc["job_id"])
+        self.assertEqual(out["tags"], ["x", "y.z"])
+        _, out, _ = self.cli("tag", "set", doc["job_id"])
+        self.assertEqual(out["tags"], [])
+
+    def test_no_wait_returns_running(self):
+        status, doc, _ = self.cli("run", "--no-wait", "--", "sleep", "30")
+        self.assertEqual((status, doc["state"]), (0, "running"))
+        self.assertIsInstance(doc["pid"], int)
+
+    def test_end_to_end_process(self):
+        status, doc, proc = self.cli_process("run", "--", "echo", "hello")
+        self.assertEqual((status, doc["stdout"]), (0, "hello\n"))
+        self.assertEqual(proc.stderr, b"")
+        status, doc, proc = self.cli_process("--pretty", "status", doc["job_id"][:8])
+        self.assertEqual(doc["state"], "exited")
+        self.assertIn(b"\n  ", proc.stdout)
+
+    def test_version_and_help(self):
+        proc = subprocess.run([PY, JOBSTATE, "--version"], stdout=subprocess.PIPE, check=True)
+        self.assertIn(jobstate.__version__.encode(), proc.stdout)
+        proc = subprocess.run([PY, JOBSTATE, "--help"], stdout=subprocess.PIPE, check=True)
+        self.assertIn(b"kill", proc.stdout)
+        self.assertNotIn(b"_supervise", proc.stdout)
+
+
+class ApiTests(JobTestCase):
+    def test_vendored_copy_under_another_name(self):
+        vendor = os.path.join(self.tmp, "pkg", "_vendor")
+        os.makedirs(vendor)
+        shutil.copy(JOBSTATE, os.path.join(vendor, "js_copy.py"))
+        code = ("import sys; sys.path.insert(0, %r); import js_copy\n"
+                "job = js_copy.run(['echo', 'vendored'], root=%r)\n"
+                "print(job.wait(20).status.value, job.tail().stdout.strip())\n" % (vendor, self.root))
+        out = subprocess.run([PY, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, timeout=60)
+        self.assertEqual(out.stdout.decode().strip(), "exited vendored", out.stderr)
+
+    def test_library_never_prints(self):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            job = self.run_job(["echo", "quiet"])
+            job.wait(10)
+            job.tail()
+            jobstate.list_jobs(self.root, all=True)
+            with self.assertRaises(jobstate.JobNotFoundError):
+                jobstate.open_job("abc", self.root)
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", ""))
+
+    def test_error_codes(self):
+        for cls, code in ((jobstate.JobNotFoundError, "job_not_found"),
+                          (jobstate.InvalidStateError, "invalid_state"),
+                          (jobstate.LaunchError, "launch_failed")):
+            self.assertEqual(cls.code, code)
+            self.assertTrue(issubclass(cls, jobstate.JobError))
+
+    def test_start_twice_is_invalid_state(self):
+        job = jobstate.create(py("import time; time.sleep(30)"), root=self.root)
+        job.start()
+        with self.assertRaises(jobstate.InvalidStateError):
+            job.start()
+
+
+# ---------------------------------------------------------------------------
+# Runner: "N passed, N failed, N skipped" as the last line
+# ---------------------------------------------------------------------------
+
+
+def _main(argv):
+    import unittest.mock  # noqa: F401  (used by StoreTests through unittest.mock)
+    # Tests never read our stdin; a harness's idle pipe must not leak into CLI runs.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    loader = unittest.TestLoader()
+    module = sys.modules[__name__]
+    suite = unittest.TestSuite(loader.loadTestsFromName(name, module) for name in argv) if argv \
+        else loader.loadTestsFromModule(module)
+    result = unittest.TextTestRunner(verbosity=1 if os.environ.get("CI") else 2).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    print("%d passed, %d failed, %d skipped" % (result.testsRun - failed - skipped, failed, skipped))
+    return 1 if failed or not result.testsRun else 0
+
+
+import unittest.mock  # noqa: E402  (after the helpers, so the module reads top-down)
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
