@@ -28,7 +28,7 @@ CLI:
 # 1. Imports and platform facts
 # ---------------------------------------------------------------------------
 
-import errno
+import functools
 import json
 import os
 import re
@@ -1036,7 +1036,631 @@ class _PosixProcessLayer:
                 os.close(pidfd)
 
 
-_process_layer = _PosixProcessLayer()
+# Win32 constants, from the Windows SDK headers (checked with mingw-w64, NOTES.md section 3).
+_WIN_CREATE_SUSPENDED = 0x00000004
+_WIN_DETACHED_PROCESS = 0x00000008
+_WIN_CREATE_NEW_PROCESS_GROUP = 0x00000200
+_WIN_CREATE_BREAKAWAY_FROM_JOB = 0x01000000
+_WIN_CREATE_NO_WINDOW = 0x08000000
+_WIN_JOB_OBJECT_QUERY = 0x0004
+_WIN_JOB_OBJECT_TERMINATE = 0x0008
+_WIN_JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION = 0x0400
+_WIN_JOB_INFO_BASIC_PROCESS_ID_LIST = 3
+_WIN_JOB_INFO_EXTENDED_LIMIT = 9
+_WIN_PROCESS_TERMINATE = 0x0001
+_WIN_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+_WIN_SYNCHRONIZE = 0x00100000
+_WIN_THREAD_SUSPEND_RESUME = 0x0002
+_WIN_TH32CS_SNAPPROCESS = 0x2
+_WIN_TH32CS_SNAPTHREAD = 0x4
+_WIN_WAIT_TIMEOUT = 0x102
+_WIN_LOCKFILE_FAIL_IMMEDIATELY = 0x1
+_WIN_LOCKFILE_EXCLUSIVE_LOCK = 0x2
+_WIN_ERROR_ACCESS_DENIED = 5
+_WIN_ERROR_NO_MORE_FILES = 18
+_WIN_ERROR_LOCK_VIOLATION = 33
+_WIN_ERROR_NOT_LOCKED = 158
+_WIN_ERROR_ALREADY_EXISTS = 183
+_WIN_ERROR_MORE_DATA = 234
+# Exit code of every process jobstate terminates (what Popen.terminate() uses).
+# The kill-request record, not this code, is what marks a job `killed`.
+_WIN_KILLED_EXIT_CODE = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _win_types():
+    """Build the Win32 structs and prototypes.
+
+    Fields are fixed-width on purpose: ctypes.wintypes has 8-byte DWORD/LONG and
+    4-byte WCHAR on Linux, and these classes must have their 64-bit Windows
+    sizes everywhere so the Linux tests can check them.
+    """
+    import ctypes
+    import types
+
+    DWORD, LONG, BOOL, UINT = ctypes.c_uint32, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint32
+    SIZE_T = ULONG_PTR = ctypes.c_size_t
+    HANDLE = LPVOID = ctypes.c_void_p
+    LPCWSTR = ctypes.c_wchar_p
+    LARGE_INTEGER, ULONGLONG = ctypes.c_int64, ctypes.c_uint64
+
+    class FILETIME(ctypes.Structure):
+        _fields_ = [("dwLowDateTime", DWORD), ("dwHighDateTime", DWORD)]
+
+    class IO_COUNTERS(ctypes.Structure):                        # 48 bytes
+        _fields_ = [(n, ULONGLONG) for n in (
+            "ReadOperationCount", "WriteOperationCount", "OtherOperationCount",
+            "ReadTransferCount", "WriteTransferCount", "OtherTransferCount")]
+
+    class JOBOBJECT_BASIC_LIMIT_INFORMATION(ctypes.Structure):  # 64 bytes
+        _fields_ = [("PerProcessUserTimeLimit", LARGE_INTEGER), ("PerJobUserTimeLimit", LARGE_INTEGER),
+                    ("LimitFlags", DWORD), ("MinimumWorkingSetSize", SIZE_T),
+                    ("MaximumWorkingSetSize", SIZE_T), ("ActiveProcessLimit", DWORD),
+                    ("Affinity", ULONG_PTR), ("PriorityClass", DWORD), ("SchedulingClass", DWORD)]
+
+    class JOBOBJECT_EXTENDED_LIMIT_INFORMATION(ctypes.Structure):  # 144 bytes
+        _fields_ = [("BasicLimitInformation", JOBOBJECT_BASIC_LIMIT_INFORMATION),
+                    ("IoInfo", IO_COUNTERS), ("ProcessMemoryLimit", SIZE_T),
+                    ("JobMemoryLimit", SIZE_T), ("PeakProcessMemoryUsed", SIZE_T),
+                    ("PeakJobMemoryUsed", SIZE_T)]
+
+    class PROCESSENTRY32W(ctypes.Structure):                    # 568 bytes; set dwSize
+        _fields_ = [("dwSize", DWORD), ("cntUsage", DWORD), ("th32ProcessID", DWORD),
+                    ("th32DefaultHeapID", ULONG_PTR), ("th32ModuleID", DWORD),
+                    ("cntThreads", DWORD), ("th32ParentProcessID", DWORD),
+                    ("pcPriClassBase", LONG), ("dwFlags", DWORD),
+                    ("szExeFile", ctypes.c_uint16 * 260)]       # UTF-16 units, unused
+
+    class THREADENTRY32(ctypes.Structure):                      # 28 bytes; set dwSize
+        _fields_ = [("dwSize", DWORD), ("cntUsage", DWORD), ("th32ThreadID", DWORD),
+                    ("th32OwnerProcessID", DWORD), ("tpBasePri", LONG),
+                    ("tpDeltaPri", LONG), ("dwFlags", DWORD)]
+
+    class OVERLAPPED(ctypes.Structure):                         # 32 bytes; Offset = lock start
+        _fields_ = [("Internal", ULONG_PTR), ("InternalHigh", ULONG_PTR),
+                    ("Offset", DWORD), ("OffsetHigh", DWORD), ("hEvent", HANDLE)]
+
+    @functools.lru_cache(maxsize=None)
+    def pid_list(n):
+        """JOBOBJECT_BASIC_PROCESS_ID_LIST with room for n pids (8 + 8 * n bytes)."""
+        return type("JOBOBJECT_BASIC_PROCESS_ID_LIST", (ctypes.Structure,), {"_fields_": [
+            ("NumberOfAssignedProcesses", DWORD), ("NumberOfProcessIdsInList", DWORD),
+            ("ProcessIdList", ULONG_PTR * max(1, n))]})
+
+    P = ctypes.POINTER
+    # name: (restype, argtypes, failure test for the errcheck; None = checked by the caller)
+    kernel32 = {
+        # No errcheck: "created" and "opened an existing job" are both success and
+        # differ only in the last error (0 vs 183), read right after the call.
+        "CreateJobObjectW": (HANDLE, [LPVOID, LPCWSTR], None),
+        "OpenJobObjectW": (HANDLE, [DWORD, BOOL, LPCWSTR], "null"),
+        "AssignProcessToJobObject": (BOOL, [HANDLE, HANDLE], "zero"),
+        "SetInformationJobObject": (BOOL, [HANDLE, ctypes.c_int, LPVOID, DWORD], "zero"),
+        "QueryInformationJobObject": (BOOL, [HANDLE, ctypes.c_int, LPVOID, DWORD, P(DWORD)], "zero"),
+        "TerminateJobObject": (BOOL, [HANDLE, UINT], "zero"),
+        "CreateToolhelp32Snapshot": (HANDLE, [DWORD, DWORD], "invalid"),
+        # The walkers end with FALSE + ERROR_NO_MORE_FILES, which is not a failure.
+        "Process32FirstW": (BOOL, [HANDLE, P(PROCESSENTRY32W)], None),
+        "Process32NextW": (BOOL, [HANDLE, P(PROCESSENTRY32W)], None),
+        "Thread32First": (BOOL, [HANDLE, P(THREADENTRY32)], None),
+        "Thread32Next": (BOOL, [HANDLE, P(THREADENTRY32)], None),
+        "OpenProcess": (HANDLE, [DWORD, BOOL, DWORD], "null"),
+        "OpenThread": (HANDLE, [DWORD, BOOL, DWORD], "null"),
+        "ResumeThread": (DWORD, [HANDLE], "minus1"),
+        "GetProcessTimes": (BOOL, [HANDLE, P(FILETIME), P(FILETIME), P(FILETIME), P(FILETIME)], "zero"),
+        "WaitForSingleObject": (DWORD, [HANDLE, DWORD], "minus1"),
+        "TerminateProcess": (BOOL, [HANDLE, UINT], "zero"),
+        # No errcheck: it runs in `finally` blocks, where raising would hide the
+        # real error, and a failed close of a handle we own is not actionable.
+        "CloseHandle": (BOOL, [HANDLE], None),
+        "LockFileEx": (BOOL, [HANDLE, DWORD, DWORD, DWORD, DWORD, P(OVERLAPPED)], "zero"),
+        "UnlockFileEx": (BOOL, [HANDLE, DWORD, DWORD, DWORD, P(OVERLAPPED)], "zero"),
+    }
+    # NTSTATUS result (0 = success), no last error: checked by the caller.
+    ntdll = {"NtResumeProcess": (LONG, [HANDLE], None)}
+    return types.SimpleNamespace(
+        byref=ctypes.byref, sizeof=ctypes.sizeof, pid_list=pid_list,
+        INVALID_HANDLE_VALUE=ctypes.c_void_p(-1).value,
+        FILETIME=FILETIME, IO_COUNTERS=IO_COUNTERS,
+        JOBOBJECT_BASIC_LIMIT_INFORMATION=JOBOBJECT_BASIC_LIMIT_INFORMATION,
+        JOBOBJECT_EXTENDED_LIMIT_INFORMATION=JOBOBJECT_EXTENDED_LIMIT_INFORMATION,
+        PROCESSENTRY32W=PROCESSENTRY32W, THREADENTRY32=THREADENTRY32, OVERLAPPED=OVERLAPPED,
+        kernel32=kernel32, ntdll=ntdll)
+
+
+def _win_failed(failure, result):
+    """Tell whether a Win32 return value means failure, per the prototype table's test."""
+    if failure in ("zero", "null"):
+        return not result
+    if failure == "invalid":             # snapshots fail with INVALID_HANDLE_VALUE, not NULL
+        return result is None or result == _win_types().INVALID_HANDLE_VALUE
+    if failure == "minus1":
+        return result == 0xFFFFFFFF
+    raise ValueError("unknown failure test %r" % (failure,))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel32():
+    """Load a private kernel32 with every prototype declared (Windows only).
+
+    A private WinDLL, not the shared ctypes.windll, so other code's prototypes
+    cannot clash with ours. ntdll's NtResumeProcess and the last-error accessors
+    ride on the same object so that _WindowsProcessLayer has a single seam
+    (`kernel32=`) for tests to replace.
+    """
+    import ctypes
+
+    def errcheck_for(failure):
+        def errcheck(result, func, args):
+            if _win_failed(failure, result):
+                raise ctypes.WinError(ctypes.get_last_error())
+            return result
+        return errcheck
+
+    types = _win_types()
+    dll = ctypes.WinDLL("kernel32", use_last_error=True)
+    ntdll = ctypes.WinDLL("ntdll")
+    for lib, table in ((dll, types.kernel32), (ntdll, types.ntdll)):
+        for name, (restype, argtypes, failure) in table.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+            if failure:
+                fn.errcheck = errcheck_for(failure)
+    dll.NtResumeProcess = ntdll.NtResumeProcess
+    dll.get_last_error = ctypes.get_last_error
+    dll.set_last_error = ctypes.set_last_error
+    return dll
+
+
+def _win_token_int(token):
+    """Parse a recorded token; None for missing or corrupt ones (never matches)."""
+    try:
+        return int(token)
+    except (TypeError, ValueError):
+        return None
+
+
+class _WindowsProcessLayer:
+    """Process control on Windows: Job Objects first, Toolhelp32 walks as the fallback."""
+
+    def __init__(self, kernel32=None):
+        self._k32_loaded = kernel32      # None: load the real one on first use
+
+    @property
+    def _k32(self):
+        if self._k32_loaded is None:
+            self._k32_loaded = _kernel32()
+        return self._k32_loaded
+
+    # -- launching --------------------------------------------------------
+
+    def default_root(self) -> str:
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(
+            os.path.expanduser("~"), "AppData", "Local")
+        return os.path.join(base, "jobstate", "jobs")
+
+    def shell_argv(self, command: str):
+        # A string, not a list: Popen quotes a list with the MSVCRT rules
+        # (list2cmdline turns " into \"), which cmd.exe does not understand, so
+        # `echo "a b"` would arrive as `echo \"a b\"`. With /s, cmd strips exactly
+        # the first and the last quote after /c and runs the rest verbatim, so
+        # the command survives byte for byte. /d skips AutoRun registry hooks,
+        # which would make a job depend on the machine's cmd configuration.
+        comspec = os.environ.get("ComSpec") or os.path.join(
+            os.environ.get("SystemRoot", r"C:\Windows"), "System32", "cmd.exe")
+        return '"%s" /d /s /c "%s"' % (comspec, command)
+
+    def signal_numbers(self) -> Dict[str, int]:
+        # Windows has no signals; each of these ends the tree the same way.
+        return {"TERM": 15, "INT": 2, "KILL": 9}
+
+    def spawn_supervisor(self, argv, *, stdout, stderr, lock_fd: int = -1) -> subprocess.Popen:
+        # DETACHED_PROCESS: no console, so closing the terminal or Ctrl-C there
+        # never reaches the supervisor. Breakaway: the caller's job (a terminal
+        # tool, an IDE) must not take the supervisor down with it.
+        flags = (_WIN_DETACHED_PROCESS | _WIN_CREATE_NEW_PROCESS_GROUP
+                 | _WIN_CREATE_NO_WINDOW | _WIN_CREATE_BREAKAWAY_FROM_JOB)
+        try:
+            return self._popen_detached(argv, flags, stdout, stderr)
+        except OSError as exc:
+            if getattr(exc, "winerror", None) != _WIN_ERROR_ACCESS_DENIED:
+                raise
+        # The caller's job forbids breakaway (CI runners, actions/runner#595):
+        # the supervisor then lives inside that job, which is the best we can do.
+        return self._popen_detached(argv, flags & ~_WIN_CREATE_BREAKAWAY_FROM_JOB, stdout, stderr)
+
+    @staticmethod
+    def _popen_detached(argv, flags, stdout, stderr):
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                close_fds=True, creationflags=flags)
+
+    # The launcher cannot hand its LockFileEx lock to the supervisor, so the
+    # supervisor takes the job lock itself.
+    hands_over_lock = False
+
+    def release_supervisor(self, popen: subprocess.Popen) -> None:
+        return None  # no zombies on Windows; the handle closes with the Popen object
+
+    def unsafe_dir_reason(self, path: str) -> Optional[str]:
+        return None  # %LOCALAPPDATA% is per user; ACLs are not checked
+
+    def tune_pipe(self, fd: int) -> None:
+        return None
+
+    def fsync_dir(self, path: str) -> None:
+        return None  # NTFS renames are journaled; directories cannot be fsynced
+
+    def prepare_supervisor(self) -> None:
+        # Nothing to do: detachment happened at creation (spawn_supervisor), and
+        # Windows has no SIGHUP/SIGINT to ignore in a console-less process.
+        return None
+
+    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
+        name = "jobstate-" + job_id
+        job = self._create_job(name)
+        try:
+            # Suspended: the child runs no code, so spawns nothing, before it is
+            # in the job. CREATE_NO_WINDOW: the supervisor has no console, and a
+            # console child would otherwise pop up a new visible window.
+            popen = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                creationflags=_WIN_CREATE_SUSPENDED | _WIN_CREATE_NEW_PROCESS_GROUP | _WIN_CREATE_NO_WINDOW)
+        except BaseException:
+            self._close(job)             # cleanup only; the caller records Popen's OSError
+            raise
+        started = False
+        try:
+            try:
+                job = self._assign(job, popen)
+            finally:
+                self._resume(popen)      # whatever happened: never leave a suspended child
+            token = self._handle_ctime(int(popen._handle))
+            started = True
+        finally:
+            if not started:
+                self._discard(popen, job)
+        return _Child(popen=popen, pid=popen.pid, token=str(token),
+                      windows_job_name=name if job else None, handle=job)
+
+    def _create_job(self, name):
+        """Create our named job; None when the name is taken (fall back to walks)."""
+        k = self._k32
+        k.set_last_error(0)              # 183 on success is the only sign of a collision
+        job = k.CreateJobObjectW(None, name)
+        err = k.get_last_error()
+        if not job:
+            return None                  # e.g. 6: another object type holds the name
+        if err == _WIN_ERROR_ALREADY_EXISTS:
+            k.CloseHandle(job)           # someone else's job: unknown limits and holders
+            return None
+        self._limit_job(job)
+        return job
+
+    def _limit_job(self, job):
+        """Make crashes end the process instead of opening a dialog nobody sees.
+
+        No KILL_ON_JOB_CLOSE: the workload must outlive a dead supervisor, as
+        on POSIX (the stale lock then records supervisor_lost). No breakaway flags.
+        """
+        t = _win_types()
+        info = t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
+        info.BasicLimitInformation.LimitFlags = _WIN_JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION
+        try:
+            self._k32.SetInformationJobObject(job, _WIN_JOB_INFO_EXTENDED_LIMIT,
+                                              t.byref(info), t.sizeof(info))
+        except OSError:
+            pass  # safe to ignore: only crash-dialog suppression is lost, containment is not
+
+    def _assign(self, job, popen):
+        """Put the suspended child in the job; None (job closed) when refused."""
+        if job is None:
+            return None
+        try:
+            # Popen keeps its all-access process handle only in the private
+            # _handle (3.8 to 3.12); it also pins the pid against reuse.
+            self._k32.AssignProcessToJobObject(job, int(popen._handle))
+            return job
+        except OSError:
+            # Windows 7 cannot nest jobs (5); any refusal means the Toolhelp
+            # walk takes over, which is what the missing job name tells readers.
+            self._close(job)
+            return None
+
+    def _resume(self, popen):
+        """Resume the child's threads (Popen closed the thread handle it got)."""
+        try:
+            if self._resume_threads(popen.pid):
+                return
+        except OSError:
+            pass  # fall through: NtResumeProcess needs no thread ids
+        status = self._k32.NtResumeProcess(int(popen._handle))
+        if status != 0:
+            raise OSError(None, "cannot resume the child: NTSTATUS 0x%08X" % (status & 0xFFFFFFFF))
+
+    def _resume_threads(self, pid):
+        """Resume pid's suspended threads via a thread snapshot; count them."""
+        k, resumed = self._k32, 0
+        for tid in self._toolhelp(_WIN_TH32CS_SNAPTHREAD, pid):
+            thread = k.OpenThread(_WIN_THREAD_SUSPEND_RESUME, False, tid)
+            try:
+                if k.ResumeThread(thread) > 0:   # previous suspend count
+                    resumed += 1
+            finally:
+                k.CloseHandle(thread)
+        return resumed
+
+    def _discard(self, popen, job):
+        """Kill and reap a child we could not start properly; close the job."""
+        try:
+            popen.kill()
+            popen.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # best effort while an earlier exception propagates
+        self._close(job)
+
+    def wait_child(self, child) -> Tuple[Optional[int], Optional[int]]:
+        # Windows has no signals; the code is the unsigned DWORD from Popen.
+        return child.popen.wait(), None
+
+    # -- identities ----------------------------------------------------------
+
+    def process_token(self, pid: int) -> Optional[str]:
+        probe = self._probe(pid, check_running=False)
+        return None if probe is None else str(probe[0])
+
+    def is_alive(self, proc: _Proc) -> bool:
+        probe = self._probe(proc.pid)
+        return bool(probe and probe[1] and probe[0] == _win_token_int(proc.token))
+
+    def _probe(self, pid, check_running=True):
+        """(creation time, is running) of pid, or None when not ours to see.
+
+        Without check_running, only the creation time is asked for (no
+        SYNCHRONIZE right needed) and "is running" is always False.
+        """
+        access = _WIN_PROCESS_QUERY_LIMITED_INFORMATION | (_WIN_SYNCHRONIZE if check_running else 0)
+        try:
+            handle = self._k32.OpenProcess(access, False, pid)
+        except OSError:
+            return None                  # 87: no such pid; 5: not ours
+        try:
+            ctime = self._handle_ctime(handle)
+            running = check_running and self._k32.WaitForSingleObject(handle, 0) == _WIN_WAIT_TIMEOUT
+            return ctime, running
+        except OSError:
+            return None
+        finally:
+            self._k32.CloseHandle(handle)
+
+    def _handle_ctime(self, handle):
+        """Creation time of a process as FILETIME ticks (100 ns since 1601)."""
+        t = _win_types()
+        times = [t.FILETIME() for _ in range(4)]  # creation, exit, kernel, user
+        self._k32.GetProcessTimes(handle, *(t.byref(ft) for ft in times))
+        return (times[0].dwHighDateTime << 32) | times[0].dwLowDateTime
+
+    # -- trees ------------------------------------------------------------------
+
+    def find_tree(self, ref: _TreeRef) -> List[_Proc]:
+        members = self._job_members(ref)
+        return members if members is not None else self._walk_tree(ref)
+
+    def signal_tree(self, ref: _TreeRef, signum: int) -> int:
+        if signum not in self.signal_numbers().values():
+            raise ValueError("signal %r is not supported on Windows" % (signum,))
+        procs = self.find_tree(ref)
+        if procs and self._terminate_job(ref):
+            return len(procs)
+        # Per process: children may spawn while we walk, so walk again from
+        # everything seen so far until nothing new turns up (bounded).
+        seen = {}
+        for _ in range(5):
+            fresh = [p for p in procs if (p.pid, p.token) not in seen]
+            if not fresh:
+                break
+            for proc in fresh:
+                self._terminate_verified(proc)
+                seen[(proc.pid, proc.token)] = proc
+            procs = self._walk_tree(ref, also=list(seen.values()))
+        return len(seen)
+
+    def _excluded_pids(self, ref):
+        return {0, os.getpid(), ref.supervisor_pid}
+
+    def _open_job(self, name, access):
+        try:
+            return self._k32.OpenJobObjectW(access, False, name)
+        except OSError:
+            return None  # 2: no holder alive any more; 5: other session or elevation
+
+    def _job_members(self, ref):
+        """Live processes of the job, or None when the job cannot be used."""
+        if not ref.windows_job_name:
+            return None
+        job = self._open_job(ref.windows_job_name, _WIN_JOB_OBJECT_QUERY)
+        if job is None:
+            return None
+        try:
+            pids = self._job_pids(job)
+        except OSError:
+            return None
+        finally:
+            self._close(job)
+        if ref.pid is not None and ref.pid not in pids and self.is_alive(_Proc(ref.pid, ref.pid_token)):
+            return None  # our child lives outside this job: the name is not ours
+        skip = self._excluded_pids(ref)
+        procs = (self._live_proc(pid) for pid in pids if pid not in skip)
+        return [p for p in procs if p is not None]
+
+    def _job_pids(self, job):
+        """The job's pid list, growing the buffer on ERROR_MORE_DATA."""
+        t, n = _win_types(), 32
+        while True:
+            buf = t.pid_list(n)()
+            try:
+                self._k32.QueryInformationJobObject(
+                    job, _WIN_JOB_INFO_BASIC_PROCESS_ID_LIST, t.byref(buf), t.sizeof(buf), None)
+            except OSError as exc:
+                if getattr(exc, "winerror", None) != _WIN_ERROR_MORE_DATA or n >= 65536:
+                    raise
+                n = max(2 * n, buf.NumberOfAssignedProcesses + 16)
+                continue
+            return [int(buf.ProcessIdList[i]) for i in range(buf.NumberOfProcessIdsInList)]
+
+    def _live_proc(self, pid):
+        probe = self._probe(pid)
+        return _Proc(pid, str(probe[0])) if probe and probe[1] else None
+
+    def _walk_tree(self, ref, also=()):
+        """Toolhelp32 parent walk from the recorded, still verified identities.
+
+        `also` adds identities seen alive moments ago (signal_tree's earlier
+        rounds): they may be dead now, yet their children are still ours.
+        """
+        skip = self._excluded_pids(ref)
+        recorded = [_Proc(ref.pid, ref.pid_token)] if ref.pid is not None else []
+        recorded += list(ref.descendants)
+        found = {p.pid: p for p in recorded if p.pid not in skip and self.is_alive(p)}
+        parents = self._process_parents()
+        frontier = [(p.pid, int(p.token)) for p in list(found.values()) + list(also)
+                    if p.pid not in skip]
+        while frontier:
+            parent, parent_ctime = frontier.pop()
+            for child in self._children(parents, parent, parent_ctime, skip):
+                if child.pid not in found:
+                    found[child.pid] = child
+                    frontier.append((child.pid, int(child.token)))
+        return list(found.values())
+
+    def _children(self, parents, parent, parent_ctime, skip):
+        """Live children of (parent, parent_ctime), rejecting pid-reuse look-alikes.
+
+        th32ParentProcessID is never updated, so it may name a recycled pid. A
+        real child is never older than its parent; and if the parent's pid now
+        belongs to a newer process, a real child predates that process.
+        """
+        holder = self._probe(parent, check_running=False)
+        reused_at = holder[0] if holder and holder[0] != parent_ctime else None
+        for pid, ppid in parents.items():
+            if ppid != parent or pid == parent or pid in skip:
+                continue
+            child = self._live_proc(pid)
+            if child is None:
+                continue
+            ctime = int(child.token)
+            if ctime >= parent_ctime and (reused_at is None or ctime < reused_at):
+                yield child
+
+    def _process_parents(self):
+        """{pid: parent pid} from a Toolhelp32 process snapshot."""
+        return dict(self._toolhelp(_WIN_TH32CS_SNAPPROCESS))
+
+    def _toolhelp(self, flags, owner=None):
+        """Process snapshot: (pid, ppid) pairs; thread snapshot: owner's thread ids."""
+        t, k = _win_types(), self._k32
+        threads = flags == _WIN_TH32CS_SNAPTHREAD
+        entry = t.THREADENTRY32() if threads else t.PROCESSENTRY32W()
+        entry.dwSize = t.sizeof(entry)
+        first, step = ((k.Thread32First, k.Thread32Next) if threads
+                       else (k.Process32FirstW, k.Process32NextW))
+        snap = k.CreateToolhelp32Snapshot(flags, 0)  # 0: all processes (threads ignore it)
+        out = []
+        try:
+            ok = first(snap, t.byref(entry))
+            while ok:
+                if not threads:
+                    out.append((entry.th32ProcessID, entry.th32ParentProcessID))
+                elif entry.th32OwnerProcessID == owner:
+                    out.append(entry.th32ThreadID)
+                ok = step(snap, t.byref(entry))
+            err = k.get_last_error()
+            if err not in (0, _WIN_ERROR_NO_MORE_FILES):
+                raise OSError(None, "Toolhelp32 walk failed (winerror %d)" % err, None, err)
+        finally:
+            k.CloseHandle(snap)
+        return out
+
+    def _terminate_job(self, ref):
+        """TerminateJobObject when we can and may; False means go per process."""
+        if not ref.windows_job_name:
+            return False
+        job = self._open_job(ref.windows_job_name, _WIN_JOB_OBJECT_QUERY | _WIN_JOB_OBJECT_TERMINATE)
+        if job is None:
+            return False
+        try:
+            if os.getpid() in self._job_pids(job):
+                return False             # we are inside the job: it would end us too
+            self._k32.TerminateJobObject(job, _WIN_KILLED_EXIT_CODE)
+            return True
+        except OSError:
+            return False
+        finally:
+            self._close(job)
+
+    def _terminate_verified(self, proc):
+        """TerminateProcess through the very handle whose creation time matched."""
+        k = self._k32
+        access = _WIN_PROCESS_TERMINATE | _WIN_PROCESS_QUERY_LIMITED_INFORMATION | _WIN_SYNCHRONIZE
+        try:
+            handle = k.OpenProcess(access, False, proc.pid)
+        except OSError:
+            return False                 # gone already, or not ours to end
+        try:
+            if self._handle_ctime(handle) != _win_token_int(proc.token):
+                return False             # the pid was recycled since find_tree
+            k.TerminateProcess(handle, _WIN_KILLED_EXIT_CODE)
+            return True
+        except OSError:
+            return False                 # exited between the check and the call
+        finally:
+            k.CloseHandle(handle)
+
+    def _close(self, handle):
+        if handle:
+            self._k32.CloseHandle(handle)
+
+    # -- files ------------------------------------------------------------------
+
+    def lock(self, fd: int, *, exclusive: bool, blocking: bool) -> bool:
+        import msvcrt
+        t = _win_types()
+        flags = (_WIN_LOCKFILE_EXCLUSIVE_LOCK if exclusive else 0) | (
+            0 if blocking else _WIN_LOCKFILE_FAIL_IMMEDIATELY)
+        overlapped = t.OVERLAPPED()      # Offset 0: the lock is the file's first byte
+        try:
+            self._k32.LockFileEx(msvcrt.get_osfhandle(fd), flags, 0, 1, 0, t.byref(overlapped))
+        except OSError as exc:
+            if not blocking and getattr(exc, "winerror", None) == _WIN_ERROR_LOCK_VIOLATION:
+                return False
+            raise
+        return True
+
+    def unlock(self, fd: int) -> None:
+        import msvcrt
+        t = _win_types()
+        overlapped = t.OVERLAPPED()
+        try:
+            self._k32.UnlockFileEx(msvcrt.get_osfhandle(fd), 0, 1, 0, t.byref(overlapped))
+        except OSError as exc:
+            # Unlocking an unlocked range is a no-op on POSIX (flock); match it.
+            # Windows reports ERROR_NOT_LOCKED, Wine 8 ERROR_LOCK_VIOLATION.
+            if getattr(exc, "winerror", None) not in (_WIN_ERROR_NOT_LOCKED, _WIN_ERROR_LOCK_VIOLATION):
+                raise
+
+    def replace(self, src: str, dst: str) -> None:
+        # A reader that has dst open without FILE_SHARE_DELETE makes the rename
+        # fail with PermissionError; readers hold files only briefly, so retry.
+        for attempt in range(10):
+            try:
+                os.replace(src, dst)
+                return
+            except PermissionError:
+                if attempt == 9:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+
+
+_process_layer = _WindowsProcessLayer() if _WINDOWS else _PosixProcessLayer()
 
 # ---------------------------------------------------------------------------
 # 6. Supervisor
@@ -1153,7 +1777,7 @@ class _Supervisor:
         except OSError as exc:
             os.close(out_r)
             os.close(err_r)
-            raise _SpawnFailure("spawn", _describe_spawn_error(exc, argv)) from None
+            raise _SpawnFailure("spawn", _describe_spawn_error(exc, spec.argv)) from None
         finally:
             os.close(out_w)
             os.close(err_w)
@@ -1885,7 +2509,8 @@ def _summary_view(root: str, summary: JobSummary) -> dict:
 def _exit_status_of(state: JobState) -> int:
     """--exit-code: the job's own code, 128+n for a signal, 125 failed, 124 not finished yet."""
     if state.status is JobStatus.EXITED:
-        return state.exit_code if state.exit_code is not None else 1
+        code = 1 if state.exit_code is None else state.exit_code
+        return code - (1 << 32) if code > 0x7FFFFFFF else code  # Windows codes are unsigned DWORDs
     if state.status is JobStatus.KILLED:
         number = _process_layer.signal_numbers().get((state.signal or "SIGKILL")[3:], 9)
         return 128 + number
