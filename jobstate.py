@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 __version__ = "0.1.0"
 __all__ = [
     "run", "create", "open_job", "list_jobs", "resolve_root", "new_job_id",
-    "Job", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary",
+    "gc", "Job", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
     "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError",
     "InvalidStateError", "InvalidArgumentError", "StateFileError", "LaunchError",
 ]
@@ -2443,18 +2443,280 @@ def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: boo
     return _list_summaries(resolve_root(root), cwd=cwd, all_jobs=all, state=state, tags=tags, limit=limit)[0]
 
 
+@dataclass
+class GcReport:
+    """What gc removed (or would remove, with dry_run)."""
+
+    deleted: List[dict]
+    kept: int
+    freed_bytes: int
+    dry_run: bool
+
+
+def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optional[int] = None,
+       max_bytes: Optional[int] = None, dry_run: bool = False) -> GcReport:
+    """Remove terminal jobs across the whole root.
+
+    A job goes when it finished more than older_than_s ago, or when the terminal
+    jobs (oldest first) exceed max_jobs or max_bytes in all.  Created and running
+    jobs are never touched.  Leftovers of interrupted job creation go too.
+    """
+    root = resolve_root(root)
+    cutoff = time.time() - _parse_duration(older_than_s, "older_than")
+    terminal = sorted(_terminal_jobs(root), key=lambda job: job[1])  # oldest first
+    doomed = {job_id for job_id, finished, _ in terminal if finished < cutoff}
+    keep = [job for job in terminal if job[0] not in doomed]
+    total = sum(size for _, _, size in keep)
+    for job_id, _, size in keep:
+        over_count = max_jobs is not None and len(terminal) - len(doomed) > max_jobs
+        over_bytes = max_bytes is not None and total > max_bytes
+        if not (over_count or over_bytes):
+            break
+        doomed.add(job_id)
+        total -= size
+    deleted = []
+    for job_id, finished, size in terminal:
+        if job_id in doomed:
+            deleted.append(_gc_one(JobPaths(root, job_id), finished < cutoff, size, dry_run))
+    _remove_abandoned_staging(root, dry_run)
+    done = [d for d in deleted if d["action"] in ("deleted", "would_delete")]
+    return GcReport(deleted, len(terminal) - len(done), sum(d["bytes"] for d in done), dry_run)
+
+
+def _terminal_jobs(root: str, newest_ms: Optional[int] = None):
+    """(job_id, finished time, bytes) of each terminal job, oldest ids first.
+
+    newest_ms stops the scan at ids created after that time (ids are time-ordered),
+    which bounds the work of auto-gc however many jobs the root holds.
+    """
+    for job_id in reversed(_list_job_ids(root)):
+        if newest_ms is not None and int(job_id[:12], 16) > newest_ms:
+            return
+        paths = JobPaths(root, job_id)
+        try:
+            state = _read_state_reconciled(paths)
+        except JobError:
+            continue  # unreadable jobs are for `delete`, not for a policy
+        if state.status.is_terminal:
+            finished = _parse_time(state.finished_at) or os.path.getmtime(paths.state)
+            yield job_id, finished, _dir_bytes(paths.dir)
+
+
+def _dir_bytes(path: str) -> int:
+    try:
+        return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path) if e.is_file())
+    except OSError:
+        return 0
+
+
+def _gc_one(paths: JobPaths, expired: bool, size: int, dry_run: bool) -> dict:
+    result = {"job_id": paths.job_id, "action": "would_delete" if dry_run else "deleted",
+              "reason": "older_than" if expired else "over_cap", "bytes": size}
+    if not dry_run:
+        try:
+            _delete_job(paths)
+        except JobError as exc:
+            result.update(action="skipped", reason=exc.message)
+    return result
+
+
+def _remove_abandoned_staging(root: str, dry_run: bool) -> None:
+    """Delete `.new-<id>` directories that a crashed create() left for over an hour."""
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(".new-")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            if time.time() - os.lstat(path).st_mtime > 3600 and not dry_run:
+                shutil.rmtree(path)
+        except OSError:  # raced with another gc, or not ours to remove: leave it
+            pass
+
+
+_AUTO_GC_INTERVAL_S = 3600
+_AUTO_GC_MAX_SCAN = 200
+
+
 def _auto_gc(root: str) -> None:
-    """Seam for bounded housekeeping after a launch (see gc); never fails the launch."""
+    """Bounded housekeeping after a launch; never fails or noticeably slows the launch.
+
+    At most once an hour per root (one stat), under a flock that dies with its
+    holder (a crashed gc cannot disable it), scanning only ids old enough to
+    have expired, and at most _AUTO_GC_MAX_SCAN of them.
+    JOBSTATE_AUTO_GC=0 turns it off; JOBSTATE_GC_OLDER_THAN sets the age (30d).
+    """
+    if os.environ.get("JOBSTATE_AUTO_GC", "1") == "0":
+        return
+    stamp = os.path.join(root, ".gc-stamp")
+    try:
+        if time.time() - os.stat(stamp).st_mtime < _AUTO_GC_INTERVAL_S:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d"), "JOBSTATE_GC_OLDER_THAN")
+        fd = os.open(os.path.join(root, ".gc.lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+    except (OSError, JobError):
+        return
+    try:
+        if not _process_layer.lock(fd, exclusive=True, blocking=False):
+            return  # another process is collecting right now
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        cutoff = time.time() - older_than
+        scanned = 0
+        for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):
+            scanned += 1
+            if finished < cutoff:
+                _gc_one(JobPaths(root, job_id), True, 0, False)
+            if scanned >= _AUTO_GC_MAX_SCAN:
+                break
+    except (OSError, JobError):  # housekeeping only: the launch already succeeded
+        pass
+    finally:
+        os.close(fd)
 
 # ---------------------------------------------------------------------------
 # 9. Responses: the one place that shapes each JSON document
 # ---------------------------------------------------------------------------
 
 
+# Each response's keys and their JSON Schema, in one table.  _envelope() checks
+# every document it builds against it, and `schema` publishes it, so the
+# published schema cannot drift from what the commands print.
+
+def _json_type(*names: str) -> dict:
+    return {"type": names[0] if len(names) == 1 else list(names)}
+
+
+_STR, _INT, _BOOL = _json_type("string"), _json_type("integer"), _json_type("boolean")
+_OPT_STR, _OPT_INT = _json_type("string", "null"), _json_type("integer", "null")
+_STR_LIST = {"type": "array", "items": _STR}
+_RANGE = {"type": "array", "items": _INT, "minItems": 2, "maxItems": 2}
+_STATE_NAME = {"type": "string", "enum": [s.value for s in JobStatus]}
+_ERROR_INFO = {"type": ["object", "null"], "properties": {"stage": _STR, "message": _STR},
+               "required": ["stage", "message"]}
+_JOB_FIELDS = {
+    "job_id": _STR, "state": _STATE_NAME, "exit_code": _OPT_INT, "signal": _OPT_STR, "timed_out": _BOOL,
+    "duration_ms": _OPT_INT, "created_at": _OPT_STR, "started_at": _OPT_STR, "finished_at": _OPT_STR,
+    "pid": _OPT_INT, "error": _ERROR_INFO, "command": {"type": ["array", "null"], "items": _STR},
+    "cwd": _OPT_STR, "env": {"type": ["object", "null"], "additionalProperties": _STR},
+    "tags": _STR_LIST, "stdout_log_path": _STR, "stderr_log_path": _STR,
+}
+_OUTPUT_FIELDS = {"stdout": _STR, "stderr": _STR, "stdout_range": _RANGE, "stderr_range": _RANGE,
+                  "stdout_total_bytes": _INT, "stderr_total_bytes": _INT,
+                  "encoding": {"type": "string", "enum": ["utf-8-lossy"]}}
+_RUN_FIELDS = dict(_JOB_FIELDS, **_OUTPUT_FIELDS, elapsed_ms=_INT)
+_SUMMARY_FIELDS = {k: v for k, v in _JOB_FIELDS.items() if k != "env"}
+_ACTION_ROW = {"type": "object", "required": ["job_id", "action", "reason"], "properties": {
+    "job_id": _STR, "action": {"type": "string", "enum": ["deleted", "would_delete", "skipped"]},
+    "reason": _OPT_STR, "bytes": _INT}}
+
+
+def _object_schema(fields: Dict[str, dict], closed: bool = True) -> dict:
+    schema = {"type": "object", "properties": fields, "required": list(fields)}
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+_RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
+    "run": _RUN_FIELDS, "wait": _RUN_FIELDS, "status": _JOB_FIELDS, "create": _JOB_FIELDS,
+    "kill": dict(_JOB_FIELDS, signal_sent=_STR, processes_signalled=_INT, processes_alive=_INT),
+    "tail": dict(job_id=_STR, state=_STATE_NAME, lines=_INT, **_OUTPUT_FIELDS,
+                 stdout_log_path=_STR, stderr_log_path=_STR),
+    "list": {"root": _STR, "jobs": {"type": "array", "items": _object_schema(_SUMMARY_FIELDS)},
+             "count": _INT, "truncated": _BOOL},
+    "delete": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT},
+    "gc": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT,
+           "kept": _INT, "freed_bytes": _INT},
+    "tag": {"job_id": _STR, "tags": _STR_LIST},
+    "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
+}
+
+
 def _envelope(kind: str, body: dict) -> dict:
+    """A success envelope; the body must have exactly the keys of its table."""
+    fields = _RESPONSE_FIELDS[kind]
+    if set(body) != set(fields):
+        raise RuntimeError("response %r has keys %s, its schema %s" % (kind, sorted(body), sorted(fields)))
     doc = {"schema_version": SCHEMA_VERSION, "ok": True, "type": kind}
     doc.update(body)
     return doc
+
+
+def _response_schema(kind: str) -> dict:
+    header = {"schema_version": {"const": SCHEMA_VERSION}, "ok": {"const": True}, "type": {"const": kind}}
+    return _object_schema(dict(header, **_RESPONSE_FIELDS[kind]))
+
+
+def _error_schema() -> dict:
+    error = {"type": "object", "required": ["code", "message", "retryable"], "properties": {
+        "code": {"type": "string", "enum": sorted(_error_codes())}, "message": _STR, "retryable": _BOOL,
+        "hint": _STR, "details": {"type": "object"}}}
+    return _object_schema({"schema_version": {"const": SCHEMA_VERSION}, "ok": {"const": False},
+                           "type": {"const": "error"}, "error": error})
+
+
+def _error_codes() -> set:
+    codes, todo = set(), [JobError]
+    while todo:
+        cls = todo.pop()
+        codes.add(cls.code)
+        todo.extend(cls.__subclasses__())
+    return codes
+
+
+def _dataclass_schema(cls, required: Sequence[str] = ()) -> dict:
+    """JSON Schema of a dataclass from its type hints (the `extra` catch-all is left out)."""
+    import typing
+    hints = typing.get_type_hints(cls)
+    props = {name: _type_schema(hint) for name, hint in hints.items()
+             if name != "extra" and not name.startswith("_")}
+    return {"type": "object", "properties": props, "required": [r for r in required if r in props]}
+
+
+def _type_schema(hint) -> dict:
+    import typing
+    origin, args = getattr(hint, "__origin__", None), getattr(hint, "__args__", ())
+    if origin is typing.Union:
+        inner = [_type_schema(a) for a in args if a is not type(None)]
+        schema = dict(inner[0])
+        schema["type"] = [schema.get("type", "string"), "null"]
+        if "enum" in schema:
+            schema["enum"] = schema["enum"] + [None]
+        return schema
+    if origin in (list, List):
+        return {"type": "array", "items": _type_schema(args[0])}
+    if origin in (dict, Dict):
+        return {"type": "object"}
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return {"type": "string", "enum": [m.value for m in hint]}
+    if hasattr(hint, "__dataclass_fields__"):
+        return _dataclass_schema(hint, [f for f in hint.__dataclass_fields__])
+    names = {str: "string", bool: "boolean", int: "integer", float: "number"}
+    return {"type": names[hint]} if hint in names else {}
+
+
+def _document_schemas() -> Dict[str, dict]:
+    """Every document jobstate writes or prints, keyed by name (the `schema` command)."""
+    state = _dataclass_schema(JobState, ["job", "result", "finished_at", "updated_at"])
+    state["properties"]["job"]["required"] = ["id", "status", "started_at"]
+    state["properties"]["result"]["required"] = ["exit_code", "signal", "duration_ms"]
+    meta = _dataclass_schema(JobSpec, ["schema_version", "argv", "cwd"])
+    meta["properties"]["schema_version"] = {"const": SCHEMA_VERSION}
+    meta["required"] = ["schema_version", "argv", "cwd"]
+    state["properties"]["job"]["properties"]["status"]["enum"].remove(JobStatus.UNKNOWN.value)
+    meta["properties"]["timeout_s"] = meta["properties"]["kill_after_s"] = {"type": "number", "minimum": 0}
+    schemas = {"state": state, "meta": meta, "error": _error_schema()}
+    for kind in _RESPONSE_FIELDS:
+        schemas[kind] = _response_schema(kind)
+    for doc in schemas.values():
+        doc.setdefault("$schema", "https://json-schema.org/draft/2020-12/schema")
+    return schemas
 
 
 def _error_envelope(error: JobError) -> dict:
@@ -2666,6 +2928,12 @@ def _build_parser():
     p.add_argument("job", nargs="?")
     p.add_argument("--all", action="store_true", help="every finished job of the current directory")
     p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    p = command("gc", _cmd_gc, "remove old finished jobs across the whole root")
+    p.add_argument("--older-than", default="30d", metavar="AGE", help="finished longer ago than AGE (default 30d)")
+    p.add_argument("--max-jobs", metavar="N", help="keep at most N finished jobs (oldest go first)")
+    p.add_argument("--max-bytes", metavar="B", help="keep at most B bytes of finished jobs")
+    p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    command("schema", _cmd_schema, "print the JSON Schemas of every file and response")
     p = command("tag", _cmd_tag, "manage tags")
     tag_commands = p.add_subparsers(dest="tag_command", metavar="set", parser_class=Parser)
     tag_commands.required = True
@@ -2886,6 +3154,21 @@ def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
     except JobError as exc:
         result["reason"] = exc.message
     return result
+
+
+def _cmd_gc(ns):
+    root = resolve_root(ns.root)
+    report = gc(root, older_than_s=_parse_duration(ns.older_than, "--older-than"),
+                max_jobs=None if ns.max_jobs is None else _parse_count(ns.max_jobs, "--max-jobs"),
+                max_bytes=None if ns.max_bytes is None else _parse_size(ns.max_bytes, "--max-bytes"),
+                dry_run=ns.dry_run)
+    return _envelope("gc", {"root": root, "dry_run": report.dry_run, "jobs": report.deleted,
+                            "deleted": sum(d["action"] != "skipped" for d in report.deleted),
+                            "kept": report.kept, "freed_bytes": report.freed_bytes}), 0
+
+
+def _cmd_schema(ns):
+    return _envelope("schema", {"schema_format": "json-schema-2020-12", "schemas": _document_schemas()}), 0
 
 
 def _cmd_tag(ns):

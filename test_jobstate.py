@@ -147,7 +147,7 @@ class StaticTests(unittest.TestCase):
         import ast
         if not hasattr(sys, "stdlib_module_names"):
             self.skipTest("sys.stdlib_module_names needs Python 3.10+")
-        allowed = set(sys.stdlib_module_names) | {"__future__", "jobstate"}
+        allowed = set(sys.stdlib_module_names) | {"__future__", "jobstate"}  # novm (skipped before 3.10)
         for name in ("jobstate.py", "test_jobstate.py"):
             with open(os.path.join(HERE, name), encoding="utf-8") as f:
                 tree = ast.parse(f.read())
@@ -869,6 +869,201 @@ class ApiTests(JobTestCase):
         job.start()
         with self.assertRaises(jobstate.InvalidStateError):
             job.start()
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle: restart, gc, notifications, schema
+# ---------------------------------------------------------------------------
+
+
+def validate(instance, schema, path="$"):
+    """Errors of instance against the JSON Schema subset jobstate's schemas use."""
+    errors = []
+    if "const" in schema and instance != schema["const"]:
+        errors.append("%s: %r != const %r" % (path, instance, schema["const"]))
+    if "enum" in schema and instance not in schema["enum"]:
+        errors.append("%s: %r not in %r" % (path, instance, schema["enum"]))
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        checks = {"string": lambda v: isinstance(v, str), "integer": lambda v: isinstance(v, int)
+                  and not isinstance(v, bool), "number": lambda v: isinstance(v, (int, float))
+                  and not isinstance(v, bool), "boolean": lambda v: isinstance(v, bool),
+                  "null": lambda v: v is None, "array": lambda v: isinstance(v, list),
+                  "object": lambda v: isinstance(v, dict)}
+        if not any(checks[k](instance) for k in kinds):
+            return errors + ["%s: %r is not %s" % (path, instance, kinds)]
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in instance:
+                errors.append("%s: missing %r" % (path, key))
+        for key, value in instance.items():
+            if key in props:
+                errors += validate(value, props[key], "%s.%s" % (path, key))
+            elif schema.get("additionalProperties") is False:
+                errors.append("%s: unexpected key %r" % (path, key))
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += validate(value, schema["additionalProperties"], "%s.%s" % (path, key))
+    if isinstance(instance, list):
+        if len(instance) < schema.get("minItems", 0) or len(instance) > schema.get("maxItems", 1 << 30):
+            errors.append("%s: length %d" % (path, len(instance)))
+        for i, item in enumerate(instance):
+            errors += validate(item, schema.get("items", {}), "%s[%d]" % (path, i))
+    if "minimum" in schema and isinstance(instance, (int, float)) and instance < schema["minimum"]:
+        errors.append("%s: %r < %r" % (path, instance, schema["minimum"]))
+    return errors
+
+
+class LifecycleTests(JobTestCase):
+    def test_restart_keeps_the_complete_definition(self):
+        code = "import os, sys; print(os.environ['SECRET'], sys.stdin.read(), flush=True)"
+        job = self.run_job(py(code), env={"SECRET": "s3"}, masks=["SECRET"], stdin="input")
+        first = job.wait(10)
+        self.assertEqual(job.tail().stdout, "s3 input\n")
+        status, doc, _ = self.cli("restart", job.id)
+        self.assertEqual((status, doc["job_id"], doc["state"], doc["stdout"]), (0, job.id, "exited", "s3 input\n"))
+        self.assertNotEqual(doc["started_at"], first.started_at)
+        with open(job.paths.stdout_log, "rb") as f:
+            self.assertEqual(f.read(), b"s3 input\n", "logs were not reset")
+
+    def test_restart_stops_a_running_tree_first(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        old_pid = job.state().pid
+        status, doc, _ = self.cli("restart", "--no-wait", job.id)
+        self.assertEqual((status, doc["state"]), (0, "running"))
+        self.assertNotEqual(doc["pid"], old_pid)
+        wait_for(lambda: not pid_alive(old_pid) if POSIX else True, 5, "the old child to go")
+
+    def test_concurrent_restarts_leave_one_supervisor(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        procs = [subprocess.Popen([PY, JOBSTATE, "--root", self.root, "restart", "--no-wait", job.id],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(3)]
+        procs.append(subprocess.Popen([PY, JOBSTATE, "--root", self.root, "kill", job.id],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            self.assertTrue(json.loads(out)["ok"] is not None)
+        state = jobstate.read_state(job.paths)  # valid JSON, whatever the interleaving
+        if POSIX and state.status is jobstate.JobStatus.RUNNING:
+            supervisors = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                           if job.id.encode() in open("/proc/%d/cmdline" % pid, "rb").read()
+                           and b"_supervise" in open("/proc/%d/cmdline" % pid, "rb").read()]
+            self.assertEqual(supervisors, [state.supervisor_pid])
+
+    def test_start_only_created(self):
+        job = jobstate.create(py("pass"), root=self.root)
+        status, doc, _ = self.cli("start", job.id)
+        self.assertEqual((status, doc["state"]), (0, "exited"))
+        status, doc, _ = self.cli("start", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+
+    def age(self, job, days):
+        doc = json.load(open(job.paths.state))
+        doc["finished_at"] = jobstate._format_time(time.time() - days * 86400)
+        jobstate._write_json_atomic(job.paths.state, doc)
+
+    def test_gc_by_age_and_caps(self):
+        jobs = [self.run_job(py("print('x' * 1000)")) for _ in range(4)]
+        for job in jobs:
+            job.wait(10)
+        self.age(jobs[0], 40)
+        running = self.run_job(py("import time; time.sleep(60)"))
+        created = jobstate.create(py("pass"), root=self.root)
+        status, doc, _ = self.cli("gc", "--dry-run")
+        self.assertEqual([j["job_id"] for j in doc["jobs"]], [jobs[0].id])
+        self.assertTrue(os.path.isdir(jobs[0].paths.dir))
+        status, doc, _ = self.cli("gc", "--max-jobs", "2")
+        self.assertEqual(sorted(j["job_id"] for j in doc["jobs"]), sorted([jobs[0].id, jobs[1].id]))
+        self.assertGreater(doc["freed_bytes"], 2000)
+        self.assertEqual(sorted(jobstate._list_job_ids(self.root)),
+                         sorted([jobs[2].id, jobs[3].id, running.id, created.id]))
+        status, doc, _ = self.cli("gc", "--max-bytes", "0", "--older-than", "0")
+        self.assertEqual(sorted(jobstate._list_job_ids(self.root)), sorted([running.id, created.id]))
+
+    def old_job(self, days):
+        """A finished job whose id and finished_at are `days` old."""
+        job = self.run_job(py("pass"))
+        job.wait(10)
+        old_ms = int((time.time() - days * 86400) * 1000)
+        old_id = "%012x" % old_ms + job.id[12:]
+        os.rename(job.paths.dir, os.path.join(self.root, old_id))
+        old = jobstate.Job(old_id, self.root)
+        doc = json.load(open(old.paths.state))
+        doc["job"]["id"] = old_id
+        jobstate._write_json_atomic(old.paths.state, doc)
+        self.age(old, days)
+        return old
+
+    def test_auto_gc_is_bounded_and_survives_a_crashed_holder(self):
+        expired, recent = self.old_job(40), self.old_job(10)
+        stamp = os.path.join(self.root, ".gc-stamp")
+        os.utime(stamp, (time.time() - 7200,) * 2)
+        # A lock file left by a crashed gc does not block the next one (flock dies with its holder).
+        with open(os.path.join(self.root, ".gc.lock"), "w"):
+            pass
+        self.run_job(py("pass")).wait(10)
+        self.assertFalse(os.path.exists(expired.paths.dir), "auto-gc did not collect the expired job")
+        self.assertTrue(os.path.exists(recent.paths.dir))
+        # The stamp limits it to once an hour.
+        again = self.old_job(50)
+        self.run_job(py("pass")).wait(10)
+        self.assertTrue(os.path.exists(again.paths.dir))
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_AUTO_GC": "0"}):
+            os.utime(stamp, (time.time() - 7200,) * 2)
+            self.run_job(py("pass")).wait(10)
+            self.assertTrue(os.path.exists(again.paths.dir))
+
+    def test_notifications(self):
+        events = os.path.join(self.tmp, "events.ndjson")
+        seen = os.path.join(self.tmp, "seen.json")
+        command = "%s -c \"import os, shutil, sys; shutil.copyfileobj(sys.stdin, open(%r, 'w')); " \
+                  "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen)
+        job = self.run_job(py("print('hi')"), notify_file=events, notify_command=command)
+        state = job.wait(20)
+        with open(events) as f:
+            event = json.loads(f.read())
+        self.assertEqual((event["event_type"], event["job_id"], event["state"], event["exit_code"]),
+                         ("job.finished", job.id, "exited", 0))
+        with open(seen) as f:
+            self.assertEqual(json.load(f), event)
+        record = json.load(open(job.paths.event))
+        self.assertEqual([d["ok"] for d in record["deliveries"]], [True, True])
+        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+
+    def test_failing_sinks_do_not_change_the_state_and_failed_jobs_notify(self):
+        events = os.path.join(self.tmp, "no-such-dir", "events.ndjson")
+        job = self.run_job(["definitely-not-a-command-xyz", "x"], notify_file=events,
+                           notify_command="exit 3")
+        state = job.wait(20)
+        self.assertEqual(state.status, jobstate.JobStatus.FAILED)
+        record = json.load(open(job.paths.event))
+        self.assertEqual(record["event"]["state"], "failed")
+        self.assertEqual([d["ok"] for d in record["deliveries"]], [False, False])
+
+    def test_every_response_matches_its_schema(self):
+        status, doc, _ = self.cli("schema")
+        schemas = doc["schemas"]
+        self.assertEqual(validate(doc, schemas["schema"]), [])
+        outputs = [doc]
+        _, ran, _ = self.cli("run", "--tag", "a.b", "--env", "K=V", "--", "echo", "hi")
+        job_id = ran["job_id"]
+        outputs.append(ran)
+        for args in (["status", job_id], ["wait", job_id], ["tail", job_id], ["kill", job_id],
+                     ["list", "--all"], ["ps", "--all"], ["tag", "set", job_id, "--tag", "x"],
+                     ["create", "--", "true", "x"], ["gc", "--dry-run"], ["delete", job_id],
+                     ["status", "ffff"], ["status", ".."], ["run", "--bogus"]):
+            outputs.append(self.cli(*args)[1])
+        for out in outputs:
+            self.assertEqual(validate(out, schemas[out["type"]]), [], out)
+        _, created, _ = self.cli("run", "--no-wait", "--", "sleep", "5")
+        paths = jobstate.JobPaths(self.root, created["job_id"])
+        self.assertEqual(validate(json.load(open(paths.state)), schemas["state"]), [])
+        self.assertEqual(validate(json.load(open(paths.meta)), schemas["meta"]), [])
+        self.assertEqual(set(schemas), {"state", "meta", "error"} | set(jobstate._RESPONSE_FIELDS))
 
 
 # ---------------------------------------------------------------------------
