@@ -2780,17 +2780,92 @@ def _summary_view(root: str, summary: JobSummary) -> dict:
             "stderr_log_path": JobPaths(root, summary.job_id).stderr_log}
 
 
-def _exit_status_of(state: JobState) -> int:
-    """--exit-code: the job's own code, 128+n for a signal, 125 failed, 124 not finished yet."""
-    if state.status is JobStatus.EXITED:
-        code = 1 if state.exit_code is None else state.exit_code
+def _exit_status_of(doc: dict) -> int:
+    """--exit-code for a job-shaped document: the job's own code, 128+n for a
+    signal, 125 when it failed, 124 when it has not finished yet."""
+    if doc["state"] == JobStatus.EXITED.value:
+        code = 1 if doc["exit_code"] is None else doc["exit_code"]
         return code - (1 << 32) if code > 0x7FFFFFFF else code  # Windows codes are unsigned DWORDs
-    if state.status is JobStatus.KILLED:
-        number = _process_layer.signal_numbers().get((state.signal or "SIGKILL")[3:], 9)
-        return 128 + number
-    if state.status is JobStatus.FAILED:
+    if doc["state"] == JobStatus.KILLED.value:
+        return 128 + _process_layer.signal_numbers().get((doc["signal"] or "SIGKILL")[3:], 9)
+    if doc["state"] == JobStatus.FAILED.value:
         return 125
     return 124
+
+
+# Documents: one function per response, taking typed arguments.  The CLI, the
+# MCP server and the HTTP API all answer through these.
+
+def _elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int, started: float) -> dict:
+    """RunData after waiting up to until_s (0: not at all, None: until the end)."""
+    state = job.state() if until_s == 0 else job.wait(until_s)
+    return _envelope(kind, _run_view(job, state, max_bytes, _elapsed_ms(started)))
+
+
+def _status_doc(job: Job) -> dict:
+    return _envelope("status", _job_view(job, job.state()))
+
+
+def _tail_doc(job: Job, lines: int, max_bytes: int) -> dict:
+    tail = job.tail(lines, max_bytes)
+    view = {"job_id": job.id, "state": job.state().status.value, "lines": lines}
+    view.update(_output_view(tail))
+    view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log)
+    return _envelope("tail", view)
+
+
+def _kill_doc(job: Job, signal: str, kill_after_s: Optional[float], wait_s: float) -> dict:
+    return _envelope("kill", _kill_view(job, job.kill(signal, kill_after_s=kill_after_s, wait_s=wait_s)))
+
+
+def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
+              tags: Sequence[str], limit: int) -> dict:
+    if state is not None and state not in {s.value for s in JobStatus}:
+        raise InvalidArgumentError("unknown state %r" % (state,),
+                                   hint="one of: " + ", ".join(s.value for s in JobStatus))
+    summaries, truncated = _list_summaries(root, cwd=cwd, all_jobs=all_jobs, state=state, tags=tags,
+                                           limit=limit)
+    return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
+                              "count": len(summaries), "truncated": truncated})
+
+
+def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
+    """Delete one job, or with job_ref None every terminal job of the current directory."""
+    if job_ref is not None:
+        job = open_job(job_ref, root)
+        if dry_run:
+            state = job.state()
+            if state.status is JobStatus.RUNNING:
+                raise InvalidStateError(job.id, state.status, "stop it first ('jobstate kill')")
+        else:
+            job.delete()
+        results = [{"job_id": job.id, "action": "would_delete" if dry_run else "deleted", "reason": None}]
+    else:
+        summaries, _ = _list_summaries(root, cwd=None, all_jobs=False, state=None, tags=(), limit=None)
+        results = [_delete_one(root, s, dry_run) for s in summaries]
+    deleted = sum(r["action"] in ("deleted", "would_delete") for r in results)
+    return _envelope("delete", {"root": root, "dry_run": dry_run, "jobs": results, "deleted": deleted})
+
+
+def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
+    """One row of `delete --all`: only terminal jobs are removed."""
+    result = {"job_id": summary.job_id, "action": "skipped", "reason": None}
+    if not summary.state.status.is_terminal:
+        result["reason"] = "job is %s" % summary.state.status.value
+        return result
+    if dry_run:
+        result["action"] = "would_delete"
+        return result
+    try:
+        _delete_job(JobPaths(root, summary.job_id))
+        result["action"] = "deleted"
+    except JobError as exc:
+        result["reason"] = exc.message
+    return result
 
 # ---------------------------------------------------------------------------
 # 10. CLI
@@ -2953,13 +3028,10 @@ def _observe_deadline(ns) -> Optional[float]:
     return _parse_duration(ns.until, "--until")
 
 
-def _observe(job: Job, ns, started: float) -> Tuple[dict, int]:
-    """Shared tail of run/start/restart: wait as asked, then RunData."""
-    max_bytes = _parse_size(ns.max_bytes, "--max-bytes")
-    until = _observe_deadline(ns)
-    state = job.state() if until == 0 else job.wait(until)
-    doc = _envelope("run", _run_view(job, state, max_bytes, int((time.monotonic() - started) * 1000)))
-    return doc, _exit_status_of(state) if ns.exit_code else 0
+def _observe(job: Job, ns, started: float, kind: str = "run") -> Tuple[dict, int]:
+    """Shared tail of run/start/restart/wait: wait as asked, then RunData."""
+    doc = _observed_doc(kind, job, _observe_deadline(ns), _parse_size(ns.max_bytes, "--max-bytes"), started)
+    return doc, _exit_status_of(doc) if ns.exit_code else 0
 
 
 def _cli_command(ns) -> List[str]:
@@ -3051,35 +3123,27 @@ def _cmd_restart(ns):
 
 
 def _cmd_status(ns):
-    job = open_job(ns.job, ns.root)
-    return _envelope("status", _job_view(job, job.state())), 0
+    return _status_doc(open_job(ns.job, ns.root)), 0
 
 
 def _cmd_wait(ns):
     started = time.monotonic()
-    job = open_job(ns.job, ns.root)
-    until = None if ns.forever else _parse_duration(ns.until, "--until")
-    max_bytes = _parse_size(ns.max_bytes, "--max-bytes")
-    state = job.wait(until)
-    doc = _envelope("wait", _run_view(job, state, max_bytes, int((time.monotonic() - started) * 1000)))
-    return doc, _exit_status_of(state) if ns.exit_code else 0
+    return _observe(open_job(ns.job, ns.root), ns, started, kind="wait")
 
 
 def _cmd_tail(ns):
     job = open_job(ns.job, ns.root)
     lines = _parse_count(ns.lines, "--lines")
-    tail = job.tail(lines, _parse_size(ns.max_bytes, "--max-bytes"))
+    max_bytes = _parse_size(ns.max_bytes, "--max-bytes")
     if not ns.follow:
-        view = {"job_id": job.id, "state": job.state().status.value, "lines": lines}
-        view.update(_output_view(tail))
-        view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log)
-        return _envelope("tail", view), 0
+        return _tail_doc(job, lines, max_bytes), 0
+    tail = job.tail(lines, max_bytes)
     sinks = [_raw_sink(sys.stdout), _raw_sink(sys.stderr)]
     try:
         _follow(job.paths, (tail.stdout_range[0], tail.stderr_range[0]), sinks)
     except KeyboardInterrupt:  # Ctrl-C stops following; the job is not touched
         return None, 130
-    return None, _exit_status_of(job.state()) if ns.exit_code else 0
+    return None, _exit_status_of(_job_view(job, job.state())) if ns.exit_code else 0
 
 
 def _raw_sink(stream):
@@ -3100,19 +3164,14 @@ def _parse_count(value, name: str) -> int:
 
 
 def _cmd_kill(ns):
-    job = open_job(ns.job, ns.root)
     kill_after = None if ns.kill_after is None else _parse_duration(ns.kill_after, "--kill-after")
-    result = job.kill(ns.signal, kill_after_s=kill_after, wait_s=0 if ns.no_wait else DEFAULT_KILL_OBSERVE_S)
-    return _envelope("kill", _kill_view(job, result)), 0
+    return _kill_doc(open_job(ns.job, ns.root), ns.signal, kill_after,
+                     0 if ns.no_wait else DEFAULT_KILL_OBSERVE_S), 0
 
 
 def _cmd_list(ns, state: Optional[str] = None):
-    root = resolve_root(ns.root)
-    limit = _parse_count(ns.limit, "--limit")
-    summaries, truncated = _list_summaries(root, cwd=ns.cwd, all_jobs=ns.all, state=state or ns.state,
-                                           tags=ns.tag, limit=limit)
-    return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
-                              "count": len(summaries), "truncated": truncated}), 0
+    return _list_doc(resolve_root(ns.root), cwd=ns.cwd, all_jobs=ns.all, state=state or ns.state,
+                     tags=ns.tag, limit=_parse_count(ns.limit, "--limit")), 0
 
 
 def _cmd_ps(ns):
@@ -3120,40 +3179,9 @@ def _cmd_ps(ns):
 
 
 def _cmd_delete(ns):
-    root = resolve_root(ns.root)
     if bool(ns.job) == bool(ns.all):
         raise InvalidArgumentError("give a job id or --all", hint="jobstate delete JOB | --all [--dry-run]")
-    if ns.job:
-        job = open_job(ns.job, root)
-        if ns.dry_run:
-            state = job.state()
-            if state.status is JobStatus.RUNNING:
-                raise InvalidStateError(job.id, state.status, "stop it first ('jobstate kill')")
-        else:
-            job.delete()
-        results = [{"job_id": job.id, "action": "would_delete" if ns.dry_run else "deleted", "reason": None}]
-    else:
-        summaries, _ = _list_summaries(root, cwd=None, all_jobs=False, state=None, tags=(), limit=None)
-        results = [_delete_one(root, s, ns.dry_run) for s in summaries]
-    deleted = sum(r["action"] in ("deleted", "would_delete") for r in results)
-    return _envelope("delete", {"root": root, "dry_run": ns.dry_run, "jobs": results, "deleted": deleted}), 0
-
-
-def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
-    """One row of `delete --all`: only terminal jobs are removed."""
-    result = {"job_id": summary.job_id, "action": "skipped", "reason": None}
-    if not summary.state.status.is_terminal:
-        result["reason"] = "job is %s" % summary.state.status.value
-        return result
-    if dry_run:
-        result["action"] = "would_delete"
-        return result
-    try:
-        _delete_job(JobPaths(root, summary.job_id))
-        result["action"] = "deleted"
-    except JobError as exc:
-        result["reason"] = exc.message
-    return result
+    return _delete_doc(resolve_root(ns.root), ns.job, ns.dry_run), 0
 
 
 def _cmd_gc(ns):

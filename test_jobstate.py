@@ -49,6 +49,44 @@ def py(code):
     return [PY, "-c", code]
 
 
+# `cat`, portable: stdin to stdout, byte for byte (no newline translation on Windows).
+CAT = py("import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())")
+# A one-string command for the platform shell (sh -c / cmd /c): stdout "a", stderr "b", exit 4.
+SHELL_STRING = "echo a&& echo b>&2& exit /b 4" if jobstate._WINDOWS else "echo a && echo b >&2; exit 4"
+SHELL_EOL = "\r\n" if jobstate._WINDOWS else "\n"  # what the platform shell's echo ends lines with
+
+
+def injected_by_platform(name):
+    """Variables a child sees even with an empty environment block (macOS; Wine adds its own)."""
+    return name in ("LC_CTYPE", "__CF_USER_TEXT_ENCODING") or jobstate._WINDOWS and (
+        name.startswith("WINE") or name in ("SYSTEMROOT", "SYSTEMDRIVE"))
+
+
+def win_handles(testcase, pids):
+    """SYNCHRONIZE handles on live pids (Windows).  A handle pins its process, so
+    waiting on it tells that this very process ended: no pid-reuse guessing."""
+    import _winapi
+    handles = []
+    for pid in pids:
+        handle = _winapi.OpenProcess(0x00100000, False, pid)
+        testcase.addCleanup(_winapi.CloseHandle, handle)
+        handles.append(handle)
+    return handles
+
+
+def win_exited(handle, timeout_s=0.0):
+    import _winapi
+    return _winapi.WaitForSingleObject(handle, int(timeout_s * 1000)) == _winapi.WAIT_OBJECT_0
+
+
+def under_wine():
+    """A Windows Python hosted by Wine (its ntdll exports wine_get_version)."""
+    if not jobstate._WINDOWS:
+        return False
+    import ctypes
+    return hasattr(ctypes.WinDLL("ntdll"), "wine_get_version")
+
+
 def marker_pids(job_id):
     """Live (non-zombie) pids whose environment carries the job's marker: an independent check."""
     needle = ("JOBSTATE_JOB_ID=%s" % job_id).encode()
@@ -268,13 +306,15 @@ class StoreTests(JobTestCase):
     def test_root_resolution_order(self):
         env = {k: v for k, v in os.environ.items() if k not in ("JOBSTATE_ROOT", "XDG_DATA_HOME")}
         with unittest.mock.patch.dict(os.environ, env, clear=True):
-            self.assertEqual(jobstate.resolve_root(), os.path.join(
-                os.path.expanduser("~"), ".local", "share", "jobstate", "jobs"))
+            default = os.path.join(os.environ["LOCALAPPDATA"], "jobstate", "jobs") if jobstate._WINDOWS \
+                else os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
+            self.assertEqual(jobstate.resolve_root(), default)
+            # abspath: on Windows "/x" means "X:\x" on the current drive; on POSIX it is a no-op.
             os.environ["XDG_DATA_HOME"] = "/x/data"
-            self.assertEqual(jobstate.resolve_root(), "/x/data/jobstate/jobs")
+            self.assertEqual(jobstate.resolve_root(), os.path.join(os.path.abspath("/x/data"), "jobstate", "jobs"))
             os.environ["JOBSTATE_ROOT"] = "/y/jobs"
-            self.assertEqual(jobstate.resolve_root(), "/y/jobs")
-            self.assertEqual(jobstate.resolve_root("/z"), "/z")
+            self.assertEqual(jobstate.resolve_root(), os.path.abspath("/y/jobs"))
+            self.assertEqual(jobstate.resolve_root("/z"), os.path.abspath("/z"))
 
     def test_missing_root_reads_as_no_jobs(self):
         status, doc, _ = self.cli("list", "--all")
@@ -335,6 +375,10 @@ class StoreTests(JobTestCase):
                     seen.add(jobstate.JobState.from_dict(json.loads(data)).status)
                 except (ValueError, KeyError) as exc:
                     bad.append((repr(exc), data[:100]))
+                if jobstate._WINDOWS:
+                    # Windows cannot replace a file that a reader holds open (the writer
+                    # retries); 20 readers in a busy loop always hold it, real pollers don't.
+                    time.sleep(0.05)
         readers = [threading.Thread(target=reader) for _ in range(20)]
         for t in readers:
             t.start()
@@ -351,7 +395,7 @@ class StoreTests(JobTestCase):
         self.assertFalse([n for n in os.listdir(job.paths.dir) if n.endswith(".tmp")])
 
     def test_corrupt_state_is_a_clear_error(self):
-        job = self.run_job(["true"])
+        job = self.run_job(py("pass"))
         job.wait(10)
         for content in (b"", b"{not json", b'{"job": 1}', b"\xff\xfe"):
             with open(job.paths.state, "wb") as f:
