@@ -47,7 +47,7 @@ __all__ = [
     "run", "create", "open_job", "list_jobs", "resolve_root", "new_job_id",
     "gc", "Job", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
     "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError",
-    "InvalidStateError", "InvalidArgumentError", "StateFileError", "LaunchError",
+    "InvalidStateError", "InvalidArgumentError", "StateFileError", "LaunchError", "main",
 ]
 
 _WINDOWS = os.name == "nt"
@@ -882,6 +882,11 @@ class _PosixProcessLayer:
             except OSError:  # over /proc/sys/fs/pipe-max-size: the default still works
                 pass
 
+    def pipe_has_input(self, fd: int) -> bool:
+        """Data waiting in the pipe, or its writer gone: a read would not block."""
+        import select
+        return bool(select.select([fd], [], [], 0)[0])
+
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
         popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                                  close_fds=True, start_new_session=True)
@@ -1286,6 +1291,16 @@ class _WindowsProcessLayer:
 
     def tune_pipe(self, fd: int) -> None:
         return None
+
+    def pipe_has_input(self, fd: int) -> bool:
+        # select() takes only sockets on Windows; PeekNamedPipe answers the same question.
+        import _winapi
+        import msvcrt
+        try:
+            available = _winapi.PeekNamedPipe(msvcrt.get_osfhandle(fd), 0)[0]
+        except BrokenPipeError:
+            return True  # the writer is gone: a read returns EOF at once
+        return available > 0
 
     def fsync_dir(self, path: str) -> None:
         return None  # NTFS renames are journaled; directories cannot be fsynced
@@ -2388,6 +2403,17 @@ def _delete_job(paths: JobPaths) -> None:
         except StateFileError:
             pass  # an unreadable job can still be deleted
         try:
+            # Everything but the lock while we hold it, then the lock file once it
+            # is closed: Windows cannot delete a file that is open.
+            for name in os.listdir(paths.dir):
+                path = os.path.join(paths.dir, name)
+                if path == paths.lock:
+                    continue
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            lock.release()
             shutil.rmtree(paths.dir)
         except FileNotFoundError:
             raise JobNotFoundError(paths.job_id, paths.root) from None
@@ -2635,6 +2661,8 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
            "kept": _INT, "freed_bytes": _INT},
     "tag": {"job_id": _STR, "tags": _STR_LIST},
     "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
+    "health": {"version": _STR, "root": _STR},
+    "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL},
 }
 
 
@@ -2868,7 +2896,395 @@ def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
     return result
 
 # ---------------------------------------------------------------------------
-# 10. CLI
+# 10. Agent surfaces: MCP server (stdio) and HTTP API
+# ---------------------------------------------------------------------------
+
+# The operations agents may call, with their JSON Schema parameters.  MCP tools
+# are generated from this table, and the HTTP API checks its bodies against it.
+_JOB_ID_PARAM = {"type": "string", "description": "job id or unique prefix (1-32 hex characters)"}
+_UNTIL_PARAM = {"type": "number", "minimum": 0, "description": "seconds to wait for the job to finish"}
+_MAX_BYTES_PARAM = {"type": "integer", "minimum": 0, "description": "output excerpt size per stream"}
+_TAGS_PARAM = {"type": "array", "items": {"type": "string"}}
+_OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
+    "run": ("Start a command as a durable background job (it keeps running after this call), wait up "
+            "to `until` seconds, and return its state and the end of its output.", {
+                "command": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                            "description": "argv; a single element is run by the shell"},
+                "cwd": {"type": "string"}, "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "stdin": {"type": "string", "description": "standard input for the job"},
+                "timeout": {"type": "number", "minimum": 0, "description": "stop the tree after this many seconds"},
+                "kill_after": {"type": "number", "minimum": 0}, "until": _UNTIL_PARAM,
+                "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM}, ["command"]),
+    "status": ("State, exit code, signal, times and log paths of a job.", {"job_id": _JOB_ID_PARAM}, ["job_id"]),
+    "tail": ("The last lines of a job's stdout and stderr.", {
+        "job_id": _JOB_ID_PARAM, "lines": {"type": "integer", "minimum": 0}, "max_bytes": _MAX_BYTES_PARAM},
+        ["job_id"]),
+    "wait": ("Wait up to `until` seconds for a job to finish; returns its state and output.", {
+        "job_id": _JOB_ID_PARAM, "until": _UNTIL_PARAM, "max_bytes": _MAX_BYTES_PARAM}, ["job_id"]),
+    "kill": ("Signal a job's whole process tree (default TERM) and report what is left.", {
+        "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "TERM, INT, KILL, HUP, ..."},
+        "kill_after": {"type": "number", "minimum": 0, "description": "then KILL what is left after S seconds"}},
+        ["job_id"]),
+    "list": ("Jobs newest first: by default those started in `cwd` (the server's directory), or all.", {
+        "state": {"type": "string", "enum": [s.value for s in JobStatus]},
+        "limit": {"type": "integer", "minimum": 0}, "all": {"type": "boolean"}, "cwd": {"type": "string"},
+        "tags": _TAGS_PARAM}, []),
+}
+_JSON_TYPE_CHECKS = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
+                     "array": list, "object": dict}
+
+
+def _check_arguments(operation: str, args: dict) -> dict:
+    """Reject unknown, missing and mistyped arguments before doing anything."""
+    _, params, required = _OPERATIONS[operation]
+    if not isinstance(args, dict):
+        raise InvalidArgumentError("arguments must be a JSON object")
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise InvalidArgumentError("unknown argument(s) for %s: %s" % (operation, ", ".join(unknown)),
+                                   hint="accepted: " + ", ".join(params))
+    for name in required:
+        if name not in args:
+            raise InvalidArgumentError("%s needs %r" % (operation, name))
+    for name, value in args.items():
+        kind = params[name]["type"]
+        ok = isinstance(value, _JSON_TYPE_CHECKS[kind]) and (kind in ("boolean",) or not isinstance(value, bool))
+        if kind == "array":
+            ok = ok and all(isinstance(v, str) for v in value)
+        if kind == "object":
+            ok = ok and all(isinstance(v, str) for v in value.values())
+        if not ok:
+            raise InvalidArgumentError("%s: %r must be of type %s" % (operation, name, kind))
+    return args
+
+
+def _call_operation(operation: str, args: dict, root: Optional[str], *, default_until: float,
+                    max_until: Optional[float] = None) -> dict:
+    """Run one agent operation; returns its envelope (JobError propagates)."""
+    args = _check_arguments(operation, args)
+    started = time.monotonic()
+    until = args.get("until", default_until)
+    if max_until is not None:
+        until = min(until, max_until)
+    max_bytes = args.get("max_bytes", DEFAULT_MAX_BYTES)
+    if operation == "run":
+        job = run(args["command"], root=root, cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
+                  timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
+        return _observed_doc("run", job, until, max_bytes, started)
+    if operation == "list":
+        return _list_doc(resolve_root(root), cwd=args.get("cwd"), all_jobs=args.get("all", False),
+                         state=args.get("state"), tags=args.get("tags", ()),
+                         limit=args.get("limit", DEFAULT_LIST_LIMIT))
+    job = open_job(args["job_id"], root)
+    if operation == "status":
+        return _status_doc(job)
+    if operation == "tail":
+        return _tail_doc(job, args.get("lines", DEFAULT_TAIL_LINES), max_bytes)
+    if operation == "wait":
+        return _observed_doc("wait", job, until, max_bytes, started)
+    return _kill_doc(job, args.get("signal", "TERM"), args.get("kill_after"), DEFAULT_KILL_OBSERVE_S)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return _parse_duration(os.environ.get(name, default), name)
+    except JobError:
+        return default
+
+
+# -- MCP over stdio -------------------------------------------------------------
+
+# Handshake-era revisions we speak, newest first.  Clients of the stateless
+# 2026-07-28 revision probe `server/discover`, get "method not found", and fall
+# back to `initialize` (as the official SDK does).
+_MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
+
+
+class _McpServer:
+    """Newline-delimited JSON-RPC 2.0 on a pair of binary streams."""
+
+    def __init__(self, root: Optional[str], output):
+        self.root = root
+        self.output = output
+        self.write_lock = threading.Lock()
+        self.calls: List[threading.Thread] = []
+        self.default_until = _env_seconds("JOBSTATE_MCP_DEFAULT_UNTIL", DEFAULT_RUN_UNTIL_S)
+        self.max_until = _env_seconds("JOBSTATE_MCP_MAX_UNTIL", 55.0)
+
+    def serve(self, stream) -> int:
+        for line in stream:
+            if line.strip():
+                self.handle(line)
+        for call in self.calls:  # let bounded tool calls answer before we go
+            call.join()
+        return 0
+
+    def send(self, message: dict) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
+        with self.write_lock:
+            try:
+                self.output.write(data)
+                self.output.flush()
+            except (BrokenPipeError, ValueError):  # the client went away; jobs go on regardless
+                pass
+
+    def error(self, msg_id, code: int, message: str) -> None:
+        self.send({"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}})
+
+    def handle(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return self.error(None, -32700, "parse error: not JSON")
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+            return self.error(message.get("id") if isinstance(message, dict) else None, -32600,
+                              "invalid request: expected one JSON-RPC 2.0 object")
+        method, msg_id = message.get("method"), message.get("id")
+        if not isinstance(method, str):
+            return None  # a response to a request we never send: ignore
+        if "id" not in message:
+            return None  # notifications (initialized, cancelled) need no answer
+        params = message.get("params", {})
+        if not isinstance(params, dict):
+            return self.error(msg_id, -32602, "params must be an object")
+        if method == "tools/call":
+            call = threading.Thread(target=self.call_tool, args=(msg_id, params), daemon=True)
+            self.calls.append(call)
+            call.start()
+            return None
+        handlers = {"initialize": self.initialize, "ping": lambda p: {}, "tools/list": self.list_tools}
+        if method not in handlers:
+            return self.error(msg_id, -32601, "method not found: %s" % method)
+        return self.send({"jsonrpc": "2.0", "id": msg_id, "result": handlers[method](params)})
+
+    def initialize(self, params: dict) -> dict:
+        asked = params.get("protocolVersion")
+        return {"protocolVersion": asked if asked in _MCP_VERSIONS else _MCP_VERSIONS[0],
+                "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": {"name": "jobstate", "version": __version__},
+                "instructions": "Run commands as durable background jobs: `run` starts one and waits up to "
+                                "`until` seconds; poll long jobs with `wait` or `status`, read output with "
+                                "`tail`, stop whole process trees with `kill`. Jobs outlive this server."}
+
+    def list_tools(self, params: dict) -> dict:
+        tools = []
+        for name, (description, props, required) in _OPERATIONS.items():
+            tools.append({"name": name, "description": description, "inputSchema": {
+                "type": "object", "properties": props, "required": required, "additionalProperties": False}})
+        return {"tools": tools}
+
+    def call_tool(self, msg_id, params: dict) -> None:
+        name, args = params.get("name"), params.get("arguments") or {}
+        if name not in _OPERATIONS:
+            return self.error(msg_id, -32602, "unknown tool: %r" % (name,))
+        try:
+            doc = _call_operation(name, args, self.root, default_until=self.default_until,
+                                  max_until=self.max_until)
+        except JobError as exc:
+            doc = _error_envelope(exc)
+        except Exception as exc:  # a bug must not kill the server: report it as a tool error
+            doc = _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+        self.send({"jsonrpc": "2.0", "id": msg_id, "result": {
+            "content": [{"type": "text", "text": text}], "structuredContent": doc, "isError": not doc["ok"]}})
+
+
+def _serve_mcp(root: Optional[str]) -> int:
+    """MCP on stdio.  Our real stdout carries only protocol: fd 1 is pointed at
+    stderr so nothing else (a stray print, a child) can corrupt the stream."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return _McpServer(root, protocol).serve(sys.stdin.buffer)
+
+
+# -- HTTP --------------------------------------------------------------------------
+
+_HTTP_MAX_BODY = 1 << 20
+_HTTP_STATUS = {"job_not_found": 404, "invalid_state": 409, "unauthorized": 401, "payload_too_large": 413,
+                "not_found": 404, "launch_failed": 500, "io_error": 500, "state_unreadable": 500,
+                "internal_error": 500}
+
+
+class UnauthorizedError(JobError):
+    code = "unauthorized"
+
+
+class _EndpointNotFoundError(JobError):
+    code = "not_found"
+
+
+class _PayloadTooLargeError(JobError):
+    code = "payload_too_large"
+
+
+def _http_status(error: JobError) -> int:
+    return _HTTP_STATUS.get(error.code, 400)
+
+
+def _make_http_handler(root: Optional[str], token: Optional[str]):
+    import hmac
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "jobstate/" + __version__
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.answer("GET")
+
+        def do_POST(self):
+            self.answer("POST")
+
+        def do_DELETE(self):
+            self.answer("DELETE")
+
+        def log_message(self, format, *args):
+            sys.stderr.write("%s %s\n" % (_utc_now(), format % args))
+
+        def answer(self, method: str) -> None:
+            try:
+                self.authorize()
+                status, doc = 200, self.route(method)
+            except JobError as exc:
+                status, doc = _http_status(exc), _error_envelope(exc)
+            except Exception as exc:  # a bug: answer 500 with an envelope, keep serving
+                status, doc = 500, _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
+            body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if status == 401:
+                self.send_header("WWW-Authenticate", "Bearer")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def authorize(self) -> None:
+            if token is None:
+                return
+            given = self.headers.get("Authorization", "")
+            expected = "Bearer " + token
+            if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+                raise UnauthorizedError("missing or wrong bearer token",
+                                        hint="send 'Authorization: Bearer $JOBSTATE_SERVE_TOKEN'")
+
+        def body(self) -> dict:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or length > _HTTP_MAX_BODY:
+                self.close_connection = True
+                raise _PayloadTooLargeError("request body over %d bytes" % _HTTP_MAX_BODY)
+            raw = self.rfile.read(length) if length else b"{}"
+            try:
+                doc = json.loads(raw.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidArgumentError("request body is not JSON") from None
+            if not isinstance(doc, dict):
+                raise InvalidArgumentError("request body must be a JSON object")
+            return doc
+
+        def route(self, method: str) -> dict:
+            url = urlsplit(self.path)
+            parts = [unquote(p) for p in url.path.split("/") if p]
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            tags = parse_qs(url.query).get("tag", [])
+            if method == "GET" and parts == ["health"]:
+                return _envelope("health", {"version": __version__, "root": resolve_root(root)})
+            if parts[:1] != ["jobs"] or len(parts) > 3:
+                raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
+            if len(parts) == 1 and method == "POST":
+                return _call_operation("run", self.body(), root, default_until=DEFAULT_RUN_UNTIL_S)
+            if len(parts) == 1 and method == "GET":
+                args = _query_args(query, {"state": str, "limit": int, "all": bool, "cwd": str})
+                if tags:
+                    args["tags"] = tags
+                return _call_operation("list", args, root, default_until=0)
+            job_id, action = parts[1], (parts[2] if len(parts) == 3 else None)
+            if method == "GET" and action in (None, "tail", "wait"):
+                types = {None: {}, "tail": {"lines": int, "max_bytes": int},
+                         "wait": {"until": float, "max_bytes": int}}[action]
+                args = dict(_query_args(query, types), job_id=job_id)
+                return _call_operation(action or "status", args, root, default_until=DEFAULT_WAIT_UNTIL_S)
+            if method == "POST" and action == "kill":
+                return _call_operation("kill", dict(self.body(), job_id=job_id), root, default_until=0)
+            if method == "DELETE" and action is None:
+                return _delete_doc(resolve_root(root), job_id, False)
+            raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
+
+    return Handler
+
+
+def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
+    """Typed arguments from a query string; unknown parameters are rejected."""
+    unknown = sorted(set(query) - set(types) - {"tag"})
+    if unknown:
+        raise InvalidArgumentError("unknown query parameter(s): %s" % ", ".join(unknown))
+    args = {}
+    for name, value in query.items():
+        if name == "tag":
+            continue
+        kind = types[name]
+        try:
+            args[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise InvalidArgumentError("query parameter %r: %r is not a %s" % (name, value, kind.__name__)) from None
+    return args
+
+
+def _parse_bind(bind: str) -> Tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not host or not 0 <= number <= 65535:
+        raise InvalidArgumentError("--bind %r is not HOST:PORT" % (bind,), hint="e.g. 127.0.0.1:19263")
+    return host.strip("[]"), number
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve_http(root: Optional[str], bind: str, ready) -> int:
+    """Serve the HTTP API until interrupted; `ready` receives the serve envelope once listening."""
+    from http.server import ThreadingHTTPServer
+    import socket
+    host, port = _parse_bind(bind)
+    token = os.environ.get("JOBSTATE_SERVE_TOKEN") or None
+    if token is None and not _is_loopback(host):
+        raise InvalidArgumentError("refusing to serve on %s without a token" % host,
+                                   hint="set JOBSTATE_SERVE_TOKEN, or bind a loopback address")
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    try:
+        server = Server((host, port), _make_http_handler(root, token))
+    except OSError as exc:
+        raise JobIOError("cannot listen on %s: %s" % (bind, exc.strerror or exc)) from None
+    bound_port = server.server_address[1]
+    url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, bound_port)
+    ready(_envelope("serve", {"url": url, "host": host, "port": bound_port, "auth": token is not None}))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+# ---------------------------------------------------------------------------
+# 11. CLI
 # ---------------------------------------------------------------------------
 
 
@@ -3009,6 +3425,9 @@ def _build_parser():
     p.add_argument("--max-bytes", metavar="B", help="keep at most B bytes of finished jobs")
     p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     command("schema", _cmd_schema, "print the JSON Schemas of every file and response")
+    command("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list)")
+    p = command("serve", _cmd_serve, "serve the HTTP API (loopback by default; JOBSTATE_SERVE_TOKEN guards it)")
+    p.add_argument("--bind", default="127.0.0.1:19263", metavar="HOST:PORT", help="default 127.0.0.1:19263")
     p = command("tag", _cmd_tag, "manage tags")
     tag_commands = p.add_subparsers(dest="tag_command", metavar="set", parser_class=Parser)
     tag_commands.required = True
@@ -3076,14 +3495,13 @@ def _stdin_is_piped() -> bool:
     is not forwarded: reading it would block `run` forever.  `--stdin -` waits
     for a slow producer on purpose.
     """
-    import select
     import stat
     try:
         mode = os.fstat(0).st_mode
         if stat.S_ISREG(mode):
             return True
-        return stat.S_ISFIFO(mode) and bool(select.select([0], [], [], 0)[0])
-    except (OSError, ValueError):  # closed stdin, or a pipe select cannot watch (Windows)
+        return stat.S_ISFIFO(mode) and _process_layer.pipe_has_input(0)
+    except (OSError, ValueError):  # closed stdin, or a pipe we cannot watch
         return False
 
 
@@ -3197,6 +3615,14 @@ def _cmd_gc(ns):
 
 def _cmd_schema(ns):
     return _envelope("schema", {"schema_format": "json-schema-2020-12", "schemas": _document_schemas()}), 0
+
+
+def _cmd_mcp(ns):
+    return None, _serve_mcp(ns.root)
+
+
+def _cmd_serve(ns):
+    return None, _serve_http(ns.root, ns.bind, lambda doc: _emit(doc, ns.pretty))
 
 
 def _cmd_tag(ns):

@@ -49,8 +49,9 @@ def py(code):
     return [PY, "-c", code]
 
 
-# `cat`, portable: stdin to stdout, byte for byte (no newline translation on Windows).
+# `cat` and `echo hello`, portable: bytes to stdout, no newline translation on Windows.
 CAT = py("import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())")
+HELLO = py("import sys; sys.stdout.buffer.write(b'hello\\n')")
 # A one-string command for the platform shell (sh -c / cmd /c): stdout "a", stderr "b", exit 4.
 SHELL_STRING = "echo a&& echo b>&2& exit /b 4" if jobstate._WINDOWS else "echo a && echo b >&2; exit 4"
 SHELL_EOL = "\r\n" if jobstate._WINDOWS else "\n"  # what the platform shell's echo ends lines with
@@ -451,7 +452,11 @@ class SupervisorTests(JobTestCase):
         self.assertEqual(parsed, [("STDOUT", "out one"), ("STDERR", "err one"), ("STDOUT", "a"), ("STDOUT", "b")])
 
     def test_drain_is_bounded_when_a_grandchild_holds_the_pipe(self):
-        job = self.run_job(["sh", "-c", "sleep 30 & echo started"])
+        code = ("import subprocess, sys\n"
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],\n"
+                "                 stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=sys.stderr)\n"
+                "sys.stdout.buffer.write(b'started\\n')\n")
+        job = self.run_job(py(code))
         started = time.monotonic()
         state = job.wait(15)
         self.assertLess(time.monotonic() - started, 8)
@@ -527,14 +532,14 @@ class SupervisorTests(JobTestCase):
         job = self.run_job(py(code), env={"ONLY": "1"}, inherit_env=False)
         job.wait(10)
         env = json.loads(job.tail().stdout)
-        self.assertEqual(set(env) - {"LC_CTYPE", "__CF_USER_TEXT_ENCODING"}, {"ONLY", "JOBSTATE_JOB_ID"})
+        self.assertEqual({n for n in env if not injected_by_platform(n)}, {"ONLY", "JOBSTATE_JOB_ID"})
 
     def test_meta_holds_the_complete_definition(self):
-        job = self.run_job(["true", "x"], env={"SECRET": "s3"}, masks=["SECRET"], timeout_s="90s",
+        job = self.run_job(py("pass"), env={"SECRET": "s3"}, masks=["SECRET"], timeout_s="90s",
                            kill_after_s=2, tags=["ci.lint"], stdin="in")
         spec = jobstate.JobSpec.from_dict(json.load(open(job.paths.meta)))
         self.assertEqual((spec.argv, spec.env, spec.masks, spec.timeout_s, spec.kill_after_s, spec.tags,
-                          spec.has_stdin), (["true", "x"], {"SECRET": "s3"}, ["SECRET"], 90.0, 2.0,
+                          spec.has_stdin), (py("pass"), {"SECRET": "s3"}, ["SECRET"], 90.0, 2.0,
                                             ["ci.lint"], True))
         self.assertEqual(json.load(open(job.paths.meta))["schema_version"], "1.0")
 
@@ -665,7 +670,7 @@ class PosixProcessTests(JobTestCase):
 
 class ObservationTests(JobTestCase):
     def test_tail_lines_bytes_and_ranges(self):
-        job = self.run_job(py("for i in range(100): print('line', i)"))
+        job = self.run_job(py("import sys\nfor i in range(100): sys.stdout.buffer.write(b'line %d\\n' % i)"))
         job.wait(10)
         tail = job.tail(lines=3)
         self.assertEqual(tail.stdout, "line 97\nline 98\nline 99\n")
@@ -678,7 +683,7 @@ class ObservationTests(JobTestCase):
         self.assertEqual(tail.stdout_range, (len(data) - 10, len(data)))
 
     def test_tail_does_not_split_utf8(self):
-        job = self.run_job(py("import sys; sys.stdout.write('é' * 10)"))
+        job = self.run_job(py("import sys; sys.stdout.buffer.write(b'\\xc3\\xa9' * 10)"))
         job.wait(10)
         tail = job.tail(lines=None, max_bytes=5)
         self.assertEqual(tail.stdout, "éé")
@@ -699,9 +704,9 @@ class ObservationTests(JobTestCase):
         self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
 
     def test_follow_streams_until_the_end(self):
-        code = ("import time\n"
+        code = ("import sys, time\n"
                 "for i in range(3):\n"
-                "    print('tick', i, flush=True); time.sleep(0.2)\n")
+                "    sys.stdout.buffer.write(b'tick %d\\n' % i); sys.stdout.flush(); time.sleep(0.2)\n")
         job = self.run_job(py(code))
         proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "tail", "--follow", "--exit-code", job.id],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -719,7 +724,7 @@ class ObservationTests(JobTestCase):
 
 class CommandLineTests(JobTestCase):
     def test_run_envelope(self):
-        status, doc, _ = self.cli("run", "--", "echo", "hello")
+        status, doc, _ = self.cli("run", "--", *HELLO)
         self.assertEqual(status, 0)
         self.assertEqual((doc["schema_version"], doc["ok"], doc["type"]), ("1.0", True, "run"))
         self.assertEqual((doc["state"], doc["exit_code"], doc["stdout"]), ("exited", 0, "hello\n"))
@@ -731,21 +736,22 @@ class CommandLineTests(JobTestCase):
     def test_same_keys_in_every_state(self):
         _, created, _ = self.cli("create", "--", "true", "x")
         _, status_doc, _ = self.cli("status", created["job_id"])
-        _, ran, _ = self.cli("run", "--", "true", "x")
+        _, ran, _ = self.cli("run", "--", *py("pass"))
         _, done, _ = self.cli("status", ran["job_id"])
+        self.assertEqual(done["state"], "exited")
         self.assertEqual(set(status_doc), set(done))
         self.assertEqual(status_doc["state"], "created")
 
     def test_shell_string(self):
-        status, doc, _ = self.cli("run", "--", "echo a && echo b >&2; exit 4")
-        self.assertEqual((doc["exit_code"], doc["stdout"], doc["stderr"]), (4, "a\n", "b\n"))
+        status, doc, _ = self.cli("run", "--", SHELL_STRING)
+        self.assertEqual((doc["exit_code"], doc["stdout"], doc["stderr"]), (4, "a" + SHELL_EOL, "b" + SHELL_EOL))
 
     def test_exit_code_flag(self):
-        status, doc, _ = self.cli("run", "--exit-code", "--", "sh", "-c", "exit 7")
+        status, doc, _ = self.cli("run", "--exit-code", "--", *py("import sys; sys.exit(7)"))
         self.assertEqual(status, 7)
         status, doc, _ = self.cli("wait", "--exit-code", doc["job_id"])
         self.assertEqual(status, 7)
-        status, doc, _ = self.cli("run", "--exit-code", "--timeout", "0.1", "--", "sleep", "30")
+        status, doc, _ = self.cli("run", "--exit-code", "--timeout", "0.1", "--", *py("import time; time.sleep(30)"))
         self.assertEqual(status, 128 + 15)
 
     def test_usage_errors_exit_2_with_json(self):
@@ -767,23 +773,23 @@ class CommandLineTests(JobTestCase):
         self.assertEqual(jobstate._list_job_ids(self.root), [], "a rejected run left a job behind")
 
     def test_stdin_variants(self):
-        _, doc, _ = self.cli("run", "--stdin", "from flag", "--", "cat")
+        _, doc, _ = self.cli("run", "--stdin", "from flag", "--", *CAT)
         self.assertEqual(doc["stdout"], "from flag")
         path = os.path.join(self.tmp, "in.bin")
         with open(path, "wb") as f:
             f.write(b"\x00\xffbinary")
-        _, doc, _ = self.cli("run", "--stdin-file", path, "--", "cat")
+        _, doc, _ = self.cli("run", "--stdin-file", path, "--", *CAT)
         with open(doc["stdout_log_path"], "rb") as f:
             self.assertEqual(f.read(), b"\x00\xffbinary")
-        status, doc, proc = self.cli_process("run", "--stdin", "-", "--", "cat", input=b"dash")
+        status, doc, proc = self.cli_process("run", "--stdin", "-", "--", *CAT, input=b"dash")
         self.assertEqual(doc["stdout"], "dash")
-        status, doc, proc = self.cli_process("run", "--", "cat", input=b"piped")
+        status, doc, proc = self.cli_process("run", "--", *CAT, input=b"piped")
         self.assertEqual(doc["stdout"], "piped")
-        status, doc, proc = self.cli_process("run", "--", "cat")  # /dev/null: nothing forwarded
+        status, doc, proc = self.cli_process("run", "--", *CAT)  # /dev/null: nothing forwarded
         self.assertEqual((doc["stdout"], doc["state"]), ("", "exited"))
 
     def test_mask_hides_values(self):
-        _, doc, _ = self.cli("run", "--env", "TOKEN=hunter2", "--mask", "TOKEN", "--", "true", "x")
+        _, doc, _ = self.cli("run", "--env", "TOKEN=hunter2", "--mask", "TOKEN", "--", *py("pass"))
         self.assertEqual(doc["env"], {"TOKEN": "***"})
         _, doc, raw = self.cli("status", doc["job_id"])
         self.assertNotIn("hunter2", raw)
@@ -794,7 +800,7 @@ class CommandLineTests(JobTestCase):
         os.mkdir(b)
         ids = {}
         for name, cwd, tags in (("a1", a, ["ci.lint"]), ("a2", a, ["ci.test"]), ("b1", b, ["dev"])):
-            _, doc, _ = self.cli("run", "--cwd", cwd, *sum((["--tag", t] for t in tags), []), "--", "true", name)
+            _, doc, _ = self.cli("run", "--cwd", cwd, *sum((["--tag", t] for t in tags), []), "--", *py("pass"))
             ids[name] = doc["job_id"]
         _, doc, _ = self.cli("list", "--cwd", a)
         self.assertEqual([j["job_id"] for j in doc["jobs"]], [ids["a2"], ids["a1"]])
@@ -814,7 +820,7 @@ class CommandLineTests(JobTestCase):
 
     def test_ps_lists_running(self):
         job = self.run_job(py("import time; time.sleep(30)"))
-        _, done, _ = self.cli("run", "--", "true", "x")
+        _, done, _ = self.cli("run", "--", *py("pass"))
         _, doc, _ = self.cli("ps", "--all")
         self.assertEqual([j["job_id"] for j in doc["jobs"]], [job.id])
 
@@ -823,7 +829,7 @@ class CommandLineTests(JobTestCase):
         status, doc, _ = self.cli("delete", running.id)
         self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
         self.assertTrue(os.path.isdir(running.paths.dir))
-        _, done, _ = self.cli("run", "--cwd", self.tmp, "--", "true", "x")
+        _, done, _ = self.cli("run", "--cwd", self.tmp, "--", *py("pass"))
         status, doc, _ = self.cli("rm", "--all", "--dry-run")
         self.assertEqual(status, 0)
         status, doc, _ = self.cli("delete", done["job_id"])
@@ -834,8 +840,8 @@ class CommandLineTests(JobTestCase):
         here, elsewhere = os.path.join(self.tmp, "here"), os.path.join(self.tmp, "elsewhere")
         os.mkdir(here)
         os.mkdir(elsewhere)
-        _, mine, _ = self.cli("run", "--cwd", here, "--", "true", "x")
-        _, other, _ = self.cli("run", "--cwd", elsewhere, "--", "true", "x")
+        _, mine, _ = self.cli("run", "--cwd", here, "--", *py("pass"))
+        _, other, _ = self.cli("run", "--cwd", elsewhere, "--", *py("pass"))
         running = self.run_job(py("import time; time.sleep(30)"), cwd=here)
         old = os.getcwd()
         os.chdir(here)
@@ -858,12 +864,12 @@ class CommandLineTests(JobTestCase):
         self.assertEqual(out["tags"], [])
 
     def test_no_wait_returns_running(self):
-        status, doc, _ = self.cli("run", "--no-wait", "--", "sleep", "30")
+        status, doc, _ = self.cli("run", "--no-wait", "--", *py("import time; time.sleep(30)"))
         self.assertEqual((status, doc["state"]), (0, "running"))
         self.assertIsInstance(doc["pid"], int)
 
     def test_end_to_end_process(self):
-        status, doc, proc = self.cli_process("run", "--", "echo", "hello")
+        status, doc, proc = self.cli_process("run", "--", *HELLO)
         self.assertEqual((status, doc["stdout"]), (0, "hello\n"))
         self.assertEqual(proc.stderr, b"")
         status, doc, proc = self.cli_process("--pretty", "status", doc["job_id"][:8])
@@ -884,7 +890,7 @@ class ApiTests(JobTestCase):
         os.makedirs(vendor)
         shutil.copy(JOBSTATE, os.path.join(vendor, "js_copy.py"))
         code = ("import sys; sys.path.insert(0, %r); import js_copy\n"
-                "job = js_copy.run(['echo', 'vendored'], root=%r)\n"
+                "job = js_copy.run([sys.executable, '-c', 'print(\"vendored\")'], root=%r)\n"
                 "print(job.wait(20).status.value, job.tail().stdout.strip())\n" % (vendor, self.root))
         out = subprocess.run([PY, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              stdin=subprocess.DEVNULL, timeout=60)
@@ -893,7 +899,7 @@ class ApiTests(JobTestCase):
     def test_library_never_prints(self):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            job = self.run_job(["echo", "quiet"])
+            job = self.run_job(py("print('quiet')"))
             job.wait(10)
             job.tail()
             jobstate.list_jobs(self.root, all=True)
@@ -1108,6 +1114,215 @@ class LifecycleTests(JobTestCase):
         self.assertEqual(validate(json.load(open(paths.state)), schemas["state"]), [])
         self.assertEqual(validate(json.load(open(paths.meta)), schemas["meta"]), [])
         self.assertEqual(set(schemas), {"state", "meta", "error"} | set(jobstate._RESPONSE_FIELDS))
+
+
+# ---------------------------------------------------------------------------
+# Agent surfaces: MCP (raw JSON-RPC and the official SDK) and HTTP
+# ---------------------------------------------------------------------------
+
+
+class McpTests(JobTestCase):
+    def start_server(self, **env):
+        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "mcp"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **env))
+        self.addCleanup(proc.wait, 30)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(lambda: proc.stdin.closed or proc.stdin.close())
+        return proc
+
+    def rpc(self, proc, msg_id, method, params=None):
+        message = {"jsonrpc": "2.0", "id": msg_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        return self.raw(proc, json.dumps(message))
+
+    def raw(self, proc, line):
+        proc.stdin.write(line.encode() + b"\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+
+    def call(self, proc, msg_id, name, arguments):
+        reply = self.rpc(proc, msg_id, "tools/call", {"name": name, "arguments": arguments})
+        result = reply["result"]
+        self.assertEqual(json.loads(result["content"][0]["text"]), result["structuredContent"])
+        return result
+
+    def test_session(self):
+        proc = self.start_server()
+        reply = self.rpc(proc, 1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                                 "clientInfo": {"name": "test", "version": "0"}})
+        self.assertEqual(reply["result"]["protocolVersion"], "2025-06-18")
+        self.assertIn("tools", reply["result"]["capabilities"])
+        proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        self.assertEqual(self.rpc(proc, 2, "ping")["result"], {})
+        tools = self.rpc(proc, 3, "tools/list")["result"]["tools"]
+        self.assertEqual(sorted(t["name"] for t in tools), ["kill", "list", "run", "status", "tail", "wait"])
+        for tool in tools:
+            self.assertEqual(tool["inputSchema"]["type"], "object")
+        result = self.call(proc, 4, "run", {"command": py("print('hello')"), "until": 10})
+        doc = result["structuredContent"]
+        self.assertEqual((result["isError"], doc["state"], doc["stdout"].strip()), (False, "exited", "hello"))
+        for msg_id, (name, args) in enumerate([("status", {}), ("tail", {"lines": 1}), ("wait", {"until": 1}),
+                                               ("kill", {})], start=5):
+            result = self.call(proc, msg_id, name, dict(args, job_id=doc["job_id"]))
+            self.assertFalse(result["isError"], result)
+            self.assertEqual(result["structuredContent"]["type"], name)
+        result = self.call(proc, 9, "list", {"all": True})
+        self.assertEqual(result["structuredContent"]["count"], 1)
+        proc.stdin.close()
+        self.assertEqual(proc.wait(30), 0)
+        self.assertEqual(proc.stderr.read(), b"")
+
+    def test_version_negotiation_and_protocol_errors(self):
+        proc = self.start_server()
+        reply = self.rpc(proc, 1, "initialize", {"protocolVersion": "1999-01-01", "capabilities": {}})
+        self.assertEqual(reply["result"]["protocolVersion"], "2025-11-25")
+        self.assertEqual(self.raw(proc, "not json")["error"]["code"], -32700)
+        self.assertEqual(self.raw(proc, "[1, 2]")["error"]["code"], -32600)
+        self.assertEqual(self.rpc(proc, 2, "no/such")["error"]["code"], -32601)
+        self.assertEqual(self.rpc(proc, 3, "server/discover", {})["error"]["code"], -32601)
+        self.assertEqual(self.rpc(proc, 4, "tools/list", [1])["error"]["code"], -32602)
+        self.assertEqual(self.rpc(proc, 5, "tools/call", {"name": "nope"})["error"]["code"], -32602)
+        for msg_id, args in enumerate([{"job_id": ".."}, {"job_id": "abc", "bogus": 1}, {}, {"job_id": 5}], 6):
+            result = self.call(proc, msg_id, "status", args)
+            self.assertTrue(result["isError"])
+            self.assertIn(result["structuredContent"]["error"]["code"], ("invalid_job_id", "invalid_argument"))
+
+    def test_waits_are_bounded_and_closing_the_transport_keeps_jobs(self):
+        proc = self.start_server(JOBSTATE_MCP_MAX_UNTIL="0.5")
+        code = "import time; print('ready', flush=True); time.sleep(60)"
+        started = time.monotonic()
+        doc = self.call(proc, 1, "run", {"command": py(code), "until": 30})["structuredContent"]
+        self.assertEqual(doc["state"], "running")
+        doc = self.call(proc, 2, "wait", {"job_id": doc["job_id"], "until": 30})["structuredContent"]
+        self.assertEqual(doc["state"], "running")
+        self.assertLess(time.monotonic() - started, 10)
+        proc.kill()
+        proc.wait(10)
+        self.assertEqual(jobstate.open_job(doc["job_id"], self.root).state().status, jobstate.JobStatus.RUNNING)
+
+    @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
+    def test_official_sdk_client(self):
+        script = os.path.join(self.tmp, "client.py")
+        with open(script, "w") as f:
+            f.write(MCP_SDK_CLIENT)
+        out = subprocess.run([os.environ["JOBSTATE_MCP_PYTHON"], script, PY, JOBSTATE, self.root],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr.decode()[-2000:])
+        self.assertEqual(out.stdout.decode().splitlines(), [
+            "protocol 2025-11-25", "tools kill list run status tail wait", "run False exited hi",
+            "wait exited", "tail hi", "kill False", "list 1", "error True invalid_job_id"])
+
+
+# Driven by the official MCP Python SDK (`mcp` on PyPI) in its own interpreter,
+# so this file keeps importing only the standard library.
+MCP_SDK_CLIENT = '''
+import asyncio, sys
+from mcp import Client, StdioServerParameters
+
+async def main(py, jobstate, root):
+    async with Client(StdioServerParameters(command=py, args=[jobstate, "--root", root, "mcp"])) as client:
+        print("protocol", client.session.initialize_result.protocol_version)
+        print("tools", " ".join(sorted(t.name for t in (await client.list_tools()).tools)))
+        r = await client.call_tool("run", {"command": [py, "-c", "print('hi')"], "until": 20})
+        job_id = r.structured_content["job_id"]
+        print("run", r.is_error, r.structured_content["state"], r.structured_content["stdout"].strip())
+        r = await client.call_tool("wait", {"job_id": job_id, "until": 5})
+        print("wait", r.structured_content["state"])
+        r = await client.call_tool("tail", {"job_id": job_id, "lines": 1})
+        print("tail", r.structured_content["stdout"].strip())
+        r = await client.call_tool("kill", {"job_id": job_id})
+        print("kill", r.is_error)
+        r = await client.call_tool("list", {"all": True})
+        print("list", r.structured_content["count"])
+        r = await client.call_tool("status", {"job_id": ".."})
+        print("error", r.is_error, r.structured_content["error"]["code"])
+
+asyncio.run(main(*sys.argv[1:]))
+'''
+
+
+class HttpTests(JobTestCase):
+    def start_server(self, token=None, bind="127.0.0.1:0"):
+        env = dict(os.environ)
+        env.pop("JOBSTATE_SERVE_TOKEN", None)
+        if token:
+            env["JOBSTATE_SERVE_TOKEN"] = token
+        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "serve", "--bind", bind], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait, 30)
+        self.addCleanup(proc.terminate)
+        ready = json.loads(proc.stdout.readline())
+        self.assertEqual(ready["type"], "serve", ready)
+        return ready["url"]
+
+    def request(self, method, url, body=None, token=None, raw=None):
+        import urllib.error
+        import urllib.request
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(url, data=data, method=method)
+        if token:
+            req.add_header("Authorization", "Bearer " + token)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def test_endpoints(self):
+        url = self.start_server()
+        status, doc = self.request("GET", url + "/health")
+        self.assertEqual((status, doc["type"]), (200, "health"))
+        status, doc = self.request("POST", url + "/jobs", {"command": py("print('web')"), "until": 10,
+                                                           "tags": ["web.api"]})
+        self.assertEqual((status, doc["state"], doc["stdout"].strip(), doc["tags"]), (200, "exited", "web", ["web.api"]))
+        job_id = doc["job_id"]
+        for path, kind in (("/jobs/" + job_id, "status"), ("/jobs/%s/tail?lines=1" % job_id, "tail"),
+                           ("/jobs/%s/wait?until=1" % job_id, "wait"), ("/jobs?all=1&tag=web.*", "list")):
+            status, doc = self.request("GET", url + path)
+            self.assertEqual((status, doc["type"]), (200, kind), path)
+        self.assertEqual(doc["count"], 1)
+        status, doc = self.request("POST", url + "/jobs/%s/kill" % job_id, {"signal": "TERM"})
+        self.assertEqual((status, doc["type"]), (200, "kill"))
+        status, doc = self.request("DELETE", url + "/jobs/" + job_id)
+        self.assertEqual((status, doc["deleted"]), (200, 1))
+        cases = [("GET", "/jobs/" + job_id, None, 404, "job_not_found"),
+                 ("GET", "/jobs/..", None, 400, "invalid_job_id"),
+                 ("POST", "/jobs", {"command": ["x"], "bogus": 1}, 400, "invalid_argument"),
+                 ("POST", "/jobs", {"command": "not a list"}, 400, "invalid_argument"),
+                 ("GET", "/jobs?bogus=1", None, 400, "invalid_argument"),
+                 ("GET", "/nope", None, 404, "not_found")]
+        for method, path, body, code, error in cases:
+            status, doc = self.request(method, url + path, body)
+            self.assertEqual((status, doc["error"]["code"]), (code, error), path)
+        running = self.run_job(py("import time; time.sleep(60)"))
+        status, doc = self.request("DELETE", url + "/jobs/" + running.id)
+        self.assertEqual((status, doc["error"]["code"]), (409, "invalid_state"))
+
+    def test_token_guards_every_endpoint(self):
+        url = self.start_server(token="s3cret")
+        for method, path in (("GET", "/health"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"),
+                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc")):
+            for token in (None, "wrong"):
+                status, doc = self.request(method, url + path, {} if method == "POST" else None, token=token)
+                self.assertEqual((status, doc["error"]["code"]), (401, "unauthorized"), (method, path, token))
+        self.assertEqual(self.request("GET", url + "/health", token="s3cret")[0], 200)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+
+    def test_body_too_large(self):
+        url = self.start_server()
+        status, doc = self.request("POST", url + "/jobs", raw=b" " * (jobstate._HTTP_MAX_BODY + 1))
+        self.assertEqual((status, doc["error"]["code"]), (413, "payload_too_large"))
+
+    def test_non_loopback_bind_needs_a_token(self):
+        env = {k: v for k, v in os.environ.items() if k != "JOBSTATE_SERVE_TOKEN"}
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "serve", "--bind", "0.0.0.0:0"], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        doc = json.loads(proc.stdout)
+        self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "invalid_argument"))
 
 
 # ---------------------------------------------------------------------------
