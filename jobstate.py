@@ -3320,6 +3320,8 @@ def _add_global_options(parser, suppress: bool) -> None:
     parser.add_argument("--root", default=default(None), help="jobs root (default: $JOBSTATE_ROOT, "
                         "$XDG_DATA_HOME/jobstate/jobs, ~/.local/share/jobstate/jobs)")
     parser.add_argument("--pretty", action="store_true", default=default(False), help="indent the JSON output")
+    parser.add_argument("--format", choices=("json", "text"), default=default(None),
+                        help="json (default, or $JOBSTATE_FORMAT) or text for people at a terminal")
 
 
 def _add_definition_options(p) -> None:
@@ -3353,19 +3355,28 @@ def _add_observe_options(p, default_until: float) -> None:
                    help="output excerpt size per stream (default 64k)")
     p.add_argument("--exit-code", action="store_true",
                    help="exit with the job's exit code (128+n for signal n, 125 failed, 124 unfinished)")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="stream the job's output live until it ends (instead of a JSON document)")
 
 
 def _build_parser():
     argparse, Parser = _make_parser_class()
-    parser = Parser(prog="jobstate", description="Run commands as durable background jobs. "
-                    "Every command prints one JSON object.")
+    parser = Parser(prog="jobstate", formatter_class=argparse.RawDescriptionHelpFormatter,
+                    description="Run commands as durable background jobs. Every command prints one JSON "
+                    "object (--format text for people).",
+                    epilog="examples:\n  python3 jobstate.py run -- make test\n"
+                    "  python3 jobstate.py --format text list --all\n"
+                    "  python3 jobstate.py COMMAND --help")
     parser.add_argument("--version", action="version", version="jobstate " + __version__)
     _add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
 
     def command(name, handler, help, aliases=()):
-        p = commands.add_parser(name, help=help, description=help, aliases=list(aliases))
+        examples = "\n".join("  python3 jobstate.py " + e for e in _EXAMPLES.get(name, ()))
+        p = commands.add_parser(name, help=help, description=help, aliases=list(aliases),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n" + examples if examples else None)
         _add_global_options(p, suppress=True)
         p.set_defaults(handler=handler)
         return p
@@ -3448,9 +3459,24 @@ def _observe_deadline(ns) -> Optional[float]:
 
 
 def _observe(job: Job, ns, started: float, kind: str = "run") -> Tuple[dict, int]:
-    """Shared tail of run/start/restart/wait: wait as asked, then RunData."""
+    """Shared tail of run/start/restart/wait: wait as asked (or stream with --follow), then RunData."""
+    if getattr(ns, "follow", False):
+        return _follow_to_end(job, (0, 0), ns)
     doc = _observed_doc(kind, job, _observe_deadline(ns), _parse_size(ns.max_bytes, "--max-bytes"), started)
     return doc, _exit_status_of(doc) if ns.exit_code else 0
+
+
+def _follow_to_end(job: Job, start: Tuple[int, int], ns) -> Tuple[Optional[dict], int]:
+    """Stream raw output until the job ends.  Ctrl-C stops following, never the job.
+    In text mode a one-line verdict follows on stderr."""
+    try:
+        _follow(job.paths, start, [_raw_sink(sys.stdout), _raw_sink(sys.stderr)])
+    except KeyboardInterrupt:
+        return None, 130
+    view = _job_view(job, job.state())
+    if _output_format(ns) == "text":
+        sys.stderr.write(_verdict(view, _use_color(sys.stderr)) + "\n")
+    return None, _exit_status_of(view) if ns.exit_code else 0
 
 
 def _cli_command(ns) -> List[str]:
@@ -3556,12 +3582,7 @@ def _cmd_tail(ns):
     if not ns.follow:
         return _tail_doc(job, lines, max_bytes), 0
     tail = job.tail(lines, max_bytes)
-    sinks = [_raw_sink(sys.stdout), _raw_sink(sys.stderr)]
-    try:
-        _follow(job.paths, (tail.stdout_range[0], tail.stderr_range[0]), sinks)
-    except KeyboardInterrupt:  # Ctrl-C stops following; the job is not touched
-        return None, 130
-    return None, _exit_status_of(_job_view(job, job.state())) if ns.exit_code else 0
+    return _follow_to_end(job, (tail.stdout_range[0], tail.stderr_range[0]), ns)
 
 
 def _raw_sink(stream):
@@ -3631,6 +3652,170 @@ def _cmd_tag(ns):
     return _envelope("tag", {"job_id": job.id, "tags": tags}), 0
 
 
+_EXAMPLES = {
+    "run": ("run -- make test", "run --no-wait --timeout 30m --tag dev.server -- npm run dev"),
+    "create": ("create --tag nightly -- ./backup.sh", "create --env-file .env -- python3 worker.py"),
+    "start": ("start 01a2f3", "start 01a2f3 --no-wait"),
+    "restart": ("restart 01a2f3", "restart 01a2f3 --signal INT --kill-after 10"),
+    "status": ("status 01a2f3", "--format text status 01a2f3"),
+    "wait": ("wait 01a2f3 --until 5m", "wait 01a2f3 --forever --exit-code"),
+    "tail": ("tail 01a2f3 --lines 20", "tail 01a2f3 --follow"),
+    "kill": ("kill 01a2f3", "kill 01a2f3 --signal INT --kill-after 5"),
+    "list": ("--format text list", "list --all --state running --tag ci.*"),
+    "ps": ("--format text ps --all", "ps --tag dev.*"),
+    "delete": ("delete 01a2f3", "delete --all --dry-run"),
+    "gc": ("gc --dry-run", "gc --older-than 7d --max-bytes 1G"),
+    "schema": ("schema", "--pretty schema"),
+    "mcp": ("mcp", "--root /tmp/agent-jobs mcp"),
+    "serve": ("serve", "serve --bind 0.0.0.0:19263   # needs JOBSTATE_SERVE_TOKEN"),
+    "tag": ("tag set 01a2f3 --tag ci.lint", "tag set 01a2f3   # clears the tags"),
+}
+
+
+# -- Human output (--format text) ---------------------------------------------
+
+def _output_format(ns) -> str:
+    fmt = getattr(ns, "format", None) or os.environ.get("JOBSTATE_FORMAT") or "json"
+    return fmt if fmt in ("json", "text") else "json"
+
+
+def _use_color(stream) -> bool:
+    """Colours only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
+
+
+_COLORS = {"exited": "32", "running": "33", "created": "36", "killed": "31", "failed": "31",
+           "unknown": "2", "bad": "31", "dim": "2"}
+
+
+def _paint(text: str, key: str, color: bool) -> str:
+    return "\x1b[%sm%s\x1b[0m" % (_COLORS[key], text) if color and key in _COLORS else text
+
+
+def _format_duration(ms: Optional[float]) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return "%dms" % ms
+    seconds = ms / 1000
+    if seconds < 60:
+        return "%.1fs" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    if seconds < 86400:
+        return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
+
+
+def _format_age(timestamp: Optional[str], now: float) -> str:
+    then = _parse_time(timestamp)
+    if then is None:
+        return "-"
+    seconds = max(0, int(now - then))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s ago" % (seconds // size, unit)
+    return "%ds ago" % seconds
+
+
+def _outcome(view: dict) -> str:
+    """The short result column: exit code, signal, or nothing yet."""
+    if view["signal"]:
+        return view["signal"]
+    return "-" if view["exit_code"] is None else str(view["exit_code"])
+
+
+def _verdict(view: dict, color: bool) -> str:
+    """One line saying how the job ended (or where it stands)."""
+    state, short = view["state"], view["job_id"][:12]
+    took = _format_duration(view["duration_ms"])
+    if state == "exited":
+        key = "exited" if view["exit_code"] == 0 else "bad"
+        text = "job %s exited with code %s after %s" % (short, view["exit_code"], took)
+    elif state == "killed":
+        key = "killed"
+        text = "job %s was killed by %s after %s%s" % (short, view["signal"], took,
+                                                      " (timeout)" if view["timed_out"] else "")
+    elif state == "failed":
+        key, error = "failed", view["error"] or {}
+        text = "job %s failed (%s): %s" % (short, error.get("stage"), error.get("message"))
+    else:
+        key = state
+        text = "job %s is %s%s" % (short, state, " (pid %s)" % view["pid"] if view["pid"] else "")
+    return _paint(text, key, color)
+
+
+def _render_table(rows: List[List[str]], header: List[str]) -> List[str]:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
+
+
+def _render_text(doc: dict, color: bool, now: float) -> str:
+    """A document as people read it: tables, labelled lines, output and a verdict."""
+    kind = doc["type"]
+    if kind == "list":
+        if not doc["jobs"]:
+            return "no jobs"
+        rows = [[j["job_id"][:12], j["state"], _outcome(j), _format_age(j["created_at"], now),
+                 _format_duration(j["duration_ms"]), _shorten(" ".join(j["command"] or []), 60),
+                 ",".join(j["tags"])] for j in doc["jobs"]]
+        lines = _render_table(rows, ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
+        lines = [lines[0]] + [line.replace(row[1], _paint(row[1], row[1], color), 1)
+                              for line, row in zip(lines[1:], rows)]
+        return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []))
+    if kind in ("run", "wait"):
+        parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
+        return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
+    if kind == "tail":
+        return "\n".join(p for p in (doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")) if p)
+    if kind in ("status", "create", "kill"):
+        fields = [("job", doc["job_id"]), ("state", _paint(doc["state"], doc["state"], color)),
+                  ("result", _outcome(doc)), ("command", " ".join(doc["command"] or [])),
+                  ("cwd", doc["cwd"]), ("created", _format_age(doc["created_at"], now)),
+                  ("duration", _format_duration(doc["duration_ms"])), ("pid", doc["pid"]),
+                  ("tags", ",".join(doc["tags"]) or "-"), ("stdout", doc["stdout_log_path"]),
+                  ("stderr", doc["stderr_log_path"])]
+        if doc["error"]:
+            fields.append(("error", "%s: %s" % (doc["error"]["stage"], doc["error"]["message"])))
+        if kind == "kill":
+            fields.append(("signalled", "%s to %d process(es), %d left" % (
+                doc["signal_sent"], doc["processes_signalled"], doc["processes_alive"])))
+        return "\n".join("%-10s %s" % (label + ":", "-" if value is None else value) for label, value in fields)
+    return "\n".join("%s: %s" % (k, v if not isinstance(v, (list, dict)) else json.dumps(v))
+                     for k, v in doc.items() if k not in ("schema_version", "ok", "type"))
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _render_error(doc: dict, color: bool) -> str:
+    error = doc["error"]
+    line = "%s %s (%s)" % (_paint("error:", "bad", color), error["message"], error["code"])
+    return line + ("\nhint: %s" % error["hint"] if error.get("hint") else "")
+
+
+def _emit_doc(doc: dict, ns) -> None:
+    """Print a document in the chosen format; errors in text mode go to stderr."""
+    if _output_format(ns) == "json":
+        return _emit(doc, getattr(ns, "pretty", False))
+    if doc["ok"]:
+        text = _render_text(doc, _use_color(sys.stdout), time.time())
+        _write_text(sys.stdout, text + "\n")
+    else:
+        _write_text(sys.stderr, _render_error(doc, _use_color(sys.stderr)) + "\n")
+
+
+def _write_text(stream, text: str) -> None:
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:  # the reader went away; nothing left to tell it
+        pass
+    except UnicodeEncodeError:  # a terminal that cannot show some characters
+        stream.buffer.write(text.encode("utf-8", "replace"))
+
+
 def _emit(doc: dict, pretty: bool) -> None:
     """Print one JSON document on stdout (the only place the CLI writes JSON)."""
     indent = 2 if pretty else None
@@ -3646,18 +3831,29 @@ def _emit(doc: dict, pretty: bool) -> None:
         pass
 
 
+def _format_in_argv(argv: List[str]) -> Optional[str]:
+    """--format as given, for errors found before parsing succeeded."""
+    for i, arg in enumerate(argv):
+        if arg == "--format" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--format="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the process exit status (0 ok, 1 error envelope, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_supervise"]:
         return _supervise_main(argv[1:])
-    pretty = "--pretty" in argv
     try:
         ns = _build_parser().parse_args(argv)
     except _ParserExit as exc:
         return exc.status
     except _UsageError as exc:
-        _emit(_error_envelope(InvalidArgumentError(str(exc), hint="run 'jobstate --help'")), pretty)
+        import argparse
+        early = argparse.Namespace(pretty="--pretty" in argv, format=_format_in_argv(argv))
+        _emit_doc(_error_envelope(InvalidArgumentError(str(exc), hint="run 'jobstate --help'")), early)
         return 2
     try:
         doc, status = ns.handler(ns)
@@ -3673,7 +3869,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         doc, status = _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc),
                                                hint="set JOBSTATE_DEBUG=1 for a traceback")), 1
     if doc is not None:
-        _emit(doc, ns.pretty)
+        _emit_doc(doc, ns)
     return status
 
 

@@ -664,6 +664,810 @@ class PosixProcessTests(JobTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Process trees, timeouts, exit codes (Windows: Job Objects)
+# ---------------------------------------------------------------------------
+
+# The job's child starts three grandchildren and, through one of them, a
+# great-grandchild.  One grandchild asks for its own process group and no
+# console; one more asks to break away from the job, which the job refuses
+# (no BREAKAWAY_OK): winerror 5.
+WIN_TREE = r'''
+import subprocess, sys, time
+quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+spawner = [sys.executable, "-c", "import subprocess, sys, time\n"
+           "p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,"
+           " stderr=subprocess.DEVNULL)\n"
+           "print(p.pid, flush=True); time.sleep(300)"] + sleeper
+plain = subprocess.Popen(sleeper, **quiet)
+detached = subprocess.Popen(sleeper, creationflags=0x00000008 | 0x00000200, **quiet)
+middle = subprocess.Popen(spawner, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+great = int(middle.stdout.readline())
+try:
+    subprocess.Popen(sleeper, creationflags=0x01000000, **quiet).kill()
+    breakaway = "allowed"
+except OSError as exc:
+    breakaway = "refused-%s" % getattr(exc, "winerror", None)
+print("ready", plain.pid, detached.pid, middle.pid, great, breakaway, flush=True)
+time.sleep(300)
+'''
+
+# The child starts a grandchild that holds no pipe of the job, then exits.
+WIN_LEAVES_ORPHAN = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(303)'],\n"
+    "                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "print('ready', p.pid, flush=True)\n")
+
+
+def win_pid_gone(pid):
+    """No such process, or it has ended (for a pid we could not pin with a handle in time)."""
+    import _winapi
+    try:
+        handle = _winapi.OpenProcess(0x00100000, False, pid)
+    except OSError:
+        return True
+    try:
+        return win_exited(handle)
+    finally:
+        _winapi.CloseHandle(handle)
+
+
+@unittest.skipUnless(jobstate._WINDOWS, "Windows only")
+class WindowsProcessTests(JobTestCase):
+    def ready_line(self, job):
+        self.wait_log(job, "ready", timeout_s=30)
+        return [line for line in job.tail().stdout.splitlines() if line.startswith("ready")][0].split()[1:]
+
+    def test_kill_tree(self):
+        job = self.run_job(py(WIN_TREE))
+        *pids, breakaway = self.ready_line(job)
+        self.assertEqual(breakaway, "refused-5")
+        state = job.state()
+        with open(job.paths.state) as f:
+            self.assertEqual(json.load(f)["windows_job_name"], "jobstate-" + job.id)
+        pids = [state.pid] + [int(p) for p in pids]
+        handles = win_handles(self, pids)
+        self.assertFalse([pid for pid, h in zip(pids, handles) if win_exited(h)], "died before the kill")
+        result = job.kill("TERM")
+        self.assertEqual((result.state.status, result.state.signal, result.state.exit_code),
+                         (jobstate.JobStatus.KILLED, "SIGTERM", None))
+        self.assertEqual(result.state.windows_job_name, "jobstate-" + job.id)
+        self.assertGreaterEqual(result.processes_signalled, 5)  # plus conhost.exe, also in the job
+        self.assertEqual(result.processes_alive, 0)
+        for pid, handle in zip(pids, handles):
+            self.assertTrue(win_exited(handle, 10), "pid %d survived the kill" % pid)
+
+    @unittest.skipUnless(under_wine(), "finds leftovers through the job's name after the supervisor "
+                         "exited, which only Wine keeps (NOTES.md W5); Windows drops the name")
+    def test_kill_leftovers_of_an_exited_job(self):
+        job = self.run_job(py(WIN_LEAVES_ORPHAN))
+        state = job.wait(10)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        handle, = win_handles(self, [int(self.ready_line(job)[0])])
+        self.assertFalse(win_exited(handle))
+        result = job.kill("TERM")
+        self.assertEqual((result.state.status, result.state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertGreaterEqual(result.processes_signalled, 1)
+        self.assertEqual(result.processes_alive, 0)
+        self.assertTrue(win_exited(handle, 10))
+
+    def test_kill_orphans_option(self):
+        job = self.run_job(py(WIN_LEAVES_ORPHAN), kill_orphans=True)
+        state = job.wait(15)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertTrue(state.logs_drained)
+        orphan = int(self.ready_line(job)[0])
+        wait_for(lambda: win_pid_gone(orphan), 10, "the orphan to be stopped")
+
+    def test_signal_names_are_recorded(self):
+        for name in ("INT", "KILL"):
+            job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+            self.wait_log(job, "ready")
+            result = job.kill(name)
+            self.assertEqual((result.state.status, result.state.signal, result.processes_alive),
+                             (jobstate.JobStatus.KILLED, "SIG" + name, 0))
+
+    def test_invalid_signal_sends_nothing(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        for bad in ("FOO", "99", "SIGSEGV", "STOP", "HUP", "USR1"):  # no such signals on Windows
+            status, doc, _ = self.cli("kill", "--signal", bad, job.id)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_signal"), bad)
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+
+    def test_recycled_pid_is_never_signalled(self):
+        bystander = subprocess.Popen(py("import time; time.sleep(60)"), stdin=subprocess.DEVNULL)
+        self.addCleanup(bystander.wait)
+        self.addCleanup(bystander.kill)
+        for status in ("exited", "running"):
+            job = jobstate.create(py("pass"), root=self.root)
+            with open(job.paths.state) as f:
+                doc = json.load(f)
+            doc["job"]["status"] = status
+            doc.update(pid=bystander.pid, pid_token="12345", supervisor_pid=bystander.pid)
+            jobstate._write_json_atomic(job.paths.state, doc)
+            result = job.kill("KILL")
+            self.assertEqual(result.processes_signalled, 0)
+            self.assertIsNone(bystander.poll(), "the unrelated process was killed")
+
+    def test_timeout_term_is_recorded(self):
+        job = self.run_job(py("import time; time.sleep(60)"), timeout_s="0.2")
+        state = job.wait(20)
+        self.assertEqual((state.status, state.signal, state.exit_code, state.result.timed_out),
+                         (jobstate.JobStatus.KILLED, "SIGTERM", None, True))
+
+    def test_exit_code_propagation(self):
+        # Exit codes are unsigned DWORDs; a crash code is an exit, not a signal.
+        for code, expected in (("3", 3), ("-1073741819", 0xC0000005)):
+            state = self.run_job(py("import sys; sys.exit(%s)" % code)).wait(10)
+            self.assertEqual((state.status, state.exit_code, state.signal), (jobstate.JobStatus.EXITED, expected, None))
+        status, doc, _ = self.cli("run", "--exit-code", "--", *py("import sys; sys.exit(3)"))
+        self.assertEqual((status, doc["state"], doc["exit_code"]), (3, "exited", 3))
+
+    def test_supervisor_killed_makes_the_job_failed_and_wait_returns(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        state = job.state()
+        child, supervisor = win_handles(self, [state.pid, state.supervisor_pid])
+        os.kill(state.supervisor_pid, signal.SIGTERM)  # TerminateProcess on Windows
+        self.assertTrue(win_exited(supervisor, 10))
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", "--forever", job.id)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((doc["state"], doc["error"]["stage"]), ("failed", "supervisor_lost"))
+        # No KILL_ON_JOB_CLOSE: the child outlives its supervisor, and kill still finds it.
+        self.assertFalse(win_exited(child))
+        result = job.kill("TERM")
+        self.assertGreaterEqual(result.processes_signalled, 1)
+        self.assertEqual(result.processes_alive, 0)
+        self.assertEqual(result.state.status, jobstate.JobStatus.FAILED)
+        self.assertTrue(win_exited(child, 10))
+
+    def test_kill_created_job_is_invalid_state(self):
+        job = jobstate.create(py("pass"), root=self.root)
+        status, doc, _ = self.cli("kill", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+
+
+# ---------------------------------------------------------------------------
+# Windows layer against a fake kernel32 (runs everywhere)
+# ---------------------------------------------------------------------------
+
+# Win32 values spelled out from the SDK headers, so that a wrong constant in
+# jobstate.py cannot vouch for itself.
+WIN_CREATE_SUSPENDED = 0x4
+WIN_DETACHED_PROCESS = 0x8
+WIN_CREATE_NEW_PROCESS_GROUP = 0x200
+WIN_CREATE_BREAKAWAY_FROM_JOB = 0x01000000
+WIN_CREATE_NO_WINDOW = 0x08000000
+WIN_KILL_ON_JOB_CLOSE = 0x2000
+WIN_DIE_ON_UNHANDLED_EXCEPTION = 0x400
+
+
+def fake_winerror(code):
+    """An OSError with .winerror, as ctypes.WinError makes it (POSIX's OSError drops the argument)."""
+    exc = OSError(None, "fake winerror %d" % code, None, code)
+    if getattr(exc, "winerror", None) != code:
+        exc.winerror = code
+    return exc
+
+
+class FakeWinFunc:
+    """A foreign function stand-in: checks the arguments against the declared
+    argtypes as ctypes would, records the call, then applies the errcheck rule."""
+
+    def __init__(self, fake, name, restype, argtypes, failure):
+        self.fake, self.name, self.failure = fake, name, failure
+        self.restype, self.argtypes = restype, argtypes
+
+    def __call__(self, *args):
+        assert self.argtypes is not None, "%s: argtypes not declared" % self.name
+        assert len(args) == len(self.argtypes), "%s: arity" % self.name
+        for argtype, arg in zip(self.argtypes, args):
+            argtype.from_param(arg)  # raises where real ctypes would
+        self.fake.calls.append((self.name,) + args)
+        if self.name in self.fake.fail:
+            self.fake.last_error = self.fake.fail[self.name]
+            result = {"zero": 0, "null": None, "minus1": 0xFFFFFFFF,
+                      "invalid": jobstate._win_types().INVALID_HANDLE_VALUE}.get(self.failure, 0)
+        else:
+            result = getattr(self.fake, "_" + self.name)(*args)
+        if self.failure and jobstate._win_failed(self.failure, result):
+            raise fake_winerror(self.fake.last_error)  # what _kernel32()'s errcheck does
+        return result
+
+
+class FakeProcess:
+    def __init__(self, pid, ppid, ctime, suspended):
+        self.pid, self.ppid, self.ctime = pid, ppid, ctime
+        self.alive, self.exit_code, self.suspend_count = True, None, 1 if suspended else 0
+        self.tid = pid * 10 + 1
+
+
+def fake_target(ref):
+    return getattr(ref, "_obj", ref)  # byref(x)._obj is x
+
+
+class FakeKernel32:
+    """kernel32 + NtResumeProcess + the last-error accessors, modelling a few processes and jobs."""
+
+    def __init__(self):
+        self.calls, self.last_error, self.fail = [], 0, {}
+        self.procs, self.jobs, self.other_objects = {}, {}, set()
+        self.handles, self._next_handle, self._next_pid = {}, 0x100, 1000
+        self.ctime_clock = 10 ** 17  # > 2**32: exercises dwHighDateTime
+        self.locks = {}
+        types = jobstate._win_types()
+        for table in (types.kernel32, types.ntdll):
+            for name, (restype, argtypes, failure) in table.items():
+                setattr(self, name, FakeWinFunc(self, name, restype, argtypes, failure))
+
+    def add_process(self, ppid, suspended=False, ctime=None, pid=None):
+        if pid is None:
+            self._next_pid += 4
+            pid = self._next_pid
+        if ctime is None:
+            self.ctime_clock += 1000
+            ctime = self.ctime_clock
+        self.procs[pid] = proc = FakeProcess(pid, ppid, ctime, suspended)
+        return proc
+
+    def handle(self, kind, target):
+        self._next_handle += 4
+        self.handles[self._next_handle] = (kind, target)
+        return self._next_handle
+
+    def open_handles(self, kind=None):
+        return [h for h, (k, _) in self.handles.items() if kind in (None, k)]
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+    def get_last_error(self):
+        return self.last_error
+
+    def set_last_error(self, value):
+        self.last_error = value
+
+    def kill(self, proc, code):
+        proc.alive, proc.exit_code = False, code
+        for job in self.jobs.values():
+            job["pids"].discard(proc.pid)
+
+    # -- the functions ------------------------------------------------------------
+
+    def _CreateJobObjectW(self, sa, name):
+        if name in self.other_objects:
+            self.last_error = 6
+            return None
+        if name in self.jobs:
+            self.last_error = 183
+        else:
+            self.jobs[name] = {"pids": set(), "limits": None}
+            self.last_error = 0
+        return self.handle("job", name)
+
+    def _OpenJobObjectW(self, access, inherit, name):
+        if name not in self.jobs:
+            self.last_error = 2
+            return None
+        return self.handle("job", name)
+
+    def _SetInformationJobObject(self, job, info_class, buf, size):
+        self.jobs[self.handles[job][1]]["limits"] = fake_target(buf).BasicLimitInformation.LimitFlags
+        return 1
+
+    def _AssignProcessToJobObject(self, job, process):
+        self.jobs[self.handles[job][1]]["pids"].add(self.handles[process][1].pid)
+        return 1
+
+    def _QueryInformationJobObject(self, job, info_class, buf, size, retlen):
+        assert info_class == 3
+        pids, out = sorted(self.jobs[self.handles[job][1]]["pids"]), fake_target(buf)
+        out.NumberOfAssignedProcesses = len(pids)
+        if len(pids) > len(out.ProcessIdList):
+            self.last_error = 234
+            return 0
+        out.NumberOfProcessIdsInList = len(pids)
+        for i, pid in enumerate(pids):
+            out.ProcessIdList[i] = pid
+        return 1
+
+    def _TerminateJobObject(self, job, code):
+        for pid in list(self.jobs[self.handles[job][1]]["pids"]):
+            self.kill(self.procs[pid], code)
+        return 1
+
+    def _CreateToolhelp32Snapshot(self, flags, pid):
+        live = [p for p in self.procs.values() if p.alive]
+        rows = [(p.pid, p.ppid) for p in live] if flags == 2 else [(p.tid, p.pid) for p in live]
+        return self.handle("snap", {"rows": rows, "i": 0})
+
+    def _walk(self, snap, ref, first, fill):
+        state = self.handles[snap][1]
+        state["i"] = 0 if first else state["i"] + 1
+        if state["i"] >= len(state["rows"]):
+            self.last_error = 18
+            return 0
+        fill(fake_target(ref), *state["rows"][state["i"]])
+        return 1
+
+    @staticmethod
+    def _fill_process(entry, pid, ppid):
+        entry.th32ProcessID, entry.th32ParentProcessID = pid, ppid
+
+    @staticmethod
+    def _fill_thread(entry, tid, owner):
+        entry.th32ThreadID, entry.th32OwnerProcessID = tid, owner
+
+    def _Process32FirstW(self, snap, ref):
+        return self._walk(snap, ref, True, self._fill_process)
+
+    def _Process32NextW(self, snap, ref):
+        return self._walk(snap, ref, False, self._fill_process)
+
+    def _Thread32First(self, snap, ref):
+        return self._walk(snap, ref, True, self._fill_thread)
+
+    def _Thread32Next(self, snap, ref):
+        return self._walk(snap, ref, False, self._fill_thread)
+
+    def _OpenProcess(self, access, inherit, pid):
+        if pid not in self.procs:
+            self.last_error = 87
+            return None
+        return self.handle("proc", self.procs[pid])
+
+    def _OpenThread(self, access, inherit, tid):
+        for proc in self.procs.values():
+            if proc.tid == tid:
+                return self.handle("thread", proc)
+        self.last_error = 87
+        return None
+
+    def _ResumeThread(self, thread):
+        proc = self.handles[thread][1]
+        previous = proc.suspend_count
+        proc.suspend_count = max(0, previous - 1)
+        return previous
+
+    def _NtResumeProcess(self, process):
+        self.handles[process][1].suspend_count = 0
+        return 0
+
+    def _GetProcessTimes(self, process, creation, exit_, kernel, user):
+        ctime = self.handles[process][1].ctime
+        fake_target(creation).dwLowDateTime = ctime & 0xFFFFFFFF
+        fake_target(creation).dwHighDateTime = ctime >> 32
+        return 1
+
+    def _WaitForSingleObject(self, handle, timeout_ms):
+        return 0x102 if self.handles[handle][1].alive else 0
+
+    def _TerminateProcess(self, process, code):
+        self.kill(self.handles[process][1], code)
+        return 1
+
+    def _CloseHandle(self, handle):
+        return 1 if self.handles.pop(handle, None) else 0
+
+    def _LockFileEx(self, handle, flags, reserved, low, high, overlapped):
+        if handle in self.locks:
+            self.last_error = 33
+            return 0
+        self.locks[handle] = flags
+        return 1
+
+    def _UnlockFileEx(self, handle, reserved, low, high, overlapped):
+        if self.locks.pop(handle, None) is None:
+            self.last_error = 158
+            return 0
+        return 1
+
+
+def fake_popen_class(fake, error=None, exit_code=0):
+    """A subprocess.Popen stand-in whose child is a process of the fake kernel32."""
+    class FakePopen:
+        def __init__(self, argv, **kwargs):
+            fake.calls.append(("Popen", argv, kwargs.get("creationflags")))
+            if error is not None:
+                raise error
+            self.kwargs = kwargs
+            self.proc = fake.add_process(os.getpid(), suspended=bool(kwargs["creationflags"] & WIN_CREATE_SUSPENDED))
+            self.pid = self.proc.pid
+            self._handle = fake.handle("proc", self.proc)  # Popen keeps its process handle
+
+        def kill(self):
+            fake.calls.append(("Popen.kill",))
+            fake.kill(self.proc, 1)
+
+        def wait(self, timeout=None):
+            return exit_code if self.proc.exit_code is None else self.proc.exit_code
+    return FakePopen
+
+
+class WindowsLayerFakeTests(unittest.TestCase):
+    """_WindowsProcessLayer's call sequences and fallbacks, through its one seam (kernel32=)."""
+
+    JOB_ID = "0" * 32
+    NAME = "jobstate-" + "0" * 32
+
+    def setUp(self):
+        self.fake = FakeKernel32()
+        self.layer = jobstate._WindowsProcessLayer(kernel32=self.fake)
+
+    # -- layouts and prototypes ---------------------------------------------------
+
+    def test_struct_sizes_match_win64(self):
+        import ctypes
+        t = jobstate._win_types()
+        sizes = {t.JOBOBJECT_BASIC_LIMIT_INFORMATION: 64, t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION: 144,
+                 t.PROCESSENTRY32W: 568, t.THREADENTRY32: 28, t.IO_COUNTERS: 48,
+                 t.OVERLAPPED: 32, t.FILETIME: 8, t.pid_list(1): 16, t.pid_list(4): 40}
+        for cls, size in sizes.items():
+            self.assertEqual(ctypes.sizeof(cls), size, cls.__name__)
+        self.assertEqual(t.JOBOBJECT_BASIC_LIMIT_INFORMATION.LimitFlags.offset, 16)
+        self.assertEqual(t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION.IoInfo.offset, 64)
+        self.assertEqual(t.PROCESSENTRY32W.th32ParentProcessID.offset, 32)
+        self.assertEqual(t.PROCESSENTRY32W.szExeFile.offset, 44)
+        self.assertEqual(t.OVERLAPPED.Offset.offset, 16)
+
+    def test_every_prototype_is_declared(self):
+        t = jobstate._win_types()
+        for name, (restype, argtypes, failure) in dict(t.kernel32, **t.ntdll).items():
+            self.assertIsNotNone(restype, name)
+            self.assertIsInstance(argtypes, list, name)
+            self.assertIn(failure, (None, "zero", "null", "invalid", "minus1"), name)
+        self.assertIsNone(t.kernel32["CreateJobObjectW"][2])  # checked through the last error
+
+    def test_no_ctypes_until_first_use(self):
+        code = ("import sys, jobstate\n"
+                "layer = jobstate._WindowsProcessLayer()\n"
+                "layer.signal_numbers(), layer.shell_argv('x'), layer.default_root()\n"
+                "print('ctypes' in sys.modules)\n")
+        out = subprocess.run([PY, "-c", code], env=dict(os.environ, PYTHONPATH=HERE), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, b"False"), out.stderr)
+
+    def test_fake_rejects_wrong_argument_types(self):
+        import ctypes
+        with self.assertRaises((ctypes.ArgumentError, TypeError)):
+            self.fake.Process32FirstW(0x44, 12345)
+        with self.assertRaises((ctypes.ArgumentError, TypeError)):
+            self.fake.CreateJobObjectW(None, b"bytes-name")
+
+    # -- spawn_child: create job, Popen suspended, assign, resume -------------------
+
+    def spawn(self, **popen_kw):
+        with unittest.mock.patch.object(subprocess, "Popen", fake_popen_class(self.fake, **popen_kw)):
+            return self.layer.spawn_child(["prog", "arg"], job_id=self.JOB_ID, cwd=None, env={"A": "1"},
+                                          stdin=None, stdout=None, stderr=None)
+
+    def spawn_calls(self):
+        keep = {"CreateJobObjectW", "SetInformationJobObject", "Popen", "AssignProcessToJobObject",
+                "ResumeThread", "NtResumeProcess", "GetProcessTimes", "Popen.kill"}
+        return [n for n in self.fake.names() if n in keep]
+
+    def test_spawn_creates_job_then_popen_suspended_then_assigns_then_resumes(self):
+        child = self.spawn()
+        self.assertEqual(self.spawn_calls(), ["CreateJobObjectW", "SetInformationJobObject", "Popen",
+                                              "AssignProcessToJobObject", "ResumeThread", "GetProcessTimes"])
+        flags = [c for c in self.fake.calls if c[0] == "Popen"][0][2]
+        self.assertEqual(flags, WIN_CREATE_SUSPENDED | WIN_CREATE_NEW_PROCESS_GROUP | WIN_CREATE_NO_WINDOW)
+        self.assertEqual(self.fake.calls[0][2], self.NAME)
+        self.assertEqual(child.windows_job_name, self.NAME)
+        self.assertIn(child.pid, self.fake.jobs[self.NAME]["pids"])
+        self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
+        self.assertEqual(child.token, str(self.fake.procs[child.pid].ctime))
+        # The supervisor keeps the job handle open; snapshots and thread handles are closed.
+        self.assertEqual(self.fake.open_handles("job"), [child.handle])
+        self.assertEqual(self.fake.open_handles("snap") + self.fake.open_handles("thread"), [])
+        limits = self.fake.jobs[self.NAME]["limits"]
+        self.assertEqual(limits & WIN_KILL_ON_JOB_CLOSE, 0)
+        self.assertEqual(limits, WIN_DIE_ON_UNHANDLED_EXCEPTION)
+
+    def test_spawn_assign_denied_resumes_without_job(self):
+        self.fake.fail["AssignProcessToJobObject"] = 5  # Windows 7: no nested jobs
+        child = self.spawn()
+        self.assertEqual((child.windows_job_name, child.handle), (None, None))
+        self.assertEqual(self.fake.open_handles("job"), [])
+        self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
+        self.assertIn("ResumeThread", self.fake.names())
+
+    def test_spawn_name_held_by_another_object_type_falls_back(self):
+        self.fake.other_objects.add(self.NAME)  # CreateJobObjectW: NULL, error 6
+        child = self.spawn()
+        self.assertIsNone(child.windows_job_name)
+        self.assertNotIn("AssignProcessToJobObject", self.fake.names())
+        self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
+
+    def test_spawn_name_collision_with_a_job_closes_it_and_falls_back(self):
+        self.fake.jobs[self.NAME] = {"pids": set(), "limits": None}  # a handle, and error 183
+        child = self.spawn()
+        self.assertIsNone(child.windows_job_name)
+        self.assertNotIn("AssignProcessToJobObject", self.fake.names())
+        self.assertNotIn("SetInformationJobObject", self.fake.names())
+        self.assertEqual(self.fake.open_handles("job"), [])
+        self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
+
+    def test_spawn_resume_falls_back_to_ntresumeprocess(self):
+        self.fake.fail["OpenThread"] = 5
+        child = self.spawn()
+        self.assertIn("NtResumeProcess", self.fake.names())
+        self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
+        self.assertEqual(child.windows_job_name, self.NAME)
+
+    def test_spawn_resume_failure_kills_the_child_and_raises(self):
+        self.fake.fail["CreateToolhelp32Snapshot"] = 8
+        self.fake._NtResumeProcess = lambda handle: 0xC0000022  # STATUS_ACCESS_DENIED
+        with self.assertRaises(OSError):
+            self.spawn()
+        self.assertEqual(self.spawn_calls()[-2:], ["NtResumeProcess", "Popen.kill"])
+        self.assertFalse(any(p.alive for p in self.fake.procs.values()))
+        self.assertEqual(self.fake.open_handles("job"), [])
+
+    def test_spawn_popen_error_propagates_unchanged(self):
+        error = FileNotFoundError(2, "no such program")
+        with self.assertRaises(FileNotFoundError) as ctx:
+            self.spawn(error=error)
+        self.assertIs(ctx.exception, error)
+        self.assertEqual(self.fake.open_handles("job"), [])
+
+    def test_wait_child_returns_the_dword_and_no_signal(self):
+        child = self.spawn(exit_code=0xC0000005)
+        self.assertEqual(self.layer.wait_child(child), (0xC0000005, None))
+
+    # -- trees: job pid list first, Toolhelp32 walk as the fallback ---------------
+
+    def make_tree(self):
+        """supervisor -> child -> grandchild -> great-grandchild; the last three in the job."""
+        fake = self.fake
+        self.sup = fake.add_process(ppid=4)
+        self.child = fake.add_process(ppid=self.sup.pid)
+        self.grand = fake.add_process(ppid=self.child.pid)
+        self.great = fake.add_process(ppid=self.grand.pid)
+        fake.jobs[self.NAME] = {"pids": {self.child.pid, self.grand.pid, self.great.pid}, "limits": 0}
+        self.tree = [self.child, self.grand, self.great]
+
+    def ref(self, name="job", descendants=()):
+        return jobstate._TreeRef(self.JOB_ID, self.child.pid, str(self.child.ctime), self.sup.pid,
+                                 self.NAME if name == "job" else name, list(descendants))
+
+    def pids(self, procs):
+        return sorted(p.pid for p in procs)
+
+    def assert_tree_dead(self):
+        self.assertEqual([p.pid for p in self.tree if p.alive], [])
+        self.assertTrue(self.sup.alive)
+
+    def test_find_tree_uses_the_job_pid_list_and_grows_the_buffer(self):
+        self.make_tree()
+        more = [self.fake.add_process(ppid=self.great.pid) for _ in range(40)]
+        self.fake.jobs[self.NAME]["pids"].update([p.pid for p in more] + [self.sup.pid, os.getpid()])
+        procs = self.layer.find_tree(self.ref())
+        self.assertEqual(self.pids(procs), self.pids(self.tree + more))
+        queries = [c for c in self.fake.calls if c[0] == "QueryInformationJobObject"]
+        self.assertGreaterEqual(len(queries), 2)  # 32 slots, ERROR_MORE_DATA (234), retry
+        self.assertNotIn("CreateToolhelp32Snapshot", self.fake.names())
+
+    def test_signal_tree_terminates_the_job(self):
+        self.make_tree()
+        self.assertEqual(self.layer.signal_tree(self.ref(), 15), 3)
+        terminate = [c for c in self.fake.calls if c[0] == "TerminateJobObject"]
+        self.assertEqual(len(terminate), 1)
+        self.assertEqual(terminate[0][2], 1)  # the exit code Popen.terminate() uses too
+        self.assert_tree_dead()
+        self.assertEqual(self.layer.find_tree(self.ref()), [])
+        self.assertEqual(self.fake.open_handles("job"), [])
+
+    def test_job_not_found_falls_back_to_the_snapshot_walk(self):
+        self.make_tree()
+        self.fake.jobs.clear()  # OpenJobObjectW: error 2, the supervisor is gone
+        self.assertEqual(self.layer.signal_tree(self.ref(), 9), 3)
+        self.assertIn("CreateToolhelp32Snapshot", self.fake.names())
+        self.assertNotIn("TerminateJobObject", self.fake.names())
+        self.assert_tree_dead()
+        # Every TerminateProcess follows a GetProcessTimes on the same handle.
+        for i, call in enumerate(self.fake.calls):
+            if call[0] == "TerminateProcess":
+                self.assertEqual(self.fake.calls[i - 1][:2], ("GetProcessTimes", call[1]))
+                self.assertEqual(call[2], 1)
+        self.assertEqual(self.fake.open_handles(), [])
+
+    def test_walk_without_a_job_name(self):
+        self.make_tree()
+        procs = self.layer.find_tree(self.ref(name=None))
+        self.assertEqual(self.pids(procs), self.pids(self.tree))
+        self.assertNotIn("OpenJobObjectW", self.fake.names())
+
+    def test_walk_rejects_children_older_than_their_parent(self):
+        # Its recorded parent pid is the child's, but it predates the child: its real
+        # parent died and our child got the pid afterwards.
+        self.make_tree()
+        impostor = self.fake.add_process(ppid=self.child.pid, ctime=self.child.ctime - 1)
+        self.assertNotIn(impostor.pid, self.pids(self.layer.find_tree(self.ref(name=None))))
+
+    def test_walk_rejects_children_of_a_reused_parent_pid(self):
+        # The grandchild seen earlier is dead; its pid now belongs to a stranger
+        # whose own children must not be taken for ours.
+        self.make_tree()
+        self.fake.kill(self.grand, 0)
+        del self.fake.procs[self.grand.pid]
+        stranger = self.fake.add_process(ppid=4, pid=self.grand.pid)
+        strangers_kid = self.fake.add_process(ppid=stranger.pid)
+        seen = [jobstate._Proc(self.grand.pid, str(self.grand.ctime))]
+        procs = self.pids(self.layer._walk_tree(self.ref(name=None), also=seen))
+        self.assertIn(self.great.pid, procs)  # born before the reuse: ours
+        self.assertNotIn(strangers_kid.pid, procs)
+        self.assertNotIn(stranger.pid, procs)
+
+    def test_walk_seeds_with_the_recorded_descendants_still_alive(self):
+        # Child and grandchild are gone: the great-grandchild is an orphan,
+        # reachable only through a recorded identity that still matches.
+        self.make_tree()
+        self.fake.kill(self.child, 0)
+        self.fake.kill(self.grand, 0)
+        dead_seed = jobstate._Proc(self.grand.pid, str(self.grand.ctime))
+        stale = jobstate._Proc(self.great.pid, "12345")
+        self.assertEqual(self.layer.find_tree(self.ref(name=None, descendants=[dead_seed, stale])), [])
+        alive = jobstate._Proc(self.great.pid, str(self.great.ctime))
+        procs = self.layer.find_tree(self.ref(name=None, descendants=[dead_seed, alive]))
+        self.assertEqual(self.pids(procs), [self.great.pid])
+
+    def test_walk_never_includes_self_or_the_supervisor(self):
+        self.make_tree()
+        me = self.fake.add_process(ppid=self.child.pid, pid=os.getpid())
+        ref = self.ref(name=None, descendants=[jobstate._Proc(self.sup.pid, str(self.sup.ctime))])
+        procs = self.pids(self.layer.find_tree(ref))
+        self.assertNotIn(me.pid, procs)
+        self.assertNotIn(self.sup.pid, procs)
+
+    def test_terminate_rechecks_the_identity_through_the_handle(self):
+        self.make_tree()
+        self.assertFalse(self.layer._terminate_verified(jobstate._Proc(self.grand.pid, str(self.grand.ctime + 1))))
+        self.assertTrue(self.grand.alive)
+        self.assertNotIn("TerminateProcess", self.fake.names())
+
+    def test_inside_our_own_job_terminates_per_process(self):
+        self.make_tree()
+        self.fake.jobs[self.NAME]["pids"].add(os.getpid())
+        self.assertEqual(self.layer.signal_tree(self.ref(), 15), 3)
+        self.assertNotIn("TerminateJobObject", self.fake.names())
+        self.assert_tree_dead()
+
+    def test_a_job_name_not_holding_our_child_is_ignored(self):
+        self.make_tree()
+        self.fake.jobs[self.NAME]["pids"] = {self.sup.pid}
+        self.assertEqual(self.pids(self.layer.find_tree(self.ref())), self.pids(self.tree))
+
+    def test_unknown_signal_is_rejected(self):
+        self.make_tree()
+        with self.assertRaises(ValueError):
+            self.layer.signal_tree(self.ref(), 10)
+
+    def test_identity_helpers(self):
+        self.make_tree()
+        token = str(self.child.ctime)
+        self.assertEqual(self.layer.process_token(self.child.pid), token)
+        self.assertIsNone(self.layer.process_token(99999))
+        self.assertTrue(self.layer.is_alive(jobstate._Proc(self.child.pid, token)))
+        self.assertFalse(self.layer.is_alive(jobstate._Proc(self.child.pid, str(self.child.ctime + 1))))
+        self.assertFalse(self.layer.is_alive(jobstate._Proc(self.child.pid, "garbage")))
+        self.fake.kill(self.child, 0)
+        self.assertFalse(self.layer.is_alive(jobstate._Proc(self.child.pid, token)))
+
+    # -- the supervisor's launch --------------------------------------------------
+
+    def launch(self, errors):
+        calls = []
+
+        def popen(argv, **kwargs):
+            calls.append(kwargs)
+            if errors:
+                raise errors.pop(0)
+            return "popen"
+        with unittest.mock.patch.object(subprocess, "Popen", popen):
+            result = self.layer.spawn_supervisor(["py", "jobstate.py", "_supervise"],
+                                                 stdout=subprocess.PIPE, stderr="errfile")
+        return result, calls
+
+    def test_supervisor_is_detached_with_breakaway(self):
+        result, calls = self.launch([])
+        self.assertEqual((result, len(calls)), ("popen", 1))
+        self.assertEqual(calls[0]["creationflags"], WIN_DETACHED_PROCESS | WIN_CREATE_NEW_PROCESS_GROUP
+                         | WIN_CREATE_NO_WINDOW | WIN_CREATE_BREAKAWAY_FROM_JOB)
+        self.assertEqual((calls[0]["stdin"], calls[0]["stdout"], calls[0]["stderr"], calls[0]["close_fds"]),
+                         (subprocess.DEVNULL, subprocess.PIPE, "errfile", True))
+
+    def test_supervisor_breakaway_refused_retries_without_it(self):
+        result, calls = self.launch([fake_winerror(5)])  # a CI runner's job without BREAKAWAY_OK
+        self.assertEqual((result, len(calls)), ("popen", 2))
+        self.assertEqual(calls[1]["creationflags"],
+                         WIN_DETACHED_PROCESS | WIN_CREATE_NEW_PROCESS_GROUP | WIN_CREATE_NO_WINDOW)
+
+    def test_supervisor_other_launch_errors_propagate(self):
+        with self.assertRaises(OSError):
+            self.launch([fake_winerror(2)])
+
+    def test_hooks_without_a_windows_counterpart_do_nothing(self):
+        self.assertFalse(self.layer.hands_over_lock)  # LockFileEx locks cannot be inherited
+        for result in (self.layer.prepare_supervisor(), self.layer.release_supervisor(None),
+                       self.layer.tune_pipe(3), self.layer.fsync_dir("d"), self.layer.unsafe_dir_reason("d")):
+            self.assertIsNone(result)
+        self.assertEqual(self.fake.calls, [])
+
+    # -- files, stdin, paths, shell -----------------------------------------------
+
+    def fake_msvcrt(self):
+        msvcrt = unittest.mock.Mock(get_osfhandle=lambda fd: 0x1000 + fd)
+        patcher = unittest.mock.patch.dict(sys.modules, {"msvcrt": msvcrt})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_lock_flags_and_violation(self):
+        self.fake_msvcrt()
+        self.assertTrue(self.layer.lock(3, exclusive=True, blocking=False))
+        self.assertEqual(self.fake.calls[-1][1:6], (0x1003, 0x3, 0, 1, 0))  # exclusive|fail-immediately, byte 0
+        self.assertFalse(self.layer.lock(3, exclusive=False, blocking=False))  # ERROR_LOCK_VIOLATION
+        self.layer.unlock(3)
+        self.layer.unlock(3)  # ERROR_NOT_LOCKED is a no-op
+        self.fake.fail["UnlockFileEx"] = 33
+        self.layer.unlock(3)  # so is Wine's ERROR_LOCK_VIOLATION
+        del self.fake.fail["UnlockFileEx"]
+        self.assertTrue(self.layer.lock(3, exclusive=False, blocking=True))
+        self.assertEqual(self.fake.calls[-1][2], 0)  # shared, waits
+        self.fake.fail["LockFileEx"] = 33
+        with self.assertRaises(OSError):  # a blocking lock never answers False
+            self.layer.lock(4, exclusive=True, blocking=True)
+
+    def test_pipe_has_input_peeks_without_reading(self):
+        self.fake_msvcrt()
+        peek = unittest.mock.Mock(side_effect=[(0, 0), (5, 0), BrokenPipeError(109, "broken pipe")])
+        with unittest.mock.patch.dict(sys.modules, {"_winapi": unittest.mock.Mock(PeekNamedPipe=peek)}):
+            self.assertEqual([self.layer.pipe_has_input(0) for _ in range(3)], [False, True, True])
+        peek.assert_called_with(0x1000, 0)
+
+    def test_shell_argv_is_one_verbatim_string(self):
+        with unittest.mock.patch.dict(os.environ, {"ComSpec": r"C:\Windows\system32\cmd.exe"}):
+            argv = self.layer.shell_argv('echo "a b" & exit /b 3')
+        self.assertEqual(argv, r'"C:\Windows\system32\cmd.exe" /d /s /c "echo "a b" & exit /b 3"')
+
+    def test_signal_numbers(self):
+        self.assertEqual(self.layer.signal_numbers(), {"TERM": 15, "INT": 2, "KILL": 9})
+
+    def test_default_root(self):
+        with unittest.mock.patch.dict(os.environ, {"LOCALAPPDATA": os.path.join("X", "Local")}):
+            self.assertEqual(self.layer.default_root(), os.path.join("X", "Local", "jobstate", "jobs"))
+        env = {k: v for k, v in os.environ.items() if k != "LOCALAPPDATA"}
+        with unittest.mock.patch.dict(os.environ, env, clear=True):
+            self.assertEqual(self.layer.default_root(), os.path.join(
+                os.path.expanduser("~"), "AppData", "Local", "jobstate", "jobs"))
+
+    def test_replace_retries_while_a_reader_holds_the_file(self):
+        outcomes = [PermissionError(13, "in use"), PermissionError(13, "in use"), None]
+
+        def flaky(src, dst):
+            outcome = outcomes.pop(0)
+            if outcome:
+                raise outcome
+        with unittest.mock.patch.object(os, "replace", flaky), unittest.mock.patch.object(time, "sleep"):
+            self.layer.replace("a", "b")
+        self.assertEqual(outcomes, [])
+
+    def test_replace_gives_up_after_bounded_retries(self):
+        calls = []
+
+        def denied(src, dst):
+            calls.append(1)
+            raise PermissionError(13, "in use")
+        with unittest.mock.patch.object(os, "replace", denied), unittest.mock.patch.object(time, "sleep"):
+            with self.assertRaises(PermissionError):
+                self.layer.replace("a", "b")
+        self.assertEqual(len(calls), 10)
+
+
+# ---------------------------------------------------------------------------
 # Observation: wait, tail, follow
 # ---------------------------------------------------------------------------
 
@@ -1323,6 +2127,129 @@ class HttpTests(JobTestCase):
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
         doc = json.loads(proc.stdout)
         self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "invalid_argument"))
+
+
+# ---------------------------------------------------------------------------
+# Human output: --format text, colours, follow
+# ---------------------------------------------------------------------------
+
+
+def fixed_view(**changes):
+    """A status-shaped document with fixed values (no wall clock involved)."""
+    view = {"job_id": "01a225fa035071929ed7ec44e131a446", "state": "exited", "exit_code": 0, "signal": None,
+            "timed_out": False, "duration_ms": 1520, "created_at": "2026-11-29T03:18:00.000Z",
+            "started_at": "2026-11-29T03:18:04.123Z", "finished_at": "2026-11-29T03:18:05.643Z",
+            "pid": 41877, "error": None, "command": ["make", "test"], "cwd": "/src", "env": {},
+            "tags": ["ci.test"], "stdout_log_path": "/r/x/stdout.log", "stderr_log_path": "/r/x/stderr.log"}
+    view.update(changes)
+    return view
+
+
+NOW = jobstate._parse_time("2026-11-29T03:20:00.000Z")
+
+
+class HumanOutputTests(JobTestCase):
+    def test_list_table(self):
+        jobs = [fixed_view(), fixed_view(job_id="01a225fa0350" + "1" * 20, state="killed", exit_code=None,
+                                         signal="SIGTERM", duration_ms=125000, tags=[],
+                                         created_at="2026-11-27T03:20:00.000Z")]
+        for job in jobs:
+            del job["env"]
+        doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True})
+        lines = jobstate._render_text(doc, color=False, now=NOW).splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
+        self.assertEqual(lines[1].split(), ["01a225fa0350", "exited", "0", "2m", "ago", "1.5s", "make", "test",
+                                            "ci.test"])
+        self.assertEqual(lines[2].split(), ["01a225fa0350", "killed", "SIGTERM", "2d", "ago", "2m05s", "make",
+                                            "test"])
+        self.assertEqual(lines[1].index("exited"), lines[0].index("STATE"), "columns are not aligned")
+        self.assertEqual(lines[-1], "(more: raise --limit)")
+
+    def test_status_and_verdicts(self):
+        text = jobstate._render_text(jobstate._envelope("status", fixed_view()), color=False, now=NOW)
+        self.assertIn("state:     exited", text)
+        self.assertIn("command:   make test", text)
+        cases = [(fixed_view(), "job 01a225fa0350 exited with code 0 after 1.5s"),
+                 (fixed_view(exit_code=3), "job 01a225fa0350 exited with code 3 after 1.5s"),
+                 (fixed_view(state="killed", exit_code=None, signal="SIGKILL", timed_out=True),
+                  "job 01a225fa0350 was killed by SIGKILL after 1.5s (timeout)"),
+                 (fixed_view(state="failed", exit_code=None, error={"stage": "spawn", "message": "command not found: x"}),
+                  "job 01a225fa0350 failed (spawn): command not found: x"),
+                 (fixed_view(state="running", exit_code=None), "job 01a225fa0350 is running (pid 41877)")]
+        for view, expected in cases:
+            self.assertEqual(jobstate._verdict(view, color=False), expected)
+        self.assertEqual(jobstate._verdict(fixed_view(), color=True), "\x1b[32m%s\x1b[0m" % cases[0][1])
+
+    def test_text_mode_keeps_exit_codes_and_errors_go_to_stderr(self):
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "--format", "text", "status", "abcd"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual((proc.returncode, proc.stdout), (1, b""))
+        self.assertIn(b"error: no job 'abcd'", proc.stderr)
+        self.assertIn(b"hint:", proc.stderr)
+        env = dict(os.environ, JOBSTATE_FORMAT="text")
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "run", "--exit-code", "--"] +
+                              py("print('out'); raise SystemExit(3)"),
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        self.assertEqual(proc.returncode, 3)
+        self.assertEqual(proc.stdout.decode().splitlines()[0], "out")
+        self.assertIn("exited with code 3", proc.stdout.decode())
+
+    @unittest.skipIf(jobstate._WINDOWS, "pseudo-terminals are POSIX")
+    def test_colours_only_on_a_terminal_and_never_with_no_color(self):
+        import pty
+        self.cli("run", "--", "echo", "x")
+
+        def render(env):
+            master, slave = pty.openpty()
+            proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "--format", "text", "list", "--all"],
+                                    stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+            os.close(slave)
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            os.close(master)
+            proc.wait(30)
+            return out
+        env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+        self.assertIn(b"\x1b[32mexited\x1b[0m", render(env))
+        self.assertNotIn(b"\x1b[", render(dict(env, NO_COLOR="1")))
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "--format", "text", "list", "--all"],
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        self.assertNotIn(b"\x1b[", proc.stdout)
+
+    @unittest.skipIf(jobstate._WINDOWS, "uses a FIFO as the gate")
+    def test_run_follow_streams_lines_as_they_are_written(self):
+        # The child blocks after its first line until we open the gate: proof
+        # that the line reached us while the job was still running.
+        gate = os.path.join(self.tmp, "gate")
+        os.mkfifo(gate)
+        code = ("import time\n"
+                "print('tick 0', flush=True)\n"
+                "open(%r).read()\n"
+                "for i in (1, 2):\n"
+                "    time.sleep(0.1); print('tick', i, flush=True)\n" % gate)
+        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--follow", "--exit-code", "--"] + py(code),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.stdout.readline(), b"tick 0\n")
+        with open(gate, "w") as f:
+            f.write("go\n")
+        rest, _ = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, rest), (0, b"tick 1\ntick 2\n"))
+
+    def test_help_teaches(self):
+        for command in ("run", "wait", "tail", "kill", "list", "gc", "serve"):
+            proc = subprocess.run([PY, JOBSTATE, command, "--help"], stdout=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL)
+            text = proc.stdout.decode()
+            self.assertEqual(proc.returncode, 0)
+            self.assertEqual(text.count("python3 jobstate.py " + command) +
+                             text.count("python3 jobstate.py --format text " + command), 2, command)
 
 
 # ---------------------------------------------------------------------------
