@@ -14,3 +14,33 @@ check:
 
 bench:
 	$(PYTHON) ../shared/bench/bench_peers.py --jobstate jobstate.py
+
+# The same suite in Windows CPython 3.8 and 3.12 under Wine: the Windows layer for
+# real (Job Objects, LockFileEx, cmd /c).  The setup script installs Wine and both
+# interpreters once (idempotent).  Every Wine process inherits the Unix stderr of the
+# first one, detached supervisors included (../shared/wine/NOTES.md, W11), so each run
+# writes to a file, is bounded by timeout, and the Wine server is stopped at the end.
+WINE_SERIES ?= 3.8 3.12
+WINE_TIMEOUT ?= 600
+
+test-windows:
+	@root="$${JOBSTATE_WINE_ROOT:-$${XDG_CACHE_HOME:-$$HOME/.cache}/jobstate-wine}"; \
+	for v in $(WINE_SERIES); do \
+	    WINPY_SERIES=$$v bash ../shared/wine/setup-wine-python.sh >/dev/null || exit 1; \
+	done; \
+	status=0; summary=""; \
+	for v in $(WINE_SERIES); do \
+	    echo "== test_jobstate.py in Windows CPython $$v under Wine"; \
+	    log="$$(mktemp)"; \
+	    timeout -k 10 $(WINE_TIMEOUT) "$$root/bin/winpython$$v" test_jobstate.py </dev/null >"$$log" 2>&1; \
+	    rc=$$?; \
+	    tr -d '\r' <"$$log"; \
+	    last="$$(tr -d '\r' <"$$log" | tail -n 1)"; \
+	    rm -f "$$log"; \
+	    case $$rc in 124|137) last="no result within $(WINE_TIMEOUT)s (a Wine process kept the run open)";; esac; \
+	    echo "$$last" | grep -Eq '^[0-9]+ passed, 0 failed, [0-9]+ skipped$$' && [ $$rc -eq 0 ] || status=1; \
+	    summary="$$summary$$(printf '\nWindows CPython %s: %s' "$$v" "$$last")"; \
+	done; \
+	WINEPREFIX="$$root/prefix" wineserver -k 2>/dev/null || true; \
+	printf '%s\n' "$$summary" | sed 1d; \
+	exit $$status

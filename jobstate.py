@@ -1979,14 +1979,18 @@ def _supervise_main(args: List[str]) -> int:
         return 1
     supervisor = _Supervisor(paths)
     try:
-        return supervisor.run()
+        status = supervisor.run()
     except Exception as exc:  # record why, so the job reads `failed` with a reason, not a bare crash
         import traceback
         supervisor.log("internal error:\n" + traceback.format_exc())
         _record_supervisor_crash(paths, exc)
-        return 1
-    finally:
-        sys.stderr.flush()
+        status = 1
+    # Everything is on disk: release the lock now, which wakes every waiter,
+    # and skip interpreter teardown (daemon pump threads may still be blocked
+    # on a pipe held by a grandchild).
+    lock.release()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _record_supervisor_crash(paths: JobPaths, exc: Exception) -> None:
@@ -3359,7 +3363,29 @@ def _add_observe_options(p, default_until: float) -> None:
                    help="stream the job's output live until it ends (instead of a JSON document)")
 
 
-def _build_parser():
+class _SkippedParser:
+    """Stands in for the subparsers of commands not being run: argparse spends
+    most of its set-up time on options, so only the wanted command gets them."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+
+def _command_in_argv(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand named in argv (skipping global options), if any."""
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--root", "--format"):
+            i += 2
+        elif argv[i].startswith("-"):
+            i += 1
+        else:
+            return argv[i]
+    return None
+
+
+def _build_parser(wanted: Optional[str] = None):
+    """The CLI parser; with `wanted`, only that command's options are built."""
     argparse, Parser = _make_parser_class()
     parser = Parser(prog="jobstate", formatter_class=argparse.RawDescriptionHelpFormatter,
                     description="Run commands as durable background jobs. Every command prints one JSON "
@@ -3373,6 +3399,9 @@ def _build_parser():
     commands.required = True
 
     def command(name, handler, help, aliases=()):
+        if wanted is not None and wanted != name and wanted not in aliases:
+            commands.add_parser(name, help=help, aliases=list(aliases))
+            return _SkippedParser()
         examples = "\n".join("  python3 jobstate.py " + e for e in _EXAMPLES.get(name, ()))
         p = commands.add_parser(name, help=help, description=help, aliases=list(aliases),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -3847,7 +3876,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["_supervise"]:
         return _supervise_main(argv[1:])
     try:
-        ns = _build_parser().parse_args(argv)
+        ns = _build_parser(_command_in_argv(argv)).parse_args(argv)
     except _ParserExit as exc:
         return exc.status
     except _UsageError as exc:
@@ -3873,5 +3902,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return status
 
 
+def _exit_now(status: int) -> None:
+    """Flush our streams and exit without interpreter teardown (a few ms per call;
+    only the CLI does this, never library code)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing left to flush
+            pass
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -386,6 +386,7 @@ class StoreTests(JobTestCase):
         try:
             job.start()
             state = job.wait(30)
+            wait_for(lambda: jobstate.JobStatus.EXITED in seen or bad, 10, "a reader to see the end")
         finally:
             stop.set()
             for t in readers:
