@@ -12,6 +12,10 @@ check:
 	vermin -t=3.8- --no-tips --violations jobstate.py test_jobstate.py
 	$(PYTHON) test_jobstate.py StaticTests
 
+# The fault, load and hostile-input campaign in full (make test runs a short form).
+torture:
+	JOBSTATE_TORTURE=1 $(PYTHON) test_jobstate.py Torture
+
 bench:
 	$(PYTHON) ../shared/bench/bench_peers.py --jobstate jobstate.py
 
@@ -32,7 +36,8 @@ test-windows:
 	for v in $(WINE_SERIES); do \
 	    echo "== test_jobstate.py in Windows CPython $$v under Wine"; \
 	    log="$$(mktemp)"; \
-	    timeout -k 10 $(WINE_TIMEOUT) "$$root/bin/winpython$$v" test_jobstate.py </dev/null >"$$log" 2>&1; \
+	    env -u JOBSTATE_ROOT -u JOBSTATE_MCP_PYTHON timeout -k 10 $(WINE_TIMEOUT) \
+	        "$$root/bin/winpython$$v" test_jobstate.py </dev/null >"$$log" 2>&1; \
 	    rc=$$?; \
 	    tr -d '\r' <"$$log"; \
 	    last="$$(tr -d '\r' <"$$log" | tail -n 1)"; \

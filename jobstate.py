@@ -72,6 +72,10 @@ LAUNCH_ACK_TIMEOUT_S = 5.0
 DRAIN_TIMEOUT_S = 2.0
 
 _MAX_CANDIDATES = 20
+# Every file jobstate opens inside the root: binary on Windows, and never
+# through a symlink someone planted (a log path pointing at ~/.bashrc must not
+# be truncated).
+_FILE_FLAGS = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 _CHUNK_BYTES = 1 << 20
 # Signals a user may name; each platform layer says which of them exist.
 _SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
@@ -468,6 +472,7 @@ class JobPaths:
         self.stdout_log, self.stderr_log, self.full_log = join("stdout.log"), join("stderr.log"), join("full.log")
         self.stdin, self.supervisor_log = join("stdin.bin"), join("supervisor.log")
         self.event, self.kill_request = join("completion_event.json"), join("kill_request.json")
+        self.reserve = join("space.reserve")
 
 
 def _parse_duration(value, name: str) -> float:
@@ -583,7 +588,7 @@ def _write_json_atomic(path: str, doc: dict) -> None:
     """
     data = json.dumps(doc, separators=(",", ":")).encode("ascii")
     tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
     try:
         try:
             _write_all(fd, data)
@@ -663,7 +668,7 @@ def _resolve_job_id(root: str, ref) -> str:
     """Full job id for an id or unique prefix (validated before any filesystem access)."""
     prefix = _normalize_job_ref(ref)
     if len(prefix) == 32:
-        if os.path.isdir(os.path.join(root, prefix)):
+        if _is_real_dir(os.path.join(root, prefix)):
             return prefix
         raise JobNotFoundError(prefix, root)
     matches = [n for n in _list_job_ids(root) if n.startswith(prefix)]
@@ -675,14 +680,27 @@ def _resolve_job_id(root: str, ref) -> str:
 
 
 def _list_job_ids(root: str) -> List[str]:
-    """Job ids under root, newest first (ids are time-ordered); a missing root has none."""
+    """Job ids under root, newest first (ids are time-ordered); a missing root has none.
+
+    Only real directories count: a symlink planted in the root is never a job,
+    so nothing is ever read, written or deleted through it.
+    """
     try:
-        names = os.listdir(root)
+        with os.scandir(root) as entries:
+            names = [e.name for e in entries if _is_job_id(e.name) and e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise JobIOError("cannot read the jobs root %s: %s" % (root, exc.strerror)) from None
-    return sorted((n for n in names if _is_job_id(n)), reverse=True)
+    return sorted(names, reverse=True)
+
+
+def _is_real_dir(path: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class _JobLock:
@@ -697,7 +715,7 @@ class _JobLock:
         self.fd: Optional[int] = None
 
     def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
-        flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_BINARY", 0)
+        flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
         try:
             self.fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:
@@ -1738,7 +1756,9 @@ class _Supervisor:
             return 1
         spec = read_spec(self.paths)
         state.supervisor_pid = os.getpid()
+        self._reserve_space()
         try:
+            logs = self._open_logs()
             child, pipes = self._spawn(spec)
         except _SpawnFailure as failure:
             self.log("cannot start the command: %s" % failure.message)
@@ -1750,7 +1770,7 @@ class _Supervisor:
             return 0
         started = time.monotonic()
         self.child = child
-        pumps = self._start_pumps(pipes)
+        pumps = self._start_pumps(pipes, logs)
         state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
         write_state(self.paths, state)
@@ -1768,6 +1788,7 @@ class _Supervisor:
         state.logs_drained = not any(p.is_alive() for p in pumps)
         if self.write_error:
             state.error = Failure("output", self.write_error)
+        self._release_space()
         write_state(self.paths, state)
         _deliver_notifications(self.paths, spec, state)
         return 0
@@ -1800,10 +1821,21 @@ class _Supervisor:
                 stdin.close()
         return child, (out_r, err_r)
 
-    def _start_pumps(self, pipes) -> List[threading.Thread]:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-        logs = [os.open(p, flags, 0o600) for p in
-                (self.paths.stdout_log, self.paths.stderr_log, self.paths.full_log)]
+    def _open_logs(self) -> List[int]:
+        """Open (and reset) the three logs before the child exists, so a failure
+        here leaves no process behind."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS
+        logs: List[int] = []
+        try:
+            for path in (self.paths.stdout_log, self.paths.stderr_log, self.paths.full_log):
+                logs.append(os.open(path, flags, 0o600))
+        except OSError as exc:
+            for fd in logs:
+                os.close(fd)
+            raise _SpawnFailure("logs", "cannot open %s: %s" % (exc.filename, exc.strerror)) from None
+        return logs
+
+    def _start_pumps(self, pipes, logs: List[int]) -> List[threading.Thread]:
         full = _FullLog(logs[2])
         pumps = [threading.Thread(target=self._pump, args=(pipes[0], logs[0], b"STDOUT", full), daemon=True),
                  threading.Thread(target=self._pump, args=(pipes[1], logs[1], b"STDERR", full), daemon=True)]
@@ -1828,8 +1860,27 @@ class _Supervisor:
                 full.append(label, chunk)
             except OSError as exc:
                 self.write_error = "output could not be saved: %s" % exc
+                self._release_space()
                 self.log(self.write_error)
         os.close(read_fd)
+
+    _RESERVE_BYTES = 256 * 1024
+
+    def _reserve_space(self) -> None:
+        """Hold some disk space so that, if the job's output fills the disk, the
+        final state and the reason can still be written (we free it then)."""
+        try:
+            fd = os.open(self.paths.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600)
+            try:
+                _write_all(fd, bytes(self._RESERVE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # already short of space: go on without a reserve
+            _unlink_quietly(self.paths.reserve)
+
+    def _release_space(self) -> None:
+        _unlink_quietly(self.paths.reserve)
 
     def _enforce_timeout(self, spec: JobSpec) -> None:
         if self.exited.wait(spec.timeout_s):
@@ -2233,7 +2284,7 @@ class _meta_lock:
         self.fd: Optional[int] = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
         _process_layer.lock(self.fd, exclusive=True, blocking=True)
         return self
 
@@ -2308,12 +2359,12 @@ def _populate_job_dir(final: JobPaths, staging: str, spec: JobSpec, stdin: Optio
     def at(path):
         return os.path.join(staging, os.path.basename(path))
     if stdin is not None:
-        fd = os.open(at(final.stdin), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        fd = os.open(at(final.stdin), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
         try:
             _write_all(fd, stdin)
         finally:
             os.close(fd)
-    os.close(os.open(at(final.lock), os.O_WRONLY | os.O_CREAT, 0o600))
+    os.close(os.open(at(final.lock), os.O_WRONLY | os.O_CREAT | _FILE_FLAGS, 0o600))
     _write_json_atomic(at(final.meta), spec.to_dict())
     state = JobState(JobInfo(final.job_id, JobStatus.CREATED), updated_at=_utc_now())
     _write_json_atomic(at(final.state), state.to_dict())
@@ -2349,8 +2400,7 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
             paths.job_id, str(lock.fd if hand_over else -1)]
     if not hand_over:
         lock.release()
-    log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0),
-                  0o600)
+    log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
     try:
         popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, lock_fd=lock.fd)
     except OSError as exc:
@@ -2362,6 +2412,8 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
     if acknowledged is not None:
         popen.stdout.close()
         _process_layer.release_supervisor(popen)
+    if acknowledged is False and read_state(paths).status is not JobStatus.CREATED:
+        return  # it died after starting the child: a job (readers will see supervisor_lost)
     if not acknowledged:
         raise LaunchError("the supervisor did not acknowledge within %gs" % LAUNCH_ACK_TIMEOUT_S
                           if acknowledged is None else "the supervisor exited before starting the job",
@@ -2393,10 +2445,9 @@ def _read_ack(stream, timeout_s: float) -> Optional[bool]:
 
 
 def _delete_job(paths: JobPaths) -> None:
-    """Remove a job directory that no supervisor holds; symlinks are removed, never followed."""
-    if os.path.islink(paths.dir):
-        os.unlink(paths.dir)
-        return
+    """Remove a job directory that no supervisor holds (never through a symlink)."""
+    if not _is_real_dir(paths.dir):
+        raise JobNotFoundError(paths.job_id, paths.root)
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
             raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
@@ -2589,13 +2640,13 @@ def _auto_gc(root: str) -> None:
         return
     try:
         older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d"), "JOBSTATE_GC_OLDER_THAN")
-        fd = os.open(os.path.join(root, ".gc.lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+        fd = os.open(os.path.join(root, ".gc.lock"), os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
     except (OSError, JobError):
         return
     try:
         if not _process_layer.lock(fd, exclusive=True, blocking=False):
             return  # another process is collecting right now
-        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600))
         cutoff = time.time() - older_than
         scanned = 0
         for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):

@@ -2254,6 +2254,312 @@ class HumanOutputTests(JobTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Torture: faults, load and hostile input (short here; `make torture` runs it in full)
+# ---------------------------------------------------------------------------
+
+FULL_TORTURE = os.environ.get("JOBSTATE_TORTURE") == "1"
+
+
+def scaled(short, full):
+    return full if FULL_TORTURE else short
+
+
+def report(line):
+    """Figures for the campaign's record, on stderr (the runner keeps stdout for results)."""
+    sys.stderr.write("\n[torture] %s\n" % line)
+
+
+def supervisor_pids(root):
+    """Live supervisors of jobs under root, found by their command line."""
+    pids = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"_supervise" in argv and root.encode() in argv and pid_alive(int(name)):
+            pids.append(int(name))
+    return pids
+
+
+@unittest.skipIf(jobstate._WINDOWS, "POSIX only: /proc, SIGKILL, rlimits")
+class Torture(JobTestCase):
+    LINES = 20000
+    PRINTER = ("import sys, time\n"
+               "for i in range(%d):\n"
+               "    sys.stdout.write('line %%d\\n' %% i)\n"
+               "    if i %% 2000 == 0: sys.stdout.flush(); time.sleep(0.02)\n"
+               "sys.stdout.flush(); time.sleep(0.3)\n" % LINES)
+
+    def assert_consistent(self, job):
+        """The invariants that must hold after any crash."""
+        state = job.wait(15)  # never hangs: a lost supervisor is detected through its lock
+        doc = json.load(open(job.paths.state))
+        self.assertEqual(jobstate.JobState.from_dict(doc).status, state.status)
+        self.assertIn(state.status, (jobstate.JobStatus.EXITED, jobstate.JobStatus.FAILED,
+                                     jobstate.JobStatus.KILLED))
+        if state.status is jobstate.JobStatus.FAILED:
+            self.assertEqual(state.error.stage, "supervisor_lost")
+        with open(job.paths.stdout_log, "rb") as f:
+            lines = f.read().split(b"\n")
+        complete = lines[:-1]
+        self.assertEqual(complete, [b"line %d" % i for i in range(len(complete))], "log is not a clean prefix")
+        if state.status is jobstate.JobStatus.EXITED:
+            self.assertEqual(len(complete), self.LINES)
+        return state, len(complete)
+
+    def test_supervisor_killed_at_random_points(self):
+        import random
+        rng = random.Random(int(os.environ.get("JOBSTATE_TORTURE_SEED", "1")))
+        outcomes, leftovers = {}, 0
+        for _ in range(scaled(4, 40)):
+            job = self.run_job(py(self.PRINTER))
+            time.sleep(rng.uniform(0, 0.5))  # a random point in the job's life, not a synchronization
+            try:
+                os.kill(job.state().supervisor_pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass  # already finished
+            state, lines = self.assert_consistent(job)
+            outcomes[state.status.value] = outcomes.get(state.status.value, 0) + 1
+            leftovers += len(marker_pids(job.id))
+            job.kill("KILL")
+            self.assertEqual(marker_pids(job.id), [])
+        report("supervisor SIGKILL at random points: %s; job processes left running after the crash "
+               "(then stopped by kill): %d" % (outcomes, leftovers))
+
+    def test_supervisor_killed_before_its_acknowledgement(self):
+        results = []
+        for _ in range(scaled(3, 20)):
+            launcher = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--no-wait", "--", "sleep", "5"],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            killed = wait_for(lambda: supervisor_pids(self.root) or launcher.poll() is not None, 10, "a supervisor")
+            if killed is not True:
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+            out, err = launcher.communicate(timeout=30)
+            doc = json.loads(out)
+            self.assertEqual(err, b"")
+            results.append(doc["state"] if doc["ok"] else doc["error"]["code"])
+            for job_id in jobstate._list_job_ids(self.root):
+                job = jobstate.Job(job_id, self.root)
+                self.assertNotEqual(job.wait(10).status, jobstate.JobStatus.RUNNING)
+                job.kill("KILL")
+                job.delete()
+        self.assertTrue(set(results) <= {"launch_failed", "failed", "running"}, results)
+        report("supervisor SIGKILL during launch: %s" % results)
+
+    def test_killing_observers_never_touches_the_job(self):
+        code = "import time\nprint('ready', flush=True)\ntime.sleep(1)\nprint('done', flush=True)\n"
+        launcher = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--forever", "--"] + py(code),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(launcher.communicate)
+        job = wait_for(lambda: [jobstate.Job(i, self.root) for i in jobstate._list_job_ids(self.root)], 10,
+                       "the job")[0]
+        self.wait_log(job, "ready")
+        observers = [subprocess.Popen([PY, JOBSTATE, "--root", self.root] + args + [job.id],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for args in (["wait", "--forever"], ["tail", "--follow"])]
+        for proc in [launcher] + observers:
+            proc.kill()
+        for proc in observers:
+            proc.communicate()
+        state = job.wait(15)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertEqual(job.tail().stdout, "ready\ndone\n")
+
+    def test_concurrent_launches_from_threads_and_processes(self):
+        processes, threads, per_thread = scaled((2, 4, 3), (4, 16, 8))
+        code = ("import sys, threading\n"
+                "sys.path.insert(0, %r)\n"
+                "import jobstate\n"
+                "ids = []\n"
+                "def launch():\n"
+                "    for _ in range(%d):\n"
+                "        ids.append(jobstate.run([sys.executable, '-c', 'print(1)'], root=%r).id)\n"
+                "workers = [threading.Thread(target=launch) for _ in range(%d)]\n"
+                "[w.start() for w in workers]; [w.join() for w in workers]\n"
+                "print('\\n'.join(ids))\n" % (HERE, per_thread, self.root, threads))
+        started = time.monotonic()
+        procs = [subprocess.Popen([PY, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(processes)]
+        ids = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            self.assertEqual(proc.returncode, 0, err.decode()[-2000:])
+            ids += out.decode().split()
+        launched = time.monotonic() - started
+        expected = processes * threads * per_thread
+        self.assertEqual((len(ids), len(set(ids))), (expected, expected))
+        self.assertEqual(sorted(ids), jobstate._list_job_ids(self.root)[::-1])
+        for job_id in ids:
+            state = jobstate.Job(job_id, self.root).wait(60)
+            self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0), job_id)
+        report("%d jobs from %d processes x %d threads: all distinct, all exited 0; launched in %.1fs"
+               % (expected, processes, threads, launched))
+
+    def test_concurrent_commands_on_one_job(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(30)"), tags=["t"])
+        self.wait_log(job, "ready")
+        commands = [["kill"], ["restart", "--no-wait"], ["tag", "set", "--tag", "x"], ["status"],
+                    ["restart", "--no-wait"], ["delete"], ["status"], ["kill", "--signal", "KILL"]]
+        commands = commands * scaled(1, 4)
+        procs = []
+        for args in commands:
+            argv = [PY, JOBSTATE, "--root", self.root] + args[:1] + (args[1:2] if args[0] == "tag" else []) + \
+                [job.id] + (args[2:] if args[0] == "tag" else args[1:])
+            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE))
+        codes = {}
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            self.assertEqual(err, b"")
+            doc = json.loads(out)
+            key = doc["type"] if doc["ok"] else doc["error"]["code"]
+            codes[key] = codes.get(key, 0) + 1
+        if os.path.isdir(job.paths.dir):
+            jobstate.read_state(job.paths)
+            jobstate.read_spec(job.paths)
+            self.assertLessEqual(len(supervisor_pids(self.root)), 1)
+        report("concurrent kill/restart/tag/status/delete on one job: %s" % codes)
+
+    def test_output_fills_the_disk(self):
+        mount = os.path.join(self.tmp, "tiny")
+        os.mkdir(mount)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", mount],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            self.skipTest("cannot mount a tmpfs here: %s" % proc.stderr.decode().strip())
+        self.addCleanup(subprocess.run, ["umount", "-l", mount])
+        root = os.path.join(mount, "root")
+        job = jobstate.run(py("import sys\nprint('start', flush=True)\nsys.stdout.write('x' * 5000000)\n"),
+                           root=root)
+        state = job.wait(30)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertEqual(state.error.stage, "output")
+        self.assertIn("No space left", state.error.message)
+        with open(job.paths.supervisor_log) as f:
+            self.assertIn("No space left", f.read())
+        jobstate.read_spec(job.paths)
+        self.assertTrue(open(job.paths.stdout_log, "rb").read().startswith(b"start\n"))
+        job.delete()
+        self.assertEqual(jobstate.run(py("print('after')"), root=root).wait(10).exit_code, 0)
+
+    def test_too_few_file_descriptors_or_an_unwritable_root(self):
+        import resource
+
+        def limited():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "run", "--", "echo", "x"], preexec_fn=limited,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        limited_doc = json.loads(proc.stdout)
+        self.assertNotIn(b"Traceback", proc.stderr)
+        if not limited_doc["ok"]:
+            self.assertIn(limited_doc["error"]["code"], ("io_error", "launch_failed", "internal_error"))
+        for job_id in jobstate._list_job_ids(self.root):  # no half-made job: each one is readable
+            jobstate.read_spec(jobstate.JobPaths(self.root, job_id))
+        blocker = os.path.join(self.tmp, "a-file")
+        open(blocker, "w").close()
+        status, doc, _ = self.cli("--root", os.path.join(blocker, "root"), "run", "--", "echo", "x")
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+        report("RLIMIT_NOFILE=12: %s" % (limited_doc["state"] if limited_doc["ok"] else limited_doc["error"]["code"]))
+
+    def test_hostile_job_ids(self):
+        os.makedirs(self.root)
+        for bad in ("a/b", "..", "a\0b", "\u00e9\u00e9", "x" * 10000, "0" * 32 + "/..", " 0", "0 "):
+            status, doc, _ = self.cli("status", bad)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_job_id"), repr(bad)[:40])
+            status, doc, _ = self.cli("delete", bad)
+            self.assertEqual(doc["error"]["code"], "invalid_job_id")
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["root"])
+
+    def test_argv_bytes_and_size(self):
+        every_byte = bytes(range(1, 256))
+        arg = os.fsdecode(every_byte)
+        code = "import os, sys; sys.stdout.buffer.write(b'|'.join(os.fsencode(a) for a in sys.argv[1:]))"
+        job = self.run_job(py(code) + [arg, "x=y\nz"])
+        job.wait(10)
+        with open(job.paths.stdout_log, "rb") as f:
+            self.assertEqual(f.read(), every_byte + b"|x=y\nz")
+        big = ["a" * 100000] * 10  # 1 MB of argv in arguments under the kernel's per-argument cap
+        job = self.run_job(py("import sys; print(sum(map(len, sys.argv[1:])))") + big)
+        job.wait(20)
+        self.assertEqual(job.tail().stdout, "1000000\n")
+
+    def test_a_huge_line_without_newline(self):
+        size = scaled(10, 100) * 1000 * 1000
+        job = self.run_job(py("import sys; sys.stdout.write('y' * %d)" % size))
+        state = job.wait(60)
+        self.assertTrue(state.logs_drained)
+        tail = job.tail(lines=5, max_bytes=100)
+        self.assertEqual((tail.stdout, tail.stdout_range, tail.stdout_total_bytes), ("y" * 100, (size - 100, size), size))
+        self.assertEqual(os.path.getsize(job.paths.stdout_log), size)
+
+    def test_planted_symlinks_are_never_followed(self):
+        victim = os.path.join(self.tmp, "victim.txt")
+        with open(victim, "w") as f:
+            f.write("precious")
+        job = jobstate.create(py("print('output')"), root=self.root)
+        os.symlink(victim, job.paths.stdout_log)
+        state = job.start().wait(10)
+        self.assertEqual(open(victim).read(), "precious")
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "logs"))
+        self.assertIsNone(state.pid, "a child was started with nowhere safe for its output")
+        elsewhere = os.path.join(self.tmp, "elsewhere")
+        os.mkdir(elsewhere)
+        with open(os.path.join(elsewhere, "keep"), "w") as f:
+            f.write("keep")
+        planted = "f" * 32
+        os.symlink(elsewhere, os.path.join(self.root, planted))
+        status, doc, _ = self.cli("list", "--all")
+        self.assertNotIn(planted, [j["job_id"] for j in doc["jobs"]])
+        status, doc, _ = self.cli("delete", planted)
+        self.assertEqual((status, doc["error"]["code"]), (1, "job_not_found"))
+        self.cli("gc", "--older-than", "0", "--max-jobs", "0")
+        self.assertEqual(os.listdir(elsewhere), ["keep"])
+
+    @unittest.skipUnless(POSIX and os.geteuid() == 0, "needs root to give the root away")
+    def test_root_owned_by_someone_else_is_refused(self):
+        os.makedirs(self.root)
+        os.chown(self.root, 65534, 65534)
+        status, doc, _ = self.cli("run", "--", "echo", "x")
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+        self.assertIn("owned by uid 65534", doc["error"]["message"])
+
+    def test_soak(self):
+        short, long_running = scaled((60, 5), (2000, 50))
+        long_jobs = [self.run_job(py("import time; time.sleep(600)")) for _ in range(long_running)]
+        stop, errors = threading.Event(), []
+
+        def hammer():
+            while not stop.is_set():
+                for args in (["list", "--all", "--limit", "20"], ["status", long_jobs[0].id]):
+                    status, doc, _ = self.cli(*args)
+                    if status != 0:
+                        errors.append(doc)
+        observer = threading.Thread(target=hammer)
+        observer.start()
+        try:
+            fds_before = len(os.listdir("/proc/self/fd"))
+            for i in range(short):
+                self.run_job(py("pass")).wait(30)
+        finally:
+            stop.set()
+            observer.join()
+        self.assertEqual(errors, [])
+        self.assertLessEqual(len(os.listdir("/proc/self/fd")), fds_before + 2, "file descriptors leak")
+        sup_fds = [len(os.listdir("/proc/%d/fd" % pid)) for pid in supervisor_pids(self.root)]
+        self.assertEqual(len(sup_fds), long_running)
+        self.assertLessEqual(max(sup_fds), min(sup_fds) + 1)
+        zombies = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                   if open("/proc/%d/stat" % pid, "rb").read().split(b") ")[-1][:1] == b"Z"
+                   and int(open("/proc/%d/stat" % pid, "rb").read().split(b") ")[-1].split()[1]) == os.getpid()]
+        self.assertEqual(zombies, [])
+        report("soak: %d short jobs with %d running and list/status hammering: 0 errors, supervisor fds %s"
+               % (short, long_running, sorted(set(sup_fds))))
+
+
+# ---------------------------------------------------------------------------
 # Runner: "N passed, N failed, N skipped" as the last line
 # ---------------------------------------------------------------------------
 
