@@ -28,11 +28,12 @@ CLI:
 # 1. Imports and platform facts
 # ---------------------------------------------------------------------------
 
+from __future__ import annotations
+
 import functools
 import json
 import os
 import re
-import shutil
 import signal as _signal
 import subprocess
 import sys
@@ -40,7 +41,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, List, Optional, Sequence, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations stay strings (PEP 563), so `typing` is never loaded at run time
+    from typing import Dict, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 __all__ = [
@@ -606,6 +610,11 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _rmtree(path: str, ignore_errors: bool = False) -> None:
+    import shutil  # only deleting needs it; supervisors never load it
+    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -2348,7 +2357,7 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
         _populate_job_dir(JobPaths(root, job_id), staging, spec, stdin)
         os.rename(staging, os.path.join(root, job_id))
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        _rmtree(staging, ignore_errors=True)
         raise JobIOError("cannot create the job directory under %s: %s" % (root, exc.strerror or exc),
                          hint="check free space and permissions of the jobs root") from None
     return Job(job_id, root)
@@ -2382,7 +2391,7 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
         job.start()
     except LaunchError:
         if job.state().status is JobStatus.CREATED:
-            shutil.rmtree(job.paths.dir, ignore_errors=True)  # no half-made job left behind
+            _rmtree(job.paths.dir, ignore_errors=True)  # no half-made job left behind
         raise
     return job
 
@@ -2465,11 +2474,11 @@ def _delete_job(paths: JobPaths) -> None:
                 if path == paths.lock:
                     continue
                 if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
+                    _rmtree(path)
                 else:
                     os.unlink(path)
             lock.release()
-            shutil.rmtree(paths.dir)
+            _rmtree(paths.dir)
         except FileNotFoundError:
             raise JobNotFoundError(paths.job_id, paths.root) from None
         except OSError as exc:
@@ -2611,7 +2620,7 @@ def _remove_abandoned_staging(root: str, dry_run: bool) -> None:
         path = os.path.join(root, name)
         try:
             if time.time() - os.lstat(path).st_mtime > 3600 and not dry_run:
-                shutil.rmtree(path)
+                _rmtree(path)
         except OSError:  # raced with another gc, or not ours to remove: leave it
             pass
 
@@ -2756,7 +2765,7 @@ def _error_codes() -> set:
 def _dataclass_schema(cls, required: Sequence[str] = ()) -> dict:
     """JSON Schema of a dataclass from its type hints (the `extra` catch-all is left out)."""
     import typing
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns=vars(typing))
     props = {name: _type_schema(hint) for name, hint in hints.items()
              if name != "extra" and not name.startswith("_")}
     return {"type": "object", "properties": props, "required": [r for r in required if r in props]}
@@ -2772,9 +2781,9 @@ def _type_schema(hint) -> dict:
         if "enum" in schema:
             schema["enum"] = schema["enum"] + [None]
         return schema
-    if origin in (list, List):
+    if origin in (list, typing.List):
         return {"type": "array", "items": _type_schema(args[0])}
-    if origin in (dict, Dict):
+    if origin in (dict, typing.Dict):
         return {"type": "object"}
     if isinstance(hint, type) and issubclass(hint, Enum):
         return {"type": "string", "enum": [m.value for m in hint]}
