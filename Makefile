@@ -16,8 +16,11 @@ check:
 torture:
 	JOBSTATE_TORTURE=1 $(PYTHON) test_jobstate.py Torture
 
+# Side by side with the peers (install them once: sudo sh ../shared/bench/setup_peers.sh),
+# then the figures the harness lacks (API mass launch, a 10,000-job root).
 bench:
 	$(PYTHON) ../shared/bench/bench_peers.py --jobstate jobstate.py
+	$(PYTHON) .ci/bench_extra.py
 
 # The same suite in Windows CPython 3.8 and 3.12 under Wine: the Windows layer for
 # real (Job Objects, LockFileEx, cmd /c).  The setup script installs Wine and both
@@ -35,13 +38,14 @@ test-windows:
 	status=0; summary=""; \
 	for v in $(WINE_SERIES); do \
 	    echo "== test_jobstate.py in Windows CPython $$v under Wine"; \
-	    log="$$(mktemp)"; \
+	    out="$$(mktemp)"; err="$$(mktemp)"; \
 	    env -u JOBSTATE_ROOT -u JOBSTATE_MCP_PYTHON timeout -k 10 $(WINE_TIMEOUT) \
-	        "$$root/bin/winpython$$v" test_jobstate.py </dev/null >"$$log" 2>&1; \
+	        "$$root/bin/winpython$$v" test_jobstate.py </dev/null >"$$out" 2>"$$err"; \
 	    rc=$$?; \
-	    tr -d '\r' <"$$log"; \
-	    last="$$(tr -d '\r' <"$$log" | tail -n 1)"; \
-	    rm -f "$$log"; \
+	    tr -d '\r' <"$$err"; tr -d '\r' <"$$out"; \
+	    last="$$(tr -d '\r' <"$$out" | grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$$' | tail -n 1)"; \
+	    rm -f "$$out" "$$err"; \
+	    [ -n "$$last" ] || last="no summary line (exit status $$rc)"; \
 	    case $$rc in 124|137) last="no result within $(WINE_TIMEOUT)s (a Wine process kept the run open)";; esac; \
 	    echo "$$last" | grep -Eq '^[0-9]+ passed, 0 failed, [0-9]+ skipped$$' && [ $$rc -eq 0 ] || status=1; \
 	    summary="$$summary$$(printf '\nWindows CPython %s: %s' "$$v" "$$last")"; \
