@@ -2485,6 +2485,12 @@ def _delete_job(paths: JobPaths) -> None:
             raise JobIOError("cannot delete %s: %s" % (paths.dir, exc)) from None
 
 
+def _check_state_name(state: Optional[str]) -> None:
+    if state is not None and state not in {s.value for s in JobStatus}:
+        raise InvalidArgumentError("unknown state %r" % (state,),
+                                   hint="one of: " + ", ".join(s.value for s in JobStatus))
+
+
 def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
                     tags: Sequence[str], limit: Optional[int]) -> Tuple[List[JobSummary], bool]:
     """Jobs newest first with filters; reads files only until `limit` matches are found."""
@@ -2527,9 +2533,7 @@ def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: boo
     state: only jobs in that state ('running', ...).  tags: patterns that must all
     match ('a.b' exact, 'a.*' subtree).  limit: at most that many (None: no limit).
     """
-    if state is not None and state not in {s.value for s in JobStatus}:
-        raise InvalidArgumentError("unknown state %r" % (state,),
-                                   hint="one of: " + ", ".join(s.value for s in JobStatus))
+    _check_state_name(state)
     return _list_summaries(resolve_root(root), cwd=cwd, all_jobs=all, state=state, tags=tags, limit=limit)[0]
 
 
@@ -2916,9 +2920,7 @@ def _kill_doc(job: Job, signal: str, kill_after_s: Optional[float], wait_s: floa
 
 def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
               tags: Sequence[str], limit: int) -> dict:
-    if state is not None and state not in {s.value for s in JobStatus}:
-        raise InvalidArgumentError("unknown state %r" % (state,),
-                                   hint="one of: " + ", ".join(s.value for s in JobStatus))
+    _check_state_name(state)
     summaries, truncated = _list_summaries(root, cwd=cwd, all_jobs=all_jobs, state=state, tags=tags,
                                            limit=limit)
     return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
@@ -3169,7 +3171,7 @@ _HTTP_STATUS = {"job_not_found": 404, "invalid_state": 409, "unauthorized": 401,
                 "internal_error": 500}
 
 
-class UnauthorizedError(JobError):
+class _UnauthorizedError(JobError):
     code = "unauthorized"
 
 
@@ -3188,7 +3190,6 @@ def _http_status(error: JobError) -> int:
 def _make_http_handler(root: Optional[str], token: Optional[str]):
     import hmac
     from http.server import BaseHTTPRequestHandler
-    from urllib.parse import parse_qs, unquote, urlsplit
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "jobstate/" + __version__
@@ -3229,7 +3230,7 @@ def _make_http_handler(root: Optional[str], token: Optional[str]):
             given = self.headers.get("Authorization", "")
             expected = "Bearer " + token
             if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
-                raise UnauthorizedError("missing or wrong bearer token",
+                raise _UnauthorizedError("missing or wrong bearer token",
                                         hint="send 'Authorization: Bearer $JOBSTATE_SERVE_TOKEN'")
 
         def body(self) -> dict:
@@ -3250,34 +3251,40 @@ def _make_http_handler(root: Optional[str], token: Optional[str]):
             return doc
 
         def route(self, method: str) -> dict:
-            url = urlsplit(self.path)
-            parts = [unquote(p) for p in url.path.split("/") if p]
-            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            tags = parse_qs(url.query).get("tag", [])
-            if method == "GET" and parts == ["health"]:
-                return _envelope("health", {"version": __version__, "root": resolve_root(root)})
-            if parts[:1] != ["jobs"] or len(parts) > 3:
-                raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
-            if len(parts) == 1 and method == "POST":
-                return _call_operation("run", self.body(), root, default_until=DEFAULT_RUN_UNTIL_S)
-            if len(parts) == 1 and method == "GET":
-                args = _query_args(query, {"state": str, "limit": int, "all": bool, "cwd": str})
-                if tags:
-                    args["tags"] = tags
-                return _call_operation("list", args, root, default_until=0)
-            job_id, action = parts[1], (parts[2] if len(parts) == 3 else None)
-            if method == "GET" and action in (None, "tail", "wait"):
-                types = {None: {}, "tail": {"lines": int, "max_bytes": int},
-                         "wait": {"until": float, "max_bytes": int}}[action]
-                args = dict(_query_args(query, types), job_id=job_id)
-                return _call_operation(action or "status", args, root, default_until=DEFAULT_WAIT_UNTIL_S)
-            if method == "POST" and action == "kill":
-                return _call_operation("kill", dict(self.body(), job_id=job_id), root, default_until=0)
-            if method == "DELETE" and action is None:
-                return _delete_doc(resolve_root(root), job_id, False)
-            raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
+            return _route_http(method, self.path, self.body, root)
 
     return Handler
+
+
+def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dict:
+    """Answer one request: `target` is the path with its query, read_body() the JSON body."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+    url = urlsplit(target)
+    parts = [unquote(p) for p in url.path.split("/") if p]
+    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    tags = parse_qs(url.query).get("tag", [])
+    if method == "GET" and parts == ["health"]:
+        return _envelope("health", {"version": __version__, "root": resolve_root(root)})
+    if parts[:1] != ["jobs"] or len(parts) > 3:
+        raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
+    if len(parts) == 1 and method == "POST":
+        return _call_operation("run", read_body(), root, default_until=DEFAULT_RUN_UNTIL_S)
+    if len(parts) == 1 and method == "GET":
+        args = _query_args(query, {"state": str, "limit": int, "all": bool, "cwd": str})
+        if tags:
+            args["tags"] = tags
+        return _call_operation("list", args, root, default_until=0)
+    job_id, action = parts[1], (parts[2] if len(parts) == 3 else None)
+    if method == "GET" and action in (None, "tail", "wait"):
+        types = {None: {}, "tail": {"lines": int, "max_bytes": int},
+                 "wait": {"until": float, "max_bytes": int}}[action]
+        args = dict(_query_args(query, types), job_id=job_id)
+        return _call_operation(action or "status", args, root, default_until=DEFAULT_WAIT_UNTIL_S)
+    if method == "POST" and action == "kill":
+        return _call_operation("kill", dict(read_body(), job_id=job_id), root, default_until=0)
+    if method == "DELETE" and action is None:
+        return _delete_doc(resolve_root(root), job_id, False)
+    raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
 
 
 def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
@@ -3423,6 +3430,100 @@ def _add_observe_options(p, default_until: float) -> None:
                    help="stream the job's output live until it ends (instead of a JSON document)")
 
 
+def _run_options(p) -> None:
+    _add_definition_options(p)
+    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
+    p.add_argument("argv", nargs="...", metavar="-- CMD ...")
+
+
+def _create_options(p) -> None:
+    _add_definition_options(p)
+    p.add_argument("argv", nargs="...", metavar="-- CMD ...")
+
+
+def _start_options(p) -> None:
+    p.add_argument("job")
+    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
+
+
+def _restart_options(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--signal", default="TERM", help="signal that stops the running tree (default TERM)")
+    p.add_argument("--kill-after", default=str(DEFAULT_KILL_AFTER_S), metavar="S",
+                   help="then KILL what is left after S seconds (default 5)")
+    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
+
+
+def _job_only_options(p) -> None:
+    p.add_argument("job")
+
+
+def _wait_options(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--until", default=str(DEFAULT_WAIT_UNTIL_S), metavar="S",
+                   help="wait at most S seconds (default 30)")
+    p.add_argument("--forever", action="store_true", help="no deadline")
+    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B",
+                   help="output excerpt size per stream (default 64k)")
+    p.add_argument("--exit-code", action="store_true", help="exit with the job's exit code")
+
+
+def _tail_options(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--lines", default=str(DEFAULT_TAIL_LINES), metavar="N", help="lines per stream (default 50)")
+    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", help="bytes per stream (default 64k)")
+    p.add_argument("--follow", "-f", action="store_true", help="stream raw output until the job ends")
+    p.add_argument("--exit-code", action="store_true", help="with --follow: exit with the job's exit code")
+
+
+def _kill_options(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--signal", "-s", default="TERM", help="TERM (default), INT, KILL, HUP, QUIT, USR1, ...")
+    p.add_argument("--kill-after", metavar="S", help="then KILL whatever is left after S seconds")
+    p.add_argument("--no-wait", action="store_true", help="do not observe the result")
+
+
+def _list_options(p, with_state: bool = True) -> None:
+    if with_state:
+        p.add_argument("--state", choices=[s.value for s in JobStatus])
+    p.add_argument("--limit", default=str(DEFAULT_LIST_LIMIT), metavar="N", help="at most N jobs (default 50)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--cwd", help="jobs started in this directory (default: the current one)")
+    scope.add_argument("--all", action="store_true", help="jobs of every directory")
+    p.add_argument("--tag", action="append", default=[], metavar="PATTERN", help="a.b or a.* (repeat = AND)")
+
+
+def _delete_options(p) -> None:
+    p.add_argument("job", nargs="?")
+    p.add_argument("--all", action="store_true", help="every finished job of the current directory")
+    p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+
+
+def _gc_options(p) -> None:
+    p.add_argument("--older-than", default="30d", metavar="AGE", help="finished longer ago than AGE (default 30d)")
+    p.add_argument("--max-jobs", metavar="N", help="keep at most N finished jobs (oldest go first)")
+    p.add_argument("--max-bytes", metavar="B", help="keep at most B bytes of finished jobs")
+    p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+
+
+def _serve_options(p) -> None:
+    p.add_argument("--bind", default="127.0.0.1:19263", metavar="HOST:PORT", help="default 127.0.0.1:19263")
+
+
+def _tag_options(p) -> None:
+    tag_commands = p.add_subparsers(dest="tag_command", metavar="set", parser_class=type(p))
+    tag_commands.required = True
+    p = tag_commands.add_parser("set", help="replace a job's tags")
+    _add_global_options(p, suppress=True)
+    p.add_argument("job")
+    p.add_argument("--tag", action="append", default=[], help="a tag (repeatable; none clears them)")
+    p.set_defaults(handler=_cmd_tag)
+
+
+def _no_options(p) -> None:
+    return None
+
+
 class _SkippedParser:
     """Stands in for the subparsers of commands not being run: argparse spends
     most of its set-up time on options, so only the wanted command gets them."""
@@ -3470,72 +3571,8 @@ def _build_parser(wanted: Optional[str] = None):
         p.set_defaults(handler=handler)
         return p
 
-    p = command("run", _cmd_run, "define and launch a job, then observe it")
-    _add_definition_options(p)
-    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
-    p = command("create", _cmd_create, "define a job without starting it")
-    _add_definition_options(p)
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
-    p = command("start", _cmd_start, "launch a created job")
-    p.add_argument("job")
-    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
-    p = command("restart", _cmd_restart, "stop the job if it runs, then run it again under the same id")
-    p.add_argument("job")
-    p.add_argument("--signal", default="TERM", help="signal that stops the running tree (default TERM)")
-    p.add_argument("--kill-after", default=str(DEFAULT_KILL_AFTER_S), metavar="S")
-    _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
-    p = command("status", _cmd_status, "show a job's state")
-    p.add_argument("job")
-    p = command("wait", _cmd_wait, "wait until a job finishes")
-    p.add_argument("job")
-    p.add_argument("--until", default=str(DEFAULT_WAIT_UNTIL_S), metavar="S",
-                   help="wait at most S seconds (default 30)")
-    p.add_argument("--forever", action="store_true", help="no deadline")
-    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B")
-    p.add_argument("--exit-code", action="store_true", help="exit with the job's exit code")
-    p = command("tail", _cmd_tail, "show the end of a job's output")
-    p.add_argument("job")
-    p.add_argument("--lines", default=str(DEFAULT_TAIL_LINES), metavar="N", help="lines per stream (default 50)")
-    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", help="bytes per stream (default 64k)")
-    p.add_argument("--follow", "-f", action="store_true", help="stream raw output until the job ends")
-    p.add_argument("--exit-code", action="store_true", help="with --follow: exit with the job's exit code")
-    p = command("kill", _cmd_kill, "signal a job's whole process tree")
-    p.add_argument("job")
-    p.add_argument("--signal", "-s", default="TERM", help="TERM (default), INT, KILL, HUP, QUIT, USR1, ...")
-    p.add_argument("--kill-after", metavar="S", help="then KILL whatever is left after S seconds")
-    p.add_argument("--no-wait", action="store_true", help="do not observe the result")
-    for name, aliases, handler, text in (("list", (), _cmd_list, "list jobs, newest first"),
-                                         ("ps", (), _cmd_ps, "list running jobs")):
-        p = command(name, handler, text, aliases)
-        if name == "list":
-            p.add_argument("--state", choices=[s.value for s in JobStatus])
-        p.add_argument("--limit", default=str(DEFAULT_LIST_LIMIT), metavar="N")
-        scope = p.add_mutually_exclusive_group()
-        scope.add_argument("--cwd", help="jobs started in this directory (default: the current one)")
-        scope.add_argument("--all", action="store_true", help="jobs of every directory")
-        p.add_argument("--tag", action="append", default=[], metavar="PATTERN", help="a.b or a.* (repeat = AND)")
-    p = command("delete", _cmd_delete, "remove finished jobs", aliases=("rm",))
-    p.add_argument("job", nargs="?")
-    p.add_argument("--all", action="store_true", help="every finished job of the current directory")
-    p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
-    p = command("gc", _cmd_gc, "remove old finished jobs across the whole root")
-    p.add_argument("--older-than", default="30d", metavar="AGE", help="finished longer ago than AGE (default 30d)")
-    p.add_argument("--max-jobs", metavar="N", help="keep at most N finished jobs (oldest go first)")
-    p.add_argument("--max-bytes", metavar="B", help="keep at most B bytes of finished jobs")
-    p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
-    command("schema", _cmd_schema, "print the JSON Schemas of every file and response")
-    command("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list)")
-    p = command("serve", _cmd_serve, "serve the HTTP API (loopback by default; JOBSTATE_SERVE_TOKEN guards it)")
-    p.add_argument("--bind", default="127.0.0.1:19263", metavar="HOST:PORT", help="default 127.0.0.1:19263")
-    p = command("tag", _cmd_tag, "manage tags")
-    tag_commands = p.add_subparsers(dest="tag_command", metavar="set", parser_class=Parser)
-    tag_commands.required = True
-    p = tag_commands.add_parser("set", help="replace a job's tags")
-    _add_global_options(p, suppress=True)
-    p.add_argument("job")
-    p.add_argument("--tag", action="append", default=[])
-    p.set_defaults(handler=_cmd_tag)
+    for name, handler, text, aliases, add_options in _COMMANDS:
+        add_options(command(name, handler, text, aliases))
     return parser
 
 
@@ -3739,6 +3776,29 @@ def _cmd_tag(ns):
     job = open_job(ns.job, ns.root)
     tags = job.set_tags(ns.tag)
     return _envelope("tag", {"job_id": job.id, "tags": tags}), 0
+
+
+# name, handler, one-line purpose, aliases, options
+_COMMANDS = (
+    ("run", _cmd_run, "define and launch a job, then observe it", (), _run_options),
+    ("create", _cmd_create, "define a job without starting it", (), _create_options),
+    ("start", _cmd_start, "launch a created job", (), _start_options),
+    ("restart", _cmd_restart, "stop the job if it runs, then run it again under the same id", (), _restart_options),
+    ("status", _cmd_status, "show a job's state", (), _job_only_options),
+    ("wait", _cmd_wait, "wait until a job finishes", (), _wait_options),
+    ("tail", _cmd_tail, "show the end of a job's output", (), _tail_options),
+    ("kill", _cmd_kill, "signal a job's whole process tree", (), _kill_options),
+    ("list", _cmd_list, "list jobs, newest first", (), _list_options),
+    ("ps", _cmd_ps, "list running jobs", (), lambda p: _list_options(p, with_state=False)),
+    ("delete", _cmd_delete, "remove finished jobs", ("rm",), _delete_options),
+    ("gc", _cmd_gc, "remove old finished jobs across the whole root", (), _gc_options),
+    ("schema", _cmd_schema, "print the JSON Schemas of every file and response", (), _no_options),
+    ("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list)",
+     (), _no_options),
+    ("serve", _cmd_serve, "serve the HTTP API (loopback by default; JOBSTATE_SERVE_TOKEN guards it)", (),
+     _serve_options),
+    ("tag", _cmd_tag, "manage tags", (), _tag_options),
+)
 
 
 _EXAMPLES = {
