@@ -9,19 +9,23 @@ process that outlives the caller, and recorded on disk in one directory per
 job.  Any later process can see it, wait for it, read its output and stop its
 whole process tree.
 
-Public API (the CLI is a thin layer over it):
+Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
     run(argv, ...) -> Job        define and launch a job
     create(argv, ...) -> Job     define a job without launching it
     open_job(id_or_prefix) -> Job
     list_jobs(...) -> [JobSummary]
-    Job                          .state() .wait() .tail() .kill() .start() .restart() .delete()
-    JobState, JobStatus, Tail, KillResult, JobSummary
+    gc(...) -> GcReport          remove old finished jobs
+    Job                          .state() .wait() .tail() .kill() .start() .restart() .delete() .set_tags()
+    JobState, JobStatus, JobSpec, Tail, KillResult, JobSummary, GcReport
     JobError and its subclasses (each has a stable .code)
+    main(argv) -> int            the CLI
 
 CLI:
-    python jobstate.py [--root PATH] [--pretty] COMMAND ...
-    commands: run create start restart status wait tail kill list ps delete rm gc tag schema
+    python jobstate.py [--root PATH] [--pretty] [--format json|text] COMMAND ...
+    commands: run create start restart status wait tail kill list ps delete (rm) gc tag schema mcp serve
     Every command prints one JSON object on stdout.  `python jobstate.py --help`.
+
+Map of this file: `grep -n '^# [0-9]' jobstate.py`.
 """
 
 # ---------------------------------------------------------------------------

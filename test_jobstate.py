@@ -1772,7 +1772,9 @@ def validate(instance, schema, path="$"):
 
 class LifecycleTests(JobTestCase):
     def test_restart_keeps_the_complete_definition(self):
-        code = "import os, sys; print(os.environ['SECRET'], sys.stdin.read(), flush=True)"
+        # Bytes, not print(): a text stdout writes "\r\n" on Windows.
+        code = ("import os, sys\n"
+                "sys.stdout.buffer.write(b'%s %s\\n' % (os.environ['SECRET'].encode(), sys.stdin.buffer.read()))\n")
         job = self.run_job(py(code), env={"SECRET": "s3"}, masks=["SECRET"], stdin="input")
         first = job.wait(10)
         self.assertEqual(job.tail().stdout, "s3 input\n")
