@@ -621,6 +621,22 @@ def _rmtree(path: str, ignore_errors: bool = False) -> None:
     shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
+def _write_parts(fd: int, parts: List[bytes]) -> None:
+    """Write several buffers in order, with one system call where the platform has writev."""
+    if not hasattr(os, "writev"):
+        for part in parts:
+            _write_all(fd, part)
+        return
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -1741,10 +1757,13 @@ class _FullLog:
             elif label != self.last_label:
                 parts += [b"\n", prefix]
             ends_line = chunk.endswith(b"\n")
-            body = chunk[:-1] if ends_line else chunk
-            parts += [body.replace(b"\n", b"\n" + prefix), b"\n" if ends_line else b""]
+            if chunk.find(b"\n", 0, len(chunk) - 1) < 0:
+                parts.append(chunk)  # no line starts inside: write it as it is, without a copy
+            else:
+                body = chunk[:-1] if ends_line else chunk
+                parts += [body.replace(b"\n", b"\n" + prefix), b"\n" if ends_line else b""]
             self.at_line_start, self.last_label = ends_line, label
-            _write_all(self.fd, b"".join(parts))
+            _write_parts(self.fd, parts)
 
 
 class _Supervisor:
