@@ -1711,15 +1711,16 @@ class _WindowsProcessLayer:
 
     def replace(self, src: str, dst: str) -> None:
         # A reader that has dst open without FILE_SHARE_DELETE makes the rename
-        # fail with PermissionError; readers hold files only briefly, so retry.
-        for attempt in range(10):
+        # fail with PermissionError; readers hold files only briefly, so retry
+        # for up to about 2 s (a busy poller can hold the file at every try).
+        for attempt in range(50):
             try:
                 os.replace(src, dst)
                 return
             except PermissionError:
-                if attempt == 9:
+                if attempt == 49:
                     raise
-                time.sleep(0.01 * (attempt + 1))
+                time.sleep(min(0.05, 0.005 * (attempt + 1)))
 
 
 _process_layer = _WindowsProcessLayer() if _WINDOWS else _PosixProcessLayer()
@@ -3262,6 +3263,9 @@ def _make_http_handler(root: Optional[str], token: Optional[str]):
             except ValueError:
                 length = -1
             if length < 0 or length > _HTTP_MAX_BODY:
+                # Read (a bounded amount of) what the client is sending, so it
+                # gets our 413 instead of a broken pipe; then hang up.
+                self.rfile.read(min(max(length, 0), 8 * _HTTP_MAX_BODY))
                 self.close_connection = True
                 raise _PayloadTooLargeError("request body over %d bytes" % _HTTP_MAX_BODY)
             raw = self.rfile.read(length) if length else b"{}"
