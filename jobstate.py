@@ -2058,8 +2058,8 @@ def _supervise_main(args: List[str]) -> int:
     lock = _JobLock(paths)
     if lock_fd >= 0:
         lock.fd = lock_fd  # inherited from the launcher, already locked: the hand-over has no gap
-    elif not lock.acquire(blocking=False):
-        sys.stderr.write("%s: another supervisor holds the job lock\n" % _utc_now())
+    elif not _take_lock_after_launcher(paths, lock):
+        sys.stderr.write("%s: the job lock stays taken: another supervisor runs this job\n" % _utc_now())
         return 1
     supervisor = _Supervisor(paths)
     try:
@@ -2075,6 +2075,20 @@ def _supervise_main(args: List[str]) -> int:
     lock.release()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _take_lock_after_launcher(paths: JobPaths, lock: _JobLock, timeout_s: float = 3.0) -> bool:
+    """Where the lock cannot be handed over (Windows), take it ourselves.
+
+    Readers probe the lock for an instant (stale checks, waits), so a first
+    refusal means little: retry while the job is still waiting to be started.
+    """
+    deadline = _deadline(timeout_s)
+    while not lock.acquire(blocking=False):
+        if _remaining(deadline) == 0 or read_state(paths).status is not JobStatus.CREATED:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _record_supervisor_crash(paths: JobPaths, exc: Exception) -> None:
