@@ -222,6 +222,14 @@ class Failure:
 
 
 @dataclass
+class _Proc:
+    """One process identity: a pid is only trusted together with its start-time token."""
+
+    pid: int
+    token: str
+
+
+@dataclass
 class JobState:
     """The content of state.json.  `to_dict`/`from_dict` are the only code that knows its keys."""
 
@@ -235,6 +243,7 @@ class JobState:
     supervisor_pid: Optional[int] = None
     pid_token: Optional[str] = None
     logs_drained: Optional[bool] = None
+    leftovers: List[_Proc] = field(default_factory=list)  # where trees cannot be found again later
     extra: Dict[str, object] = field(default_factory=dict)  # keys of other versions, kept on rewrite
 
     @property
@@ -278,6 +287,8 @@ class JobState:
         for key in ("supervisor_pid", "pid_token", "logs_drained"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
+        if self.leftovers:
+            doc["leftovers"] = [{"pid": p.pid, "token": p.token} for p in self.leftovers]
         return doc
 
     @classmethod
@@ -290,7 +301,10 @@ class JobState:
             raise ValueError("'job' or 'result' is not an object")
         error = doc.get("error")
         known = {"job", "result", "pid", "finished_at", "updated_at", "windows_job_name", "error",
-                 "supervisor_pid", "pid_token", "logs_drained"}
+                 "supervisor_pid", "pid_token", "logs_drained", "leftovers"}
+        leftovers = doc.get("leftovers") or []
+        if not isinstance(leftovers, list) or not all(isinstance(p, dict) for p in leftovers):
+            raise ValueError("'leftovers' is not a list of objects")
         return cls(
             job=JobInfo(id=_typed(job.get("id"), str, "job.id", required=True),
                         status=JobStatus(job.get("status")),
@@ -308,6 +322,8 @@ class JobState:
             supervisor_pid=_typed(doc.get("supervisor_pid"), int, "supervisor_pid"),
             pid_token=_typed(doc.get("pid_token"), str, "pid_token"),
             logs_drained=_typed(doc.get("logs_drained"), bool, "logs_drained"),
+            leftovers=[_Proc(_typed(p.get("pid"), int, "leftovers.pid", required=True),
+                             _typed(p.get("token"), str, "leftovers.token", required=True)) for p in leftovers],
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
@@ -810,14 +826,6 @@ def _read_kill_request(paths: JobPaths) -> Optional[str]:
 
 
 @dataclass
-class _Proc:
-    """One process identity: a pid is only trusted together with its start-time token."""
-
-    pid: int
-    token: str
-
-
-@dataclass
 class _Child:
     """The job's main process, as seen by its supervisor."""
 
@@ -842,11 +850,16 @@ class _TreeRef:
     @classmethod
     def from_state(cls, state: JobState) -> "_TreeRef":
         return cls(state.job_id, state.pid, state.pid_token, state.supervisor_pid,
-                   state.windows_job_name)
+                   state.windows_job_name, list(state.leftovers))
 
 
 class _PosixProcessLayer:
     """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
+
+    # Linux finds a finished job's leftovers again through the environment
+    # marker; macOS cannot read other processes' environments, so the
+    # supervisor writes them down when the main process exits.
+    records_leftovers = not _LINUX
 
     def default_root(self) -> str:
         return os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
@@ -1329,6 +1342,9 @@ class _WindowsProcessLayer:
     # The launcher cannot hand its LockFileEx lock to the supervisor, so the
     # supervisor takes the job lock itself.
     hands_over_lock = False
+    # The job's name dies with the supervisor's handle (NOTES.md W5), so the
+    # supervisor writes down what is still running when the main process exits.
+    records_leftovers = True
 
     def release_supervisor(self, popen: subprocess.Popen) -> None:
         return None  # no zombies on Windows; the handle closes with the Popen object
@@ -1922,10 +1938,13 @@ class _Supervisor:
         self.log("timeout of %gs reached; stopping the process tree" % spec.timeout_s)
         self._stop_tree(spec.kill_after_s)
 
+    def _tree_ref(self) -> _TreeRef:
+        return _TreeRef(self.paths.job_id, self.child.pid, self.child.token, os.getpid(),
+                        self.child.windows_job_name)
+
     def _stop_tree(self, kill_after_s: float) -> None:
         """TERM the tree, then KILL whatever is left after kill_after_s (0 = KILL at once)."""
-        ref = _TreeRef(self.paths.job_id, self.child.pid, self.child.token, os.getpid(),
-                       self.child.windows_job_name)
+        ref = self._tree_ref()
         for name, grace in (("TERM", kill_after_s), ("KILL", 0.0)):
             if name == "TERM" and kill_after_s == 0:
                 continue
@@ -1947,6 +1966,8 @@ class _Supervisor:
             state.result.signal = self.last_signal if self.timed_out else requested
         else:
             state.job.status, state.result.exit_code = JobStatus.EXITED, code
+        if getattr(_process_layer, "records_leftovers", False):
+            state.leftovers = _process_layer.find_tree(self._tree_ref())
         write_state(self.paths, state)
 
 

@@ -739,13 +739,15 @@ class WindowsProcessTests(JobTestCase):
         for pid, handle in zip(pids, handles):
             self.assertTrue(win_exited(handle, 10), "pid %d survived the kill" % pid)
 
-    @unittest.skipUnless(under_wine(), "finds leftovers through the job's name after the supervisor "
-                         "exited, which only Wine keeps (NOTES.md W5); Windows drops the name")
     def test_kill_leftovers_of_an_exited_job(self):
+        # Windows drops the job's name with the supervisor's handle (Wine keeps it,
+        # NOTES.md W5), so the leftovers are found through the record in state.json.
         job = self.run_job(py(WIN_LEAVES_ORPHAN))
         state = job.wait(10)
         self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
-        handle, = win_handles(self, [int(self.ready_line(job)[0])])
+        orphan = int(self.ready_line(job)[0])
+        self.assertIn(orphan, [p.pid for p in state.leftovers])
+        handle, = win_handles(self, [orphan])
         self.assertFalse(win_exited(handle))
         result = job.kill("TERM")
         self.assertEqual((result.state.status, result.state.exit_code), (jobstate.JobStatus.EXITED, 0))
