@@ -2513,35 +2513,44 @@ def _read_ack(stream, timeout_s: float) -> Optional[bool]:
 
 
 def _delete_job(paths: JobPaths) -> None:
-    """Remove a job directory that no supervisor holds (never through a symlink)."""
+    """Remove a job directory that no supervisor holds (never through a symlink).
+
+    The directory is first renamed out of the way, so the job disappears at
+    once for every reader instead of going through half-deleted states.
+    """
     if not _is_real_dir(paths.dir):
         raise JobNotFoundError(paths.job_id, paths.root)
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
             raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
+        tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
         try:
-            state = read_state(paths)
-            if state.status is JobStatus.RUNNING:
-                state = _reconcile(paths, state)
-        except StateFileError:
-            pass  # an unreadable job can still be deleted
+            os.rename(paths.dir, tomb)
+        except FileNotFoundError:
+            raise JobNotFoundError(paths.job_id, paths.root) from None
+        except OSError:  # Windows cannot rename a directory holding an open file (our lock)
+            tomb = None
         try:
-            # Everything but the lock while we hold it, then the lock file once it
-            # is closed: Windows cannot delete a file that is open.
-            for name in os.listdir(paths.dir):
-                path = os.path.join(paths.dir, name)
-                if path == paths.lock:
-                    continue
-                if os.path.isdir(path) and not os.path.islink(path):
-                    _rmtree(path)
-                else:
-                    os.unlink(path)
+            if tomb is None:
+                _empty_job_dir(paths)
             lock.release()
-            _rmtree(paths.dir)
+            _rmtree(tomb or paths.dir)
         except FileNotFoundError:
             raise JobNotFoundError(paths.job_id, paths.root) from None
         except OSError as exc:
             raise JobIOError("cannot delete %s: %s" % (paths.dir, exc)) from None
+
+
+def _empty_job_dir(paths: JobPaths) -> None:
+    """Everything but the lock, which we hold: Windows cannot delete an open file."""
+    for name in os.listdir(paths.dir):
+        path = os.path.join(paths.dir, name)
+        if path == paths.lock:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            _rmtree(path)
+        else:
+            os.unlink(path)
 
 
 def _check_state_name(state: Optional[str]) -> None:
@@ -2631,7 +2640,7 @@ def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optiona
     for job_id, finished, size in terminal:
         if job_id in doomed:
             deleted.append(_gc_one(JobPaths(root, job_id), finished < cutoff, size, dry_run))
-    _remove_abandoned_staging(root, dry_run)
+    _remove_abandoned_dirs(root, dry_run)
     done = [d for d in deleted if d["action"] in ("deleted", "would_delete")]
     return GcReport(deleted, len(terminal) - len(done), sum(d["bytes"] for d in done), dry_run)
 
@@ -2673,10 +2682,11 @@ def _gc_one(paths: JobPaths, expired: bool, size: int, dry_run: bool) -> dict:
     return result
 
 
-def _remove_abandoned_staging(root: str, dry_run: bool) -> None:
-    """Delete `.new-<id>` directories that a crashed create() left for over an hour."""
+def _remove_abandoned_dirs(root: str, dry_run: bool) -> None:
+    """Delete `.new-<id>` and `.deleted-<id>` directories that a crashed create()
+    or delete left behind for over an hour."""
     try:
-        names = [n for n in os.listdir(root) if n.startswith(".new-")]
+        names = [n for n in os.listdir(root) if n.startswith((".new-", ".deleted-"))]
     except OSError:
         return
     for name in names:
