@@ -778,6 +778,7 @@ class _JobLock:
     def release(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
+            _process_layer.unlock(fd)
             os.close(fd)  # closing drops the lock
 
     def __enter__(self):
@@ -888,6 +889,12 @@ class _PosixProcessLayer:
             return True
         except BlockingIOError:
             return False
+
+    def unlock(self, fd: int) -> None:
+        # Nothing to do before the close: and an explicit LOCK_UN would be
+        # wrong, since the launcher shares its lock's open file description
+        # with the supervisor it hands the lock to.
+        return None
 
     def replace(self, src: str, dst: str) -> None:
         os.replace(src, dst)
@@ -2337,14 +2344,14 @@ class Job:
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
-        with _meta_lock(self.paths):
+        with _MetaLock(self.paths):
             spec = read_spec(self.paths)
             spec.tags = tags
             _write_json_atomic(self.paths.meta, spec.to_dict())
         return tags
 
 
-class _meta_lock:
+class _MetaLock:
     """Serializes read-modify-write of meta.json (tags) between processes."""
 
     def __init__(self, paths: JobPaths):
@@ -2357,6 +2364,7 @@ class _meta_lock:
         return self
 
     def __exit__(self, *exc):
+        _process_layer.unlock(self.fd)
         os.close(self.fd)
 
 
@@ -2740,6 +2748,7 @@ def _auto_gc(root: str) -> None:
     except (OSError, JobError):  # housekeeping only: the launch already succeeded
         pass
     finally:
+        _process_layer.unlock(fd)
         os.close(fd)
 
 # ---------------------------------------------------------------------------
