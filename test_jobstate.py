@@ -140,6 +140,20 @@ class JobTestCase(unittest.TestCase):
             except jobstate.JobError:
                 pass
 
+    def assert_bystander_survives(self, bystander, token):
+        """A stale state that names an unrelated live process (a recycled pid,
+        with another start time) must never get it signalled."""
+        for status in ("exited", "running"):
+            job = jobstate.create(py("pass"), root=self.root)
+            with open(job.paths.state) as f:
+                doc = json.load(f)
+            doc["job"]["status"] = status
+            doc.update(pid=bystander.pid, pid_token=token, supervisor_pid=bystander.pid)
+            jobstate._write_json_atomic(job.paths.state, doc)
+            result = job.kill("KILL")
+            self.assertEqual(result.processes_signalled, 0)
+            self.assertIsNone(bystander.poll(), "the unrelated process was killed")
+
     def run_job(self, argv, **kw):
         return jobstate.run(argv, root=self.root, **kw)
 
@@ -590,15 +604,7 @@ class PosixProcessTests(JobTestCase):
         bystander = subprocess.Popen(["sleep", "60"])
         self.addCleanup(bystander.wait)
         self.addCleanup(bystander.kill)
-        for status in ("exited", "running"):
-            job = jobstate.create(["true", "x"], root=self.root)
-            doc = json.load(open(job.paths.state))
-            doc["job"]["status"] = status
-            doc.update(pid=bystander.pid, pid_token="0:bogus", supervisor_pid=bystander.pid)
-            jobstate._write_json_atomic(job.paths.state, doc)
-            result = job.kill("KILL")
-            self.assertEqual(result.processes_signalled, 0)
-            self.assertIsNone(bystander.poll(), "the unrelated process was killed")
+        self.assert_bystander_survives(bystander, token="0:bogus")
 
     def test_invalid_signal_sends_nothing(self):
         job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
@@ -783,16 +789,7 @@ class WindowsProcessTests(JobTestCase):
         bystander = subprocess.Popen(py("import time; time.sleep(60)"), stdin=subprocess.DEVNULL)
         self.addCleanup(bystander.wait)
         self.addCleanup(bystander.kill)
-        for status in ("exited", "running"):
-            job = jobstate.create(py("pass"), root=self.root)
-            with open(job.paths.state) as f:
-                doc = json.load(f)
-            doc["job"]["status"] = status
-            doc.update(pid=bystander.pid, pid_token="12345", supervisor_pid=bystander.pid)
-            jobstate._write_json_atomic(job.paths.state, doc)
-            result = job.kill("KILL")
-            self.assertEqual(result.processes_signalled, 0)
-            self.assertIsNone(bystander.poll(), "the unrelated process was killed")
+        self.assert_bystander_survives(bystander, token="12345")
 
     def test_timeout_term_is_recorded(self):
         job = self.run_job(py("import time; time.sleep(60)"), timeout_s="0.2")
