@@ -661,8 +661,7 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _read_json(path: str):
-    with open(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
+    return json.loads(_process_layer.read_bytes(path).decode("utf-8"))
 
 
 def read_state(paths: JobPaths) -> JobState:
@@ -889,6 +888,10 @@ class _PosixProcessLayer:
             return True
         except BlockingIOError:
             return False
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
 
     def unlock(self, fd: int) -> None:
         # Nothing to do before the close: and an explicit LOCK_UN would be
@@ -1731,6 +1734,18 @@ class _WindowsProcessLayer:
             # Windows reports ERROR_NOT_LOCKED, Wine 8 ERROR_LOCK_VIOLATION.
             if getattr(exc, "winerror", None) not in (_WIN_ERROR_NOT_LOCKED, _WIN_ERROR_LOCK_VIOLATION):
                 raise
+
+    def read_bytes(self, path: str) -> bytes:
+        # While a writer's os.replace swaps the file in, opening it can fail
+        # with access denied for a moment: retry briefly (about 1 s at most).
+        for attempt in range(40):
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except PermissionError:
+                if attempt == 39:
+                    raise
+                time.sleep(min(0.05, 0.002 * (attempt + 1)))
 
     def replace(self, src: str, dst: str) -> None:
         # A reader that has dst open without FILE_SHARE_DELETE makes the rename

@@ -1455,6 +1455,21 @@ class WindowsLayerFakeTests(unittest.TestCase):
             self.layer.replace("a", "b")
         self.assertEqual(outcomes, [])
 
+    def test_read_retries_while_a_writer_replaces_the_file(self):
+        path = os.path.join(tempfile.mkdtemp(), "state.json")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        with open(path, "wb") as f:
+            f.write(b"{}")
+        real_open, denials = open, [PermissionError(13, "pending replace")] * 2
+
+        def flaky_open(*args, **kwargs):
+            if denials:
+                raise denials.pop()
+            return real_open(*args, **kwargs)
+        with unittest.mock.patch("builtins.open", flaky_open), unittest.mock.patch.object(time, "sleep"):
+            self.assertEqual(self.layer.read_bytes(path), b"{}")
+        self.assertEqual(denials, [])
+
     def test_replace_gives_up_after_bounded_retries(self):
         calls = []
 
