@@ -30,6 +30,9 @@ bench:
 WINE_SERIES ?= 3.8 3.12
 WINE_TIMEOUT ?= 600
 
+# Wine itself fails now and then (CreateProcess "WinError 1359 Internal error" was
+# seen once in about ten runs), so a failed suite runs once more; both results are
+# printed, and the target fails unless the second run passes.
 test-windows:
 	@root="$${JOBSTATE_WINE_ROOT:-$${XDG_CACHE_HOME:-$$HOME/.cache}/jobstate-wine}"; \
 	for v in $(WINE_SERIES); do \
@@ -37,18 +40,23 @@ test-windows:
 	done; \
 	status=0; summary=""; \
 	for v in $(WINE_SERIES); do \
-	    echo "== test_jobstate.py in Windows CPython $$v under Wine"; \
-	    out="$$(mktemp)"; err="$$(mktemp)"; \
-	    env -u JOBSTATE_ROOT -u JOBSTATE_MCP_PYTHON timeout -k 10 $(WINE_TIMEOUT) \
-	        "$$root/bin/winpython$$v" test_jobstate.py </dev/null >"$$out" 2>"$$err"; \
-	    rc=$$?; \
-	    tr -d '\r' <"$$err"; tr -d '\r' <"$$out"; \
-	    last="$$(tr -d '\r' <"$$out" | grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$$' | tail -n 1)"; \
-	    rm -f "$$out" "$$err"; \
-	    [ -n "$$last" ] || last="no summary line (exit status $$rc)"; \
-	    case $$rc in 124|137) last="no result within $(WINE_TIMEOUT)s (a Wine process kept the run open)";; esac; \
-	    echo "$$last" | grep -Eq '^[0-9]+ passed, 0 failed, [0-9]+ skipped$$' && [ $$rc -eq 0 ] || status=1; \
-	    summary="$$summary$$(printf '\nWindows CPython %s: %s' "$$v" "$$last")"; \
+	    for attempt in 1 2; do \
+	        echo "== test_jobstate.py in Windows CPython $$v under Wine (run $$attempt)"; \
+	        out="$$(mktemp)"; err="$$(mktemp)"; \
+	        env -u JOBSTATE_ROOT -u JOBSTATE_MCP_PYTHON timeout -k 10 $(WINE_TIMEOUT) \
+	            "$$root/bin/winpython$$v" test_jobstate.py </dev/null >"$$out" 2>"$$err"; \
+	        rc=$$?; \
+	        tr -d '\r' <"$$err"; tr -d '\r' <"$$out"; \
+	        last="$$(tr -d '\r' <"$$out" | grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$$' | tail -n 1)"; \
+	        rm -f "$$out" "$$err"; \
+	        [ -n "$$last" ] || last="no summary line (exit status $$rc)"; \
+	        case $$rc in 124|137) last="no result within $(WINE_TIMEOUT)s (a Wine process kept the run open)";; esac; \
+	        summary="$$summary$$(printf '\nWindows CPython %s, run %s: %s' "$$v" "$$attempt" "$$last")"; \
+	        ok=0; echo "$$last" | grep -Eq '^[0-9]+ passed, 0 failed, [0-9]+ skipped$$' && [ $$rc -eq 0 ] && ok=1; \
+	        [ $$ok -eq 1 ] && break; \
+	        WINEPREFIX="$$root/prefix" wineserver -k 2>/dev/null || true; \
+	    done; \
+	    [ $$ok -eq 1 ] || status=1; \
 	done; \
 	WINEPREFIX="$$root/prefix" wineserver -k 2>/dev/null || true; \
 	printf '%s\n' "$$summary" | sed 1d; \
