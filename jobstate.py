@@ -1144,7 +1144,7 @@ _WIN_KILLED_EXIT_CODE = 1
 
 @functools.lru_cache(maxsize=None)
 def _win_types():
-    """Build the Win32 structs and prototypes.
+    """Build the Win32 structs (and, through _win_prototypes, the prototypes).
 
     Fields are fixed-width on purpose: ctypes.wintypes has 8-byte DWORD/LONG and
     4-byte WCHAR on Linux, and these classes must have their 64-bit Windows
@@ -1153,10 +1153,9 @@ def _win_types():
     import ctypes
     import types
 
-    DWORD, LONG, BOOL, UINT = ctypes.c_uint32, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint32
+    DWORD, LONG = ctypes.c_uint32, ctypes.c_int32
     SIZE_T = ULONG_PTR = ctypes.c_size_t
-    HANDLE = LPVOID = ctypes.c_void_p
-    LPCWSTR = ctypes.c_wchar_p
+    HANDLE = ctypes.c_void_p
     LARGE_INTEGER, ULONGLONG = ctypes.c_int64, ctypes.c_uint64
 
     class FILETIME(ctypes.Structure):
@@ -1202,6 +1201,22 @@ def _win_types():
             ("NumberOfAssignedProcesses", DWORD), ("NumberOfProcessIdsInList", DWORD),
             ("ProcessIdList", ULONG_PTR * max(1, n))]})
 
+    kernel32, ntdll = _win_prototypes(ctypes, FILETIME, PROCESSENTRY32W, THREADENTRY32, OVERLAPPED)
+    return types.SimpleNamespace(
+        byref=ctypes.byref, sizeof=ctypes.sizeof, pid_list=pid_list,
+        INVALID_HANDLE_VALUE=ctypes.c_void_p(-1).value,
+        FILETIME=FILETIME, IO_COUNTERS=IO_COUNTERS,
+        JOBOBJECT_BASIC_LIMIT_INFORMATION=JOBOBJECT_BASIC_LIMIT_INFORMATION,
+        JOBOBJECT_EXTENDED_LIMIT_INFORMATION=JOBOBJECT_EXTENDED_LIMIT_INFORMATION,
+        PROCESSENTRY32W=PROCESSENTRY32W, THREADENTRY32=THREADENTRY32, OVERLAPPED=OVERLAPPED,
+        kernel32=kernel32, ntdll=ntdll)
+
+
+def _win_prototypes(ctypes, FILETIME, PROCESSENTRY32W, THREADENTRY32, OVERLAPPED):
+    """kernel32's and ntdll's prototypes, as name: (restype, argtypes, failure test)."""
+    DWORD, LONG, BOOL, UINT = ctypes.c_uint32, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint32
+    HANDLE = LPVOID = ctypes.c_void_p
+    LPCWSTR = ctypes.c_wchar_p
     P = ctypes.POINTER
     # name: (restype, argtypes, failure test for the errcheck; None = checked by the caller)
     kernel32 = {
@@ -1233,14 +1248,7 @@ def _win_types():
     }
     # NTSTATUS result (0 = success), no last error: checked by the caller.
     ntdll = {"NtResumeProcess": (LONG, [HANDLE], None)}
-    return types.SimpleNamespace(
-        byref=ctypes.byref, sizeof=ctypes.sizeof, pid_list=pid_list,
-        INVALID_HANDLE_VALUE=ctypes.c_void_p(-1).value,
-        FILETIME=FILETIME, IO_COUNTERS=IO_COUNTERS,
-        JOBOBJECT_BASIC_LIMIT_INFORMATION=JOBOBJECT_BASIC_LIMIT_INFORMATION,
-        JOBOBJECT_EXTENDED_LIMIT_INFORMATION=JOBOBJECT_EXTENDED_LIMIT_INFORMATION,
-        PROCESSENTRY32W=PROCESSENTRY32W, THREADENTRY32=THREADENTRY32, OVERLAPPED=OVERLAPPED,
-        kernel32=kernel32, ntdll=ntdll)
+    return kernel32, ntdll
 
 
 def _win_failed(failure, result):
