@@ -48,7 +48,7 @@ from enum import Enum
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations stay strings (PEP 563), so `typing` is never loaded at run time
-    from typing import Dict, List, Optional, Sequence, Tuple
+    from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 __all__ = [
@@ -829,7 +829,7 @@ def _read_kill_request(paths: JobPaths) -> Optional[str]:
 class _Child:
     """The job's main process, as seen by its supervisor."""
 
-    popen: subprocess.Popen
+    popen: Optional[subprocess.Popen]  # None once a forked launch has exec'd its watcher
     pid: int
     token: Optional[str]
     windows_job_name: Optional[str] = None
@@ -923,12 +923,65 @@ class _PosixProcessLayer:
 
     def prepare_supervisor(self) -> None:
         """Detach for good: ignore terminal signals, leave the launcher, adopt orphans."""
-        for name in ("SIGHUP", "SIGINT", "SIGTTOU", "SIGTTIN"):
-            _signal.signal(getattr(_signal, name), _signal.SIG_IGN)
+        self._supervisor_signals()
         if os.fork() > 0:
             os._exit(0)
         if _LINUX:
             self._become_subreaper()
+
+    def _supervisor_signals(self) -> None:
+        for name in ("SIGHUP", "SIGINT", "SIGTTOU", "SIGTTIN"):
+            _signal.signal(getattr(_signal, name), _signal.SIG_IGN)
+        # A launcher that ignores SIGCHLD would have the kernel reap our child
+        # before we can read its exit status; a forked launch also inherits
+        # the launcher's own handlers.
+        for name in ("SIGCHLD", "SIGTERM"):
+            _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
+
+    def can_fork_supervisor(self) -> bool:
+        # Linux only: macOS system libraries are not fork-safe and could not be
+        # tested here.  Never with other threads running: one of them could
+        # hold a lock the forked copy needs.
+        return _LINUX and threading.active_count() == 1
+
+    def fork_supervisor(self, body: Callable[[], NoReturn], *, stdout: int, stderr: int) -> None:
+        """Run body() in a double-forked process in a new session, stdio on
+        /dev/null, stdout and stderr; returns in the caller once the intermediate
+        is reaped.  body never returns (os._exit or exec)."""
+        pid = os.fork()
+        if pid:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # SIGCHLD ignored here: the kernel reaped it already
+                pass
+            return
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                null = os.open(os.devnull, os.O_RDONLY)
+                for fd, target in ((null, 0), (stdout, 1), (stderr, 2)):
+                    os.dup2(fd, target)
+                for fd in {null, stdout, stderr} - {0, 1, 2}:
+                    os.close(fd)
+                self._supervisor_signals()
+                if _LINUX:
+                    self._become_subreaper()
+                body()
+        finally:
+            os._exit(0)  # the intermediate, and body if it ever returned or raised
+
+    def exec_keeping(self, argv: List[str], fds: List[int]) -> NoReturn:
+        """exec argv with only stdio and fds open (raises OSError if exec fails)."""
+        keep = set(fds) | {0, 1, 2}
+        for fd in map(int, os.listdir("/proc/self/fd")):  # the forked launcher may hold anything
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:  # the descriptor of that listing itself, closed already
+                    pass
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        os.execv(argv[0], argv)
 
     def _become_subreaper(self) -> None:
         # PR_SET_CHILD_SUBREAPER: double-forked daemons of the job re-parent to
@@ -971,7 +1024,8 @@ class _PosixProcessLayer:
                 return None, None
             if pid != child.pid:
                 continue
-            child.popen.returncode = status  # keeps Popen from waiting on it again
+            if child.popen is not None:
+                child.popen.returncode = status  # keeps Popen from waiting on it again
             if os.WIFSIGNALED(status):
                 return None, os.WTERMSIG(status)
             return os.WEXITSTATUS(status), None
@@ -1385,6 +1439,9 @@ class _WindowsProcessLayer:
 
     def fsync_dir(self, path: str) -> None:
         return None  # NTFS renames are journaled; directories cannot be fsynced
+
+    def can_fork_supervisor(self) -> bool:
+        return False  # no fork: the supervisor is always a new process
 
     def prepare_supervisor(self) -> None:
         # Nothing to do: detachment happened at creation (spawn_supervisor), and
@@ -1813,6 +1870,34 @@ class _FullLog:
             _write_parts(self.fd, parts)
 
 
+@dataclass
+class _Running:
+    """A started job, handed from the supervisor's start to its watch: in one
+    process, or across the exec of a forked launch (see _supervise_in_fork)."""
+
+    state: JobState
+    spec: JobSpec
+    child: _Child
+    pipes: Tuple[int, int]
+    logs: List[int]
+    started: float  # time.monotonic(): one clock for the whole system, so it survives exec
+
+    def fds(self) -> List[int]:
+        return [*self.pipes, *self.logs]
+
+    def encode(self) -> str:
+        """One argv word for the exec'd watcher; the rest it reads back from the job directory."""
+        return ",".join(str(fd) for fd in self.fds()) + "@%r" % self.started
+
+    @classmethod
+    def decode(cls, word: str, paths: JobPaths) -> "_Running":
+        fds, started = word.split("@")
+        out_r, err_r, *logs = (int(fd) for fd in fds.split(","))
+        state = read_state(paths)
+        child = _Child(None, state.pid, state.pid_token, state.windows_job_name)
+        return cls(state, read_spec(paths), child, (out_r, err_r), logs, float(started))
+
+
 class _Supervisor:
     """Runs inside the detached supervisor process: one job, start to finish."""
 
@@ -1828,11 +1913,19 @@ class _Supervisor:
         sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
         sys.stderr.flush()
 
-    def run(self) -> int:
+    def run(self) -> None:
+        """The whole life of the job in this process."""
+        running = self.start()
+        if running is not None:
+            self.watch(running)
+
+    def start(self) -> Optional["_Running"]:
+        """Start the child, record `running` and acknowledge; None when there is
+        nothing to watch (the job was not `created`, or it `failed` to start)."""
         state = read_state(self.paths)
         if state.status is not JobStatus.CREATED:
             self.log("job is %s, not created; nothing to do" % state.status.value)
-            return 1
+            return None
         spec = read_spec(self.paths)
         state.supervisor_pid = os.getpid()
         self._reserve_space()
@@ -1843,22 +1936,29 @@ class _Supervisor:
             self.log("cannot start the command: %s" % failure.message)
             state.job.status, state.error = JobStatus.FAILED, Failure(failure.stage, failure.message)
             state.finished_at, state.logs_drained = _utc_now(), True
+            self._release_space()
             write_state(self.paths, state)
             _acknowledge()
             _deliver_notifications(self.paths, spec, state)
-            return 0
+            return None
         started = time.monotonic()
-        self.child = child
-        pumps = self._start_pumps(pipes, logs)
         state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
         write_state(self.paths, state)
         _acknowledge()
+        return _Running(state, spec, child, pipes, logs, started)
+
+    def watch(self, running: "_Running") -> None:
+        """Copy the output, enforce the timeout, record the end: the rest of the job's life."""
+        state, spec = running.state, running.spec
+        self.child = running.child
+        pumps = self._start_pumps(running.pipes, running.logs)
         if spec.timeout_s:
-            threading.Thread(target=self._enforce_timeout, args=(spec,), daemon=True).start()
-        code, signum = _process_layer.wait_child(child)
+            timeout_s = spec.timeout_s - (time.monotonic() - running.started)
+            threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s), daemon=True).start()
+        code, signum = _process_layer.wait_child(running.child)
         self.exited.set()
-        self._record_end(state, code, signum, int((time.monotonic() - started) * 1000))
+        self._record_end(state, code, signum, int((time.monotonic() - running.started) * 1000))
         if spec.kill_orphans:
             self._stop_tree(spec.kill_after_s)
         deadline = _deadline(DRAIN_TIMEOUT_S)
@@ -1870,7 +1970,6 @@ class _Supervisor:
         self._release_space()
         write_state(self.paths, state)
         _deliver_notifications(self.paths, spec, state)
-        return 0
 
     def _spawn(self, spec: JobSpec):
         """Start the child with its output on pipes; _SpawnFailure says why it could not start."""
@@ -1961,8 +2060,8 @@ class _Supervisor:
     def _release_space(self) -> None:
         _unlink_quietly(self.paths.reserve)
 
-    def _enforce_timeout(self, spec: JobSpec) -> None:
-        if self.exited.wait(spec.timeout_s):
+    def _enforce_timeout(self, spec: JobSpec, timeout_s: float) -> None:
+        if self.exited.wait(max(timeout_s, 0.0)):
             return
         self.timed_out = True
         self.log("timeout of %gs reached; stopping the process tree" % spec.timeout_s)
@@ -2102,30 +2201,64 @@ def _notify_command(paths: JobPaths, command: str, line: str) -> dict:
 
 
 def _supervise_main(args: List[str]) -> int:
-    """Entry point of the re-executed supervisor: `_supervise ROOT JOB_ID LOCK_FD`."""
+    """Entry point of the re-executed supervisor: `_supervise ROOT JOB_ID LOCK_FD [RUNNING]`.
+
+    With RUNNING, a forked launch has already started the job (see
+    _supervise_in_fork) and this process only watches it.
+    """
     root, job_id, lock_fd = args[0], args[1], int(args[2])
     paths = JobPaths(root, job_id)
-    _process_layer.prepare_supervisor()
+    supervisor = _Supervisor(paths)
     lock = _JobLock(paths)
+    if len(args) > 3:
+        lock.fd = lock_fd
+        _supervise_to_the_end(supervisor, lock, lambda: supervisor.watch(_Running.decode(args[3], paths)))
+    _process_layer.prepare_supervisor()
     if lock_fd >= 0:
         lock.fd = lock_fd  # inherited from the launcher, already locked: the hand-over has no gap
     elif not _take_lock_after_launcher(paths, lock):
         sys.stderr.write("%s: the job lock stays taken: another supervisor runs this job\n" % _utc_now())
         return 1
+    _supervise_to_the_end(supervisor, lock, supervisor.run)
+
+
+def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
+    """The supervisor of a forked launch (POSIX), still in the launcher's image.
+
+    Starting the child and acknowledging from here saves the launcher the
+    start-up of a second interpreter; the watching is then handed to a fresh,
+    small interpreter by exec (same pid, so the child stays ours), which also
+    drops the launcher's memory.  If that exec fails, we watch from here.
+    """
     supervisor = _Supervisor(paths)
+
+    def start_then_hand_over():
+        running = supervisor.start()
+        if running is not None:
+            argv = [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, "_supervise", paths.root,
+                    paths.job_id, str(lock.fd), running.encode()]
+            try:
+                _process_layer.exec_keeping(argv, [lock.fd, *running.fds()])
+            except OSError as exc:
+                supervisor.log("cannot exec the watcher (%s); watching from the launch image" % exc)
+            supervisor.watch(running)
+
+    _supervise_to_the_end(supervisor, lock, start_then_hand_over)
+
+
+def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
     try:
-        status = supervisor.run()
+        body()
     except Exception as exc:  # record why, so the job reads `failed` with a reason, not a bare crash
         import traceback
         supervisor.log("internal error:\n" + traceback.format_exc())
-        _record_supervisor_crash(paths, exc)
-        status = 1
+        _record_supervisor_crash(supervisor.paths, exc)
     # Everything is on disk: release the lock now, which wakes every waiter,
     # and skip interpreter teardown (daemon pump threads may still be blocked
     # on a pipe held by a grandchild).
     lock.release()
     sys.stderr.flush()
-    os._exit(status)
+    os._exit(0)
 
 
 def _take_lock_after_launcher(paths: JobPaths, lock: _JobLock, timeout_s: float = 3.0) -> bool:
@@ -2494,23 +2627,17 @@ def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
 
 def _launch(paths: JobPaths, lock: _JobLock) -> None:
     """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
-    hand_over = getattr(_process_layer, "hands_over_lock", True)
-    argv = [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, "_supervise", paths.root,
-            paths.job_id, str(lock.fd if hand_over else -1)]
-    if not hand_over:
-        lock.release()
     log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
     try:
-        popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, lock_fd=lock.fd)
+        if _process_layer.can_fork_supervisor():
+            acknowledged = _launch_by_fork(paths, lock, log)
+        else:
+            acknowledged = _launch_by_spawn(paths, lock, log)
     except OSError as exc:
         raise LaunchError("cannot start the supervisor: %s" % exc,
                           hint="check process limits (ulimit -u) and that %s runs" % sys.executable) from None
     finally:
         os.close(log)
-    acknowledged = _read_ack(popen.stdout, LAUNCH_ACK_TIMEOUT_S)
-    if acknowledged is not None:
-        popen.stdout.close()
-        _process_layer.release_supervisor(popen)
     if acknowledged is False and read_state(paths).status is not JobStatus.CREATED:
         return  # it died after starting the child: a job (readers will see supervisor_lost)
     if not acknowledged:
@@ -2518,6 +2645,33 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
                           if acknowledged is None else "the supervisor exited before starting the job",
                           hint="see %s" % paths.supervisor_log,
                           details={"supervisor_log": paths.supervisor_log})
+
+
+def _launch_by_fork(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
+    """The supervisor starts the job as a fork of this process (~1 ms instead of
+    an interpreter start), then execs a fresh interpreter to watch it."""
+    ack_r, ack_w = os.pipe()
+    with open(ack_r, "rb", buffering=0) as ack:
+        try:
+            _process_layer.fork_supervisor(lambda: _supervise_in_fork(paths, lock), stdout=ack_w, stderr=log)
+        finally:
+            os.close(ack_w)
+        return _read_ack(ack, LAUNCH_ACK_TIMEOUT_S)
+
+
+def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
+    """The supervisor is a new interpreter from the start (Windows, or a launcher with threads)."""
+    hand_over = getattr(_process_layer, "hands_over_lock", True)
+    argv = [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, "_supervise", paths.root,
+            paths.job_id, str(lock.fd if hand_over else -1)]
+    if not hand_over:
+        lock.release()
+    popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, lock_fd=lock.fd)
+    acknowledged = _read_ack(popen.stdout, LAUNCH_ACK_TIMEOUT_S)
+    if acknowledged is not None:
+        popen.stdout.close()
+        _process_layer.release_supervisor(popen)
+    return acknowledged
 
 
 # The supervisor imports this file through the import system rather than running

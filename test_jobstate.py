@@ -669,6 +669,54 @@ class PosixProcessTests(JobTestCase):
         self.assertEqual((result.state.status, result.state.signal, result.state.exit_code),
                          (jobstate.JobStatus.KILLED, "SIGTERM", None))
 
+    def supervisor_argv(self, state):
+        """The supervisor's argv after `_supervise`, once it is the exec'd interpreter."""
+        def argv():
+            with open("/proc/%d/cmdline" % state.supervisor_pid, "rb") as f:
+                words = f.read().split(b"\0")[:-1]
+            return words[words.index(b"_supervise") + 1:] if b"_supervise" in words else None
+        wait_for(argv, 10, "the supervisor to run jobstate")
+        return argv()
+
+    @unittest.skipUnless(jobstate._LINUX, "forked launch is Linux only")
+    def test_forked_launch_hands_the_job_to_a_clean_watcher(self):
+        leak_r, leak_w = os.pipe()
+        self.addCleanup(os.close, leak_r)
+        status, doc, proc = self.cli_process("run", "--no-wait", "--timeout", "1", "--", "sh", "-c", "sleep 60",
+                                             pass_fds=(leak_w,))
+        os.close(leak_w)
+        self.assertEqual(status, 0, proc.stderr)
+        job = jobstate.open_job(doc["job_id"], self.root)
+        state = job.state()
+        watcher_args = self.supervisor_argv(state)
+        self.assertEqual(len(watcher_args), 4, "a forked launch hands the running job over: %r" % watcher_args)
+        with open("/proc/%d/stat" % state.pid, "rb") as f:
+            self.assertEqual(int(f.read().rsplit(b")", 1)[1].split()[1]), state.supervisor_pid)
+        # Nothing the launcher held reaches the watcher or the job: the write
+        # end closed above was the last, so the read end sees EOF at once.
+        import select
+        self.assertTrue(select.select([leak_r], [], [], 5)[0], "a launcher descriptor leaked into the job")
+        self.assertEqual(os.read(leak_r, 1), b"")
+        final = job.wait(15)  # the timeout, counted from the start, still fires in the watcher
+        self.assertEqual((final.status, final.result.timed_out, final.signal), (jobstate.JobStatus.KILLED, True, "SIGTERM"))
+
+    def test_launcher_with_threads_spawns_the_supervisor(self):
+        release = threading.Event()
+        other = threading.Thread(target=release.wait)
+        other.start()
+        self.addCleanup(other.join)
+        self.addCleanup(release.set)
+        job = self.run_job(["sh", "-c", "echo ready; exit 3"])
+        self.assertEqual(len(self.supervisor_argv(job.state())), 3)
+        state = job.wait(10)
+        self.assertEqual((state.status, state.exit_code, job.tail().stdout), (jobstate.JobStatus.EXITED, 3, "ready\n"))
+
+    def test_launcher_ignoring_sigchld_still_gets_the_exit_code(self):
+        status, doc, proc = self.cli_process(
+            "run", "--", "sh", "-c", "exit 3",
+            preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+        self.assertEqual((status, doc["state"], doc["exit_code"]), (0, "exited", 3), proc.stderr)
+
 
 # ---------------------------------------------------------------------------
 # Process trees, timeouts, exit codes (Windows: Job Objects)
