@@ -34,6 +34,7 @@ Map of this file: `grep -n '^# [0-9]' jobstate.py`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -902,6 +903,18 @@ class _PosixProcessLayer:
     def replace(self, src: str, dst: str) -> None:
         os.replace(src, dst)
 
+    def allocate(self, fd: int, size: int) -> None:
+        """Claim size bytes of disk for fd now (raises OSError when there is no room)."""
+        if hasattr(os, "posix_fallocate"):  # Linux: blocks allocated, nothing written
+            try:
+                os.posix_fallocate(fd, 0, size)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+        _write_all(fd, bytes(size))
+        os.fsync(fd)
+
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -986,15 +999,26 @@ class _PosixProcessLayer:
     def _become_subreaper(self) -> None:
         # PR_SET_CHILD_SUBREAPER: double-forked daemons of the job re-parent to
         # us instead of init, so they stay inside the tree we can find.
+        prctl = self._prctl()
+        if prctl is not None:
+            prctl(36, 1, 0, 0, 0)
+
+    def warm_up(self) -> None:
+        """Load now what every supervisor forked from this process will need."""
+        if _LINUX:
+            self._prctl()
+
+    @functools.lru_cache(maxsize=None)
+    def _prctl(self):
+        """libc's prctl, or None (no prctl: the marker scan still finds escapees)."""
         import ctypes
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
-                                   ctypes.c_ulong, ctypes.c_ulong]
-            libc.prctl.restype = ctypes.c_int
-            libc.prctl(36, 1, 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: the marker scan still finds escapees
-            pass
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            return None
+        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        prctl.restype = ctypes.c_int
+        return prctl
 
     def tune_pipe(self, fd: int) -> None:
         # Bigger pipes mean fewer wake-ups for chatty jobs (Linux F_SETPIPE_SZ).
@@ -1436,6 +1460,10 @@ class _WindowsProcessLayer:
         except BrokenPipeError:
             return True  # the writer is gone: a read returns EOF at once
         return available > 0
+
+    def allocate(self, fd: int, size: int) -> None:
+        _write_all(fd, bytes(size))
+        os.fsync(fd)
 
     def fsync_dir(self, path: str) -> None:
         return None  # NTFS renames are journaled; directories cannot be fsynced
@@ -2050,8 +2078,7 @@ class _Supervisor:
         try:
             fd = os.open(self.paths.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600)
             try:
-                _write_all(fd, bytes(self._RESERVE_BYTES))
-                os.fsync(fd)
+                _process_layer.allocate(fd, self._RESERVE_BYTES)
             finally:
                 os.close(fd)
         except OSError:  # already short of space: go on without a reserve
@@ -2244,6 +2271,84 @@ def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
             supervisor.watch(running)
 
     _supervise_to_the_end(supervisor, lock, start_then_hand_over)
+
+
+def _send_request(sock, data: bytes, fds: List[int]) -> None:
+    """A length-prefixed message on a stream socket, descriptors riding on its
+    first bytes (socket.send_fds, which 3.8 lacks, is this sendmsg)."""
+    import array
+    import socket
+    message = b"%010d" % len(data) + data
+    sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    sock.sendall(message[sent:])
+
+
+def _recv_request(sock) -> Tuple[bytes, List[int]]:
+    """The next message and its descriptors; (b"", []) once the sender is gone."""
+    import array
+    import socket
+    fds = array.array("i")
+    header, ancillary, _flags, _addr = sock.recvmsg(10, socket.CMSG_SPACE(8 * fds.itemsize))
+    for level, kind, payload in ancillary:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    header += _recv_exactly(sock, 10 - len(header)) if header else b""
+    data = _recv_exactly(sock, int(header)) if len(header) == 10 else b""
+    return data, list(fds)
+
+
+def _recv_exactly(sock, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise ConnectionError("the launcher went away mid-request")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _forkserver_main(sock_fd: int) -> NoReturn:
+    """Serve launch requests from one launcher process until it closes the socket.
+
+    Each request is the job and the launcher's environment, with three
+    descriptors: the job lock (held: the hand-over has no gap), the
+    acknowledgement pipe and supervisor.log.  The supervisor is a fork of
+    this small warm process, so it starts in about a millisecond and shares
+    its memory with its siblings.
+    """
+    import gc
+    import socket
+    sock = socket.socket(fileno=sock_fd)
+    _process_layer.warm_up()
+    gc.freeze()  # forked supervisors then never copy these pages to collect them
+    while True:
+        try:
+            message, fds = _recv_request(sock)
+        except (OSError, ValueError):
+            message, fds = b"", []
+        if not message:
+            os._exit(0)  # the launcher is gone; its jobs are not ours to end
+        try:
+            request = json.loads(message)
+            lock_fd, ack_w, log = fds
+            paths = JobPaths(request["root"], request["job_id"])
+            body = functools.partial(_supervise_for_forkserver, paths, lock_fd, request["env"], sock)
+            _process_layer.fork_supervisor(body, stdout=ack_w, stderr=log)
+        except (ValueError, KeyError, OSError):  # a bad request: its launcher sees no ack
+            pass
+        for fd in fds:
+            os.close(fd)
+
+
+def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, env: Dict[str, str], sock) -> NoReturn:
+    sock.close()
+    os.environ.clear()
+    os.environ.update(env)  # the launcher's environment at launch time, as a spawned supervisor gets
+    lock = _JobLock(paths)
+    lock.fd = lock_fd
+    supervisor = _Supervisor(paths)
+    _supervise_to_the_end(supervisor, lock, supervisor.run)
 
 
 def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
@@ -2629,8 +2734,11 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
     """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
     log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
     try:
-        if _process_layer.can_fork_supervisor():
-            acknowledged = _launch_by_fork(paths, lock, log)
+        if _Forkserver.serves_this_process():
+            acknowledged = _launch_by_fork(lambda ack_w: _Forkserver.request(paths, lock.fd, ack_w, log))
+        elif _process_layer.can_fork_supervisor():
+            acknowledged = _launch_by_fork(lambda ack_w: _process_layer.fork_supervisor(
+                functools.partial(_supervise_in_fork, paths, lock), stdout=ack_w, stderr=log))
         else:
             acknowledged = _launch_by_spawn(paths, lock, log)
     except OSError as exc:
@@ -2638,6 +2746,7 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
                           hint="check process limits (ulimit -u) and that %s runs" % sys.executable) from None
     finally:
         os.close(log)
+        _Forkserver.launches += 1
     if acknowledged is False and read_state(paths).status is not JobStatus.CREATED:
         return  # it died after starting the child: a job (readers will see supervisor_lost)
     if not acknowledged:
@@ -2647,16 +2756,71 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
                           details={"supervisor_log": paths.supervisor_log})
 
 
-def _launch_by_fork(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
-    """The supervisor starts the job as a fork of this process (~1 ms instead of
-    an interpreter start), then execs a fresh interpreter to watch it."""
+def _launch_by_fork(fork: Callable[[int], None]) -> Optional[bool]:
+    """fork(ack_w) makes a supervisor that acknowledges on ack_w; wait for that."""
     ack_r, ack_w = os.pipe()
     with open(ack_r, "rb", buffering=0) as ack:
         try:
-            _process_layer.fork_supervisor(lambda: _supervise_in_fork(paths, lock), stdout=ack_w, stderr=log)
+            fork(ack_w)
         finally:
             os.close(ack_w)
         return _read_ack(ack, LAUNCH_ACK_TIMEOUT_S)
+
+
+class _Forkserver:
+    """The forkserver of a process that launches more than one job (API, MCP, HTTP).
+
+    Its first launch forks directly (or spawns); from the second on, a small
+    warm process started for the purpose forks each supervisor (see
+    _forkserver_main), so a launch costs about a millisecond of fork instead
+    of an interpreter start, whatever threads or memory this process has.
+    The one-shot CLI never starts one.
+    """
+
+    launches = 0
+    _guard = threading.Lock()
+    _sock = None
+    _popen: Optional[subprocess.Popen] = None
+    _owner_pid: Optional[int] = None
+
+    @classmethod
+    def serves_this_process(cls) -> bool:
+        return cls.launches > 0 and _LINUX
+
+    @classmethod
+    def request(cls, paths: JobPaths, lock_fd: int, ack_w: int, log: int) -> None:
+        message = json.dumps({"root": paths.root, "job_id": paths.job_id, "env": dict(os.environ)}).encode()
+        with cls._guard:
+            for attempt in (1, 2):  # a forkserver that died (killed) is replaced once
+                if cls._owner_pid != os.getpid():
+                    cls._start()
+                try:
+                    _send_request(cls._sock, message, [lock_fd, ack_w, log])
+                    return
+                except OSError:
+                    cls._stop()
+                    if attempt == 2:
+                        raise
+
+    @classmethod
+    def _start(cls) -> None:
+        import socket
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            argv = [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, "_forkserver", str(theirs.fileno())]
+            cls._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                          close_fds=True, start_new_session=True)
+        cls._sock, cls._owner_pid = ours, os.getpid()
+
+    @classmethod
+    def _stop(cls) -> None:
+        """Close our end (the forkserver exits on EOF) and reap it."""
+        if cls._sock is not None:
+            cls._sock.close()
+        if cls._popen is not None and cls._owner_pid == os.getpid():
+            cls._popen.wait()
+        cls._sock = cls._popen = cls._owner_pid = None
 
 
 def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
@@ -4253,6 +4417,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_supervise"]:
         return _supervise_main(argv[1:])
+    if argv[:1] == ["_forkserver"]:
+        _forkserver_main(int(argv[1]))
     try:
         ns = _build_parser(_command_in_argv(argv)).parse_args(argv)
     except _ParserExit as exc:

@@ -700,16 +700,49 @@ class PosixProcessTests(JobTestCase):
         final = job.wait(15)  # the timeout, counted from the start, still fires in the watcher
         self.assertEqual((final.status, final.result.timed_out, final.signal), (jobstate.JobStatus.KILLED, True, "SIGTERM"))
 
+    def launch_from_a_new_process(self, code):
+        """Run code (which launches jobs into ROOT and prints a JSON line) in a fresh interpreter."""
+        script = "import json, os, sys, threading\nsys.path.insert(0, %r)\nimport jobstate\nROOT = %r\n" % (
+            HERE, self.root)
+        proc = subprocess.run([PY, "-c", script + code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)
+
     def test_launcher_with_threads_spawns_the_supervisor(self):
-        release = threading.Event()
-        other = threading.Thread(target=release.wait)
-        other.start()
-        self.addCleanup(other.join)
-        self.addCleanup(release.set)
-        job = self.run_job(["sh", "-c", "echo ready; exit 3"])
-        self.assertEqual(len(self.supervisor_argv(job.state())), 3)
-        state = job.wait(10)
-        self.assertEqual((state.status, state.exit_code, job.tail().stdout), (jobstate.JobStatus.EXITED, 3, "ready\n"))
+        doc = self.launch_from_a_new_process(
+            "release = threading.Event()\n"
+            "threading.Thread(target=release.wait).start()\n"
+            "job = jobstate.run(['sh', '-c', 'echo ready; sleep 60'], root=ROOT)\n"
+            "release.set()\n"
+            "print(json.dumps(job.id))\n")
+        job = jobstate.open_job(doc, self.root)
+        self.assertEqual(len(self.supervisor_argv(job.state())), 3, "a spawned supervisor, from the start")
+        self.wait_log(job, "ready")
+        self.assertEqual(job.kill("TERM").state.signal, "SIGTERM")
+
+    @unittest.skipUnless(jobstate._LINUX, "the forkserver is Linux only")
+    def test_later_launches_of_a_process_go_through_its_forkserver(self):
+        doc = self.launch_from_a_new_process(
+            "first = jobstate.run(['sh', '-c', 'echo $GREETING'], root=ROOT)\n"
+            "os.environ['GREETING'] = 'hello'  # set between launches: the next job must see it\n"
+            "second = jobstate.run(['sh', '-c', 'echo $GREETING; sleep 60'], root=ROOT)\n"
+            "forkserver = jobstate._Forkserver._popen.pid\n"
+            "os.kill(forkserver, 9)\n"
+            "jobstate._Forkserver._popen.wait()\n"
+            "third = jobstate.run(['sh', '-c', 'echo $GREETING'], root=ROOT)  # a new forkserver\n"
+            "print(json.dumps([first.id, second.id, third.id, forkserver, jobstate._Forkserver._popen.pid]))\n")
+        first, second, third, killed, replacement = doc
+        self.assertNotEqual(killed, replacement)
+        wait_for(lambda: not pid_alive(replacement), 10, "the forkserver to exit with its launcher")
+        second_job = jobstate.open_job(second, self.root)
+        self.assertEqual(jobstate.open_job(first, self.root).wait(10).exit_code, 0)
+        with open("/proc/%d/cmdline" % second_job.state().supervisor_pid, "rb") as f:
+            self.assertIn(b"_forkserver", f.read(), "the supervisor is a fork of the forkserver")
+        self.wait_log(second_job, "hello")
+        self.assertEqual(second_job.kill("TERM").state.signal, "SIGTERM")
+        third_job = jobstate.open_job(third, self.root)
+        self.assertEqual((third_job.wait(10).exit_code, third_job.tail().stdout), (0, "hello\n"))
 
     def test_launcher_ignoring_sigchld_still_gets_the_exit_code(self):
         status, doc, proc = self.cli_process(
@@ -1871,10 +1904,7 @@ class LifecycleTests(JobTestCase):
             self.assertTrue(json.loads(out)["ok"] is not None)
         state = jobstate.read_state(job.paths)  # valid JSON, whatever the interleaving
         if POSIX and state.status is jobstate.JobStatus.RUNNING:
-            supervisors = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                           if job.id.encode() in open("/proc/%d/cmdline" % pid, "rb").read()
-                           and b"_supervise" in open("/proc/%d/cmdline" % pid, "rb").read()]
-            self.assertEqual(supervisors, [state.supervisor_pid])
+            self.assertEqual(supervisor_pids(self.root, job.id), [state.supervisor_pid])
 
     def test_start_only_created(self):
         job = jobstate.create(py("pass"), root=self.root)
@@ -2336,16 +2366,21 @@ def report(line):
     sys.stderr.write("\n[torture] %s\n" % line)
 
 
-def supervisor_pids(root):
-    """Live supervisors of jobs under root, found by their command line."""
+def supervisor_pids(root, job_id=None):
+    """Live supervisors of jobs under root (or of one job): the processes that
+    hold a job's lock file open.  (A supervisor forked by a forkserver carries
+    the forkserver's command line, so its argv names no job.)"""
+    if not os.path.isdir(root):
+        return []
+    locks = {os.path.join(root, d, "lock") for d in os.listdir(root) if job_id in (None, d)}
     pids = []
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                argv = f.read().split(b"\0")
+            fds = os.listdir("/proc/%s/fd" % name)
+            held = {os.readlink("/proc/%s/fd/%s" % (name, fd)) for fd in fds}
         except OSError:
             continue
-        if b"_supervise" in argv and root.encode() in argv and pid_alive(int(name)):
+        if held & locks and pid_alive(int(name)):
             pids.append(int(name))
     return pids
 
@@ -2400,7 +2435,10 @@ class Torture(JobTestCase):
         for _ in range(scaled(3, 20)):
             launcher = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--no-wait", "--", "sleep", "5"],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            killed = wait_for(lambda: supervisor_pids(self.root) or launcher.poll() is not None, 10, "a supervisor")
+            # The launcher holds the lock too until the supervisor has it (and on
+            # Linux the supervisor starts as its fork): kill only the other holder.
+            killed = wait_for(lambda: [pid for pid in supervisor_pids(self.root) if pid != launcher.pid]
+                              or launcher.poll() is not None, 10, "a supervisor")
             if killed is not True:
                 for pid in killed:
                     os.kill(pid, signal.SIGKILL)
