@@ -40,13 +40,14 @@ import json
 import os
 import re
 import signal as _signal
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+# Not imported here, for the supervisors' memory: subprocess (only where
+# processes are started), shutil, argparse, ctypes and the network modules.
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations stay strings (PEP 563), so `typing` is never loaded at run time
     from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
@@ -865,6 +866,10 @@ class _PosixProcessLayer:
     def default_root(self) -> str:
         return os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
 
+    def cache_dir(self) -> str:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "jobstate")
+
     def shell_argv(self, command: str) -> List[str]:
         return ["/bin/sh", "-c", command]
 
@@ -926,6 +931,7 @@ class _PosixProcessLayer:
 
     def spawn_supervisor(self, argv: List[str], *, stdout, stderr, lock_fd: int) -> subprocess.Popen:
         """Start the supervisor in a new session, handing it the job lock we hold."""
+        import subprocess
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 close_fds=True, pass_fds=(lock_fd,), start_new_session=True)
 
@@ -1035,6 +1041,7 @@ class _PosixProcessLayer:
         return bool(select.select([fd], [], [], 0)[0])
 
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
+        import subprocess
         popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                                  close_fds=True, start_new_session=True)
         return _Child(popen, popen.pid, self.process_token(popen.pid))
@@ -1091,6 +1098,7 @@ class _PosixProcessLayer:
 
     def _ps_table(self, pid: Optional[int] = None) -> Dict[int, Tuple[int, int, str, str]]:
         """macOS and other POSIX: ps gives ppid, pgid, state and the start time."""
+        import subprocess
         argv = ["ps", "-o", "pid=,ppid=,pgid=,stat=,lstart="] + (["-p", str(pid)] if pid else ["-ax"])
         try:
             out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -1396,9 +1404,14 @@ class _WindowsProcessLayer:
     # -- launching --------------------------------------------------------
 
     def default_root(self) -> str:
-        base = os.environ.get("LOCALAPPDATA") or os.path.join(
-            os.path.expanduser("~"), "AppData", "Local")
-        return os.path.join(base, "jobstate", "jobs")
+        return os.path.join(self._local_app_data(), "jobstate", "jobs")
+
+    def cache_dir(self) -> str:
+        return os.path.join(self._local_app_data(), "jobstate", "cache")
+
+    @staticmethod
+    def _local_app_data() -> str:
+        return os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
 
     def shell_argv(self, command: str):
         # A string, not a list: Popen quotes a list with the MSVCRT rules
@@ -1432,6 +1445,7 @@ class _WindowsProcessLayer:
 
     @staticmethod
     def _popen_detached(argv, flags, stdout, stderr):
+        import subprocess
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 close_fds=True, creationflags=flags)
 
@@ -1477,6 +1491,7 @@ class _WindowsProcessLayer:
         return None
 
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
+        import subprocess
         name = "jobstate-" + job_id
         job = self._create_job(name)
         try:
@@ -1572,6 +1587,7 @@ class _WindowsProcessLayer:
 
     def _discard(self, popen, job):
         """Kill and reap a child we could not start properly; close the job."""
+        import subprocess
         try:
             popen.kill()
             popen.wait(5)
@@ -2001,6 +2017,7 @@ class _Supervisor:
 
     def _spawn(self, spec: JobSpec):
         """Start the child with its output on pipes; _SpawnFailure says why it could not start."""
+        import subprocess
         if not os.path.isdir(spec.cwd):
             raise _SpawnFailure("cwd", "working directory %s does not exist" % spec.cwd)
         try:
@@ -2212,6 +2229,7 @@ def _notify_file(path: str, line: str) -> dict:
 
 
 def _notify_command(paths: JobPaths, command: str, line: str) -> dict:
+    import subprocess
     timeout_s = float(os.environ.get("JOBSTATE_NOTIFY_TIMEOUT", "30"))
     result = {"sink": "command", "target": command, "delivered_at": _utc_now()}
     env = dict(os.environ, JOBSTATE_EVENT_PATH=paths.event, JOBSTATE_JOB_ID=paths.job_id)
@@ -2262,8 +2280,7 @@ def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
     def start_then_hand_over():
         running = supervisor.start()
         if running is not None:
-            argv = [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, "_supervise", paths.root,
-                    paths.job_id, str(lock.fd), running.encode()]
+            argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd), running.encode())
             try:
                 _process_layer.exec_keeping(argv, [lock.fd, *running.fds()])
             except OSError as exc:
@@ -2319,6 +2336,7 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
     """
     import gc
     import socket
+    import subprocess  # noqa: F401  (loaded here once, for every supervisor forked from us)
     sock = socket.socket(fileno=sock_fd)
     _process_layer.warm_up()
     gc.freeze()  # forked supervisors then never copy these pages to collect them
@@ -2805,9 +2823,10 @@ class _Forkserver:
     @classmethod
     def _start(cls) -> None:
         import socket
+        import subprocess
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
-            argv = [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, "_forkserver", str(theirs.fileno())]
+            argv = _supervisor_argv("_forkserver", str(theirs.fileno()))
             cls._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                                           close_fds=True, start_new_session=True)
@@ -2825,9 +2844,9 @@ class _Forkserver:
 
 def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
     """The supervisor is a new interpreter from the start (Windows, or a launcher with threads)."""
+    import subprocess
     hand_over = getattr(_process_layer, "hands_over_lock", True)
-    argv = [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, "_supervise", paths.root,
-            paths.job_id, str(lock.fd if hand_over else -1)]
+    argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd if hand_over else -1))
     if not hand_over:
         lock.release()
     popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, lock_fd=lock.fd)
@@ -2838,16 +2857,28 @@ def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool
     return acknowledged
 
 
-# The supervisor imports this file through the import system rather than running
-# it as a script: a script is compiled from source on every start (~50 ms here),
-# an imported module reuses its cached bytecode.  No site (-S): it needs only
-# the standard library, and skipping .pth hooks saves most of the start-up.
+def _supervisor_argv(*args: str) -> List[str]:
+    """The command line that runs this file's main(args) as a supervisor.
+
+    It imports this file through the import system rather than running it as
+    a script: a script is compiled from source on every start (~70 ms here),
+    an imported module reuses its cached bytecode.  Where bytecode writing is
+    turned off (PYTHONDONTWRITEBYTECODE), the cache goes to our own cache
+    directory instead of being skipped, so the source tree stays clean and
+    supervisors stay fast.  No site (-S): it needs only the standard library,
+    and skipping .pth hooks saves most of the start-up.
+    """
+    return [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, _process_layer.cache_dir(), *args]
+
+
 _SUPERVISOR_BOOT = (
     "import sys, importlib.util as u\n"
+    "if sys.dont_write_bytecode:\n"
+    "    sys.pycache_prefix, sys.dont_write_bytecode = sys.argv[2], False\n"
     "s = u.spec_from_file_location('_jobstate_supervisor', sys.argv[1])\n"
     "m = sys.modules[s.name] = u.module_from_spec(s)\n"
     "s.loader.exec_module(m)\n"
-    "sys.exit(m.main(sys.argv[2:]))\n")
+    "sys.exit(m.main(sys.argv[3:]))\n")
 
 
 def _read_ack(stream, timeout_s: float) -> Optional[bool]:

@@ -452,6 +452,15 @@ class SupervisorTests(JobTestCase):
             self.assertEqual(f.read(), b"".join(b"\xff\xfe err %d\n" % i for i in range(40)))
         self.assertTrue(state.logs_drained)
 
+    def test_supervisor_keeps_its_bytecode_cache_when_writing_bytecode_is_off(self):
+        cache = os.path.join(self.tmp, "cache")
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", XDG_CACHE_HOME=cache, LOCALAPPDATA=cache)
+        status, doc, proc = self.cli_process("run", "--", *HELLO, env=env)
+        self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hello\n"), proc.stderr)
+        cached = [name for _, _, names in os.walk(cache) for name in names
+                  if name.startswith("jobstate.") and name.endswith(".pyc")]
+        self.assertEqual(len(cached), 1, "the supervisor compiled jobstate.py without caching it")
+
     def test_full_log_interleaves_with_prefixes(self):
         code = ("import sys, time\n"
                 "print('out one', flush=True); time.sleep(0.05)\n"
