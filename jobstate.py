@@ -80,6 +80,7 @@ DEFAULT_STDIN_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_LIST_LIMIT = 50
 LAUNCH_ACK_TIMEOUT_S = 5.0
 DRAIN_TIMEOUT_S = 2.0
+QUICK_DRAIN_S = 0.05  # how long the end waits for the output to end too, before being published alone
 
 _MAX_CANDIDATES = 20
 # Every file jobstate opens inside the root: binary on Windows, and never
@@ -1898,18 +1899,22 @@ class _FullLog:
 
     def append(self, label: bytes, chunk: bytes) -> None:
         with self.lock:
-            prefix = b"%s [%s] " % (_utc_now().encode(), label)
-            parts = []
-            if self.at_line_start:
-                parts.append(prefix)
-            elif label != self.last_label:
-                parts += [b"\n", prefix]
             ends_line = chunk.endswith(b"\n")
-            if chunk.find(b"\n", 0, len(chunk) - 1) < 0:
-                parts.append(chunk)  # no line starts inside: write it as it is, without a copy
+            one_line = chunk.find(b"\n", 0, len(chunk) - 1) < 0  # no line starts inside the chunk
+            if one_line and not self.at_line_start and label == self.last_label:
+                parts = [chunk]  # the middle of a long line: no prefix, no copy, no clock
             else:
-                body = chunk[:-1] if ends_line else chunk
-                parts += [body.replace(b"\n", b"\n" + prefix), b"\n" if ends_line else b""]
+                prefix = b"%s [%s] " % (_utc_now().encode(), label)
+                parts = []
+                if self.at_line_start:
+                    parts.append(prefix)
+                elif label != self.last_label:
+                    parts += [b"\n", prefix]
+                if one_line:
+                    parts.append(chunk)  # no line starts inside: write it as it is, without a copy
+                else:
+                    body = chunk[:-1] if ends_line else chunk
+                    parts += [body.replace(b"\n", b"\n" + prefix), b"\n" if ends_line else b""]
             self.at_line_start, self.last_label = ends_line, label
             _write_parts(self.fd, parts)
 
@@ -2003,12 +2008,13 @@ class _Supervisor:
         code, signum = _process_layer.wait_child(running.child)
         self.exited.set()
         self._record_end(state, code, signum, int((time.monotonic() - running.started) * 1000))
+        if not _joined(pumps, QUICK_DRAIN_S):
+            # Something still holds the pipes (a descendant): publish the end now,
+            # then drain.  Usually the output ends with the child and one write does.
+            write_state(self.paths, state)
         if spec.kill_orphans:
             self._stop_tree(spec.kill_after_s)
-        deadline = _deadline(DRAIN_TIMEOUT_S)
-        for pump in pumps:
-            pump.join(_remaining(deadline))
-        state.logs_drained = not any(p.is_alive() for p in pumps)
+        state.logs_drained = _joined(pumps, DRAIN_TIMEOUT_S)
         if self.write_error:
             state.error = Failure("output", self.write_error)
         self._release_space()
@@ -2141,7 +2147,14 @@ class _Supervisor:
             state.job.status, state.result.exit_code = JobStatus.EXITED, code
         if getattr(_process_layer, "records_leftovers", False):
             state.leftovers = _process_layer.find_tree(self._tree_ref())
-        write_state(self.paths, state)
+
+
+def _joined(threads: List[threading.Thread], timeout_s: float) -> bool:
+    """Wait up to timeout_s in all for the threads to end; True if they all did."""
+    deadline = _deadline(timeout_s)
+    for thread in threads:
+        thread.join(_remaining(deadline))
+    return not any(thread.is_alive() for thread in threads)
 
 
 def _signal_name(signum: int) -> str:
@@ -2351,7 +2364,7 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
             request = json.loads(message)
             lock_fd, ack_w, log = fds
             paths = JobPaths(request["root"], request["job_id"])
-            body = functools.partial(_supervise_for_forkserver, paths, lock_fd, request["env"], sock)
+            body = functools.partial(_supervise_for_forkserver, paths, lock_fd, request, sock)
             _process_layer.fork_supervisor(body, stdout=ack_w, stderr=log)
         except (ValueError, KeyError, OSError):  # a bad request: its launcher sees no ack
             pass
@@ -2359,10 +2372,13 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
             os.close(fd)
 
 
-def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, env: Dict[str, str], sock) -> NoReturn:
+def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
     sock.close()
+    # What a spawned supervisor would inherit from the launcher at launch time.
     os.environ.clear()
-    os.environ.update(env)  # the launcher's environment at launch time, as a spawned supervisor gets
+    os.environ.update(request["env"])
+    if request["umask"] is not None:
+        os.umask(request["umask"])
     lock = _JobLock(paths)
     lock.fd = lock_fd
     supervisor = _Supervisor(paths)
@@ -2785,6 +2801,18 @@ def _launch_by_fork(fork: Callable[[int], None]) -> Optional[bool]:
         return _read_ack(ack, LAUNCH_ACK_TIMEOUT_S)
 
 
+def _current_umask() -> Optional[int]:
+    """This process's umask, read without changing it (os.umask would, for all threads)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return None
+
+
 class _Forkserver:
     """The forkserver of a process that launches more than one job (API, MCP, HTTP).
 
@@ -2807,7 +2835,8 @@ class _Forkserver:
 
     @classmethod
     def request(cls, paths: JobPaths, lock_fd: int, ack_w: int, log: int) -> None:
-        message = json.dumps({"root": paths.root, "job_id": paths.job_id, "env": dict(os.environ)}).encode()
+        message = json.dumps({"root": paths.root, "job_id": paths.job_id, "env": dict(os.environ),
+                              "umask": _current_umask()}).encode()
         with cls._guard:
             for attempt in (1, 2):  # a forkserver that died (killed) is replaced once
                 if cls._owner_pid != os.getpid():
@@ -3979,7 +4008,8 @@ def _no_options(p) -> None:
 
 class _SkippedParser:
     """Stands in for the subparsers of commands not being run: argparse spends
-    most of its set-up time on options, so only the wanted command gets them."""
+    most of its set-up time on parsers and options, so only the wanted command
+    gets them."""
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: self
@@ -4011,10 +4041,12 @@ def _build_parser(wanted: Optional[str] = None):
     _add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
+    known = any(wanted == name or wanted in aliases for name, _, _, aliases, _ in _COMMANDS)
 
     def command(name, handler, help, aliases=()):
         if wanted is not None and wanted != name and wanted not in aliases:
-            commands.add_parser(name, help=help, aliases=list(aliases))
+            if not known:  # listed, for the "invalid choice" message and --help
+                commands.add_parser(name, help=help, aliases=list(aliases))
             return _SkippedParser()
         examples = "\n".join("  python3 jobstate.py " + e for e in _EXAMPLES.get(name, ()))
         p = commands.add_parser(name, help=help, description=help, aliases=list(aliases),
