@@ -964,20 +964,23 @@ class _PosixProcessLayer:
         # hold a lock the forked copy needs.
         return _LINUX and threading.active_count() == 1
 
-    def fork_supervisor(self, body: Callable[[], NoReturn], *, stdout: int, stderr: int) -> None:
-        """Run body() in a double-forked process in a new session, stdio on
-        /dev/null, stdout and stderr; returns in the caller once the intermediate
-        is reaped.  body never returns (os._exit or exec)."""
+    def fork_supervisor(self, body: Callable[[], NoReturn], *, stdout: int, stderr: int,
+                        reaper: bool = False) -> None:
+        """Run body() in a forked process in a new session, stdio on /dev/null,
+        stdout and stderr.  body never returns (os._exit or exec).  The process
+        is double-forked (so it is nobody's child to reap) unless the caller is
+        a reaper that collects its children itself."""
         pid = os.fork()
         if pid:
             try:
-                os.waitpid(pid, 0)
+                if not reaper:
+                    os.waitpid(pid, 0)
             except ChildProcessError:  # SIGCHLD ignored here: the kernel reaped it already
                 pass
             return
         try:
             os.setsid()
-            if os.fork() == 0:
+            if reaper or os.fork() == 0:
                 null = os.open(os.devnull, os.O_RDONLY)
                 for fd, target in ((null, 0), (stdout, 1), (stderr, 2)):
                     os.dup2(fd, target)
@@ -2352,6 +2355,7 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
     import subprocess  # noqa: F401  (loaded here once, for every supervisor forked from us)
     sock = socket.socket(fileno=sock_fd)
     _process_layer.warm_up()
+    _signal.signal(_signal.SIGCHLD, _reap_children)
     gc.freeze()  # forked supervisors then never copy these pages to collect them
     while True:
         try:
@@ -2365,11 +2369,20 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
             lock_fd, ack_w, log = fds
             paths = JobPaths(request["root"], request["job_id"])
             body = functools.partial(_supervise_for_forkserver, paths, lock_fd, request, sock)
-            _process_layer.fork_supervisor(body, stdout=ack_w, stderr=log)
+            _process_layer.fork_supervisor(body, stdout=ack_w, stderr=log, reaper=True)
         except (ValueError, KeyError, OSError):  # a bad request: its launcher sees no ack
             pass
         for fd in fds:
             os.close(fd)
+
+
+def _reap_children(*_signal_args) -> None:
+    """The forkserver's SIGCHLD handler: its supervisors are its direct children."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:

@@ -741,8 +741,25 @@ class PosixProcessTests(JobTestCase):
             "jobstate._Forkserver._popen.wait()\n"
             "os.umask(0o027)\n"
             "third = jobstate.run(['sh', '-c', 'echo $GREETING; umask'], root=ROOT)  # a new forkserver\n"
-            "print(json.dumps([first.id, second.id, third.id, forkserver, jobstate._Forkserver._popen.pid]))\n")
-        first, second, third, killed, replacement = doc
+            "third.wait(10)\n"
+            "replacement = jobstate._Forkserver._popen.pid\n"
+            "def zombies():  # finished supervisors the forkserver has not reaped\n"
+            "    found = []\n"
+            "    for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+            "        try:\n"
+            "            fields = open('/proc/%s/stat' % pid, 'rb').read().rsplit(b') ', 1)[1].split()\n"
+            "        except OSError:\n"
+            "            continue\n"
+            "        if fields[0] == b'Z' and int(fields[1]) == replacement:\n"
+            "            found.append(pid)\n"
+            "    return found\n"
+            "import time\n"
+            "deadline = time.monotonic() + 5\n"
+            "while zombies() and time.monotonic() < deadline:\n"
+            "    time.sleep(0.01)\n"
+            "print(json.dumps([first.id, second.id, third.id, forkserver, replacement, zombies()]))\n")
+        first, second, third, killed, replacement, zombies = doc
+        self.assertEqual(zombies, [], "the forkserver reaps the supervisors it forked")
         self.assertNotEqual(killed, replacement)
         wait_for(lambda: not pid_alive(replacement), 10, "the forkserver to exit with its launcher")
         second_job = jobstate.open_job(second, self.root)
