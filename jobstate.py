@@ -2388,8 +2388,9 @@ def _reap_children(*_signal_args) -> None:
 def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
     sock.close()
     # What a spawned supervisor would inherit from the launcher at launch time.
-    os.environ.clear()
-    os.environ.update(request["env"])
+    if os.environ != request["env"]:  # usually equal: we started with the launcher's environment
+        os.environ.clear()
+        os.environ.update(request["env"])
     if request["umask"] is not None:
         os.umask(request["umask"])
     lock = _JobLock(paths)
