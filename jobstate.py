@@ -494,12 +494,12 @@ class JobPaths:
     def __init__(self, root: str, job_id: str):
         self.root, self.job_id = root, job_id
         self.dir = os.path.join(root, job_id)
-        join = lambda name: os.path.join(self.dir, name)  # noqa: E731
-        self.meta, self.state, self.lock = join("meta.json"), join("state.json"), join("lock")
-        self.stdout_log, self.stderr_log, self.full_log = join("stdout.log"), join("stderr.log"), join("full.log")
-        self.stdin, self.supervisor_log = join("stdin.bin"), join("supervisor.log")
-        self.event, self.kill_request = join("completion_event.json"), join("kill_request.json")
-        self.reserve = join("space.reserve")
+        d = self.dir + os.sep  # plain concatenation: os.path.join's checks, 11 per job, showed in listings
+        self.meta, self.state, self.lock = d + "meta.json", d + "state.json", d + "lock"
+        self.stdout_log, self.stderr_log, self.full_log = d + "stdout.log", d + "stderr.log", d + "full.log"
+        self.stdin, self.supervisor_log = d + "stdin.bin", d + "supervisor.log"
+        self.event, self.kill_request = d + "completion_event.json", d + "kill_request.json"
+        self.reserve = d + "space.reserve"
 
 
 def _parse_duration(value, name: str) -> float:
@@ -2984,18 +2984,28 @@ def _check_state_name(state: Optional[str]) -> None:
 
 def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
                     tags: Sequence[str], limit: Optional[int]) -> Tuple[List[JobSummary], bool]:
-    """Jobs newest first with filters; reads files only until `limit` matches are found."""
+    """Jobs newest first with filters; reads files only until `limit` matches are found.
+
+    The definition (meta.json) decides scope and tags, so a job outside them
+    costs one small read; its state is read only for the jobs that pass.
+    """
     want = JobStatus(state) if state else None
     filters = [_validate_tag_filter(t) for t in tags]
-    scope = None if all_jobs else os.path.realpath(cwd or os.getcwd())
+    realpath = functools.lru_cache(maxsize=None)(os.path.realpath)  # jobs share a few directories
+    scope = None if all_jobs else realpath(cwd or os.getcwd())
     found: List[JobSummary] = []
     for job_id in _list_job_ids(root):
-        summary = _summarize(JobPaths(root, job_id))
-        if scope is not None and (summary.cwd is None or os.path.realpath(summary.cwd) != scope):
+        paths = JobPaths(root, job_id)
+        try:
+            spec: Optional[JobSpec] = read_spec(paths)
+        except JobError:
+            spec = None
+        if scope is not None and (spec is None or realpath(spec.cwd) != scope):
             continue
+        if not all(_tag_matches(f, spec.tags if spec else []) for f in filters):
+            continue
+        summary = _summarize(paths, spec)
         if want is not None and summary.state.status is not want:
-            continue
-        if not all(_tag_matches(f, summary.tags) for f in filters):
             continue
         if limit is not None and len(found) == limit:
             return found, True
@@ -3003,15 +3013,11 @@ def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Opt
     return found, False
 
 
-def _summarize(paths: JobPaths) -> JobSummary:
+def _summarize(paths: JobPaths, spec: Optional[JobSpec]) -> JobSummary:
     try:
         state = _read_state_reconciled(paths)
     except JobError:
         state = JobState(JobInfo(paths.job_id, JobStatus.UNKNOWN))
-    try:
-        spec: Optional[JobSpec] = read_spec(paths)
-    except JobError:
-        spec = None
     return JobSummary(paths.job_id, state, spec.argv if spec else [], spec.cwd if spec else None,
                       spec.tags if spec else [], spec.created_at if spec else None)
 
