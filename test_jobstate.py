@@ -117,6 +117,20 @@ def pid_alive(pid):
     return stat[stat.rindex(b")") + 2:][:1] != b"Z"
 
 
+def zombie_children(ppid):
+    """Exited, unreaped children of ppid (Linux /proc)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                fields = f.read().rsplit(b") ", 1)[-1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[0] == b"Z" and int(fields[1]) == ppid:
+            found.append(int(name))
+    return found
+
+
 class JobTestCase(unittest.TestCase):
     """A private root per test; every process of every job is stopped at the end."""
 
@@ -709,57 +723,48 @@ class PosixProcessTests(JobTestCase):
         final = job.wait(15)  # the timeout, counted from the start, still fires in the watcher
         self.assertEqual((final.status, final.result.timed_out, final.signal), (jobstate.JobStatus.KILLED, True, "SIGTERM"))
 
-    def launch_from_a_new_process(self, code):
-        """Run code (which launches jobs into ROOT and prints a JSON line) in a fresh interpreter."""
+    @contextlib.contextmanager
+    def launcher(self, code):
+        """A fresh interpreter that runs code (which launches jobs into ROOT and
+        prints one JSON line), then stays alive until the block ends."""
         script = "import json, os, sys, threading\nsys.path.insert(0, %r)\nimport jobstate\nROOT = %r\n" % (
             HERE, self.root)
-        proc = subprocess.run([PY, "-c", script + code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=60)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        return json.loads(proc.stdout)
+        proc = subprocess.Popen([PY, "-c", script + code + "\nsys.stdout.flush()\nsys.stdin.read()\n"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            line = proc.stdout.readline()
+            if not line:
+                self.fail("the launcher printed nothing: %s" % proc.communicate(timeout=60)[1].decode())
+            yield json.loads(line)
+        finally:
+            proc.communicate(timeout=60)
 
     def test_launcher_with_threads_spawns_the_supervisor(self):
-        doc = self.launch_from_a_new_process(
-            "release = threading.Event()\n"
-            "threading.Thread(target=release.wait).start()\n"
-            "job = jobstate.run(['sh', '-c', 'echo ready; sleep 60'], root=ROOT)\n"
-            "release.set()\n"
-            "print(json.dumps(job.id))\n")
-        job = jobstate.open_job(doc, self.root)
+        with self.launcher("release = threading.Event()\n"
+                           "threading.Thread(target=release.wait).start()\n"
+                           "job = jobstate.run(['sh', '-c', 'echo ready; sleep 60'], root=ROOT)\n"
+                           "release.set()\n"
+                           "print(json.dumps(job.id))\n") as job_id:
+            job = jobstate.open_job(job_id, self.root)
         self.assertEqual(len(self.supervisor_argv(job.state())), 3, "a spawned supervisor, from the start")
         self.wait_log(job, "ready")
         self.assertEqual(job.kill("TERM").state.signal, "SIGTERM")
 
     @unittest.skipUnless(jobstate._LINUX, "the forkserver is Linux only")
     def test_later_launches_of_a_process_go_through_its_forkserver(self):
-        doc = self.launch_from_a_new_process(
-            "first = jobstate.run(['sh', '-c', 'echo $GREETING'], root=ROOT)\n"
-            "os.environ['GREETING'] = 'hello'  # set between launches: the next job must see it\n"
-            "second = jobstate.run(['sh', '-c', 'echo $GREETING; sleep 60'], root=ROOT)\n"
-            "forkserver = jobstate._Forkserver._popen.pid\n"
-            "os.kill(forkserver, 9)\n"
-            "jobstate._Forkserver._popen.wait()\n"
-            "os.umask(0o027)\n"
-            "third = jobstate.run(['sh', '-c', 'echo $GREETING; umask'], root=ROOT)  # a new forkserver\n"
-            "third.wait(10)\n"
-            "replacement = jobstate._Forkserver._popen.pid\n"
-            "def zombies():  # finished supervisors the forkserver has not reaped\n"
-            "    found = []\n"
-            "    for pid in filter(str.isdigit, os.listdir('/proc')):\n"
-            "        try:\n"
-            "            fields = open('/proc/%s/stat' % pid, 'rb').read().rsplit(b') ', 1)[1].split()\n"
-            "        except OSError:\n"
-            "            continue\n"
-            "        if fields[0] == b'Z' and int(fields[1]) == replacement:\n"
-            "            found.append(pid)\n"
-            "    return found\n"
-            "import time\n"
-            "deadline = time.monotonic() + 5\n"
-            "while zombies() and time.monotonic() < deadline:\n"
-            "    time.sleep(0.01)\n"
-            "print(json.dumps([first.id, second.id, third.id, forkserver, replacement, zombies()]))\n")
-        first, second, third, killed, replacement, zombies = doc
-        self.assertEqual(zombies, [], "the forkserver reaps the supervisors it forked")
+        with self.launcher(
+                "first = jobstate.run(['sh', '-c', 'echo $GREETING'], root=ROOT)\n"
+                "os.environ['GREETING'] = 'hello'  # set between launches: the next job must see it\n"
+                "second = jobstate.run(['sh', '-c', 'echo $GREETING; sleep 60'], root=ROOT)\n"
+                "forkserver = jobstate._Forkserver._popen.pid\n"
+                "os.kill(forkserver, 9)\n"
+                "jobstate._Forkserver._popen.wait()\n"
+                "os.umask(0o027)\n"
+                "third = jobstate.run(['sh', '-c', 'echo $GREETING; umask'], root=ROOT)  # a new forkserver\n"
+                "third.wait(10)\n"
+                "print(json.dumps([first.id, second.id, third.id, forkserver, jobstate._Forkserver._popen.pid]))\n"
+        ) as (first, second, third, killed, replacement):
+            wait_for(lambda: not zombie_children(replacement), 5, "the forkserver to reap the supervisors it forked")
         self.assertNotEqual(killed, replacement)
         wait_for(lambda: not pid_alive(replacement), 10, "the forkserver to exit with its launcher")
         second_job = jobstate.open_job(second, self.root)
@@ -2683,14 +2688,7 @@ class Torture(JobTestCase):
         sup_fds = [len(os.listdir("/proc/%d/fd" % pid)) for pid in supervisor_pids(self.root)]
         self.assertEqual(len(sup_fds), long_running)
         self.assertLessEqual(max(sup_fds), min(sup_fds) + 1)
-        def our_zombie(pid):
-            try:
-                with open("/proc/%d/stat" % pid, "rb") as f:
-                    fields = f.read().rsplit(b") ", 1)[-1].split()
-            except OSError:  # gone meanwhile (forkserver intermediates come and go)
-                return False
-            return fields[0] == b"Z" and int(fields[1]) == os.getpid()
-        self.assertEqual([pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if our_zombie(pid)], [])
+        self.assertEqual(zombie_children(os.getpid()), [])
         report("soak: %d short jobs with %d running and list/status hammering: 0 errors, supervisor fds %s"
                % (short, long_running, sorted(set(sup_fds))))
 
