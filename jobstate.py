@@ -2782,13 +2782,7 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
     """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
     log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
     try:
-        if _Forkserver.serves_this_process():
-            acknowledged = _launch_by_fork(lambda ack_w: _Forkserver.request(paths, lock.fd, ack_w, log))
-        elif _process_layer.can_fork_supervisor():
-            acknowledged = _launch_by_fork(lambda ack_w: _process_layer.fork_supervisor(
-                functools.partial(_supervise_in_fork, paths, lock), stdout=ack_w, stderr=log))
-        else:
-            acknowledged = _launch_by_spawn(paths, lock, log)
+        acknowledged = _start_supervisor(paths, lock, log)
     except OSError as exc:
         raise LaunchError("cannot start the supervisor: %s" % exc,
                           hint="check process limits (ulimit -u) and that %s runs" % sys.executable) from None
@@ -2802,6 +2796,16 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
                           if acknowledged is None else "the supervisor exited before starting the job",
                           hint="see %s" % paths.supervisor_log,
                           details={"supervisor_log": paths.supervisor_log})
+
+
+def _start_supervisor(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
+    """Start the supervisor the fastest way this process can; its acknowledgement (see _read_ack)."""
+    if _Forkserver.serves_this_process():  # launching again: a ~1 ms fork of a small warm process
+        return _launch_by_fork(lambda ack_w: _Forkserver.request(paths, lock.fd, ack_w, log))
+    if _process_layer.can_fork_supervisor():  # no other thread here: fork, start the job, exec the watcher
+        return _launch_by_fork(lambda ack_w: _process_layer.fork_supervisor(
+            functools.partial(_supervise_in_fork, paths, lock), stdout=ack_w, stderr=log))
+    return _launch_by_spawn(paths, lock, log)  # a new interpreter from the start
 
 
 def _launch_by_fork(fork: Callable[[int], None]) -> Optional[bool]:
