@@ -705,7 +705,7 @@ class PosixProcessTests(JobTestCase):
     def test_forked_launch_hands_the_job_to_a_clean_watcher(self):
         leak_r, leak_w = os.pipe()
         self.addCleanup(os.close, leak_r)
-        status, doc, proc = self.cli_process("run", "--no-wait", "--timeout", "1", "--", "sh", "-c", "sleep 60",
+        status, doc, proc = self.cli_process("run", "--no-wait", "--timeout", "3", "--", "sh", "-c", "sleep 60",
                                              pass_fds=(leak_w,))
         os.close(leak_w)
         self.assertEqual(status, 0, proc.stderr)
@@ -720,7 +720,9 @@ class PosixProcessTests(JobTestCase):
         import select
         self.assertTrue(select.select([leak_r], [], [], 5)[0], "a launcher descriptor leaked into the job")
         self.assertEqual(os.read(leak_r, 1), b"")
-        final = job.wait(15)  # the timeout, counted from the start, still fires in the watcher
+        # The timeout (3 s, so the job is surely still running when we look
+        # above), counted from the start, still fires in the exec'd watcher.
+        final = job.wait(15)
         self.assertEqual((final.status, final.result.timed_out, final.signal), (jobstate.JobStatus.KILLED, True, "SIGTERM"))
 
     @contextlib.contextmanager
