@@ -635,6 +635,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _allocate(fd: int, size: int) -> None:
+    """Claim size bytes of disk for fd now (raises OSError when there is no room)."""
+    if hasattr(os, "posix_fallocate"):  # blocks allocated, nothing written
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    _write_all(fd, bytes(size))
+    os.fsync(fd)
+
+
 def _rmtree(path: str, ignore_errors: bool = False) -> None:
     import shutil  # only deleting needs it; supervisors never load it
     shutil.rmtree(path, ignore_errors=ignore_errors)
@@ -761,6 +774,13 @@ class _JobLock:
         self.path = paths.lock
         self.fd: Optional[int] = None
 
+    @classmethod
+    def handed_over(cls, paths: JobPaths, fd: int) -> "_JobLock":
+        """The lock a launcher took and passed on to us already held, as fd."""
+        lock = cls(paths)
+        lock.fd = fd
+        return lock
+
     def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
         flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
         try:
@@ -863,6 +883,8 @@ class _PosixProcessLayer:
     # marker; macOS cannot read other processes' environments, so the
     # supervisor writes them down when the main process exits.
     records_leftovers = not _LINUX
+    # The launcher's flock passes to the supervisor with the descriptor.
+    hands_over_lock = True
 
     def default_root(self) -> str:
         return os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
@@ -908,18 +930,6 @@ class _PosixProcessLayer:
 
     def replace(self, src: str, dst: str) -> None:
         os.replace(src, dst)
-
-    def allocate(self, fd: int, size: int) -> None:
-        """Claim size bytes of disk for fd now (raises OSError when there is no room)."""
-        if hasattr(os, "posix_fallocate"):  # Linux: blocks allocated, nothing written
-            try:
-                os.posix_fallocate(fd, 0, size)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-        _write_all(fd, bytes(size))
-        os.fsync(fd)
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -1478,10 +1488,6 @@ class _WindowsProcessLayer:
         except BrokenPipeError:
             return True  # the writer is gone: a read returns EOF at once
         return available > 0
-
-    def allocate(self, fd: int, size: int) -> None:
-        _write_all(fd, bytes(size))
-        os.fsync(fd)
 
     def fsync_dir(self, path: str) -> None:
         return None  # NTFS renames are journaled; directories cannot be fsynced
@@ -2104,7 +2110,7 @@ class _Supervisor:
         try:
             fd = os.open(self.paths.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600)
             try:
-                _process_layer.allocate(fd, self._RESERVE_BYTES)
+                _allocate(fd, self._RESERVE_BYTES)
             finally:
                 os.close(fd)
         except OSError:  # already short of space: go on without a reserve
@@ -2148,7 +2154,7 @@ class _Supervisor:
             state.result.signal = self.last_signal if self.timed_out else requested
         else:
             state.job.status, state.result.exit_code = JobStatus.EXITED, code
-        if getattr(_process_layer, "records_leftovers", False):
+        if _process_layer.records_leftovers:
             state.leftovers = _process_layer.find_tree(self._tree_ref())
 
 
@@ -2270,14 +2276,13 @@ def _supervise_main(args: List[str]) -> int:
     root, job_id, lock_fd = args[0], args[1], int(args[2])
     paths = JobPaths(root, job_id)
     supervisor = _Supervisor(paths)
-    lock = _JobLock(paths)
     if len(args) > 3:
-        lock.fd = lock_fd
+        lock = _JobLock.handed_over(paths, lock_fd)
         _supervise_to_the_end(supervisor, lock, lambda: supervisor.watch(_Running.decode(args[3], paths)))
     _process_layer.prepare_supervisor()
-    if lock_fd >= 0:
-        lock.fd = lock_fd  # inherited from the launcher, already locked: the hand-over has no gap
-    elif not _take_lock_after_launcher(paths, lock):
+    # With a descriptor, the lock is inherited from the launcher, already held: no gap.
+    lock = _JobLock.handed_over(paths, lock_fd) if lock_fd >= 0 else _JobLock(paths)
+    if lock_fd < 0 and not _take_lock_after_launcher(paths, lock):
         sys.stderr.write("%s: the job lock stays taken: another supervisor runs this job\n" % _utc_now())
         return 1
     _supervise_to_the_end(supervisor, lock, supervisor.run)
@@ -2393,10 +2398,8 @@ def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock
         os.environ.update(request["env"])
     if request["umask"] is not None:
         os.umask(request["umask"])
-    lock = _JobLock(paths)
-    lock.fd = lock_fd
     supervisor = _Supervisor(paths)
-    _supervise_to_the_end(supervisor, lock, supervisor.run)
+    _supervise_to_the_end(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
 
 
 def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
@@ -2892,7 +2895,7 @@ class _Forkserver:
 def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
     """The supervisor is a new interpreter from the start (Windows, or a launcher with threads)."""
     import subprocess
-    hand_over = getattr(_process_layer, "hands_over_lock", True)
+    hand_over = _process_layer.hands_over_lock
     argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd if hand_over else -1))
     if not hand_over:
         lock.release()
@@ -2974,7 +2977,7 @@ def _empty_job_dir(paths: JobPaths) -> None:
         path = os.path.join(paths.dir, name)
         if path == paths.lock:
             continue
-        if os.path.isdir(path) and not os.path.islink(path):
+        if _is_real_dir(path):
             _rmtree(path)
         else:
             os.unlink(path)
@@ -3767,8 +3770,9 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     from urllib.parse import parse_qs, unquote, urlsplit
     url = urlsplit(target)
     parts = [unquote(p) for p in url.path.split("/") if p]
-    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-    tags = parse_qs(url.query).get("tag", [])
+    params = parse_qs(url.query)
+    query = {k: v[-1] for k, v in params.items()}
+    tags = params.get("tag", [])
     if method == "GET" and parts == ["health"]:
         return _envelope("health", {"version": __version__, "root": resolve_root(root)})
     if parts[:1] != ["jobs"] or len(parts) > 3:
