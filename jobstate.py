@@ -3570,6 +3570,120 @@ def _env_seconds(name: str, default: float) -> float:
 # 2026-07-28 revision probe `server/discover`, get "method not found", and fall
 # back to `initialize` (as the official SDK does).
 _MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
+# Input bounds: a longer line is refused unread (JOBSTATE_MCP_MAX_LINE raises the
+# cap for big `stdin` arguments); deeper nesting is refused before json.loads,
+# whose recursion would otherwise kill the server.
+_MCP_MAX_LINE = 4 << 20
+_MCP_MAX_DEPTH = 256
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)  # unterminated: to the end
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _json_nesting_over(text: str, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than limit: one linear pass."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    from itertools import accumulate
+    brackets = _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0) > limit
+
+
+# Numbers must survive the round trip back into an answer's id: 1e400 would be
+# inf (written as the non-JSON Infinity), and int() of a long digit string is
+# quadratic on Pythons without CPython's 4300-digit cap.
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range: %s" % _clip(text))
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 4300:
+        raise ValueError("integer over 4300 digits")
+    return int(text)
+
+
+def _reject_constant(name: str):
+    raise ValueError("%s is not JSON" % name)
+
+
+def _env_size(name: str, default: int) -> int:
+    try:
+        return _parse_size(os.environ.get(name, default), name) or default
+    except JobError:
+        return default
+
+
+def _clip(value, size: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= size else text[:size] + "..."
+
+
+def _read_lines(stream, limit: int):
+    """The stream's lines, None in place of one over limit bytes, whose rest
+    is read and dropped in small pieces so it is never held whole."""
+    while True:
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = stream.readline(1 << 16)
+            line = None
+        yield line
+
+
+@dataclass(frozen=True)
+class _McpRequest:
+    id: object
+    method: str
+    params: dict
+
+
+def _rpc_error(msg_id, code: int, message: str) -> dict:
+    return {"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}}
+
+
+def _parse_json_line(text: str, max_depth: int):
+    """Strict JSON, or ValueError for a line we will not parse."""
+    if _json_nesting_over(text, max_depth):
+        raise ValueError("nesting deeper than %d" % max_depth)
+    try:
+        return json.loads(text, parse_float=_finite_float, parse_int=_bounded_int, parse_constant=_reject_constant)
+    except RecursionError:  # the depth check runs first; this is for a smaller stack than ours
+        raise ValueError("nesting too deep") from None
+
+
+def _mcp_request(line: bytes, max_depth: int = _MCP_MAX_DEPTH):
+    """The request on one line, or the error response to send for it, or None
+    when nothing may be answered: notifications (no id, however malformed)
+    and responses (we send no requests; answering one could start a ping-pong)."""
+    try:
+        message = _parse_json_line(line.decode("utf-8-sig"), max_depth)  # RFC 8259 lets us skip a BOM
+    except ValueError as exc:  # UnicodeDecodeError is one
+        return _rpc_error(None, -32700, "parse error: %s" % _clip(str(exc), 120))
+    if isinstance(message, list):
+        return _rpc_error(None, -32600, "invalid request: batches are not supported; send one object per line")
+    if not isinstance(message, dict):
+        return _rpc_error(None, -32600, "invalid request: expected one JSON-RPC 2.0 object")
+    if "id" not in message or ("method" not in message and ("result" in message or "error" in message)):
+        return None
+    msg_id = message["id"]
+    if isinstance(msg_id, bool) or not isinstance(msg_id, (str, int, float)):
+        return _rpc_error(None, -32600, "invalid request: id must be a string or a number")
+    if message.get("jsonrpc") != "2.0":
+        return _rpc_error(msg_id, -32600, 'invalid request: "jsonrpc" must be "2.0"')
+    method = message.get("method")
+    if not isinstance(method, str):
+        return _rpc_error(msg_id, -32600, 'invalid request: "method" must be a string')
+    params = message.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return _rpc_error(msg_id, -32602, "invalid params: params must be an object")
+    return _McpRequest(msg_id, method, params)
 
 
 class _McpServer:
@@ -3582,10 +3696,13 @@ class _McpServer:
         self.calls: List[threading.Thread] = []
         self.default_until = _env_seconds("JOBSTATE_MCP_DEFAULT_UNTIL", DEFAULT_RUN_UNTIL_S)
         self.max_until = _env_seconds("JOBSTATE_MCP_MAX_UNTIL", 55.0)
+        self.max_line = _env_size("JOBSTATE_MCP_MAX_LINE", _MCP_MAX_LINE)
 
     def serve(self, stream) -> int:
-        for line in stream:
-            if line.strip():
+        for line in _read_lines(stream, self.max_line):
+            if line is None:
+                self.error(None, -32700, "parse error: line over %d bytes (JOBSTATE_MCP_MAX_LINE)" % self.max_line)
+            elif line.strip():
                 self.handle(line)
         for call in self.calls:  # let bounded tool calls answer before we go
             call.join()
@@ -3597,37 +3714,38 @@ class _McpServer:
             try:
                 self.output.write(data)
                 self.output.flush()
-            except (BrokenPipeError, ValueError):  # the client went away; jobs go on regardless
+            except (OSError, ValueError):  # the client went away; jobs go on regardless
                 pass
 
     def error(self, msg_id, code: int, message: str) -> None:
-        self.send({"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}})
+        self.send(_rpc_error(msg_id, code, message))
 
     def handle(self, line: bytes) -> None:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            return self.error(None, -32700, "parse error: not JSON")
-        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-            return self.error(message.get("id") if isinstance(message, dict) else None, -32600,
-                              "invalid request: expected one JSON-RPC 2.0 object")
-        method, msg_id = message.get("method"), message.get("id")
-        if not isinstance(method, str):
-            return None  # a response to a request we never send: ignore
-        if "id" not in message:
-            return None  # notifications (initialized, cancelled) need no answer
-        params = message.get("params", {})
-        if not isinstance(params, dict):
-            return self.error(msg_id, -32602, "params must be an object")
-        if method == "tools/call":
-            call = threading.Thread(target=self.call_tool, args=(msg_id, params), daemon=True)
-            self.calls.append(call)
-            call.start()
+        request = _mcp_request(line)
+        if isinstance(request, dict):
+            return self.send(request)
+        if request is None:
             return None
+        if request.method != "tools/call":
+            return self.guarded(request.id, self.answer, request)
+        # Tool calls may wait: each in a thread, so pings and other calls go on meanwhile.
+        call = threading.Thread(target=self.guarded, args=(request.id, self.call_tool, request.id, request.params),
+                                daemon=True)
+        self.guarded(request.id, call.start)
+        self.calls = [c for c in self.calls + [call] if c.is_alive()]
+        return None
+
+    def answer(self, request: _McpRequest) -> None:
         handlers = {"initialize": self.initialize, "ping": lambda p: {}, "tools/list": self.list_tools}
-        if method not in handlers:
-            return self.error(msg_id, -32601, "method not found: %s" % method)
-        return self.send({"jsonrpc": "2.0", "id": msg_id, "result": handlers[method](params)})
+        if request.method not in handlers:
+            return self.error(request.id, -32601, "method not found: %s" % _clip(request.method))
+        return self.send({"jsonrpc": "2.0", "id": request.id, "result": handlers[request.method](request.params)})
+
+    def guarded(self, msg_id, action, *args) -> None:
+        try:
+            action(*args)
+        except Exception as exc:  # a bug must not leave the client waiting, nor end the server
+            self.error(msg_id, -32603, "internal error: %s: %s" % (type(exc).__name__, _clip(str(exc), 200)))
 
     def initialize(self, params: dict) -> dict:
         asked = params.get("protocolVersion")
@@ -3646,9 +3764,12 @@ class _McpServer:
         return {"tools": tools}
 
     def call_tool(self, msg_id, params: dict) -> None:
-        name, args = params.get("name"), params.get("arguments") or {}
-        if name not in _OPERATIONS:
-            return self.error(msg_id, -32602, "unknown tool: %r" % (name,))
+        name, args = params.get("name"), params.get("arguments")
+        if not isinstance(name, str) or name not in _OPERATIONS:
+            problem = "unknown tool %r" % _clip(name) if isinstance(name, str) else "the tool name must be a string"
+            return self.error(msg_id, -32602, "invalid params: %s; tools: %s" % (problem, ", ".join(_OPERATIONS)))
+        if args is None:  # absent, or null as the official SDK sends it
+            args = {}
         try:
             doc = _call_operation(name, args, self.root, default_until=self.default_until,
                                   max_until=self.max_until)

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,10 @@ def wait_for(predicate, timeout_s=10.0, message="condition"):
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout_s, message))
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
+
+
+def strict_json_constant(name):
+    raise ValueError("%s is not JSON" % name)
 
 
 def py(code):
@@ -2145,6 +2150,177 @@ class McpTests(JobTestCase):
         proc.kill()
         proc.wait(10)
         self.assertEqual(jobstate.open_job(doc["job_id"], self.root).state().status, jobstate.JobStatus.RUNNING)
+
+    # -- hostile input: every request is answered, nothing kills the server --
+
+    def replies(self, proc):
+        """The server's output lines in a queue, so that a silent server fails a
+        test (`next_reply` times out) instead of hanging it."""
+        lines = queue.Queue()
+
+        def pump():
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(b"")
+        threading.Thread(target=pump, daemon=True).start()
+        return lines
+
+    def next_reply(self, lines, timeout_s=30):
+        try:
+            line = lines.get(timeout=timeout_s)
+        except queue.Empty:
+            self.fail("no answer within %s s" % timeout_s)
+        self.assertTrue(line, "the server closed its output (it died)")
+        return json.loads(line, parse_constant=strict_json_constant)  # NaN/Infinity are not JSON
+
+    def send_line(self, proc, line):
+        proc.stdin.write(line + b"\n")
+        proc.stdin.flush()
+
+    def test_hostile_lines_are_answered_and_the_server_keeps_serving(self):
+        job = self.run_job(py("print('x')"))
+        proc = self.start_server()
+        lines = self.replies(proc)
+        ping = b'{"jsonrpc":"2.0","id":%s,"method":"ping"}'
+        call = b'{"jsonrpc":"2.0","id":"t","method":"tools/call","params":%s}'
+        deep = b'{"jsonrpc":"2.0","id":"d","method":"ping","params":{"x":%s}}'
+        depth = jobstate._MCP_MAX_DEPTH - 2  # the request object and params hold the rest
+        in_string = json.dumps({"s": '"' + "[" * 1000 + "\\", "x": "x"}).encode()  # brackets in strings: no depth
+        # (line, None for silence, or (id, error code or None for a result, words in the message))
+        hostile = [
+            (b"not json", (None, -32700, "")), (b"\xff\xfe{}", (None, -32700, "")),
+            (b"\xef\xbb\xbf" + ping % b"1", (1, None, "")),  # a BOM may be ignored (RFC 8259)
+            (b"[" * 100000, (None, -32700, "nest")), (b"{\"a\":" * 100000, (None, -32700, "nest")),
+            (b"{\"a\":" * 300 + b"1" + b"}" * 300, (None, -32700, "nest")),
+            (deep % (b"[" * (depth + 1) + b"]" * (depth + 1)), (None, -32700, "nest")),
+            (deep % (b"[" * depth + b"]" * depth), ("d", None, "")),
+            (b'{"jsonrpc":"2.0","id":"s","method":"ping","params":%s}' % in_string, ("s", None, "")),
+            (ping % b"1e400", (None, -32700, "")), (ping % b"NaN", (None, -32700, "")),
+            (ping % (b"9" * 5000), (None, -32700, "")), (ping % b"1.5", (1.5, None, "")),
+            (b"[]", (None, -32600, "batch")), (b"[" + ping % b"2" + b"]", (None, -32600, "batch")),
+            (b"5", (None, -32600, "")), (b'"ping"', (None, -32600, "")), (b"null", (None, -32600, "")),
+            (b"true", (None, -32600, "")),
+            (ping % b'{"a":1}', (None, -32600, "id")), (ping % b"[1]", (None, -32600, "id")),
+            (ping % b"true", (None, -32600, "id")), (ping % b"null", (None, -32600, "id")),
+            (b'{"jsonrpc":"1.0","id":"h1","method":"ping"}', ("h1", -32600, "jsonrpc")),
+            (b'{"id":"h2","method":"ping"}', ("h2", -32600, "jsonrpc")),
+            (b'{"jsonrpc":"2.0","id":"h3","method":5}', ("h3", -32600, "method")),
+            (b'{"jsonrpc":"2.0","id":"h4","method":["ping"]}', ("h4", -32600, "method")),
+            (b'{"jsonrpc":"2.0","id":"h5","method":null}', ("h5", -32600, "method")),
+            (b'{"jsonrpc":"2.0","id":"h6"}', ("h6", -32600, "method")),
+            (b'{"jsonrpc":"2.0","id":"h7","method":"ping","params":"x"}', ("h7", -32602, "params")),
+            (b'{"jsonrpc":"2.0","id":"h8","method":"ping","params":[1]}', ("h8", -32602, "params")),
+            (b'{"jsonrpc":"2.0","id":"h9","method":"%s"}' % (b"x" * 100000), ("h9", -32601, "")),
+            (call % b'{"name":["run"]}', ("t", -32602, "status")),
+            (call % b'{"name":{"run":1}}', ("t", -32602, "status")),
+            (call % b'{"name":5}', ("t", -32602, "status")), (call % b'{"name":null}', ("t", -32602, "status")),
+            (call % b'{}', ("t", -32602, "status")), (call % b'{"name":"nope"}', ("t", -32602, "status")),
+            (call % b'"run"', ("t", -32602, "params")),
+            # Notifications (no id) are never answered, however malformed ...
+            (b'{"jsonrpc":"2.0","method":5}', None), (b'{"jsonrpc":"1.0","method":"ping"}', None),
+            (b'{"method":"ping","params":"x"}', None), (b'{"jsonrpc":"2.0","method":"nope"}', None),
+            (b'{"jsonrpc":"2.0","method":"tools/call","params":{"name":["run"]}}', None),
+            # ... nor are responses (we send no requests; answering one could start a ping-pong).
+            (b'{"jsonrpc":"2.0","id":"r","result":{}}', None),
+            (b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}', None),
+            (b"   ", None),
+        ]
+        for number, (line, expected) in enumerate(hostile):
+            self.send_line(proc, line)
+            self.send_line(proc, ping % ('"ping-%d"' % number).encode())
+            self.send_line(proc, call.replace(b'"t"', b'"status-%d"' % number)
+                           % json.dumps({"name": "status", "arguments": {"job_id": job.id}}).encode())
+            wanted = {"ping-%d" % number, "status-%d" % number} | ({expected[0]} if expected else set())
+            got = {}
+            for _ in wanted:
+                reply = self.next_reply(lines)
+                self.assertEqual(reply["jsonrpc"], "2.0")
+                self.assertIn(reply.get("id", "missing"), wanted, (line[:80], reply))
+                self.assertNotIn(reply["id"], got, (line[:80], reply))
+                got[reply["id"]] = reply
+            self.assertEqual(got["ping-%d" % number]["result"], {}, line[:80])
+            status = got["status-%d" % number]["result"]
+            self.assertEqual((status["isError"], status["structuredContent"]["job_id"]), (False, job.id))
+            if expected:
+                msg_id, code, words = expected
+                reply = got[msg_id]
+                if code is None:
+                    self.assertEqual(reply["result"], {}, line[:80])
+                else:
+                    self.assertEqual(reply["error"]["code"], code, (line[:80], reply))
+                    self.assertIn(words, reply["error"]["message"], line[:80])
+                    self.assertLess(len(reply["error"]["message"]), 300)
+        self.send_line(proc, ping % b'"last"')
+        self.assertEqual(self.next_reply(lines)["id"], "last")  # nothing left unread from the rounds
+        proc.stdin.close()
+        self.assertEqual(proc.wait(30), 0)
+        self.assertEqual(proc.stderr.read(), b"")
+
+    def test_tool_arguments_must_be_an_object(self):
+        proc = self.start_server()
+        for msg_id, arguments in enumerate([[], 0, "", False, "x", [1], 5, 1.5]):
+            result = self.call(proc, msg_id, "list", arguments)
+            self.assertTrue(result["isError"], arguments)
+            self.assertEqual(result["structuredContent"]["error"]["code"], "invalid_argument")
+        self.assertFalse(self.call(proc, 10, "list", None)["isError"])  # absent, as the SDK sends it
+        reply = self.rpc(proc, 11, "tools/call", {"name": "list"})
+        self.assertFalse(reply["result"]["isError"])
+
+    def peak_rss(self, proc):
+        """The process's peak resident size in bytes (Linux), else None."""
+        try:
+            with open("/proc/%d/status" % proc.pid) as f:
+                return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+        except OSError:
+            return None
+
+    def test_an_overlong_line_is_refused_without_reading_it_whole(self):
+        proc = self.start_server()
+        lines = self.replies(proc)
+        self.send_line(proc, b'{"jsonrpc":"2.0","id":"before","method":"ping"}')
+        self.assertEqual(self.next_reply(lines)["id"], "before")
+        peak_before = self.peak_rss(proc)
+        cap = jobstate._MCP_MAX_LINE
+        self.send_line(proc, b"x" * (8 * cap))
+        reply = self.next_reply(lines)
+        self.assertEqual((reply["id"], reply["error"]["code"]), (None, -32700))
+        self.assertIn(str(cap), reply["error"]["message"])
+        if peak_before is not None:  # a capped piece was held (readline joins its chunks: twice), never the line
+            self.assertLess(self.peak_rss(proc) - peak_before, 3 * cap)
+        padded = b'{"jsonrpc":"2.0","id":"pad","method":"ping","params":{"x":"%s"}}'
+        self.send_line(proc, padded % (b"x" * cap))
+        self.assertEqual(self.next_reply(lines)["error"]["code"], -32700)
+        self.send_line(proc, padded % (b"x" * (cap - 100)))  # a line within the cap is served
+        self.assertEqual(self.next_reply(lines), {"jsonrpc": "2.0", "id": "pad", "result": {}})
+
+    def test_the_line_cap_can_be_set(self):
+        proc = self.start_server(JOBSTATE_MCP_MAX_LINE="1k")
+        lines = self.replies(proc)
+        self.send_line(proc, b'{"jsonrpc":"2.0","id":"a","method":"ping","params":{"x":"%s"}}' % (b"x" * 1000))
+        self.assertEqual(self.next_reply(lines)["error"]["code"], -32700)
+        self.send_line(proc, b'{"jsonrpc":"2.0","id":"b","method":"ping","params":{"x":"%s"}}' % (b"x" * 900))
+        self.assertEqual(self.next_reply(lines)["id"], "b")
+
+    def test_a_bug_in_a_handler_is_an_internal_error(self):
+        # Fault injection: no real input reaches these (that would be a bug to fix);
+        # the catch-all must still answer instead of leaving the client waiting.
+        class Broken(jobstate._McpServer):
+            def list_tools(self, params):
+                raise RuntimeError("boom")
+
+            def call_tool(self, msg_id, params):
+                raise RuntimeError("bang")
+        out = io.BytesIO()
+        requests = [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "status"}},
+                    {"jsonrpc": "2.0", "id": 3, "method": "ping"}]
+        stdin = io.BytesIO(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
+        with contextlib.redirect_stderr(io.StringIO()):
+            Broken(self.root, out).serve(stdin)
+        replies = {r["id"]: r for r in map(json.loads, out.getvalue().splitlines())}
+        self.assertEqual((replies[1]["error"]["code"], replies[2]["error"]["code"]), (-32603, -32603))
+        self.assertIn("boom", replies[1]["error"]["message"])
+        self.assertEqual(replies[3]["result"], {})
 
     @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
     def test_official_sdk_client(self):
