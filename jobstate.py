@@ -859,6 +859,10 @@ class _Child:
     handle: object = None  # platform-private (the Job Object handle on Windows)
 
 
+def _survive_signal(signum, frame) -> None:
+    """The supervisor's handler for signals it must survive (see supervisor_signals)."""
+
+
 @dataclass
 class _TreeRef:
     """Everything recorded about a job's process tree, so any later process can find it."""
@@ -952,21 +956,41 @@ class _PosixProcessLayer:
         popen.wait()
 
     def prepare_supervisor(self) -> None:
-        """Detach for good: ignore terminal signals, leave the launcher, adopt orphans."""
-        self._supervisor_signals()
+        """Detach for good: survive terminal signals, leave the launcher, adopt orphans."""
+        self.supervisor_signals()
         if os.fork() > 0:
             os._exit(0)
         if _LINUX:
             self._become_subreaper()
 
-    def _supervisor_signals(self) -> None:
-        for name in ("SIGHUP", "SIGINT", "SIGTTOU", "SIGTTIN"):
-            _signal.signal(getattr(_signal, name), _signal.SIG_IGN)
-        # A launcher that ignores SIGCHLD would have the kernel reap our child
-        # before we can read its exit status; a forked launch also inherits
-        # the launcher's own handlers.
-        for name in ("SIGCHLD", "SIGTERM"):
-            _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
+    # What a supervisor must survive although it has no terminal: a stray
+    # `kill -INT` at the launcher's group, the hang-up of a session.
+    _SURVIVED = ("SIGHUP", "SIGINT", "SIGTTOU", "SIGTTIN")
+
+    def supervisor_signals(self) -> None:
+        """Shape this process's signals so that the job it starts begins clean (SPEC 10).
+
+        A child inherits every SIG_IGN across exec, and the signal mask of the
+        thread that forks it; a caught signal, though, is reset to SIG_DFL by
+        the exec.  So the signals we must survive are caught by a no-op, never
+        ignored; whatever else the launcher ignored or caught (a CI shell
+        ignoring SIGINT, nohup, a launcher's own handlers, a SIGCHLD ignored so
+        the kernel would reap our child) goes back to SIG_DFL; and the mask is
+        emptied here, before this process has any thread (threads inherit it).
+        SIGPIPE and SIGXFSZ stay ignored, as Python keeps them: subprocess
+        resets exactly those two in the child (restore_signals).
+        """
+        survived = {getattr(_signal, name) for name in self._SURVIVED}
+        ignored = {_signal.SIGPIPE, _signal.SIGXFSZ}
+        for signum in _signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP}:
+            wanted = (_survive_signal if signum in survived
+                      else _signal.SIG_IGN if signum in ignored else _signal.SIG_DFL)
+            if _signal.getsignal(signum) != wanted:
+                try:
+                    _signal.signal(signum, wanted)
+                except (OSError, ValueError):  # one the C library reserves: nobody can ignore it
+                    pass
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
 
     def can_fork_supervisor(self) -> bool:
         # Linux only: macOS system libraries are not fork-safe and could not be
@@ -996,7 +1020,7 @@ class _PosixProcessLayer:
                     os.dup2(fd, target)
                 for fd in {null, stdout, stderr} - {0, 1, 2}:
                     os.close(fd)
-                self._supervisor_signals()
+                self.supervisor_signals()
                 if _LINUX:
                     self._become_subreaper()
                 body()
@@ -1014,7 +1038,17 @@ class _PosixProcessLayer:
                     pass
         for fd in fds:
             os.set_inheritable(fd, True)
-        os.execv(argv[0], argv)
+        # The exec resets our no-op handlers to SIG_DFL: until the new image
+        # catches them again (supervisor_signals), those signals wait blocked
+        # instead of ending it.  The mask survives the exec; the job, started
+        # already, never sees it.
+        survived = [getattr(_signal, name) for name in self._SURVIVED]
+        mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, survived)
+        try:
+            os.execv(argv[0], argv)
+        except OSError:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+            raise
 
     def _become_subreaper(self) -> None:
         # PR_SET_CHILD_SUBREAPER: double-forked daemons of the job re-parent to
@@ -1500,6 +1534,9 @@ class _WindowsProcessLayer:
         # Windows has no SIGHUP/SIGINT to ignore in a console-less process.
         return None
 
+    def supervisor_signals(self) -> None:
+        return None  # no signal dispositions or masks to pass on to the child
+
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
         import subprocess
         name = "jobstate-" + job_id
@@ -1508,6 +1545,12 @@ class _WindowsProcessLayer:
             # Suspended: the child runs no code, so spawns nothing, before it is
             # in the job. CREATE_NO_WINDOW: the supervisor has no console, and a
             # console child would otherwise pop up a new visible window.
+            # It starts clean (SPEC 10): with all three std handles given and
+            # close_fds at its default (True), Popen (3.7+) passes an explicit
+            # PROC_THREAD_ATTRIBUTE_HANDLE_LIST of those three, so no other
+            # handle of ours is inherited.  (The new process group turns Ctrl+C
+            # off for it, but with no console none could come, and INT ends
+            # the tree through the Job Object anyway.)
             popen = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                 creationflags=_WIN_CREATE_SUSPENDED | _WIN_CREATE_NEW_PROCESS_GROUP | _WIN_CREATE_NO_WINDOW)
@@ -2277,6 +2320,7 @@ def _supervise_main(args: List[str]) -> int:
     paths = JobPaths(root, job_id)
     supervisor = _Supervisor(paths)
     if len(args) > 3:
+        _process_layer.supervisor_signals()  # catch again what the exec reset (see exec_keeping)
         lock = _JobLock.handed_over(paths, lock_fd)
         _supervise_to_the_end(supervisor, lock, lambda: supervisor.watch(_Running.decode(args[3], paths)))
     _process_layer.prepare_supervisor()
@@ -2360,6 +2404,7 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
     import subprocess  # noqa: F401  (loaded here once, for every supervisor forked from us)
     sock = socket.socket(fileno=sock_fd)
     _process_layer.warm_up()
+    _process_layer.supervisor_signals()  # a launcher's mask must not block our SIGCHLD
     _signal.signal(_signal.SIGCHLD, _reap_children)
     gc.freeze()  # forked supervisors then never copy these pages to collect them
     while True:

@@ -785,6 +785,124 @@ class PosixProcessTests(JobTestCase):
         self.assertEqual((status, doc["state"], doc["exit_code"]), (0, "exited", 3), proc.stderr)
 
 
+# A launcher that hands the job everything it must not inherit: terminal
+# signals ignored (a CI shell, nohup), a blocked signal, another umask and an
+# inheritable descriptor.  Each launch path must start the job clean anyway.
+HOSTILE_LAUNCHER = (
+    "import os, signal, sys\n"
+    "for name in ('SIGINT', 'SIGHUP', 'SIGQUIT'):\n"
+    "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n"
+    "os.umask(0o027)\n"
+    "os.set_inheritable(os.open(os.devnull, os.O_RDONLY), True)\n")
+
+
+def proc_status(pid):
+    """The fields of /proc/<pid>/status, by name."""
+    with open("/proc/%d/status" % pid) as f:
+        return dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line)
+
+
+@unittest.skipUnless(jobstate._LINUX, "reads /proc")
+class CleanStartTests(JobTestCase):
+    """A job starts clean (SPEC 10): default signal dispositions, an empty mask,
+    fds 0-2 only, the launcher's umask and JOBSTATE_JOB_ID, on every launch path."""
+
+    def hostile_cli(self, *args):
+        """The CLI run as a process by HOSTILE_LAUNCHER (it execs into the CLI)."""
+        exec_cli = "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+        proc = subprocess.run([PY, "-c", HOSTILE_LAUNCHER + exec_cli, JOBSTATE, "--root", self.root] + list(args),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)["job_id"]
+
+    def hostile_api(self, code):
+        """The Python API used by HOSTILE_LAUNCHER; code prints one JSON line."""
+        script = HOSTILE_LAUNCHER + "import json, threading\nsys.path.insert(0, %r)\nimport jobstate\nROOT = %r\n" % (
+            HERE, self.root)
+        proc = subprocess.run([PY, "-c", script + code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)
+
+    def assert_starts_clean(self, job_id):
+        with open(jobstate.JobPaths(self.root, job_id).state) as f:
+            pid = json.load(f)["pid"]
+        status = proc_status(pid)
+        self.assertEqual(int(status["SigIgn"], 16), 0, "ignored signals reached the job: %s" % status["SigIgn"])
+        self.assertEqual(int(status["SigBlk"], 16), 0, "blocked signals reached the job: %s" % status["SigBlk"])
+        self.assertEqual(status["Umask"].strip(), "0027", "not the launcher's umask")
+        self.assertEqual(sorted(os.listdir("/proc/%d/fd" % pid), key=int), ["0", "1", "2"])
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            self.assertIn(b"JOBSTATE_JOB_ID=" + job_id.encode(), f.read().split(b"\0"))
+
+    def test_every_launch_path_starts_the_job_clean(self):
+        sleep = ["sleep", "300"]
+        created = jobstate.create(sleep, root=self.root)
+        restarted = self.run_job(sleep)
+        launches = {
+            "forked by the CLI": lambda: self.hostile_cli("run", "--no-wait", "--", *sleep),
+            "spawned by a launcher with a thread": lambda: self.hostile_api(
+                "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+                "print(json.dumps(jobstate.run(%r, root=ROOT).id))\n" % sleep),
+            "forked by the forkserver": lambda: self.hostile_api(
+                "jobstate.run(['true', 'x'], root=ROOT).wait(10)\n"
+                "job = jobstate.run(%r, root=ROOT)\n"
+                "assert jobstate._Forkserver._popen is not None, 'no forkserver'\n"
+                "print(json.dumps(job.id))\n" % sleep),
+            "start": lambda: self.hostile_cli("start", "--no-wait", created.id),
+            "restart": lambda: self.hostile_cli("restart", "--no-wait", restarted.id),
+            "with a timeout": lambda: self.hostile_cli("run", "--no-wait", "--timeout", "60", "--", *sleep),
+        }
+        for path, launch in launches.items():
+            with self.subTest(path):
+                self.assert_starts_clean(launch())
+
+    def test_a_python_job_gets_keyboard_interrupt_on_int(self):
+        code = ("import sys, time\n"
+                "try:\n"
+                "    print('ready', flush=True); time.sleep(60)\n"
+                "except KeyboardInterrupt:\n"
+                "    print('interrupted', flush=True); sys.exit(3)\n")
+        job = jobstate.open_job(self.hostile_cli("run", "--no-wait", "--", *py(code)), self.root)
+        self.wait_log(job, "ready")
+        status, doc, _ = self.cli("kill", "--signal", "INT", job.id)
+        self.assertEqual((status, doc["state"], doc["signal"]), (0, "killed", "SIGINT"))
+        self.assertEqual(job.tail().stdout, "ready\ninterrupted\n")
+
+    def test_a_shell_job_can_trap_hup(self):
+        script = "trap 'echo got HUP; exit 5' HUP; echo ready; while :; do sleep 0.1; done"
+        job = jobstate.open_job(self.hostile_cli("run", "--no-wait", "--", "sh", "-c", script), self.root)
+        self.wait_log(job, "ready")
+        status, doc, _ = self.cli("kill", "--signal", "HUP", job.id)
+        self.assertEqual((status, doc["state"]), (0, "killed"))
+        self.assertEqual(job.tail().stdout, "ready\ngot HUP\n")
+
+    def test_the_supervisor_stays_immune_to_terminal_signals(self):
+        launches = {
+            "forked, then exec'd": lambda: self.hostile_cli("run", "--no-wait", "--", "sleep", "300"),
+            "spawned": lambda: self.hostile_api(
+                "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+                "print(json.dumps(jobstate.run(['sleep', '300'], root=ROOT).id))\n")}
+        hup_bit = 1 << (signal.SIGHUP - 1)
+        for path, launch in launches.items():
+            with self.subTest(path):
+                job = jobstate.open_job(launch(), self.root)
+                supervisor = job.state().supervisor_pid
+
+                def hit_until_caught_for_good():
+                    # Right after the launch the forked supervisor execs its
+                    # watcher: signals sent meanwhile must not end it either.
+                    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
+                        os.kill(supervisor, signum)
+                    with open("/proc/%d/cmdline" % supervisor, "rb") as f:
+                        watching = b"_supervise" in f.read()
+                    return watching and int(proc_status(supervisor)["SigCgt"], 16) & hup_bit
+                wait_for(hit_until_caught_for_good, 10, "the supervisor to catch SIGHUP")
+                self.assertEqual(int(proc_status(supervisor)["SigBlk"], 16), 0)
+                self.assertEqual(job.kill("TERM").state.signal, "SIGTERM", "the supervisor recorded the end")
+
+
 # ---------------------------------------------------------------------------
 # Process trees, timeouts, exit codes (Windows: Job Objects)
 # ---------------------------------------------------------------------------
