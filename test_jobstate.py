@@ -1447,6 +1447,16 @@ class WindowsLayerFakeTests(unittest.TestCase):
         self.assertIs(ctx.exception, error)
         self.assertEqual(self.fake.open_handles("job"), [])
 
+    def test_a_notify_command_overrunning_its_timeout_is_stopped_with_its_tree(self):
+        with unittest.mock.patch.object(subprocess, "Popen", fake_popen_class(self.fake)):
+            sink = self.layer.spawn_sink("cmd /c notify", env={})
+        self.assertEqual(sink.kwargs["creationflags"], WIN_CREATE_NEW_PROCESS_GROUP | WIN_CREATE_NO_WINDOW)
+        grand = self.fake.add_process(ppid=sink.pid)
+        great = self.fake.add_process(ppid=grand.pid)
+        bystander = self.fake.add_process(ppid=os.getpid())
+        self.layer.stop_sink(sink)
+        self.assertEqual([p.alive for p in (sink.proc, grand, great, bystander)], [False, False, False, True])
+
     def test_wait_child_returns_the_dword_and_no_signal(self):
         child = self.spawn(exit_code=0xC0000005)
         self.assertEqual(self.layer.wait_child(child), (0xC0000005, None))
@@ -1625,7 +1635,8 @@ class WindowsLayerFakeTests(unittest.TestCase):
 
     def test_hooks_without_a_windows_counterpart_do_nothing(self):
         self.assertFalse(self.layer.hands_over_lock)  # LockFileEx locks cannot be inherited
-        for result in (self.layer.prepare_supervisor(), self.layer.release_supervisor(None),
+        for result in (self.layer.prepare_supervisor(), self.layer.supervisor_signals(),
+                       self.layer.release_supervisor(None),
                        self.layer.tune_pipe(3), self.layer.fsync_dir("d"), self.layer.unsafe_dir_reason("d")):
             self.assertIsNone(result)
         self.assertEqual(self.fake.calls, [])
@@ -2129,6 +2140,17 @@ class LifecycleTests(JobTestCase):
             self.run_job(py("pass")).wait(10)
             self.assertTrue(os.path.exists(again.paths.dir))
 
+    def completion_record(self, job, timeout_s=20):
+        """completion_event.json once its sinks have reported."""
+        def delivered():
+            try:
+                with open(job.paths.event) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                return None
+            return record if record.get("pending") is False else None
+        return wait_for(delivered, timeout_s, "the notification deliveries")
+
     def test_notifications(self):
         events = os.path.join(self.tmp, "events.ndjson")
         seen = os.path.join(self.tmp, "seen.json")
@@ -2136,15 +2158,76 @@ class LifecycleTests(JobTestCase):
                   "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen)
         job = self.run_job(py("print('hi')"), notify_file=events, notify_command=command)
         state = job.wait(20)
+        record = self.completion_record(job)  # the sinks run after the job's end is recorded
         with open(events) as f:
             event = json.loads(f.read())
         self.assertEqual((event["event_type"], event["job_id"], event["state"], event["exit_code"]),
                          ("job.finished", job.id, "exited", 0))
         with open(seen) as f:
             self.assertEqual(json.load(f), event)
-        record = json.load(open(job.paths.event))
         self.assertEqual([d["ok"] for d in record["deliveries"]], [True, True])
+        self.assertFalse(record["pending"])
         self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+
+    @unittest.skipUnless(POSIX, "sh")
+    def test_a_slow_notifier_does_not_hold_run(self):
+        go = os.path.join(self.tmp, "go")
+        # Like `sleep 20`, but it ends as soon as the test has seen `run` return.
+        command = "i=0; while [ ! -e %s ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done" % go
+        status, doc, _ = self.cli("run", "--until", "60", "--notify-command", command, "--", *py("print('hi')"))
+        self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hi\n"))
+        self.assertLess(doc["elapsed_ms"], 10000, "run waited for the notifier")
+        open(go, "w").close()
+        record = self.completion_record(jobstate.open_job(doc["job_id"], self.root))
+        self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("command", True)])
+
+    @unittest.skipUnless(POSIX, "sh, /proc")
+    def test_a_notifier_tree_is_stopped_at_its_timeout(self):
+        pid_file = os.path.join(self.tmp, "grandchild.pid")
+        command = "sleep 300 & echo $! > %s; sleep 300" % pid_file
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "1"}):
+            job = self.run_job(py("pass"), notify_command=command)
+        record = self.completion_record(job)
+        self.assertEqual([(d["ok"], d["error"]) for d in record["deliveries"]], [(False, "timed out after 1s")])
+        with open(pid_file) as f:
+            grandchild = int(f.read())
+        wait_for(lambda: not pid_alive(grandchild), 5, "the notifier's grandchild to be stopped")
+
+    @unittest.skipUnless(POSIX, "sh, /proc")
+    def test_a_restart_during_notifications_keeps_the_new_runs_record(self):
+        go = os.path.join(self.tmp, "go")
+        command = "i=0; while [ ! -e %s ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done" % go
+        job = self.run_job(py("pass"), notify_command=command)
+        old_supervisor = job.wait(20).supervisor_pid
+        status, doc, _ = self.cli("restart", job.id)
+        self.assertEqual((status, doc["state"]), (0, "exited"))
+        self.assertLess(doc["elapsed_ms"], 5000, "restart waited for the old run's notifier")
+        new = job.state()
+        open(go, "w").close()
+        wait_for(lambda: not pid_alive(old_supervisor), 10, "the old run's notifier to finish")
+        record = self.completion_record(job)
+        self.assertEqual((record["event"]["started_at"], [d["ok"] for d in record["deliveries"]]),
+                         (new.started_at, [True]), "the record is the new run's, whole")
+        with open(job.paths.supervisor_log) as f:
+            self.assertIn("restarted or deleted during its notifications", f.read())
+
+    @unittest.skipUnless(POSIX, "mkfifo")
+    def test_a_notify_file_nobody_reads_does_not_hang_the_delivery(self):
+        fifo = os.path.join(self.tmp, "events.fifo")
+        os.mkfifo(fifo)
+        job = self.run_job(py("pass"), notify_file=fifo)
+        record = self.completion_record(job, timeout_s=10)
+        self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("file", False)])
+
+    def test_a_bad_notify_timeout_falls_back_to_the_default(self):
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "abc"}):
+            job = self.run_job(py("pass"), notify_command="exit 0")
+        record = self.completion_record(job)
+        self.assertEqual([d["ok"] for d in record["deliveries"]], [True])
+        with open(job.paths.supervisor_log) as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
+        self.assertIn("JOBSTATE_NOTIFY_TIMEOUT='abc'", log)
 
     def test_failing_sinks_do_not_change_the_state_and_failed_jobs_notify(self):
         events = os.path.join(self.tmp, "no-such-dir", "events.ndjson")
@@ -2152,7 +2235,7 @@ class LifecycleTests(JobTestCase):
                            notify_command="exit 3")
         state = job.wait(20)
         self.assertEqual(state.status, jobstate.JobStatus.FAILED)
-        record = json.load(open(job.paths.event))
+        record = self.completion_record(job)
         self.assertEqual(record["event"]["state"], "failed")
         self.assertEqual([d["ok"] for d in record["deliveries"]], [False, False])
 
