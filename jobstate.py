@@ -859,6 +859,10 @@ class _Child:
     handle: object = None  # platform-private (the Job Object handle on Windows)
 
 
+def _survive_signal(signum, frame) -> None:
+    """The supervisor's handler for signals it must survive (see supervisor_signals)."""
+
+
 @dataclass
 class _TreeRef:
     """Everything recorded about a job's process tree, so any later process can find it."""
@@ -952,21 +956,41 @@ class _PosixProcessLayer:
         popen.wait()
 
     def prepare_supervisor(self) -> None:
-        """Detach for good: ignore terminal signals, leave the launcher, adopt orphans."""
-        self._supervisor_signals()
+        """Detach for good: survive terminal signals, leave the launcher, adopt orphans."""
+        self.supervisor_signals()
         if os.fork() > 0:
             os._exit(0)
         if _LINUX:
             self._become_subreaper()
 
-    def _supervisor_signals(self) -> None:
-        for name in ("SIGHUP", "SIGINT", "SIGTTOU", "SIGTTIN"):
-            _signal.signal(getattr(_signal, name), _signal.SIG_IGN)
-        # A launcher that ignores SIGCHLD would have the kernel reap our child
-        # before we can read its exit status; a forked launch also inherits
-        # the launcher's own handlers.
-        for name in ("SIGCHLD", "SIGTERM"):
-            _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
+    # What a supervisor must survive although it has no terminal: a stray
+    # `kill -INT` at the launcher's group, the hang-up of a session.
+    _SURVIVED = ("SIGHUP", "SIGINT", "SIGTTOU", "SIGTTIN")
+
+    def supervisor_signals(self) -> None:
+        """Shape this process's signals so that the job it starts begins clean (SPEC 10).
+
+        A child inherits every SIG_IGN across exec, and the signal mask of the
+        thread that forks it; a caught signal, though, is reset to SIG_DFL by
+        the exec.  So the signals we must survive are caught by a no-op, never
+        ignored; whatever else the launcher ignored or caught (a CI shell
+        ignoring SIGINT, nohup, a launcher's own handlers, a SIGCHLD ignored so
+        the kernel would reap our child) goes back to SIG_DFL; and the mask is
+        emptied here, before this process has any thread (threads inherit it).
+        SIGPIPE and SIGXFSZ stay ignored, as Python keeps them: subprocess
+        resets exactly those two in the child (restore_signals).
+        """
+        survived = {getattr(_signal, name) for name in self._SURVIVED}
+        ignored = {_signal.SIGPIPE, _signal.SIGXFSZ}
+        for signum in _signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP}:
+            wanted = (_survive_signal if signum in survived
+                      else _signal.SIG_IGN if signum in ignored else _signal.SIG_DFL)
+            if _signal.getsignal(signum) != wanted:
+                try:
+                    _signal.signal(signum, wanted)
+                except (OSError, ValueError):  # one the C library reserves: nobody can ignore it
+                    pass
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
 
     def can_fork_supervisor(self) -> bool:
         # Linux only: macOS system libraries are not fork-safe and could not be
@@ -996,7 +1020,7 @@ class _PosixProcessLayer:
                     os.dup2(fd, target)
                 for fd in {null, stdout, stderr} - {0, 1, 2}:
                     os.close(fd)
-                self._supervisor_signals()
+                self.supervisor_signals()
                 if _LINUX:
                     self._become_subreaper()
                 body()
@@ -1014,7 +1038,17 @@ class _PosixProcessLayer:
                     pass
         for fd in fds:
             os.set_inheritable(fd, True)
-        os.execv(argv[0], argv)
+        # The exec resets our no-op handlers to SIG_DFL: until the new image
+        # catches them again (supervisor_signals), those signals wait blocked
+        # instead of ending it.  The mask survives the exec; the job, started
+        # already, never sees it.
+        survived = [getattr(_signal, name) for name in self._SURVIVED]
+        mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, survived)
+        try:
+            os.execv(argv[0], argv)
+        except OSError:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+            raise
 
     def _become_subreaper(self) -> None:
         # PR_SET_CHILD_SUBREAPER: double-forked daemons of the job re-parent to
@@ -1059,6 +1093,20 @@ class _PosixProcessLayer:
         popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                                  close_fds=True, start_new_session=True)
         return _Child(popen, popen.pid, self.process_token(popen.pid))
+
+    def spawn_sink(self, argv, *, env) -> subprocess.Popen:
+        """A notification command, in a session of its own so that stop_sink can end its whole tree."""
+        import subprocess
+        return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+
+    def stop_sink(self, popen: subprocess.Popen) -> None:
+        """KILL the sink's process group.  It is not reaped yet, so its pid
+        (the group's id) cannot have been reused."""
+        try:
+            os.killpg(popen.pid, _signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no member left (macOS: only zombies)
+            pass
 
     def wait_child(self, child: _Child) -> Tuple[Optional[int], Optional[int]]:
         """Block until the child exits, reaping adopted orphans on the way; (code, signum)."""
@@ -1500,6 +1548,9 @@ class _WindowsProcessLayer:
         # Windows has no SIGHUP/SIGINT to ignore in a console-less process.
         return None
 
+    def supervisor_signals(self) -> None:
+        return None  # no signal dispositions or masks to pass on to the child
+
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
         import subprocess
         name = "jobstate-" + job_id
@@ -1508,6 +1559,12 @@ class _WindowsProcessLayer:
             # Suspended: the child runs no code, so spawns nothing, before it is
             # in the job. CREATE_NO_WINDOW: the supervisor has no console, and a
             # console child would otherwise pop up a new visible window.
+            # It starts clean (SPEC 10): with all three std handles given and
+            # close_fds at its default (True), Popen (3.7+) passes an explicit
+            # PROC_THREAD_ATTRIBUTE_HANDLE_LIST of those three, so no other
+            # handle of ours is inherited.  (The new process group turns Ctrl+C
+            # off for it, but with no console none could come, and INT ends
+            # the tree through the Job Object anyway.)
             popen = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                 creationflags=_WIN_CREATE_SUSPENDED | _WIN_CREATE_NEW_PROCESS_GROUP | _WIN_CREATE_NO_WINDOW)
@@ -1527,6 +1584,18 @@ class _WindowsProcessLayer:
                 self._discard(popen, job)
         return _Child(popen=popen, pid=popen.pid, token=str(token),
                       windows_job_name=name if job else None, handle=job)
+
+    def spawn_sink(self, argv, *, env) -> subprocess.Popen:
+        """A notification command; stop_sink ends its tree with a walk from it."""
+        import subprocess
+        return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                                creationflags=_WIN_CREATE_NEW_PROCESS_GROUP | _WIN_CREATE_NO_WINDOW)
+
+    def stop_sink(self, popen: subprocess.Popen) -> None:
+        # Popen's open handle pins the pid, so the walk starts from this very process.
+        token = str(self._handle_ctime(int(popen._handle)))
+        self.signal_tree(_TreeRef("", popen.pid, token, None, None), self.signal_numbers()["KILL"])
 
     def _create_job(self, name):
         """Create our named job; None when the name is taken (fall back to walks)."""
@@ -1966,6 +2035,7 @@ class _Supervisor:
         self.last_signal: Optional[str] = None
         self.write_error: Optional[str] = None
         self.child: Optional[_Child] = None
+        self.notification: Optional[Tuple[JobSpec, dict]] = None  # what notify() delivers
 
     def log(self, message: str) -> None:
         sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
@@ -1997,7 +2067,7 @@ class _Supervisor:
             self._release_space()
             write_state(self.paths, state)
             _acknowledge()
-            _deliver_notifications(self.paths, spec, state)
+            self.announce(spec, state)
             return None
         started = time.monotonic()
         state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
@@ -2028,7 +2098,24 @@ class _Supervisor:
             state.error = Failure("output", self.write_error)
         self._release_space()
         write_state(self.paths, state)
-        _deliver_notifications(self.paths, spec, state)
+        self.announce(spec, state)
+
+    def announce(self, spec: JobSpec, state: JobState) -> None:
+        """Record the job.finished event now, under the job lock; its sinks run
+        in notify(), once the lock is released."""
+        record = _record_event(self.paths, spec, state)
+        if record is not None:
+            self.notification = (spec, record)
+
+    def notify(self) -> None:
+        """Deliver the announced event to its sinks (the job lock is released by now)."""
+        if self.notification is None:
+            return
+        spec, record = self.notification
+        try:
+            _deliver_notifications(self.paths, spec, record, self.log)
+        except OSError as exc:  # the sinks ran; only their record could not be written
+            self.log("cannot record the notification deliveries: %s" % exc)
 
     def _spawn(self, spec: JobSpec):
         """Start the child with its output on pipes; _SpawnFailure says why it could not start."""
@@ -2213,19 +2300,59 @@ def _acknowledge() -> None:
     os.close(null)
 
 
-def _deliver_notifications(paths: JobPaths, spec: JobSpec, state: JobState) -> None:
-    """Emit the job.finished event to the configured sinks; failures never touch the state."""
+# The job.finished event goes to its sinks after the supervisor has released
+# the job lock.  `wait` and `run` return when the lock is free, and must not
+# wait for a sink that may take JOBSTATE_NOTIFY_TIMEOUT: by then the job is
+# complete on disk (terminal state, logs drained or given up on), and the
+# sinks are jobstate's own errand.  Without the lock a `restart` or `delete`
+# may overtake them, so their results are written back under the lock, and
+# only while the state still names this process as the job's supervisor: a
+# restart removes the old record and writes a new state first, so the file
+# never mixes two runs.  The record is written first with "pending": true.
+
+def _record_event(paths: JobPaths, spec: JobSpec, state: JobState) -> Optional[dict]:
+    """Write completion_event.json with no deliveries yet; the record, or None without sinks."""
     if not spec.notify_command and not spec.notify_file:
-        return
-    event = _finished_event(paths, spec, state)
-    record = {"event": event, "deliveries": []}
+        return None
+    record = {"event": _finished_event(paths, spec, state), "deliveries": [], "pending": True}
     _write_json_atomic(paths.event, record)
-    line = json.dumps(event, separators=(",", ":")) + "\n"
+    return record
+
+
+def _deliver_notifications(paths: JobPaths, spec: JobSpec, record: dict, log: Callable[[str], None]) -> None:
+    """Emit the event to the configured sinks; failures never touch the state."""
+    line = json.dumps(record["event"], separators=(",", ":")) + "\n"
     if spec.notify_file:
         record["deliveries"].append(_notify_file(spec.notify_file, line))
     if spec.notify_command:
-        record["deliveries"].append(_notify_command(paths, spec.notify_command, line))
-    _write_json_atomic(paths.event, record)
+        timeout_s = _notify_timeout_s(log)
+        record["deliveries"].append(_notify_command(paths, spec.notify_command, line, timeout_s))
+    record["pending"] = False
+    if not _record_deliveries(paths, record):
+        log("the job was restarted or deleted during its notifications: their results are not recorded")
+
+
+def _record_deliveries(paths: JobPaths, record: dict, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+    """Write the final record under the job lock if the job is still the run we
+    notified for; False when it has moved on (or its lock stayed taken)."""
+    deadline = _deadline(timeout_s)
+    with _JobLock(paths) as lock:
+        while not lock.acquire():  # readers hold it for an instant; a new supervisor for good
+            if _remaining(deadline) == 0 or not _supervised_here(paths):
+                return False
+            time.sleep(0.01)
+        if not _supervised_here(paths):
+            return False
+        _write_json_atomic(paths.event, record)
+        return True
+
+
+def _supervised_here(paths: JobPaths) -> bool:
+    """The job's state still names this process as its supervisor (not restarted, not deleted)."""
+    try:
+        return read_state(paths).supervisor_pid == os.getpid()
+    except JobError:
+        return False
 
 
 def _finished_event(paths: JobPaths, spec: JobSpec, state: JobState) -> dict:
@@ -2238,8 +2365,11 @@ def _finished_event(paths: JobPaths, spec: JobSpec, state: JobState) -> dict:
 
 def _notify_file(path: str, line: str) -> dict:
     result = {"sink": "file", "target": path, "delivered_at": _utc_now()}
+    # Non-blocking: a FIFO nobody reads fails at once (ENXIO) instead of
+    # holding the supervisor forever; regular files ignore the flag.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, flags, 0o600)
         try:
             _write_all(fd, line.encode("utf-8"))
         finally:
@@ -2250,21 +2380,66 @@ def _notify_file(path: str, line: str) -> dict:
     return result
 
 
-def _notify_command(paths: JobPaths, command: str, line: str) -> dict:
+_NOTIFY_TIMEOUT_S = 30.0
+
+
+def _notify_timeout_s(log: Callable[[str], None]) -> float:
+    """JOBSTATE_NOTIFY_TIMEOUT, or the default when it is not a positive duration
+    (said once in supervisor.log: a typo must not cost the notification)."""
+    text = os.environ.get("JOBSTATE_NOTIFY_TIMEOUT")
+    if text is None:
+        return _NOTIFY_TIMEOUT_S
+    try:
+        timeout_s = _parse_duration(text, "JOBSTATE_NOTIFY_TIMEOUT")
+    except InvalidArgumentError:
+        timeout_s = 0.0
+    if timeout_s > 0:
+        return timeout_s
+    log("JOBSTATE_NOTIFY_TIMEOUT=%r is not a positive duration; using %gs" % (text, _NOTIFY_TIMEOUT_S))
+    return _NOTIFY_TIMEOUT_S
+
+
+def _notify_command(paths: JobPaths, command: str, line: str, timeout_s: float) -> dict:
+    """Run the notify command with the event on stdin; at timeout_s its whole tree is stopped.
+
+    It carries JOBSTATE_JOB_ID, which tells it the job and is also the job's
+    tree marker: a running notifier is part of the job, so `kill` on the job
+    stops it too, and so does any kill after the supervisor died; nothing
+    jobstate started for a job can outlive a kill of that job.
+    """
     import subprocess
-    timeout_s = float(os.environ.get("JOBSTATE_NOTIFY_TIMEOUT", "30"))
     result = {"sink": "command", "target": command, "delivered_at": _utc_now()}
     env = dict(os.environ, JOBSTATE_EVENT_PATH=paths.event, JOBSTATE_JOB_ID=paths.job_id)
     try:
-        proc = subprocess.run(_process_layer.shell_argv(command), input=line.encode("utf-8"), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=timeout_s, close_fds=True)
-        result.update(ok=proc.returncode == 0, exit_code=proc.returncode, error=None)
-    except subprocess.TimeoutExpired:
-        result.update(ok=False, exit_code=None, error="timed out after %gs" % timeout_s)
+        popen = _process_layer.spawn_sink(_process_layer.shell_argv(command), env=env)
     except OSError as exc:
         result.update(ok=False, exit_code=None, error=str(exc))
+        return result
+    # Fed from a thread: a sink that never reads a large event must not hold
+    # us past the timeout (Popen.communicate writes stdin first on Windows).
+    threading.Thread(target=_feed, args=(popen.stdin, line.encode("utf-8")), daemon=True).start()
+    try:
+        code = popen.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        _process_layer.stop_sink(popen)
+        popen.wait()
+        result.update(ok=False, exit_code=None, error="timed out after %gs" % timeout_s)
+        return result
+    result.update(ok=code == 0, exit_code=code, error=None)
     return result
+
+
+def _feed(stream, data: bytes) -> None:
+    """Write the event to the sink's stdin and close it."""
+    try:
+        stream.write(data)
+    except OSError:  # the sink exited or closed its stdin without reading it all: its choice
+        pass
+    finally:
+        try:
+            stream.close()
+        except OSError:  # the same broken pipe, on flushing what was left
+            pass
 
 
 def _supervise_main(args: List[str]) -> int:
@@ -2277,6 +2452,7 @@ def _supervise_main(args: List[str]) -> int:
     paths = JobPaths(root, job_id)
     supervisor = _Supervisor(paths)
     if len(args) > 3:
+        _process_layer.supervisor_signals()  # catch again what the exec reset (see exec_keeping)
         lock = _JobLock.handed_over(paths, lock_fd)
         _supervise_to_the_end(supervisor, lock, lambda: supervisor.watch(_Running.decode(args[3], paths)))
     _process_layer.prepare_supervisor()
@@ -2360,6 +2536,7 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
     import subprocess  # noqa: F401  (loaded here once, for every supervisor forked from us)
     sock = socket.socket(fileno=sock_fd)
     _process_layer.warm_up()
+    _process_layer.supervisor_signals()  # a launcher's mask must not block our SIGCHLD
     _signal.signal(_signal.SIGCHLD, _reap_children)
     gc.freeze()  # forked supervisors then never copy these pages to collect them
     while True:
@@ -2410,9 +2587,14 @@ def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Calla
         supervisor.log("internal error:\n" + traceback.format_exc())
         _record_supervisor_crash(supervisor.paths, exc)
     # Everything is on disk: release the lock now, which wakes every waiter,
-    # and skip interpreter teardown (daemon pump threads may still be blocked
-    # on a pipe held by a grandchild).
+    # then notify (see _record_event), and skip interpreter teardown (daemon
+    # pump threads may still be blocked on a pipe held by a grandchild).
     lock.release()
+    try:
+        supervisor.notify()
+    except Exception:  # a bug in delivery: the job is recorded, say what went wrong
+        import traceback
+        supervisor.log("internal error while notifying:\n" + traceback.format_exc())
     sys.stderr.flush()
     os._exit(0)
 

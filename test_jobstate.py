@@ -790,6 +790,124 @@ class PosixProcessTests(JobTestCase):
         self.assertEqual((status, doc["state"], doc["exit_code"]), (0, "exited", 3), proc.stderr)
 
 
+# A launcher that hands the job everything it must not inherit: terminal
+# signals ignored (a CI shell, nohup), a blocked signal, another umask and an
+# inheritable descriptor.  Each launch path must start the job clean anyway.
+HOSTILE_LAUNCHER = (
+    "import os, signal, sys\n"
+    "for name in ('SIGINT', 'SIGHUP', 'SIGQUIT'):\n"
+    "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n"
+    "os.umask(0o027)\n"
+    "os.set_inheritable(os.open(os.devnull, os.O_RDONLY), True)\n")
+
+
+def proc_status(pid):
+    """The fields of /proc/<pid>/status, by name."""
+    with open("/proc/%d/status" % pid) as f:
+        return dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line)
+
+
+@unittest.skipUnless(jobstate._LINUX, "reads /proc")
+class CleanStartTests(JobTestCase):
+    """A job starts clean (SPEC 10): default signal dispositions, an empty mask,
+    fds 0-2 only, the launcher's umask and JOBSTATE_JOB_ID, on every launch path."""
+
+    def hostile_cli(self, *args):
+        """The CLI run as a process by HOSTILE_LAUNCHER (it execs into the CLI)."""
+        exec_cli = "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+        proc = subprocess.run([PY, "-c", HOSTILE_LAUNCHER + exec_cli, JOBSTATE, "--root", self.root] + list(args),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)["job_id"]
+
+    def hostile_api(self, code):
+        """The Python API used by HOSTILE_LAUNCHER; code prints one JSON line."""
+        script = HOSTILE_LAUNCHER + "import json, threading\nsys.path.insert(0, %r)\nimport jobstate\nROOT = %r\n" % (
+            HERE, self.root)
+        proc = subprocess.run([PY, "-c", script + code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)
+
+    def assert_starts_clean(self, job_id):
+        with open(jobstate.JobPaths(self.root, job_id).state) as f:
+            pid = json.load(f)["pid"]
+        status = proc_status(pid)
+        self.assertEqual(int(status["SigIgn"], 16), 0, "ignored signals reached the job: %s" % status["SigIgn"])
+        self.assertEqual(int(status["SigBlk"], 16), 0, "blocked signals reached the job: %s" % status["SigBlk"])
+        self.assertEqual(status["Umask"].strip(), "0027", "not the launcher's umask")
+        self.assertEqual(sorted(os.listdir("/proc/%d/fd" % pid), key=int), ["0", "1", "2"])
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            self.assertIn(b"JOBSTATE_JOB_ID=" + job_id.encode(), f.read().split(b"\0"))
+
+    def test_every_launch_path_starts_the_job_clean(self):
+        sleep = ["sleep", "300"]
+        created = jobstate.create(sleep, root=self.root)
+        restarted = self.run_job(sleep)
+        launches = {
+            "forked by the CLI": lambda: self.hostile_cli("run", "--no-wait", "--", *sleep),
+            "spawned by a launcher with a thread": lambda: self.hostile_api(
+                "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+                "print(json.dumps(jobstate.run(%r, root=ROOT).id))\n" % sleep),
+            "forked by the forkserver": lambda: self.hostile_api(
+                "jobstate.run(['true', 'x'], root=ROOT).wait(10)\n"
+                "job = jobstate.run(%r, root=ROOT)\n"
+                "assert jobstate._Forkserver._popen is not None, 'no forkserver'\n"
+                "print(json.dumps(job.id))\n" % sleep),
+            "start": lambda: self.hostile_cli("start", "--no-wait", created.id),
+            "restart": lambda: self.hostile_cli("restart", "--no-wait", restarted.id),
+            "with a timeout": lambda: self.hostile_cli("run", "--no-wait", "--timeout", "60", "--", *sleep),
+        }
+        for path, launch in launches.items():
+            with self.subTest(path):
+                self.assert_starts_clean(launch())
+
+    def test_a_python_job_gets_keyboard_interrupt_on_int(self):
+        code = ("import sys, time\n"
+                "try:\n"
+                "    print('ready', flush=True); time.sleep(60)\n"
+                "except KeyboardInterrupt:\n"
+                "    print('interrupted', flush=True); sys.exit(3)\n")
+        job = jobstate.open_job(self.hostile_cli("run", "--no-wait", "--", *py(code)), self.root)
+        self.wait_log(job, "ready")
+        status, doc, _ = self.cli("kill", "--signal", "INT", job.id)
+        self.assertEqual((status, doc["state"], doc["signal"]), (0, "killed", "SIGINT"))
+        self.assertEqual(job.tail().stdout, "ready\ninterrupted\n")
+
+    def test_a_shell_job_can_trap_hup(self):
+        script = "trap 'echo got HUP; exit 5' HUP; echo ready; while :; do sleep 0.1; done"
+        job = jobstate.open_job(self.hostile_cli("run", "--no-wait", "--", "sh", "-c", script), self.root)
+        self.wait_log(job, "ready")
+        status, doc, _ = self.cli("kill", "--signal", "HUP", job.id)
+        self.assertEqual((status, doc["state"]), (0, "killed"))
+        self.assertEqual(job.tail().stdout, "ready\ngot HUP\n")
+
+    def test_the_supervisor_stays_immune_to_terminal_signals(self):
+        launches = {
+            "forked, then exec'd": lambda: self.hostile_cli("run", "--no-wait", "--", "sleep", "300"),
+            "spawned": lambda: self.hostile_api(
+                "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+                "print(json.dumps(jobstate.run(['sleep', '300'], root=ROOT).id))\n")}
+        hup_bit = 1 << (signal.SIGHUP - 1)
+        for path, launch in launches.items():
+            with self.subTest(path):
+                job = jobstate.open_job(launch(), self.root)
+                supervisor = job.state().supervisor_pid
+
+                def hit_until_caught_for_good():
+                    # Right after the launch the forked supervisor execs its
+                    # watcher: signals sent meanwhile must not end it either.
+                    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
+                        os.kill(supervisor, signum)
+                    with open("/proc/%d/cmdline" % supervisor, "rb") as f:
+                        watching = b"_supervise" in f.read()
+                    return watching and int(proc_status(supervisor)["SigCgt"], 16) & hup_bit
+                wait_for(hit_until_caught_for_good, 10, "the supervisor to catch SIGHUP")
+                self.assertEqual(int(proc_status(supervisor)["SigBlk"], 16), 0)
+                self.assertEqual(job.kill("TERM").state.signal, "SIGTERM", "the supervisor recorded the end")
+
+
 # ---------------------------------------------------------------------------
 # Process trees, timeouts, exit codes (Windows: Job Objects)
 # ---------------------------------------------------------------------------
@@ -1334,6 +1452,16 @@ class WindowsLayerFakeTests(unittest.TestCase):
         self.assertIs(ctx.exception, error)
         self.assertEqual(self.fake.open_handles("job"), [])
 
+    def test_a_notify_command_overrunning_its_timeout_is_stopped_with_its_tree(self):
+        with unittest.mock.patch.object(subprocess, "Popen", fake_popen_class(self.fake)):
+            sink = self.layer.spawn_sink("cmd /c notify", env={})
+        self.assertEqual(sink.kwargs["creationflags"], WIN_CREATE_NEW_PROCESS_GROUP | WIN_CREATE_NO_WINDOW)
+        grand = self.fake.add_process(ppid=sink.pid)
+        great = self.fake.add_process(ppid=grand.pid)
+        bystander = self.fake.add_process(ppid=os.getpid())
+        self.layer.stop_sink(sink)
+        self.assertEqual([p.alive for p in (sink.proc, grand, great, bystander)], [False, False, False, True])
+
     def test_wait_child_returns_the_dword_and_no_signal(self):
         child = self.spawn(exit_code=0xC0000005)
         self.assertEqual(self.layer.wait_child(child), (0xC0000005, None))
@@ -1512,7 +1640,8 @@ class WindowsLayerFakeTests(unittest.TestCase):
 
     def test_hooks_without_a_windows_counterpart_do_nothing(self):
         self.assertFalse(self.layer.hands_over_lock)  # LockFileEx locks cannot be inherited
-        for result in (self.layer.prepare_supervisor(), self.layer.release_supervisor(None),
+        for result in (self.layer.prepare_supervisor(), self.layer.supervisor_signals(),
+                       self.layer.release_supervisor(None),
                        self.layer.tune_pipe(3), self.layer.fsync_dir("d"), self.layer.unsafe_dir_reason("d")):
             self.assertIsNone(result)
         self.assertEqual(self.fake.calls, [])
@@ -2016,6 +2145,17 @@ class LifecycleTests(JobTestCase):
             self.run_job(py("pass")).wait(10)
             self.assertTrue(os.path.exists(again.paths.dir))
 
+    def completion_record(self, job, timeout_s=20):
+        """completion_event.json once its sinks have reported."""
+        def delivered():
+            try:
+                with open(job.paths.event) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                return None
+            return record if record.get("pending") is False else None
+        return wait_for(delivered, timeout_s, "the notification deliveries")
+
     def test_notifications(self):
         events = os.path.join(self.tmp, "events.ndjson")
         seen = os.path.join(self.tmp, "seen.json")
@@ -2023,15 +2163,76 @@ class LifecycleTests(JobTestCase):
                   "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen)
         job = self.run_job(py("print('hi')"), notify_file=events, notify_command=command)
         state = job.wait(20)
+        record = self.completion_record(job)  # the sinks run after the job's end is recorded
         with open(events) as f:
             event = json.loads(f.read())
         self.assertEqual((event["event_type"], event["job_id"], event["state"], event["exit_code"]),
                          ("job.finished", job.id, "exited", 0))
         with open(seen) as f:
             self.assertEqual(json.load(f), event)
-        record = json.load(open(job.paths.event))
         self.assertEqual([d["ok"] for d in record["deliveries"]], [True, True])
+        self.assertFalse(record["pending"])
         self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+
+    @unittest.skipUnless(POSIX, "sh")
+    def test_a_slow_notifier_does_not_hold_run(self):
+        go = os.path.join(self.tmp, "go")
+        # Like `sleep 20`, but it ends as soon as the test has seen `run` return.
+        command = "i=0; while [ ! -e %s ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done" % go
+        status, doc, _ = self.cli("run", "--until", "60", "--notify-command", command, "--", *py("print('hi')"))
+        self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hi\n"))
+        self.assertLess(doc["elapsed_ms"], 10000, "run waited for the notifier")
+        open(go, "w").close()
+        record = self.completion_record(jobstate.open_job(doc["job_id"], self.root))
+        self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("command", True)])
+
+    @unittest.skipUnless(POSIX, "sh, /proc")
+    def test_a_notifier_tree_is_stopped_at_its_timeout(self):
+        pid_file = os.path.join(self.tmp, "grandchild.pid")
+        command = "sleep 300 & echo $! > %s; sleep 300" % pid_file
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "1"}):
+            job = self.run_job(py("pass"), notify_command=command)
+        record = self.completion_record(job)
+        self.assertEqual([(d["ok"], d["error"]) for d in record["deliveries"]], [(False, "timed out after 1s")])
+        with open(pid_file) as f:
+            grandchild = int(f.read())
+        wait_for(lambda: not pid_alive(grandchild), 5, "the notifier's grandchild to be stopped")
+
+    @unittest.skipUnless(POSIX, "sh, /proc")
+    def test_a_restart_during_notifications_keeps_the_new_runs_record(self):
+        go = os.path.join(self.tmp, "go")
+        command = "i=0; while [ ! -e %s ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done" % go
+        job = self.run_job(py("pass"), notify_command=command)
+        old_supervisor = job.wait(20).supervisor_pid
+        status, doc, _ = self.cli("restart", job.id)
+        self.assertEqual((status, doc["state"]), (0, "exited"))
+        self.assertLess(doc["elapsed_ms"], 5000, "restart waited for the old run's notifier")
+        new = job.state()
+        open(go, "w").close()
+        wait_for(lambda: not pid_alive(old_supervisor), 10, "the old run's notifier to finish")
+        record = self.completion_record(job)
+        self.assertEqual((record["event"]["started_at"], [d["ok"] for d in record["deliveries"]]),
+                         (new.started_at, [True]), "the record is the new run's, whole")
+        with open(job.paths.supervisor_log) as f:
+            self.assertIn("restarted or deleted during its notifications", f.read())
+
+    @unittest.skipUnless(POSIX, "mkfifo")
+    def test_a_notify_file_nobody_reads_does_not_hang_the_delivery(self):
+        fifo = os.path.join(self.tmp, "events.fifo")
+        os.mkfifo(fifo)
+        job = self.run_job(py("pass"), notify_file=fifo)
+        record = self.completion_record(job, timeout_s=10)
+        self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("file", False)])
+
+    def test_a_bad_notify_timeout_falls_back_to_the_default(self):
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "abc"}):
+            job = self.run_job(py("pass"), notify_command="exit 0")
+        record = self.completion_record(job)
+        self.assertEqual([d["ok"] for d in record["deliveries"]], [True])
+        with open(job.paths.supervisor_log) as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
+        self.assertIn("JOBSTATE_NOTIFY_TIMEOUT='abc'", log)
 
     def test_failing_sinks_do_not_change_the_state_and_failed_jobs_notify(self):
         events = os.path.join(self.tmp, "no-such-dir", "events.ndjson")
@@ -2039,7 +2240,7 @@ class LifecycleTests(JobTestCase):
                            notify_command="exit 3")
         state = job.wait(20)
         self.assertEqual(state.status, jobstate.JobStatus.FAILED)
-        record = json.load(open(job.paths.event))
+        record = self.completion_record(job)
         self.assertEqual(record["event"]["state"], "failed")
         self.assertEqual([d["ok"] for d in record["deliveries"]], [False, False])
 
