@@ -589,6 +589,8 @@ def _read_env_file(path: str) -> Dict[str, str]:
             key, sep, value = line.partition("=")
             if not sep or not key.strip():
                 raise ValueError("%s:%d: expected KEY=VALUE" % (path, number))
+            if "\0" in line:  # no environment can hold it: refuse it here, not deep in the spawn
+                raise ValueError("%s:%d: a NUL byte in KEY=VALUE" % (path, number))
             env[key.strip()] = value
     return env
 
