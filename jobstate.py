@@ -682,6 +682,23 @@ def _read_json(path: str):
     return json.loads(_process_layer.read_bytes(path).decode("utf-8"))
 
 
+def _unreadable(path: str, exc: OSError) -> StateFileError:
+    """The error for a job file that exists but cannot be read (a planted symlink among others)."""
+    if exc.errno == errno.ELOOP or os.path.islink(path):
+        return StateFileError(path, "it is a symbolic link, and jobstate never follows one inside the root")
+    return StateFileError(path, exc.strerror or str(exc))
+
+
+def _open_job_file(path: str) -> Optional[int]:
+    """A descriptor on a job's file for reading, never through a symlink; None if it does not exist."""
+    try:
+        return os.open(path, os.O_RDONLY | _FILE_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
 def read_state(paths: JobPaths) -> JobState:
     """Parse state.json; StateFileError when it is missing or corrupt."""
     try:
@@ -690,7 +707,9 @@ def read_state(paths: JobPaths) -> JobState:
         if not os.path.isdir(paths.dir):
             raise JobNotFoundError(paths.job_id, paths.root) from None
         raise StateFileError(paths.state, "missing") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise _unreadable(paths.state, exc) from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise StateFileError(paths.state, str(exc)) from None
     if state.job_id != paths.job_id:
         raise StateFileError(paths.state, "it names job %s" % state.job_id)
@@ -709,7 +728,9 @@ def read_spec(paths: JobPaths) -> JobSpec:
         if not os.path.isdir(paths.dir):
             raise JobNotFoundError(paths.job_id, paths.root) from None
         raise StateFileError(paths.meta, "missing") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise _unreadable(paths.meta, exc) from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise StateFileError(paths.meta, str(exc)) from None
 
 
@@ -921,7 +942,7 @@ class _PosixProcessLayer:
             return False
 
     def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
             return f.read()
 
     def unlock(self, fd: int) -> None:
@@ -1861,7 +1882,7 @@ class _WindowsProcessLayer:
         # with access denied for a moment: retry briefly (about 1 s at most).
         for attempt in range(40):
             try:
-                with open(path, "rb") as f:
+                with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
                     return f.read()
             except PermissionError:
                 if attempt == 39:
@@ -2486,29 +2507,44 @@ class _ReleaseWaiter:
 
 
 def _read_tail(path: str, lines: Optional[int], max_bytes: int) -> Tuple[str, Tuple[int, int], int]:
-    """Last `lines` lines (at most max_bytes) of a log, read from the end with a seek."""
-    try:
-        with open(path, "rb") as f:
-            total = f.seek(0, os.SEEK_END)
-            start = max(0, total - max_bytes)
-            f.seek(start)
-            data = f.read(total - start)
-    except FileNotFoundError:
+    """Last `lines` lines (at most max_bytes) of a log, read from the end with a seek.
+
+    The range holds exactly the excerpt's bytes and ends at the total, so a
+    reader can resume from range[1].
+    """
+    fd = _open_job_file(path)
+    if fd is None:
         return "", (0, 0), 0
+    try:
+        with open(fd, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            start = max(0, end - max_bytes)
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as exc:  # a directory planted under the log's name, say
+        raise _unreadable(path, exc) from None
+    total = start + len(data)  # the end we read up to, even if the log was truncated meanwhile
     if lines is not None:
-        cut = len(data) - 1 if data.endswith(b"\n") else len(data)
-        for _ in range(lines):
-            cut = data.rfind(b"\n", 0, cut)
-            if cut < 0:
-                break
-        if cut >= 0:
-            data, start = data[cut + 1:], start + cut + 1
+        keep = _start_of_last_lines(data, lines)
+        data, start = data[keep:], start + keep
     # Do not start in the middle of a UTF-8 character.
     skip = 0
     while skip < min(3, len(data)) and start > 0 and 0x80 <= data[skip] < 0xC0:
         skip += 1
     data, start = data[skip:], start + skip
     return data.decode("utf-8", errors="replace"), (start, start + len(data)), total
+
+
+def _start_of_last_lines(data: bytes, lines: int) -> int:
+    """Offset in data where its last `lines` lines begin (a final line without newline counts)."""
+    if lines == 0:
+        return len(data)
+    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return 0
+    return cut + 1
 
 
 def _tail(paths: JobPaths, lines: Optional[int], max_bytes: int) -> Tail:
@@ -2524,17 +2560,17 @@ def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05
     while True:
         finished = _read_state_reconciled(paths).status.is_terminal and _lock_is_free(paths)
         for i, path in enumerate(logs):
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offsets[i])
-                    while True:
-                        chunk = f.read(_CHUNK_BYTES)
-                        if not chunk:
-                            break
-                        offsets[i] += len(chunk)
-                        sinks[i](chunk)
-            except FileNotFoundError:
-                pass
+            fd = _open_job_file(path)
+            if fd is None:
+                continue
+            with open(fd, "rb") as f:
+                f.seek(offsets[i])
+                while True:
+                    chunk = f.read(_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    offsets[i] += len(chunk)
+                    sinks[i](chunk)
         if finished:
             return
         time.sleep(poll_s)
