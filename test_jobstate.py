@@ -1824,6 +1824,8 @@ class CommandLineTests(JobTestCase):
                    (["run", "--timeout", "2000000000", "--", "x"], "invalid_argument"),
                    (["wait", job.id, "--until", "-1"], "invalid_argument"), (["gc", "--max-jobs", "-1"], "invalid_argument"),
                    (["tail", job.id, "--max-bytes", "-1"], "invalid_argument"),
+                   (["run", "--max-bytes", "-1", "--", "x"], "invalid_argument"),
+                   (["start", job.id, "--max-bytes", "-1"], "invalid_argument"),
                    (["kill", job.id, "--signal", "NOPE"], "invalid_signal"),
                    (["run", "--tag", "bad tag", "--", "x"], "invalid_tag")]
         for args, code in invalid:
@@ -1842,13 +1844,13 @@ class CommandLineTests(JobTestCase):
                 self.assertEqual((status, doc["error"]["code"]), (1, "invalid_job_id"), args)
 
     def test_list_skips_job_directories_without_a_readable_definition(self):
-        _, good, _ = self.cli("run", "--", *py("pass"))
         missing = jobstate.create(py("pass"), root=self.root)
         os.unlink(missing.paths.meta)
         corrupt = jobstate.create(py("pass"), root=self.root)
         with open(corrupt.paths.meta, "wb") as f:
             f.write(b"{not json")
         os.mkdir(os.path.join(self.root, jobstate.new_job_id()))  # a bare directory
+        _, good, _ = self.cli("run", "--", *py("pass"))
         no_state = jobstate.create(py("pass"), root=self.root)
         os.unlink(no_state.paths.state)
         _, doc, _ = self.cli("list", "--all")
@@ -1857,7 +1859,7 @@ class CommandLineTests(JobTestCase):
         self.assertEqual((doc["count"], doc["skipped"]), (2, 3))
         _, doc, _ = self.cli("list", "--all", "--state", "running")
         self.assertEqual((doc["jobs"], doc["skipped"]), ([], 3))
-        _, doc, _ = self.cli("list", "--all", "--limit", "1")  # stops before the broken ones
+        _, doc, _ = self.cli("list", "--all", "--limit", "1")  # stops before the older, broken ones
         self.assertEqual((doc["count"], doc["truncated"], doc["skipped"]), (1, True, 0))
         _, schema, _ = self.cli("schema")
         self.assertIn("skipped", schema["schemas"]["list"]["required"])
@@ -2591,7 +2593,8 @@ class HumanOutputTests(JobTestCase):
                                          created_at="2026-11-27T03:20:00.000Z")]
         for job in jobs:
             del job["env"]
-        doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True})
+        doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True,
+                                          "skipped": 0})
         lines = jobstate._render_text(doc, color=False, now=NOW).splitlines()
         self.assertEqual(lines[0].split(), ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
         self.assertEqual(lines[1].split(), ["01a225fa0350", "exited", "0", "2m", "ago", "1.5s", "make", "test",
@@ -2643,9 +2646,9 @@ class HumanOutputTests(JobTestCase):
             bad = [c for c in text if (ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0) and c not in allowed]
             self.assertEqual(bad, [], (args, text))
         for args in (["run", "--", *command], ["wait", job_id], ["tail", job_id], ["status", job_id],
-                     ["kill", job_id], ["list", "--all"], ["run", "--", "\x1b[2Jno-such-cmd", "arg"],
+                     ["kill", job_id], ["run", "--", "\x1b[2Jno-such-cmd", "arg"],
                      ["run", "--stdin-file", os.path.join(self.tmp, "\x1b[2J"), "--", "true"],
-                     ["status", "\x1b[2J"]):
+                     ["status", "\x1b[2J"], ["list", "--all"]):
             _, out, err = self.cli_capture("--format", "text", *args)
             assert_clean(out, args, allowed="\n\t" if args[0] in ("run", "wait", "tail") else "\n")
             assert_clean(err, args)
