@@ -480,12 +480,22 @@ def _normalize_job_ref(ref) -> str:
 def resolve_root(root: Optional[str] = None) -> str:
     """The jobs root: `root` > $JOBSTATE_ROOT > $XDG_DATA_HOME/jobstate/jobs > platform default."""
     if root:
-        return os.path.abspath(os.path.expanduser(root))
+        return _abspath(os.path.expanduser(root))
     if os.environ.get("JOBSTATE_ROOT"):
-        return os.path.abspath(os.path.expanduser(os.environ["JOBSTATE_ROOT"]))
+        return _abspath(os.path.expanduser(os.environ["JOBSTATE_ROOT"]))
     if os.environ.get("XDG_DATA_HOME"):
-        return os.path.join(os.path.abspath(os.environ["XDG_DATA_HOME"]), "jobstate", "jobs")
+        return os.path.join(_abspath(os.environ["XDG_DATA_HOME"]), "jobstate", "jobs")
     return _process_layer.default_root()
+
+
+def _abspath(path: str) -> str:
+    """os.path.abspath, with a clear error where the current directory was deleted."""
+    try:
+        return os.path.abspath(path)
+    except FileNotFoundError:  # os.getcwd() of a removed directory
+        raise InvalidArgumentError(
+            "the current directory no longer exists, so %r cannot be resolved" % (path,),
+            hint="cd to an existing directory, or give absolute paths (--cwd DIR, --root DIR; list --all)") from None
 
 
 class JobPaths:
@@ -502,34 +512,51 @@ class JobPaths:
         self.reserve = d + "space.reserve"
 
 
+def _duration_seconds(text: str) -> float:
+    """Seconds, signed, from '90', '1.5', '250ms', '90s', '5m', '2h', '7d'; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", text)
+    if not match:
+        raise ValueError("not a duration: %r" % (text,))
+    unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def _size_bytes(text: str) -> int:
+    """Bytes, signed, from '4096', '64k', '10M', '1GiB'; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([-+]?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError("not a size: %r" % (text,))
+    return int(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
+
+
 def _parse_duration(value, name: str) -> float:
-    """Seconds from a number or '90s', '5m', '2h', '7d', '250ms'."""
+    """Seconds from a number or '90s', '5m', '2h', '7d', '250ms', from 0 to 1e9."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", str(value))
-        if not match:
+        try:
+            seconds = _duration_seconds(str(value))
+        except ValueError:
             raise InvalidArgumentError("%s: %r is not a duration" % (name, value),
-                                       hint="use seconds or a suffix: 500ms, 90s, 5m, 2h, 7d")
-        unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        seconds = float(match.group(1)) * unit
+                                       hint="use seconds or a suffix: 500ms, 90s, 5m, 2h, 7d") from None
     if not 0 <= seconds < 1e9:
-        raise InvalidArgumentError("%s: %r is out of range" % (name, value))
+        raise InvalidArgumentError("%s: %r is out of range" % (name, value),
+                                   hint="a duration is at least 0 and under 1e9 seconds")
     return seconds
 
 
 def _parse_size(value, name: str) -> int:
-    """Bytes from a number or '64k', '10M', '1GiB'."""
+    """Bytes from a number or '64k', '10M', '1GiB'; never negative."""
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
-        match = re.fullmatch(r"\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*", str(value), re.IGNORECASE)
-        if not match:
+        try:
+            size = _size_bytes(str(value))
+        except ValueError:
             raise InvalidArgumentError("%s: %r is not a size" % (name, value),
-                                       hint="use bytes or a suffix: 64k, 10M, 1G")
-        size = int(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
+                                       hint="use bytes or a suffix: 64k, 10M, 1G") from None
     if size < 0:
-        raise InvalidArgumentError("%s: %r is negative" % (name, value))
+        raise InvalidArgumentError("%s: %r is negative" % (name, value), hint="a size is 0 or more bytes")
     return size
 
 
@@ -589,6 +616,8 @@ def _read_env_file(path: str) -> Dict[str, str]:
             key, sep, value = line.partition("=")
             if not sep or not key.strip():
                 raise ValueError("%s:%d: expected KEY=VALUE" % (path, number))
+            if "\0" in line:  # no environment can hold it: refuse it here, not deep in the spawn
+                raise ValueError("%s:%d: a NUL byte in KEY=VALUE" % (path, number))
             env[key.strip()] = value
     return env
 
@@ -680,6 +709,23 @@ def _read_json(path: str):
     return json.loads(_process_layer.read_bytes(path).decode("utf-8"))
 
 
+def _unreadable(path: str, exc: OSError) -> StateFileError:
+    """The error for a job file that exists but cannot be read (a planted symlink among others)."""
+    if exc.errno == errno.ELOOP or os.path.islink(path):
+        return StateFileError(path, "it is a symbolic link, and jobstate never follows one inside the root")
+    return StateFileError(path, exc.strerror or str(exc))
+
+
+def _open_job_file(path: str) -> Optional[int]:
+    """A descriptor on a job's file for reading, never through a symlink; None if it does not exist."""
+    try:
+        return os.open(path, os.O_RDONLY | _FILE_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
 def read_state(paths: JobPaths) -> JobState:
     """Parse state.json; StateFileError when it is missing or corrupt."""
     try:
@@ -688,7 +734,9 @@ def read_state(paths: JobPaths) -> JobState:
         if not os.path.isdir(paths.dir):
             raise JobNotFoundError(paths.job_id, paths.root) from None
         raise StateFileError(paths.state, "missing") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise _unreadable(paths.state, exc) from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise StateFileError(paths.state, str(exc)) from None
     if state.job_id != paths.job_id:
         raise StateFileError(paths.state, "it names job %s" % state.job_id)
@@ -707,7 +755,9 @@ def read_spec(paths: JobPaths) -> JobSpec:
         if not os.path.isdir(paths.dir):
             raise JobNotFoundError(paths.job_id, paths.root) from None
         raise StateFileError(paths.meta, "missing") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise _unreadable(paths.meta, exc) from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise StateFileError(paths.meta, str(exc)) from None
 
 
@@ -771,7 +821,7 @@ class _JobLock:
     """
 
     def __init__(self, paths: JobPaths):
-        self.path = paths.lock
+        self.paths, self.path = paths, paths.lock
         self.fd: Optional[int] = None
 
     @classmethod
@@ -782,15 +832,24 @@ class _JobLock:
         return lock
 
     def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
+        """Take the lock; False if someone holds it.  With create (to run the job),
+        JobNotFoundError when the job was deleted before or while we took it."""
         flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
         try:
             self.fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:
-            return not create and self._gone()
-        if _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
-            return True
-        self.release()
-        return False
+            if create:  # only a vanished job directory makes O_CREAT fail so
+                raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
+            return self._gone()
+        if not _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
+            self.release()
+            return False
+        # A delete renames the job directory away while it holds the lock: a
+        # lock file opened just before that is no longer the job's once we get it.
+        if create and not os.path.lexists(self.path):
+            self.release()
+            raise JobNotFoundError(self.paths.job_id, self.paths.root)
+        return True
 
     def _gone(self) -> bool:
         # A job directory without a lock file never had a supervisor: it is free.
@@ -923,7 +982,7 @@ class _PosixProcessLayer:
             return False
 
     def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
             return f.read()
 
     def unlock(self, fd: int) -> None:
@@ -1928,7 +1987,7 @@ class _WindowsProcessLayer:
         # with access denied for a moment: retry briefly (about 1 s at most).
         for attempt in range(40):
             try:
-                with open(path, "rb") as f:
+                with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
                     return f.read()
             except PermissionError:
                 if attempt == 39:
@@ -2583,6 +2642,7 @@ def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Calla
     try:
         body()
     except Exception as exc:  # record why, so the job reads `failed` with a reason, not a bare crash
+        supervisor.log("internal error: %s: %s" % (type(exc).__name__, exc))  # needs no import (no fds left?)
         import traceback
         supervisor.log("internal error:\n" + traceback.format_exc())
         _record_supervisor_crash(supervisor.paths, exc)
@@ -2666,29 +2726,44 @@ class _ReleaseWaiter:
 
 
 def _read_tail(path: str, lines: Optional[int], max_bytes: int) -> Tuple[str, Tuple[int, int], int]:
-    """Last `lines` lines (at most max_bytes) of a log, read from the end with a seek."""
-    try:
-        with open(path, "rb") as f:
-            total = f.seek(0, os.SEEK_END)
-            start = max(0, total - max_bytes)
-            f.seek(start)
-            data = f.read(total - start)
-    except FileNotFoundError:
+    """Last `lines` lines (at most max_bytes) of a log, read from the end with a seek.
+
+    The range holds exactly the excerpt's bytes and ends at the total, so a
+    reader can resume from range[1].
+    """
+    fd = _open_job_file(path)
+    if fd is None:
         return "", (0, 0), 0
+    try:
+        with open(fd, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            start = max(0, end - max_bytes)
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as exc:  # a directory planted under the log's name, say
+        raise _unreadable(path, exc) from None
+    total = start + len(data)  # the end we read up to, even if the log was truncated meanwhile
     if lines is not None:
-        cut = len(data) - 1 if data.endswith(b"\n") else len(data)
-        for _ in range(lines):
-            cut = data.rfind(b"\n", 0, cut)
-            if cut < 0:
-                break
-        if cut >= 0:
-            data, start = data[cut + 1:], start + cut + 1
+        keep = _start_of_last_lines(data, lines)
+        data, start = data[keep:], start + keep
     # Do not start in the middle of a UTF-8 character.
     skip = 0
     while skip < min(3, len(data)) and start > 0 and 0x80 <= data[skip] < 0xC0:
         skip += 1
     data, start = data[skip:], start + skip
     return data.decode("utf-8", errors="replace"), (start, start + len(data)), total
+
+
+def _start_of_last_lines(data: bytes, lines: int) -> int:
+    """Offset in data where its last `lines` lines begin (a final line without newline counts)."""
+    if lines == 0:
+        return len(data)
+    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return 0
+    return cut + 1
 
 
 def _tail(paths: JobPaths, lines: Optional[int], max_bytes: int) -> Tail:
@@ -2704,17 +2779,17 @@ def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05
     while True:
         finished = _read_state_reconciled(paths).status.is_terminal and _lock_is_free(paths)
         for i, path in enumerate(logs):
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offsets[i])
-                    while True:
-                        chunk = f.read(_CHUNK_BYTES)
-                        if not chunk:
-                            break
-                        offsets[i] += len(chunk)
-                        sinks[i](chunk)
-            except FileNotFoundError:
-                pass
+            fd = _open_job_file(path)
+            if fd is None:
+                continue
+            with open(fd, "rb") as f:
+                f.seek(offsets[i])
+                while True:
+                    chunk = f.read(_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    offsets[i] += len(chunk)
+                    sinks[i](chunk)
         if finished:
             return
         time.sleep(poll_s)
@@ -2722,6 +2797,20 @@ def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05
 # ---------------------------------------------------------------------------
 # 8. Commands: run, create, kill, list, delete, gc, tags
 # ---------------------------------------------------------------------------
+
+
+def _deleted_is_not_found(method):
+    """A job deleted while the method works on it (by a concurrent delete or gc)
+    answers JobNotFoundError, never a bare FileNotFoundError from deep inside."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except FileNotFoundError:
+            if _is_real_dir(self.paths.dir):
+                raise
+            raise JobNotFoundError(self.id, self.root) from None
+    return wrapper
 
 
 class Job:
@@ -2740,6 +2829,7 @@ class Job:
         """The job's definition (meta.json)."""
         return read_spec(self.paths)
 
+    @_deleted_is_not_found
     def state(self) -> JobState:
         """The current JobState; a job whose supervisor died reads as failed (supervisor_lost)."""
         return _read_state_reconciled(self.paths)
@@ -2763,11 +2853,13 @@ class Job:
             else:
                 self._release.wait(remaining)
 
+    @_deleted_is_not_found
     def tail(self, lines: Optional[int] = DEFAULT_TAIL_LINES, max_bytes: int = DEFAULT_MAX_BYTES) -> Tail:
         """The last `lines` lines (None: no line limit) and at most max_bytes of each stream."""
         self.state()  # raises JobNotFoundError for a job that is gone
         return _tail(self.paths, lines, _parse_size(max_bytes, "max_bytes"))
 
+    @_deleted_is_not_found
     def start(self) -> "Job":
         """Launch a created job; returns once its supervisor has acknowledged."""
         with _JobLock(self.paths) as lock:
@@ -2780,6 +2872,7 @@ class Job:
         _auto_gc(self.root)
         return self
 
+    @_deleted_is_not_found
     def restart(self, signal: str = "TERM", *, kill_after_s: float = DEFAULT_KILL_AFTER_S) -> "Job":
         """Stop the job's tree if it runs, then launch the same definition under the same id.
 
@@ -2801,6 +2894,7 @@ class Job:
         _auto_gc(self.root)
         return self
 
+    @_deleted_is_not_found
     def kill(self, signal: str = "TERM", *, kill_after_s: Optional[float] = None,
              wait_s: float = DEFAULT_KILL_OBSERVE_S) -> KillResult:
         """Signal the job's whole process tree, then observe it for up to wait_s.
@@ -2835,6 +2929,7 @@ class Job:
         """Remove the job's directory; refuses a running job (InvalidStateError)."""
         _delete_job(self.paths)
 
+    @_deleted_is_not_found
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
@@ -2877,16 +2972,16 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
         if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key \
                 or "\0" in key + value:
             raise InvalidArgumentError("invalid environment variable %r" % (key,))
-    cwd = os.path.abspath(cwd or os.getcwd())
+    cwd = _abspath(cwd or os.curdir)
     return JobSpec(
-        argv=argv, cwd=cwd, env=env, env_files=[os.path.abspath(p) for p in env_files],
+        argv=argv, cwd=cwd, env=env, env_files=[_abspath(p) for p in env_files],
         inherit_env=bool(inherit_env), masks=list(masks), has_stdin=has_stdin,
         timeout_s=_parse_duration(timeout_s or 0, "timeout"),
         kill_after_s=_parse_duration(DEFAULT_KILL_AFTER_S if kill_after_s is None else kill_after_s,
                                      "kill_after"),
         kill_orphans=bool(kill_orphans), tags=_validate_tags(tags),
         notify_command=notify_command,
-        notify_file=os.path.abspath(notify_file) if notify_file else None,
+        notify_file=_abspath(notify_file) if notify_file else None,
         created_at=_utc_now())
 
 
@@ -2950,11 +3045,31 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
     job = create(argv, root=root, **definition)
     try:
         job.start()
-    except LaunchError:
+    except LaunchError as exc:
         if job.state().status is JobStatus.CREATED:
+            _inline_supervisor_log(exc, job.paths)
             _rmtree(job.paths.dir, ignore_errors=True)  # no half-made job left behind
         raise
     return job
+
+
+_LAUNCH_LOG_TAIL_BYTES = 4096
+
+
+def _inline_supervisor_log(error: LaunchError, paths: JobPaths) -> None:
+    """Carry the end of supervisor.log in the error (details.supervisor_log_tail):
+    the half-made job is about to be removed, and its log with it."""
+    try:
+        tail = _read_tail(paths.supervisor_log, None, _LAUNCH_LOG_TAIL_BYTES)[0]
+    except JobError:
+        tail = ""
+    details = {k: v for k, v in (error.details or {}).items() if k != "supervisor_log"}
+    details["supervisor_log_tail"] = tail
+    error.details = details
+    if error.hint and paths.supervisor_log in error.hint:
+        error.hint = ("details.supervisor_log_tail holds the supervisor's last words (the half-made job was removed)"
+                      if tail else "the supervisor left no diagnostics; check the limits on processes and open "
+                      "files (ulimit -u, ulimit -n)")
 
 
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
@@ -3172,43 +3287,51 @@ def _check_state_name(state: Optional[str]) -> None:
 
 
 def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
-                    tags: Sequence[str], limit: Optional[int]) -> Tuple[List[JobSummary], bool]:
+                    tags: Sequence[str], limit: Optional[int]) -> Tuple[List[JobSummary], bool, int]:
     """Jobs newest first with filters; reads files only until `limit` matches are found.
 
     The definition (meta.json) decides scope and tags, so a job outside them
     costs one small read; its state is read only for the jobs that pass.
+    Returns (jobs, truncated, skipped): skipped counts the job directories
+    passed over because their meta.json is missing or unreadable.
     """
     want = JobStatus(state) if state else None
     filters = [_validate_tag_filter(t) for t in tags]
     realpath = functools.lru_cache(maxsize=None)(os.path.realpath)  # jobs share a few directories
-    scope = None if all_jobs else realpath(cwd or os.getcwd())
+    scope = None if all_jobs else realpath(_abspath(cwd or os.curdir))
     found: List[JobSummary] = []
+    skipped = 0
     for job_id in _list_job_ids(root):
         paths = JobPaths(root, job_id)
         try:
-            spec: Optional[JobSpec] = read_spec(paths)
-        except JobError:
-            spec = None
-        if scope is not None and (spec is None or realpath(spec.cwd) != scope):
+            spec = read_spec(paths)
+        except JobNotFoundError:  # deleted since the directory was listed
             continue
-        if not all(_tag_matches(f, spec.tags if spec else []) for f in filters):
+        except JobError:  # not a job anyone can show, scope or restart: say how many
+            skipped += 1
+            continue
+        if scope is not None and realpath(spec.cwd) != scope:
+            continue
+        if not all(_tag_matches(f, spec.tags) for f in filters):
             continue
         summary = _summarize(paths, spec)
-        if want is not None and summary.state.status is not want:
+        if summary is None or want is not None and summary.state.status is not want:
             continue
         if limit is not None and len(found) == limit:
-            return found, True
+            return found, True, skipped
         found.append(summary)
-    return found, False
+    return found, False, skipped
 
 
-def _summarize(paths: JobPaths, spec: Optional[JobSpec]) -> JobSummary:
+def _summarize(paths: JobPaths, spec: JobSpec) -> Optional[JobSummary]:
+    """The job's row; None if it was deleted meanwhile.  An unreadable state reads as `unknown`."""
     try:
         state = _read_state_reconciled(paths)
+    except JobNotFoundError:
+        return None
     except JobError:
         state = JobState(JobInfo(paths.job_id, JobStatus.UNKNOWN))
-    return JobSummary(paths.job_id, state, spec.argv if spec else [], spec.cwd if spec else None,
-                      spec.tags if spec else [], spec.created_at if spec else None)
+    return JobSummary(paths.job_id, state, spec.argv, spec.cwd, spec.tags, spec.created_at)
 
 
 def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: bool = False,
@@ -3406,12 +3529,13 @@ def _object_schema(fields: Dict[str, dict], closed: bool = True) -> dict:
 
 
 _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
-    "run": _RUN_FIELDS, "wait": _RUN_FIELDS, "status": _JOB_FIELDS, "create": _JOB_FIELDS,
+    "run": _RUN_FIELDS, "start": _RUN_FIELDS, "restart": _RUN_FIELDS, "wait": _RUN_FIELDS,
+    "status": _JOB_FIELDS, "create": _JOB_FIELDS,
     "kill": dict(_JOB_FIELDS, signal_sent=_STR, processes_signalled=_INT, processes_alive=_INT),
     "tail": dict(job_id=_STR, state=_STATE_NAME, lines=_INT, **_OUTPUT_FIELDS,
                  stdout_log_path=_STR, stderr_log_path=_STR),
     "list": {"root": _STR, "jobs": {"type": "array", "items": _object_schema(_SUMMARY_FIELDS)},
-             "count": _INT, "truncated": _BOOL},
+             "count": _INT, "truncated": _BOOL, "skipped": _INT},
     "delete": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT},
     "gc": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT,
            "kept": _INT, "freed_bytes": _INT},
@@ -3609,10 +3733,10 @@ def _kill_doc(job: Job, signal: str, kill_after_s: Optional[float], wait_s: floa
 def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
               tags: Sequence[str], limit: int) -> dict:
     _check_state_name(state)
-    summaries, truncated = _list_summaries(root, cwd=cwd, all_jobs=all_jobs, state=state, tags=tags,
-                                           limit=limit)
+    summaries, truncated, skipped = _list_summaries(root, cwd=cwd, all_jobs=all_jobs, state=state, tags=tags,
+                                                    limit=limit)
     return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
-                              "count": len(summaries), "truncated": truncated})
+                              "count": len(summaries), "truncated": truncated, "skipped": skipped})
 
 
 def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
@@ -3627,7 +3751,7 @@ def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
             job.delete()
         results = [{"job_id": job.id, "action": "would_delete" if dry_run else "deleted", "reason": None}]
     else:
-        summaries, _ = _list_summaries(root, cwd=None, all_jobs=False, state=None, tags=(), limit=None)
+        summaries, _, _ = _list_summaries(root, cwd=None, all_jobs=False, state=None, tags=(), limit=None)
         results = [_delete_one(root, s, dry_run) for s in summaries]
     deleted = sum(r["action"] in ("deleted", "would_delete") for r in results)
     return _envelope("delete", {"root": root, "dry_run": dry_run, "jobs": results, "deleted": deleted})
@@ -4199,6 +4323,32 @@ def _make_parser_class():
     return argparse, Parser
 
 
+def _option_value(parse, text: str, what: str):
+    """An option's value as its type, or a usage error (exit 2) naming what was expected.
+
+    Only the syntax is checked here; whether a value that parses is allowed
+    (negative, out of range, an unknown signal or tag) is for the command to
+    say, as a validation error (exit 1).
+    """
+    try:
+        return parse(text)
+    except ValueError:
+        import argparse
+        raise argparse.ArgumentTypeError("%r is not %s" % (text, what)) from None
+
+
+def _duration_option(text: str) -> float:
+    return _option_value(_duration_seconds, text, "a duration (seconds, or 500ms, 90s, 5m, 2h, 7d)")
+
+
+def _size_option(text: str) -> int:
+    return _option_value(_size_bytes, text, "a size (bytes, or 64k, 10M, 1G)")
+
+
+def _count_option(text: str) -> int:
+    return _option_value(int, text, "an integer")
+
+
 def _add_global_options(parser, suppress: bool) -> None:
     default = (lambda value: __import__("argparse").SUPPRESS) if suppress else (lambda value: value)
     parser.add_argument("--root", default=default(None), help="jobs root (default: $JOBSTATE_ROOT, "
@@ -4218,10 +4368,11 @@ def _add_definition_options(p) -> None:
                    help="show this variable's value as *** in responses and events")
     p.add_argument("--stdin", metavar="TEXT|-", help="standard input for the job ('-' reads ours)")
     p.add_argument("--stdin-file", metavar="PATH", help="file to give the job as standard input")
-    p.add_argument("--stdin-max-bytes", default=str(DEFAULT_STDIN_MAX_BYTES), metavar="B",
+    p.add_argument("--stdin-max-bytes", default=str(DEFAULT_STDIN_MAX_BYTES), metavar="B", type=_size_option,
                    help="largest accepted standard input (default 64M)")
-    p.add_argument("--timeout", default="0", metavar="S", help="stop the tree after S seconds (0 = never)")
-    p.add_argument("--kill-after", default=str(DEFAULT_KILL_AFTER_S), metavar="S",
+    p.add_argument("--timeout", default="0", metavar="S", type=_duration_option,
+                   help="stop the tree after S seconds (0 = never)")
+    p.add_argument("--kill-after", default=str(DEFAULT_KILL_AFTER_S), metavar="S", type=_duration_option,
                    help="KILL what is left S seconds after TERM (default 5; 0 = KILL at once)")
     p.add_argument("--kill-orphans", action="store_true",
                    help="when the main process exits, stop what it left running")
@@ -4231,11 +4382,11 @@ def _add_definition_options(p) -> None:
 
 
 def _add_observe_options(p, default_until: float) -> None:
-    p.add_argument("--until", default=str(default_until), metavar="S",
+    p.add_argument("--until", default=str(default_until), metavar="S", type=_duration_option,
                    help="wait at most S seconds for the job to finish (default %g)" % default_until)
     p.add_argument("--forever", action="store_true", help="wait until the job finishes")
     p.add_argument("--no-wait", action="store_true", help="return as soon as the job is launched")
-    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B",
+    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="output excerpt size per stream (default 64k)")
     p.add_argument("--exit-code", action="store_true",
                    help="exit with the job's exit code (128+n for signal n, 125 failed, 124 unfinished)")
@@ -4262,7 +4413,7 @@ def _start_options(p) -> None:
 def _restart_options(p) -> None:
     p.add_argument("job")
     p.add_argument("--signal", default="TERM", help="signal that stops the running tree (default TERM)")
-    p.add_argument("--kill-after", default=str(DEFAULT_KILL_AFTER_S), metavar="S",
+    p.add_argument("--kill-after", default=str(DEFAULT_KILL_AFTER_S), metavar="S", type=_duration_option,
                    help="then KILL what is left after S seconds (default 5)")
     _add_observe_options(p, DEFAULT_RUN_UNTIL_S)
 
@@ -4273,18 +4424,20 @@ def _job_only_options(p) -> None:
 
 def _wait_options(p) -> None:
     p.add_argument("job")
-    p.add_argument("--until", default=str(DEFAULT_WAIT_UNTIL_S), metavar="S",
+    p.add_argument("--until", default=str(DEFAULT_WAIT_UNTIL_S), metavar="S", type=_duration_option,
                    help="wait at most S seconds (default 30)")
     p.add_argument("--forever", action="store_true", help="no deadline")
-    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B",
+    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="output excerpt size per stream (default 64k)")
     p.add_argument("--exit-code", action="store_true", help="exit with the job's exit code")
 
 
 def _tail_options(p) -> None:
     p.add_argument("job")
-    p.add_argument("--lines", default=str(DEFAULT_TAIL_LINES), metavar="N", help="lines per stream (default 50)")
-    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", help="bytes per stream (default 64k)")
+    p.add_argument("--lines", default=str(DEFAULT_TAIL_LINES), metavar="N", type=_count_option,
+                   help="lines per stream (default 50)")
+    p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
+                   help="bytes per stream (default 64k)")
     p.add_argument("--follow", "-f", action="store_true", help="stream raw output until the job ends")
     p.add_argument("--exit-code", action="store_true", help="with --follow: exit with the job's exit code")
 
@@ -4292,14 +4445,15 @@ def _tail_options(p) -> None:
 def _kill_options(p) -> None:
     p.add_argument("job")
     p.add_argument("--signal", "-s", default="TERM", help="TERM (default), INT, KILL, HUP, QUIT, USR1, ...")
-    p.add_argument("--kill-after", metavar="S", help="then KILL whatever is left after S seconds")
+    p.add_argument("--kill-after", metavar="S", type=_duration_option, help="then KILL whatever is left after S seconds")
     p.add_argument("--no-wait", action="store_true", help="do not observe the result")
 
 
 def _list_options(p, with_state: bool = True) -> None:
     if with_state:
         p.add_argument("--state", choices=[s.value for s in JobStatus])
-    p.add_argument("--limit", default=str(DEFAULT_LIST_LIMIT), metavar="N", help="at most N jobs (default 50)")
+    p.add_argument("--limit", default=str(DEFAULT_LIST_LIMIT), metavar="N", type=_count_option,
+                   help="at most N jobs (default 50)")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--cwd", help="jobs started in this directory (default: the current one)")
     scope.add_argument("--all", action="store_true", help="jobs of every directory")
@@ -4313,9 +4467,10 @@ def _delete_options(p) -> None:
 
 
 def _gc_options(p) -> None:
-    p.add_argument("--older-than", default="30d", metavar="AGE", help="finished longer ago than AGE (default 30d)")
-    p.add_argument("--max-jobs", metavar="N", help="keep at most N finished jobs (oldest go first)")
-    p.add_argument("--max-bytes", metavar="B", help="keep at most B bytes of finished jobs")
+    p.add_argument("--older-than", default="30d", metavar="AGE", type=_duration_option,
+                   help="finished longer ago than AGE (default 30d)")
+    p.add_argument("--max-jobs", metavar="N", type=_count_option, help="keep at most N finished jobs (oldest go first)")
+    p.add_argument("--max-bytes", metavar="B", type=_size_option, help="keep at most B bytes of finished jobs")
     p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
 
 
@@ -4400,12 +4555,31 @@ def _observe_deadline(ns) -> Optional[float]:
     return _parse_duration(ns.until, "--until")
 
 
-def _observe(job: Job, ns, started: float, kind: str = "run") -> Tuple[dict, int]:
-    """Shared tail of run/start/restart/wait: wait as asked (or stream with --follow), then RunData."""
+def _observe_limits(ns) -> Tuple[Optional[float], int]:
+    """The deadline and excerpt size asked for; run/start/restart check them before launching."""
+    return _observe_deadline(ns), _parse_size(ns.max_bytes, "--max-bytes")
+
+
+def _observe(job: Job, ns, started: float, kind: str) -> Tuple[dict, int]:
+    """Shared tail of run/start/restart/wait: wait as asked (or stream with --follow), then RunData.
+
+    Ctrl-C stops the observing, never the job: the answer is then the job as
+    it stands (exit 130), so the caller still learns its id and its output so far.
+    """
     if getattr(ns, "follow", False):
         return _follow_to_end(job, (0, 0), ns)
-    doc = _observed_doc(kind, job, _observe_deadline(ns), _parse_size(ns.max_bytes, "--max-bytes"), started)
+    until_s, max_bytes = _observe_limits(ns)
+    try:
+        doc = _observed_doc(kind, job, until_s, max_bytes, started)
+    except KeyboardInterrupt:
+        _tell_interrupted(job)
+        return _observed_doc(kind, job, 0, max_bytes, started), 130
     return doc, _exit_status_of(doc) if ns.exit_code else 0
+
+
+def _tell_interrupted(job: Job) -> None:
+    _write_text(sys.stderr, "jobstate: interrupted: stopped watching job %s; the job itself goes on "
+                "('jobstate wait %s' watches it again)\n" % (job.id, job.id))
 
 
 def _follow_to_end(job: Job, start: Tuple[int, int], ns) -> Tuple[Optional[dict], int]:
@@ -4414,10 +4588,11 @@ def _follow_to_end(job: Job, start: Tuple[int, int], ns) -> Tuple[Optional[dict]
     try:
         _follow(job.paths, start, [_raw_sink(sys.stdout), _raw_sink(sys.stderr)])
     except KeyboardInterrupt:
+        _tell_interrupted(job)
         return None, 130
     view = _job_view(job, job.state())
     if _output_format(ns) == "text":
-        sys.stderr.write(_verdict(view, _use_color(sys.stderr)) + "\n")
+        sys.stderr.write(_verdict(_printable_doc(view), _use_color(sys.stderr)) + "\n")
     return None, _exit_status_of(view) if ns.exit_code else 0
 
 
@@ -4484,8 +4659,9 @@ def _cli_definition(ns, auto_stdin: bool) -> dict:
 def _cmd_run(ns):
     started = time.monotonic()
     argv = _cli_command(ns)
+    _observe_limits(ns)  # a bad value is reported before a job exists, not after
     job = run(argv, root=ns.root, **_cli_definition(ns, auto_stdin=True))
-    return _observe(job, ns, started)
+    return _observe(job, ns, started, "run")
 
 
 def _cmd_create(ns):
@@ -4496,16 +4672,17 @@ def _cmd_create(ns):
 def _cmd_start(ns):
     started = time.monotonic()
     job = open_job(ns.job, ns.root)
-    _observe_deadline(ns)  # validate before launching
+    _observe_limits(ns)  # validate before launching
     job.start()
-    return _observe(job, ns, started)
+    return _observe(job, ns, started, "start")
 
 
 def _cmd_restart(ns):
     started = time.monotonic()
     job = open_job(ns.job, ns.root)
+    _observe_limits(ns)
     job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"))
-    return _observe(job, ns, started)
+    return _observe(job, ns, started, "restart")
 
 
 def _cmd_status(ns):
@@ -4514,7 +4691,7 @@ def _cmd_status(ns):
 
 def _cmd_wait(ns):
     started = time.monotonic()
-    return _observe(open_job(ns.job, ns.root), ns, started, kind="wait")
+    return _observe(open_job(ns.job, ns.root), ns, started, "wait")
 
 
 def _cmd_tail(ns):
@@ -4560,7 +4737,9 @@ def _cmd_ps(ns):
 
 
 def _cmd_delete(ns):
-    if bool(ns.job) == bool(ns.all):
+    if ns.job is not None:
+        _normalize_job_ref(ns.job)  # '' included: a malformed id is invalid_job_id on every command
+    if (ns.job is not None) == bool(ns.all):
         raise InvalidArgumentError("give a job id or --all", hint="jobstate delete JOB | --all [--dry-run]")
     return _delete_doc(resolve_root(ns.root), ns.job, ns.dry_run), 0
 
@@ -4720,15 +4899,15 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
     kind = doc["type"]
     if kind == "list":
         if not doc["jobs"]:
-            return "no jobs"
+            return "\n".join(["no jobs"] + _skipped_note(doc))
         rows = [[j["job_id"][:12], j["state"], _outcome(j), _format_age(j["created_at"], now),
                  _format_duration(j["duration_ms"]), _shorten(" ".join(j["command"] or []), 60),
                  ",".join(j["tags"])] for j in doc["jobs"]]
         lines = _render_table(rows, ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
         lines = [lines[0]] + [line.replace(row[1], _paint(row[1], row[1], color), 1)
                               for line, row in zip(lines[1:], rows)]
-        return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []))
-    if kind in ("run", "wait"):
+        return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []) + _skipped_note(doc))
+    if kind in ("run", "start", "restart", "wait"):
         parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
         return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
     if kind == "tail":
@@ -4750,6 +4929,31 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
                      for k, v in doc.items() if k not in ("schema_version", "ok", "type"))
 
 
+def _skipped_note(doc: dict) -> List[str]:
+    count = doc["skipped"]
+    if not count:
+        return []
+    return ["(%d job director%s skipped: no readable meta.json)" % (count, "y" if count == 1 else "ies")]
+
+
+# C0 and C1 control characters (and DEL) as visible escapes: job data shown on
+# a terminal (commands, output, error messages) must not drive it.
+_CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
+_CONTROL_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+_OUTPUT_ESCAPES = {c: e for c, e in _CONTROL_ESCAPES.items() if chr(c) not in "\n\t"}
+
+
+def _printable_doc(value, key: Optional[str] = None):
+    """A document with every string made safe to print; output excerpts keep newlines and tabs."""
+    if isinstance(value, str):
+        return value.translate(_OUTPUT_ESCAPES if key in ("stdout", "stderr") else _CONTROL_ESCAPES)
+    if isinstance(value, dict):
+        return {k: _printable_doc(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable_doc(v) for v in value]
+    return value
+
+
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -4764,6 +4968,7 @@ def _emit_doc(doc: dict, ns) -> None:
     """Print a document in the chosen format; errors in text mode go to stderr."""
     if _output_format(ns) == "json":
         return _emit(doc, getattr(ns, "pretty", False))
+    doc = _printable_doc(doc)
     if doc["ok"]:
         text = _render_text(doc, _use_color(sys.stdout), time.time())
         _write_text(sys.stdout, text + "\n")

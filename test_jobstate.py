@@ -122,6 +122,16 @@ def pid_alive(pid):
     return stat[stat.rindex(b")") + 2:][:1] != b"Z"
 
 
+def waiting_for_a_lock(pid):
+    """pid has a thread blocked on a file lock (Linux /proc/locks): an observer is inside its wait."""
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "->" in fields and fields[fields.index("->") + 4] == str(pid):
+                return True
+    return False
+
+
 def zombie_children(ppid):
     """Exited, unreaped children of ppid (Linux /proc)."""
     found = []
@@ -188,6 +198,16 @@ class JobTestCase(unittest.TestCase):
         if doc is not None:
             self.assertEqual(len(lines), 1, "one JSON line expected, got %r" % raw[:500])
         return status, doc, raw
+
+    def cli_capture(self, *args):
+        """Run main() in-process; returns (exit status, stdout text, stderr text), for text mode."""
+        out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+        err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = jobstate.main(["--root", self.root] + list(args))
+        out.flush()
+        err.flush()
+        return status, out.buffer.getvalue().decode("utf-8"), err.buffer.getvalue().decode("utf-8")
 
     def cli_process(self, *args, input=None, timeout=30, **kw):
         """Run the CLI as a separate process (end to end)."""
@@ -443,6 +463,50 @@ class StoreTests(JobTestCase):
         self.assertEqual(status, 0, doc)
         self.assertFalse(os.path.exists(job.paths.dir))
 
+    @unittest.skipUnless(POSIX, "symlinks need privileges on Windows")
+    def test_symlinked_job_files_are_never_read(self):
+        secret = "TOPSECRET-7f3a"
+        planted = {}
+
+        def plant(job, name, content):
+            target = os.path.join(self.tmp, "outside-%s-%s" % (job.id[:8], name))
+            with open(target, "wb") as f:
+                f.write(content)
+            os.unlink(os.path.join(job.paths.dir, name))
+            os.symlink(target, os.path.join(job.paths.dir, name))
+            planted[target] = content
+        jobs = [self.run_job(py("print('mine')")) for _ in range(3)]
+        for job in jobs:
+            job.wait(10)
+        logs, state_job, meta_job = jobs
+        plant(logs, "stdout.log", (secret + "\n").encode())
+        plant(logs, "stderr.log", (secret + "\n").encode())
+        forged = jobstate.JobState(jobstate.JobInfo(state_job.id, jobstate.JobStatus.FAILED),
+                                   error=jobstate.Failure("x", secret))
+        plant(state_job, "state.json", json.dumps(forged.to_dict()).encode())
+        plant(meta_job, "meta.json", json.dumps(jobstate.JobSpec([secret], self.tmp).to_dict()).encode())
+        codes = set()
+        for job in jobs:
+            for args in (["tail", job.id], ["tail", "--follow", job.id], ["status", job.id],
+                         ["wait", "--until", "1", job.id], ["list", "--all"],
+                         ["--format", "text", "status", job.id], ["--format", "text", "list", "--all"]):
+                status, out, err = self.cli_capture(*args)
+                self.assertNotIn(secret, out + err, args)
+                if status:
+                    doc = json.loads(out) if out.startswith("{") else None
+                    if doc:
+                        codes.add(doc["error"]["code"])
+                        self.assertIn("symbolic link", doc["error"]["message"], args)
+        self.assertEqual(codes, {"state_unreadable"})
+        _, doc, _ = self.cli("status", meta_job.id)
+        self.assertEqual((doc["state"], doc["command"]), ("exited", None))
+        for job in jobs:
+            status, doc, _ = self.cli("delete", job.id)
+            self.assertEqual(status, 0, doc)
+        for target, content in planted.items():
+            with open(target, "rb") as f:
+                self.assertEqual(f.read(), content)
+
 
 # ---------------------------------------------------------------------------
 # Supervisor: detachment, logs, drain, crashes, failures
@@ -560,6 +624,15 @@ class SupervisorTests(JobTestCase):
         job = self.run_job(["true", "x"], env_files=[os.path.join(self.tmp, "missing.env")])
         state = job.wait(10)
         self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "env"))
+
+    def test_env_file_with_a_nul_byte_fails_at_the_env_stage(self):
+        for content in (b"GOOD=1\nBAD=a\x00b\n", b"B\x00AD=1\n"):
+            path = os.path.join(self.tmp, "nul.env")
+            with open(path, "wb") as f:
+                f.write(content)
+            state = self.run_job(["true", "x"], env_files=[path]).wait(10)
+            self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "env"), state.error)
+            self.assertIn("NUL", state.error.message)
 
     def test_child_environment(self):
         env_file = os.path.join(self.tmp, "vars.env")
@@ -1760,6 +1833,27 @@ class ObservationTests(JobTestCase):
         self.assertEqual(tail.stdout, "éé")
         self.assertEqual(tail.stdout_range, (16, 20))
 
+    def test_tail_ranges_are_exact_for_every_limit(self):
+        # A client resumes from range[1]: it must be the end of what it was given, and the
+        # range must cover exactly the excerpt's bytes, for every lines/max-bytes combination.
+        contents = (b"", b"a\nbb\nccc\n", b"a\nbb\nccc", b"x" * 300 + b"\n" + b"y" * 10, b"\n\n\n")
+        for content in contents:
+            job = self.run_job(py("import sys; sys.stdout.buffer.write(%r)" % content))
+            job.wait(10)
+            for lines in (0, 1, 2, 1000):
+                for max_bytes in (0, 1, 5, 1 << 20):
+                    _, doc, _ = self.cli("tail", job.id, "--lines", str(lines), "--max-bytes", str(max_bytes))
+                    start, end = doc["stdout_range"]
+                    excerpt = doc["stdout"].encode()
+                    last = b"".join(content.splitlines(keepends=True)[-lines:]) if lines else b""
+                    case = (content, lines, max_bytes, doc["stdout_range"])
+                    self.assertEqual(doc["stdout_total_bytes"], len(content), case)
+                    self.assertEqual(end, len(content), case)
+                    self.assertEqual(end - start, len(excerpt), case)
+                    self.assertEqual(content[start:end], excerpt, case)
+                    self.assertEqual(excerpt, last[-max_bytes:] if max_bytes else b"", case)
+                    self.assertEqual(doc["stderr_range"], [0, 0], case)
+
     def test_wait_deadline_and_created(self):
         job = jobstate.create(["true", "x"], root=self.root)
         self.assertEqual(job.wait(0.1).status, jobstate.JobStatus.CREATED)
@@ -1831,7 +1925,7 @@ class CommandLineTests(JobTestCase):
             self.assertEqual((status, doc["ok"], doc["error"]["code"]), (2, False, "invalid_argument"), args)
 
     def test_validation_errors_exit_1(self):
-        cases = [(["run", "--timeout", "soon", "--", "x"], "invalid_argument"),
+        cases = [(["run", "--timeout", "-5", "--", "x"], "invalid_argument"),
                  (["run", "--tag", "bad tag", "--", "x"], "invalid_tag"),
                  (["run", "--stdin", "abc", "--stdin-max-bytes", "2", "--", "cat"], "stdin_too_large"),
                  (["status", "zz"], "invalid_job_id"),
@@ -1842,6 +1936,155 @@ class CommandLineTests(JobTestCase):
             self.assertEqual((status, doc["error"]["code"]), (1, code), args)
             self.assertIn("hint", doc["error"]) if code != "job_not_found" else None
         self.assertEqual(jobstate._list_job_ids(self.root), [], "a rejected run left a job behind")
+
+    def test_malformed_option_values_are_usage_errors(self):
+        # A value that does not parse as its option's type is a usage error (exit 2); one
+        # that parses but is out of range or unknown is a validation error (exit 1).
+        job = jobstate.create(py("pass"), root=self.root)
+        usage = [["list", "--limit", "abc"], ["ps", "--limit", "1.5"], ["tail", job.id, "--lines", "x"],
+                 ["tail", job.id, "--max-bytes", "x"], ["wait", job.id, "--until", "x"],
+                 ["wait", job.id, "--max-bytes", "12q"], ["run", "--timeout", "soon", "--", "x"],
+                 ["run", "--kill-after", "x", "--", "x"], ["run", "--until", "x", "--", "x"],
+                 ["run", "--max-bytes", "x", "--", "x"], ["run", "--stdin-max-bytes", "x", "--", "x"],
+                 ["create", "--timeout", "1h30", "--", "x"], ["start", job.id, "--until", "x"],
+                 ["restart", job.id, "--kill-after", "x"], ["kill", job.id, "--kill-after", "x"],
+                 ["gc", "--max-jobs", "x"], ["gc", "--max-bytes", "x"], ["gc", "--older-than", "x"]]
+        for args in usage:
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["ok"], doc["error"]["code"]), (2, False, "invalid_argument"), args)
+            option = next(a for a in args if a.startswith("--") and a != "--")
+            self.assertIn(option, doc["error"]["message"], args)
+        invalid = [(["list", "--limit", "-1"], "invalid_argument"), (["tail", job.id, "--lines", "-1"], "invalid_argument"),
+                   (["run", "--timeout", "2000000000", "--", "x"], "invalid_argument"),
+                   (["wait", job.id, "--until", "-1"], "invalid_argument"), (["gc", "--max-jobs", "-1"], "invalid_argument"),
+                   (["tail", job.id, "--max-bytes", "-1"], "invalid_argument"),
+                   (["run", "--max-bytes", "-1", "--", "x"], "invalid_argument"),
+                   (["start", job.id, "--max-bytes", "-1"], "invalid_argument"),
+                   (["kill", job.id, "--signal", "NOPE"], "invalid_signal"),
+                   (["run", "--tag", "bad tag", "--", "x"], "invalid_tag")]
+        for args, code in invalid:
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, code), args)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id], "a rejected command launched a job")
+        self.assertEqual(job.state().status, jobstate.JobStatus.CREATED)
+
+    def test_empty_or_malformed_job_ids_are_invalid_job_id_on_every_command(self):
+        os.makedirs(self.root)
+        for bad in ("", "zz", " 0"):
+            for args in (["delete", bad], ["delete", "--dry-run", bad], ["delete", "--all", bad], ["rm", bad],
+                         ["status", bad], ["wait", bad], ["tail", bad], ["kill", bad], ["start", bad],
+                         ["restart", bad], ["tag", "set", bad, "--tag", "x"]):
+                status, doc, _ = self.cli(*args)
+                self.assertEqual((status, doc["error"]["code"]), (1, "invalid_job_id"), args)
+
+    def test_list_skips_job_directories_without_a_readable_definition(self):
+        missing = jobstate.create(py("pass"), root=self.root)
+        os.unlink(missing.paths.meta)
+        corrupt = jobstate.create(py("pass"), root=self.root)
+        with open(corrupt.paths.meta, "wb") as f:
+            f.write(b"{not json")
+        os.mkdir(os.path.join(self.root, jobstate.new_job_id()))  # a bare directory
+        _, good, _ = self.cli("run", "--", *py("pass"))
+        no_state = jobstate.create(py("pass"), root=self.root)
+        os.unlink(no_state.paths.state)
+        _, doc, _ = self.cli("list", "--all")
+        states = {j["job_id"]: j["state"] for j in doc["jobs"]}
+        self.assertEqual(states, {good["job_id"]: "exited", no_state.id: "unknown"})
+        self.assertEqual((doc["count"], doc["skipped"]), (2, 3))
+        _, doc, _ = self.cli("list", "--all", "--state", "running")
+        self.assertEqual((doc["jobs"], doc["skipped"]), ([], 3))
+        _, doc, _ = self.cli("list", "--all", "--limit", "1")  # stops before the older, broken ones
+        self.assertEqual((doc["count"], doc["truncated"], doc["skipped"]), (1, True, 0))
+        _, schema, _ = self.cli("schema")
+        self.assertIn("skipped", schema["schemas"]["list"]["required"])
+        _, text, _ = self.cli_capture("--format", "text", "list", "--all")
+        self.assertIn("3 job directories skipped", text)
+
+    @unittest.skipUnless(POSIX and os.path.isdir("/proc"), "SIGINT, and /proc/locks to see the observer wait")
+    def test_ctrl_c_while_observing_prints_where_the_job_stands(self):
+        code = "import time; print('ready', flush=True); time.sleep(60)"
+
+        def interrupt(*args):
+            proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root] + list(args), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.addCleanup(proc.kill)
+            return proc
+
+        def stop(proc):
+            wait_for(lambda: waiting_for_a_lock(proc.pid), 10, "the CLI to be waiting on the job")
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+            self.assertEqual(proc.returncode, 130, err)
+            self.assertNotIn(b"Traceback", err)
+            return out.decode(), err.decode()
+        proc = interrupt("run", "--until", "60", "--", *py(code))
+        job = wait_for(lambda: [jobstate.Job(i, self.root) for i in jobstate._list_job_ids(self.root)],
+                       10, "the job directory")[0]
+        self.wait_log(job, "ready")
+        out, err = stop(proc)
+        self.assertEqual(len(out.splitlines()), 1, out)
+        doc = json.loads(out)
+        self.assertEqual((doc["ok"], doc["type"], doc["job_id"], doc["state"], doc["stdout"]),
+                         (True, "run", job.id, "running", "ready\n"))
+        self.assertIn(job.id, err)
+        for args, kind in ((["wait", "--forever", job.id], "wait"),):
+            out, _ = stop(interrupt(*args))
+            doc = json.loads(out)
+            self.assertEqual((doc["type"], doc["job_id"], doc["state"]), (kind, job.id, "running"))
+        out, err = stop(interrupt("--format", "text", "wait", "--forever", job.id[:10]))
+        self.assertIn("job %s is running" % job.id[:12], out)
+        self.assertIn(job.id, err)
+        state = job.state()
+        self.assertEqual(state.status, jobstate.JobStatus.RUNNING)
+        self.assertTrue(pid_alive(state.pid), "the job was stopped with its observer")
+
+    @unittest.skipUnless(POSIX, "sh, and removing the current directory")
+    def test_a_deleted_current_directory_is_invalid_argument(self):
+        gone = os.path.join(self.tmp, "gone")
+        script = 'cd "$1" && rmdir "$1" && shift && exec "$@"'
+        for args in (["run", "--", "echo", "x"], ["create", "--", "echo", "x"], ["list"], ["ps"],
+                     ["delete", "--all"], ["run", "--cwd", "relative", "--", "echo", "x"]):
+            os.mkdir(gone)
+            proc = subprocess.run(["sh", "-c", script, "sh", gone, PY, JOBSTATE, "--root", self.root] + args,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=30)
+            doc = json.loads(proc.stdout)
+            self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "invalid_argument"), (args, doc))
+            self.assertIn("--cwd", doc["error"]["hint"])
+            self.assertNotIn(b"Traceback", proc.stderr)
+        os.mkdir(gone)
+        proc = subprocess.run(["sh", "-c", script, "sh", gone, PY, JOBSTATE, "--root", self.root, "run",
+                               "--cwd", self.tmp, "--", "echo", "x"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual((proc.returncode, json.loads(proc.stdout)["stdout"]), (0, "x\n"), proc.stderr)
+
+    @unittest.skipUnless(POSIX and hasattr(os, "fork"), "RLIMIT_NOFILE")
+    def test_launch_failure_keeps_the_supervisor_log_inline(self):
+        import resource
+        failures = []
+        for limit in range(6, 16):
+            def limited(limit=limit):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "run", "--", "echo", "x"],
+                                  preexec_fn=limited, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+            doc = json.loads(proc.stdout)
+            if not doc["ok"] and doc["error"]["code"] == "launch_failed":
+                failures.append(doc["error"])
+        if not failures:
+            self.skipTest("no file-descriptor limit made the launch fail here")
+        for error in failures:
+            details = error.get("details") or {}
+            self.assertIsInstance(details.get("supervisor_log_tail"), str, error)
+            self.assertLessEqual(len(details["supervisor_log_tail"].encode()), 4096)
+            pointers = [error.get("hint", "")] + [v for k, v in details.items() if k != "supervisor_log_tail"]
+            for word in " ".join(map(str, pointers)).split():
+                if "supervisor.log" in word:
+                    self.assertTrue(os.path.exists(word), "the error points at a removed file: %s" % word)
+        self.assertTrue(any("Too many open files" in e["details"]["supervisor_log_tail"] for e in failures),
+                        failures)
+        for job_id in jobstate._list_job_ids(self.root):
+            jobstate.read_spec(jobstate.JobPaths(self.root, job_id))
 
     def test_stdin_variants(self):
         _, doc, _ = self.cli("run", "--stdin", "from flag", "--", *CAT)
@@ -2088,6 +2331,61 @@ class LifecycleTests(JobTestCase):
         self.assertEqual((status, doc["state"]), (0, "exited"))
         status, doc, _ = self.cli("start", job.id)
         self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+
+    def test_start_and_restart_answer_with_their_own_type(self):
+        job = jobstate.create(py("print('hi')"), root=self.root)
+        _, schema, _ = self.cli("schema")
+        for command in ("start", "restart"):
+            status, doc, _ = self.cli(command, job.id)
+            self.assertEqual((status, doc["type"], doc["state"], doc["stdout"]), (0, command, "exited", "hi\n"))
+            self.assertEqual(validate(doc, schema["schemas"][command]), [])
+        _, text, _ = self.cli_capture("--format", "text", "restart", job.id)
+        self.assertIn("hi\njob %s exited with code 0" % job.id[:12], text)
+
+    def test_kill_delete_restart_racing_answer_job_not_found_or_invalid_state(self):
+        # What main() would answer for each call: the JobError's code, or internal_error for anything else.
+        answers, guard = {}, threading.Lock()
+
+        def answer(name, call):
+            try:
+                call()
+                key = "ok"
+            except jobstate.JobError as exc:
+                key = exc.code
+            except Exception as exc:
+                key = "internal_error: %s: %s" % (type(exc).__name__, exc)
+            with guard:
+                answers[(name, key)] = answers.get((name, key), 0) + 1
+            return key
+
+        def delete_when_possible(job_id):
+            for _ in range(200):  # retried so that it lands right after the kill, in the race window
+                if answer("delete", lambda: jobstate._delete_doc(self.root, job_id, False)) != "invalid_state":
+                    return
+                time.sleep(0.005)
+
+        for _ in range(30):
+            job_id = self.run_job(py("import time; time.sleep(30)")).id
+
+            def restart():
+                job = jobstate.Job(job_id, self.root)
+                job.restart("KILL", kill_after_s=0)
+                jobstate._observed_doc("run", job, 0, 1024, time.monotonic())
+            calls = [lambda: answer("kill", lambda: jobstate._kill_doc(jobstate.Job(job_id, self.root), "KILL", None, 1)),
+                     lambda: delete_when_possible(job_id),
+                     lambda: answer("restart", restart),
+                     lambda: answer("status", lambda: jobstate._status_doc(jobstate.Job(job_id, self.root))),
+                     lambda: answer("tag", lambda: jobstate.Job(job_id, self.root).set_tags(["x"])),
+                     lambda: delete_when_possible(job_id)]
+            threads = [threading.Thread(target=call) for call in calls]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            if os.path.isdir(os.path.join(self.root, job_id)):
+                jobstate.Job(job_id, self.root).kill("KILL")
+        codes = {key for _, key in answers}
+        self.assertLessEqual(codes, {"ok", "job_not_found", "invalid_state"}, answers)
 
     def age(self, job, days):
         doc = json.load(open(job.paths.state))
@@ -2672,7 +2970,8 @@ class HumanOutputTests(JobTestCase):
                                          created_at="2026-11-27T03:20:00.000Z")]
         for job in jobs:
             del job["env"]
-        doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True})
+        doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True,
+                                          "skipped": 0})
         lines = jobstate._render_text(doc, color=False, now=NOW).splitlines()
         self.assertEqual(lines[0].split(), ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
         self.assertEqual(lines[1].split(), ["01a225fa0350", "exited", "0", "2m", "ago", "1.5s", "make", "test",
@@ -2710,6 +3009,31 @@ class HumanOutputTests(JobTestCase):
         self.assertEqual(proc.returncode, 3)
         self.assertEqual(proc.stdout.decode().splitlines()[0], "out")
         self.assertIn("exited with code 3", proc.stdout.decode())
+
+    def test_control_characters_from_jobs_are_escaped(self):
+        nasty = "\x1b[2J\x07\r"
+        code = ("import sys; sys.stdout.write('\\x1b[31mred\\x9b\\n\\tindented\\n'); "
+                "sys.stderr.write('\\x1b]0;title\\x07\\n')")
+        command = [PY, "-c", code, nasty]
+        _, ran, _ = self.cli("run", "--tag", "t", "--", *command)
+        job_id = ran["job_id"]
+        self.cli("kill", job_id)
+
+        def assert_clean(text, args, allowed="\n"):
+            bad = [c for c in text if (ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0) and c not in allowed]
+            self.assertEqual(bad, [], (args, text))
+        for args in (["run", "--", *command], ["wait", job_id], ["tail", job_id], ["status", job_id],
+                     ["kill", job_id], ["run", "--", "\x1b[2Jno-such-cmd", "arg"],
+                     ["run", "--stdin-file", os.path.join(self.tmp, "\x1b[2J"), "--", "true"],
+                     ["status", "\x1b[2J"], ["list", "--all"]):
+            _, out, err = self.cli_capture("--format", "text", *args)
+            assert_clean(out, args, allowed="\n\t" if args[0] in ("run", "wait", "tail") else "\n")
+            assert_clean(err, args)
+            self.assertIn("\\x1b", out + err, args)
+        _, out, _ = self.cli_capture("--format", "text", "tail", job_id)
+        self.assertIn("\\x1b[31mred\\x9b\n\tindented", out)
+        _, out, _ = self.cli_capture("--format", "text", "status", job_id)
+        self.assertIn("\\x1b[2J\\x07\\r", out)
 
     @unittest.skipIf(jobstate._WINDOWS, "pseudo-terminals are POSIX")
     def test_colours_only_on_a_terminal_and_never_with_no_color(self):
