@@ -889,8 +889,8 @@ class WindowsProcessTests(JobTestCase):
             self.assertTrue(win_exited(handle, 10), "pid %d survived the kill" % pid)
 
     def test_kill_leftovers_of_an_exited_job(self):
-        # Windows drops the job's name with the supervisor's handle (Wine keeps it,
-        # NOTES.md W5), so the leftovers are found through the record in state.json.
+        # Windows drops the job's name with the supervisor's handle (Wine 8 keeps it
+        # while processes remain), so the leftovers are found through the record in state.json.
         job = self.run_job(py(WIN_LEAVES_ORPHAN))
         state = job.wait(10)
         self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
