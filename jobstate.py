@@ -1318,7 +1318,7 @@ class _PosixProcessLayer:
                 os.close(pidfd)
 
 
-# Win32 constants, from the Windows SDK headers (checked with mingw-w64, NOTES.md section 3).
+# Win32 constants, from the Windows SDK headers (the values checked against mingw-w64's headers).
 _WIN_CREATE_SUSPENDED = 0x00000004
 _WIN_DETACHED_PROCESS = 0x00000008
 _WIN_CREATE_NEW_PROCESS_GROUP = 0x00000200
@@ -1573,8 +1573,10 @@ class _WindowsProcessLayer:
     # The launcher cannot hand its LockFileEx lock to the supervisor, so the
     # supervisor takes the job lock itself.
     hands_over_lock = False
-    # The job's name dies with the supervisor's handle (NOTES.md W5), so the
-    # supervisor writes down what is still running when the main process exits.
+    # Once the supervisor, the only holder of a handle to the job object, has
+    # exited, the job's name cannot be relied on to open it (Wine 8 keeps it while
+    # processes remain in the job; Windows need not), so the supervisor writes
+    # down what is still running when the main process exits.
     records_leftovers = True
 
     def release_supervisor(self, popen: subprocess.Popen) -> None:
