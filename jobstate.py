@@ -2885,9 +2885,11 @@ class Job:
         self.state()
         with _JobLock(self.paths) as lock:
             while not lock.acquire():
-                try:
+                # Only a running job is ours to stop; any other state means another
+                # restart or start holds the lock for a moment: look again shortly.
+                if self.state().status is JobStatus.RUNNING:
                     self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
-                except InvalidStateError:  # being started by someone else right now
+                else:
                     time.sleep(0.02)
             for path in (self.paths.kill_request, self.paths.event):
                 _unlink_quietly(path)
