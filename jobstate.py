@@ -32,6 +32,7 @@ Map of this file: `grep -n '^# [0-9]' jobstate.py`.
 # 1. Imports and platform facts
 # ---------------------------------------------------------------------------
 
+
 from __future__ import annotations
 
 import errno
@@ -65,8 +66,9 @@ _LINUX = sys.platform.startswith("linux")
 _THIS_FILE = os.path.abspath(__file__)
 
 # ---------------------------------------------------------------------------
-# 2. Constants, enums, errors, schema
+# 2. Schema: constants, states, errors, documents
 # ---------------------------------------------------------------------------
+
 
 SCHEMA_VERSION = "1.0"
 JOB_ID_ENV = "JOBSTATE_JOB_ID"
@@ -423,487 +425,18 @@ class JobSummary:
     tags: List[str]
     created_at: Optional[str]
 
-# ---------------------------------------------------------------------------
-# 3. Helpers: time, ids, paths, parsing
-# ---------------------------------------------------------------------------
 
+@dataclass
+class GcReport:
+    """What gc removed (or would remove, with dry_run)."""
 
-def _format_time(t: float) -> str:
-    """RFC 3339 UTC with exactly three fractional digits and a Z."""
-    ms = int(t * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
-
-
-def _utc_now() -> str:
-    return _format_time(time.time())
-
-
-def _parse_time(text: Optional[str]) -> Optional[float]:
-    """Inverse of _format_time; None for anything unparseable."""
-    import calendar
-    try:
-        base = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
-        frac = text[19:].rstrip("Z")
-        return base + (float(frac) if frac.startswith(".") else 0.0)
-    except (TypeError, ValueError):
-        return None
-
-
-def _deadline(timeout_s: Optional[float]) -> Optional[float]:
-    return None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
-
-
-def _remaining(deadline: Optional[float]) -> Optional[float]:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def new_job_id() -> str:
-    """A new job id: 32 hex digits in the UUIDv7 layout, so ids sort by creation time."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    rand_a, rand_b = (rand >> 62) & 0xFFF, rand & ((1 << 62) - 1)
-    return "%032x" % (ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b)
-
-
-def _is_job_id(name: str) -> bool:
-    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
-
-
-def _normalize_job_ref(ref) -> str:
-    """Validate a job id or prefix before it touches the filesystem."""
-    if not isinstance(ref, str) or not 1 <= len(ref) <= 32 or \
-            not all(c in "0123456789abcdefABCDEF" for c in ref):
-        raise InvalidJobIdError(str(ref))
-    return ref.lower()
-
-
-def resolve_root(root: Optional[str] = None) -> str:
-    """The jobs root: `root` > $JOBSTATE_ROOT > $XDG_DATA_HOME/jobstate/jobs > platform default."""
-    if root:
-        return _abspath(os.path.expanduser(root))
-    if os.environ.get("JOBSTATE_ROOT"):
-        return _abspath(os.path.expanduser(os.environ["JOBSTATE_ROOT"]))
-    if os.environ.get("XDG_DATA_HOME"):
-        return os.path.join(_abspath(os.environ["XDG_DATA_HOME"]), "jobstate", "jobs")
-    return _process_layer.default_root()
-
-
-def _abspath(path: str) -> str:
-    """os.path.abspath, with a clear error where the current directory was deleted."""
-    try:
-        return os.path.abspath(path)
-    except FileNotFoundError:  # os.getcwd() of a removed directory
-        raise InvalidArgumentError(
-            "the current directory no longer exists, so %r cannot be resolved" % (path,),
-            hint="cd to an existing directory, or give absolute paths (--cwd DIR, --root DIR; list --all)") from None
-
-
-class JobPaths:
-    """Where each file of one job lives."""
-
-    def __init__(self, root: str, job_id: str):
-        self.root, self.job_id = root, job_id
-        self.dir = os.path.join(root, job_id)
-        d = self.dir + os.sep  # plain concatenation: os.path.join's checks, 11 per job, showed in listings
-        self.meta, self.state, self.lock = d + "meta.json", d + "state.json", d + "lock"
-        self.stdout_log, self.stderr_log, self.full_log = d + "stdout.log", d + "stderr.log", d + "full.log"
-        self.stdin, self.supervisor_log = d + "stdin.bin", d + "supervisor.log"
-        self.event, self.kill_request = d + "completion_event.json", d + "kill_request.json"
-        self.reserve = d + "space.reserve"
-
-
-def _duration_seconds(text: str) -> float:
-    """Seconds, signed, from '90', '1.5', '250ms', '90s', '5m', '2h', '7d'; ValueError otherwise."""
-    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", text)
-    if not match:
-        raise ValueError("not a duration: %r" % (text,))
-    unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return float(match.group(1)) * unit
-
-
-def _size_bytes(text: str) -> int:
-    """Bytes, signed, from '4096', '64k', '10M', '1GiB'; ValueError otherwise."""
-    match = re.fullmatch(r"\s*([-+]?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError("not a size: %r" % (text,))
-    return int(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
-
-
-def _parse_duration(value, name: str) -> float:
-    """Seconds from a number or '90s', '5m', '2h', '7d', '250ms', from 0 to 1e9."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        try:
-            seconds = _duration_seconds(str(value))
-        except ValueError:
-            raise InvalidArgumentError("%s: %r is not a duration" % (name, value),
-                                       hint="use seconds or a suffix: 500ms, 90s, 5m, 2h, 7d") from None
-    if not 0 <= seconds < 1e9:
-        raise InvalidArgumentError("%s: %r is out of range" % (name, value),
-                                   hint="a duration is at least 0 and under 1e9 seconds")
-    return seconds
-
-
-def _parse_size(value, name: str) -> int:
-    """Bytes from a number or '64k', '10M', '1GiB'; never negative."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        try:
-            size = _size_bytes(str(value))
-        except ValueError:
-            raise InvalidArgumentError("%s: %r is not a size" % (name, value),
-                                       hint="use bytes or a suffix: 64k, 10M, 1G") from None
-    if size < 0:
-        raise InvalidArgumentError("%s: %r is negative" % (name, value), hint="a size is 0 or more bytes")
-    return size
-
-
-def _parse_signal(value) -> Tuple[int, str]:
-    """(number, 'SIGNAME') for 'TERM', 'SIGTERM', 'term' or '15'; else InvalidSignalError."""
-    known = _process_layer.signal_numbers()
-    text = str(value).strip().upper()
-    if text.isdigit():
-        names = [n for n, num in known.items() if num == int(text)]
-        name = names[0] if names else None
-    else:
-        name = text[3:] if text.startswith("SIG") else text
-    if name not in known:
-        raise InvalidSignalError("unknown signal %r" % (value,),
-                                 hint="use one of: " + ", ".join(sorted(known)))
-    return known[name], "SIG" + name
-
-
-def _validate_tags(tags: Sequence[str]) -> List[str]:
-    """Check tag syntax and drop duplicates, keeping the first occurrence's order."""
-    out: List[str] = []
-    for tag in tags:
-        if not isinstance(tag, str) or not _TAG_RE.match(tag):
-            raise InvalidTagError("invalid tag %r" % (tag,),
-                                  hint="tags are dot-separated segments of letters, digits and '-'")
-        if tag not in out:
-            out.append(tag)
-    return out
-
-
-def _tag_matches(pattern: str, tags: Sequence[str]) -> bool:
-    """`a.b` matches exactly; `a.*` matches `a` and anything under `a.`."""
-    if pattern.endswith(".*"):
-        base = pattern[:-2]
-        return any(t == base or t.startswith(base + ".") for t in tags)
-    return pattern in tags
-
-
-def _validate_tag_filter(pattern: str) -> str:
-    body = pattern[:-2] if pattern.endswith(".*") else pattern
-    if not _TAG_RE.match(body):
-        raise InvalidTagError("invalid tag filter %r" % (pattern,),
-                              hint="filters are tags, optionally ending in '.*'")
-    return pattern
-
-
-def _read_env_file(path: str) -> Dict[str, str]:
-    """KEY=VALUE lines; blank lines and # comments skipped; optional 'export '; no quoting."""
-    env = {}
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("export "):
-                line = line[7:].lstrip()
-            key, sep, value = line.partition("=")
-            if not sep or not key.strip():
-                raise ValueError("%s:%d: expected KEY=VALUE" % (path, number))
-            if "\0" in line:  # no environment can hold it: refuse it here, not deep in the spawn
-                raise ValueError("%s:%d: a NUL byte in KEY=VALUE" % (path, number))
-            env[key.strip()] = value
-    return env
-
-
-def _parse_env_pairs(pairs: Sequence[str]) -> Dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key or "\0" in pair:
-            raise InvalidArgumentError("--env %r is not KEY=VALUE" % (pair,))
-        env[key] = value
-    return env
+    deleted: List[dict]
+    kept: int
+    freed_bytes: int
+    dry_run: bool
 
 # ---------------------------------------------------------------------------
-# 4. Atomic store
-# ---------------------------------------------------------------------------
-
-
-def _write_json_atomic(path: str, doc: dict) -> None:
-    """Write a JSON file so that readers see the old or the new content, never a mix.
-
-    Temp file in the same directory, fsync, replace, fsync of the directory.
-    ensure_ascii keeps argv bytes that are not UTF-8 (surrogate escapes) round-trippable.
-    """
-    data = json.dumps(doc, separators=(",", ":")).encode("ascii")
-    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _process_layer.replace(tmp, path)
-    except BaseException:  # clean up the temp file whatever stopped us, then re-raise
-        _unlink_quietly(tmp)
-        raise
-    _process_layer.fsync_dir(os.path.dirname(path))
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _allocate(fd: int, size: int) -> None:
-    """Claim size bytes of disk for fd now (raises OSError when there is no room)."""
-    if hasattr(os, "posix_fallocate"):  # blocks allocated, nothing written
-        try:
-            os.posix_fallocate(fd, 0, size)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-    _write_all(fd, bytes(size))
-    os.fsync(fd)
-
-
-def _rmtree(path: str, ignore_errors: bool = False) -> None:
-    import shutil  # only deleting needs it; supervisors never load it
-    shutil.rmtree(path, ignore_errors=ignore_errors)
-
-
-def _write_parts(fd: int, parts: List[bytes]) -> None:
-    """Write several buffers in order, with one system call where the platform has writev."""
-    if not hasattr(os, "writev"):
-        for part in parts:
-            _write_all(fd, part)
-        return
-    views = [memoryview(p) for p in parts if p]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:  # already gone or never made: nothing to clean
-        pass
-
-
-def _read_json(path: str):
-    return json.loads(_process_layer.read_bytes(path).decode("utf-8"))
-
-
-def _unreadable(path: str, exc: OSError) -> StateFileError:
-    """The error for a job file that exists but cannot be read (a planted symlink among others)."""
-    if exc.errno == errno.ELOOP or os.path.islink(path):
-        return StateFileError(path, "it is a symbolic link, and jobstate never follows one inside the root")
-    return StateFileError(path, exc.strerror or str(exc))
-
-
-def _open_job_file(path: str) -> Optional[int]:
-    """A descriptor on a job's file for reading, never through a symlink; None if it does not exist."""
-    try:
-        return os.open(path, os.O_RDONLY | _FILE_FLAGS)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise _unreadable(path, exc) from None
-
-
-def read_state(paths: JobPaths) -> JobState:
-    """Parse state.json; StateFileError when it is missing or corrupt."""
-    try:
-        state = JobState.from_dict(_read_json(paths.state))
-    except FileNotFoundError:
-        if not os.path.isdir(paths.dir):
-            raise JobNotFoundError(paths.job_id, paths.root) from None
-        raise StateFileError(paths.state, "missing") from None
-    except OSError as exc:
-        raise _unreadable(paths.state, exc) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StateFileError(paths.state, str(exc)) from None
-    if state.job_id != paths.job_id:
-        raise StateFileError(paths.state, "it names job %s" % state.job_id)
-    return state
-
-
-def write_state(paths: JobPaths, state: JobState) -> None:
-    state.updated_at = _utc_now()
-    _write_json_atomic(paths.state, state.to_dict())
-
-
-def read_spec(paths: JobPaths) -> JobSpec:
-    try:
-        return JobSpec.from_dict(_read_json(paths.meta))
-    except FileNotFoundError:
-        if not os.path.isdir(paths.dir):
-            raise JobNotFoundError(paths.job_id, paths.root) from None
-        raise StateFileError(paths.meta, "missing") from None
-    except OSError as exc:
-        raise _unreadable(paths.meta, exc) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StateFileError(paths.meta, str(exc)) from None
-
-
-def _ensure_root(root: str) -> None:
-    """Create the root (0700) and refuse one that another user could tamper with."""
-    try:
-        os.makedirs(root, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise JobIOError("cannot create the jobs root %s: %s" % (root, exc.strerror),
-                         hint="pass --root or set JOBSTATE_ROOT to a writable directory") from None
-    problem = _process_layer.unsafe_dir_reason(root)
-    if problem:
-        raise JobIOError("refusing the jobs root %s: %s" % (root, problem),
-                         hint="use a directory owned by you and not writable by others")
-
-
-def _resolve_job_id(root: str, ref) -> str:
-    """Full job id for an id or unique prefix (validated before any filesystem access)."""
-    prefix = _normalize_job_ref(ref)
-    if len(prefix) == 32:
-        if _is_real_dir(os.path.join(root, prefix)):
-            return prefix
-        raise JobNotFoundError(prefix, root)
-    matches = [n for n in _list_job_ids(root) if n.startswith(prefix)]
-    if not matches:
-        raise JobNotFoundError(prefix, root)
-    if len(matches) > 1:
-        raise AmbiguousJobIdError(prefix, matches)
-    return matches[0]
-
-
-def _list_job_ids(root: str) -> List[str]:
-    """Job ids under root, newest first (ids are time-ordered); a missing root has none.
-
-    Only real directories count: a symlink planted in the root is never a job,
-    so nothing is ever read, written or deleted through it.
-    """
-    try:
-        with os.scandir(root) as entries:
-            names = [e.name for e in entries if _is_job_id(e.name) and e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise JobIOError("cannot read the jobs root %s: %s" % (root, exc.strerror)) from None
-    return sorted(names, reverse=True)
-
-
-def _is_real_dir(path: str) -> bool:
-    import stat
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-class _JobLock:
-    """The job's `lock` file: held exclusively by the live supervisor for its whole life.
-
-    Readers take it to prove the supervisor is gone (no pid guessing), and `wait`
-    blocks on it to wake the moment the supervisor exits.
-    """
-
-    def __init__(self, paths: JobPaths):
-        self.paths, self.path = paths, paths.lock
-        self.fd: Optional[int] = None
-
-    @classmethod
-    def handed_over(cls, paths: JobPaths, fd: int) -> "_JobLock":
-        """The lock a launcher took and passed on to us already held, as fd."""
-        lock = cls(paths)
-        lock.fd = fd
-        return lock
-
-    def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
-        """Take the lock; False if someone holds it.  With create (to run the job),
-        JobNotFoundError when the job was deleted before or while we took it."""
-        flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
-        try:
-            self.fd = os.open(self.path, flags, 0o600)
-        except FileNotFoundError:
-            if create:  # only a vanished job directory makes O_CREAT fail so
-                raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
-            return self._gone()
-        if not _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
-            self.release()
-            return False
-        # A delete renames the job directory away while it holds the lock: a
-        # lock file opened just before that is no longer the job's once we get it.
-        if create and not os.path.lexists(self.path):
-            self.release()
-            raise JobNotFoundError(self.paths.job_id, self.paths.root)
-        return True
-
-    def _gone(self) -> bool:
-        # A job directory without a lock file never had a supervisor: it is free.
-        self.fd = None
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            _process_layer.unlock(fd)
-            os.close(fd)  # closing drops the lock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def _reconcile(paths: JobPaths, state: JobState) -> JobState:
-    """Turn a `running` state whose supervisor is gone into `failed` (supervisor_lost).
-
-    The supervisor holds the lock for its whole life, so a free lock is proof; the
-    re-read under the lock avoids racing a supervisor that just finished.
-    """
-    if state.status is not JobStatus.RUNNING:
-        return state
-    with _JobLock(paths) as lock:
-        if not lock.acquire(create=False):
-            return state
-        state = read_state(paths)
-        if state.status is JobStatus.RUNNING:
-            state.job.status = JobStatus.FAILED
-            state.error = Failure("supervisor_lost",
-                                  "the supervisor exited without recording the job's end")
-            state.finished_at = _utc_now()
-            write_state(paths, state)
-        return state
-
-
-def _read_state_reconciled(paths: JobPaths) -> JobState:
-    return _reconcile(paths, read_state(paths))
-
-
-def _read_kill_request(paths: JobPaths) -> Optional[str]:
-    """The signal name a killer asked for, if any ('SIGTERM')."""
-    try:
-        value = _read_json(paths.kill_request).get("signal")
-        return value if isinstance(value, str) else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-# ---------------------------------------------------------------------------
-# 5. Platform process layer
+# 3. Platform layer: processes, trees, locks and files on POSIX and Windows
 # ---------------------------------------------------------------------------
 
 
@@ -916,10 +449,6 @@ class _Child:
     token: Optional[str]
     windows_job_name: Optional[str] = None
     handle: object = None  # platform-private (the Job Object handle on Windows)
-
-
-def _survive_signal(signum, frame) -> None:
-    """The supervisor's handler for signals it must survive (see supervisor_signals)."""
 
 
 @dataclass
@@ -937,6 +466,10 @@ class _TreeRef:
     def from_state(cls, state: JobState) -> "_TreeRef":
         return cls(state.job_id, state.pid, state.pid_token, state.supervisor_pid,
                    state.windows_job_name, list(state.leftovers))
+
+
+def _survive_signal(signum, frame) -> None:
+    """The supervisor's handler for signals it must survive (see supervisor_signals)."""
 
 
 class _PosixProcessLayer:
@@ -2013,7 +1546,560 @@ class _WindowsProcessLayer:
 _process_layer = _WindowsProcessLayer() if _WINDOWS else _PosixProcessLayer()
 
 # ---------------------------------------------------------------------------
-# 6. Supervisor
+# 4. Helpers: time, ids, paths, parsing
+# ---------------------------------------------------------------------------
+
+
+def _format_time(t: float) -> str:
+    """RFC 3339 UTC with exactly three fractional digits and a Z."""
+    ms = int(t * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
+
+
+def _utc_now() -> str:
+    return _format_time(time.time())
+
+
+def _parse_time(text: Optional[str]) -> Optional[float]:
+    """Inverse of _format_time; None for anything unparseable."""
+    import calendar
+    try:
+        base = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
+        frac = text[19:].rstrip("Z")
+        return base + (float(frac) if frac.startswith(".") else 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _deadline(timeout_s: Optional[float]) -> Optional[float]:
+    return None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def new_job_id() -> str:
+    """A new job id: 32 hex digits in the UUIDv7 layout, so ids sort by creation time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    rand_a, rand_b = (rand >> 62) & 0xFFF, rand & ((1 << 62) - 1)
+    return "%032x" % (ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b)
+
+
+def _is_job_id(name: str) -> bool:
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+
+
+def _normalize_job_ref(ref) -> str:
+    """Validate a job id or prefix before it touches the filesystem."""
+    if not isinstance(ref, str) or not 1 <= len(ref) <= 32 or \
+            not all(c in "0123456789abcdefABCDEF" for c in ref):
+        raise InvalidJobIdError(str(ref))
+    return ref.lower()
+
+
+def resolve_root(root: Optional[str] = None) -> str:
+    """The jobs root: `root` > $JOBSTATE_ROOT > $XDG_DATA_HOME/jobstate/jobs > platform default."""
+    if root:
+        return _abspath(os.path.expanduser(root))
+    if os.environ.get("JOBSTATE_ROOT"):
+        return _abspath(os.path.expanduser(os.environ["JOBSTATE_ROOT"]))
+    if os.environ.get("XDG_DATA_HOME"):
+        return os.path.join(_abspath(os.environ["XDG_DATA_HOME"]), "jobstate", "jobs")
+    return _process_layer.default_root()
+
+
+def _abspath(path: str) -> str:
+    """os.path.abspath, with a clear error where the current directory was deleted."""
+    try:
+        return os.path.abspath(path)
+    except FileNotFoundError:  # os.getcwd() of a removed directory
+        raise InvalidArgumentError(
+            "the current directory no longer exists, so %r cannot be resolved" % (path,),
+            hint="cd to an existing directory, or give absolute paths (--cwd DIR, --root DIR; list --all)") from None
+
+
+class JobPaths:
+    """Where each file of one job lives."""
+
+    def __init__(self, root: str, job_id: str):
+        self.root, self.job_id = root, job_id
+        self.dir = os.path.join(root, job_id)
+        d = self.dir + os.sep  # plain concatenation: os.path.join's checks, 11 per job, showed in listings
+        self.meta, self.state, self.lock = d + "meta.json", d + "state.json", d + "lock"
+        self.stdout_log, self.stderr_log, self.full_log = d + "stdout.log", d + "stderr.log", d + "full.log"
+        self.stdin, self.supervisor_log = d + "stdin.bin", d + "supervisor.log"
+        self.event, self.kill_request = d + "completion_event.json", d + "kill_request.json"
+        self.reserve = d + "space.reserve"
+
+
+def _duration_seconds(text: str) -> float:
+    """Seconds, signed, from '90', '1.5', '250ms', '90s', '5m', '2h', '7d'; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", text)
+    if not match:
+        raise ValueError("not a duration: %r" % (text,))
+    unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def _size_bytes(text: str) -> int:
+    """Bytes, signed, from '4096', '64k', '10M', '1GiB'; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([-+]?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError("not a size: %r" % (text,))
+    return int(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
+
+
+def _parse_duration(value, name: str) -> float:
+    """Seconds from a number or '90s', '5m', '2h', '7d', '250ms', from 0 to 1e9."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        try:
+            seconds = _duration_seconds(str(value))
+        except ValueError:
+            raise InvalidArgumentError("%s: %r is not a duration" % (name, value),
+                                       hint="use seconds or a suffix: 500ms, 90s, 5m, 2h, 7d") from None
+    if not 0 <= seconds < 1e9:
+        raise InvalidArgumentError("%s: %r is out of range" % (name, value),
+                                   hint="a duration is at least 0 and under 1e9 seconds")
+    return seconds
+
+
+def _parse_size(value, name: str) -> int:
+    """Bytes from a number or '64k', '10M', '1GiB'; never negative."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        try:
+            size = _size_bytes(str(value))
+        except ValueError:
+            raise InvalidArgumentError("%s: %r is not a size" % (name, value),
+                                       hint="use bytes or a suffix: 64k, 10M, 1G") from None
+    if size < 0:
+        raise InvalidArgumentError("%s: %r is negative" % (name, value), hint="a size is 0 or more bytes")
+    return size
+
+
+def _parse_signal(value) -> Tuple[int, str]:
+    """(number, 'SIGNAME') for 'TERM', 'SIGTERM', 'term' or '15'; else InvalidSignalError."""
+    known = _process_layer.signal_numbers()
+    text = str(value).strip().upper()
+    if text.isdigit():
+        names = [n for n, num in known.items() if num == int(text)]
+        name = names[0] if names else None
+    else:
+        name = text[3:] if text.startswith("SIG") else text
+    if name not in known:
+        raise InvalidSignalError("unknown signal %r" % (value,),
+                                 hint="use one of: " + ", ".join(sorted(known)))
+    return known[name], "SIG" + name
+
+
+def _validate_tags(tags: Sequence[str]) -> List[str]:
+    """Check tag syntax and drop duplicates, keeping the first occurrence's order."""
+    out: List[str] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not _TAG_RE.match(tag):
+            raise InvalidTagError("invalid tag %r" % (tag,),
+                                  hint="tags are dot-separated segments of letters, digits and '-'")
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+def _tag_matches(pattern: str, tags: Sequence[str]) -> bool:
+    """`a.b` matches exactly; `a.*` matches `a` and anything under `a.`."""
+    if pattern.endswith(".*"):
+        base = pattern[:-2]
+        return any(t == base or t.startswith(base + ".") for t in tags)
+    return pattern in tags
+
+
+def _validate_tag_filter(pattern: str) -> str:
+    body = pattern[:-2] if pattern.endswith(".*") else pattern
+    if not _TAG_RE.match(body):
+        raise InvalidTagError("invalid tag filter %r" % (pattern,),
+                              hint="filters are tags, optionally ending in '.*'")
+    return pattern
+
+
+def _read_env_file(path: str) -> Dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments skipped; optional 'export '; no quoting."""
+    env = {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("export "):
+                line = line[7:].lstrip()
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise ValueError("%s:%d: expected KEY=VALUE" % (path, number))
+            if "\0" in line:  # no environment can hold it: refuse it here, not deep in the spawn
+                raise ValueError("%s:%d: a NUL byte in KEY=VALUE" % (path, number))
+            env[key.strip()] = value
+    return env
+
+
+def _parse_env_pairs(pairs: Sequence[str]) -> Dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or "\0" in pair:
+            raise InvalidArgumentError("--env %r is not KEY=VALUE" % (pair,))
+        env[key] = value
+    return env
+
+# ---------------------------------------------------------------------------
+# 5. Store: atomic files, locks, job directories
+# ---------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: str, doc: dict) -> None:
+    """Write a JSON file so that readers see the old or the new content, never a mix.
+
+    Temp file in the same directory, fsync, replace, fsync of the directory.
+    ensure_ascii keeps argv bytes that are not UTF-8 (surrogate escapes) round-trippable.
+    """
+    data = json.dumps(doc, separators=(",", ":")).encode("ascii")
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _process_layer.replace(tmp, path)
+    except BaseException:  # clean up the temp file whatever stopped us, then re-raise
+        _unlink_quietly(tmp)
+        raise
+    _process_layer.fsync_dir(os.path.dirname(path))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Claim size bytes of disk for fd now (raises OSError when there is no room)."""
+    if hasattr(os, "posix_fallocate"):  # blocks allocated, nothing written
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    _write_all(fd, bytes(size))
+    os.fsync(fd)
+
+
+def _rmtree(path: str, ignore_errors: bool = False) -> None:
+    import shutil  # only deleting needs it; supervisors never load it
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def _write_parts(fd: int, parts: List[bytes]) -> None:
+    """Write several buffers in order, with one system call where the platform has writev."""
+    if not hasattr(os, "writev"):
+        for part in parts:
+            _write_all(fd, part)
+        return
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:  # already gone or never made: nothing to clean
+        pass
+
+
+def _read_json(path: str):
+    return json.loads(_process_layer.read_bytes(path).decode("utf-8"))
+
+
+def _unreadable(path: str, exc: OSError) -> StateFileError:
+    """The error for a job file that exists but cannot be read (a planted symlink among others)."""
+    if exc.errno == errno.ELOOP or os.path.islink(path):
+        return StateFileError(path, "it is a symbolic link, and jobstate never follows one inside the root")
+    return StateFileError(path, exc.strerror or str(exc))
+
+
+def _open_job_file(path: str) -> Optional[int]:
+    """A descriptor on a job's file for reading, never through a symlink; None if it does not exist."""
+    try:
+        return os.open(path, os.O_RDONLY | _FILE_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_state(paths: JobPaths) -> JobState:
+    """Parse state.json; StateFileError when it is missing or corrupt."""
+    try:
+        state = JobState.from_dict(_read_json(paths.state))
+    except FileNotFoundError:
+        if not os.path.isdir(paths.dir):
+            raise JobNotFoundError(paths.job_id, paths.root) from None
+        raise StateFileError(paths.state, "missing") from None
+    except OSError as exc:
+        raise _unreadable(paths.state, exc) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StateFileError(paths.state, str(exc)) from None
+    if state.job_id != paths.job_id:
+        raise StateFileError(paths.state, "it names job %s" % state.job_id)
+    return state
+
+
+def write_state(paths: JobPaths, state: JobState) -> None:
+    state.updated_at = _utc_now()
+    _write_json_atomic(paths.state, state.to_dict())
+
+
+def read_spec(paths: JobPaths) -> JobSpec:
+    try:
+        return JobSpec.from_dict(_read_json(paths.meta))
+    except FileNotFoundError:
+        if not os.path.isdir(paths.dir):
+            raise JobNotFoundError(paths.job_id, paths.root) from None
+        raise StateFileError(paths.meta, "missing") from None
+    except OSError as exc:
+        raise _unreadable(paths.meta, exc) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StateFileError(paths.meta, str(exc)) from None
+
+
+def _ensure_root(root: str) -> None:
+    """Create the root (0700) and refuse one that another user could tamper with."""
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise JobIOError("cannot create the jobs root %s: %s" % (root, exc.strerror),
+                         hint="pass --root or set JOBSTATE_ROOT to a writable directory") from None
+    problem = _process_layer.unsafe_dir_reason(root)
+    if problem:
+        raise JobIOError("refusing the jobs root %s: %s" % (root, problem),
+                         hint="use a directory owned by you and not writable by others")
+
+
+def _resolve_job_id(root: str, ref) -> str:
+    """Full job id for an id or unique prefix (validated before any filesystem access)."""
+    prefix = _normalize_job_ref(ref)
+    if len(prefix) == 32:
+        if _is_real_dir(os.path.join(root, prefix)):
+            return prefix
+        raise JobNotFoundError(prefix, root)
+    matches = [n for n in _list_job_ids(root) if n.startswith(prefix)]
+    if not matches:
+        raise JobNotFoundError(prefix, root)
+    if len(matches) > 1:
+        raise AmbiguousJobIdError(prefix, matches)
+    return matches[0]
+
+
+def _list_job_ids(root: str) -> List[str]:
+    """Job ids under root, newest first (ids are time-ordered); a missing root has none.
+
+    Only real directories count: a symlink planted in the root is never a job,
+    so nothing is ever read, written or deleted through it.
+    """
+    try:
+        with os.scandir(root) as entries:
+            names = [e.name for e in entries if _is_job_id(e.name) and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise JobIOError("cannot read the jobs root %s: %s" % (root, exc.strerror)) from None
+    return sorted(names, reverse=True)
+
+
+def _is_real_dir(path: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+class _JobLock:
+    """The job's `lock` file: held exclusively by the live supervisor for its whole life.
+
+    Readers take it to prove the supervisor is gone (no pid guessing), and `wait`
+    blocks on it to wake the moment the supervisor exits.
+    """
+
+    def __init__(self, paths: JobPaths):
+        self.paths, self.path = paths, paths.lock
+        self.fd: Optional[int] = None
+
+    @classmethod
+    def handed_over(cls, paths: JobPaths, fd: int) -> "_JobLock":
+        """The lock a launcher took and passed on to us already held, as fd."""
+        lock = cls(paths)
+        lock.fd = fd
+        return lock
+
+    def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
+        """Take the lock; False if someone holds it.  With create (to run the job),
+        JobNotFoundError when the job was deleted before or while we took it."""
+        flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            if create:  # only a vanished job directory makes O_CREAT fail so
+                raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
+            return self._gone()
+        if not _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
+            self.release()
+            return False
+        # A delete renames the job directory away while it holds the lock: a
+        # lock file opened just before that is no longer the job's once we get it.
+        if create and not os.path.lexists(self.path):
+            self.release()
+            raise JobNotFoundError(self.paths.job_id, self.paths.root)
+        return True
+
+    def _gone(self) -> bool:
+        # A job directory without a lock file never had a supervisor: it is free.
+        self.fd = None
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            _process_layer.unlock(fd)
+            os.close(fd)  # closing drops the lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class _MetaLock:
+    """Serializes read-modify-write of meta.json (tags) between processes."""
+
+    def __init__(self, paths: JobPaths):
+        self.path = os.path.join(paths.dir, "meta.lock")
+        self.fd: Optional[int] = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
+        _process_layer.lock(self.fd, exclusive=True, blocking=True)
+        return self
+
+    def __exit__(self, *exc):
+        _process_layer.unlock(self.fd)
+        os.close(self.fd)
+
+
+def _reconcile(paths: JobPaths, state: JobState) -> JobState:
+    """Turn a `running` state whose supervisor is gone into `failed` (supervisor_lost).
+
+    The supervisor holds the lock for its whole life, so a free lock is proof; the
+    re-read under the lock avoids racing a supervisor that just finished.
+    """
+    if state.status is not JobStatus.RUNNING:
+        return state
+    with _JobLock(paths) as lock:
+        if not lock.acquire(create=False):
+            return state
+        state = read_state(paths)
+        if state.status is JobStatus.RUNNING:
+            state.job.status = JobStatus.FAILED
+            state.error = Failure("supervisor_lost",
+                                  "the supervisor exited without recording the job's end")
+            state.finished_at = _utc_now()
+            write_state(paths, state)
+        return state
+
+
+def _read_state_reconciled(paths: JobPaths) -> JobState:
+    return _reconcile(paths, read_state(paths))
+
+
+def _read_kill_request(paths: JobPaths) -> Optional[str]:
+    """The signal name a killer asked for, if any ('SIGTERM')."""
+    try:
+        value = _read_json(paths.kill_request).get("signal")
+        return value if isinstance(value, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _populate_job_dir(final: JobPaths, staging: str, spec: JobSpec, stdin: Optional[bytes]) -> None:
+    """Write meta.json, state.json (created), stdin.bin and the lock file into the staging dir."""
+    def at(path):
+        return os.path.join(staging, os.path.basename(path))
+    if stdin is not None:
+        fd = os.open(at(final.stdin), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
+        try:
+            _write_all(fd, stdin)
+        finally:
+            os.close(fd)
+    os.close(os.open(at(final.lock), os.O_WRONLY | os.O_CREAT | _FILE_FLAGS, 0o600))
+    _write_json_atomic(at(final.meta), spec.to_dict())
+    state = JobState(JobInfo(final.job_id, JobStatus.CREATED), updated_at=_utc_now())
+    _write_json_atomic(at(final.state), state.to_dict())
+
+
+def _delete_job(paths: JobPaths) -> None:
+    """Remove a job directory that no supervisor holds (never through a symlink).
+
+    The directory is first renamed out of the way, so the job disappears at
+    once for every reader instead of going through half-deleted states.
+    """
+    if not _is_real_dir(paths.dir):
+        raise JobNotFoundError(paths.job_id, paths.root)
+    with _JobLock(paths) as lock:
+        if not lock.acquire(create=False):
+            raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
+        tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
+        try:
+            os.rename(paths.dir, tomb)
+        except FileNotFoundError:
+            raise JobNotFoundError(paths.job_id, paths.root) from None
+        except OSError:  # Windows cannot rename a directory holding an open file (our lock)
+            tomb = None
+        try:
+            if tomb is None:
+                _empty_job_dir(paths)
+            lock.release()
+            _rmtree(tomb or paths.dir)
+        except FileNotFoundError:
+            raise JobNotFoundError(paths.job_id, paths.root) from None
+        except OSError as exc:
+            raise JobIOError("cannot delete %s: %s" % (paths.dir, exc)) from None
+
+
+def _empty_job_dir(paths: JobPaths) -> None:
+    """Everything but the lock, which we hold: Windows cannot delete an open file."""
+    for name in os.listdir(paths.dir):
+        path = os.path.join(paths.dir, name)
+        if path == paths.lock:
+            continue
+        if _is_real_dir(path):
+            _rmtree(path)
+        else:
+            os.unlink(path)
+
+# ---------------------------------------------------------------------------
+# 6. Supervisor: one job's life, from start to notifications
 # ---------------------------------------------------------------------------
 
 
@@ -2503,6 +2589,82 @@ def _feed(stream, data: bytes) -> None:
             pass
 
 
+def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
+    try:
+        body()
+    except Exception as exc:  # record why, so the job reads `failed` with a reason, not a bare crash
+        supervisor.log("internal error: %s: %s" % (type(exc).__name__, exc))  # needs no import (no fds left?)
+        import traceback
+        supervisor.log("internal error:\n" + traceback.format_exc())
+        _record_supervisor_crash(supervisor.paths, exc)
+    # Everything is on disk: release the lock now, which wakes every waiter,
+    # then notify (see _record_event), and skip interpreter teardown (daemon
+    # pump threads may still be blocked on a pipe held by a grandchild).
+    lock.release()
+    try:
+        supervisor.notify()
+    except Exception:  # a bug in delivery: the job is recorded, say what went wrong
+        import traceback
+        supervisor.log("internal error while notifying:\n" + traceback.format_exc())
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _record_supervisor_crash(paths: JobPaths, exc: Exception) -> None:
+    try:
+        state = read_state(paths)
+        if not state.status.is_terminal:
+            state.job.status = JobStatus.FAILED
+            state.error = Failure("supervisor", "%s: %s" % (type(exc).__name__, exc))
+            state.finished_at = _utc_now()
+            write_state(paths, state)
+        _acknowledge()
+    except (JobError, OSError):  # nothing more we can record; supervisor.log has the traceback
+        pass
+
+# ---------------------------------------------------------------------------
+# 7. Launch: every way a supervisor starts
+# ---------------------------------------------------------------------------
+
+
+def _supervisor_argv(*args: str) -> List[str]:
+    """The command line that runs this file's main(args) as a supervisor.
+
+    It imports this file through the import system rather than running it as
+    a script: a script is compiled from source on every start (~70 ms here),
+    an imported module reuses its cached bytecode.  Where bytecode writing is
+    turned off (PYTHONDONTWRITEBYTECODE), the cache goes to our own cache
+    directory instead of being skipped, so the source tree stays clean and
+    supervisors stay fast.  No site (-S): it needs only the standard library,
+    and skipping .pth hooks saves most of the start-up.
+    """
+    return [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, _process_layer.cache_dir(), *args]
+
+
+_SUPERVISOR_BOOT = (
+    "import sys, importlib.util as u\n"
+    "if sys.dont_write_bytecode:\n"
+    "    sys.pycache_prefix, sys.dont_write_bytecode = sys.argv[2], False\n"
+    "s = u.spec_from_file_location('_jobstate_supervisor', sys.argv[1])\n"
+    "m = sys.modules[s.name] = u.module_from_spec(s)\n"
+    "s.loader.exec_module(m)\n"
+    "sys.exit(m.main(sys.argv[3:]))\n")
+
+
+def _take_lock_after_launcher(paths: JobPaths, lock: _JobLock, timeout_s: float = 3.0) -> bool:
+    """Where the lock cannot be handed over (Windows), take it ourselves.
+
+    Readers probe the lock for an instant (stale checks, waits), so a first
+    refusal means little: retry while the job is still waiting to be started.
+    """
+    deadline = _deadline(timeout_s)
+    while not lock.acquire(blocking=False):
+        if _remaining(deadline) == 0 or read_state(paths).status is not JobStatus.CREATED:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _supervise_main(args: List[str]) -> int:
     """Entry point of the re-executed supervisor: `_supervise ROOT JOB_ID LOCK_FD [RUNNING]`.
 
@@ -2583,6 +2745,27 @@ def _recv_exactly(sock, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def _reap_children(*_signal_args) -> None:
+    """The forkserver's SIGCHLD handler: its supervisors are its direct children."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
+    sock.close()
+    # What a spawned supervisor would inherit from the launcher at launch time.
+    if os.environ != request["env"]:  # usually equal: we started with the launcher's environment
+        os.environ.clear()
+        os.environ.update(request["env"])
+    if request["umask"] is not None:
+        os.umask(request["umask"])
+    supervisor = _Supervisor(paths)
+    _supervise_to_the_end(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
+
+
 def _forkserver_main(sock_fd: int) -> NoReturn:
     """Serve launch requests from one launcher process until it closes the socket.
 
@@ -2619,76 +2802,144 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
             os.close(fd)
 
 
-def _reap_children(*_signal_args) -> None:
-    """The forkserver's SIGCHLD handler: its supervisors are its direct children."""
+def _current_umask() -> Optional[int]:
+    """This process's umask, read without changing it (os.umask would, for all threads)."""
     try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
         pass
+    return None
 
 
-def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
-    sock.close()
-    # What a spawned supervisor would inherit from the launcher at launch time.
-    if os.environ != request["env"]:  # usually equal: we started with the launcher's environment
-        os.environ.clear()
-        os.environ.update(request["env"])
-    if request["umask"] is not None:
-        os.umask(request["umask"])
-    supervisor = _Supervisor(paths)
-    _supervise_to_the_end(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
+class _Forkserver:
+    """The forkserver of a process that launches more than one job (API, MCP, HTTP).
 
-
-def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
-    try:
-        body()
-    except Exception as exc:  # record why, so the job reads `failed` with a reason, not a bare crash
-        supervisor.log("internal error: %s: %s" % (type(exc).__name__, exc))  # needs no import (no fds left?)
-        import traceback
-        supervisor.log("internal error:\n" + traceback.format_exc())
-        _record_supervisor_crash(supervisor.paths, exc)
-    # Everything is on disk: release the lock now, which wakes every waiter,
-    # then notify (see _record_event), and skip interpreter teardown (daemon
-    # pump threads may still be blocked on a pipe held by a grandchild).
-    lock.release()
-    try:
-        supervisor.notify()
-    except Exception:  # a bug in delivery: the job is recorded, say what went wrong
-        import traceback
-        supervisor.log("internal error while notifying:\n" + traceback.format_exc())
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _take_lock_after_launcher(paths: JobPaths, lock: _JobLock, timeout_s: float = 3.0) -> bool:
-    """Where the lock cannot be handed over (Windows), take it ourselves.
-
-    Readers probe the lock for an instant (stale checks, waits), so a first
-    refusal means little: retry while the job is still waiting to be started.
+    Its first launch forks directly (or spawns); from the second on, a small
+    warm process started for the purpose forks each supervisor (see
+    _forkserver_main), so a launch costs about a millisecond of fork instead
+    of an interpreter start, whatever threads or memory this process has.
+    The one-shot CLI never starts one.
     """
-    deadline = _deadline(timeout_s)
-    while not lock.acquire(blocking=False):
-        if _remaining(deadline) == 0 or read_state(paths).status is not JobStatus.CREATED:
-            return False
-        time.sleep(0.01)
-    return True
+
+    launches = 0
+    _guard = threading.Lock()
+    _sock = None
+    _popen: Optional[subprocess.Popen] = None
+    _owner_pid: Optional[int] = None
+
+    @classmethod
+    def serves_this_process(cls) -> bool:
+        return cls.launches > 0 and _LINUX
+
+    @classmethod
+    def request(cls, paths: JobPaths, lock_fd: int, ack_w: int, log: int) -> None:
+        message = json.dumps({"root": paths.root, "job_id": paths.job_id, "env": dict(os.environ),
+                              "umask": _current_umask()}).encode()
+        with cls._guard:
+            for attempt in (1, 2):  # a forkserver that died (killed) is replaced once
+                if cls._owner_pid != os.getpid():
+                    cls._start()
+                try:
+                    _send_request(cls._sock, message, [lock_fd, ack_w, log])
+                    return
+                except OSError:
+                    cls._stop()
+                    if attempt == 2:
+                        raise
+
+    @classmethod
+    def _start(cls) -> None:
+        import socket
+        import subprocess
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            argv = _supervisor_argv("_forkserver", str(theirs.fileno()))
+            cls._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                          close_fds=True, start_new_session=True)
+        cls._sock, cls._owner_pid = ours, os.getpid()
+
+    @classmethod
+    def _stop(cls) -> None:
+        """Close our end (the forkserver exits on EOF) and reap it."""
+        if cls._sock is not None:
+            cls._sock.close()
+        if cls._popen is not None and cls._owner_pid == os.getpid():
+            cls._popen.wait()
+        cls._sock = cls._popen = cls._owner_pid = None
 
 
-def _record_supervisor_crash(paths: JobPaths, exc: Exception) -> None:
+def _read_ack(stream, timeout_s: float) -> Optional[bool]:
+    """True on 'ok', False on EOF (the supervisor died), None on timeout."""
+    box: List[bytes] = []
+    reader = threading.Thread(target=lambda: box.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if not box:
+        return None
+    return box[0].startswith(b"ok")
+
+
+def _launch_by_fork(fork: Callable[[int], None]) -> Optional[bool]:
+    """fork(ack_w) makes a supervisor that acknowledges on ack_w; wait for that."""
+    ack_r, ack_w = os.pipe()
+    with open(ack_r, "rb", buffering=0) as ack:
+        try:
+            fork(ack_w)
+        finally:
+            os.close(ack_w)
+        return _read_ack(ack, LAUNCH_ACK_TIMEOUT_S)
+
+
+def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
+    """The supervisor is a new interpreter from the start (Windows, or a launcher with threads)."""
+    import subprocess
+    hand_over = _process_layer.hands_over_lock
+    argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd if hand_over else -1))
+    if not hand_over:
+        lock.release()
+    popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, lock_fd=lock.fd)
+    acknowledged = _read_ack(popen.stdout, LAUNCH_ACK_TIMEOUT_S)
+    if acknowledged is not None:
+        popen.stdout.close()
+        _process_layer.release_supervisor(popen)
+    return acknowledged
+
+
+def _start_supervisor(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
+    """Start the supervisor the fastest way this process can; its acknowledgement (see _read_ack)."""
+    if _Forkserver.serves_this_process():  # launching again: a ~1 ms fork of a small warm process
+        return _launch_by_fork(lambda ack_w: _Forkserver.request(paths, lock.fd, ack_w, log))
+    if _process_layer.can_fork_supervisor():  # no other thread here: fork, start the job, exec the watcher
+        return _launch_by_fork(lambda ack_w: _process_layer.fork_supervisor(
+            functools.partial(_supervise_in_fork, paths, lock), stdout=ack_w, stderr=log))
+    return _launch_by_spawn(paths, lock, log)  # a new interpreter from the start
+
+
+def _launch(paths: JobPaths, lock: _JobLock) -> None:
+    """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
+    log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
     try:
-        state = read_state(paths)
-        if not state.status.is_terminal:
-            state.job.status = JobStatus.FAILED
-            state.error = Failure("supervisor", "%s: %s" % (type(exc).__name__, exc))
-            state.finished_at = _utc_now()
-            write_state(paths, state)
-        _acknowledge()
-    except (JobError, OSError):  # nothing more we can record; supervisor.log has the traceback
-        pass
+        acknowledged = _start_supervisor(paths, lock, log)
+    except OSError as exc:
+        raise LaunchError("cannot start the supervisor: %s" % exc,
+                          hint="check process limits (ulimit -u) and that %s runs" % sys.executable) from None
+    finally:
+        os.close(log)
+        _Forkserver.launches += 1
+    if acknowledged is False and read_state(paths).status is not JobStatus.CREATED:
+        return  # it died after starting the child: a job (readers will see supervisor_lost)
+    if not acknowledged:
+        raise LaunchError("the supervisor did not acknowledge within %gs" % LAUNCH_ACK_TIMEOUT_S
+                          if acknowledged is None else "the supervisor exited before starting the job",
+                          hint="see %s" % paths.supervisor_log,
+                          details={"supervisor_log": paths.supervisor_log})
 
 # ---------------------------------------------------------------------------
-# 7. Observation: state, wait, tail
+# 8. Jobs API: observe, list, collect, define, launch
 # ---------------------------------------------------------------------------
 
 
@@ -2727,6 +2978,18 @@ class _ReleaseWaiter:
         event.set()
 
 
+def _start_of_last_lines(data: bytes, lines: int) -> int:
+    """Offset in data where its last `lines` lines begin (a final line without newline counts)."""
+    if lines == 0:
+        return len(data)
+    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return 0
+    return cut + 1
+
+
 def _read_tail(path: str, lines: Optional[int], max_bytes: int) -> Tuple[str, Tuple[int, int], int]:
     """Last `lines` lines (at most max_bytes) of a log, read from the end with a seek.
 
@@ -2754,18 +3017,6 @@ def _read_tail(path: str, lines: Optional[int], max_bytes: int) -> Tuple[str, Tu
         skip += 1
     data, start = data[skip:], start + skip
     return data.decode("utf-8", errors="replace"), (start, start + len(data)), total
-
-
-def _start_of_last_lines(data: bytes, lines: int) -> int:
-    """Offset in data where its last `lines` lines begin (a final line without newline counts)."""
-    if lines == 0:
-        return len(data)
-    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
-    for _ in range(lines):
-        cut = data.rfind(b"\n", 0, cut)
-        if cut < 0:
-            return 0
-    return cut + 1
 
 
 def _tail(paths: JobPaths, lines: Optional[int], max_bytes: int) -> Tail:
@@ -2796,9 +3047,200 @@ def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05
             return
         time.sleep(poll_s)
 
-# ---------------------------------------------------------------------------
-# 8. Commands: run, create, kill, list, delete, gc, tags
-# ---------------------------------------------------------------------------
+
+def _check_state_name(state: Optional[str]) -> None:
+    if state is not None and state not in {s.value for s in JobStatus}:
+        raise InvalidArgumentError("unknown state %r" % (state,),
+                                   hint="one of: " + ", ".join(s.value for s in JobStatus))
+
+
+def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
+                    tags: Sequence[str], limit: Optional[int]) -> Tuple[List[JobSummary], bool, int]:
+    """Jobs newest first with filters; reads files only until `limit` matches are found.
+
+    The definition (meta.json) decides scope and tags, so a job outside them
+    costs one small read; its state is read only for the jobs that pass.
+    Returns (jobs, truncated, skipped): skipped counts the job directories
+    passed over because their meta.json is missing or unreadable.
+    """
+    want = JobStatus(state) if state else None
+    filters = [_validate_tag_filter(t) for t in tags]
+    realpath = functools.lru_cache(maxsize=None)(os.path.realpath)  # jobs share a few directories
+    scope = None if all_jobs else realpath(_abspath(cwd or os.curdir))
+    found: List[JobSummary] = []
+    skipped = 0
+    for job_id in _list_job_ids(root):
+        paths = JobPaths(root, job_id)
+        try:
+            spec = read_spec(paths)
+        except JobNotFoundError:  # deleted since the directory was listed
+            continue
+        except JobError:  # not a job anyone can show, scope or restart: say how many
+            skipped += 1
+            continue
+        if scope is not None and realpath(spec.cwd) != scope:
+            continue
+        if not all(_tag_matches(f, spec.tags) for f in filters):
+            continue
+        summary = _summarize(paths, spec)
+        if summary is None or want is not None and summary.state.status is not want:
+            continue
+        if limit is not None and len(found) == limit:
+            return found, True, skipped
+        found.append(summary)
+    return found, False, skipped
+
+
+def _summarize(paths: JobPaths, spec: JobSpec) -> Optional[JobSummary]:
+    """The job's row; None if it was deleted meanwhile.  An unreadable state reads as `unknown`."""
+    try:
+        state = _read_state_reconciled(paths)
+    except JobNotFoundError:
+        return None
+    except JobError:
+        state = JobState(JobInfo(paths.job_id, JobStatus.UNKNOWN))
+    return JobSummary(paths.job_id, state, spec.argv, spec.cwd, spec.tags, spec.created_at)
+
+
+def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: bool = False,
+              state: Optional[str] = None, tags: Sequence[str] = (), limit: Optional[int] = DEFAULT_LIST_LIMIT
+              ) -> List[JobSummary]:
+    """Jobs newest first: those whose cwd is `cwd` (default: the current directory), or all.
+
+    state: only jobs in that state ('running', ...).  tags: patterns that must all
+    match ('a.b' exact, 'a.*' subtree).  limit: at most that many (None: no limit).
+    """
+    _check_state_name(state)
+    return _list_summaries(resolve_root(root), cwd=cwd, all_jobs=all, state=state, tags=tags, limit=limit)[0]
+
+
+def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optional[int] = None,
+       max_bytes: Optional[int] = None, dry_run: bool = False) -> GcReport:
+    """Remove terminal jobs across the whole root.
+
+    A job goes when it finished more than older_than_s ago, or when the terminal
+    jobs (oldest first) exceed max_jobs or max_bytes in all.  Created and running
+    jobs are never touched.  Leftovers of interrupted job creation go too.
+    """
+    root = resolve_root(root)
+    cutoff = time.time() - _parse_duration(older_than_s, "older_than")
+    terminal = sorted(_terminal_jobs(root), key=lambda job: job[1])  # oldest first
+    doomed = {job_id for job_id, finished, _ in terminal if finished < cutoff}
+    keep = [job for job in terminal if job[0] not in doomed]
+    total = sum(size for _, _, size in keep)
+    for job_id, _, size in keep:
+        over_count = max_jobs is not None and len(terminal) - len(doomed) > max_jobs
+        over_bytes = max_bytes is not None and total > max_bytes
+        if not (over_count or over_bytes):
+            break
+        doomed.add(job_id)
+        total -= size
+    deleted = []
+    for job_id, finished, size in terminal:
+        if job_id in doomed:
+            deleted.append(_gc_one(JobPaths(root, job_id), finished < cutoff, size, dry_run))
+    _remove_abandoned_dirs(root, dry_run)
+    done = [d for d in deleted if d["action"] in ("deleted", "would_delete")]
+    return GcReport(deleted, len(terminal) - len(done), sum(d["bytes"] for d in done), dry_run)
+
+
+def _terminal_jobs(root: str, newest_ms: Optional[int] = None):
+    """(job_id, finished time, bytes) of each terminal job, oldest ids first.
+
+    newest_ms stops the scan at ids created after that time (ids are time-ordered),
+    which bounds the work of auto-gc however many jobs the root holds.
+    """
+    for job_id in reversed(_list_job_ids(root)):
+        if newest_ms is not None and int(job_id[:12], 16) > newest_ms:
+            return
+        paths = JobPaths(root, job_id)
+        try:
+            state = _read_state_reconciled(paths)
+        except JobError:
+            continue  # unreadable jobs are for `delete`, not for a policy
+        if state.status.is_terminal:
+            finished = _parse_time(state.finished_at) or os.path.getmtime(paths.state)
+            yield job_id, finished, _dir_bytes(paths.dir)
+
+
+def _dir_bytes(path: str) -> int:
+    try:
+        return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path) if e.is_file())
+    except OSError:
+        return 0
+
+
+def _gc_one(paths: JobPaths, expired: bool, size: int, dry_run: bool) -> dict:
+    result = {"job_id": paths.job_id, "action": "would_delete" if dry_run else "deleted",
+              "reason": "older_than" if expired else "over_cap", "bytes": size}
+    if not dry_run:
+        try:
+            _delete_job(paths)
+        except JobError as exc:
+            result.update(action="skipped", reason=exc.message)
+    return result
+
+
+def _remove_abandoned_dirs(root: str, dry_run: bool) -> None:
+    """Delete `.new-<id>` and `.deleted-<id>` directories that a crashed create()
+    or delete left behind for over an hour."""
+    try:
+        names = [n for n in os.listdir(root) if n.startswith((".new-", ".deleted-"))]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            if time.time() - os.lstat(path).st_mtime > 3600 and not dry_run:
+                _rmtree(path)
+        except OSError:  # raced with another gc, or not ours to remove: leave it
+            pass
+
+
+_AUTO_GC_INTERVAL_S = 3600
+_AUTO_GC_MAX_SCAN = 200
+
+
+def _auto_gc(root: str) -> None:
+    """Bounded housekeeping after a launch; never fails or noticeably slows the launch.
+
+    At most once an hour per root (one stat), under a flock that dies with its
+    holder (a crashed gc cannot disable it), scanning only ids old enough to
+    have expired, and at most _AUTO_GC_MAX_SCAN of them.
+    JOBSTATE_AUTO_GC=0 turns it off; JOBSTATE_GC_OLDER_THAN sets the age (30d).
+    """
+    if os.environ.get("JOBSTATE_AUTO_GC", "1") == "0":
+        return
+    stamp = os.path.join(root, ".gc-stamp")
+    try:
+        if time.time() - os.stat(stamp).st_mtime < _AUTO_GC_INTERVAL_S:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d"), "JOBSTATE_GC_OLDER_THAN")
+        fd = os.open(os.path.join(root, ".gc.lock"), os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
+    except (OSError, JobError):
+        return
+    try:
+        if not _process_layer.lock(fd, exclusive=True, blocking=False):
+            return  # another process is collecting right now
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600))
+        cutoff = time.time() - older_than
+        scanned = 0
+        for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):
+            scanned += 1
+            if finished < cutoff:
+                _gc_one(JobPaths(root, job_id), True, 0, False)
+            if scanned >= _AUTO_GC_MAX_SCAN:
+                break
+    except (OSError, JobError):  # housekeeping only: the launch already succeeded
+        pass
+    finally:
+        _process_layer.unlock(fd)
+        os.close(fd)
 
 
 def _deleted_is_not_found(method):
@@ -2944,23 +3386,6 @@ class Job:
         return tags
 
 
-class _MetaLock:
-    """Serializes read-modify-write of meta.json (tags) between processes."""
-
-    def __init__(self, paths: JobPaths):
-        self.path = os.path.join(paths.dir, "meta.lock")
-        self.fd: Optional[int] = None
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
-        _process_layer.lock(self.fd, exclusive=True, blocking=True)
-        return self
-
-    def __exit__(self, *exc):
-        _process_layer.unlock(self.fd)
-        os.close(self.fd)
-
-
 def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, masks=(), has_stdin=False,
                 timeout_s=None, kill_after_s=None, kill_orphans=False, tags=(), notify_command=None,
                 notify_file=None) -> JobSpec:
@@ -3023,20 +3448,23 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
     return Job(job_id, root)
 
 
-def _populate_job_dir(final: JobPaths, staging: str, spec: JobSpec, stdin: Optional[bytes]) -> None:
-    """Write meta.json, state.json (created), stdin.bin and the lock file into the staging dir."""
-    def at(path):
-        return os.path.join(staging, os.path.basename(path))
-    if stdin is not None:
-        fd = os.open(at(final.stdin), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
-        try:
-            _write_all(fd, stdin)
-        finally:
-            os.close(fd)
-    os.close(os.open(at(final.lock), os.O_WRONLY | os.O_CREAT | _FILE_FLAGS, 0o600))
-    _write_json_atomic(at(final.meta), spec.to_dict())
-    state = JobState(JobInfo(final.job_id, JobStatus.CREATED), updated_at=_utc_now())
-    _write_json_atomic(at(final.state), state.to_dict())
+_LAUNCH_LOG_TAIL_BYTES = 4096
+
+
+def _inline_supervisor_log(error: LaunchError, paths: JobPaths) -> None:
+    """Carry the end of supervisor.log in the error (details.supervisor_log_tail):
+    the half-made job is about to be removed, and its log with it."""
+    try:
+        tail = _read_tail(paths.supervisor_log, None, _LAUNCH_LOG_TAIL_BYTES)[0]
+    except JobError:
+        tail = ""
+    details = {k: v for k, v in (error.details or {}).items() if k != "supervisor_log"}
+    details["supervisor_log_tail"] = tail
+    error.details = details
+    if error.hint and paths.supervisor_log in error.hint:
+        error.hint = ("details.supervisor_log_tail holds the supervisor's last words (the half-made job was removed)"
+                      if tail else "the supervisor left no diagnostics; check the limits on processes and open "
+                      "files (ulimit -u, ulimit -n)")
 
 
 def run(argv, *, root: Optional[str] = None, **definition) -> Job:
@@ -3057,436 +3485,10 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
     return job
 
 
-_LAUNCH_LOG_TAIL_BYTES = 4096
-
-
-def _inline_supervisor_log(error: LaunchError, paths: JobPaths) -> None:
-    """Carry the end of supervisor.log in the error (details.supervisor_log_tail):
-    the half-made job is about to be removed, and its log with it."""
-    try:
-        tail = _read_tail(paths.supervisor_log, None, _LAUNCH_LOG_TAIL_BYTES)[0]
-    except JobError:
-        tail = ""
-    details = {k: v for k, v in (error.details or {}).items() if k != "supervisor_log"}
-    details["supervisor_log_tail"] = tail
-    error.details = details
-    if error.hint and paths.supervisor_log in error.hint:
-        error.hint = ("details.supervisor_log_tail holds the supervisor's last words (the half-made job was removed)"
-                      if tail else "the supervisor left no diagnostics; check the limits on processes and open "
-                      "files (ulimit -u, ulimit -n)")
-
-
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
     """The Job for an id or unique prefix (case-insensitive)."""
     root = resolve_root(root)
     return Job(_resolve_job_id(root, job_id_or_prefix), root)
-
-
-def _launch(paths: JobPaths, lock: _JobLock) -> None:
-    """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
-    log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
-    try:
-        acknowledged = _start_supervisor(paths, lock, log)
-    except OSError as exc:
-        raise LaunchError("cannot start the supervisor: %s" % exc,
-                          hint="check process limits (ulimit -u) and that %s runs" % sys.executable) from None
-    finally:
-        os.close(log)
-        _Forkserver.launches += 1
-    if acknowledged is False and read_state(paths).status is not JobStatus.CREATED:
-        return  # it died after starting the child: a job (readers will see supervisor_lost)
-    if not acknowledged:
-        raise LaunchError("the supervisor did not acknowledge within %gs" % LAUNCH_ACK_TIMEOUT_S
-                          if acknowledged is None else "the supervisor exited before starting the job",
-                          hint="see %s" % paths.supervisor_log,
-                          details={"supervisor_log": paths.supervisor_log})
-
-
-def _start_supervisor(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
-    """Start the supervisor the fastest way this process can; its acknowledgement (see _read_ack)."""
-    if _Forkserver.serves_this_process():  # launching again: a ~1 ms fork of a small warm process
-        return _launch_by_fork(lambda ack_w: _Forkserver.request(paths, lock.fd, ack_w, log))
-    if _process_layer.can_fork_supervisor():  # no other thread here: fork, start the job, exec the watcher
-        return _launch_by_fork(lambda ack_w: _process_layer.fork_supervisor(
-            functools.partial(_supervise_in_fork, paths, lock), stdout=ack_w, stderr=log))
-    return _launch_by_spawn(paths, lock, log)  # a new interpreter from the start
-
-
-def _launch_by_fork(fork: Callable[[int], None]) -> Optional[bool]:
-    """fork(ack_w) makes a supervisor that acknowledges on ack_w; wait for that."""
-    ack_r, ack_w = os.pipe()
-    with open(ack_r, "rb", buffering=0) as ack:
-        try:
-            fork(ack_w)
-        finally:
-            os.close(ack_w)
-        return _read_ack(ack, LAUNCH_ACK_TIMEOUT_S)
-
-
-def _current_umask() -> Optional[int]:
-    """This process's umask, read without changing it (os.umask would, for all threads)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return None
-
-
-class _Forkserver:
-    """The forkserver of a process that launches more than one job (API, MCP, HTTP).
-
-    Its first launch forks directly (or spawns); from the second on, a small
-    warm process started for the purpose forks each supervisor (see
-    _forkserver_main), so a launch costs about a millisecond of fork instead
-    of an interpreter start, whatever threads or memory this process has.
-    The one-shot CLI never starts one.
-    """
-
-    launches = 0
-    _guard = threading.Lock()
-    _sock = None
-    _popen: Optional[subprocess.Popen] = None
-    _owner_pid: Optional[int] = None
-
-    @classmethod
-    def serves_this_process(cls) -> bool:
-        return cls.launches > 0 and _LINUX
-
-    @classmethod
-    def request(cls, paths: JobPaths, lock_fd: int, ack_w: int, log: int) -> None:
-        message = json.dumps({"root": paths.root, "job_id": paths.job_id, "env": dict(os.environ),
-                              "umask": _current_umask()}).encode()
-        with cls._guard:
-            for attempt in (1, 2):  # a forkserver that died (killed) is replaced once
-                if cls._owner_pid != os.getpid():
-                    cls._start()
-                try:
-                    _send_request(cls._sock, message, [lock_fd, ack_w, log])
-                    return
-                except OSError:
-                    cls._stop()
-                    if attempt == 2:
-                        raise
-
-    @classmethod
-    def _start(cls) -> None:
-        import socket
-        import subprocess
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with theirs:
-            argv = _supervisor_argv("_forkserver", str(theirs.fileno()))
-            cls._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                                          close_fds=True, start_new_session=True)
-        cls._sock, cls._owner_pid = ours, os.getpid()
-
-    @classmethod
-    def _stop(cls) -> None:
-        """Close our end (the forkserver exits on EOF) and reap it."""
-        if cls._sock is not None:
-            cls._sock.close()
-        if cls._popen is not None and cls._owner_pid == os.getpid():
-            cls._popen.wait()
-        cls._sock = cls._popen = cls._owner_pid = None
-
-
-def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
-    """The supervisor is a new interpreter from the start (Windows, or a launcher with threads)."""
-    import subprocess
-    hand_over = _process_layer.hands_over_lock
-    argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd if hand_over else -1))
-    if not hand_over:
-        lock.release()
-    popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, lock_fd=lock.fd)
-    acknowledged = _read_ack(popen.stdout, LAUNCH_ACK_TIMEOUT_S)
-    if acknowledged is not None:
-        popen.stdout.close()
-        _process_layer.release_supervisor(popen)
-    return acknowledged
-
-
-def _supervisor_argv(*args: str) -> List[str]:
-    """The command line that runs this file's main(args) as a supervisor.
-
-    It imports this file through the import system rather than running it as
-    a script: a script is compiled from source on every start (~70 ms here),
-    an imported module reuses its cached bytecode.  Where bytecode writing is
-    turned off (PYTHONDONTWRITEBYTECODE), the cache goes to our own cache
-    directory instead of being skipped, so the source tree stays clean and
-    supervisors stay fast.  No site (-S): it needs only the standard library,
-    and skipping .pth hooks saves most of the start-up.
-    """
-    return [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, _process_layer.cache_dir(), *args]
-
-
-_SUPERVISOR_BOOT = (
-    "import sys, importlib.util as u\n"
-    "if sys.dont_write_bytecode:\n"
-    "    sys.pycache_prefix, sys.dont_write_bytecode = sys.argv[2], False\n"
-    "s = u.spec_from_file_location('_jobstate_supervisor', sys.argv[1])\n"
-    "m = sys.modules[s.name] = u.module_from_spec(s)\n"
-    "s.loader.exec_module(m)\n"
-    "sys.exit(m.main(sys.argv[3:]))\n")
-
-
-def _read_ack(stream, timeout_s: float) -> Optional[bool]:
-    """True on 'ok', False on EOF (the supervisor died), None on timeout."""
-    box: List[bytes] = []
-    reader = threading.Thread(target=lambda: box.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout_s)
-    if not box:
-        return None
-    return box[0].startswith(b"ok")
-
-
-def _delete_job(paths: JobPaths) -> None:
-    """Remove a job directory that no supervisor holds (never through a symlink).
-
-    The directory is first renamed out of the way, so the job disappears at
-    once for every reader instead of going through half-deleted states.
-    """
-    if not _is_real_dir(paths.dir):
-        raise JobNotFoundError(paths.job_id, paths.root)
-    with _JobLock(paths) as lock:
-        if not lock.acquire(create=False):
-            raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
-        tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
-        try:
-            os.rename(paths.dir, tomb)
-        except FileNotFoundError:
-            raise JobNotFoundError(paths.job_id, paths.root) from None
-        except OSError:  # Windows cannot rename a directory holding an open file (our lock)
-            tomb = None
-        try:
-            if tomb is None:
-                _empty_job_dir(paths)
-            lock.release()
-            _rmtree(tomb or paths.dir)
-        except FileNotFoundError:
-            raise JobNotFoundError(paths.job_id, paths.root) from None
-        except OSError as exc:
-            raise JobIOError("cannot delete %s: %s" % (paths.dir, exc)) from None
-
-
-def _empty_job_dir(paths: JobPaths) -> None:
-    """Everything but the lock, which we hold: Windows cannot delete an open file."""
-    for name in os.listdir(paths.dir):
-        path = os.path.join(paths.dir, name)
-        if path == paths.lock:
-            continue
-        if _is_real_dir(path):
-            _rmtree(path)
-        else:
-            os.unlink(path)
-
-
-def _check_state_name(state: Optional[str]) -> None:
-    if state is not None and state not in {s.value for s in JobStatus}:
-        raise InvalidArgumentError("unknown state %r" % (state,),
-                                   hint="one of: " + ", ".join(s.value for s in JobStatus))
-
-
-def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
-                    tags: Sequence[str], limit: Optional[int]) -> Tuple[List[JobSummary], bool, int]:
-    """Jobs newest first with filters; reads files only until `limit` matches are found.
-
-    The definition (meta.json) decides scope and tags, so a job outside them
-    costs one small read; its state is read only for the jobs that pass.
-    Returns (jobs, truncated, skipped): skipped counts the job directories
-    passed over because their meta.json is missing or unreadable.
-    """
-    want = JobStatus(state) if state else None
-    filters = [_validate_tag_filter(t) for t in tags]
-    realpath = functools.lru_cache(maxsize=None)(os.path.realpath)  # jobs share a few directories
-    scope = None if all_jobs else realpath(_abspath(cwd or os.curdir))
-    found: List[JobSummary] = []
-    skipped = 0
-    for job_id in _list_job_ids(root):
-        paths = JobPaths(root, job_id)
-        try:
-            spec = read_spec(paths)
-        except JobNotFoundError:  # deleted since the directory was listed
-            continue
-        except JobError:  # not a job anyone can show, scope or restart: say how many
-            skipped += 1
-            continue
-        if scope is not None and realpath(spec.cwd) != scope:
-            continue
-        if not all(_tag_matches(f, spec.tags) for f in filters):
-            continue
-        summary = _summarize(paths, spec)
-        if summary is None or want is not None and summary.state.status is not want:
-            continue
-        if limit is not None and len(found) == limit:
-            return found, True, skipped
-        found.append(summary)
-    return found, False, skipped
-
-
-def _summarize(paths: JobPaths, spec: JobSpec) -> Optional[JobSummary]:
-    """The job's row; None if it was deleted meanwhile.  An unreadable state reads as `unknown`."""
-    try:
-        state = _read_state_reconciled(paths)
-    except JobNotFoundError:
-        return None
-    except JobError:
-        state = JobState(JobInfo(paths.job_id, JobStatus.UNKNOWN))
-    return JobSummary(paths.job_id, state, spec.argv, spec.cwd, spec.tags, spec.created_at)
-
-
-def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: bool = False,
-              state: Optional[str] = None, tags: Sequence[str] = (), limit: Optional[int] = DEFAULT_LIST_LIMIT
-              ) -> List[JobSummary]:
-    """Jobs newest first: those whose cwd is `cwd` (default: the current directory), or all.
-
-    state: only jobs in that state ('running', ...).  tags: patterns that must all
-    match ('a.b' exact, 'a.*' subtree).  limit: at most that many (None: no limit).
-    """
-    _check_state_name(state)
-    return _list_summaries(resolve_root(root), cwd=cwd, all_jobs=all, state=state, tags=tags, limit=limit)[0]
-
-
-@dataclass
-class GcReport:
-    """What gc removed (or would remove, with dry_run)."""
-
-    deleted: List[dict]
-    kept: int
-    freed_bytes: int
-    dry_run: bool
-
-
-def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optional[int] = None,
-       max_bytes: Optional[int] = None, dry_run: bool = False) -> GcReport:
-    """Remove terminal jobs across the whole root.
-
-    A job goes when it finished more than older_than_s ago, or when the terminal
-    jobs (oldest first) exceed max_jobs or max_bytes in all.  Created and running
-    jobs are never touched.  Leftovers of interrupted job creation go too.
-    """
-    root = resolve_root(root)
-    cutoff = time.time() - _parse_duration(older_than_s, "older_than")
-    terminal = sorted(_terminal_jobs(root), key=lambda job: job[1])  # oldest first
-    doomed = {job_id for job_id, finished, _ in terminal if finished < cutoff}
-    keep = [job for job in terminal if job[0] not in doomed]
-    total = sum(size for _, _, size in keep)
-    for job_id, _, size in keep:
-        over_count = max_jobs is not None and len(terminal) - len(doomed) > max_jobs
-        over_bytes = max_bytes is not None and total > max_bytes
-        if not (over_count or over_bytes):
-            break
-        doomed.add(job_id)
-        total -= size
-    deleted = []
-    for job_id, finished, size in terminal:
-        if job_id in doomed:
-            deleted.append(_gc_one(JobPaths(root, job_id), finished < cutoff, size, dry_run))
-    _remove_abandoned_dirs(root, dry_run)
-    done = [d for d in deleted if d["action"] in ("deleted", "would_delete")]
-    return GcReport(deleted, len(terminal) - len(done), sum(d["bytes"] for d in done), dry_run)
-
-
-def _terminal_jobs(root: str, newest_ms: Optional[int] = None):
-    """(job_id, finished time, bytes) of each terminal job, oldest ids first.
-
-    newest_ms stops the scan at ids created after that time (ids are time-ordered),
-    which bounds the work of auto-gc however many jobs the root holds.
-    """
-    for job_id in reversed(_list_job_ids(root)):
-        if newest_ms is not None and int(job_id[:12], 16) > newest_ms:
-            return
-        paths = JobPaths(root, job_id)
-        try:
-            state = _read_state_reconciled(paths)
-        except JobError:
-            continue  # unreadable jobs are for `delete`, not for a policy
-        if state.status.is_terminal:
-            finished = _parse_time(state.finished_at) or os.path.getmtime(paths.state)
-            yield job_id, finished, _dir_bytes(paths.dir)
-
-
-def _dir_bytes(path: str) -> int:
-    try:
-        return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path) if e.is_file())
-    except OSError:
-        return 0
-
-
-def _gc_one(paths: JobPaths, expired: bool, size: int, dry_run: bool) -> dict:
-    result = {"job_id": paths.job_id, "action": "would_delete" if dry_run else "deleted",
-              "reason": "older_than" if expired else "over_cap", "bytes": size}
-    if not dry_run:
-        try:
-            _delete_job(paths)
-        except JobError as exc:
-            result.update(action="skipped", reason=exc.message)
-    return result
-
-
-def _remove_abandoned_dirs(root: str, dry_run: bool) -> None:
-    """Delete `.new-<id>` and `.deleted-<id>` directories that a crashed create()
-    or delete left behind for over an hour."""
-    try:
-        names = [n for n in os.listdir(root) if n.startswith((".new-", ".deleted-"))]
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(root, name)
-        try:
-            if time.time() - os.lstat(path).st_mtime > 3600 and not dry_run:
-                _rmtree(path)
-        except OSError:  # raced with another gc, or not ours to remove: leave it
-            pass
-
-
-_AUTO_GC_INTERVAL_S = 3600
-_AUTO_GC_MAX_SCAN = 200
-
-
-def _auto_gc(root: str) -> None:
-    """Bounded housekeeping after a launch; never fails or noticeably slows the launch.
-
-    At most once an hour per root (one stat), under a flock that dies with its
-    holder (a crashed gc cannot disable it), scanning only ids old enough to
-    have expired, and at most _AUTO_GC_MAX_SCAN of them.
-    JOBSTATE_AUTO_GC=0 turns it off; JOBSTATE_GC_OLDER_THAN sets the age (30d).
-    """
-    if os.environ.get("JOBSTATE_AUTO_GC", "1") == "0":
-        return
-    stamp = os.path.join(root, ".gc-stamp")
-    try:
-        if time.time() - os.stat(stamp).st_mtime < _AUTO_GC_INTERVAL_S:
-            return
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return
-    try:
-        older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d"), "JOBSTATE_GC_OLDER_THAN")
-        fd = os.open(os.path.join(root, ".gc.lock"), os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
-    except (OSError, JobError):
-        return
-    try:
-        if not _process_layer.lock(fd, exclusive=True, blocking=False):
-            return  # another process is collecting right now
-        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600))
-        cutoff = time.time() - older_than
-        scanned = 0
-        for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):
-            scanned += 1
-            if finished < cutoff:
-                _gc_one(JobPaths(root, job_id), True, 0, False)
-            if scanned >= _AUTO_GC_MAX_SCAN:
-                break
-    except (OSError, JobError):  # housekeeping only: the launch already succeeded
-        pass
-    finally:
-        _process_layer.unlock(fd)
-        os.close(fd)
 
 # ---------------------------------------------------------------------------
 # 9. Responses: the one place that shapes each JSON document
@@ -3496,7 +3498,6 @@ def _auto_gc(root: str) -> None:
 # Each response's keys and their JSON Schema, in one table.  _envelope() checks
 # every document it builds against it, and `schema` publishes it, so the
 # published schema cannot drift from what the commands print.
-
 def _json_type(*names: str) -> dict:
     return {"type": names[0] if len(names) == 1 else list(names)}
 
@@ -3780,6 +3781,7 @@ def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
 # ---------------------------------------------------------------------------
 # 10. Agent surfaces: MCP server (stdio) and HTTP API
 # ---------------------------------------------------------------------------
+
 
 # The operations agents may call, with their JSON Schema parameters.  MCP tools
 # are generated from this table, and the HTTP API checks its bodies against it.
@@ -4296,7 +4298,162 @@ def _serve_http(root: Optional[str], bind: str, ready) -> int:
     return 0
 
 # ---------------------------------------------------------------------------
-# 11. CLI
+# 11. Text rendering: --format text
+# ---------------------------------------------------------------------------
+
+
+def _use_color(stream) -> bool:
+    """Colours only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
+
+
+_COLORS = {"exited": "32", "running": "33", "created": "36", "killed": "31", "failed": "31",
+           "unknown": "2", "bad": "31", "dim": "2"}
+
+
+def _paint(text: str, key: str, color: bool) -> str:
+    return "\x1b[%sm%s\x1b[0m" % (_COLORS[key], text) if color and key in _COLORS else text
+
+
+def _format_duration(ms: Optional[float]) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return "%dms" % ms
+    seconds = ms / 1000
+    if seconds < 60:
+        return "%.1fs" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    if seconds < 86400:
+        return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
+
+
+def _format_age(timestamp: Optional[str], now: float) -> str:
+    then = _parse_time(timestamp)
+    if then is None:
+        return "-"
+    seconds = max(0, int(now - then))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s ago" % (seconds // size, unit)
+    return "%ds ago" % seconds
+
+
+def _outcome(view: dict) -> str:
+    """The short result column: exit code, signal, or nothing yet."""
+    if view["signal"]:
+        return view["signal"]
+    return "-" if view["exit_code"] is None else str(view["exit_code"])
+
+
+def _verdict(view: dict, color: bool) -> str:
+    """One line saying how the job ended (or where it stands)."""
+    state, short = view["state"], view["job_id"][:12]
+    took = _format_duration(view["duration_ms"])
+    if state == "exited":
+        key = "exited" if view["exit_code"] == 0 else "bad"
+        text = "job %s exited with code %s after %s" % (short, view["exit_code"], took)
+    elif state == "killed":
+        key = "killed"
+        text = "job %s was killed by %s after %s%s" % (short, view["signal"], took,
+                                                      " (timeout)" if view["timed_out"] else "")
+    elif state == "failed":
+        key, error = "failed", view["error"] or {}
+        text = "job %s failed (%s): %s" % (short, error.get("stage"), error.get("message"))
+    else:
+        key = state
+        text = "job %s is %s%s" % (short, state, " (pid %s)" % view["pid"] if view["pid"] else "")
+    return _paint(text, key, color)
+
+
+def _render_table(rows: List[List[str]], header: List[str]) -> List[str]:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
+
+
+def _render_text(doc: dict, color: bool, now: float) -> str:
+    """A document as people read it: tables, labelled lines, output and a verdict."""
+    kind = doc["type"]
+    if kind == "list":
+        if not doc["jobs"]:
+            return "\n".join(["no jobs"] + _skipped_note(doc))
+        rows = [[j["job_id"][:12], j["state"], _outcome(j), _format_age(j["created_at"], now),
+                 _format_duration(j["duration_ms"]), _shorten(" ".join(j["command"] or []), 60),
+                 ",".join(j["tags"])] for j in doc["jobs"]]
+        lines = _render_table(rows, ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
+        lines = [lines[0]] + [line.replace(row[1], _paint(row[1], row[1], color), 1)
+                              for line, row in zip(lines[1:], rows)]
+        return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []) + _skipped_note(doc))
+    if kind in ("run", "start", "restart", "wait"):
+        parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
+        return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
+    if kind == "tail":
+        return "\n".join(p for p in (doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")) if p)
+    if kind in ("status", "create", "kill"):
+        fields = [("job", doc["job_id"]), ("state", _paint(doc["state"], doc["state"], color)),
+                  ("result", _outcome(doc)), ("command", " ".join(doc["command"] or [])),
+                  ("cwd", doc["cwd"]), ("created", _format_age(doc["created_at"], now)),
+                  ("duration", _format_duration(doc["duration_ms"])), ("pid", doc["pid"]),
+                  ("tags", ",".join(doc["tags"]) or "-"), ("stdout", doc["stdout_log_path"]),
+                  ("stderr", doc["stderr_log_path"])]
+        if doc["error"]:
+            fields.append(("error", "%s: %s" % (doc["error"]["stage"], doc["error"]["message"])))
+        if kind == "kill":
+            fields.append(("signalled", "%s to %d process(es), %d left" % (
+                doc["signal_sent"], doc["processes_signalled"], doc["processes_alive"])))
+        return "\n".join("%-10s %s" % (label + ":", "-" if value is None else value) for label, value in fields)
+    return "\n".join("%s: %s" % (k, v if not isinstance(v, (list, dict)) else json.dumps(v))
+                     for k, v in doc.items() if k not in ("schema_version", "ok", "type"))
+
+
+def _skipped_note(doc: dict) -> List[str]:
+    count = doc["skipped"]
+    if not count:
+        return []
+    return ["(%d job director%s skipped: no readable meta.json)" % (count, "y" if count == 1 else "ies")]
+
+
+# C0 and C1 control characters (and DEL) as visible escapes: job data shown on
+# a terminal (commands, output, error messages) must not drive it.
+_CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
+_CONTROL_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+_OUTPUT_ESCAPES = {c: e for c, e in _CONTROL_ESCAPES.items() if chr(c) not in "\n\t"}
+
+
+def _printable_doc(value, key: Optional[str] = None):
+    """A document with every string made safe to print; output excerpts keep newlines and tabs."""
+    if isinstance(value, str):
+        return value.translate(_OUTPUT_ESCAPES if key in ("stdout", "stderr") else _CONTROL_ESCAPES)
+    if isinstance(value, dict):
+        return {k: _printable_doc(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable_doc(v) for v in value]
+    return value
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _render_error(doc: dict, color: bool) -> str:
+    error = doc["error"]
+    line = "%s %s (%s)" % (_paint("error:", "bad", color), error["message"], error["code"])
+    return line + ("\nhint: %s" % error["hint"] if error.get("hint") else "")
+
+
+def _write_text(stream, text: str) -> None:
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:  # the reader went away; nothing left to tell it
+        pass
+    except UnicodeEncodeError:  # a terminal that cannot show some characters
+        stream.buffer.write(text.encode("utf-8", "replace"))
+
+# ---------------------------------------------------------------------------
+# 12. CLI
 # ---------------------------------------------------------------------------
 
 
@@ -4660,6 +4817,23 @@ def _cli_definition(ns, auto_stdin: bool) -> dict:
                 tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file)
 
 
+def _raw_sink(stream):
+    def write(chunk: bytes) -> None:
+        stream.buffer.write(chunk)
+        stream.buffer.flush()
+    return write
+
+
+def _parse_count(value, name: str) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value))
+    return count
+
+
 def _cmd_run(ns):
     started = time.monotonic()
     argv = _cli_command(ns)
@@ -4706,23 +4880,6 @@ def _cmd_tail(ns):
         return _tail_doc(job, lines, max_bytes), 0
     tail = job.tail(lines, max_bytes)
     return _follow_to_end(job, (tail.stdout_range[0], tail.stderr_range[0]), ns)
-
-
-def _raw_sink(stream):
-    def write(chunk: bytes) -> None:
-        stream.buffer.write(chunk)
-        stream.buffer.flush()
-    return write
-
-
-def _parse_count(value, name: str) -> int:
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        count = -1
-    if count < 0:
-        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value))
-    return count
 
 
 def _cmd_kill(ns):
@@ -4827,147 +4984,6 @@ def _output_format(ns) -> str:
     return fmt if fmt in ("json", "text") else "json"
 
 
-def _use_color(stream) -> bool:
-    """Colours only on a terminal, and never when NO_COLOR is set (no-color.org)."""
-    return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
-
-
-_COLORS = {"exited": "32", "running": "33", "created": "36", "killed": "31", "failed": "31",
-           "unknown": "2", "bad": "31", "dim": "2"}
-
-
-def _paint(text: str, key: str, color: bool) -> str:
-    return "\x1b[%sm%s\x1b[0m" % (_COLORS[key], text) if color and key in _COLORS else text
-
-
-def _format_duration(ms: Optional[float]) -> str:
-    if ms is None:
-        return "-"
-    if ms < 1000:
-        return "%dms" % ms
-    seconds = ms / 1000
-    if seconds < 60:
-        return "%.1fs" % seconds
-    if seconds < 3600:
-        return "%dm%02ds" % divmod(int(seconds), 60)
-    if seconds < 86400:
-        return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
-    return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
-
-
-def _format_age(timestamp: Optional[str], now: float) -> str:
-    then = _parse_time(timestamp)
-    if then is None:
-        return "-"
-    seconds = max(0, int(now - then))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return "%d%s ago" % (seconds // size, unit)
-    return "%ds ago" % seconds
-
-
-def _outcome(view: dict) -> str:
-    """The short result column: exit code, signal, or nothing yet."""
-    if view["signal"]:
-        return view["signal"]
-    return "-" if view["exit_code"] is None else str(view["exit_code"])
-
-
-def _verdict(view: dict, color: bool) -> str:
-    """One line saying how the job ended (or where it stands)."""
-    state, short = view["state"], view["job_id"][:12]
-    took = _format_duration(view["duration_ms"])
-    if state == "exited":
-        key = "exited" if view["exit_code"] == 0 else "bad"
-        text = "job %s exited with code %s after %s" % (short, view["exit_code"], took)
-    elif state == "killed":
-        key = "killed"
-        text = "job %s was killed by %s after %s%s" % (short, view["signal"], took,
-                                                      " (timeout)" if view["timed_out"] else "")
-    elif state == "failed":
-        key, error = "failed", view["error"] or {}
-        text = "job %s failed (%s): %s" % (short, error.get("stage"), error.get("message"))
-    else:
-        key = state
-        text = "job %s is %s%s" % (short, state, " (pid %s)" % view["pid"] if view["pid"] else "")
-    return _paint(text, key, color)
-
-
-def _render_table(rows: List[List[str]], header: List[str]) -> List[str]:
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
-
-
-def _render_text(doc: dict, color: bool, now: float) -> str:
-    """A document as people read it: tables, labelled lines, output and a verdict."""
-    kind = doc["type"]
-    if kind == "list":
-        if not doc["jobs"]:
-            return "\n".join(["no jobs"] + _skipped_note(doc))
-        rows = [[j["job_id"][:12], j["state"], _outcome(j), _format_age(j["created_at"], now),
-                 _format_duration(j["duration_ms"]), _shorten(" ".join(j["command"] or []), 60),
-                 ",".join(j["tags"])] for j in doc["jobs"]]
-        lines = _render_table(rows, ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
-        lines = [lines[0]] + [line.replace(row[1], _paint(row[1], row[1], color), 1)
-                              for line, row in zip(lines[1:], rows)]
-        return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []) + _skipped_note(doc))
-    if kind in ("run", "start", "restart", "wait"):
-        parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
-        return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
-    if kind == "tail":
-        return "\n".join(p for p in (doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")) if p)
-    if kind in ("status", "create", "kill"):
-        fields = [("job", doc["job_id"]), ("state", _paint(doc["state"], doc["state"], color)),
-                  ("result", _outcome(doc)), ("command", " ".join(doc["command"] or [])),
-                  ("cwd", doc["cwd"]), ("created", _format_age(doc["created_at"], now)),
-                  ("duration", _format_duration(doc["duration_ms"])), ("pid", doc["pid"]),
-                  ("tags", ",".join(doc["tags"]) or "-"), ("stdout", doc["stdout_log_path"]),
-                  ("stderr", doc["stderr_log_path"])]
-        if doc["error"]:
-            fields.append(("error", "%s: %s" % (doc["error"]["stage"], doc["error"]["message"])))
-        if kind == "kill":
-            fields.append(("signalled", "%s to %d process(es), %d left" % (
-                doc["signal_sent"], doc["processes_signalled"], doc["processes_alive"])))
-        return "\n".join("%-10s %s" % (label + ":", "-" if value is None else value) for label, value in fields)
-    return "\n".join("%s: %s" % (k, v if not isinstance(v, (list, dict)) else json.dumps(v))
-                     for k, v in doc.items() if k not in ("schema_version", "ok", "type"))
-
-
-def _skipped_note(doc: dict) -> List[str]:
-    count = doc["skipped"]
-    if not count:
-        return []
-    return ["(%d job director%s skipped: no readable meta.json)" % (count, "y" if count == 1 else "ies")]
-
-
-# C0 and C1 control characters (and DEL) as visible escapes: job data shown on
-# a terminal (commands, output, error messages) must not drive it.
-_CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
-_CONTROL_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
-_OUTPUT_ESCAPES = {c: e for c, e in _CONTROL_ESCAPES.items() if chr(c) not in "\n\t"}
-
-
-def _printable_doc(value, key: Optional[str] = None):
-    """A document with every string made safe to print; output excerpts keep newlines and tabs."""
-    if isinstance(value, str):
-        return value.translate(_OUTPUT_ESCAPES if key in ("stdout", "stderr") else _CONTROL_ESCAPES)
-    if isinstance(value, dict):
-        return {k: _printable_doc(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_printable_doc(v) for v in value]
-    return value
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _render_error(doc: dict, color: bool) -> str:
-    error = doc["error"]
-    line = "%s %s (%s)" % (_paint("error:", "bad", color), error["message"], error["code"])
-    return line + ("\nhint: %s" % error["hint"] if error.get("hint") else "")
-
-
 def _emit_doc(doc: dict, ns) -> None:
     """Print a document in the chosen format; errors in text mode go to stderr."""
     if _output_format(ns) == "json":
@@ -4978,16 +4994,6 @@ def _emit_doc(doc: dict, ns) -> None:
         _write_text(sys.stdout, text + "\n")
     else:
         _write_text(sys.stderr, _render_error(doc, _use_color(sys.stderr)) + "\n")
-
-
-def _write_text(stream, text: str) -> None:
-    try:
-        stream.write(text)
-        stream.flush()
-    except BrokenPipeError:  # the reader went away; nothing left to tell it
-        pass
-    except UnicodeEncodeError:  # a terminal that cannot show some characters
-        stream.buffer.write(text.encode("utf-8", "replace"))
 
 
 def _emit(doc: dict, pretty: bool) -> None:

@@ -8,6 +8,11 @@ for real signals (a line in a log, a state change), never for fixed sleeps.
 Every test gets its own root and stops every process its jobs left behind.
 """
 
+# ---------------------------------------------------------------------------
+# Helpers shared by every test class
+# ---------------------------------------------------------------------------
+
+
 import contextlib
 import hashlib
 import io
@@ -146,6 +151,83 @@ def zombie_children(ppid):
     return found
 
 
+def fifo_gate(testcase):
+    """A FIFO a child blocks on (`open(gate).read()`) until open_fifo_gate(gate): a
+    real signal where a fixed sleep would only make the job probably still run."""
+    gate = os.path.join(testcase.tmp, "gate")
+    os.mkfifo(gate)
+    return gate
+
+
+def open_fifo_gate(gate):
+    """Let the child blocked on the gate go on; fails (never hangs) if no child waits there."""
+    def reader_there():
+        try:
+            return os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet (or any more)
+            return None
+    fd = wait_for(reader_there, 10, "the child to wait at the gate")
+    os.write(fd, b"go\n")
+    os.close(fd)
+
+
+def proc_status(pid):
+    """The fields of /proc/<pid>/status, by name."""
+    with open("/proc/%d/status" % pid) as f:
+        return dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line)
+
+
+# A launcher that hands the job everything it must not inherit: terminal
+# signals ignored (a CI shell, nohup), a blocked signal, another umask and an
+# inheritable descriptor.  Each launch path must start the job clean anyway.
+HOSTILE_LAUNCHER = (
+    "import os, signal, sys\n"
+    "for name in ('SIGINT', 'SIGHUP', 'SIGQUIT'):\n"
+    "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n"
+    "os.umask(0o027)\n"
+    "os.set_inheritable(os.open(os.devnull, os.O_RDONLY), True)\n")
+
+
+def validate(instance, schema, path="$"):
+    """Errors of instance against the JSON Schema subset jobstate's schemas use."""
+    errors = []
+    if "const" in schema and instance != schema["const"]:
+        errors.append("%s: %r != const %r" % (path, instance, schema["const"]))
+    if "enum" in schema and instance not in schema["enum"]:
+        errors.append("%s: %r not in %r" % (path, instance, schema["enum"]))
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        checks = {"string": lambda v: isinstance(v, str), "integer": lambda v: isinstance(v, int)
+                  and not isinstance(v, bool), "number": lambda v: isinstance(v, (int, float))
+                  and not isinstance(v, bool), "boolean": lambda v: isinstance(v, bool),
+                  "null": lambda v: v is None, "array": lambda v: isinstance(v, list),
+                  "object": lambda v: isinstance(v, dict)}
+        if not any(checks[k](instance) for k in kinds):
+            return errors + ["%s: %r is not %s" % (path, instance, kinds)]
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in instance:
+                errors.append("%s: missing %r" % (path, key))
+        for key, value in instance.items():
+            if key in props:
+                errors += validate(value, props[key], "%s.%s" % (path, key))
+            elif schema.get("additionalProperties") is False:
+                errors.append("%s: unexpected key %r" % (path, key))
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += validate(value, schema["additionalProperties"], "%s.%s" % (path, key))
+    if isinstance(instance, list):
+        if len(instance) < schema.get("minItems", 0) or len(instance) > schema.get("maxItems", 1 << 30):
+            errors.append("%s: length %d" % (path, len(instance)))
+        for i, item in enumerate(instance):
+            errors += validate(item, schema.get("items", {}), "%s[%d]" % (path, i))
+    if "minimum" in schema and isinstance(instance, (int, float)) and instance < schema["minimum"]:
+        errors.append("%s: %r < %r" % (path, instance, schema["minimum"]))
+    return errors
+
+
 class JobTestCase(unittest.TestCase):
     """A private root per test; every process of every job is stopped at the end."""
 
@@ -232,9 +314,8 @@ class JobTestCase(unittest.TestCase):
                 return False
         wait_for(has_text, timeout_s, "%r in %s" % (text, stream))
 
-
 # ---------------------------------------------------------------------------
-# Static checks
+# Static checks: imports, side effects, public names, the section map
 # ---------------------------------------------------------------------------
 
 
@@ -269,9 +350,8 @@ class StaticTests(unittest.TestCase):
         for name in jobstate.__all__:
             self.assertTrue(hasattr(jobstate, name), name)
 
-
 # ---------------------------------------------------------------------------
-# Schema: JobState, JobSpec, ids, timestamps
+# Schema (jobstate.py section 2)
 # ---------------------------------------------------------------------------
 
 
@@ -354,341 +434,8 @@ class SchemaTests(unittest.TestCase):
         self.assertFalse(jobstate._tag_matches("a.*", ["ab"]))
         self.assertFalse(jobstate._tag_matches("a.b", ["a.b.c"]))
 
-
 # ---------------------------------------------------------------------------
-# Store: root, ids, permissions, atomic writes
-# ---------------------------------------------------------------------------
-
-
-class StoreTests(JobTestCase):
-    def test_root_resolution_order(self):
-        env = {k: v for k, v in os.environ.items() if k not in ("JOBSTATE_ROOT", "XDG_DATA_HOME")}
-        with unittest.mock.patch.dict(os.environ, env, clear=True):
-            default = os.path.join(os.environ["LOCALAPPDATA"], "jobstate", "jobs") if jobstate._WINDOWS \
-                else os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
-            self.assertEqual(jobstate.resolve_root(), default)
-            # abspath: on Windows "/x" means "X:\x" on the current drive; on POSIX it is a no-op.
-            os.environ["XDG_DATA_HOME"] = "/x/data"
-            self.assertEqual(jobstate.resolve_root(), os.path.join(os.path.abspath("/x/data"), "jobstate", "jobs"))
-            os.environ["JOBSTATE_ROOT"] = "/y/jobs"
-            self.assertEqual(jobstate.resolve_root(), os.path.abspath("/y/jobs"))
-            self.assertEqual(jobstate.resolve_root("/z"), os.path.abspath("/z"))
-
-    def test_missing_root_reads_as_no_jobs(self):
-        status, doc, _ = self.cli("list", "--all")
-        self.assertEqual((status, doc["jobs"], doc["truncated"]), (0, [], False))
-        self.assertFalse(os.path.exists(self.root))
-
-    def test_invalid_ids_never_touch_the_filesystem(self):
-        os.makedirs(self.root)
-        for bad in ("..", "../..", "/etc", "", "a/b", "x" * 33, "0" * 33, "g1", "a\0b", "é"):
-            with self.assertRaises(jobstate.InvalidJobIdError, msg=repr(bad)):
-                jobstate.open_job(bad, self.root)
-        status, doc, _ = self.cli("delete", "..")
-        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_job_id"))
-        self.assertTrue(os.path.isdir(self.tmp))
-
-    def test_prefix_lookup(self):
-        os.makedirs(self.root)
-        ids = ["abc" + "0" * 27 + "%02d" % i for i in range(25)]
-        for job_id in ids:
-            os.mkdir(os.path.join(self.root, job_id))
-        self.assertEqual(jobstate.open_job(ids[3].upper(), self.root).id, ids[3])
-        with self.assertRaises(jobstate.AmbiguousJobIdError) as ctx:
-            jobstate.open_job("abc", self.root)
-        details = jobstate._error_envelope(ctx.exception)["error"]["details"]
-        self.assertEqual(len(details["candidates"]), 20)
-        self.assertTrue(details["truncated"])
-        with self.assertRaises(jobstate.JobNotFoundError):
-            jobstate.open_job("fff", self.root)
-
-    @unittest.skipUnless(POSIX, "POSIX permissions")
-    def test_permissions(self):
-        job = self.run_job(["true"], stdin=b"secret")
-        job.wait(10)
-        self.assertEqual(os.stat(self.root).st_mode & 0o777, 0o700)
-        self.assertEqual(os.stat(job.paths.dir).st_mode & 0o777, 0o700)
-        for name in os.listdir(job.paths.dir):
-            mode = os.stat(os.path.join(job.paths.dir, name)).st_mode & 0o777
-            self.assertEqual(mode, 0o600, name)
-
-    @unittest.skipUnless(POSIX, "POSIX ownership")
-    def test_world_writable_root_is_refused(self):
-        os.makedirs(self.root)
-        os.chmod(self.root, 0o777)
-        status, doc, _ = self.cli("run", "--", "true")
-        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
-        self.assertIn("writable by other users", doc["error"]["message"])
-        self.assertEqual(os.listdir(self.root), [])
-
-    def test_concurrent_readers_never_see_a_partial_state(self):
-        job = jobstate.create(py("import sys\nfor i in range(200): print(i, flush=True)\n"), root=self.root)
-        seen, bad, stop = set(), [], threading.Event()
-
-        def reader():
-            while not stop.is_set():
-                try:
-                    with open(job.paths.state, "rb") as f:
-                        data = f.read()
-                    seen.add(jobstate.JobState.from_dict(json.loads(data)).status)
-                except (ValueError, KeyError) as exc:
-                    bad.append((repr(exc), data[:100]))
-                if jobstate._WINDOWS:
-                    # Windows cannot replace a file that a reader holds open (the writer
-                    # retries); 20 readers in a busy loop always hold it, real pollers don't.
-                    time.sleep(0.05)
-        readers = [threading.Thread(target=reader) for _ in range(20)]
-        for t in readers:
-            t.start()
-        try:
-            job.start()
-            state = job.wait(30)
-            wait_for(lambda: jobstate.JobStatus.EXITED in seen or bad, 10, "a reader to see the end")
-        finally:
-            stop.set()
-            for t in readers:
-                t.join()
-        self.assertEqual(bad, [])
-        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
-        self.assertIn(jobstate.JobStatus.EXITED, seen)
-        self.assertFalse([n for n in os.listdir(job.paths.dir) if n.endswith(".tmp")])
-
-    def test_corrupt_state_is_a_clear_error(self):
-        job = self.run_job(py("pass"))
-        job.wait(10)
-        for content in (b"", b"{not json", b'{"job": 1}', b"\xff\xfe"):
-            with open(job.paths.state, "wb") as f:
-                f.write(content)
-            status, doc, _ = self.cli("status", job.id)
-            self.assertEqual((status, doc["error"]["code"]), (1, "state_unreadable"), content)
-            status, doc, _ = self.cli("list", "--all")
-            self.assertEqual(doc["jobs"][0]["state"], "unknown")
-        status, doc, _ = self.cli("delete", job.id)
-        self.assertEqual(status, 0, doc)
-        self.assertFalse(os.path.exists(job.paths.dir))
-
-    @unittest.skipUnless(POSIX, "symlinks need privileges on Windows")
-    def test_symlinked_job_files_are_never_read(self):
-        secret = "TOPSECRET-7f3a"
-        planted = {}
-
-        def plant(job, name, content):
-            target = os.path.join(self.tmp, "outside-%s-%s" % (job.id[:8], name))
-            with open(target, "wb") as f:
-                f.write(content)
-            os.unlink(os.path.join(job.paths.dir, name))
-            os.symlink(target, os.path.join(job.paths.dir, name))
-            planted[target] = content
-        jobs = [self.run_job(py("print('mine')")) for _ in range(3)]
-        for job in jobs:
-            job.wait(10)
-        logs, state_job, meta_job = jobs
-        plant(logs, "stdout.log", (secret + "\n").encode())
-        plant(logs, "stderr.log", (secret + "\n").encode())
-        forged = jobstate.JobState(jobstate.JobInfo(state_job.id, jobstate.JobStatus.FAILED),
-                                   error=jobstate.Failure("x", secret))
-        plant(state_job, "state.json", json.dumps(forged.to_dict()).encode())
-        plant(meta_job, "meta.json", json.dumps(jobstate.JobSpec([secret], self.tmp).to_dict()).encode())
-        codes = set()
-        for job in jobs:
-            for args in (["tail", job.id], ["tail", "--follow", job.id], ["status", job.id],
-                         ["wait", "--until", "1", job.id], ["list", "--all"],
-                         ["--format", "text", "status", job.id], ["--format", "text", "list", "--all"]):
-                status, out, err = self.cli_capture(*args)
-                self.assertNotIn(secret, out + err, args)
-                if status:
-                    doc = json.loads(out) if out.startswith("{") else None
-                    if doc:
-                        codes.add(doc["error"]["code"])
-                        self.assertIn("symbolic link", doc["error"]["message"], args)
-        self.assertEqual(codes, {"state_unreadable"})
-        _, doc, _ = self.cli("status", meta_job.id)
-        self.assertEqual((doc["state"], doc["command"]), ("exited", None))
-        for job in jobs:
-            status, doc, _ = self.cli("delete", job.id)
-            self.assertEqual(status, 0, doc)
-        for target, content in planted.items():
-            with open(target, "rb") as f:
-                self.assertEqual(f.read(), content)
-
-
-# ---------------------------------------------------------------------------
-# Supervisor: detachment, logs, drain, crashes, failures
-# ---------------------------------------------------------------------------
-
-
-def fifo_gate(testcase):
-    """A FIFO a child blocks on (`open(gate).read()`) until open_fifo_gate(gate): a
-    real signal where a fixed sleep would only make the job probably still run."""
-    gate = os.path.join(testcase.tmp, "gate")
-    os.mkfifo(gate)
-    return gate
-
-
-def open_fifo_gate(gate):
-    """Let the child blocked on the gate go on; fails (never hangs) if no child waits there."""
-    def reader_there():
-        try:
-            return os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader yet (or any more)
-            return None
-    fd = wait_for(reader_there, 10, "the child to wait at the gate")
-    os.write(fd, b"go\n")
-    os.close(fd)
-
-
-class SupervisorTests(JobTestCase):
-    def test_logs_are_byte_exact(self):
-        code = ("import os, random, sys\n"
-                "r = random.Random(7)\n"
-                "for i in range(40):\n"
-                "    sys.stdout.buffer.write(r.getrandbits(800000).to_bytes(100000, 'little'))\n"
-                "    sys.stderr.buffer.write(b'\\xff\\xfe err %d\\n' % i)\n"
-                "sys.stdout.flush()\n")
-        job = self.run_job(py(code))
-        state = job.wait(60)
-        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
-        import random
-        r = random.Random(7)
-        expected = hashlib.sha256()
-        for i in range(40):
-            expected.update(r.getrandbits(800000).to_bytes(100000, "little"))
-        with open(job.paths.stdout_log, "rb") as f:
-            self.assertEqual(hashlib.sha256(f.read()).hexdigest(), expected.hexdigest())
-        with open(job.paths.stderr_log, "rb") as f:
-            self.assertEqual(f.read(), b"".join(b"\xff\xfe err %d\n" % i for i in range(40)))
-        self.assertTrue(state.logs_drained)
-
-    def test_supervisor_keeps_its_bytecode_cache_when_writing_bytecode_is_off(self):
-        cache = os.path.join(self.tmp, "cache")
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", XDG_CACHE_HOME=cache, LOCALAPPDATA=cache)
-        status, doc, proc = self.cli_process("run", "--", *HELLO, env=env)
-        self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hello\n"), proc.stderr)
-        cached = [name for _, _, names in os.walk(cache) for name in names
-                  if name.startswith("jobstate.") and name.endswith(".pyc")]
-        self.assertEqual(len(cached), 1, "the supervisor compiled jobstate.py without caching it")
-
-    def test_full_log_interleaves_with_prefixes(self):
-        code = ("import sys, time\n"
-                "print('out one', flush=True); time.sleep(0.05)\n"
-                "print('err one', file=sys.stderr, flush=True); time.sleep(0.05)\n"
-                "sys.stdout.write('a\\nb\\n'); sys.stdout.flush()\n")
-        job = self.run_job(py(code))
-        job.wait(10)
-        with open(job.paths.full_log, "rb") as f:
-            lines = f.read().decode().splitlines()
-        import re
-        pattern = r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(STDOUT|STDERR)\] (.*)\Z"
-        parsed = [re.match(pattern, line).groups() for line in lines]
-        self.assertEqual(parsed, [("STDOUT", "out one"), ("STDERR", "err one"), ("STDOUT", "a"), ("STDOUT", "b")])
-
-    def test_drain_is_bounded_when_a_grandchild_holds_the_pipe(self):
-        code = ("import subprocess, sys\n"
-                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],\n"
-                "                 stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=sys.stderr)\n"
-                "sys.stdout.buffer.write(b'started\\n')\n")
-        job = self.run_job(py(code))
-        started = time.monotonic()
-        state = job.wait(15)
-        self.assertLess(time.monotonic() - started, 8)
-        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
-        self.assertFalse(state.logs_drained)
-        self.assertEqual(job.tail().stdout, "started\n")
-
-    @unittest.skipUnless(POSIX, "process groups")
-    def test_ctrl_c_on_the_launcher_does_not_touch_the_job(self):
-        gate = fifo_gate(self)
-        code = "print('ready', flush=True); open(%r).read(); print('done')" % gate
-        launcher = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--forever", "--"] + py(code),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
-        self.addCleanup(launcher.wait)
-        job = wait_for(lambda: [jobstate.Job(i, self.root) for i in jobstate._list_job_ids(self.root)],
-                       10, "the job directory")[0]
-        self.wait_log(job, "ready")
-        os.killpg(launcher.pid, signal.SIGINT)
-        launcher.communicate(timeout=10)
-        self.assertNotEqual(launcher.returncode, 0)
-        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
-        open_fifo_gate(gate)
-        state = job.wait(15)
-        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
-        self.assertEqual(job.tail().stdout, "ready\ndone\n")
-
-    @unittest.skipUnless(POSIX, "SIGKILL")
-    def test_supervisor_killed_makes_the_job_failed_and_wait_returns(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
-        self.wait_log(job, "ready")
-        state = job.state()
-        os.kill(state.supervisor_pid, signal.SIGKILL)
-        started = time.monotonic()
-        status, doc, _ = self.cli("wait", "--forever", job.id)
-        self.assertLess(time.monotonic() - started, 5)
-        self.assertEqual((doc["state"], doc["error"]["stage"]), ("failed", "supervisor_lost"))
-        # The orphaned child is still found through its marker and stopped.
-        self.assertTrue(pid_alive(state.pid))
-        result = job.kill("TERM")
-        self.assertGreaterEqual(result.processes_signalled, 1)
-        self.assertEqual(result.processes_alive, 0)
-        self.assertEqual(result.state.status, jobstate.JobStatus.FAILED)
-        wait_for(lambda: not pid_alive(state.pid), 5, "the orphan to exit")
-
-    def test_command_not_found_is_a_failed_job(self):
-        job = self.run_job(["definitely-not-a-command-xyz", "arg"])
-        state = job.wait(10)
-        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "spawn"))
-        self.assertIn("command not found", state.error.message)
-        with open(job.paths.supervisor_log) as f:
-            self.assertIn("definitely-not-a-command-xyz", f.read())
-
-    def test_missing_cwd_and_bad_env_file_are_failed_jobs(self):
-        cwd = os.path.join(self.tmp, "gone")
-        os.mkdir(cwd)
-        job = jobstate.create(["true", "x"], root=self.root, cwd=cwd)
-        os.rmdir(cwd)
-        state = job.start().wait(10)
-        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "cwd"))
-        job = self.run_job(["true", "x"], env_files=[os.path.join(self.tmp, "missing.env")])
-        state = job.wait(10)
-        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "env"))
-
-    def test_env_file_with_a_nul_byte_fails_at_the_env_stage(self):
-        for content in (b"GOOD=1\nBAD=a\x00b\n", b"B\x00AD=1\n"):
-            path = os.path.join(self.tmp, "nul.env")
-            with open(path, "wb") as f:
-                f.write(content)
-            state = self.run_job(["true", "x"], env_files=[path]).wait(10)
-            self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "env"), state.error)
-            self.assertIn("NUL", state.error.message)
-
-    def test_child_environment(self):
-        env_file = os.path.join(self.tmp, "vars.env")
-        with open(env_file, "w") as f:
-            f.write("# comment\n\nexport FROM_FILE=one=two\nOVERRIDDEN=file\n")
-        code = "import os, json; print(json.dumps(dict(os.environ)))"
-        job = self.run_job(py(code), env={"OVERRIDDEN": "flag", "X": "a\nb"}, env_files=[env_file])
-        job.wait(10)
-        env = json.loads(job.tail().stdout)
-        self.assertEqual(env["JOBSTATE_JOB_ID"], job.id)
-        self.assertEqual((env["FROM_FILE"], env["OVERRIDDEN"], env["X"]), ("one=two", "flag", "a\nb"))
-        self.assertIn("PATH", env)
-        job = self.run_job(py(code), env={"ONLY": "1"}, inherit_env=False)
-        job.wait(10)
-        env = json.loads(job.tail().stdout)
-        self.assertEqual({n for n in env if not injected_by_platform(n)}, {"ONLY", "JOBSTATE_JOB_ID"})
-
-    def test_meta_holds_the_complete_definition(self):
-        job = self.run_job(py("pass"), env={"SECRET": "s3"}, masks=["SECRET"], timeout_s="90s",
-                           kill_after_s=2, tags=["ci.lint"], stdin="in")
-        spec = jobstate.JobSpec.from_dict(json.load(open(job.paths.meta)))
-        self.assertEqual((spec.argv, spec.env, spec.masks, spec.timeout_s, spec.kill_after_s, spec.tags,
-                          spec.has_stdin), (py("pass"), {"SECRET": "s3"}, ["SECRET"], 90.0, 2.0,
-                                            ["ci.lint"], True))
-        self.assertEqual(json.load(open(job.paths.meta))["schema_version"], "1.0")
-
-
-# ---------------------------------------------------------------------------
-# Process trees, signals, timeouts (POSIX)
+# Platform layer (section 3): POSIX, Windows for real, Windows through a fake kernel32
 # ---------------------------------------------------------------------------
 
 
@@ -891,128 +638,6 @@ class PosixProcessTests(JobTestCase):
         self.assertEqual((status, doc["state"], doc["exit_code"]), (0, "exited", 3), proc.stderr)
 
 
-# A launcher that hands the job everything it must not inherit: terminal
-# signals ignored (a CI shell, nohup), a blocked signal, another umask and an
-# inheritable descriptor.  Each launch path must start the job clean anyway.
-HOSTILE_LAUNCHER = (
-    "import os, signal, sys\n"
-    "for name in ('SIGINT', 'SIGHUP', 'SIGQUIT'):\n"
-    "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
-    "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n"
-    "os.umask(0o027)\n"
-    "os.set_inheritable(os.open(os.devnull, os.O_RDONLY), True)\n")
-
-
-def proc_status(pid):
-    """The fields of /proc/<pid>/status, by name."""
-    with open("/proc/%d/status" % pid) as f:
-        return dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line)
-
-
-@unittest.skipUnless(jobstate._LINUX, "reads /proc")
-class CleanStartTests(JobTestCase):
-    """A job starts clean (SPEC 10): default signal dispositions, an empty mask,
-    fds 0-2 only, the launcher's umask and JOBSTATE_JOB_ID, on every launch path."""
-
-    def hostile_cli(self, *args):
-        """The CLI run as a process by HOSTILE_LAUNCHER (it execs into the CLI)."""
-        exec_cli = "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
-        proc = subprocess.run([PY, "-c", HOSTILE_LAUNCHER + exec_cli, JOBSTATE, "--root", self.root] + list(args),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        return json.loads(proc.stdout)["job_id"]
-
-    def hostile_api(self, code):
-        """The Python API used by HOSTILE_LAUNCHER; code prints one JSON line."""
-        script = HOSTILE_LAUNCHER + "import json, threading\nsys.path.insert(0, %r)\nimport jobstate\nROOT = %r\n" % (
-            HERE, self.root)
-        proc = subprocess.run([PY, "-c", script + code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=60)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        return json.loads(proc.stdout)
-
-    def assert_starts_clean(self, job_id):
-        with open(jobstate.JobPaths(self.root, job_id).state) as f:
-            pid = json.load(f)["pid"]
-        status = proc_status(pid)
-        self.assertEqual(int(status["SigIgn"], 16), 0, "ignored signals reached the job: %s" % status["SigIgn"])
-        self.assertEqual(int(status["SigBlk"], 16), 0, "blocked signals reached the job: %s" % status["SigBlk"])
-        self.assertEqual(status["Umask"].strip(), "0027", "not the launcher's umask")
-        self.assertEqual(sorted(os.listdir("/proc/%d/fd" % pid), key=int), ["0", "1", "2"])
-        with open("/proc/%d/environ" % pid, "rb") as f:
-            self.assertIn(b"JOBSTATE_JOB_ID=" + job_id.encode(), f.read().split(b"\0"))
-
-    def test_every_launch_path_starts_the_job_clean(self):
-        sleep = ["sleep", "300"]
-        created = jobstate.create(sleep, root=self.root)
-        restarted = self.run_job(sleep)
-        launches = {
-            "forked by the CLI": lambda: self.hostile_cli("run", "--no-wait", "--", *sleep),
-            "spawned by a launcher with a thread": lambda: self.hostile_api(
-                "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
-                "print(json.dumps(jobstate.run(%r, root=ROOT).id))\n" % sleep),
-            "forked by the forkserver": lambda: self.hostile_api(
-                "jobstate.run(['true', 'x'], root=ROOT).wait(10)\n"
-                "job = jobstate.run(%r, root=ROOT)\n"
-                "assert jobstate._Forkserver._popen is not None, 'no forkserver'\n"
-                "print(json.dumps(job.id))\n" % sleep),
-            "start": lambda: self.hostile_cli("start", "--no-wait", created.id),
-            "restart": lambda: self.hostile_cli("restart", "--no-wait", restarted.id),
-            "with a timeout": lambda: self.hostile_cli("run", "--no-wait", "--timeout", "60", "--", *sleep),
-        }
-        for path, launch in launches.items():
-            with self.subTest(path):
-                self.assert_starts_clean(launch())
-
-    def test_a_python_job_gets_keyboard_interrupt_on_int(self):
-        code = ("import sys, time\n"
-                "try:\n"
-                "    print('ready', flush=True); time.sleep(60)\n"
-                "except KeyboardInterrupt:\n"
-                "    print('interrupted', flush=True); sys.exit(3)\n")
-        job = jobstate.open_job(self.hostile_cli("run", "--no-wait", "--", *py(code)), self.root)
-        self.wait_log(job, "ready")
-        status, doc, _ = self.cli("kill", "--signal", "INT", job.id)
-        self.assertEqual((status, doc["state"], doc["signal"]), (0, "killed", "SIGINT"))
-        self.assertEqual(job.tail().stdout, "ready\ninterrupted\n")
-
-    def test_a_shell_job_can_trap_hup(self):
-        script = "trap 'echo got HUP; exit 5' HUP; echo ready; while :; do sleep 0.1; done"
-        job = jobstate.open_job(self.hostile_cli("run", "--no-wait", "--", "sh", "-c", script), self.root)
-        self.wait_log(job, "ready")
-        status, doc, _ = self.cli("kill", "--signal", "HUP", job.id)
-        self.assertEqual((status, doc["state"]), (0, "killed"))
-        self.assertEqual(job.tail().stdout, "ready\ngot HUP\n")
-
-    def test_the_supervisor_stays_immune_to_terminal_signals(self):
-        launches = {
-            "forked, then exec'd": lambda: self.hostile_cli("run", "--no-wait", "--", "sleep", "300"),
-            "spawned": lambda: self.hostile_api(
-                "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
-                "print(json.dumps(jobstate.run(['sleep', '300'], root=ROOT).id))\n")}
-        hup_bit = 1 << (signal.SIGHUP - 1)
-        for path, launch in launches.items():
-            with self.subTest(path):
-                job = jobstate.open_job(launch(), self.root)
-                supervisor = job.state().supervisor_pid
-
-                def hit_until_caught_for_good():
-                    # Right after the launch the forked supervisor execs its
-                    # watcher: signals sent meanwhile must not end it either.
-                    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
-                        os.kill(supervisor, signum)
-                    with open("/proc/%d/cmdline" % supervisor, "rb") as f:
-                        watching = b"_supervise" in f.read()
-                    return watching and int(proc_status(supervisor)["SigCgt"], 16) & hup_bit
-                wait_for(hit_until_caught_for_good, 10, "the supervisor to catch SIGHUP")
-                self.assertEqual(int(proc_status(supervisor)["SigBlk"], 16), 0)
-                self.assertEqual(job.kill("TERM").state.signal, "SIGTERM", "the supervisor recorded the end")
-
-
-# ---------------------------------------------------------------------------
-# Process trees, timeouts, exit codes (Windows: Job Objects)
-# ---------------------------------------------------------------------------
-
 # The job's child starts three grandchildren and, through one of them, a
 # great-grandchild.  One grandchild asks for its own process group and no
 # console; one more asks to break away from the job, which the job refuses
@@ -1169,9 +794,6 @@ class WindowsProcessTests(JobTestCase):
         self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
 
 
-# ---------------------------------------------------------------------------
-# Windows layer against a fake kernel32 (runs everywhere)
-# ---------------------------------------------------------------------------
 
 # Win32 values spelled out from the SDK headers, so that a wrong constant in
 # jobstate.py cannot vouch for itself.
@@ -1834,9 +1456,422 @@ class WindowsLayerFakeTests(unittest.TestCase):
         self.assertEqual(len(calls), 50)
         self.assertLess(sum(slept), 3.0)
 
+# ---------------------------------------------------------------------------
+# Helpers and store (sections 4 and 5)
+# ---------------------------------------------------------------------------
+
+
+class StoreTests(JobTestCase):
+    def test_root_resolution_order(self):
+        env = {k: v for k, v in os.environ.items() if k not in ("JOBSTATE_ROOT", "XDG_DATA_HOME")}
+        with unittest.mock.patch.dict(os.environ, env, clear=True):
+            default = os.path.join(os.environ["LOCALAPPDATA"], "jobstate", "jobs") if jobstate._WINDOWS \
+                else os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
+            self.assertEqual(jobstate.resolve_root(), default)
+            # abspath: on Windows "/x" means "X:\x" on the current drive; on POSIX it is a no-op.
+            os.environ["XDG_DATA_HOME"] = "/x/data"
+            self.assertEqual(jobstate.resolve_root(), os.path.join(os.path.abspath("/x/data"), "jobstate", "jobs"))
+            os.environ["JOBSTATE_ROOT"] = "/y/jobs"
+            self.assertEqual(jobstate.resolve_root(), os.path.abspath("/y/jobs"))
+            self.assertEqual(jobstate.resolve_root("/z"), os.path.abspath("/z"))
+
+    def test_missing_root_reads_as_no_jobs(self):
+        status, doc, _ = self.cli("list", "--all")
+        self.assertEqual((status, doc["jobs"], doc["truncated"]), (0, [], False))
+        self.assertFalse(os.path.exists(self.root))
+
+    def test_invalid_ids_never_touch_the_filesystem(self):
+        os.makedirs(self.root)
+        for bad in ("..", "../..", "/etc", "", "a/b", "x" * 33, "0" * 33, "g1", "a\0b", "é"):
+            with self.assertRaises(jobstate.InvalidJobIdError, msg=repr(bad)):
+                jobstate.open_job(bad, self.root)
+        status, doc, _ = self.cli("delete", "..")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_job_id"))
+        self.assertTrue(os.path.isdir(self.tmp))
+
+    def test_prefix_lookup(self):
+        os.makedirs(self.root)
+        ids = ["abc" + "0" * 27 + "%02d" % i for i in range(25)]
+        for job_id in ids:
+            os.mkdir(os.path.join(self.root, job_id))
+        self.assertEqual(jobstate.open_job(ids[3].upper(), self.root).id, ids[3])
+        with self.assertRaises(jobstate.AmbiguousJobIdError) as ctx:
+            jobstate.open_job("abc", self.root)
+        details = jobstate._error_envelope(ctx.exception)["error"]["details"]
+        self.assertEqual(len(details["candidates"]), 20)
+        self.assertTrue(details["truncated"])
+        with self.assertRaises(jobstate.JobNotFoundError):
+            jobstate.open_job("fff", self.root)
+
+    @unittest.skipUnless(POSIX, "POSIX permissions")
+    def test_permissions(self):
+        job = self.run_job(["true"], stdin=b"secret")
+        job.wait(10)
+        self.assertEqual(os.stat(self.root).st_mode & 0o777, 0o700)
+        self.assertEqual(os.stat(job.paths.dir).st_mode & 0o777, 0o700)
+        for name in os.listdir(job.paths.dir):
+            mode = os.stat(os.path.join(job.paths.dir, name)).st_mode & 0o777
+            self.assertEqual(mode, 0o600, name)
+
+    @unittest.skipUnless(POSIX, "POSIX ownership")
+    def test_world_writable_root_is_refused(self):
+        os.makedirs(self.root)
+        os.chmod(self.root, 0o777)
+        status, doc, _ = self.cli("run", "--", "true")
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+        self.assertIn("writable by other users", doc["error"]["message"])
+        self.assertEqual(os.listdir(self.root), [])
+
+    def test_concurrent_readers_never_see_a_partial_state(self):
+        job = jobstate.create(py("import sys\nfor i in range(200): print(i, flush=True)\n"), root=self.root)
+        seen, bad, stop = set(), [], threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    with open(job.paths.state, "rb") as f:
+                        data = f.read()
+                    seen.add(jobstate.JobState.from_dict(json.loads(data)).status)
+                except (ValueError, KeyError) as exc:
+                    bad.append((repr(exc), data[:100]))
+                if jobstate._WINDOWS:
+                    # Windows cannot replace a file that a reader holds open (the writer
+                    # retries); 20 readers in a busy loop always hold it, real pollers don't.
+                    time.sleep(0.05)
+        readers = [threading.Thread(target=reader) for _ in range(20)]
+        for t in readers:
+            t.start()
+        try:
+            job.start()
+            state = job.wait(30)
+            wait_for(lambda: jobstate.JobStatus.EXITED in seen or bad, 10, "a reader to see the end")
+        finally:
+            stop.set()
+            for t in readers:
+                t.join()
+        self.assertEqual(bad, [])
+        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+        self.assertIn(jobstate.JobStatus.EXITED, seen)
+        self.assertFalse([n for n in os.listdir(job.paths.dir) if n.endswith(".tmp")])
+
+    def test_corrupt_state_is_a_clear_error(self):
+        job = self.run_job(py("pass"))
+        job.wait(10)
+        for content in (b"", b"{not json", b'{"job": 1}', b"\xff\xfe"):
+            with open(job.paths.state, "wb") as f:
+                f.write(content)
+            status, doc, _ = self.cli("status", job.id)
+            self.assertEqual((status, doc["error"]["code"]), (1, "state_unreadable"), content)
+            status, doc, _ = self.cli("list", "--all")
+            self.assertEqual(doc["jobs"][0]["state"], "unknown")
+        status, doc, _ = self.cli("delete", job.id)
+        self.assertEqual(status, 0, doc)
+        self.assertFalse(os.path.exists(job.paths.dir))
+
+    @unittest.skipUnless(POSIX, "symlinks need privileges on Windows")
+    def test_symlinked_job_files_are_never_read(self):
+        secret = "TOPSECRET-7f3a"
+        planted = {}
+
+        def plant(job, name, content):
+            target = os.path.join(self.tmp, "outside-%s-%s" % (job.id[:8], name))
+            with open(target, "wb") as f:
+                f.write(content)
+            os.unlink(os.path.join(job.paths.dir, name))
+            os.symlink(target, os.path.join(job.paths.dir, name))
+            planted[target] = content
+        jobs = [self.run_job(py("print('mine')")) for _ in range(3)]
+        for job in jobs:
+            job.wait(10)
+        logs, state_job, meta_job = jobs
+        plant(logs, "stdout.log", (secret + "\n").encode())
+        plant(logs, "stderr.log", (secret + "\n").encode())
+        forged = jobstate.JobState(jobstate.JobInfo(state_job.id, jobstate.JobStatus.FAILED),
+                                   error=jobstate.Failure("x", secret))
+        plant(state_job, "state.json", json.dumps(forged.to_dict()).encode())
+        plant(meta_job, "meta.json", json.dumps(jobstate.JobSpec([secret], self.tmp).to_dict()).encode())
+        codes = set()
+        for job in jobs:
+            for args in (["tail", job.id], ["tail", "--follow", job.id], ["status", job.id],
+                         ["wait", "--until", "1", job.id], ["list", "--all"],
+                         ["--format", "text", "status", job.id], ["--format", "text", "list", "--all"]):
+                status, out, err = self.cli_capture(*args)
+                self.assertNotIn(secret, out + err, args)
+                if status:
+                    doc = json.loads(out) if out.startswith("{") else None
+                    if doc:
+                        codes.add(doc["error"]["code"])
+                        self.assertIn("symbolic link", doc["error"]["message"], args)
+        self.assertEqual(codes, {"state_unreadable"})
+        _, doc, _ = self.cli("status", meta_job.id)
+        self.assertEqual((doc["state"], doc["command"]), ("exited", None))
+        for job in jobs:
+            status, doc, _ = self.cli("delete", job.id)
+            self.assertEqual(status, 0, doc)
+        for target, content in planted.items():
+            with open(target, "rb") as f:
+                self.assertEqual(f.read(), content)
 
 # ---------------------------------------------------------------------------
-# Observation: wait, tail, follow
+# Supervisor (section 6)
+# ---------------------------------------------------------------------------
+
+
+class SupervisorTests(JobTestCase):
+    def test_logs_are_byte_exact(self):
+        code = ("import os, random, sys\n"
+                "r = random.Random(7)\n"
+                "for i in range(40):\n"
+                "    sys.stdout.buffer.write(r.getrandbits(800000).to_bytes(100000, 'little'))\n"
+                "    sys.stderr.buffer.write(b'\\xff\\xfe err %d\\n' % i)\n"
+                "sys.stdout.flush()\n")
+        job = self.run_job(py(code))
+        state = job.wait(60)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        import random
+        r = random.Random(7)
+        expected = hashlib.sha256()
+        for i in range(40):
+            expected.update(r.getrandbits(800000).to_bytes(100000, "little"))
+        with open(job.paths.stdout_log, "rb") as f:
+            self.assertEqual(hashlib.sha256(f.read()).hexdigest(), expected.hexdigest())
+        with open(job.paths.stderr_log, "rb") as f:
+            self.assertEqual(f.read(), b"".join(b"\xff\xfe err %d\n" % i for i in range(40)))
+        self.assertTrue(state.logs_drained)
+
+    def test_supervisor_keeps_its_bytecode_cache_when_writing_bytecode_is_off(self):
+        cache = os.path.join(self.tmp, "cache")
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", XDG_CACHE_HOME=cache, LOCALAPPDATA=cache)
+        status, doc, proc = self.cli_process("run", "--", *HELLO, env=env)
+        self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hello\n"), proc.stderr)
+        cached = [name for _, _, names in os.walk(cache) for name in names
+                  if name.startswith("jobstate.") and name.endswith(".pyc")]
+        self.assertEqual(len(cached), 1, "the supervisor compiled jobstate.py without caching it")
+
+    def test_full_log_interleaves_with_prefixes(self):
+        code = ("import sys, time\n"
+                "print('out one', flush=True); time.sleep(0.05)\n"
+                "print('err one', file=sys.stderr, flush=True); time.sleep(0.05)\n"
+                "sys.stdout.write('a\\nb\\n'); sys.stdout.flush()\n")
+        job = self.run_job(py(code))
+        job.wait(10)
+        with open(job.paths.full_log, "rb") as f:
+            lines = f.read().decode().splitlines()
+        import re
+        pattern = r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(STDOUT|STDERR)\] (.*)\Z"
+        parsed = [re.match(pattern, line).groups() for line in lines]
+        self.assertEqual(parsed, [("STDOUT", "out one"), ("STDERR", "err one"), ("STDOUT", "a"), ("STDOUT", "b")])
+
+    def test_drain_is_bounded_when_a_grandchild_holds_the_pipe(self):
+        code = ("import subprocess, sys\n"
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],\n"
+                "                 stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=sys.stderr)\n"
+                "sys.stdout.buffer.write(b'started\\n')\n")
+        job = self.run_job(py(code))
+        started = time.monotonic()
+        state = job.wait(15)
+        self.assertLess(time.monotonic() - started, 8)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertFalse(state.logs_drained)
+        self.assertEqual(job.tail().stdout, "started\n")
+
+    @unittest.skipUnless(POSIX, "process groups")
+    def test_ctrl_c_on_the_launcher_does_not_touch_the_job(self):
+        gate = fifo_gate(self)
+        code = "print('ready', flush=True); open(%r).read(); print('done')" % gate
+        launcher = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--forever", "--"] + py(code),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        self.addCleanup(launcher.wait)
+        job = wait_for(lambda: [jobstate.Job(i, self.root) for i in jobstate._list_job_ids(self.root)],
+                       10, "the job directory")[0]
+        self.wait_log(job, "ready")
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.communicate(timeout=10)
+        self.assertNotEqual(launcher.returncode, 0)
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+        open_fifo_gate(gate)
+        state = job.wait(15)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertEqual(job.tail().stdout, "ready\ndone\n")
+
+    @unittest.skipUnless(POSIX, "SIGKILL")
+    def test_supervisor_killed_makes_the_job_failed_and_wait_returns(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        state = job.state()
+        os.kill(state.supervisor_pid, signal.SIGKILL)
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", "--forever", job.id)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((doc["state"], doc["error"]["stage"]), ("failed", "supervisor_lost"))
+        # The orphaned child is still found through its marker and stopped.
+        self.assertTrue(pid_alive(state.pid))
+        result = job.kill("TERM")
+        self.assertGreaterEqual(result.processes_signalled, 1)
+        self.assertEqual(result.processes_alive, 0)
+        self.assertEqual(result.state.status, jobstate.JobStatus.FAILED)
+        wait_for(lambda: not pid_alive(state.pid), 5, "the orphan to exit")
+
+    def test_command_not_found_is_a_failed_job(self):
+        job = self.run_job(["definitely-not-a-command-xyz", "arg"])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "spawn"))
+        self.assertIn("command not found", state.error.message)
+        with open(job.paths.supervisor_log) as f:
+            self.assertIn("definitely-not-a-command-xyz", f.read())
+
+    def test_missing_cwd_and_bad_env_file_are_failed_jobs(self):
+        cwd = os.path.join(self.tmp, "gone")
+        os.mkdir(cwd)
+        job = jobstate.create(["true", "x"], root=self.root, cwd=cwd)
+        os.rmdir(cwd)
+        state = job.start().wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "cwd"))
+        job = self.run_job(["true", "x"], env_files=[os.path.join(self.tmp, "missing.env")])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "env"))
+
+    def test_env_file_with_a_nul_byte_fails_at_the_env_stage(self):
+        for content in (b"GOOD=1\nBAD=a\x00b\n", b"B\x00AD=1\n"):
+            path = os.path.join(self.tmp, "nul.env")
+            with open(path, "wb") as f:
+                f.write(content)
+            state = self.run_job(["true", "x"], env_files=[path]).wait(10)
+            self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "env"), state.error)
+            self.assertIn("NUL", state.error.message)
+
+    def test_child_environment(self):
+        env_file = os.path.join(self.tmp, "vars.env")
+        with open(env_file, "w") as f:
+            f.write("# comment\n\nexport FROM_FILE=one=two\nOVERRIDDEN=file\n")
+        code = "import os, json; print(json.dumps(dict(os.environ)))"
+        job = self.run_job(py(code), env={"OVERRIDDEN": "flag", "X": "a\nb"}, env_files=[env_file])
+        job.wait(10)
+        env = json.loads(job.tail().stdout)
+        self.assertEqual(env["JOBSTATE_JOB_ID"], job.id)
+        self.assertEqual((env["FROM_FILE"], env["OVERRIDDEN"], env["X"]), ("one=two", "flag", "a\nb"))
+        self.assertIn("PATH", env)
+        job = self.run_job(py(code), env={"ONLY": "1"}, inherit_env=False)
+        job.wait(10)
+        env = json.loads(job.tail().stdout)
+        self.assertEqual({n for n in env if not injected_by_platform(n)}, {"ONLY", "JOBSTATE_JOB_ID"})
+
+    def test_meta_holds_the_complete_definition(self):
+        job = self.run_job(py("pass"), env={"SECRET": "s3"}, masks=["SECRET"], timeout_s="90s",
+                           kill_after_s=2, tags=["ci.lint"], stdin="in")
+        spec = jobstate.JobSpec.from_dict(json.load(open(job.paths.meta)))
+        self.assertEqual((spec.argv, spec.env, spec.masks, spec.timeout_s, spec.kill_after_s, spec.tags,
+                          spec.has_stdin), (py("pass"), {"SECRET": "s3"}, ["SECRET"], 90.0, 2.0,
+                                            ["ci.lint"], True))
+        self.assertEqual(json.load(open(job.paths.meta))["schema_version"], "1.0")
+
+# ---------------------------------------------------------------------------
+# Launch (section 7): every launch path starts the job clean
+# ---------------------------------------------------------------------------
+
+
+@unittest.skipUnless(jobstate._LINUX, "reads /proc")
+class CleanStartTests(JobTestCase):
+    """A job starts clean (SPEC 10): default signal dispositions, an empty mask,
+    fds 0-2 only, the launcher's umask and JOBSTATE_JOB_ID, on every launch path."""
+
+    def hostile_cli(self, *args):
+        """The CLI run as a process by HOSTILE_LAUNCHER (it execs into the CLI)."""
+        exec_cli = "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+        proc = subprocess.run([PY, "-c", HOSTILE_LAUNCHER + exec_cli, JOBSTATE, "--root", self.root] + list(args),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)["job_id"]
+
+    def hostile_api(self, code):
+        """The Python API used by HOSTILE_LAUNCHER; code prints one JSON line."""
+        script = HOSTILE_LAUNCHER + "import json, threading\nsys.path.insert(0, %r)\nimport jobstate\nROOT = %r\n" % (
+            HERE, self.root)
+        proc = subprocess.run([PY, "-c", script + code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)
+
+    def assert_starts_clean(self, job_id):
+        with open(jobstate.JobPaths(self.root, job_id).state) as f:
+            pid = json.load(f)["pid"]
+        status = proc_status(pid)
+        self.assertEqual(int(status["SigIgn"], 16), 0, "ignored signals reached the job: %s" % status["SigIgn"])
+        self.assertEqual(int(status["SigBlk"], 16), 0, "blocked signals reached the job: %s" % status["SigBlk"])
+        self.assertEqual(status["Umask"].strip(), "0027", "not the launcher's umask")
+        self.assertEqual(sorted(os.listdir("/proc/%d/fd" % pid), key=int), ["0", "1", "2"])
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            self.assertIn(b"JOBSTATE_JOB_ID=" + job_id.encode(), f.read().split(b"\0"))
+
+    def test_every_launch_path_starts_the_job_clean(self):
+        sleep = ["sleep", "300"]
+        created = jobstate.create(sleep, root=self.root)
+        restarted = self.run_job(sleep)
+        launches = {
+            "forked by the CLI": lambda: self.hostile_cli("run", "--no-wait", "--", *sleep),
+            "spawned by a launcher with a thread": lambda: self.hostile_api(
+                "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+                "print(json.dumps(jobstate.run(%r, root=ROOT).id))\n" % sleep),
+            "forked by the forkserver": lambda: self.hostile_api(
+                "jobstate.run(['true', 'x'], root=ROOT).wait(10)\n"
+                "job = jobstate.run(%r, root=ROOT)\n"
+                "assert jobstate._Forkserver._popen is not None, 'no forkserver'\n"
+                "print(json.dumps(job.id))\n" % sleep),
+            "start": lambda: self.hostile_cli("start", "--no-wait", created.id),
+            "restart": lambda: self.hostile_cli("restart", "--no-wait", restarted.id),
+            "with a timeout": lambda: self.hostile_cli("run", "--no-wait", "--timeout", "60", "--", *sleep),
+        }
+        for path, launch in launches.items():
+            with self.subTest(path):
+                self.assert_starts_clean(launch())
+
+    def test_a_python_job_gets_keyboard_interrupt_on_int(self):
+        code = ("import sys, time\n"
+                "try:\n"
+                "    print('ready', flush=True); time.sleep(60)\n"
+                "except KeyboardInterrupt:\n"
+                "    print('interrupted', flush=True); sys.exit(3)\n")
+        job = jobstate.open_job(self.hostile_cli("run", "--no-wait", "--", *py(code)), self.root)
+        self.wait_log(job, "ready")
+        status, doc, _ = self.cli("kill", "--signal", "INT", job.id)
+        self.assertEqual((status, doc["state"], doc["signal"]), (0, "killed", "SIGINT"))
+        self.assertEqual(job.tail().stdout, "ready\ninterrupted\n")
+
+    def test_a_shell_job_can_trap_hup(self):
+        script = "trap 'echo got HUP; exit 5' HUP; echo ready; while :; do sleep 0.1; done"
+        job = jobstate.open_job(self.hostile_cli("run", "--no-wait", "--", "sh", "-c", script), self.root)
+        self.wait_log(job, "ready")
+        status, doc, _ = self.cli("kill", "--signal", "HUP", job.id)
+        self.assertEqual((status, doc["state"]), (0, "killed"))
+        self.assertEqual(job.tail().stdout, "ready\ngot HUP\n")
+
+    def test_the_supervisor_stays_immune_to_terminal_signals(self):
+        launches = {
+            "forked, then exec'd": lambda: self.hostile_cli("run", "--no-wait", "--", "sleep", "300"),
+            "spawned": lambda: self.hostile_api(
+                "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+                "print(json.dumps(jobstate.run(['sleep', '300'], root=ROOT).id))\n")}
+        hup_bit = 1 << (signal.SIGHUP - 1)
+        for path, launch in launches.items():
+            with self.subTest(path):
+                job = jobstate.open_job(launch(), self.root)
+                supervisor = job.state().supervisor_pid
+
+                def hit_until_caught_for_good():
+                    # Right after the launch the forked supervisor execs its
+                    # watcher: signals sent meanwhile must not end it either.
+                    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
+                        os.kill(supervisor, signum)
+                    with open("/proc/%d/cmdline" % supervisor, "rb") as f:
+                        watching = b"_supervise" in f.read()
+                    return watching and int(proc_status(supervisor)["SigCgt"], 16) & hup_bit
+                wait_for(hit_until_caught_for_good, 10, "the supervisor to catch SIGHUP")
+                self.assertEqual(int(proc_status(supervisor)["SigBlk"], 16), 0)
+                self.assertEqual(job.kill("TERM").state.signal, "SIGTERM", "the supervisor recorded the end")
+
+# ---------------------------------------------------------------------------
+# Jobs API (section 8): observation, the Python API, life cycle
 # ---------------------------------------------------------------------------
 
 
@@ -1910,8 +1945,858 @@ class ObservationTests(JobTestCase):
         self.assertTrue((first + rest).endswith(b"tick 2\n"), first + rest)
 
 
+class ApiTests(JobTestCase):
+    def test_vendored_copy_under_another_name(self):
+        vendor = os.path.join(self.tmp, "pkg", "_vendor")
+        os.makedirs(vendor)
+        shutil.copy(JOBSTATE, os.path.join(vendor, "js_copy.py"))
+        code = ("import sys; sys.path.insert(0, %r); import js_copy\n"
+                "job = js_copy.run([sys.executable, '-c', 'print(\"vendored\")'], root=%r)\n"
+                "print(job.wait(20).status.value, job.tail().stdout.strip())\n" % (vendor, self.root))
+        out = subprocess.run([PY, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, timeout=60)
+        self.assertEqual(out.stdout.decode().strip(), "exited vendored", out.stderr)
+
+    def test_library_never_prints(self):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            job = self.run_job(py("print('quiet')"))
+            job.wait(10)
+            job.tail()
+            jobstate.list_jobs(self.root, all=True)
+            with self.assertRaises(jobstate.JobNotFoundError):
+                jobstate.open_job("abc", self.root)
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", ""))
+
+    def test_error_codes(self):
+        for cls, code in ((jobstate.JobNotFoundError, "job_not_found"),
+                          (jobstate.InvalidStateError, "invalid_state"),
+                          (jobstate.LaunchError, "launch_failed")):
+            self.assertEqual(cls.code, code)
+            self.assertTrue(issubclass(cls, jobstate.JobError))
+
+    def test_start_twice_is_invalid_state(self):
+        job = jobstate.create(py("import time; time.sleep(30)"), root=self.root)
+        job.start()
+        with self.assertRaises(jobstate.InvalidStateError):
+            job.start()
+
+
+class LifecycleTests(JobTestCase):
+    def test_restart_keeps_the_complete_definition(self):
+        # Bytes, not print(): a text stdout writes "\r\n" on Windows.
+        code = ("import os, sys\n"
+                "sys.stdout.buffer.write(b'%s %s\\n' % (os.environ['SECRET'].encode(), sys.stdin.buffer.read()))\n")
+        job = self.run_job(py(code), env={"SECRET": "s3"}, masks=["SECRET"], stdin="input")
+        first = job.wait(10)
+        self.assertEqual(job.tail().stdout, "s3 input\n")
+        status, doc, _ = self.cli("restart", job.id)
+        self.assertEqual((status, doc["job_id"], doc["state"], doc["stdout"]), (0, job.id, "exited", "s3 input\n"))
+        self.assertNotEqual(doc["started_at"], first.started_at)
+        with open(job.paths.stdout_log, "rb") as f:
+            self.assertEqual(f.read(), b"s3 input\n", "logs were not reset")
+
+    def test_restart_stops_a_running_tree_first(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        old_pid = job.state().pid
+        status, doc, _ = self.cli("restart", "--no-wait", job.id)
+        self.assertEqual((status, doc.get("state")), (0, "running"), doc)
+        self.assertNotEqual(doc["pid"], old_pid)
+        wait_for(lambda: not pid_alive(old_pid) if POSIX else True, 5, "the old child to go")
+
+    def test_concurrent_restarts_leave_one_supervisor(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        procs = [subprocess.Popen([PY, JOBSTATE, "--root", self.root, "restart", "--no-wait", job.id],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(3)]
+        procs.append(subprocess.Popen([PY, JOBSTATE, "--root", self.root, "kill", job.id],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            self.assertTrue(json.loads(out)["ok"] is not None)
+        jobstate.read_state(job.paths)  # valid JSON, whatever the interleaving
+        if POSIX:
+            def lock_held_by_the_recorded_supervisor_alone():
+                before = jobstate.read_state(job.paths)
+                holders = supervisor_pids(self.root, job.id)
+                self.assertLessEqual(len(holders), 1, "two supervisors run one job")
+                if jobstate.read_state(job.paths) != before:
+                    return False  # a supervisor was finishing meanwhile: look again
+                running = before.status is jobstate.JobStatus.RUNNING
+                return holders == ([before.supervisor_pid] if running else [])
+            wait_for(lock_held_by_the_recorded_supervisor_alone, 10, "the job's one supervisor to hold its lock")
+
+    def test_start_only_created(self):
+        job = jobstate.create(py("pass"), root=self.root)
+        status, doc, _ = self.cli("start", job.id)
+        self.assertEqual((status, doc["state"]), (0, "exited"))
+        status, doc, _ = self.cli("start", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+
+    def test_start_and_restart_answer_with_their_own_type(self):
+        job = jobstate.create(py("print('hi')"), root=self.root)
+        _, schema, _ = self.cli("schema")
+        for command in ("start", "restart"):
+            status, doc, _ = self.cli(command, job.id)
+            self.assertEqual((status, doc["type"], doc["state"], doc["stdout"]), (0, command, "exited", "hi\n"))
+            self.assertEqual(validate(doc, schema["schemas"][command]), [])
+        _, text, _ = self.cli_capture("--format", "text", "restart", job.id)
+        self.assertIn("hi\njob %s exited with code 0" % job.id[:12], text)
+
+    def test_kill_delete_restart_racing_answer_job_not_found_or_invalid_state(self):
+        # What main() would answer for each call: the JobError's code, or internal_error for anything else.
+        answers, guard = {}, threading.Lock()
+
+        def answer(name, call):
+            try:
+                call()
+                key = "ok"
+            except jobstate.JobError as exc:
+                key = exc.code
+            except Exception as exc:
+                key = "internal_error: %s: %s" % (type(exc).__name__, exc)
+            with guard:
+                answers[(name, key)] = answers.get((name, key), 0) + 1
+            return key
+
+        def delete_when_possible(job_id):
+            for _ in range(200):  # retried so that it lands right after the kill, in the race window
+                if answer("delete", lambda: jobstate._delete_doc(self.root, job_id, False)) != "invalid_state":
+                    return
+                time.sleep(0.005)
+
+        for _ in range(30):
+            job_id = self.run_job(py("import time; time.sleep(30)")).id
+
+            def restart():
+                job = jobstate.Job(job_id, self.root)
+                job.restart("KILL", kill_after_s=0)
+                jobstate._observed_doc("run", job, 0, 1024, time.monotonic())
+            calls = [lambda: answer("kill", lambda: jobstate._kill_doc(jobstate.Job(job_id, self.root), "KILL", None, 1)),
+                     lambda: delete_when_possible(job_id),
+                     lambda: answer("restart", restart),
+                     lambda: answer("status", lambda: jobstate._status_doc(jobstate.Job(job_id, self.root))),
+                     lambda: answer("tag", lambda: jobstate.Job(job_id, self.root).set_tags(["x"])),
+                     lambda: delete_when_possible(job_id)]
+            threads = [threading.Thread(target=call) for call in calls]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            if os.path.isdir(os.path.join(self.root, job_id)):
+                jobstate.Job(job_id, self.root).kill("KILL")
+        codes = {key for _, key in answers}
+        self.assertLessEqual(codes, {"ok", "job_not_found", "invalid_state"}, answers)
+
+    def age(self, job, days):
+        doc = json.load(open(job.paths.state))
+        doc["finished_at"] = jobstate._format_time(time.time() - days * 86400)
+        jobstate._write_json_atomic(job.paths.state, doc)
+
+    def test_gc_by_age_and_caps(self):
+        jobs = []
+        for _ in range(4):  # one after the other: --max-jobs drops the earliest finished
+            jobs.append(self.run_job(py("print('x' * 1000)")))
+            jobs[-1].wait(10)
+        self.age(jobs[0], 40)
+        running = self.run_job(py("import time; time.sleep(60)"))
+        created = jobstate.create(py("pass"), root=self.root)
+        status, doc, _ = self.cli("gc", "--dry-run")
+        self.assertEqual([j["job_id"] for j in doc["jobs"]], [jobs[0].id])
+        self.assertTrue(os.path.isdir(jobs[0].paths.dir))
+        status, doc, _ = self.cli("gc", "--max-jobs", "2")
+        self.assertEqual(sorted(j["job_id"] for j in doc["jobs"]), sorted([jobs[0].id, jobs[1].id]))
+        self.assertGreater(doc["freed_bytes"], 2000)
+        self.assertEqual(sorted(jobstate._list_job_ids(self.root)),
+                         sorted([jobs[2].id, jobs[3].id, running.id, created.id]))
+        status, doc, _ = self.cli("gc", "--max-bytes", "0", "--older-than", "0")
+        self.assertEqual(sorted(jobstate._list_job_ids(self.root)), sorted([running.id, created.id]))
+
+    def old_job(self, days):
+        """A finished job whose id and finished_at are `days` old."""
+        job = self.run_job(py("pass"))
+        job.wait(10)
+        old_ms = int((time.time() - days * 86400) * 1000)
+        old_id = "%012x" % old_ms + job.id[12:]
+        os.rename(job.paths.dir, os.path.join(self.root, old_id))
+        old = jobstate.Job(old_id, self.root)
+        doc = json.load(open(old.paths.state))
+        doc["job"]["id"] = old_id
+        jobstate._write_json_atomic(old.paths.state, doc)
+        self.age(old, days)
+        return old
+
+    def test_auto_gc_is_bounded_and_survives_a_crashed_holder(self):
+        expired, recent = self.old_job(40), self.old_job(10)
+        stamp = os.path.join(self.root, ".gc-stamp")
+        os.utime(stamp, (time.time() - 7200,) * 2)
+        # A lock file left by a crashed gc does not block the next one (flock dies with its holder).
+        with open(os.path.join(self.root, ".gc.lock"), "w"):
+            pass
+        self.run_job(py("pass")).wait(10)
+        self.assertFalse(os.path.exists(expired.paths.dir), "auto-gc did not collect the expired job")
+        self.assertTrue(os.path.exists(recent.paths.dir))
+        # The stamp limits it to once an hour.
+        again = self.old_job(50)
+        self.run_job(py("pass")).wait(10)
+        self.assertTrue(os.path.exists(again.paths.dir))
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_AUTO_GC": "0"}):
+            os.utime(stamp, (time.time() - 7200,) * 2)
+            self.run_job(py("pass")).wait(10)
+            self.assertTrue(os.path.exists(again.paths.dir))
+
+    def completion_record(self, job, timeout_s=20):
+        """completion_event.json once its sinks have reported."""
+        def delivered():
+            try:
+                with open(job.paths.event) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                return None
+            return record if record.get("pending") is False else None
+        return wait_for(delivered, timeout_s, "the notification deliveries")
+
+    def test_notifications(self):
+        events = os.path.join(self.tmp, "events.ndjson")
+        seen = os.path.join(self.tmp, "seen.json")
+        command = "%s -c \"import os, shutil, sys; shutil.copyfileobj(sys.stdin, open(%r, 'w')); " \
+                  "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen)
+        job = self.run_job(py("print('hi')"), notify_file=events, notify_command=command)
+        state = job.wait(20)
+        record = self.completion_record(job)  # the sinks run after the job's end is recorded
+        with open(events) as f:
+            event = json.loads(f.read())
+        self.assertEqual((event["event_type"], event["job_id"], event["state"], event["exit_code"]),
+                         ("job.finished", job.id, "exited", 0))
+        with open(seen) as f:
+            self.assertEqual(json.load(f), event)
+        self.assertEqual([d["ok"] for d in record["deliveries"]], [True, True])
+        self.assertFalse(record["pending"])
+        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+
+    @unittest.skipUnless(POSIX, "sh")
+    def test_a_slow_notifier_does_not_hold_run(self):
+        go = os.path.join(self.tmp, "go")
+        # Like `sleep 20`, but it ends as soon as the test has seen `run` return.
+        command = "i=0; while [ ! -e %s ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done" % go
+        status, doc, _ = self.cli("run", "--until", "60", "--notify-command", command, "--", *py("print('hi')"))
+        self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hi\n"))
+        self.assertLess(doc["elapsed_ms"], 10000, "run waited for the notifier")
+        open(go, "w").close()
+        record = self.completion_record(jobstate.open_job(doc["job_id"], self.root))
+        self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("command", True)])
+
+    @unittest.skipUnless(POSIX, "sh, /proc")
+    def test_a_notifier_tree_is_stopped_at_its_timeout(self):
+        pid_file = os.path.join(self.tmp, "grandchild.pid")
+        command = "sleep 300 & echo $! > %s; sleep 300" % pid_file
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "1"}):
+            job = self.run_job(py("pass"), notify_command=command)
+        record = self.completion_record(job)
+        self.assertEqual([(d["ok"], d["error"]) for d in record["deliveries"]], [(False, "timed out after 1s")])
+        with open(pid_file) as f:
+            grandchild = int(f.read())
+        wait_for(lambda: not pid_alive(grandchild), 5, "the notifier's grandchild to be stopped")
+
+    @unittest.skipUnless(POSIX, "sh, /proc")
+    def test_a_restart_during_notifications_keeps_the_new_runs_record(self):
+        go = os.path.join(self.tmp, "go")
+        command = "i=0; while [ ! -e %s ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done" % go
+        job = self.run_job(py("pass"), notify_command=command)
+        old_supervisor = job.wait(20).supervisor_pid
+        status, doc, _ = self.cli("restart", job.id)
+        self.assertEqual((status, doc["state"]), (0, "exited"))
+        self.assertLess(doc["elapsed_ms"], 5000, "restart waited for the old run's notifier")
+        new = job.state()
+        open(go, "w").close()
+        wait_for(lambda: not pid_alive(old_supervisor), 10, "the old run's notifier to finish")
+        record = self.completion_record(job)
+        self.assertEqual((record["event"]["started_at"], [d["ok"] for d in record["deliveries"]]),
+                         (new.started_at, [True]), "the record is the new run's, whole")
+        with open(job.paths.supervisor_log) as f:
+            self.assertIn("restarted or deleted during its notifications", f.read())
+
+    @unittest.skipUnless(POSIX, "mkfifo")
+    def test_a_notify_file_nobody_reads_does_not_hang_the_delivery(self):
+        fifo = os.path.join(self.tmp, "events.fifo")
+        os.mkfifo(fifo)
+        job = self.run_job(py("pass"), notify_file=fifo)
+        record = self.completion_record(job, timeout_s=10)
+        self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("file", False)])
+
+    def test_a_bad_notify_timeout_falls_back_to_the_default(self):
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "abc"}):
+            job = self.run_job(py("pass"), notify_command="exit 0")
+        record = self.completion_record(job)
+        self.assertEqual([d["ok"] for d in record["deliveries"]], [True])
+        with open(job.paths.supervisor_log) as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
+        self.assertIn("JOBSTATE_NOTIFY_TIMEOUT='abc'", log)
+
+    def test_failing_sinks_do_not_change_the_state_and_failed_jobs_notify(self):
+        events = os.path.join(self.tmp, "no-such-dir", "events.ndjson")
+        job = self.run_job(["definitely-not-a-command-xyz", "x"], notify_file=events,
+                           notify_command="exit 3")
+        state = job.wait(20)
+        self.assertEqual(state.status, jobstate.JobStatus.FAILED)
+        record = self.completion_record(job)
+        self.assertEqual(record["event"]["state"], "failed")
+        self.assertEqual([d["ok"] for d in record["deliveries"]], [False, False])
+
+    def test_every_response_matches_its_schema(self):
+        status, doc, _ = self.cli("schema")
+        schemas = doc["schemas"]
+        self.assertEqual(validate(doc, schemas["schema"]), [])
+        outputs = [doc]
+        _, ran, _ = self.cli("run", "--tag", "a.b", "--env", "K=V", "--", "echo", "hi")
+        job_id = ran["job_id"]
+        outputs.append(ran)
+        for args in (["status", job_id], ["wait", job_id], ["tail", job_id], ["kill", job_id],
+                     ["list", "--all"], ["ps", "--all"], ["tag", "set", job_id, "--tag", "x"],
+                     ["create", "--", "true", "x"], ["gc", "--dry-run"], ["delete", job_id],
+                     ["status", "ffff"], ["status", ".."], ["run", "--bogus"]):
+            outputs.append(self.cli(*args)[1])
+        for out in outputs:
+            self.assertEqual(validate(out, schemas[out["type"]]), [], out)
+        _, created, _ = self.cli("run", "--no-wait", "--", "sleep", "5")
+        paths = jobstate.JobPaths(self.root, created["job_id"])
+        self.assertEqual(validate(json.load(open(paths.state)), schemas["state"]), [])
+        self.assertEqual(validate(json.load(open(paths.meta)), schemas["meta"]), [])
+        self.assertEqual(set(schemas), {"state", "meta", "error"} | set(jobstate._RESPONSE_FIELDS))
+
 # ---------------------------------------------------------------------------
-# Command line
+# Agent surfaces (section 10): MCP and HTTP
+# ---------------------------------------------------------------------------
+
+
+# Driven by the official MCP Python SDK (`mcp` on PyPI) in its own interpreter,
+# so this file keeps importing only the standard library.
+MCP_SDK_CLIENT = '''
+import asyncio, sys
+from mcp import Client, StdioServerParameters
+
+async def main(py, jobstate, root):
+    async with Client(StdioServerParameters(command=py, args=[jobstate, "--root", root, "mcp"])) as client:
+        print("protocol", client.session.initialize_result.protocol_version)
+        print("tools", " ".join(sorted(t.name for t in (await client.list_tools()).tools)))
+        r = await client.call_tool("run", {"command": [py, "-c", "print('hi')"], "until": 20})
+        job_id = r.structured_content["job_id"]
+        print("run", r.is_error, r.structured_content["state"], r.structured_content["stdout"].strip())
+        r = await client.call_tool("wait", {"job_id": job_id, "until": 5})
+        print("wait", r.structured_content["state"])
+        r = await client.call_tool("tail", {"job_id": job_id, "lines": 1})
+        print("tail", r.structured_content["stdout"].strip())
+        r = await client.call_tool("kill", {"job_id": job_id})
+        print("kill", r.is_error)
+        r = await client.call_tool("list", {"all": True})
+        print("list", r.structured_content["count"])
+        r = await client.call_tool("status", {"job_id": ".."})
+        print("error", r.is_error, r.structured_content["error"]["code"])
+
+asyncio.run(main(*sys.argv[1:]))
+'''
+
+
+class McpTests(JobTestCase):
+    def start_server(self, **env):
+        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "mcp"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **env))
+        self.addCleanup(proc.wait, 30)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(lambda: proc.stdin.closed or proc.stdin.close())
+        return proc
+
+    def rpc(self, proc, msg_id, method, params=None):
+        message = {"jsonrpc": "2.0", "id": msg_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        return self.raw(proc, json.dumps(message))
+
+    def raw(self, proc, line):
+        proc.stdin.write(line.encode() + b"\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+
+    def call(self, proc, msg_id, name, arguments):
+        reply = self.rpc(proc, msg_id, "tools/call", {"name": name, "arguments": arguments})
+        result = reply["result"]
+        self.assertEqual(json.loads(result["content"][0]["text"]), result["structuredContent"])
+        return result
+
+    def test_session(self):
+        proc = self.start_server()
+        reply = self.rpc(proc, 1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                                 "clientInfo": {"name": "test", "version": "0"}})
+        self.assertEqual(reply["result"]["protocolVersion"], "2025-06-18")
+        self.assertIn("tools", reply["result"]["capabilities"])
+        proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        self.assertEqual(self.rpc(proc, 2, "ping")["result"], {})
+        tools = self.rpc(proc, 3, "tools/list")["result"]["tools"]
+        self.assertEqual(sorted(t["name"] for t in tools), ["kill", "list", "run", "status", "tail", "wait"])
+        for tool in tools:
+            self.assertEqual(tool["inputSchema"]["type"], "object")
+        result = self.call(proc, 4, "run", {"command": py("print('hello')"), "until": 10})
+        doc = result["structuredContent"]
+        self.assertEqual((result["isError"], doc["state"], doc["stdout"].strip()), (False, "exited", "hello"))
+        for msg_id, (name, args) in enumerate([("status", {}), ("tail", {"lines": 1}), ("wait", {"until": 1}),
+                                               ("kill", {})], start=5):
+            result = self.call(proc, msg_id, name, dict(args, job_id=doc["job_id"]))
+            self.assertFalse(result["isError"], result)
+            self.assertEqual(result["structuredContent"]["type"], name)
+        result = self.call(proc, 9, "list", {"all": True})
+        self.assertEqual(result["structuredContent"]["count"], 1)
+        proc.stdin.close()
+        self.assertEqual(proc.wait(30), 0)
+        self.assertEqual(proc.stderr.read(), b"")
+
+    def test_version_negotiation_and_protocol_errors(self):
+        proc = self.start_server()
+        reply = self.rpc(proc, 1, "initialize", {"protocolVersion": "1999-01-01", "capabilities": {}})
+        self.assertEqual(reply["result"]["protocolVersion"], "2025-11-25")
+        self.assertEqual(self.raw(proc, "not json")["error"]["code"], -32700)
+        self.assertEqual(self.raw(proc, "[1, 2]")["error"]["code"], -32600)
+        self.assertEqual(self.rpc(proc, 2, "no/such")["error"]["code"], -32601)
+        self.assertEqual(self.rpc(proc, 3, "server/discover", {})["error"]["code"], -32601)
+        self.assertEqual(self.rpc(proc, 4, "tools/list", [1])["error"]["code"], -32602)
+        self.assertEqual(self.rpc(proc, 5, "tools/call", {"name": "nope"})["error"]["code"], -32602)
+        for msg_id, args in enumerate([{"job_id": ".."}, {"job_id": "abc", "bogus": 1}, {}, {"job_id": 5}], 6):
+            result = self.call(proc, msg_id, "status", args)
+            self.assertTrue(result["isError"])
+            self.assertIn(result["structuredContent"]["error"]["code"], ("invalid_job_id", "invalid_argument"))
+
+    def test_waits_are_bounded_and_closing_the_transport_keeps_jobs(self):
+        proc = self.start_server(JOBSTATE_MCP_MAX_UNTIL="0.2")
+        code = "import time; print('ready', flush=True); time.sleep(60)"
+        started = time.monotonic()
+        doc = self.call(proc, 1, "run", {"command": py(code), "until": 30})["structuredContent"]
+        self.assertEqual(doc["state"], "running")
+        doc = self.call(proc, 2, "wait", {"job_id": doc["job_id"], "until": 30})["structuredContent"]
+        self.assertEqual(doc["state"], "running")
+        self.assertLess(time.monotonic() - started, 10)
+        proc.kill()
+        proc.wait(10)
+        self.assertEqual(jobstate.open_job(doc["job_id"], self.root).state().status, jobstate.JobStatus.RUNNING)
+
+    # -- hostile input: every request is answered, nothing kills the server --
+
+    def replies(self, proc):
+        """The server's output lines in a queue, so that a silent server fails a
+        test (`next_reply` times out) instead of hanging it."""
+        lines = queue.Queue()
+
+        def pump():
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(b"")
+        threading.Thread(target=pump, daemon=True).start()
+        return lines
+
+    def next_reply(self, lines, timeout_s=30):
+        try:
+            line = lines.get(timeout=timeout_s)
+        except queue.Empty:
+            self.fail("no answer within %s s" % timeout_s)
+        self.assertTrue(line, "the server closed its output (it died)")
+        return json.loads(line, parse_constant=strict_json_constant)  # NaN/Infinity are not JSON
+
+    def send_line(self, proc, line):
+        proc.stdin.write(line + b"\n")
+        proc.stdin.flush()
+
+    def test_hostile_lines_are_answered_and_the_server_keeps_serving(self):
+        job = self.run_job(py("print('x')"))
+        proc = self.start_server()
+        lines = self.replies(proc)
+        ping = b'{"jsonrpc":"2.0","id":%s,"method":"ping"}'
+        call = b'{"jsonrpc":"2.0","id":"t","method":"tools/call","params":%s}'
+        deep = b'{"jsonrpc":"2.0","id":"d","method":"ping","params":{"x":%s}}'
+        depth = jobstate._MCP_MAX_DEPTH - 2  # the request object and params hold the rest
+        in_string = json.dumps({"s": '"' + "[" * 1000 + "\\", "x": "x"}).encode()  # brackets in strings: no depth
+        # (line, None for silence, or (id, error code or None for a result, words in the message))
+        hostile = [
+            (b"not json", (None, -32700, "")), (b"\xff\xfe{}", (None, -32700, "")),
+            (b"\xef\xbb\xbf" + ping % b"1", (1, None, "")),  # a BOM may be ignored (RFC 8259)
+            (b"[" * 100000, (None, -32700, "nest")), (b"{\"a\":" * 100000, (None, -32700, "nest")),
+            (b"{\"a\":" * 300 + b"1" + b"}" * 300, (None, -32700, "nest")),
+            (deep % (b"[" * (depth + 1) + b"]" * (depth + 1)), (None, -32700, "nest")),
+            (deep % (b"[" * depth + b"]" * depth), ("d", None, "")),
+            (b'{"jsonrpc":"2.0","id":"s","method":"ping","params":%s}' % in_string, ("s", None, "")),
+            (ping % b"1e400", (None, -32700, "")), (ping % b"NaN", (None, -32700, "")),
+            (ping % (b"9" * 5000), (None, -32700, "")), (ping % b"1.5", (1.5, None, "")),
+            (b"[]", (None, -32600, "batch")), (b"[" + ping % b"2" + b"]", (None, -32600, "batch")),
+            (b"5", (None, -32600, "")), (b'"ping"', (None, -32600, "")), (b"null", (None, -32600, "")),
+            (b"true", (None, -32600, "")),
+            (ping % b'{"a":1}', (None, -32600, "id")), (ping % b"[1]", (None, -32600, "id")),
+            (ping % b"true", (None, -32600, "id")), (ping % b"null", (None, -32600, "id")),
+            (b'{"jsonrpc":"1.0","id":"h1","method":"ping"}', ("h1", -32600, "jsonrpc")),
+            (b'{"id":"h2","method":"ping"}', ("h2", -32600, "jsonrpc")),
+            (b'{"jsonrpc":"2.0","id":"h3","method":5}', ("h3", -32600, "method")),
+            (b'{"jsonrpc":"2.0","id":"h4","method":["ping"]}', ("h4", -32600, "method")),
+            (b'{"jsonrpc":"2.0","id":"h5","method":null}', ("h5", -32600, "method")),
+            (b'{"jsonrpc":"2.0","id":"h6"}', ("h6", -32600, "method")),
+            (b'{"jsonrpc":"2.0","id":"h7","method":"ping","params":"x"}', ("h7", -32602, "params")),
+            (b'{"jsonrpc":"2.0","id":"h8","method":"ping","params":[1]}', ("h8", -32602, "params")),
+            (b'{"jsonrpc":"2.0","id":"h9","method":"%s"}' % (b"x" * 100000), ("h9", -32601, "")),
+            (call % b'{"name":["run"]}', ("t", -32602, "status")),
+            (call % b'{"name":{"run":1}}', ("t", -32602, "status")),
+            (call % b'{"name":5}', ("t", -32602, "status")), (call % b'{"name":null}', ("t", -32602, "status")),
+            (call % b'{}', ("t", -32602, "status")), (call % b'{"name":"nope"}', ("t", -32602, "status")),
+            (call % b'"run"', ("t", -32602, "params")),
+            # Notifications (no id) are never answered, however malformed ...
+            (b'{"jsonrpc":"2.0","method":5}', None), (b'{"jsonrpc":"1.0","method":"ping"}', None),
+            (b'{"method":"ping","params":"x"}', None), (b'{"jsonrpc":"2.0","method":"nope"}', None),
+            (b'{"jsonrpc":"2.0","method":"tools/call","params":{"name":["run"]}}', None),
+            # ... nor are responses (we send no requests; answering one could start a ping-pong).
+            (b'{"jsonrpc":"2.0","id":"r","result":{}}', None),
+            (b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}', None),
+            (b"   ", None),
+        ]
+        for number, (line, expected) in enumerate(hostile):
+            self.send_line(proc, line)
+            self.send_line(proc, ping % ('"ping-%d"' % number).encode())
+            self.send_line(proc, call.replace(b'"t"', b'"status-%d"' % number)
+                           % json.dumps({"name": "status", "arguments": {"job_id": job.id}}).encode())
+            wanted = {"ping-%d" % number, "status-%d" % number} | ({expected[0]} if expected else set())
+            got = {}
+            for _ in wanted:
+                reply = self.next_reply(lines)
+                self.assertEqual(reply["jsonrpc"], "2.0")
+                self.assertIn(reply.get("id", "missing"), wanted, (line[:80], reply))
+                self.assertNotIn(reply["id"], got, (line[:80], reply))
+                got[reply["id"]] = reply
+            self.assertEqual(got["ping-%d" % number]["result"], {}, line[:80])
+            status = got["status-%d" % number]["result"]
+            self.assertEqual((status["isError"], status["structuredContent"]["job_id"]), (False, job.id))
+            if expected:
+                msg_id, code, words = expected
+                reply = got[msg_id]
+                if code is None:
+                    self.assertEqual(reply["result"], {}, line[:80])
+                else:
+                    self.assertEqual(reply["error"]["code"], code, (line[:80], reply))
+                    self.assertIn(words, reply["error"]["message"], line[:80])
+                    self.assertLess(len(reply["error"]["message"]), 300)
+        self.send_line(proc, ping % b'"last"')
+        self.assertEqual(self.next_reply(lines)["id"], "last")  # nothing left unread from the rounds
+        proc.stdin.close()
+        self.assertEqual(proc.wait(30), 0)
+        self.assertEqual(proc.stderr.read(), b"")
+
+    def test_tool_arguments_must_be_an_object(self):
+        proc = self.start_server()
+        for msg_id, arguments in enumerate([[], 0, "", False, "x", [1], 5, 1.5]):
+            result = self.call(proc, msg_id, "list", arguments)
+            self.assertTrue(result["isError"], arguments)
+            self.assertEqual(result["structuredContent"]["error"]["code"], "invalid_argument")
+        self.assertFalse(self.call(proc, 10, "list", None)["isError"])  # absent, as the SDK sends it
+        reply = self.rpc(proc, 11, "tools/call", {"name": "list"})
+        self.assertFalse(reply["result"]["isError"])
+
+    def peak_rss(self, proc):
+        """The process's peak resident size in bytes (Linux), else None."""
+        try:
+            with open("/proc/%d/status" % proc.pid) as f:
+                return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+        except OSError:
+            return None
+
+    def test_an_overlong_line_is_refused_without_reading_it_whole(self):
+        proc = self.start_server()
+        lines = self.replies(proc)
+        self.send_line(proc, b'{"jsonrpc":"2.0","id":"before","method":"ping"}')
+        self.assertEqual(self.next_reply(lines)["id"], "before")
+        peak_before = self.peak_rss(proc)
+        cap = jobstate._MCP_MAX_LINE
+        self.send_line(proc, b"x" * (8 * cap))
+        reply = self.next_reply(lines)
+        self.assertEqual((reply["id"], reply["error"]["code"]), (None, -32700))
+        self.assertIn(str(cap), reply["error"]["message"])
+        if peak_before is not None:  # a capped piece was held (readline joins its chunks: twice), never the line
+            self.assertLess(self.peak_rss(proc) - peak_before, 3 * cap)
+        padded = b'{"jsonrpc":"2.0","id":"pad","method":"ping","params":{"x":"%s"}}'
+        self.send_line(proc, padded % (b"x" * cap))
+        self.assertEqual(self.next_reply(lines)["error"]["code"], -32700)
+        self.send_line(proc, padded % (b"x" * (cap - 100)))  # a line within the cap is served
+        self.assertEqual(self.next_reply(lines), {"jsonrpc": "2.0", "id": "pad", "result": {}})
+
+    def test_the_line_cap_can_be_set(self):
+        proc = self.start_server(JOBSTATE_MCP_MAX_LINE="1k")
+        lines = self.replies(proc)
+        self.send_line(proc, b'{"jsonrpc":"2.0","id":"a","method":"ping","params":{"x":"%s"}}' % (b"x" * 1000))
+        self.assertEqual(self.next_reply(lines)["error"]["code"], -32700)
+        self.send_line(proc, b'{"jsonrpc":"2.0","id":"b","method":"ping","params":{"x":"%s"}}' % (b"x" * 900))
+        self.assertEqual(self.next_reply(lines)["id"], "b")
+
+    def test_a_bug_in_a_handler_is_an_internal_error(self):
+        # Fault injection: no real input reaches these (that would be a bug to fix);
+        # the catch-all must still answer instead of leaving the client waiting.
+        class Broken(jobstate._McpServer):
+            def list_tools(self, params):
+                raise RuntimeError("boom")
+
+            def call_tool(self, msg_id, params):
+                raise RuntimeError("bang")
+        out = io.BytesIO()
+        requests = [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "status"}},
+                    {"jsonrpc": "2.0", "id": 3, "method": "ping"}]
+        stdin = io.BytesIO(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
+        with contextlib.redirect_stderr(io.StringIO()):
+            Broken(self.root, out).serve(stdin)
+        replies = {r["id"]: r for r in map(json.loads, out.getvalue().splitlines())}
+        self.assertEqual((replies[1]["error"]["code"], replies[2]["error"]["code"]), (-32603, -32603))
+        self.assertIn("boom", replies[1]["error"]["message"])
+        self.assertEqual(replies[3]["result"], {})
+
+    @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
+    def test_official_sdk_client(self):
+        script = os.path.join(self.tmp, "client.py")
+        with open(script, "w") as f:
+            f.write(MCP_SDK_CLIENT)
+        out = subprocess.run([os.environ["JOBSTATE_MCP_PYTHON"], script, PY, JOBSTATE, self.root],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr.decode()[-2000:])
+        self.assertEqual(out.stdout.decode().splitlines(), [
+            "protocol 2025-11-25", "tools kill list run status tail wait", "run False exited hi",
+            "wait exited", "tail hi", "kill False", "list 1", "error True invalid_job_id"])
+
+
+class HttpTests(JobTestCase):
+    def start_server(self, token=None, bind="127.0.0.1:0"):
+        env = dict(os.environ)
+        env.pop("JOBSTATE_SERVE_TOKEN", None)
+        if token:
+            env["JOBSTATE_SERVE_TOKEN"] = token
+        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "serve", "--bind", bind], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait, 30)
+        self.addCleanup(proc.terminate)
+        ready = json.loads(proc.stdout.readline())
+        self.assertEqual(ready["type"], "serve", ready)
+        return ready["url"]
+
+    def request(self, method, url, body=None, token=None, raw=None):
+        import urllib.error
+        import urllib.request
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(url, data=data, method=method)
+        if token:
+            req.add_header("Authorization", "Bearer " + token)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def test_endpoints(self):
+        url = self.start_server()
+        status, doc = self.request("GET", url + "/health")
+        self.assertEqual((status, doc["type"]), (200, "health"))
+        status, doc = self.request("POST", url + "/jobs", {"command": py("print('web')"), "until": 10,
+                                                           "tags": ["web.api"]})
+        self.assertEqual((status, doc["state"], doc["stdout"].strip(), doc["tags"]), (200, "exited", "web", ["web.api"]))
+        job_id = doc["job_id"]
+        for path, kind in (("/jobs/" + job_id, "status"), ("/jobs/%s/tail?lines=1" % job_id, "tail"),
+                           ("/jobs/%s/wait?until=1" % job_id, "wait"), ("/jobs?all=1&tag=web.*", "list")):
+            status, doc = self.request("GET", url + path)
+            self.assertEqual((status, doc["type"]), (200, kind), path)
+        self.assertEqual(doc["count"], 1)
+        status, doc = self.request("POST", url + "/jobs/%s/kill" % job_id, {"signal": "TERM"})
+        self.assertEqual((status, doc["type"]), (200, "kill"))
+        status, doc = self.request("DELETE", url + "/jobs/" + job_id)
+        self.assertEqual((status, doc["deleted"]), (200, 1))
+        cases = [("GET", "/jobs/" + job_id, None, 404, "job_not_found"),
+                 ("GET", "/jobs/..", None, 400, "invalid_job_id"),
+                 ("POST", "/jobs", {"command": ["x"], "bogus": 1}, 400, "invalid_argument"),
+                 ("POST", "/jobs", {"command": "not a list"}, 400, "invalid_argument"),
+                 ("GET", "/jobs?bogus=1", None, 400, "invalid_argument"),
+                 ("GET", "/nope", None, 404, "not_found")]
+        for method, path, body, code, error in cases:
+            status, doc = self.request(method, url + path, body)
+            self.assertEqual((status, doc["error"]["code"]), (code, error), path)
+        running = self.run_job(py("import time; time.sleep(60)"))
+        status, doc = self.request("DELETE", url + "/jobs/" + running.id)
+        self.assertEqual((status, doc["error"]["code"]), (409, "invalid_state"))
+
+    def test_token_guards_every_endpoint(self):
+        url = self.start_server(token="s3cret")
+        for method, path in (("GET", "/health"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"),
+                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc")):
+            for token in (None, "wrong"):
+                status, doc = self.request(method, url + path, {} if method == "POST" else None, token=token)
+                self.assertEqual((status, doc["error"]["code"]), (401, "unauthorized"), (method, path, token))
+        self.assertEqual(self.request("GET", url + "/health", token="s3cret")[0], 200)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+
+    def test_body_too_large(self):
+        url = self.start_server()
+        status, doc = self.request("POST", url + "/jobs", raw=b" " * (jobstate._HTTP_MAX_BODY + 1))
+        self.assertEqual((status, doc["error"]["code"]), (413, "payload_too_large"))
+
+    def test_non_loopback_bind_needs_a_token(self):
+        env = {k: v for k, v in os.environ.items() if k != "JOBSTATE_SERVE_TOKEN"}
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "serve", "--bind", "0.0.0.0:0"], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        doc = json.loads(proc.stdout)
+        self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "invalid_argument"))
+
+# ---------------------------------------------------------------------------
+# Text rendering (section 11)
+# ---------------------------------------------------------------------------
+
+
+def fixed_view(**changes):
+    """A status-shaped document with fixed values (no wall clock involved)."""
+    view = {"job_id": "01a225fa035071929ed7ec44e131a446", "state": "exited", "exit_code": 0, "signal": None,
+            "timed_out": False, "duration_ms": 1520, "created_at": "2026-11-29T03:18:00.000Z",
+            "started_at": "2026-11-29T03:18:04.123Z", "finished_at": "2026-11-29T03:18:05.643Z",
+            "pid": 41877, "error": None, "command": ["make", "test"], "cwd": "/src", "env": {},
+            "tags": ["ci.test"], "stdout_log_path": "/r/x/stdout.log", "stderr_log_path": "/r/x/stderr.log"}
+    view.update(changes)
+    return view
+
+
+NOW = jobstate._parse_time("2026-11-29T03:20:00.000Z")
+
+
+class HumanOutputTests(JobTestCase):
+    def test_list_table(self):
+        jobs = [fixed_view(), fixed_view(job_id="01a225fa0350" + "1" * 20, state="killed", exit_code=None,
+                                         signal="SIGTERM", duration_ms=125000, tags=[],
+                                         created_at="2026-11-27T03:20:00.000Z")]
+        for job in jobs:
+            del job["env"]
+        doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True,
+                                          "skipped": 0})
+        lines = jobstate._render_text(doc, color=False, now=NOW).splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
+        self.assertEqual(lines[1].split(), ["01a225fa0350", "exited", "0", "2m", "ago", "1.5s", "make", "test",
+                                            "ci.test"])
+        self.assertEqual(lines[2].split(), ["01a225fa0350", "killed", "SIGTERM", "2d", "ago", "2m05s", "make",
+                                            "test"])
+        self.assertEqual(lines[1].index("exited"), lines[0].index("STATE"), "columns are not aligned")
+        self.assertEqual(lines[-1], "(more: raise --limit)")
+
+    def test_status_and_verdicts(self):
+        text = jobstate._render_text(jobstate._envelope("status", fixed_view()), color=False, now=NOW)
+        self.assertIn("state:     exited", text)
+        self.assertIn("command:   make test", text)
+        cases = [(fixed_view(), "job 01a225fa0350 exited with code 0 after 1.5s"),
+                 (fixed_view(exit_code=3), "job 01a225fa0350 exited with code 3 after 1.5s"),
+                 (fixed_view(state="killed", exit_code=None, signal="SIGKILL", timed_out=True),
+                  "job 01a225fa0350 was killed by SIGKILL after 1.5s (timeout)"),
+                 (fixed_view(state="failed", exit_code=None, error={"stage": "spawn", "message": "command not found: x"}),
+                  "job 01a225fa0350 failed (spawn): command not found: x"),
+                 (fixed_view(state="running", exit_code=None), "job 01a225fa0350 is running (pid 41877)")]
+        for view, expected in cases:
+            self.assertEqual(jobstate._verdict(view, color=False), expected)
+        self.assertEqual(jobstate._verdict(fixed_view(), color=True), "\x1b[32m%s\x1b[0m" % cases[0][1])
+
+    def test_text_mode_keeps_exit_codes_and_errors_go_to_stderr(self):
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "--format", "text", "status", "abcd"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual((proc.returncode, proc.stdout), (1, b""))
+        self.assertIn(b"error: no job 'abcd'", proc.stderr)
+        self.assertIn(b"hint:", proc.stderr)
+        env = dict(os.environ, JOBSTATE_FORMAT="text")
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "run", "--exit-code", "--"] +
+                              py("print('out'); raise SystemExit(3)"),
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        self.assertEqual(proc.returncode, 3)
+        self.assertEqual(proc.stdout.decode().splitlines()[0], "out")
+        self.assertIn("exited with code 3", proc.stdout.decode())
+
+    def test_control_characters_from_jobs_are_escaped(self):
+        nasty = "\x1b[2J\x07\r"
+        code = ("import sys; sys.stdout.write('\\x1b[31mred\\x9b\\n\\tindented\\n'); "
+                "sys.stderr.write('\\x1b]0;title\\x07\\n')")
+        command = [PY, "-c", code, nasty]
+        _, ran, _ = self.cli("run", "--tag", "t", "--", *command)
+        job_id = ran["job_id"]
+        self.cli("kill", job_id)
+
+        def assert_clean(text, args, allowed="\n"):
+            bad = [c for c in text if (ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0) and c not in allowed]
+            self.assertEqual(bad, [], (args, text))
+        for args in (["run", "--", *command], ["wait", job_id], ["tail", job_id], ["status", job_id],
+                     ["kill", job_id], ["run", "--", "\x1b[2Jno-such-cmd", "arg"],
+                     ["run", "--stdin-file", os.path.join(self.tmp, "\x1b[2J"), "--", "true"],
+                     ["status", "\x1b[2J"], ["list", "--all"]):
+            _, out, err = self.cli_capture("--format", "text", *args)
+            assert_clean(out, args, allowed="\n\t" if args[0] in ("run", "wait", "tail") else "\n")
+            assert_clean(err, args)
+            self.assertIn("\\x1b", out + err, args)
+        _, out, _ = self.cli_capture("--format", "text", "tail", job_id)
+        self.assertIn("\\x1b[31mred\\x9b\n\tindented", out)
+        _, out, _ = self.cli_capture("--format", "text", "status", job_id)
+        self.assertIn("\\x1b[2J\\x07\\r", out)
+
+    @unittest.skipIf(jobstate._WINDOWS, "pseudo-terminals are POSIX")
+    def test_colours_only_on_a_terminal_and_never_with_no_color(self):
+        import pty
+        self.cli("run", "--", "echo", "x")
+
+        def render(env):
+            master, slave = pty.openpty()
+            proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "--format", "text", "list", "--all"],
+                                    stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+            os.close(slave)
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            os.close(master)
+            proc.wait(30)
+            return out
+        env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+        self.assertIn(b"\x1b[32mexited\x1b[0m", render(env))
+        self.assertNotIn(b"\x1b[", render(dict(env, NO_COLOR="1")))
+        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "--format", "text", "list", "--all"],
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        self.assertNotIn(b"\x1b[", proc.stdout)
+
+    @unittest.skipIf(jobstate._WINDOWS, "uses a FIFO as the gate")
+    def test_run_follow_streams_lines_as_they_are_written(self):
+        # The child blocks after its first line until we open the gate: proof
+        # that the line reached us while the job was still running.
+        gate = os.path.join(self.tmp, "gate")
+        os.mkfifo(gate)
+        code = ("import time\n"
+                "print('tick 0', flush=True)\n"
+                "open(%r).read()\n"
+                "for i in (1, 2):\n"
+                "    time.sleep(0.1); print('tick', i, flush=True)\n" % gate)
+        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--follow", "--exit-code", "--"] + py(code),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.stdout.readline(), b"tick 0\n")
+        with open(gate, "w") as f:
+            f.write("go\n")
+        rest, _ = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, rest), (0, b"tick 1\ntick 2\n"))
+
+    def test_help_teaches(self):
+        commands = ("run", "wait", "tail", "kill", "list", "gc", "serve")
+        procs = [subprocess.Popen([PY, JOBSTATE, command, "--help"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                 for command in commands]  # side by side: each is mostly an interpreter start
+        for command, proc in zip(commands, procs):
+            text = proc.communicate(timeout=60)[0].decode()
+            self.assertEqual(proc.returncode, 0)
+            self.assertEqual(text.count("python3 jobstate.py " + command) +
+                             text.count("python3 jobstate.py --format text " + command), 2, command)
+
+# ---------------------------------------------------------------------------
+# CLI (section 12)
 # ---------------------------------------------------------------------------
 
 
@@ -2225,907 +3110,10 @@ class CommandLineTests(JobTestCase):
         self.assertIn(b"kill", proc.stdout)
         self.assertNotIn(b"_supervise", proc.stdout)
 
-
-class ApiTests(JobTestCase):
-    def test_vendored_copy_under_another_name(self):
-        vendor = os.path.join(self.tmp, "pkg", "_vendor")
-        os.makedirs(vendor)
-        shutil.copy(JOBSTATE, os.path.join(vendor, "js_copy.py"))
-        code = ("import sys; sys.path.insert(0, %r); import js_copy\n"
-                "job = js_copy.run([sys.executable, '-c', 'print(\"vendored\")'], root=%r)\n"
-                "print(job.wait(20).status.value, job.tail().stdout.strip())\n" % (vendor, self.root))
-        out = subprocess.run([PY, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, timeout=60)
-        self.assertEqual(out.stdout.decode().strip(), "exited vendored", out.stderr)
-
-    def test_library_never_prints(self):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            job = self.run_job(py("print('quiet')"))
-            job.wait(10)
-            job.tail()
-            jobstate.list_jobs(self.root, all=True)
-            with self.assertRaises(jobstate.JobNotFoundError):
-                jobstate.open_job("abc", self.root)
-        self.assertEqual((out.getvalue(), err.getvalue()), ("", ""))
-
-    def test_error_codes(self):
-        for cls, code in ((jobstate.JobNotFoundError, "job_not_found"),
-                          (jobstate.InvalidStateError, "invalid_state"),
-                          (jobstate.LaunchError, "launch_failed")):
-            self.assertEqual(cls.code, code)
-            self.assertTrue(issubclass(cls, jobstate.JobError))
-
-    def test_start_twice_is_invalid_state(self):
-        job = jobstate.create(py("import time; time.sleep(30)"), root=self.root)
-        job.start()
-        with self.assertRaises(jobstate.InvalidStateError):
-            job.start()
-
-
 # ---------------------------------------------------------------------------
-# Lifecycle: restart, gc, notifications, schema
+# The fault, load and hostile-input campaign (make torture runs it in full)
 # ---------------------------------------------------------------------------
 
-
-def validate(instance, schema, path="$"):
-    """Errors of instance against the JSON Schema subset jobstate's schemas use."""
-    errors = []
-    if "const" in schema and instance != schema["const"]:
-        errors.append("%s: %r != const %r" % (path, instance, schema["const"]))
-    if "enum" in schema and instance not in schema["enum"]:
-        errors.append("%s: %r not in %r" % (path, instance, schema["enum"]))
-    kinds = schema.get("type")
-    if kinds is not None:
-        kinds = kinds if isinstance(kinds, list) else [kinds]
-        checks = {"string": lambda v: isinstance(v, str), "integer": lambda v: isinstance(v, int)
-                  and not isinstance(v, bool), "number": lambda v: isinstance(v, (int, float))
-                  and not isinstance(v, bool), "boolean": lambda v: isinstance(v, bool),
-                  "null": lambda v: v is None, "array": lambda v: isinstance(v, list),
-                  "object": lambda v: isinstance(v, dict)}
-        if not any(checks[k](instance) for k in kinds):
-            return errors + ["%s: %r is not %s" % (path, instance, kinds)]
-    if isinstance(instance, dict):
-        props = schema.get("properties", {})
-        for key in schema.get("required", []):
-            if key not in instance:
-                errors.append("%s: missing %r" % (path, key))
-        for key, value in instance.items():
-            if key in props:
-                errors += validate(value, props[key], "%s.%s" % (path, key))
-            elif schema.get("additionalProperties") is False:
-                errors.append("%s: unexpected key %r" % (path, key))
-            elif isinstance(schema.get("additionalProperties"), dict):
-                errors += validate(value, schema["additionalProperties"], "%s.%s" % (path, key))
-    if isinstance(instance, list):
-        if len(instance) < schema.get("minItems", 0) or len(instance) > schema.get("maxItems", 1 << 30):
-            errors.append("%s: length %d" % (path, len(instance)))
-        for i, item in enumerate(instance):
-            errors += validate(item, schema.get("items", {}), "%s[%d]" % (path, i))
-    if "minimum" in schema and isinstance(instance, (int, float)) and instance < schema["minimum"]:
-        errors.append("%s: %r < %r" % (path, instance, schema["minimum"]))
-    return errors
-
-
-class LifecycleTests(JobTestCase):
-    def test_restart_keeps_the_complete_definition(self):
-        # Bytes, not print(): a text stdout writes "\r\n" on Windows.
-        code = ("import os, sys\n"
-                "sys.stdout.buffer.write(b'%s %s\\n' % (os.environ['SECRET'].encode(), sys.stdin.buffer.read()))\n")
-        job = self.run_job(py(code), env={"SECRET": "s3"}, masks=["SECRET"], stdin="input")
-        first = job.wait(10)
-        self.assertEqual(job.tail().stdout, "s3 input\n")
-        status, doc, _ = self.cli("restart", job.id)
-        self.assertEqual((status, doc["job_id"], doc["state"], doc["stdout"]), (0, job.id, "exited", "s3 input\n"))
-        self.assertNotEqual(doc["started_at"], first.started_at)
-        with open(job.paths.stdout_log, "rb") as f:
-            self.assertEqual(f.read(), b"s3 input\n", "logs were not reset")
-
-    def test_restart_stops_a_running_tree_first(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
-        self.wait_log(job, "ready")
-        old_pid = job.state().pid
-        status, doc, _ = self.cli("restart", "--no-wait", job.id)
-        self.assertEqual((status, doc.get("state")), (0, "running"), doc)
-        self.assertNotEqual(doc["pid"], old_pid)
-        wait_for(lambda: not pid_alive(old_pid) if POSIX else True, 5, "the old child to go")
-
-    def test_concurrent_restarts_leave_one_supervisor(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
-        self.wait_log(job, "ready")
-        procs = [subprocess.Popen([PY, JOBSTATE, "--root", self.root, "restart", "--no-wait", job.id],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for _ in range(3)]
-        procs.append(subprocess.Popen([PY, JOBSTATE, "--root", self.root, "kill", job.id],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-        for proc in procs:
-            out, _ = proc.communicate(timeout=60)
-            self.assertTrue(json.loads(out)["ok"] is not None)
-        jobstate.read_state(job.paths)  # valid JSON, whatever the interleaving
-        if POSIX:
-            def lock_held_by_the_recorded_supervisor_alone():
-                before = jobstate.read_state(job.paths)
-                holders = supervisor_pids(self.root, job.id)
-                self.assertLessEqual(len(holders), 1, "two supervisors run one job")
-                if jobstate.read_state(job.paths) != before:
-                    return False  # a supervisor was finishing meanwhile: look again
-                running = before.status is jobstate.JobStatus.RUNNING
-                return holders == ([before.supervisor_pid] if running else [])
-            wait_for(lock_held_by_the_recorded_supervisor_alone, 10, "the job's one supervisor to hold its lock")
-
-    def test_start_only_created(self):
-        job = jobstate.create(py("pass"), root=self.root)
-        status, doc, _ = self.cli("start", job.id)
-        self.assertEqual((status, doc["state"]), (0, "exited"))
-        status, doc, _ = self.cli("start", job.id)
-        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
-
-    def test_start_and_restart_answer_with_their_own_type(self):
-        job = jobstate.create(py("print('hi')"), root=self.root)
-        _, schema, _ = self.cli("schema")
-        for command in ("start", "restart"):
-            status, doc, _ = self.cli(command, job.id)
-            self.assertEqual((status, doc["type"], doc["state"], doc["stdout"]), (0, command, "exited", "hi\n"))
-            self.assertEqual(validate(doc, schema["schemas"][command]), [])
-        _, text, _ = self.cli_capture("--format", "text", "restart", job.id)
-        self.assertIn("hi\njob %s exited with code 0" % job.id[:12], text)
-
-    def test_kill_delete_restart_racing_answer_job_not_found_or_invalid_state(self):
-        # What main() would answer for each call: the JobError's code, or internal_error for anything else.
-        answers, guard = {}, threading.Lock()
-
-        def answer(name, call):
-            try:
-                call()
-                key = "ok"
-            except jobstate.JobError as exc:
-                key = exc.code
-            except Exception as exc:
-                key = "internal_error: %s: %s" % (type(exc).__name__, exc)
-            with guard:
-                answers[(name, key)] = answers.get((name, key), 0) + 1
-            return key
-
-        def delete_when_possible(job_id):
-            for _ in range(200):  # retried so that it lands right after the kill, in the race window
-                if answer("delete", lambda: jobstate._delete_doc(self.root, job_id, False)) != "invalid_state":
-                    return
-                time.sleep(0.005)
-
-        for _ in range(30):
-            job_id = self.run_job(py("import time; time.sleep(30)")).id
-
-            def restart():
-                job = jobstate.Job(job_id, self.root)
-                job.restart("KILL", kill_after_s=0)
-                jobstate._observed_doc("run", job, 0, 1024, time.monotonic())
-            calls = [lambda: answer("kill", lambda: jobstate._kill_doc(jobstate.Job(job_id, self.root), "KILL", None, 1)),
-                     lambda: delete_when_possible(job_id),
-                     lambda: answer("restart", restart),
-                     lambda: answer("status", lambda: jobstate._status_doc(jobstate.Job(job_id, self.root))),
-                     lambda: answer("tag", lambda: jobstate.Job(job_id, self.root).set_tags(["x"])),
-                     lambda: delete_when_possible(job_id)]
-            threads = [threading.Thread(target=call) for call in calls]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            if os.path.isdir(os.path.join(self.root, job_id)):
-                jobstate.Job(job_id, self.root).kill("KILL")
-        codes = {key for _, key in answers}
-        self.assertLessEqual(codes, {"ok", "job_not_found", "invalid_state"}, answers)
-
-    def age(self, job, days):
-        doc = json.load(open(job.paths.state))
-        doc["finished_at"] = jobstate._format_time(time.time() - days * 86400)
-        jobstate._write_json_atomic(job.paths.state, doc)
-
-    def test_gc_by_age_and_caps(self):
-        jobs = []
-        for _ in range(4):  # one after the other: --max-jobs drops the earliest finished
-            jobs.append(self.run_job(py("print('x' * 1000)")))
-            jobs[-1].wait(10)
-        self.age(jobs[0], 40)
-        running = self.run_job(py("import time; time.sleep(60)"))
-        created = jobstate.create(py("pass"), root=self.root)
-        status, doc, _ = self.cli("gc", "--dry-run")
-        self.assertEqual([j["job_id"] for j in doc["jobs"]], [jobs[0].id])
-        self.assertTrue(os.path.isdir(jobs[0].paths.dir))
-        status, doc, _ = self.cli("gc", "--max-jobs", "2")
-        self.assertEqual(sorted(j["job_id"] for j in doc["jobs"]), sorted([jobs[0].id, jobs[1].id]))
-        self.assertGreater(doc["freed_bytes"], 2000)
-        self.assertEqual(sorted(jobstate._list_job_ids(self.root)),
-                         sorted([jobs[2].id, jobs[3].id, running.id, created.id]))
-        status, doc, _ = self.cli("gc", "--max-bytes", "0", "--older-than", "0")
-        self.assertEqual(sorted(jobstate._list_job_ids(self.root)), sorted([running.id, created.id]))
-
-    def old_job(self, days):
-        """A finished job whose id and finished_at are `days` old."""
-        job = self.run_job(py("pass"))
-        job.wait(10)
-        old_ms = int((time.time() - days * 86400) * 1000)
-        old_id = "%012x" % old_ms + job.id[12:]
-        os.rename(job.paths.dir, os.path.join(self.root, old_id))
-        old = jobstate.Job(old_id, self.root)
-        doc = json.load(open(old.paths.state))
-        doc["job"]["id"] = old_id
-        jobstate._write_json_atomic(old.paths.state, doc)
-        self.age(old, days)
-        return old
-
-    def test_auto_gc_is_bounded_and_survives_a_crashed_holder(self):
-        expired, recent = self.old_job(40), self.old_job(10)
-        stamp = os.path.join(self.root, ".gc-stamp")
-        os.utime(stamp, (time.time() - 7200,) * 2)
-        # A lock file left by a crashed gc does not block the next one (flock dies with its holder).
-        with open(os.path.join(self.root, ".gc.lock"), "w"):
-            pass
-        self.run_job(py("pass")).wait(10)
-        self.assertFalse(os.path.exists(expired.paths.dir), "auto-gc did not collect the expired job")
-        self.assertTrue(os.path.exists(recent.paths.dir))
-        # The stamp limits it to once an hour.
-        again = self.old_job(50)
-        self.run_job(py("pass")).wait(10)
-        self.assertTrue(os.path.exists(again.paths.dir))
-        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_AUTO_GC": "0"}):
-            os.utime(stamp, (time.time() - 7200,) * 2)
-            self.run_job(py("pass")).wait(10)
-            self.assertTrue(os.path.exists(again.paths.dir))
-
-    def completion_record(self, job, timeout_s=20):
-        """completion_event.json once its sinks have reported."""
-        def delivered():
-            try:
-                with open(job.paths.event) as f:
-                    record = json.load(f)
-            except (OSError, ValueError):
-                return None
-            return record if record.get("pending") is False else None
-        return wait_for(delivered, timeout_s, "the notification deliveries")
-
-    def test_notifications(self):
-        events = os.path.join(self.tmp, "events.ndjson")
-        seen = os.path.join(self.tmp, "seen.json")
-        command = "%s -c \"import os, shutil, sys; shutil.copyfileobj(sys.stdin, open(%r, 'w')); " \
-                  "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen)
-        job = self.run_job(py("print('hi')"), notify_file=events, notify_command=command)
-        state = job.wait(20)
-        record = self.completion_record(job)  # the sinks run after the job's end is recorded
-        with open(events) as f:
-            event = json.loads(f.read())
-        self.assertEqual((event["event_type"], event["job_id"], event["state"], event["exit_code"]),
-                         ("job.finished", job.id, "exited", 0))
-        with open(seen) as f:
-            self.assertEqual(json.load(f), event)
-        self.assertEqual([d["ok"] for d in record["deliveries"]], [True, True])
-        self.assertFalse(record["pending"])
-        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
-
-    @unittest.skipUnless(POSIX, "sh")
-    def test_a_slow_notifier_does_not_hold_run(self):
-        go = os.path.join(self.tmp, "go")
-        # Like `sleep 20`, but it ends as soon as the test has seen `run` return.
-        command = "i=0; while [ ! -e %s ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done" % go
-        status, doc, _ = self.cli("run", "--until", "60", "--notify-command", command, "--", *py("print('hi')"))
-        self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hi\n"))
-        self.assertLess(doc["elapsed_ms"], 10000, "run waited for the notifier")
-        open(go, "w").close()
-        record = self.completion_record(jobstate.open_job(doc["job_id"], self.root))
-        self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("command", True)])
-
-    @unittest.skipUnless(POSIX, "sh, /proc")
-    def test_a_notifier_tree_is_stopped_at_its_timeout(self):
-        pid_file = os.path.join(self.tmp, "grandchild.pid")
-        command = "sleep 300 & echo $! > %s; sleep 300" % pid_file
-        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "1"}):
-            job = self.run_job(py("pass"), notify_command=command)
-        record = self.completion_record(job)
-        self.assertEqual([(d["ok"], d["error"]) for d in record["deliveries"]], [(False, "timed out after 1s")])
-        with open(pid_file) as f:
-            grandchild = int(f.read())
-        wait_for(lambda: not pid_alive(grandchild), 5, "the notifier's grandchild to be stopped")
-
-    @unittest.skipUnless(POSIX, "sh, /proc")
-    def test_a_restart_during_notifications_keeps_the_new_runs_record(self):
-        go = os.path.join(self.tmp, "go")
-        command = "i=0; while [ ! -e %s ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done" % go
-        job = self.run_job(py("pass"), notify_command=command)
-        old_supervisor = job.wait(20).supervisor_pid
-        status, doc, _ = self.cli("restart", job.id)
-        self.assertEqual((status, doc["state"]), (0, "exited"))
-        self.assertLess(doc["elapsed_ms"], 5000, "restart waited for the old run's notifier")
-        new = job.state()
-        open(go, "w").close()
-        wait_for(lambda: not pid_alive(old_supervisor), 10, "the old run's notifier to finish")
-        record = self.completion_record(job)
-        self.assertEqual((record["event"]["started_at"], [d["ok"] for d in record["deliveries"]]),
-                         (new.started_at, [True]), "the record is the new run's, whole")
-        with open(job.paths.supervisor_log) as f:
-            self.assertIn("restarted or deleted during its notifications", f.read())
-
-    @unittest.skipUnless(POSIX, "mkfifo")
-    def test_a_notify_file_nobody_reads_does_not_hang_the_delivery(self):
-        fifo = os.path.join(self.tmp, "events.fifo")
-        os.mkfifo(fifo)
-        job = self.run_job(py("pass"), notify_file=fifo)
-        record = self.completion_record(job, timeout_s=10)
-        self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("file", False)])
-
-    def test_a_bad_notify_timeout_falls_back_to_the_default(self):
-        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "abc"}):
-            job = self.run_job(py("pass"), notify_command="exit 0")
-        record = self.completion_record(job)
-        self.assertEqual([d["ok"] for d in record["deliveries"]], [True])
-        with open(job.paths.supervisor_log) as f:
-            log = f.read()
-        self.assertNotIn("Traceback", log)
-        self.assertIn("JOBSTATE_NOTIFY_TIMEOUT='abc'", log)
-
-    def test_failing_sinks_do_not_change_the_state_and_failed_jobs_notify(self):
-        events = os.path.join(self.tmp, "no-such-dir", "events.ndjson")
-        job = self.run_job(["definitely-not-a-command-xyz", "x"], notify_file=events,
-                           notify_command="exit 3")
-        state = job.wait(20)
-        self.assertEqual(state.status, jobstate.JobStatus.FAILED)
-        record = self.completion_record(job)
-        self.assertEqual(record["event"]["state"], "failed")
-        self.assertEqual([d["ok"] for d in record["deliveries"]], [False, False])
-
-    def test_every_response_matches_its_schema(self):
-        status, doc, _ = self.cli("schema")
-        schemas = doc["schemas"]
-        self.assertEqual(validate(doc, schemas["schema"]), [])
-        outputs = [doc]
-        _, ran, _ = self.cli("run", "--tag", "a.b", "--env", "K=V", "--", "echo", "hi")
-        job_id = ran["job_id"]
-        outputs.append(ran)
-        for args in (["status", job_id], ["wait", job_id], ["tail", job_id], ["kill", job_id],
-                     ["list", "--all"], ["ps", "--all"], ["tag", "set", job_id, "--tag", "x"],
-                     ["create", "--", "true", "x"], ["gc", "--dry-run"], ["delete", job_id],
-                     ["status", "ffff"], ["status", ".."], ["run", "--bogus"]):
-            outputs.append(self.cli(*args)[1])
-        for out in outputs:
-            self.assertEqual(validate(out, schemas[out["type"]]), [], out)
-        _, created, _ = self.cli("run", "--no-wait", "--", "sleep", "5")
-        paths = jobstate.JobPaths(self.root, created["job_id"])
-        self.assertEqual(validate(json.load(open(paths.state)), schemas["state"]), [])
-        self.assertEqual(validate(json.load(open(paths.meta)), schemas["meta"]), [])
-        self.assertEqual(set(schemas), {"state", "meta", "error"} | set(jobstate._RESPONSE_FIELDS))
-
-
-# ---------------------------------------------------------------------------
-# Agent surfaces: MCP (raw JSON-RPC and the official SDK) and HTTP
-# ---------------------------------------------------------------------------
-
-
-class McpTests(JobTestCase):
-    def start_server(self, **env):
-        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "mcp"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **env))
-        self.addCleanup(proc.wait, 30)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(lambda: proc.stdin.closed or proc.stdin.close())
-        return proc
-
-    def rpc(self, proc, msg_id, method, params=None):
-        message = {"jsonrpc": "2.0", "id": msg_id, "method": method}
-        if params is not None:
-            message["params"] = params
-        return self.raw(proc, json.dumps(message))
-
-    def raw(self, proc, line):
-        proc.stdin.write(line.encode() + b"\n")
-        proc.stdin.flush()
-        return json.loads(proc.stdout.readline())
-
-    def call(self, proc, msg_id, name, arguments):
-        reply = self.rpc(proc, msg_id, "tools/call", {"name": name, "arguments": arguments})
-        result = reply["result"]
-        self.assertEqual(json.loads(result["content"][0]["text"]), result["structuredContent"])
-        return result
-
-    def test_session(self):
-        proc = self.start_server()
-        reply = self.rpc(proc, 1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                                                 "clientInfo": {"name": "test", "version": "0"}})
-        self.assertEqual(reply["result"]["protocolVersion"], "2025-06-18")
-        self.assertIn("tools", reply["result"]["capabilities"])
-        proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
-        self.assertEqual(self.rpc(proc, 2, "ping")["result"], {})
-        tools = self.rpc(proc, 3, "tools/list")["result"]["tools"]
-        self.assertEqual(sorted(t["name"] for t in tools), ["kill", "list", "run", "status", "tail", "wait"])
-        for tool in tools:
-            self.assertEqual(tool["inputSchema"]["type"], "object")
-        result = self.call(proc, 4, "run", {"command": py("print('hello')"), "until": 10})
-        doc = result["structuredContent"]
-        self.assertEqual((result["isError"], doc["state"], doc["stdout"].strip()), (False, "exited", "hello"))
-        for msg_id, (name, args) in enumerate([("status", {}), ("tail", {"lines": 1}), ("wait", {"until": 1}),
-                                               ("kill", {})], start=5):
-            result = self.call(proc, msg_id, name, dict(args, job_id=doc["job_id"]))
-            self.assertFalse(result["isError"], result)
-            self.assertEqual(result["structuredContent"]["type"], name)
-        result = self.call(proc, 9, "list", {"all": True})
-        self.assertEqual(result["structuredContent"]["count"], 1)
-        proc.stdin.close()
-        self.assertEqual(proc.wait(30), 0)
-        self.assertEqual(proc.stderr.read(), b"")
-
-    def test_version_negotiation_and_protocol_errors(self):
-        proc = self.start_server()
-        reply = self.rpc(proc, 1, "initialize", {"protocolVersion": "1999-01-01", "capabilities": {}})
-        self.assertEqual(reply["result"]["protocolVersion"], "2025-11-25")
-        self.assertEqual(self.raw(proc, "not json")["error"]["code"], -32700)
-        self.assertEqual(self.raw(proc, "[1, 2]")["error"]["code"], -32600)
-        self.assertEqual(self.rpc(proc, 2, "no/such")["error"]["code"], -32601)
-        self.assertEqual(self.rpc(proc, 3, "server/discover", {})["error"]["code"], -32601)
-        self.assertEqual(self.rpc(proc, 4, "tools/list", [1])["error"]["code"], -32602)
-        self.assertEqual(self.rpc(proc, 5, "tools/call", {"name": "nope"})["error"]["code"], -32602)
-        for msg_id, args in enumerate([{"job_id": ".."}, {"job_id": "abc", "bogus": 1}, {}, {"job_id": 5}], 6):
-            result = self.call(proc, msg_id, "status", args)
-            self.assertTrue(result["isError"])
-            self.assertIn(result["structuredContent"]["error"]["code"], ("invalid_job_id", "invalid_argument"))
-
-    def test_waits_are_bounded_and_closing_the_transport_keeps_jobs(self):
-        proc = self.start_server(JOBSTATE_MCP_MAX_UNTIL="0.2")
-        code = "import time; print('ready', flush=True); time.sleep(60)"
-        started = time.monotonic()
-        doc = self.call(proc, 1, "run", {"command": py(code), "until": 30})["structuredContent"]
-        self.assertEqual(doc["state"], "running")
-        doc = self.call(proc, 2, "wait", {"job_id": doc["job_id"], "until": 30})["structuredContent"]
-        self.assertEqual(doc["state"], "running")
-        self.assertLess(time.monotonic() - started, 10)
-        proc.kill()
-        proc.wait(10)
-        self.assertEqual(jobstate.open_job(doc["job_id"], self.root).state().status, jobstate.JobStatus.RUNNING)
-
-    # -- hostile input: every request is answered, nothing kills the server --
-
-    def replies(self, proc):
-        """The server's output lines in a queue, so that a silent server fails a
-        test (`next_reply` times out) instead of hanging it."""
-        lines = queue.Queue()
-
-        def pump():
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(b"")
-        threading.Thread(target=pump, daemon=True).start()
-        return lines
-
-    def next_reply(self, lines, timeout_s=30):
-        try:
-            line = lines.get(timeout=timeout_s)
-        except queue.Empty:
-            self.fail("no answer within %s s" % timeout_s)
-        self.assertTrue(line, "the server closed its output (it died)")
-        return json.loads(line, parse_constant=strict_json_constant)  # NaN/Infinity are not JSON
-
-    def send_line(self, proc, line):
-        proc.stdin.write(line + b"\n")
-        proc.stdin.flush()
-
-    def test_hostile_lines_are_answered_and_the_server_keeps_serving(self):
-        job = self.run_job(py("print('x')"))
-        proc = self.start_server()
-        lines = self.replies(proc)
-        ping = b'{"jsonrpc":"2.0","id":%s,"method":"ping"}'
-        call = b'{"jsonrpc":"2.0","id":"t","method":"tools/call","params":%s}'
-        deep = b'{"jsonrpc":"2.0","id":"d","method":"ping","params":{"x":%s}}'
-        depth = jobstate._MCP_MAX_DEPTH - 2  # the request object and params hold the rest
-        in_string = json.dumps({"s": '"' + "[" * 1000 + "\\", "x": "x"}).encode()  # brackets in strings: no depth
-        # (line, None for silence, or (id, error code or None for a result, words in the message))
-        hostile = [
-            (b"not json", (None, -32700, "")), (b"\xff\xfe{}", (None, -32700, "")),
-            (b"\xef\xbb\xbf" + ping % b"1", (1, None, "")),  # a BOM may be ignored (RFC 8259)
-            (b"[" * 100000, (None, -32700, "nest")), (b"{\"a\":" * 100000, (None, -32700, "nest")),
-            (b"{\"a\":" * 300 + b"1" + b"}" * 300, (None, -32700, "nest")),
-            (deep % (b"[" * (depth + 1) + b"]" * (depth + 1)), (None, -32700, "nest")),
-            (deep % (b"[" * depth + b"]" * depth), ("d", None, "")),
-            (b'{"jsonrpc":"2.0","id":"s","method":"ping","params":%s}' % in_string, ("s", None, "")),
-            (ping % b"1e400", (None, -32700, "")), (ping % b"NaN", (None, -32700, "")),
-            (ping % (b"9" * 5000), (None, -32700, "")), (ping % b"1.5", (1.5, None, "")),
-            (b"[]", (None, -32600, "batch")), (b"[" + ping % b"2" + b"]", (None, -32600, "batch")),
-            (b"5", (None, -32600, "")), (b'"ping"', (None, -32600, "")), (b"null", (None, -32600, "")),
-            (b"true", (None, -32600, "")),
-            (ping % b'{"a":1}', (None, -32600, "id")), (ping % b"[1]", (None, -32600, "id")),
-            (ping % b"true", (None, -32600, "id")), (ping % b"null", (None, -32600, "id")),
-            (b'{"jsonrpc":"1.0","id":"h1","method":"ping"}', ("h1", -32600, "jsonrpc")),
-            (b'{"id":"h2","method":"ping"}', ("h2", -32600, "jsonrpc")),
-            (b'{"jsonrpc":"2.0","id":"h3","method":5}', ("h3", -32600, "method")),
-            (b'{"jsonrpc":"2.0","id":"h4","method":["ping"]}', ("h4", -32600, "method")),
-            (b'{"jsonrpc":"2.0","id":"h5","method":null}', ("h5", -32600, "method")),
-            (b'{"jsonrpc":"2.0","id":"h6"}', ("h6", -32600, "method")),
-            (b'{"jsonrpc":"2.0","id":"h7","method":"ping","params":"x"}', ("h7", -32602, "params")),
-            (b'{"jsonrpc":"2.0","id":"h8","method":"ping","params":[1]}', ("h8", -32602, "params")),
-            (b'{"jsonrpc":"2.0","id":"h9","method":"%s"}' % (b"x" * 100000), ("h9", -32601, "")),
-            (call % b'{"name":["run"]}', ("t", -32602, "status")),
-            (call % b'{"name":{"run":1}}', ("t", -32602, "status")),
-            (call % b'{"name":5}', ("t", -32602, "status")), (call % b'{"name":null}', ("t", -32602, "status")),
-            (call % b'{}', ("t", -32602, "status")), (call % b'{"name":"nope"}', ("t", -32602, "status")),
-            (call % b'"run"', ("t", -32602, "params")),
-            # Notifications (no id) are never answered, however malformed ...
-            (b'{"jsonrpc":"2.0","method":5}', None), (b'{"jsonrpc":"1.0","method":"ping"}', None),
-            (b'{"method":"ping","params":"x"}', None), (b'{"jsonrpc":"2.0","method":"nope"}', None),
-            (b'{"jsonrpc":"2.0","method":"tools/call","params":{"name":["run"]}}', None),
-            # ... nor are responses (we send no requests; answering one could start a ping-pong).
-            (b'{"jsonrpc":"2.0","id":"r","result":{}}', None),
-            (b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}', None),
-            (b"   ", None),
-        ]
-        for number, (line, expected) in enumerate(hostile):
-            self.send_line(proc, line)
-            self.send_line(proc, ping % ('"ping-%d"' % number).encode())
-            self.send_line(proc, call.replace(b'"t"', b'"status-%d"' % number)
-                           % json.dumps({"name": "status", "arguments": {"job_id": job.id}}).encode())
-            wanted = {"ping-%d" % number, "status-%d" % number} | ({expected[0]} if expected else set())
-            got = {}
-            for _ in wanted:
-                reply = self.next_reply(lines)
-                self.assertEqual(reply["jsonrpc"], "2.0")
-                self.assertIn(reply.get("id", "missing"), wanted, (line[:80], reply))
-                self.assertNotIn(reply["id"], got, (line[:80], reply))
-                got[reply["id"]] = reply
-            self.assertEqual(got["ping-%d" % number]["result"], {}, line[:80])
-            status = got["status-%d" % number]["result"]
-            self.assertEqual((status["isError"], status["structuredContent"]["job_id"]), (False, job.id))
-            if expected:
-                msg_id, code, words = expected
-                reply = got[msg_id]
-                if code is None:
-                    self.assertEqual(reply["result"], {}, line[:80])
-                else:
-                    self.assertEqual(reply["error"]["code"], code, (line[:80], reply))
-                    self.assertIn(words, reply["error"]["message"], line[:80])
-                    self.assertLess(len(reply["error"]["message"]), 300)
-        self.send_line(proc, ping % b'"last"')
-        self.assertEqual(self.next_reply(lines)["id"], "last")  # nothing left unread from the rounds
-        proc.stdin.close()
-        self.assertEqual(proc.wait(30), 0)
-        self.assertEqual(proc.stderr.read(), b"")
-
-    def test_tool_arguments_must_be_an_object(self):
-        proc = self.start_server()
-        for msg_id, arguments in enumerate([[], 0, "", False, "x", [1], 5, 1.5]):
-            result = self.call(proc, msg_id, "list", arguments)
-            self.assertTrue(result["isError"], arguments)
-            self.assertEqual(result["structuredContent"]["error"]["code"], "invalid_argument")
-        self.assertFalse(self.call(proc, 10, "list", None)["isError"])  # absent, as the SDK sends it
-        reply = self.rpc(proc, 11, "tools/call", {"name": "list"})
-        self.assertFalse(reply["result"]["isError"])
-
-    def peak_rss(self, proc):
-        """The process's peak resident size in bytes (Linux), else None."""
-        try:
-            with open("/proc/%d/status" % proc.pid) as f:
-                return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
-        except OSError:
-            return None
-
-    def test_an_overlong_line_is_refused_without_reading_it_whole(self):
-        proc = self.start_server()
-        lines = self.replies(proc)
-        self.send_line(proc, b'{"jsonrpc":"2.0","id":"before","method":"ping"}')
-        self.assertEqual(self.next_reply(lines)["id"], "before")
-        peak_before = self.peak_rss(proc)
-        cap = jobstate._MCP_MAX_LINE
-        self.send_line(proc, b"x" * (8 * cap))
-        reply = self.next_reply(lines)
-        self.assertEqual((reply["id"], reply["error"]["code"]), (None, -32700))
-        self.assertIn(str(cap), reply["error"]["message"])
-        if peak_before is not None:  # a capped piece was held (readline joins its chunks: twice), never the line
-            self.assertLess(self.peak_rss(proc) - peak_before, 3 * cap)
-        padded = b'{"jsonrpc":"2.0","id":"pad","method":"ping","params":{"x":"%s"}}'
-        self.send_line(proc, padded % (b"x" * cap))
-        self.assertEqual(self.next_reply(lines)["error"]["code"], -32700)
-        self.send_line(proc, padded % (b"x" * (cap - 100)))  # a line within the cap is served
-        self.assertEqual(self.next_reply(lines), {"jsonrpc": "2.0", "id": "pad", "result": {}})
-
-    def test_the_line_cap_can_be_set(self):
-        proc = self.start_server(JOBSTATE_MCP_MAX_LINE="1k")
-        lines = self.replies(proc)
-        self.send_line(proc, b'{"jsonrpc":"2.0","id":"a","method":"ping","params":{"x":"%s"}}' % (b"x" * 1000))
-        self.assertEqual(self.next_reply(lines)["error"]["code"], -32700)
-        self.send_line(proc, b'{"jsonrpc":"2.0","id":"b","method":"ping","params":{"x":"%s"}}' % (b"x" * 900))
-        self.assertEqual(self.next_reply(lines)["id"], "b")
-
-    def test_a_bug_in_a_handler_is_an_internal_error(self):
-        # Fault injection: no real input reaches these (that would be a bug to fix);
-        # the catch-all must still answer instead of leaving the client waiting.
-        class Broken(jobstate._McpServer):
-            def list_tools(self, params):
-                raise RuntimeError("boom")
-
-            def call_tool(self, msg_id, params):
-                raise RuntimeError("bang")
-        out = io.BytesIO()
-        requests = [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "status"}},
-                    {"jsonrpc": "2.0", "id": 3, "method": "ping"}]
-        stdin = io.BytesIO(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
-        with contextlib.redirect_stderr(io.StringIO()):
-            Broken(self.root, out).serve(stdin)
-        replies = {r["id"]: r for r in map(json.loads, out.getvalue().splitlines())}
-        self.assertEqual((replies[1]["error"]["code"], replies[2]["error"]["code"]), (-32603, -32603))
-        self.assertIn("boom", replies[1]["error"]["message"])
-        self.assertEqual(replies[3]["result"], {})
-
-    @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
-    def test_official_sdk_client(self):
-        script = os.path.join(self.tmp, "client.py")
-        with open(script, "w") as f:
-            f.write(MCP_SDK_CLIENT)
-        out = subprocess.run([os.environ["JOBSTATE_MCP_PYTHON"], script, PY, JOBSTATE, self.root],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
-        self.assertEqual(out.returncode, 0, out.stderr.decode()[-2000:])
-        self.assertEqual(out.stdout.decode().splitlines(), [
-            "protocol 2025-11-25", "tools kill list run status tail wait", "run False exited hi",
-            "wait exited", "tail hi", "kill False", "list 1", "error True invalid_job_id"])
-
-
-# Driven by the official MCP Python SDK (`mcp` on PyPI) in its own interpreter,
-# so this file keeps importing only the standard library.
-MCP_SDK_CLIENT = '''
-import asyncio, sys
-from mcp import Client, StdioServerParameters
-
-async def main(py, jobstate, root):
-    async with Client(StdioServerParameters(command=py, args=[jobstate, "--root", root, "mcp"])) as client:
-        print("protocol", client.session.initialize_result.protocol_version)
-        print("tools", " ".join(sorted(t.name for t in (await client.list_tools()).tools)))
-        r = await client.call_tool("run", {"command": [py, "-c", "print('hi')"], "until": 20})
-        job_id = r.structured_content["job_id"]
-        print("run", r.is_error, r.structured_content["state"], r.structured_content["stdout"].strip())
-        r = await client.call_tool("wait", {"job_id": job_id, "until": 5})
-        print("wait", r.structured_content["state"])
-        r = await client.call_tool("tail", {"job_id": job_id, "lines": 1})
-        print("tail", r.structured_content["stdout"].strip())
-        r = await client.call_tool("kill", {"job_id": job_id})
-        print("kill", r.is_error)
-        r = await client.call_tool("list", {"all": True})
-        print("list", r.structured_content["count"])
-        r = await client.call_tool("status", {"job_id": ".."})
-        print("error", r.is_error, r.structured_content["error"]["code"])
-
-asyncio.run(main(*sys.argv[1:]))
-'''
-
-
-class HttpTests(JobTestCase):
-    def start_server(self, token=None, bind="127.0.0.1:0"):
-        env = dict(os.environ)
-        env.pop("JOBSTATE_SERVE_TOKEN", None)
-        if token:
-            env["JOBSTATE_SERVE_TOKEN"] = token
-        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "serve", "--bind", bind], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(proc.stdout.close)
-        self.addCleanup(proc.wait, 30)
-        self.addCleanup(proc.terminate)
-        ready = json.loads(proc.stdout.readline())
-        self.assertEqual(ready["type"], "serve", ready)
-        return ready["url"]
-
-    def request(self, method, url, body=None, token=None, raw=None):
-        import urllib.error
-        import urllib.request
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(url, data=data, method=method)
-        if token:
-            req.add_header("Authorization", "Bearer " + token)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def test_endpoints(self):
-        url = self.start_server()
-        status, doc = self.request("GET", url + "/health")
-        self.assertEqual((status, doc["type"]), (200, "health"))
-        status, doc = self.request("POST", url + "/jobs", {"command": py("print('web')"), "until": 10,
-                                                           "tags": ["web.api"]})
-        self.assertEqual((status, doc["state"], doc["stdout"].strip(), doc["tags"]), (200, "exited", "web", ["web.api"]))
-        job_id = doc["job_id"]
-        for path, kind in (("/jobs/" + job_id, "status"), ("/jobs/%s/tail?lines=1" % job_id, "tail"),
-                           ("/jobs/%s/wait?until=1" % job_id, "wait"), ("/jobs?all=1&tag=web.*", "list")):
-            status, doc = self.request("GET", url + path)
-            self.assertEqual((status, doc["type"]), (200, kind), path)
-        self.assertEqual(doc["count"], 1)
-        status, doc = self.request("POST", url + "/jobs/%s/kill" % job_id, {"signal": "TERM"})
-        self.assertEqual((status, doc["type"]), (200, "kill"))
-        status, doc = self.request("DELETE", url + "/jobs/" + job_id)
-        self.assertEqual((status, doc["deleted"]), (200, 1))
-        cases = [("GET", "/jobs/" + job_id, None, 404, "job_not_found"),
-                 ("GET", "/jobs/..", None, 400, "invalid_job_id"),
-                 ("POST", "/jobs", {"command": ["x"], "bogus": 1}, 400, "invalid_argument"),
-                 ("POST", "/jobs", {"command": "not a list"}, 400, "invalid_argument"),
-                 ("GET", "/jobs?bogus=1", None, 400, "invalid_argument"),
-                 ("GET", "/nope", None, 404, "not_found")]
-        for method, path, body, code, error in cases:
-            status, doc = self.request(method, url + path, body)
-            self.assertEqual((status, doc["error"]["code"]), (code, error), path)
-        running = self.run_job(py("import time; time.sleep(60)"))
-        status, doc = self.request("DELETE", url + "/jobs/" + running.id)
-        self.assertEqual((status, doc["error"]["code"]), (409, "invalid_state"))
-
-    def test_token_guards_every_endpoint(self):
-        url = self.start_server(token="s3cret")
-        for method, path in (("GET", "/health"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"),
-                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc")):
-            for token in (None, "wrong"):
-                status, doc = self.request(method, url + path, {} if method == "POST" else None, token=token)
-                self.assertEqual((status, doc["error"]["code"]), (401, "unauthorized"), (method, path, token))
-        self.assertEqual(self.request("GET", url + "/health", token="s3cret")[0], 200)
-        self.assertEqual(jobstate._list_job_ids(self.root), [])
-
-    def test_body_too_large(self):
-        url = self.start_server()
-        status, doc = self.request("POST", url + "/jobs", raw=b" " * (jobstate._HTTP_MAX_BODY + 1))
-        self.assertEqual((status, doc["error"]["code"]), (413, "payload_too_large"))
-
-    def test_non_loopback_bind_needs_a_token(self):
-        env = {k: v for k, v in os.environ.items() if k != "JOBSTATE_SERVE_TOKEN"}
-        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "serve", "--bind", "0.0.0.0:0"], env=env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
-        doc = json.loads(proc.stdout)
-        self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "invalid_argument"))
-
-
-# ---------------------------------------------------------------------------
-# Human output: --format text, colours, follow
-# ---------------------------------------------------------------------------
-
-
-def fixed_view(**changes):
-    """A status-shaped document with fixed values (no wall clock involved)."""
-    view = {"job_id": "01a225fa035071929ed7ec44e131a446", "state": "exited", "exit_code": 0, "signal": None,
-            "timed_out": False, "duration_ms": 1520, "created_at": "2026-11-29T03:18:00.000Z",
-            "started_at": "2026-11-29T03:18:04.123Z", "finished_at": "2026-11-29T03:18:05.643Z",
-            "pid": 41877, "error": None, "command": ["make", "test"], "cwd": "/src", "env": {},
-            "tags": ["ci.test"], "stdout_log_path": "/r/x/stdout.log", "stderr_log_path": "/r/x/stderr.log"}
-    view.update(changes)
-    return view
-
-
-NOW = jobstate._parse_time("2026-11-29T03:20:00.000Z")
-
-
-class HumanOutputTests(JobTestCase):
-    def test_list_table(self):
-        jobs = [fixed_view(), fixed_view(job_id="01a225fa0350" + "1" * 20, state="killed", exit_code=None,
-                                         signal="SIGTERM", duration_ms=125000, tags=[],
-                                         created_at="2026-11-27T03:20:00.000Z")]
-        for job in jobs:
-            del job["env"]
-        doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True,
-                                          "skipped": 0})
-        lines = jobstate._render_text(doc, color=False, now=NOW).splitlines()
-        self.assertEqual(lines[0].split(), ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
-        self.assertEqual(lines[1].split(), ["01a225fa0350", "exited", "0", "2m", "ago", "1.5s", "make", "test",
-                                            "ci.test"])
-        self.assertEqual(lines[2].split(), ["01a225fa0350", "killed", "SIGTERM", "2d", "ago", "2m05s", "make",
-                                            "test"])
-        self.assertEqual(lines[1].index("exited"), lines[0].index("STATE"), "columns are not aligned")
-        self.assertEqual(lines[-1], "(more: raise --limit)")
-
-    def test_status_and_verdicts(self):
-        text = jobstate._render_text(jobstate._envelope("status", fixed_view()), color=False, now=NOW)
-        self.assertIn("state:     exited", text)
-        self.assertIn("command:   make test", text)
-        cases = [(fixed_view(), "job 01a225fa0350 exited with code 0 after 1.5s"),
-                 (fixed_view(exit_code=3), "job 01a225fa0350 exited with code 3 after 1.5s"),
-                 (fixed_view(state="killed", exit_code=None, signal="SIGKILL", timed_out=True),
-                  "job 01a225fa0350 was killed by SIGKILL after 1.5s (timeout)"),
-                 (fixed_view(state="failed", exit_code=None, error={"stage": "spawn", "message": "command not found: x"}),
-                  "job 01a225fa0350 failed (spawn): command not found: x"),
-                 (fixed_view(state="running", exit_code=None), "job 01a225fa0350 is running (pid 41877)")]
-        for view, expected in cases:
-            self.assertEqual(jobstate._verdict(view, color=False), expected)
-        self.assertEqual(jobstate._verdict(fixed_view(), color=True), "\x1b[32m%s\x1b[0m" % cases[0][1])
-
-    def test_text_mode_keeps_exit_codes_and_errors_go_to_stderr(self):
-        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "--format", "text", "status", "abcd"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.assertEqual((proc.returncode, proc.stdout), (1, b""))
-        self.assertIn(b"error: no job 'abcd'", proc.stderr)
-        self.assertIn(b"hint:", proc.stderr)
-        env = dict(os.environ, JOBSTATE_FORMAT="text")
-        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "run", "--exit-code", "--"] +
-                              py("print('out'); raise SystemExit(3)"),
-                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        self.assertEqual(proc.returncode, 3)
-        self.assertEqual(proc.stdout.decode().splitlines()[0], "out")
-        self.assertIn("exited with code 3", proc.stdout.decode())
-
-    def test_control_characters_from_jobs_are_escaped(self):
-        nasty = "\x1b[2J\x07\r"
-        code = ("import sys; sys.stdout.write('\\x1b[31mred\\x9b\\n\\tindented\\n'); "
-                "sys.stderr.write('\\x1b]0;title\\x07\\n')")
-        command = [PY, "-c", code, nasty]
-        _, ran, _ = self.cli("run", "--tag", "t", "--", *command)
-        job_id = ran["job_id"]
-        self.cli("kill", job_id)
-
-        def assert_clean(text, args, allowed="\n"):
-            bad = [c for c in text if (ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0) and c not in allowed]
-            self.assertEqual(bad, [], (args, text))
-        for args in (["run", "--", *command], ["wait", job_id], ["tail", job_id], ["status", job_id],
-                     ["kill", job_id], ["run", "--", "\x1b[2Jno-such-cmd", "arg"],
-                     ["run", "--stdin-file", os.path.join(self.tmp, "\x1b[2J"), "--", "true"],
-                     ["status", "\x1b[2J"], ["list", "--all"]):
-            _, out, err = self.cli_capture("--format", "text", *args)
-            assert_clean(out, args, allowed="\n\t" if args[0] in ("run", "wait", "tail") else "\n")
-            assert_clean(err, args)
-            self.assertIn("\\x1b", out + err, args)
-        _, out, _ = self.cli_capture("--format", "text", "tail", job_id)
-        self.assertIn("\\x1b[31mred\\x9b\n\tindented", out)
-        _, out, _ = self.cli_capture("--format", "text", "status", job_id)
-        self.assertIn("\\x1b[2J\\x07\\r", out)
-
-    @unittest.skipIf(jobstate._WINDOWS, "pseudo-terminals are POSIX")
-    def test_colours_only_on_a_terminal_and_never_with_no_color(self):
-        import pty
-        self.cli("run", "--", "echo", "x")
-
-        def render(env):
-            master, slave = pty.openpty()
-            proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "--format", "text", "list", "--all"],
-                                    stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
-            os.close(slave)
-            out = b""
-            while True:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            os.close(master)
-            proc.wait(30)
-            return out
-        env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-        self.assertIn(b"\x1b[32mexited\x1b[0m", render(env))
-        self.assertNotIn(b"\x1b[", render(dict(env, NO_COLOR="1")))
-        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "--format", "text", "list", "--all"],
-                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        self.assertNotIn(b"\x1b[", proc.stdout)
-
-    @unittest.skipIf(jobstate._WINDOWS, "uses a FIFO as the gate")
-    def test_run_follow_streams_lines_as_they_are_written(self):
-        # The child blocks after its first line until we open the gate: proof
-        # that the line reached us while the job was still running.
-        gate = os.path.join(self.tmp, "gate")
-        os.mkfifo(gate)
-        code = ("import time\n"
-                "print('tick 0', flush=True)\n"
-                "open(%r).read()\n"
-                "for i in (1, 2):\n"
-                "    time.sleep(0.1); print('tick', i, flush=True)\n" % gate)
-        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "run", "--follow", "--exit-code", "--"] + py(code),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.assertEqual(proc.stdout.readline(), b"tick 0\n")
-        with open(gate, "w") as f:
-            f.write("go\n")
-        rest, _ = proc.communicate(timeout=30)
-        self.assertEqual((proc.returncode, rest), (0, b"tick 1\ntick 2\n"))
-
-    def test_help_teaches(self):
-        commands = ("run", "wait", "tail", "kill", "list", "gc", "serve")
-        procs = [subprocess.Popen([PY, JOBSTATE, command, "--help"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-                 for command in commands]  # side by side: each is mostly an interpreter start
-        for command, proc in zip(commands, procs):
-            text = proc.communicate(timeout=60)[0].decode()
-            self.assertEqual(proc.returncode, 0)
-            self.assertEqual(text.count("python3 jobstate.py " + command) +
-                             text.count("python3 jobstate.py --format text " + command), 2, command)
-
-
-# ---------------------------------------------------------------------------
-# Torture: faults, load and hostile input (short here; `make torture` runs it in full)
-# ---------------------------------------------------------------------------
 
 FULL_TORTURE = os.environ.get("JOBSTATE_TORTURE") == "1"
 
@@ -3435,7 +3423,6 @@ class Torture(JobTestCase):
         self.assertEqual(zombie_children(os.getpid()), [])
         report("soak: %d short jobs with %d running and list/status hammering: 0 errors, supervisor fds %s"
                % (short, long_running, sorted(set(sup_fds))))
-
 
 # ---------------------------------------------------------------------------
 # Runner: "N passed, N failed, N skipped" as the last line
