@@ -25,7 +25,20 @@ CLI:
     commands: run create start restart status wait tail kill list ps delete (rm) gc tag schema mcp serve
     Every command prints one JSON object on stdout.  `python jobstate.py --help`.
 
-Map of this file: `grep -n '^# [0-9]' jobstate.py`.
+Map of this file (`grep -n '^# [0-9]' jobstate.py`); calls point backwards,
+so each section uses only what the sections above it define:
+    1. Imports and platform facts
+    2. Schema: constants, states, errors, documents
+    3. Platform layer: processes, trees, locks and files on POSIX and Windows
+    4. Helpers: time, ids, paths, parsing
+    5. Store: atomic files, locks, job directories
+    6. Supervisor: one job's life, from start to notifications
+    7. Launch: every way a supervisor starts
+    8. Jobs API: observe, list, collect, define, launch
+    9. Responses: the one place that shapes each JSON document
+    10. Agent surfaces: MCP server (stdio) and HTTP API
+    11. Text rendering: --format text
+    12. CLI
 """
 
 # ---------------------------------------------------------------------------
@@ -3879,8 +3892,8 @@ def _env_seconds(name: str, default: float) -> float:
 # -- MCP over stdio -------------------------------------------------------------
 
 # Handshake-era revisions we speak, newest first.  Clients of the stateless
-# 2026-07-28 revision probe `server/discover`, get "method not found", and fall
-# back to `initialize` (as the official SDK does).
+# revision of 2026-07-28 probe `server/discover`, get "method not found", and
+# fall back to `initialize` (as the official SDK does).
 _MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
 # Input bounds: a longer line is refused unread (JOBSTATE_MCP_MAX_LINE raises the
 # cap for big `stdin` arguments); deeper nesting is refused before json.loads,

@@ -350,6 +350,50 @@ class StaticTests(unittest.TestCase):
         for name in jobstate.__all__:
             self.assertTrue(hasattr(jobstate, name), name)
 
+    def test_section_map_is_true(self):
+        """The numbered banners run 1..N, the docstring's map names each of them,
+        and every top-level function or class uses only names defined in its own
+        section or an earlier one: calls point backwards."""
+        import ast
+        import re
+        with open(JOBSTATE, encoding="utf-8") as f:
+            source = f.read()
+        banners = [(lineno, int(m.group(1)), m.group(2)) for lineno, line in enumerate(source.splitlines(), 1)
+                   for m in [re.match(r"# (\d+)\. (.+)$", line)] if m]
+        self.assertEqual([number for _, number, _ in banners], list(range(1, len(banners) + 1)))
+        for _, number, title in banners:
+            self.assertIn("%d. %s\n" % (number, title), jobstate.__doc__, "the docstring's map lacks it")
+
+        def section_of(lineno):
+            return max([number for start, number, _ in banners if start < lineno] or [0])
+
+        tree = ast.parse(source)
+        defined = {}
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+            else:
+                names = []
+            for name in names:
+                defined.setdefault(name, section_of(node.lineno))
+        forward = []
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            inner = list(ast.walk(node))
+            local = {n.arg for n in inner if isinstance(n, ast.arg)}
+            local |= {n.id for n in inner if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            local |= {(a.asname or a.name).split(".")[0] for n in inner
+                      if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+            here = section_of(node.lineno)
+            forward += ["%s (section %d) uses %s (section %d)" % (node.name, here, n.id, defined[n.id])
+                        for n in inner if isinstance(n, ast.Name) and n.id not in local
+                        and defined.get(n.id, 0) > here]
+        self.assertEqual(sorted(set(forward)), [], "calls must point backwards")
+
 # ---------------------------------------------------------------------------
 # Schema (jobstate.py section 2)
 # ---------------------------------------------------------------------------
