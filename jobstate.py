@@ -16,9 +16,11 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
     list_jobs(...) -> [JobSummary]
     gc(...) -> GcReport          remove old finished jobs
     Job                          .state() .wait() .tail() .kill() .start() .restart() .delete() .set_tags()
-    JobState, JobStatus, JobSpec, Tail, KillResult, JobSummary, GcReport
+    JobState, JobStatus, JobSpec, JobPaths, Tail, KillResult, JobSummary, GcReport
     JobError and its subclasses (each has a stable .code)
     main(argv) -> int            the CLI
+    SCHEMA_VERSION, JOB_ID_ENV   the documents' version; the variable every job carries
+    DEFAULT_*                    the defaults the CLI documents (read them, do not rely on more)
 
 CLI:
     python jobstate.py [--root PATH] [--pretty] [--format json|text] COMMAND ...
@@ -68,10 +70,12 @@ if TYPE_CHECKING:  # annotations stay strings (PEP 563), so `typing` is never lo
 
 __version__ = "0.1.0"
 __all__ = [
-    "run", "create", "open_job", "list_jobs", "resolve_root", "new_job_id",
-    "gc", "Job", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
-    "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError",
-    "InvalidStateError", "InvalidArgumentError", "StateFileError", "LaunchError", "main",
+    "run", "create", "open_job", "list_jobs", "gc", "resolve_root", "new_job_id", "main",
+    "Job", "JobPaths", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
+    "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError", "InvalidStateError",
+    "InvalidArgumentError", "InvalidSignalError", "InvalidTagError", "StdinRequiredError",
+    "StdinTooLargeError", "StateFileError", "LaunchError", "JobIOError",
+    "SCHEMA_VERSION", "JOB_ID_ENV",
 ]
 
 _WINDOWS = os.name == "nt"
@@ -1861,7 +1865,7 @@ def _open_job_file(path: str) -> Optional[int]:
         raise _unreadable(path, exc) from None
 
 
-def read_state(paths: JobPaths) -> JobState:
+def _read_state(paths: JobPaths) -> JobState:
     """Parse state.json; StateFileError when it is missing or corrupt."""
     try:
         state = JobState.from_dict(_read_json(paths.state))
@@ -1878,12 +1882,12 @@ def read_state(paths: JobPaths) -> JobState:
     return state
 
 
-def write_state(paths: JobPaths, state: JobState) -> None:
+def _write_state(paths: JobPaths, state: JobState) -> None:
     state.updated_at = _utc_now()
     _write_json_atomic(paths.state, state.to_dict())
 
 
-def read_spec(paths: JobPaths) -> JobSpec:
+def _read_spec(paths: JobPaths) -> JobSpec:
     try:
         return JobSpec.from_dict(_read_json(paths.meta))
     except FileNotFoundError:
@@ -2032,18 +2036,18 @@ def _reconcile(paths: JobPaths, state: JobState) -> JobState:
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
             return state
-        state = read_state(paths)
+        state = _read_state(paths)
         if state.status is JobStatus.RUNNING:
             state.job.status = JobStatus.FAILED
             state.error = Failure("supervisor_lost",
                                   "the supervisor exited without recording the job's end")
             state.finished_at = _utc_now()
-            write_state(paths, state)
+            _write_state(paths, state)
         return state
 
 
 def _read_state_reconciled(paths: JobPaths) -> JobState:
-    return _reconcile(paths, read_state(paths))
+    return _reconcile(paths, _read_state(paths))
 
 
 def _read_kill_request(paths: JobPaths) -> Optional[str]:
@@ -2180,9 +2184,9 @@ class _Running:
     def decode(cls, word: str, paths: JobPaths) -> "_Running":
         fds, started = word.split("@")
         out_r, err_r, *logs = (int(fd) for fd in fds.split(","))
-        state = read_state(paths)
+        state = _read_state(paths)
         child = _Child(None, state.pid, state.pid_token, state.windows_job_name)
-        return cls(state, read_spec(paths), child, (out_r, err_r), logs, float(started))
+        return cls(state, _read_spec(paths), child, (out_r, err_r), logs, float(started))
 
 
 class _Supervisor:
@@ -2210,11 +2214,11 @@ class _Supervisor:
     def start(self) -> Optional["_Running"]:
         """Start the child, record `running` and acknowledge; None when there is
         nothing to watch (the job was not `created`, or it `failed` to start)."""
-        state = read_state(self.paths)
+        state = _read_state(self.paths)
         if state.status is not JobStatus.CREATED:
             self.log("job is %s, not created; nothing to do" % state.status.value)
             return None
-        spec = read_spec(self.paths)
+        spec = _read_spec(self.paths)
         state.supervisor_pid = os.getpid()
         self._reserve_space()
         try:
@@ -2225,14 +2229,14 @@ class _Supervisor:
             state.job.status, state.error = JobStatus.FAILED, Failure(failure.stage, failure.message)
             state.finished_at, state.logs_drained = _utc_now(), True
             self._release_space()
-            write_state(self.paths, state)
+            _write_state(self.paths, state)
             _acknowledge()
             self.announce(spec, state)
             return None
         started = time.monotonic()
         state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
-        write_state(self.paths, state)
+        _write_state(self.paths, state)
         _acknowledge()
         return _Running(state, spec, child, pipes, logs, started)
 
@@ -2250,14 +2254,14 @@ class _Supervisor:
         if not _joined(pumps, QUICK_DRAIN_S):
             # Something still holds the pipes (a descendant): publish the end now,
             # then drain.  Usually the output ends with the child and one write does.
-            write_state(self.paths, state)
+            _write_state(self.paths, state)
         if spec.kill_orphans:
             self._stop_tree(spec.kill_after_s)
         state.logs_drained = _joined(pumps, DRAIN_TIMEOUT_S)
         if self.write_error:
             state.error = Failure("output", self.write_error)
         self._release_space()
-        write_state(self.paths, state)
+        _write_state(self.paths, state)
         self.announce(spec, state)
 
     def announce(self, spec: JobSpec, state: JobState) -> None:
@@ -2510,7 +2514,7 @@ def _record_deliveries(paths: JobPaths, record: dict, timeout_s: float = DRAIN_T
 def _supervised_here(paths: JobPaths) -> bool:
     """The job's state still names this process as its supervisor (not restarted, not deleted)."""
     try:
-        return read_state(paths).supervisor_pid == os.getpid()
+        return _read_state(paths).supervisor_pid == os.getpid()
     except JobError:
         return False
 
@@ -2625,12 +2629,12 @@ def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Calla
 
 def _record_supervisor_crash(paths: JobPaths, exc: Exception) -> None:
     try:
-        state = read_state(paths)
+        state = _read_state(paths)
         if not state.status.is_terminal:
             state.job.status = JobStatus.FAILED
             state.error = Failure("supervisor", "%s: %s" % (type(exc).__name__, exc))
             state.finished_at = _utc_now()
-            write_state(paths, state)
+            _write_state(paths, state)
         _acknowledge()
     except (JobError, OSError):  # nothing more we can record; supervisor.log has the traceback
         pass
@@ -2672,7 +2676,7 @@ def _take_lock_after_launcher(paths: JobPaths, lock: _JobLock, timeout_s: float 
     """
     deadline = _deadline(timeout_s)
     while not lock.acquire(blocking=False):
-        if _remaining(deadline) == 0 or read_state(paths).status is not JobStatus.CREATED:
+        if _remaining(deadline) == 0 or _read_state(paths).status is not JobStatus.CREATED:
             return False
         time.sleep(0.01)
     return True
@@ -2943,7 +2947,7 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
     finally:
         os.close(log)
         _Forkserver.launches += 1
-    if acknowledged is False and read_state(paths).status is not JobStatus.CREATED:
+    if acknowledged is False and _read_state(paths).status is not JobStatus.CREATED:
         return  # it died after starting the child: a job (readers will see supervisor_lost)
     if not acknowledged:
         raise LaunchError("the supervisor did not acknowledge within %gs" % LAUNCH_ACK_TIMEOUT_S
@@ -3085,7 +3089,7 @@ def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Opt
     for job_id in _list_job_ids(root):
         paths = JobPaths(root, job_id)
         try:
-            spec = read_spec(paths)
+            spec = _read_spec(paths)
         except JobNotFoundError:  # deleted since the directory was listed
             continue
         except JobError:  # not a job anyone can show, scope or restart: say how many
@@ -3284,7 +3288,7 @@ class Job:
 
     def spec(self) -> JobSpec:
         """The job's definition (meta.json)."""
-        return read_spec(self.paths)
+        return _read_spec(self.paths)
 
     @_deleted_is_not_found
     def state(self) -> JobState:
@@ -3322,7 +3326,7 @@ class Job:
         with _JobLock(self.paths) as lock:
             if not lock.acquire():
                 raise InvalidStateError(self.id, JobStatus.RUNNING, "only a created job can be started")
-            state = read_state(self.paths)
+            state = _read_state(self.paths)
             if state.status is not JobStatus.CREATED:
                 raise InvalidStateError(self.id, state.status, "only a created job can be started")
             _launch(self.paths, lock)
@@ -3348,7 +3352,7 @@ class Job:
                     time.sleep(0.02)
             for path in (self.paths.kill_request, self.paths.event):
                 _unlink_quietly(path)
-            write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
+            _write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
             _launch(self.paths, lock)
         _auto_gc(self.root)
         return self
@@ -3393,7 +3397,7 @@ class Job:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
         with _MetaLock(self.paths):
-            spec = read_spec(self.paths)
+            spec = _read_spec(self.paths)
             spec.tags = tags
             _write_json_atomic(self.paths.meta, spec.to_dict())
         return tags

@@ -2060,13 +2060,13 @@ class LifecycleTests(JobTestCase):
         for proc in procs:
             out, _ = proc.communicate(timeout=60)
             self.assertTrue(json.loads(out)["ok"] is not None)
-        jobstate.read_state(job.paths)  # valid JSON, whatever the interleaving
+        jobstate._read_state(job.paths)  # valid JSON, whatever the interleaving
         if POSIX:
             def lock_held_by_the_recorded_supervisor_alone():
-                before = jobstate.read_state(job.paths)
+                before = jobstate._read_state(job.paths)
                 holders = supervisor_pids(self.root, job.id)
                 self.assertLessEqual(len(holders), 1, "two supervisors run one job")
-                if jobstate.read_state(job.paths) != before:
+                if jobstate._read_state(job.paths) != before:
                     return False  # a supervisor was finishing meanwhile: look again
                 running = before.status is jobstate.JobStatus.RUNNING
                 return holders == ([before.supervisor_pid] if running else [])
@@ -3041,7 +3041,7 @@ class CommandLineTests(JobTestCase):
         self.assertTrue(any("Too many open files" in e["details"]["supervisor_log_tail"] for e in failures),
                         failures)
         for job_id in jobstate._list_job_ids(self.root):
-            jobstate.read_spec(jobstate.JobPaths(self.root, job_id))
+            jobstate._read_spec(jobstate.JobPaths(self.root, job_id))
 
     def test_stdin_variants(self):
         _, doc, _ = self.cli("run", "--stdin", "from flag", "--", *CAT)
@@ -3331,8 +3331,8 @@ class Torture(JobTestCase):
             key = doc["type"] if doc["ok"] else doc["error"]["code"]
             codes[key] = codes.get(key, 0) + 1
         if os.path.isdir(job.paths.dir):
-            jobstate.read_state(job.paths)
-            jobstate.read_spec(job.paths)
+            jobstate._read_state(job.paths)
+            jobstate._read_spec(job.paths)
             self.assertLessEqual(len(supervisor_pids(self.root)), 1)
         report("concurrent kill/restart/tag/status/delete on one job: %s" % codes)
 
@@ -3353,7 +3353,7 @@ class Torture(JobTestCase):
         self.assertIn("No space left", state.error.message)
         with open(job.paths.supervisor_log) as f:
             self.assertIn("No space left", f.read())
-        jobstate.read_spec(job.paths)
+        jobstate._read_spec(job.paths)
         self.assertTrue(open(job.paths.stdout_log, "rb").read().startswith(b"start\n"))
         job.delete()
         self.assertEqual(jobstate.run(py("print('after')"), root=root).wait(10).exit_code, 0)
@@ -3370,7 +3370,7 @@ class Torture(JobTestCase):
         if not limited_doc["ok"]:
             self.assertIn(limited_doc["error"]["code"], ("io_error", "launch_failed", "internal_error"))
         for job_id in jobstate._list_job_ids(self.root):  # no half-made job: each one is readable
-            jobstate.read_spec(jobstate.JobPaths(self.root, job_id))
+            jobstate._read_spec(jobstate.JobPaths(self.root, job_id))
         blocker = os.path.join(self.tmp, "a-file")
         open(blocker, "w").close()
         status, doc, _ = self.cli("--root", os.path.join(blocker, "root"), "run", "--", "echo", "x")
