@@ -1628,7 +1628,9 @@ def resolve_root(root: Optional[str] = None) -> str:
 
 
 def _abspath(path: str) -> str:
-    """os.path.abspath, with a clear error where the current directory was deleted."""
+    """os.path.abspath, with a clear error for a NUL byte or a deleted current directory."""
+    if "\0" in path:
+        raise InvalidArgumentError("invalid path %r: it holds a NUL byte" % (path,))
     try:
         return os.path.abspath(path)
     except FileNotFoundError:  # os.getcwd() of a removed directory
@@ -3564,7 +3566,8 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "tag": {"job_id": _STR, "tags": _STR_LIST},
     "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
     "health": {"version": _STR, "root": _STR},
-    "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL},
+    "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL, "token": _OPT_STR, "token_file": _STR,
+              "allowed_origins": _STR_LIST},
 }
 
 
@@ -3803,8 +3806,21 @@ def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
 # The operations agents may call, with their JSON Schema parameters.  MCP tools
 # are generated from this table, and the HTTP API checks its bodies against it.
 _JOB_ID_PARAM = {"type": "string", "description": "job id or unique prefix (1-32 hex characters)"}
-_UNTIL_PARAM = {"type": "number", "minimum": 0, "description": "seconds to wait for the job to finish"}
-_MAX_BYTES_PARAM = {"type": "integer", "minimum": 0, "description": "output excerpt size per stream"}
+# Numbers have the CLI's ranges: durations those of _parse_duration, counts and
+# sizes up to the largest integer every JSON client (JavaScript too) holds exactly.
+_MAX_COUNT = 2 ** 53 - 1
+
+
+def _duration_param(description: str) -> dict:
+    return {"type": "number", "minimum": 0, "exclusiveMaximum": 10 ** 9, "description": description}
+
+
+def _count_param(description: str) -> dict:
+    return {"type": "integer", "minimum": 0, "maximum": _MAX_COUNT, "description": description}
+
+
+_UNTIL_PARAM = _duration_param("seconds to wait for the job to finish")
+_MAX_BYTES_PARAM = _count_param("output excerpt size per stream")
 _TAGS_PARAM = {"type": "array", "items": {"type": "string"}}
 _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
     "run": ("Start a command as a durable background job (it keeps running after this call), wait up "
@@ -3813,22 +3829,21 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                             "description": "argv; a single element is run by the shell"},
                 "cwd": {"type": "string"}, "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 "stdin": {"type": "string", "description": "standard input for the job"},
-                "timeout": {"type": "number", "minimum": 0, "description": "stop the tree after this many seconds"},
-                "kill_after": {"type": "number", "minimum": 0}, "until": _UNTIL_PARAM,
+                "timeout": _duration_param("stop the tree after this many seconds"),
+                "kill_after": _duration_param("then KILL what is left after S seconds"), "until": _UNTIL_PARAM,
                 "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM}, ["command"]),
     "status": ("State, exit code, signal, times and log paths of a job.", {"job_id": _JOB_ID_PARAM}, ["job_id"]),
     "tail": ("The last lines of a job's stdout and stderr.", {
-        "job_id": _JOB_ID_PARAM, "lines": {"type": "integer", "minimum": 0}, "max_bytes": _MAX_BYTES_PARAM},
+        "job_id": _JOB_ID_PARAM, "lines": _count_param("lines per stream"), "max_bytes": _MAX_BYTES_PARAM},
         ["job_id"]),
     "wait": ("Wait up to `until` seconds for a job to finish; returns its state and output.", {
         "job_id": _JOB_ID_PARAM, "until": _UNTIL_PARAM, "max_bytes": _MAX_BYTES_PARAM}, ["job_id"]),
     "kill": ("Signal a job's whole process tree (default TERM) and report what is left.", {
         "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "TERM, INT, KILL, HUP, ..."},
-        "kill_after": {"type": "number", "minimum": 0, "description": "then KILL what is left after S seconds"}},
-        ["job_id"]),
+        "kill_after": _duration_param("then KILL what is left after S seconds")}, ["job_id"]),
     "list": ("Jobs newest first: by default those started in `cwd` (the server's directory), or all.", {
         "state": {"type": "string", "enum": [s.value for s in JobStatus]},
-        "limit": {"type": "integer", "minimum": 0}, "all": {"type": "boolean"}, "cwd": {"type": "string"},
+        "limit": _count_param("at most this many jobs"), "all": {"type": "boolean"}, "cwd": {"type": "string"},
         "tags": _TAGS_PARAM}, []),
 }
 _JSON_TYPE_CHECKS = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
@@ -3836,7 +3851,7 @@ _JSON_TYPE_CHECKS = {"string": str, "integer": int, "number": (int, float), "boo
 
 
 def _check_arguments(operation: str, args: dict) -> dict:
-    """Reject unknown, missing and mistyped arguments before doing anything."""
+    """Reject unknown, missing, mistyped and out-of-range arguments before doing anything."""
     _, params, required = _OPERATIONS[operation]
     if not isinstance(args, dict):
         raise InvalidArgumentError("arguments must be a JSON object")
@@ -3847,16 +3862,58 @@ def _check_arguments(operation: str, args: dict) -> dict:
     for name in required:
         if name not in args:
             raise InvalidArgumentError("%s needs %r" % (operation, name))
-    for name, value in args.items():
-        kind = params[name]["type"]
-        ok = isinstance(value, _JSON_TYPE_CHECKS[kind]) and (kind in ("boolean",) or not isinstance(value, bool))
-        if kind == "array":
-            ok = ok and all(isinstance(v, str) for v in value)
-        if kind == "object":
-            ok = ok and all(isinstance(v, str) for v in value.values())
-        if not ok:
-            raise InvalidArgumentError("%s: %r must be of type %s" % (operation, name, kind))
-    return args
+    return {name: _check_value("%s: %r" % (operation, name), value, params[name]) for name, value in args.items()}
+
+
+def _check_value(what: str, value, param: dict):
+    """One argument against its JSON Schema: type, items, enum, numeric range."""
+    kind = param["type"]
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema counts 5.0 as an integer, and JavaScript clients may send it
+    ok = isinstance(value, _JSON_TYPE_CHECKS[kind]) and (kind == "boolean" or not isinstance(value, bool))
+    if ok and kind == "array":
+        ok = all(isinstance(v, str) for v in value)
+    if ok and kind == "object":
+        ok = all(isinstance(v, str) for v in value.values())
+    if not ok:
+        raise InvalidArgumentError("%s must be of type %s" % (what, kind))
+    if not _is_encodable(value):
+        raise InvalidArgumentError("%s holds a lone surrogate, which is not text" % what,
+                                   hint="only \\udc80-\\udcff are accepted, each standing for one byte")
+    if kind == "array" and len(value) < param.get("minItems", 0):
+        raise InvalidArgumentError("%s needs at least %d item(s)" % (what, param["minItems"]))
+    if "enum" in param and value not in param["enum"]:
+        raise InvalidArgumentError("%s must be one of %s" % (what, ", ".join(param["enum"])))
+    if kind in ("integer", "number") and not _in_range(value, param):
+        raise InvalidArgumentError("%s: %r is out of range" % (what, value), hint=_range_text(param))
+    return value
+
+
+def _is_encodable(value) -> bool:
+    """Whether every string in an argument becomes bytes the way argv, env and stdin
+    are stored: UTF-8, with surrogate escapes (U+DC80-U+DCFF) for single bytes."""
+    if isinstance(value, dict):
+        texts = list(value) + list(value.values())
+    else:
+        texts = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    try:
+        for text in texts:
+            text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _in_range(value, param: dict) -> bool:
+    if isinstance(value, float) and value != value:  # NaN compares false with everything
+        return False
+    return (value >= param.get("minimum", value) and value <= param.get("maximum", value)
+            and ("exclusiveMaximum" not in param or value < param["exclusiveMaximum"]))
+
+
+def _range_text(param: dict) -> str:
+    high = ("<= %d" % param["maximum"]) if "maximum" in param else ("< %d" % param["exclusiveMaximum"])
+    return "a finite %s with %s <= value %s" % (param["type"], param["minimum"], high)
 
 
 def _call_operation(operation: str, args: dict, root: Optional[str], *, default_until: float,
@@ -4122,133 +4179,261 @@ def _serve_mcp(root: Optional[str]) -> int:
 # -- HTTP --------------------------------------------------------------------------
 
 _HTTP_MAX_BODY = 1 << 20
-_HTTP_STATUS = {"job_not_found": 404, "invalid_state": 409, "unauthorized": 401, "payload_too_large": 413,
-                "not_found": 404, "launch_failed": 500, "io_error": 500, "state_unreadable": 500,
+_HTTP_MAX_THREADS = 64        # connections served at once; more wait in the listen queue
+_HTTP_LISTEN_BACKLOG = 128
+_HTTP_IDLE_TIMEOUT_S = 30.0   # JOBSTATE_SERVE_IDLE_TIMEOUT
+_SERVE_FILENAME = "serve.json"
+_HTTP_STATUS = {"job_not_found": 404, "invalid_state": 409, "unauthorized": 401, "forbidden": 403,
+                "payload_too_large": 413, "not_found": 404, "method_not_allowed": 405,
+                "unsupported_media_type": 415, "launch_failed": 500, "io_error": 500, "state_unreadable": 500,
                 "internal_error": 500}
+# The methods each endpoint answers (endpoints are named by _http_endpoint).
+_HTTP_METHODS = {"health": ("GET",), "jobs": ("GET", "POST"), "job": ("GET", "DELETE"), "tail": ("GET",),
+                 "wait": ("GET",), "kill": ("POST",)}
 
 
 class _UnauthorizedError(JobError):
     code = "unauthorized"
 
 
+class _ForbiddenError(JobError):
+    code = "forbidden"
+
+
 class _EndpointNotFoundError(JobError):
     code = "not_found"
+
+
+class _MethodNotAllowedError(JobError):
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allowed: Sequence[str]):
+        self.allowed = allowed
+        super().__init__("%s is not allowed on %s" % (method, path), hint="%s accepts %s" % (path, ", ".join(allowed)))
 
 
 class _PayloadTooLargeError(JobError):
     code = "payload_too_large"
 
 
+class _UnsupportedMediaTypeError(JobError):
+    code = "unsupported_media_type"
+
+
 def _http_status(error: JobError) -> int:
     return _HTTP_STATUS.get(error.code, 400)
 
 
-def _make_http_handler(root: Optional[str], token: Optional[str]):
+def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed_origins: Sequence[str],
+                       idle_timeout_s: float):
     import hmac
     from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "jobstate/" + __version__
         protocol_version = "HTTP/1.1"
+        default_request_version = "HTTP/1.0"  # so that even a garbled request line gets a status line
+        timeout = idle_timeout_s  # per read and write: idle keep-alive connections are closed
+        disable_nagle_algorithm = True  # headers and body leave in two writes: no 40 ms delayed-ACK stall
+        cors_origin: Optional[str] = None
+        body_read = False
 
-        def do_GET(self):
-            self.answer("GET")
-
-        def do_POST(self):
-            self.answer("POST")
-
-        def do_DELETE(self):
-            self.answer("DELETE")
+        def __getattr__(self, name: str):
+            # BaseHTTPRequestHandler calls do_<METHOD>: every method, known or not,
+            # goes through the same checks and is answered with an envelope.
+            if name.startswith("do_"):
+                return self.answer
+            raise AttributeError(name)
 
         def log_message(self, format, *args):
             sys.stderr.write("%s %s\n" % (_utc_now(), format % args))
 
-        def answer(self, method: str) -> None:
+        def answer(self) -> None:
+            self.cors_origin, self.body_read, extra = None, False, {}
             try:
+                self.check_request()
+                if self.command == "OPTIONS":
+                    return self.send_preflight()
                 self.authorize()
-                status, doc = 200, self.route(method)
+                status, doc = 200, _route_http(self.command, self.path, self.body, root)
             except JobError as exc:
                 status, doc = _http_status(exc), _error_envelope(exc)
+                if isinstance(exc, _MethodNotAllowedError):
+                    extra["Allow"] = ", ".join(exc.allowed)
             except Exception as exc:  # a bug: answer 500 with an envelope, keep serving
                 status, doc = 500, _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
-            body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if status == 401:
-                self.send_header("WWW-Authenticate", "Bearer")
-            self.end_headers()
-            self.wfile.write(body)
+            self.discard_body()
+            return self.send_envelope(status, doc, extra)
+
+        def check_request(self) -> None:
+            """403 for what a web page could forge: a foreign Host (DNS rebinding) or Origin."""
+            hosts = self.headers.get_all("Host") or []
+            if len(hosts) != 1 or not _host_is_allowed(hosts[0], bound_host):
+                raise _ForbiddenError("Host %r is not this server" % (hosts[0] if hosts else None),
+                                      hint="address the server as localhost, a loopback address or %s"
+                                      % bound_host)
+            origins = self.headers.get_all("Origin") or []
+            if len(origins) > 1 or (origins and origins[0] not in allowed_origins):
+                raise _ForbiddenError("requests from web pages of %r are refused" % (origins[-1],),
+                                      hint="start serve with --allow-origin ORIGIN to let one call it")
+            self.cors_origin = origins[0] if origins else None
 
         def authorize(self) -> None:
-            if token is None:
+            if token is None or (self.command == "GET" and _http_endpoint(_http_target(self.path)[0]) == "health"):
                 return
             given = self.headers.get("Authorization", "")
             expected = "Bearer " + token
             if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
                 raise _UnauthorizedError("missing or wrong bearer token",
-                                        hint="send 'Authorization: Bearer $JOBSTATE_SERVE_TOKEN'")
+                                         hint="send 'Authorization: Bearer TOKEN' with the token serve printed "
+                                         "(also in %s under the jobs root)" % _SERVE_FILENAME)
 
         def body(self) -> dict:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0 or length > _HTTP_MAX_BODY:
-                # Read (a bounded amount of) what the client is sending, so it
-                # gets our 413 instead of a broken pipe; then hang up.
-                self.rfile.read(min(max(length, 0), 8 * _HTTP_MAX_BODY))
-                self.close_connection = True
+            if not _is_json_media_type(self.headers.get("Content-Type")):
+                raise _UnsupportedMediaTypeError(
+                    "request bodies must be JSON, not %r" % (self.headers.get("Content-Type"),),
+                    hint="send 'Content-Type: application/json'")
+            length = _content_length(self.headers)
+            if length > _HTTP_MAX_BODY:
                 raise _PayloadTooLargeError("request body over %d bytes" % _HTTP_MAX_BODY)
-            raw = self.rfile.read(length) if length else b"{}"
             try:
-                doc = json.loads(raw.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                raise InvalidArgumentError("request body is not JSON") from None
-            if not isinstance(doc, dict):
-                raise InvalidArgumentError("request body must be a JSON object")
-            return doc
+                raw = self.rfile.read(length)
+            except OSError:  # the idle timeout, or a reset: the client cannot be answered reliably
+                raw = b""
+            self.body_read = True
+            if len(raw) < length:
+                self.close_connection = True
+                raise InvalidArgumentError("request body ended after %d of %d bytes" % (len(raw), length))
+            return _parse_json_body(raw)
 
-        def route(self, method: str) -> dict:
-            return _route_http(method, self.path, self.body, root)
+        def discard_body(self) -> None:
+            """Read a body we did not use, so the client gets our answer rather than a
+            reset; one too large (8 MiB) or of unknown length ends the connection."""
+            if self.body_read:
+                return
+            try:
+                length = _content_length(self.headers)
+            except InvalidArgumentError:
+                length = -1
+            if not 0 <= length <= 8 * _HTTP_MAX_BODY:
+                self.close_connection = True
+                return
+            try:
+                self.rfile.read(length)
+            except OSError:  # the client went quiet or away: nothing left to keep in sync
+                self.close_connection = True
+
+        def send_preflight(self) -> None:
+            self.send_response(204)
+            self.send_header("Allow", "GET, POST, DELETE, OPTIONS")
+            if self.cors_origin:
+                self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE")
+                self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+                self.send_header("Access-Control-Max-Age", "600")
+                if self.headers.get("Access-Control-Request-Private-Network") == "true":
+                    self.send_header("Access-Control-Allow-Private-Network", "true")
+            self.discard_body()
+            self.finish_response(b"")
+
+        def send_envelope(self, status: int, doc: dict, extra: Dict[str, str]) -> None:
+            body = _json_bytes(doc)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if status == 401:
+                self.send_header("WWW-Authenticate", "Bearer")
+            for name, value in extra.items():
+                self.send_header(name, value)
+            self.finish_response(body if self.command != "HEAD" else b"")
+
+        def finish_response(self, body: bytes) -> None:
+            if self.cors_origin:
+                self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+                self.send_header("Vary", "Origin")
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            try:
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client left or stopped reading (write timeout): drop it
+                self.close_connection = True
+
+        def send_error(self, code, message=None, explain=None):
+            # The stdlib parser could not read the request line or headers: the
+            # stream is out of step, so answer with an envelope and hang up.
+            self.close_connection, self.cors_origin = True, None
+            error = InvalidArgumentError("unreadable HTTP request: %s" % (message or code),
+                                         hint="send an HTTP/1.1 request with a Host header")
+            self.send_envelope(int(code), _error_envelope(error), {})
 
     return Handler
 
 
+def _json_bytes(doc: dict) -> bytes:
+    try:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 (surrogate escapes): \u escapes instead
+        return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+
 def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dict:
     """Answer one request: `target` is the path with its query, read_body() the JSON body."""
-    from urllib.parse import parse_qs, unquote, urlsplit
-    url = urlsplit(target)
-    parts = [unquote(p) for p in url.path.split("/") if p]
-    params = parse_qs(url.query)
+    from urllib.parse import parse_qs
+    parts, query_text = _http_target(target)
+    path = target.partition("?")[0][:200]
+    endpoint = _http_endpoint(parts)
+    if endpoint is None:
+        raise _EndpointNotFoundError("no endpoint %s %s" % (method, path),
+                                     hint="endpoints: /health, /jobs, /jobs/ID, /jobs/ID/tail, /jobs/ID/wait, "
+                                          "/jobs/ID/kill")
+    if method not in _HTTP_METHODS[endpoint]:
+        raise _MethodNotAllowedError(method, path, _HTTP_METHODS[endpoint])
+    params = parse_qs(query_text)
     query = {k: v[-1] for k, v in params.items()}
-    tags = params.get("tag", [])
-    if method == "GET" and parts == ["health"]:
+    if endpoint == "health":
         return _envelope("health", {"version": __version__, "root": resolve_root(root)})
-    if parts[:1] != ["jobs"] or len(parts) > 3:
-        raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
-    if len(parts) == 1 and method == "POST":
+    if endpoint == "jobs" and method == "POST":
         return _call_operation("run", read_body(), root, default_until=DEFAULT_RUN_UNTIL_S)
-    if len(parts) == 1 and method == "GET":
+    if endpoint == "jobs":
         args = _query_args(query, {"state": str, "limit": int, "all": bool, "cwd": str})
-        if tags:
-            args["tags"] = tags
+        if "tag" in params:
+            args["tags"] = params["tag"]
         return _call_operation("list", args, root, default_until=0)
-    job_id, action = parts[1], (parts[2] if len(parts) == 3 else None)
-    if method == "GET" and action in (None, "tail", "wait"):
-        types = {None: {}, "tail": {"lines": int, "max_bytes": int},
-                 "wait": {"until": float, "max_bytes": int}}[action]
-        args = dict(_query_args(query, types), job_id=job_id)
-        return _call_operation(action or "status", args, root, default_until=DEFAULT_WAIT_UNTIL_S)
-    if method == "POST" and action == "kill":
+    job_id = parts[1]
+    if endpoint == "kill":
         return _call_operation("kill", dict(read_body(), job_id=job_id), root, default_until=0)
-    if method == "DELETE" and action is None:
+    if method == "DELETE":
         return _delete_doc(resolve_root(root), job_id, False)
-    raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
+    types = {"job": {}, "tail": {"lines": int, "max_bytes": int}, "wait": {"until": float, "max_bytes": int}}
+    args = dict(_query_args(query, types[endpoint]), job_id=job_id)
+    return _call_operation("status" if endpoint == "job" else endpoint, args, root,
+                           default_until=DEFAULT_WAIT_UNTIL_S)
+
+
+def _http_target(target: str) -> Tuple[Optional[List[str]], str]:
+    """Path segments and query of a request target; None segments unless it is a
+    plain path (an absolute URL would name another host than the Host header)."""
+    from urllib.parse import unquote
+    path, _, query = target.split("#", 1)[0].partition("?")
+    if not path.startswith("/"):
+        return None, query
+    return [unquote(p) for p in path.split("/") if p], query
+
+
+def _http_endpoint(parts: Optional[List[str]]) -> Optional[str]:
+    """The endpoint a path names (a key of _HTTP_METHODS), or None."""
+    if parts == ["health"]:
+        return "health"
+    if not parts or parts[0] != "jobs" or len(parts) > 3:
+        return None
+    if len(parts) < 3:
+        return ("jobs", "job")[len(parts) - 1]
+    return parts[2] if parts[2] in ("tail", "wait", "kill") else None
 
 
 def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
-    """Typed arguments from a query string; unknown parameters are rejected."""
+    """Typed arguments from a query string; unknown parameters are rejected.
+    Ranges are checked with the operation's schema, like JSON arguments."""
     unknown = sorted(set(query) - set(types) - {"tag"})
     if unknown:
         raise InvalidArgumentError("unknown query parameter(s): %s" % ", ".join(unknown))
@@ -4258,10 +4443,54 @@ def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
             continue
         kind = types[name]
         try:
-            args[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            args[name] = _query_bool(value) if kind is bool else kind(value)
         except ValueError:
             raise InvalidArgumentError("query parameter %r: %r is not a %s" % (name, value, kind.__name__)) from None
     return args
+
+
+def _query_bool(value: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if value.lower() not in words:
+        raise ValueError(value)
+    return words[value.lower()]
+
+
+def _content_length(headers) -> int:
+    """The declared body size (0 without one); InvalidArgumentError when the body's
+    end cannot be known (chunked, malformed or repeated Content-Length)."""
+    if headers.get("Transfer-Encoding") is not None:
+        raise InvalidArgumentError("chunked request bodies are not supported", hint="send a Content-Length")
+    values = headers.get_all("Content-Length") or []
+    if len(values) > 1 or (values and not re.fullmatch(r"[0-9]{1,15}", values[0].strip())):
+        raise InvalidArgumentError("bad Content-Length %s" % ", ".join(values))
+    return int(values[0]) if values else 0
+
+
+def _is_json_media_type(value: Optional[str]) -> bool:
+    """application/json, with or without parameters (`; charset=utf-8`)."""
+    return bool(value) and value.split(";", 1)[0].strip().lower() == "application/json"
+
+
+def _parse_json_body(raw: bytes) -> dict:
+    """The JSON object of a request body (an empty body is {}); InvalidArgumentError otherwise."""
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
+    except UnicodeDecodeError:
+        raise InvalidArgumentError("request body is not UTF-8") from None
+    except RecursionError:
+        raise InvalidArgumentError("request body is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidArgumentError("request body is not JSON: %s" % exc) from None
+    if not isinstance(doc, dict):
+        raise InvalidArgumentError("request body must be a JSON object")
+    return doc
+
+
+def _reject_json_constant(name: str):
+    raise InvalidArgumentError("request body holds %s, which is not JSON" % name, hint="send finite numbers")
 
 
 def _parse_bind(bind: str) -> Tuple[str, int]:
@@ -4285,34 +4514,159 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _serve_http(root: Optional[str], bind: str, ready) -> int:
-    """Serve the HTTP API until interrupted; `ready` receives the serve envelope once listening."""
+def _ip_address(host: str):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _host_is_allowed(header: Optional[str], bound_host: str) -> bool:
+    """Does a Host header name this server in a way a DNS-rebinding page cannot:
+    localhost, a loopback address, the bound host, or any address on a wildcard
+    bind (a page can point its own name at us, but not change an address)?"""
+    match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?", header or "", re.IGNORECASE)
+    if not match:
+        return False
+    host = match.group(1).strip("[]").lower()
+    if _is_loopback(host) or host == bound_host.lower():
+        return True
+    bound = _ip_address(bound_host)
+    return bool(bound and bound.is_unspecified and _ip_address(host))
+
+
+def _check_origin_option(value: str) -> str:
+    """An --allow-origin value: scheme://host[:port], exactly as browsers send Origin."""
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", value, re.IGNORECASE):
+        raise InvalidArgumentError("--allow-origin %r is not an origin" % (value,),
+                                   hint="scheme://host[:port] with no path, e.g. http://localhost:3000")
+    return value.lower()
+
+
+def _serve_token(host: str, use_token: bool) -> Tuple[Optional[str], bool]:
+    """The bearer token serve demands and whether serve made it: JOBSTATE_SERVE_TOKEN,
+    else a new random one; None only for --no-token, which loopback binds alone may use."""
+    given = os.environ.get("JOBSTATE_SERVE_TOKEN") or None
+    if use_token and given:
+        return given, False
+    if use_token:
+        import secrets
+        return secrets.token_urlsafe(32), True
+    if given:
+        raise InvalidArgumentError("--no-token contradicts JOBSTATE_SERVE_TOKEN",
+                                   hint="unset JOBSTATE_SERVE_TOKEN, or drop --no-token")
+    if not _is_loopback(host):
+        raise InvalidArgumentError("refusing to serve on %s without a token" % host,
+                                   hint="drop --no-token (serve makes a token), or bind a loopback address")
+    return None, False
+
+
+def _make_http_server(host: str, port: int, handler):
     from http.server import ThreadingHTTPServer
     import socket
-    host, port = _parse_bind(bind)
-    token = os.environ.get("JOBSTATE_SERVE_TOKEN") or None
-    if token is None and not _is_loopback(host):
-        raise InvalidArgumentError("refusing to serve on %s without a token" % host,
-                                   hint="set JOBSTATE_SERVE_TOKEN, or bind a loopback address")
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
+        request_queue_size = _HTTP_LISTEN_BACKLOG
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        slots = threading.BoundedSemaphore(_HTTP_MAX_THREADS)
+        stopping = False  # set by a signal handler; checked at least every `timeout` seconds
+        timeout = 0.5
+
+        def process_request(self, request, client_address):
+            # With every slot busy the accepting loop waits here, and new
+            # connections wait in the kernel's listen queue, not in threads.
+            while not self.slots.acquire(timeout=0.5):
+                if self.stopping:
+                    return self.shutdown_request(request)
+            thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                      daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # "can't start new thread": it never ran, so it never releases its slot
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request, client_address):
+            sys.stderr.write("%s %s: %s\n" % (_utc_now(), client_address[0], sys.exc_info()[1]))
 
     try:
-        server = Server((host, port), _make_http_handler(root, token))
+        return Server((host, port), handler)
     except OSError as exc:
-        raise JobIOError("cannot listen on %s: %s" % (bind, exc.strerror or exc)) from None
+        raise JobIOError("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)) from None
+
+
+def _serve_http(root: Optional[str], bind: str, ready, *, use_token: bool = True,
+                allowed_origins: Sequence[str] = ()) -> int:
+    """Serve the HTTP API until Ctrl-C or SIGTERM; `ready` receives the
+    serve envelope once listening.  {url, token, pid} go to serve.json in the root."""
+    host, port = _parse_bind(bind)
+    origins = [_check_origin_option(origin) for origin in allowed_origins]
+    token, made_token = _serve_token(host, use_token)
+    root = resolve_root(root)
+    _ensure_root(root)
+    idle_s = _env_seconds("JOBSTATE_SERVE_IDLE_TIMEOUT", _HTTP_IDLE_TIMEOUT_S) or _HTTP_IDLE_TIMEOUT_S
+    server = _make_http_server(host, port, _make_http_handler(root, token, host, origins, idle_s))
     bound_port = server.server_address[1]
     url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, bound_port)
-    ready(_envelope("serve", {"url": url, "host": host, "port": bound_port, "auth": token is not None}))
+    info = {"url": url, "token": token, "pid": os.getpid()}
+    info_path = os.path.join(root, _SERVE_FILENAME)
+    previous_handlers = _stop_on_signals(server)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
+        _write_serve_file(info_path, info)
+        ready(_envelope("serve", {
+            "url": url, "host": host, "port": bound_port, "auth": token is not None, "token_file": info_path,
+            "token": token if made_token else None,  # never echo a secret the caller chose
+            "allowed_origins": origins}))
+        while not server.stopping:
+            server.handle_request()
+    except KeyboardInterrupt:  # where our handlers could not be installed
         pass
     finally:
         server.server_close()
+        _remove_serve_file(info_path, info)
+        for signum, handler in previous_handlers.items():
+            if handler is not None:
+                _signal.signal(signum, handler)
     return 0
+
+
+def _stop_on_signals(server) -> dict:
+    """Make SIGINT and SIGTERM stop the server (serve then removes serve.json); returns
+    the handlers replaced.  The handlers only set a flag: an exception raised from a
+    signal handler can land anywhere, even in a weakref callback that ignores it."""
+    def stop(signum, frame):
+        server.stopping = True
+    previous = {}
+    for signum in (_signal.SIGINT, _signal.SIGTERM):
+        try:
+            previous[signum] = _signal.signal(signum, stop)
+        except ValueError:  # not the main thread (an embedding caller): leave signals alone
+            break
+    return previous
+
+
+def _write_serve_file(path: str, info: dict) -> None:
+    try:
+        _write_json_atomic(path, info)  # 0600, like every file we write: it holds the token
+    except OSError as exc:
+        raise JobIOError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
+
+
+def _remove_serve_file(path: str, info: dict) -> None:
+    """Remove serve.json if it still describes this server (a later one may have replaced it)."""
+    try:
+        if _read_json(path) == info:
+            os.unlink(path)
+    except (OSError, ValueError):  # already gone, or unreadable: not ours to judge, leave it
+        pass
 
 # ---------------------------------------------------------------------------
 # 11. Text rendering: --format text
@@ -4654,6 +5008,11 @@ def _gc_options(p) -> None:
 
 def _serve_options(p) -> None:
     p.add_argument("--bind", default="127.0.0.1:19263", metavar="HOST:PORT", help="default 127.0.0.1:19263")
+    p.add_argument("--no-token", action="store_true",
+                   help="no bearer token (loopback only); by default serve makes one unless JOBSTATE_SERVE_TOKEN "
+                        "is set")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages of ORIGIN (scheme://host[:port]) call the API (repeatable)")
 
 
 def _tag_options(p) -> None:
@@ -4942,7 +5301,8 @@ def _cmd_mcp(ns):
 
 
 def _cmd_serve(ns):
-    return None, _serve_http(ns.root, ns.bind, lambda doc: _emit(doc, ns.pretty))
+    return None, _serve_http(ns.root, ns.bind, lambda doc: _emit(doc, ns.pretty), use_token=not ns.no_token,
+                             allowed_origins=ns.allow_origin)
 
 
 def _cmd_tag(ns):
@@ -4968,7 +5328,7 @@ _COMMANDS = (
     ("schema", _cmd_schema, "print the JSON Schemas of every file and response", (), _no_options),
     ("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list)",
      (), _no_options),
-    ("serve", _cmd_serve, "serve the HTTP API (loopback by default; JOBSTATE_SERVE_TOKEN guards it)", (),
+    ("serve", _cmd_serve, "serve the HTTP API (loopback by default, behind a bearer token it prints)", (),
      _serve_options),
     ("tag", _cmd_tag, "manage tags", (), _tag_options),
 )
@@ -4989,7 +5349,7 @@ _EXAMPLES = {
     "gc": ("gc --dry-run", "gc --older-than 7d --max-bytes 1G"),
     "schema": ("schema", "--pretty schema"),
     "mcp": ("mcp", "--root /tmp/agent-jobs mcp"),
-    "serve": ("serve", "serve --bind 0.0.0.0:19263   # needs JOBSTATE_SERVE_TOKEN"),
+    "serve": ("serve   # prints the token; also in serve.json", "serve --allow-origin http://localhost:5173"),
     "tag": ("tag set 01a2f3 --tag ci.lint", "tag set 01a2f3   # clears the tags"),
 }
 

@@ -2344,6 +2344,40 @@ asyncio.run(main(*sys.argv[1:]))
 '''
 
 
+def http_exchange(port, method, target, headers=(), body=None, timeout=30):
+    """One request carrying exactly `headers` (http.client adds none: no Host, no
+    Content-Type), the way a browser page or an attacker shapes it.
+    Returns (status, response headers, parsed JSON body or None)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    doc = json.loads(data) if resp.headers.get("Content-Type", "").startswith("application/json") else None
+    return resp.status, resp.headers, doc
+
+
+def raw_exchange(port, data, timeout=30):
+    """Send raw bytes (a request no client library would form); returns (status, JSON body or None)."""
+    import http.client
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        body = resp.read()
+    return resp.status, (json.loads(body) if body else None)
+
+
+SERVER_TOKEN = object()  # request(): send the token the server printed
+
+
 class McpTests(JobTestCase):
     def start_server(self, **env):
         proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "mcp"], stdin=subprocess.PIPE,
@@ -2610,26 +2644,42 @@ class McpTests(JobTestCase):
 
 
 class HttpTests(JobTestCase):
-    def start_server(self, token=None, bind="127.0.0.1:0"):
-        env = dict(os.environ)
+    def start_server(self, token=None, bind="127.0.0.1:0", args=(), **env_vars):
+        """Start `serve` (without JOBSTATE_SERVE_TOKEN unless `token`); returns its URL and
+        remembers its port, token and process."""
+        doc, proc = self.launch_server(token, bind, args, **env_vars)
+        self.assertEqual(doc["type"], "serve", doc)
+        self.ready, self.server, self.port, self.token = doc, proc, doc["port"], doc.get("token") or token
+        return doc["url"]
+
+    def launch_server(self, token=None, bind="127.0.0.1:0", args=(), **env_vars):
+        env = dict(os.environ, **env_vars)
         env.pop("JOBSTATE_SERVE_TOKEN", None)
         if token:
             env["JOBSTATE_SERVE_TOKEN"] = token
-        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "serve", "--bind", bind], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(proc.stderr.close)
+        log = open(os.path.join(self.tmp, "serve-%d.log" % len(os.listdir(self.tmp))), "w+b")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "serve", "--bind", bind] + list(args),
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+        self.addCleanup(self.assert_no_traceback, log)
         self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.wait, 30)
-        self.addCleanup(proc.terminate)
-        ready = json.loads(proc.stdout.readline())
-        self.assertEqual(ready["type"], "serve", ready)
-        return ready["url"]
+        self.addCleanup(lambda: proc.poll() is not None or proc.terminate())
+        line = proc.stdout.readline()
+        return (json.loads(line) if line else None), proc
 
-    def request(self, method, url, body=None, token=None, raw=None):
+    def assert_no_traceback(self, log):
+        log.seek(0)
+        self.assertNotIn(b"Traceback", log.read())
+
+    def request(self, method, url, body=None, token=SERVER_TOKEN, raw=None):
         import urllib.error
         import urllib.request
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        token = self.token if token is SERVER_TOKEN else token
         if token:
             req.add_header("Authorization", "Bearer " + token)
         try:
@@ -2637,6 +2687,26 @@ class HttpTests(JobTestCase):
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
+
+    def send(self, method, target, body=None, headers=None, port=None):
+        """A request with the server's Host and token and, with a body, a JSON Content-Type
+        and its Content-Length; `headers` adds or replaces headers (None drops one)."""
+        base = {"Host": "127.0.0.1:%d" % self.port}
+        if self.token:
+            base["Authorization"] = "Bearer " + self.token
+        if body is not None:
+            body = body if isinstance(body, bytes) else json.dumps(body).encode()
+            base.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+        base.update(headers or {})
+        pairs = [(k, v) for k, v in base.items() if v is not None]
+        return http_exchange(port or self.port, method, target, pairs, body)
+
+    def assert_error(self, reply, status, code, context=None):
+        got_status, headers, doc = reply
+        self.assertIsNotNone(doc, "no JSON envelope for %r" % (context,))
+        self.assertEqual((got_status, doc["ok"], doc["type"], doc["error"]["code"]), (status, False, "error", code),
+                         context)
+        return headers, doc
 
     def test_endpoints(self):
         url = self.start_server()
@@ -2668,14 +2738,15 @@ class HttpTests(JobTestCase):
         status, doc = self.request("DELETE", url + "/jobs/" + running.id)
         self.assertEqual((status, doc["error"]["code"]), (409, "invalid_state"))
 
-    def test_token_guards_every_endpoint(self):
+    def test_token_guards_every_endpoint_but_health(self):
         url = self.start_server(token="s3cret")
-        for method, path in (("GET", "/health"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"),
-                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc")):
-            for token in (None, "wrong"):
+        for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"),
+                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc"), ("GET", "/nope")):
+            for token in (None, "wrong", "s3cre", "s3cret "):
                 status, doc = self.request(method, url + path, {} if method == "POST" else None, token=token)
                 self.assertEqual((status, doc["error"]["code"]), (401, "unauthorized"), (method, path, token))
-        self.assertEqual(self.request("GET", url + "/health", token="s3cret")[0], 200)
+        self.assertEqual(self.request("GET", url + "/health", token=None)[0], 200)
+        self.assertEqual(self.request("GET", url + "/jobs", token="s3cret")[0], 200)
         self.assertEqual(jobstate._list_job_ids(self.root), [])
 
     def test_body_too_large(self):
@@ -2683,12 +2754,346 @@ class HttpTests(JobTestCase):
         status, doc = self.request("POST", url + "/jobs", raw=b" " * (jobstate._HTTP_MAX_BODY + 1))
         self.assertEqual((status, doc["error"]["code"]), (413, "payload_too_large"))
 
-    def test_non_loopback_bind_needs_a_token(self):
+    # -- safe by default: a generated token, serve.json --------------------------------
+
+    def test_serve_without_a_token_makes_one(self):
+        url = self.start_server()
+        doc_token = self.token
+        self.assertIsInstance(doc_token, str)
+        self.assertGreaterEqual(len(doc_token), 32)
+        info_path = os.path.join(self.root, "serve.json")
+        with open(info_path) as f:
+            self.assertEqual(json.load(f), {"url": url, "token": doc_token, "pid": self.server.pid})
+        if POSIX:
+            self.assertEqual(os.stat(info_path).st_mode & 0o777, 0o600)
+        for headers in ({"Authorization": None}, {"Authorization": "Bearer wrong"},
+                        {"Authorization": "Bearer " + doc_token[:-1]}, {"Authorization": doc_token}):
+            self.assert_error(self.send("GET", "/jobs", headers=headers), 401, "unauthorized", headers)
+            self.assert_error(self.send("POST", "/jobs", {"command": py("pass")}, headers=headers),
+                              401, "unauthorized", headers)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        self.assertEqual(self.send("GET", "/health", headers={"Authorization": None})[0], 200)
+        self.assertEqual(self.send("GET", "/jobs")[0], 200)
+        if POSIX:  # SIGTERM is a clean stop; Windows' terminate() is not
+            self.server.terminate()
+            self.assertEqual(self.server.wait(30), 0)
+            self.assertFalse(os.path.exists(info_path), "serve.json outlived its server")
+
+    def test_a_given_token_is_used_and_written_for_clients(self):
+        self.start_server(token="given-token-123")
+        ready = self.ready
+        self.assertEqual((ready["auth"], ready["token"]), (True, None), "the caller's secret is not echoed")
+        with open(ready["token_file"]) as f:
+            self.assertEqual(json.load(f)["token"], "given-token-123")
+        self.assertEqual(self.send("GET", "/jobs")[0], 200)
+
+    def test_no_token_is_explicit_and_loopback_only(self):
         env = {k: v for k, v in os.environ.items() if k != "JOBSTATE_SERVE_TOKEN"}
-        proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "serve", "--bind", "0.0.0.0:0"], env=env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
-        doc = json.loads(proc.stdout)
-        self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "invalid_argument"))
+        for bind, extra in (("0.0.0.0:0", {}), ("127.0.0.1:0", {"JOBSTATE_SERVE_TOKEN": "t"})):
+            proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "serve", "--bind", bind, "--no-token"],
+                                  env=dict(env, **extra), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=30)
+            doc = json.loads(proc.stdout)
+            self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "invalid_argument"), bind)
+        self.start_server(args=["--no-token"])
+        self.assertIsNone(self.token)
+        with open(os.path.join(self.root, "serve.json")) as f:
+            self.assertIsNone(json.load(f)["token"])
+        status, _, doc = self.send("POST", "/jobs", {"command": py("print('open')"), "until": 10})
+        self.assertEqual((status, doc["stdout"].strip()), (200, "open"))
+
+    # -- browsers: cross-site requests, DNS rebinding, CORS ----------------------------
+
+    def test_cross_site_simple_post_launches_nothing(self):
+        marker = os.path.join(self.tmp, "pwned")
+        evil = json.dumps({"command": py("open(%r, 'w').close()" % marker), "until": 5}).encode()
+        victim = self.run_job(py("import time; time.sleep(60)"))
+        for args in ([], ["--no-token"]):
+            self.start_server(args=args)
+            for extra in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {}):
+                # What fetch(url, {method: "POST", mode: "no-cors", body}) sends: no preflight, no token.
+                headers = dict(extra, **{"Content-Type": "text/plain;charset=UTF-8", "Authorization": None})
+                for target in ("/jobs", "/jobs/%s/kill" % victim.id):
+                    status, response_headers, doc = self.send("POST", target, evil, headers=headers)
+                    self.assertIn(status, (401, 403, 415), (args, extra, target))
+                    self.assertFalse(doc["ok"])
+                    self.assertIsNone(response_headers.get("Access-Control-Allow-Origin"))
+        self.assertEqual(jobstate._list_job_ids(self.root), [victim.id], "a cross-site request launched a job")
+        self.assertFalse(os.path.exists(marker))
+        self.assertEqual(victim.state().status, jobstate.JobStatus.RUNNING)
+
+    def test_dns_rebinding_host_is_forbidden(self):
+        secret = "secret-%s" % os.getpid()
+        job = self.run_job(py("print(%r)" % secret))
+        job.wait(10)
+        for args in ([], ["--no-token"]):
+            self.start_server(args=args)
+            for host in ("evil.example:19263", "evil.example", "127.0.0.1.evil.example", "localhost.evil.example",
+                         "0.0.0.0:%d" % self.port, "[::2]:80", "::1", "", "127.0.0.1@evil.example"):
+                for target in ("/jobs?all=1", "/jobs/" + job.id, "/jobs/%s/tail" % job.id, "/health"):
+                    status, _, doc = reply = self.send("GET", target, headers={"Host": host})
+                    self.assert_error(reply, 403, "forbidden", (args, host, target))
+                    self.assertNotIn(secret, json.dumps(doc))
+            # HTTP/1.0 without a Host header at all
+            status, doc = raw_exchange(self.port, b"GET /jobs?all=1 HTTP/1.0\r\n\r\n")
+            self.assertEqual((status, doc["error"]["code"]), (403, "forbidden"))
+            for host in ("localhost:%d" % self.port, "LOCALHOST", "127.0.0.1", "127.9.9.9:1", "[::1]:%d" % self.port):
+                status, _, doc = self.send("GET", "/jobs/%s/tail" % job.id, headers={"Host": host})
+                self.assertEqual((status, doc["stdout"].strip()), (200, secret), host)
+
+    def test_host_rules(self):
+        allowed = jobstate._host_is_allowed
+        for header in ("localhost", "localhost:80", "127.0.0.1", "127.0.0.1:19263", "127.1.2.3", "[::1]",
+                       "[::1]:19263", "LocalHost:1"):
+            self.assertTrue(allowed(header, "127.0.0.1"), header)
+        for header in (None, "", "evil.example", "evil.example:19263", "localhost.", "a.localhost", "::1",
+                       "[::1", "127.0.0.1:port", "127.0.0.1:1:2", "0.0.0.0", "10.0.0.5", "user@localhost",
+                       "localhost/x", "[evil.example]"):
+            self.assertFalse(allowed(header, "127.0.0.1"), header)
+        self.assertTrue(allowed("box.lan:19263", "box.lan"))
+        self.assertTrue(allowed("10.0.0.5:19263", "10.0.0.5"))
+        self.assertFalse(allowed("10.0.0.6:19263", "10.0.0.5"))
+        self.assertTrue(allowed("10.0.0.6:19263", "0.0.0.0"), "a wildcard bind answers on any address")
+        self.assertTrue(allowed("[fe80::1]:19263", "::"))
+        self.assertFalse(allowed("evil.example", "0.0.0.0"), "names can be rebound, addresses cannot")
+
+    def test_allowed_origin_gets_cors_and_others_get_403(self):
+        app = "http://app.example:3000"
+        self.start_server(args=["--allow-origin", app, "--allow-origin", "https://ui.example"])
+        status, headers, doc = self.send("GET", "/jobs", headers={"Origin": app})
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (200, app))
+        self.assertIn("Origin", headers["Vary"])
+        status, headers, _ = self.send("OPTIONS", "/jobs", headers={
+            "Origin": app, "Access-Control-Request-Method": "POST", "Authorization": None,
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (204, app))
+        self.assertIn("POST", headers["Access-Control-Allow-Methods"])
+        self.assertIn("authorization", headers["Access-Control-Allow-Headers"].lower())
+        self.assertIn("content-type", headers["Access-Control-Allow-Headers"].lower())
+        status, headers, doc = self.send("GET", "/jobs", headers={"Origin": app, "Authorization": None})
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (401, app))
+        for origin in ("http://evil.example", "http://app.example", "https://app.example:3000", app + "/",
+                       "HTTP://APP.EXAMPLE:3000x", "null"):
+            for method in ("GET", "OPTIONS"):
+                headers, _ = self.assert_error(self.send(method, "/jobs", headers={"Origin": origin}),
+                                               403, "forbidden", (method, origin))
+                self.assertIsNone(headers.get("Access-Control-Allow-Origin"))
+        status, headers, _ = self.send("GET", "/jobs")
+        self.assertEqual(status, 200)
+        self.assertIsNone(headers.get("Access-Control-Allow-Origin"))
+        for bad in ("*", "http://app.example/", "http://app.example/path", "app.example", ""):
+            ready, proc = self.launch_server(args=["--allow-origin", bad])
+            self.assertEqual((ready["ok"], ready["error"]["code"]), (False, "invalid_argument"), bad)
+            self.assertEqual(proc.wait(30), 1)
+
+    def test_post_bodies_must_be_json(self):
+        self.start_server()
+        command = {"command": py("pass")}
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                             None, "", "application/jsonp", "text/json"):
+            for target in ("/jobs", "/jobs/abc/kill"):
+                self.assert_error(self.send("POST", target, command, headers={"Content-Type": content_type}),
+                                  415, "unsupported_media_type", (content_type, target))
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        status, _, doc = self.send("POST", "/jobs", command,
+                                   headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        self.assertEqual((status, doc["type"]), (200, "run"))
+
+    # -- a robust server: backlog, threads, idle connections, malformed input ----------
+
+    @unittest.skipUnless(POSIX, "stops the server with SIGSTOP")
+    def test_many_clients_connecting_at_once_all_get_answers(self):
+        import select
+        import socket
+        self.start_server()
+        # While the server is stopped only the kernel's listen queue holds new connections.
+        os.kill(self.server.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, self.server.pid, signal.SIGCONT)
+        socks = []
+        for _ in range(60):
+            sock = socket.socket()
+            self.addCleanup(sock.close)
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", self.port))
+            socks.append(sock)
+        pending, deadline = set(socks), time.monotonic() + 3
+        while pending and time.monotonic() < deadline:
+            for sock in select.select([], list(pending), [], 0.1)[1]:
+                self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), 0)
+                pending.discard(sock)
+        self.assertEqual(len(pending), 0, "%d of 60 connections were not queued" % len(pending))
+        os.kill(self.server.pid, signal.SIGCONT)
+        request = ("GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % self.port).encode()
+        for sock in socks:
+            sock.setblocking(True)
+            sock.settimeout(30)
+            sock.sendall(request)
+        for sock in socks:
+            reply = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:200])
+
+    @unittest.skipUnless(jobstate._LINUX, "counts the server's threads in /proc")
+    def test_handler_threads_are_bounded_and_idle_connections_closed(self):
+        import select
+        import socket
+        self.start_server(JOBSTATE_SERVE_IDLE_TIMEOUT="1")
+        socks = [socket.create_connection(("127.0.0.1", self.port), timeout=30) for _ in range(100)]
+        for sock in socks:
+            self.addCleanup(sock.close)
+        peak, closed, deadline = 0, set(), time.monotonic() + 20
+        while len(closed) < len(socks) and time.monotonic() < deadline:
+            peak = max(peak, len(os.listdir("/proc/%d/task" % self.server.pid)))
+            for sock in select.select([s for s in socks if s not in closed], [], [], 0.05)[0]:
+                self.assertEqual(sock.recv(1), b"")
+                closed.add(sock)
+        self.assertLessEqual(peak, 64 + 3, "one thread per idle connection")
+        self.assertEqual(len(closed), len(socks), "idle connections were never closed")
+        self.assertEqual(self.send("GET", "/health")[0], 200)
+
+    @unittest.skipUnless(POSIX, "SIGTERM is a clean stop on POSIX only")
+    def test_sigterm_under_load_stops_serve(self):
+        """A SIGTERM that lands while the accepting loop starts a handler thread must still stop serve."""
+        import http.client
+        for _ in range(8):
+            self.start_server()
+            port, stop, answered = self.port, threading.Event(), []
+
+            def hammer():
+                while not stop.is_set():
+                    try:
+                        answered.append(raw_exchange(port, b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n", 5))
+                    except (OSError, http.client.HTTPException):  # the server is going away
+                        pass
+            clients = [threading.Thread(target=hammer) for _ in range(4)]
+            for client in clients:
+                client.start()
+            try:
+                wait_for(lambda: len(answered) >= 20, 10, "requests in flight")
+                self.server.terminate()
+                self.assertEqual(self.server.wait(10), 0, "serve did not stop on SIGTERM")
+            finally:
+                stop.set()
+                for client in clients:
+                    client.join()
+            self.assertFalse(os.path.exists(os.path.join(self.root, "serve.json")))
+
+    def test_idle_connection_is_closed(self):
+        import socket
+        self.start_server(JOBSTATE_SERVE_IDLE_TIMEOUT="0.5")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            started = time.monotonic()
+            try:
+                data = sock.recv(1)
+            except socket.timeout:
+                data = None
+            self.assertEqual(data, b"", "the server kept an idle connection open")
+            self.assertLess(time.monotonic() - started, 5)
+
+    def test_malformed_requests_get_4xx_envelopes(self):
+        self.start_server()
+        cmd = py("pass")
+        nested = b"[" * 100000
+        bad = [
+            ("DELETE", "/jobs", None, {}, 405, "method_not_allowed"),
+            ("PUT", "/jobs", {"command": cmd}, {}, 405, "method_not_allowed"),
+            ("PATCH", "/jobs/abc", {}, {}, 405, "method_not_allowed"),
+            ("GET", "/jobs/abc/kill", None, {}, 405, "method_not_allowed"),
+            ("POST", "/health", {}, {}, 405, "method_not_allowed"),
+            ("BREW", "/jobs", None, {}, 405, "method_not_allowed"),
+            ("GET", "/jobs/abc/nope", None, {}, 404, "not_found"),
+            ("GET", "http://127.0.0.1/jobs", None, {}, 404, "not_found"),
+            ("POST", "/jobs", nested, {}, 400, "invalid_argument"),
+            ("POST", "/jobs", b'{"command": ' + nested + b"}", {}, 400, "invalid_argument"),
+            ("POST", "/jobs", b'{"command": ["x"], "until": Infinity}', {}, 400, "invalid_argument"),
+            ("POST", "/jobs", b'{"command": ["x"], "until": NaN}', {}, 400, "invalid_argument"),
+            ("POST", "/jobs", b'{"command": ["x"], "until": -Infinity}', {}, 400, "invalid_argument"),
+            ("POST", "/jobs", b'{"command": ["x"], "timeout": 1e400}', {}, 400, "invalid_argument"),
+            ("POST", "/jobs", b'{"command": ["\xff\xfe"]}', {}, 400, "invalid_argument"),
+            ("POST", "/jobs", b'["not", "an", "object"]', {}, 400, "invalid_argument"),
+            ("POST", "/jobs", {"command": cmd}, {"Content-Length": "abc"}, 400, "invalid_argument"),
+            ("POST", "/jobs", {"command": cmd}, {"Content-Length": "-5"}, 400, "invalid_argument"),
+            ("POST", "/jobs", {"command": cmd}, {"Content-Length": "+9"}, 400, "invalid_argument"),
+            ("POST", "/jobs", b"5\r\nhello\r\n0\r\n\r\n", {"Content-Length": None, "Transfer-Encoding": "chunked"},
+             400, "invalid_argument"),
+            ("POST", "/jobs", {"command": []}, {}, 400, "invalid_argument"),
+            ("POST", "/jobs", {"command": cmd, "cwd": "/tmp/\x00x"}, {}, 400, "invalid_argument"),
+            ("POST", "/jobs", {"command": cmd, "stdin": "\ud800"}, {}, 400, "invalid_argument"),
+            ("POST", "/jobs", {"command": ["\ud800"]}, {}, 400, "invalid_argument"),
+            ("POST", "/jobs", {"command": cmd, "\ud800": 1}, {}, 400, "invalid_argument"),
+            ("GET", "/jobs?cwd=%00", None, {}, 400, "invalid_argument"),
+        ]
+        for name, value in (("until", 1e12), ("until", 1e9), ("until", -1), ("timeout", -0.5), ("kill_after", -1),
+                            ("max_bytes", -1), ("max_bytes", 2 ** 64), ("until", True), ("max_bytes", 1.5)):
+            bad.append(("POST", "/jobs", {"command": cmd, name: value}, {}, 400, "invalid_argument"))
+        bad.append(("POST", "/jobs/abc/kill", {"kill_after": -1}, {}, 400, "invalid_argument"))
+        for query in ("until=inf", "until=nan", "until=-1", "until=1e12", "until=Infinity", "max_bytes=-1",
+                      "max_bytes=1e3"):
+            bad.append(("GET", "/jobs/abc/wait?" + query, None, {}, 400, "invalid_argument"))
+        for query in ("lines=-1", "max_bytes=-1", "lines=nan"):
+            bad.append(("GET", "/jobs/abc/tail?" + query, None, {}, 400, "invalid_argument"))
+        for query in ("limit=-1", "limit=inf", "all=maybe", "state=bogus"):
+            bad.append(("GET", "/jobs?" + query, None, {}, 400, "invalid_argument"))
+        for method, target, body, headers, status, code in bad:
+            self.assert_error(self.send(method, target, body, headers=headers), status, code, (method, target, body))
+        for data in (b"HELLO\r\n\r\n", b"GET /jobs HTTP/9.9\r\nHost: localhost\r\n\r\n",
+                     b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+            status, doc = raw_exchange(self.port, data)
+            self.assertTrue((400 <= status < 500 or status == 505) and doc["ok"] is False, (data[:30], status, doc))
+        self.assertEqual(jobstate._list_job_ids(self.root), [], "a malformed request launched a job")
+        # The server still serves, and JSON Schema's "integer" includes 5.0.
+        status, _, doc = self.send("POST", "/jobs", {"command": cmd, "until": 10, "max_bytes": 100.0})
+        self.assertEqual((status, doc["state"]), (200, "exited"))
+
+    def test_a_short_body_is_answered(self):
+        import http.client
+        import socket
+        self.start_server()
+        body = json.dumps({"command": py("pass")}).encode()
+        head = ("POST /jobs HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+                "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % (self.port, self.token, len(body) + 10))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            sock.sendall(head.encode() + body)
+            sock.shutdown(socket.SHUT_WR)
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            doc = json.loads(resp.read())
+        self.assertEqual((resp.status, doc["error"]["code"]), (400, "invalid_argument"))
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+
+    def test_numeric_arguments_follow_their_schema(self):
+        """_check_arguments (MCP and HTTP) enforces each parameter's JSON Schema range,
+        and durations have the CLI's range."""
+        checked = 0
+        for operation, (_, params, required) in jobstate._OPERATIONS.items():
+            base = {name: (["x"] if name == "command" else "abc") for name in required}
+            for name, param in params.items():
+                if param["type"] not in ("number", "integer"):
+                    continue
+                checked += 1
+                self.assertEqual(param["minimum"], 0, (operation, name))
+                high = param.get("maximum", param.get("exclusiveMaximum"))
+                self.assertIsNotNone(high, (operation, name))
+                for value in (-1, -0.001, float("inf"), float("-inf"), float("nan"), True, False, "5", None,
+                              high + 1, 10 ** 30):
+                    with self.assertRaises(jobstate.InvalidArgumentError, msg=(operation, name, value)):
+                        jobstate._check_arguments(operation, dict(base, **{name: value}))
+                if "exclusiveMaximum" in param:
+                    with self.assertRaises(jobstate.InvalidArgumentError):
+                        jobstate._check_arguments(operation, dict(base, **{name: high}))
+                for value in (0, 1, 2.0):
+                    jobstate._check_arguments(operation, dict(base, **{name: value}))
+                if param["type"] == "number":
+                    self.assertEqual(param["exclusiveMaximum"], 10 ** 9)
+                    jobstate._parse_duration(high - 1, name)
+                    with self.assertRaises(jobstate.InvalidArgumentError):
+                        jobstate._parse_duration(high, name)
+        self.assertGreaterEqual(checked, 10)
 
 # ---------------------------------------------------------------------------
 # Text rendering (section 11)
