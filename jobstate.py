@@ -24,7 +24,7 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
 
 CLI:
     python jobstate.py [--root PATH] [--pretty] [--format json|text] COMMAND ...
-    commands: run create start restart status wait tail kill list ps delete (rm) gc tag schema mcp serve
+    commands: run create start restart status wait tail kill list ps delete (rm) gc tag schema doctor mcp serve
     Every command prints one JSON object on stdout.  `python jobstate.py --help`.
 
 Map of this file (`grep -n '^# [0-9]' jobstate.py`); calls point backwards,
@@ -489,6 +489,83 @@ def _survive_signal(signum, frame) -> None:
     """The supervisor's handler for signals it must survive (see supervisor_signals)."""
 
 
+# What jobstate loses without each optional facility: never the job, at most this.
+_MISSING_COSTS = {
+    "ctypes": "no child subreaper (prctl is reached through ctypes): a job's double-forked daemons re-parent "
+              "to init, and are found only by their JOBSTATE_JOB_ID marker",
+    "prctl": "no child subreaper: a job's double-forked daemons re-parent to init, and are found only by "
+             "their JOBSTATE_JOB_ID marker",
+    "proc": "no process can be identified: kill and timeouts go through the job's supervisor, which signals "
+            "its own child's process group; processes that leave that group (setsid), --kill-orphans and "
+            "leftovers of a finished job cannot be found",
+    "pidfd": "signals go by pid after a start-time check: a window of microseconds in which a recycled pid "
+             "could be hit",
+    "pipe_size": "64 KiB output pipes instead of 1 MiB: more wake-ups of the supervisor for chatty jobs",
+    "fallocate": "the disk reserve that keeps room for the final state is written as zeros (256 KiB a start)",
+    "o_nofollow": "job files are opened without the guard against a symbolic link planted in the root",
+    "bytecode_cache": "every supervisor compiles jobstate.py from source: tens of milliseconds more per launch",
+}
+
+
+def _missing(facility: str, detail: str, costs: Optional[str] = None) -> dict:
+    return {"facility": facility, "detail": detail, "costs": costs or _MISSING_COSTS[facility]}
+
+
+def _missing_file_facilities(cache_dir: str) -> List[dict]:
+    """The file-level facilities both platforms may lack."""
+    missing = []
+    if not hasattr(os, "posix_fallocate"):
+        missing.append(_missing("fallocate", "os.posix_fallocate does not exist on this platform"))
+    if not hasattr(os, "O_NOFOLLOW"):
+        missing.append(_missing("o_nofollow", "os.O_NOFOLLOW does not exist on this platform"))
+    problem = _bytecode_cache_problem(cache_dir)
+    if problem:
+        missing.append(_missing("bytecode_cache", problem))
+    return missing
+
+
+def _bytecode_cache_problem(cache_dir: str) -> Optional[str]:
+    """Why a supervisor could neither reuse nor write the compiled bytecode of this
+    file, or None.  It imports this file with the launcher's environment; where
+    bytecode writing is off it uses cache_dir (see _supervisor_argv)."""
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return "%s caches no bytecode" % sys.implementation.name
+    head, name = os.path.split(_THIS_FILE)
+    prefix = cache_dir if os.environ.get("PYTHONDONTWRITEBYTECODE") else os.environ.get("PYTHONPYCACHEPREFIX")
+    folder = os.path.join(prefix, head.lstrip(os.sep)) if prefix else os.path.join(head, "__pycache__")
+    pyc = os.path.join(folder, "%s.%s.pyc" % (os.path.splitext(name)[0], tag))
+    if _bytecode_is_fresh(pyc):
+        return None
+    existing = folder
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    return None if os.access(existing, os.W_OK) else "%s is missing or stale, and cannot be written" % pyc
+
+
+def _bytecode_is_fresh(pyc: str) -> bool:
+    """The .pyc matches this file's size and mtime (or is hash-based), as the import system checks it."""
+    import importlib.util
+    try:
+        with open(pyc, "rb") as f:
+            header = f.read(16)
+        source = os.stat(_THIS_FILE)
+    except OSError:
+        return False
+    if len(header) < 16 or header[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    flags, mtime, size = (int.from_bytes(header[i:i + 4], "little") for i in (4, 8, 12))
+    return flags != 0 or (mtime, size) == (int(source.st_mtime) & 0xFFFFFFFF, source.st_size & 0xFFFFFFFF)
+
+
+def _capability_report(**facts) -> dict:
+    """The capabilities object (`doctor`, `GET /health`): the platform's facts plus the interpreter."""
+    report = {"platform": sys.platform, "python": "%d.%d.%d" % sys.version_info[:3],
+              "implementation": sys.implementation.name, "executable": sys.executable}
+    report.update(facts)
+    return report
+
+
 class _PosixProcessLayer:
     """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
 
@@ -498,6 +575,7 @@ class _PosixProcessLayer:
     records_leftovers = not _LINUX
     # The launcher's flock passes to the supervisor with the descriptor.
     hands_over_lock = True
+    lock_kind = "flock"
 
     def default_root(self) -> str:
         return os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
@@ -639,7 +717,14 @@ class _PosixProcessLayer:
     def exec_keeping(self, argv: List[str], fds: List[int]) -> NoReturn:
         """exec argv with only stdio and fds open (raises OSError if exec fails)."""
         keep = set(fds) | {0, 1, 2}
-        for fd in map(int, os.listdir("/proc/self/fd")):  # the forked launcher may hold anything
+        try:
+            open_fds = [int(fd) for fd in os.listdir("/proc/self/fd")]  # the forked launcher may hold anything
+        except OSError:  # no /proc: close every number but ours, a range at a time (close_range)
+            open_fds = None
+            bounds = sorted(keep)
+            for low, high in zip(bounds, bounds[1:] + [max(os.sysconf("SC_OPEN_MAX"), bounds[-1] + 1)]):
+                os.closerange(low + 1, high)
+        for fd in open_fds or ():
             if fd not in keep:
                 try:
                     os.close(fd)
@@ -661,27 +746,165 @@ class _PosixProcessLayer:
 
     def _become_subreaper(self) -> None:
         # PR_SET_CHILD_SUBREAPER: double-forked daemons of the job re-parent to
-        # us instead of init, so they stay inside the tree we can find.
-        prctl = self._prctl()
+        # us instead of init, so they stay inside the tree we can find.  A
+        # refusal (seccomp: EPERM) is survivable: the marker scan still finds
+        # them, and capabilities() says what was lost.
+        prctl = self._prctl()[0]
         if prctl is not None:
             prctl(36, 1, 0, 0, 0)
 
     def warm_up(self) -> None:
-        """Load now what every supervisor forked from this process will need."""
-        if _LINUX:
-            self._prctl()
+        """Load and probe now what every supervisor forked from this process will need."""
+        self.missing_facilities()
 
     @functools.lru_cache(maxsize=None)
     def _prctl(self):
-        """libc's prctl, or None (no prctl: the marker scan still finds escapees)."""
-        import ctypes
+        """(libc's prctl, None), or (None, (facility, why)) where it cannot be had.
+
+        ctypes is only a nicety on POSIX: a Python built without _ctypes, or a
+        libc without prctl, costs the child subreaper and nothing else.
+        """
+        if not _LINUX:
+            return None, None
+        try:
+            import ctypes
+        except ImportError as exc:
+            return None, ("ctypes", "%s: %s" % (type(exc).__name__, exc))
         try:
             prctl = ctypes.CDLL(None, use_errno=True).prctl
-        except (OSError, AttributeError):
-            return None
+        except (OSError, AttributeError) as exc:
+            return None, ("prctl", "libc has no prctl: %s" % exc)
         prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         prctl.restype = ctypes.c_int
-        return prctl
+        return prctl, None
+
+    # -- what this machine gives jobstate ------------------------------------
+
+    def dies_with_launcher(self) -> bool:
+        """This process is the init of its PID namespace (`docker run image python
+        jobstate.py ...`, `unshare --pid --fork`): when it exits, the kernel kills
+        every process of the namespace, jobs and supervisors included."""
+        return os.getpid() == 1
+
+    @functools.lru_cache(maxsize=None)
+    def can_verify_pids(self) -> bool:
+        """A pid can be tied to one process (its start time); without /proc it cannot."""
+        return not _LINUX or os.path.exists("/proc/self/stat")
+
+    @functools.lru_cache(maxsize=None)
+    def missing_facilities(self) -> List[dict]:
+        """The optional facilities this process lacks, each with what it costs (probed once)."""
+        missing = [_missing(*self._prctl()[1])] if self._prctl()[1] else []
+        refused = self._prctl()[0] is not None and self._subreaper_refusal()
+        if refused:
+            missing.append(_missing("prctl", "prctl(PR_GET_CHILD_SUBREAPER): %s" % os.strerror(refused)))
+        if not self.can_verify_pids():
+            missing.append(_missing("proc", "/proc is not mounted (no /proc/self/stat)"))
+        problem = self._pidfd_problem()
+        if problem:
+            missing.append(_missing("pidfd", problem))
+        problem = self._pipe_size_problem()
+        if problem:
+            missing.append(_missing("pipe_size", problem))
+        missing += _missing_file_facilities(self.cache_dir())
+        return missing
+
+    def _subreaper_refusal(self) -> int:
+        """The errno prctl answers, 0 if it works.  PR_GET_CHILD_SUBREAPER changes
+        nothing; a seccomp profile refusing prctl refuses it as it would the SET."""
+        import ctypes
+        value = ctypes.c_int()
+        return 0 if self._prctl()[0](37, ctypes.addressof(value), 0, 0, 0) == 0 else ctypes.get_errno()
+
+    def _pidfd_problem(self) -> Optional[str]:
+        if not _LINUX:
+            return None  # other POSIX systems have no pidfd to miss
+        if not hasattr(os, "pidfd_open"):
+            return "Python %d.%d has no os.pidfd_open (3.9+)" % sys.version_info[:2]
+        try:
+            os.close(os.pidfd_open(os.getpid()))  # novm (guarded by hasattr above)
+        except OSError as exc:
+            return "pidfd_open: %s" % (exc.strerror or exc)
+        return None
+
+    def _pipe_size_problem(self) -> Optional[str]:
+        if not _LINUX:
+            return None
+        import fcntl
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(r, 1031, 1 << 20)
+            return None
+        except OSError as exc:
+            return "F_SETPIPE_SZ: %s" % (exc.strerror or exc)
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def capabilities(self) -> dict:
+        """What this machine gives jobstate: how trees are contained, found and
+        signalled, how a pid is identified, and what each missing piece costs."""
+        missing = self.missing_facilities()
+        lost = {m["facility"] for m in missing}
+        proc = self._proc_kind() if _LINUX else None
+        if not _LINUX:
+            discovery, identity = ["process-group", "descendants", "recorded-leftovers"], "ps-start-time"
+        elif proc == "absent":
+            discovery, identity = ["process-group"], "none"
+        else:
+            discovery, identity = ["process-group", "descendants", "env-marker"], "proc-start-time"
+            if not lost & {"ctypes", "prctl"}:
+                discovery.insert(2, "subreaper")
+        delivery = "supervisor" if identity == "none" else "verified-kill" if "pidfd" in lost or not _LINUX \
+            else "pidfd"
+        return _capability_report(containment="process-group", tree_discovery=discovery, pid_identity=identity,
+                                  signal_delivery=delivery, proc=proc, limits=self._limits(), missing=missing,
+                                  dies_with_launcher=self.dies_with_launcher())
+
+    def _proc_kind(self) -> str:
+        """'absent', 'hidepid' (other users' processes hidden) or 'full'."""
+        if not self.can_verify_pids():
+            return "absent"
+        for mount in self.mounts():
+            if mount["mount_point"] == "/proc" and re.search(r"(^|,)hidepid=(?!0|off)", mount["options"]):
+                return "hidepid"
+        return "full"
+
+    @staticmethod
+    def _limits() -> List[str]:
+        try:
+            import resource  # noqa: F401  (only whether it exists)
+        except ImportError:
+            return []
+        return ["rlimit"]
+
+    def mounts(self) -> List[dict]:
+        """Linux mount table of this process's namespace: mount point, filesystem
+        type and super-block options of each mount; [] where it cannot be read."""
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+        except OSError:
+            return []
+        mounts = []
+        for line in lines:
+            head, sep, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if sep and len(fields) >= 5 and len(rest) >= 3:
+                unescape = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)))
+                mounts.append({"mount_point": unescape(fields[4]), "fstype": rest[0],
+                               "options": rest[2] + "," + fields[5] if len(fields) > 5 else rest[2]})
+        return mounts
+
+    def filesystem_of(self, path: str) -> Optional[dict]:
+        """The mount that holds path (the last one mounted over its longest prefix), or None."""
+        real, best = os.path.realpath(path), None
+        for mount in self.mounts():
+            point = mount["mount_point"]
+            if real == point or real.startswith(point.rstrip("/") + "/"):
+                if best is None or len(point) >= len(best["mount_point"]):
+                    best = mount
+        return best
 
     def tune_pipe(self, fd: int) -> None:
         # Bigger pipes mean fewer wake-ups for chatty jobs (Linux F_SETPIPE_SZ).
@@ -787,7 +1010,11 @@ class _PosixProcessLayer:
         if not _LINUX:
             return self._ps_table()
         table = {}
-        for name in os.listdir("/proc"):
+        try:
+            names = os.listdir("/proc")
+        except OSError:  # no /proc at all: no process can be found (capabilities() says so)
+            names = []
+        for name in names:
             if name.isdigit():
                 info = self._linux_stat(int(name))
                 if info:
@@ -849,8 +1076,10 @@ class _PosixProcessLayer:
         if hasattr(os, "pidfd_open"):
             try:
                 pidfd = os.pidfd_open(proc.pid)  # novm (guarded by hasattr above)
-            except OSError:
+            except ProcessLookupError:
                 return False
+            except OSError:  # refused (seccomp: ENOSYS, EPERM) or unsupported: check, then kill by pid
+                pidfd = None
         try:
             if self.process_token(proc.pid) != proc.token:
                 return False
@@ -1123,6 +1352,7 @@ class _WindowsProcessLayer:
     # The launcher cannot hand its LockFileEx lock to the supervisor, so the
     # supervisor takes the job lock itself.
     hands_over_lock = False
+    lock_kind = "LockFileEx"
     # Once the supervisor, the only holder of a handle to the job object, has
     # exited, the job's name cannot be relied on to open it (Wine 8 keeps it while
     # processes remain in the job; Windows need not), so the supervisor writes
@@ -1131,6 +1361,36 @@ class _WindowsProcessLayer:
 
     def release_supervisor(self, popen: subprocess.Popen) -> None:
         return None  # no zombies on Windows; the handle closes with the Popen object
+
+    def dies_with_launcher(self) -> bool:
+        return False  # no PID namespaces; the supervisor broke away from the launcher's job
+
+    def can_verify_pids(self) -> bool:
+        return True  # OpenProcess and the creation time, through kernel32
+
+    _NO_CTYPES_COSTS = ("no job can be started or stopped: Job Objects, process identities and locks all "
+                        "go through kernel32, which jobstate reaches through ctypes")
+
+    @functools.lru_cache(maxsize=None)
+    def missing_facilities(self) -> List[dict]:
+        missing = []
+        try:
+            import ctypes  # noqa: F401  (only whether it exists)
+        except ImportError as exc:
+            missing.append(_missing("ctypes", "%s: %s" % (type(exc).__name__, exc), self._NO_CTYPES_COSTS))
+        return missing + _missing_file_facilities(self.cache_dir())
+
+    def capabilities(self) -> dict:
+        return _capability_report(containment="job-object", tree_discovery=["job-object", "toolhelp-walk"],
+                                  pid_identity="creation-time", signal_delivery="job-object", proc=None,
+                                  limits=["job-object"], missing=self.missing_facilities(),
+                                  dies_with_launcher=False)
+
+    def mounts(self) -> List[dict]:
+        return []  # no mount table to read: a root's filesystem type is not checked
+
+    def filesystem_of(self, path: str) -> Optional[dict]:
+        return None
 
     def unsafe_dir_reason(self, path: str) -> Optional[str]:
         return None  # %LOCALAPPDATA% is per user; ACLs are not checked
@@ -1810,7 +2070,7 @@ def _allocate(fd: int, size: int) -> None:
             os.posix_fallocate(fd, 0, size)
             return
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # not ENOSPC: that is real
                 raise
     _write_all(fd, bytes(size))
     os.fsync(fd)
@@ -2115,6 +2375,22 @@ def _empty_job_dir(paths: JobPaths) -> None:
         else:
             os.unlink(path)
 
+
+def _capabilities(root: str) -> dict:
+    """The capabilities object: what this machine gives jobstate, and what it gives on this root."""
+    report = _process_layer.capabilities()
+    report["root"] = _root_report(root)
+    return report
+
+
+def _root_report(root: str) -> dict:
+    """The root's filesystem, whether it can be written, and whether its locks can be trusted."""
+    exists = os.path.isdir(root)
+    mount = _process_layer.filesystem_of(root) or {}
+    return {"path": root, "exists": exists, "writable": exists and os.access(root, os.W_OK),
+            "filesystem": mount.get("fstype"), "mount_point": mount.get("mount_point"),
+            "lock": {"kind": _process_layer.lock_kind, "trusted": None, "reason": "not checked"}}
+
 # ---------------------------------------------------------------------------
 # 6. Supervisor: one job's life, from start to notifications
 # ---------------------------------------------------------------------------
@@ -2238,7 +2514,13 @@ class _Supervisor:
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
         _write_state(self.paths, state)
         _acknowledge()
+        self._log_missing_facilities()
         return _Running(state, spec, child, pipes, logs, started)
+
+    def _log_missing_facilities(self) -> None:
+        """Say once, in supervisor.log, what this machine lacks and what that costs the job."""
+        for item in _process_layer.missing_facilities():
+            self.log("missing %s (%s): %s" % (item["facility"], item["detail"], item["costs"]))
 
     def watch(self, running: "_Running") -> None:
         """Copy the output, enforce the timeout, record the end: the rest of the job's life."""
@@ -3550,6 +3832,18 @@ def _object_schema(fields: Dict[str, dict], closed: bool = True) -> dict:
     return schema
 
 
+_OPT_BOOL = _json_type("boolean", "null")
+_LOCK_REPORT = _object_schema({"kind": _STR, "trusted": _OPT_BOOL, "reason": _OPT_STR})
+_ROOT_REPORT = _object_schema({"path": _STR, "exists": _BOOL, "writable": _BOOL, "filesystem": _OPT_STR,
+                               "mount_point": _OPT_STR, "lock": _LOCK_REPORT})
+_MISSING_ROW = _object_schema({"facility": {"type": "string", "enum": sorted(_MISSING_COSTS)}, "detail": _STR,
+                               "costs": _STR})
+_CAPABILITIES = _object_schema({
+    "platform": _STR, "python": _STR, "implementation": _STR, "executable": _STR, "containment": _STR,
+    "tree_discovery": _STR_LIST, "pid_identity": _STR, "signal_delivery": _STR,
+    "proc": {"type": ["string", "null"], "enum": ["full", "hidepid", "absent", None]}, "limits": _STR_LIST,
+    "missing": {"type": "array", "items": _MISSING_ROW}, "dies_with_launcher": _BOOL, "root": _ROOT_REPORT})
+
 _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "run": _RUN_FIELDS, "start": _RUN_FIELDS, "restart": _RUN_FIELDS, "wait": _RUN_FIELDS,
     "status": _JOB_FIELDS, "create": _JOB_FIELDS,
@@ -3563,7 +3857,8 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
            "kept": _INT, "freed_bytes": _INT},
     "tag": {"job_id": _STR, "tags": _STR_LIST},
     "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
-    "health": {"version": _STR, "root": _STR},
+    "health": {"version": _STR, "root": _STR, "capabilities": _CAPABILITIES},
+    "doctor": {"root": _STR, "capabilities": _CAPABILITIES},
     "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL},
 }
 
@@ -3759,6 +4054,10 @@ def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[
                                                     limit=limit)
     return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
                               "count": len(summaries), "truncated": truncated, "skipped": skipped})
+
+
+def _doctor_doc(root: str) -> dict:
+    return _envelope("doctor", {"root": root, "capabilities": _capabilities(root)})
 
 
 def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
@@ -4224,7 +4523,8 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     query = {k: v[-1] for k, v in params.items()}
     tags = params.get("tag", [])
     if method == "GET" and parts == ["health"]:
-        return _envelope("health", {"version": __version__, "root": resolve_root(root)})
+        return _envelope("health", {"version": __version__, "root": resolve_root(root),
+                                    "capabilities": _capabilities(resolve_root(root))})
     if parts[:1] != ["jobs"] or len(parts) > 3:
         raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
     if len(parts) == 1 and method == "POST":
@@ -4421,8 +4721,28 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
             fields.append(("signalled", "%s to %d process(es), %d left" % (
                 doc["signal_sent"], doc["processes_signalled"], doc["processes_alive"])))
         return "\n".join("%-10s %s" % (label + ":", "-" if value is None else value) for label, value in fields)
+    if kind == "doctor":
+        return "\n".join(_doctor_lines(doc["capabilities"]))
     return "\n".join("%s: %s" % (k, v if not isinstance(v, (list, dict)) else json.dumps(v))
                      for k, v in doc.items() if k not in ("schema_version", "ok", "type"))
+
+
+def _doctor_lines(caps: dict) -> List[str]:
+    root, lock = caps["root"], caps["root"]["lock"]
+    trust = {True: "trusted", False: "NOT TRUSTED", None: "not checked"}[lock["trusted"]]
+    lines = ["platform:      %s, %s %s (%s)" % (caps["platform"], caps["implementation"], caps["python"],
+                                               caps["executable"]),
+             "containment:   %s; trees found by %s" % (caps["containment"], ", ".join(caps["tree_discovery"])),
+             "pid identity:  %s; signals by %s" % (caps["pid_identity"], caps["signal_delivery"]),
+             "limits:        %s" % (", ".join(caps["limits"]) or "none"),
+             "root:          %s (%s%s)" % (root["path"], root["filesystem"] or "filesystem unknown",
+                                           ", not created yet" if not root["exists"]
+                                           else "" if root["writable"] else ", not writable"),
+             "lock:          %s, %s%s" % (lock["kind"], trust, ": " + lock["reason"] if lock["reason"] else "")]
+    if caps["dies_with_launcher"]:
+        lines.append("warning:       this process is PID 1 of its PID namespace: the jobs it starts die with it")
+    lines += ["missing:       %s: %s (%s)" % (m["facility"], m["costs"], m["detail"]) for m in caps["missing"]]
+    return lines + ([] if caps["missing"] else ["missing:       nothing"])
 
 
 def _skipped_note(doc: dict) -> List[str]:
@@ -4933,6 +5253,10 @@ def _cmd_gc(ns):
                             "kept": report.kept, "freed_bytes": report.freed_bytes}), 0
 
 
+def _cmd_doctor(ns):
+    return _doctor_doc(resolve_root(ns.root)), 0
+
+
 def _cmd_schema(ns):
     return _envelope("schema", {"schema_format": "json-schema-2020-12", "schemas": _document_schemas()}), 0
 
@@ -4966,6 +5290,8 @@ _COMMANDS = (
     ("delete", _cmd_delete, "remove finished jobs", ("rm",), _delete_options),
     ("gc", _cmd_gc, "remove old finished jobs across the whole root", (), _gc_options),
     ("schema", _cmd_schema, "print the JSON Schemas of every file and response", (), _no_options),
+    ("doctor", _cmd_doctor, "say what this machine gives jobstate, and what each missing piece costs", (),
+     _no_options),
     ("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list)",
      (), _no_options),
     ("serve", _cmd_serve, "serve the HTTP API (loopback by default; JOBSTATE_SERVE_TOKEN guards it)", (),
@@ -4988,6 +5314,7 @@ _EXAMPLES = {
     "delete": ("delete 01a2f3", "delete --all --dry-run"),
     "gc": ("gc --dry-run", "gc --older-than 7d --max-bytes 1G"),
     "schema": ("schema", "--pretty schema"),
+    "doctor": ("doctor", "--format text doctor"),
     "mcp": ("mcp", "--root /tmp/agent-jobs mcp"),
     "serve": ("serve", "serve --bind 0.0.0.0:19263   # needs JOBSTATE_SERVE_TOKEN"),
     "tag": ("tag set 01a2f3 --tag ci.lint", "tag set 01a2f3   # clears the tags"),

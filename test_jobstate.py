@@ -2301,7 +2301,7 @@ class LifecycleTests(JobTestCase):
         for args in (["status", job_id], ["wait", job_id], ["tail", job_id], ["kill", job_id],
                      ["list", "--all"], ["ps", "--all"], ["tag", "set", job_id, "--tag", "x"],
                      ["create", "--", "true", "x"], ["gc", "--dry-run"], ["delete", job_id],
-                     ["status", "ffff"], ["status", ".."], ["run", "--bogus"]):
+                     ["status", "ffff"], ["status", ".."], ["run", "--bogus"], ["doctor"]):
             outputs.append(self.cli(*args)[1])
         for out in outputs:
             self.assertEqual(validate(out, schemas[out["type"]]), [], out)
@@ -2637,6 +2637,13 @@ class HttpTests(JobTestCase):
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
+
+    def test_health_carries_the_capabilities(self):
+        url = self.start_server()
+        status, doc = self.request("GET", url + "/health")
+        self.assertEqual((status, doc["type"]), (200, "health"))
+        self.assertEqual(validate(doc, jobstate._document_schemas()["health"]), [])
+        self.assertEqual(doc["capabilities"], self.cli("doctor")[1]["capabilities"])
 
     def test_endpoints(self):
         url = self.start_server()
@@ -3147,12 +3154,274 @@ class CommandLineTests(JobTestCase):
         self.assertEqual(doc["state"], "exited")
         self.assertIn(b"\n  ", proc.stdout)
 
+    def test_doctor_looks_and_creates_nothing(self):
+        status, doc, _ = self.cli("doctor")
+        self.assertEqual((status, doc["type"], doc["root"]), (0, "doctor", self.root))
+        caps = doc["capabilities"]
+        self.assertEqual((caps["root"]["path"], caps["root"]["exists"]), (self.root, False))
+        self.assertFalse(os.path.exists(self.root), "doctor created the root")
+        self.assertEqual(caps["dies_with_launcher"], False)
+        for item in caps["missing"]:
+            self.assertTrue(item["costs"] and item["detail"], item)
+        status, out, _ = self.cli_capture("--format", "text", "doctor")
+        self.assertEqual(status, 0)
+        self.assertIn("pid identity:  %s" % caps["pid_identity"], out)
+
     def test_version_and_help(self):
         proc = subprocess.run([PY, JOBSTATE, "--version"], stdout=subprocess.PIPE, check=True)
         self.assertIn(jobstate.__version__.encode(), proc.stdout)
         proc = subprocess.run([PY, JOBSTATE, "--help"], stdout=subprocess.PIPE, check=True)
         self.assertIn(b"kill", proc.stdout)
         self.assertNotIn(b"_supervise", proc.stdout)
+
+# ---------------------------------------------------------------------------
+# Restricted environments (Linux, as root): namespaces, seccomp, read-only and lying roots
+# ---------------------------------------------------------------------------
+
+
+def restricted_skip_reason():
+    """Why the restricted-environment matrix cannot run here, or None."""
+    if not jobstate._LINUX:
+        return "Linux only: mount and PID namespaces"
+    if os.geteuid() != 0:
+        return "needs root: it mounts /proc, tmpfs and read-only bind mounts in private namespaces"
+    if not shutil.which("unshare"):
+        return "needs unshare (util-linux)"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if probe.returncode != 0:
+        return "unshare --mount is refused here (a container without CAP_SYS_ADMIN?)"
+    return None
+
+
+# The job of every environment: a main process, its child and a grandchild
+# (`sleep`), all in the job's process group; the child names all three.
+RESTRICTED_TREE = (
+    "import os, subprocess, sys, time\n"
+    "if sys.argv[1:] == ['child']:\n"
+    "    grandchild = subprocess.Popen(['sleep', '300'])\n"
+    "    print('ready', os.getppid(), os.getpid(), grandchild.pid, flush=True)\n"
+    "    time.sleep(300)\n"
+    "else:\n"
+    "    subprocess.Popen([sys.executable, os.path.abspath(__file__), 'child'])\n"
+    "    time.sleep(300)\n")
+
+# Runs inside the environment: every operation through the CLI as its own
+# process (argv prefix given), then one JSON line with what each answered.
+RESTRICTED_DRIVER = (
+    "import json, os, subprocess, sys, time\n"
+    "prefix, root, tree = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
+    "def cli(*args):\n"
+    "    p = subprocess.run(prefix + ['--root', root] + list(args), stdin=subprocess.DEVNULL,\n"
+    "                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)\n"
+    "    try:\n"
+    "        doc = json.loads(p.stdout)\n"
+    "    except ValueError:\n"
+    "        doc = None\n"
+    "    return {'status': p.returncode, 'doc': doc, 'stdout': p.stdout.decode(errors='replace')[-2000:],\n"
+    "            'stderr': p.stderr.decode(errors='replace')[-2000:]}\n"
+    "def alive(pid):\n"
+    "    try:\n"
+    "        with open('/proc/%d/stat' % pid, 'rb') as f:\n"
+    "            return f.read().rsplit(b') ', 1)[1][:1] != b'Z'\n"
+    "    except OSError:\n"
+    "        return False\n"
+    "steps = {'doctor': cli('doctor'), 'pid': os.getpid()}\n"
+    "steps['run'] = cli('run', '--no-wait', '--', sys.executable, tree)\n"
+    "doc = steps['run']['doc'] or {}\n"
+    "if doc.get('ok'):\n"
+    "    job, deadline = doc['job_id'], time.monotonic() + 20\n"
+    "    while True:\n"
+    "        tail = cli('tail', job)\n"
+    "        if 'ready' in ((tail['doc'] or {}).get('stdout') or '') or time.monotonic() > deadline:\n"
+    "            break\n"
+    "        time.sleep(0.05)\n"
+    "    steps['tail'] = tail\n"
+    "    steps['status'] = cli('status', job)\n"
+    "    steps['kill'] = cli('kill', job)\n"
+    "    steps['wait'] = cli('wait', '--until', '10', job)\n"
+    "    words = (tail['doc'] or {}).get('stdout', '').split()\n"
+    "    pids = [int(w) for w in words[1:4]] if words[:1] == ['ready'] else []\n"
+    "    steps['tree'] = pids\n"
+    "    if os.path.exists('/proc/self/stat'):\n"
+    "        deadline = time.monotonic() + 10\n"
+    "        while any(map(alive, pids)) and time.monotonic() < deadline:\n"
+    "            time.sleep(0.05)\n"
+    "        steps['alive_inside'] = [p for p in pids if alive(p)]\n"
+    "print(json.dumps(steps))\n")
+
+# Replaces the platform layer's flock by one that always says "taken", as a
+# filesystem that ignores flock would; then runs the CLI.
+LYING_FLOCK_CLI = (
+    "import sys, importlib.util as u\n"
+    "s = u.spec_from_file_location('jobstate', sys.argv[1])\n"
+    "m = sys.modules['jobstate'] = u.module_from_spec(s)\n"
+    "s.loader.exec_module(m)\n"
+    "m._process_layer.lock = lambda fd, exclusive, blocking: True\n"
+    "sys.exit(m.main(sys.argv[2:]))\n")
+
+# Installs a seccomp filter (what an older container runtime's profile does)
+# that answers ENOSYS to pidfd_open, EPERM to prctl and EPERM to fcntl's
+# F_SETPIPE_SZ, then execs argv: every process below, supervisors and jobs
+# included, inherits it.
+SECCOMP_EXEC = (
+    "import ctypes, errno, os, platform, struct, sys\n"
+    "arch, prctl_nr, fcntl_nr = {'x86_64': (0xC000003E, 157, 72), 'aarch64': (0xC00000B7, 167, 25)}[\n"
+    "    platform.machine()]\n"
+    "LD_ABS, JEQ, RET, ALLOW, ERRNO = 0x20, 0x15, 0x06, 0x7FFF0000, 0x00050000\n"
+    "def op(code, k, jt=0, jf=0):\n"
+    "    return struct.pack('HBBI', code, jt, jf, k)\n"
+    "prog = b''.join([op(LD_ABS, 4), op(JEQ, arch, 1, 0), op(RET, ALLOW), op(LD_ABS, 0),\n"
+    "                 op(JEQ, 434, 0, 1), op(RET, ERRNO | errno.ENOSYS),\n"
+    "                 op(JEQ, prctl_nr, 0, 1), op(RET, ERRNO | errno.EPERM),\n"
+    "                 op(JEQ, fcntl_nr, 0, 3), op(LD_ABS, 24), op(JEQ, 1031, 0, 1), op(RET, ERRNO | errno.EPERM),\n"
+    "                 op(RET, ALLOW)])\n"
+    "class Fprog(ctypes.Structure):\n"
+    "    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]\n"
+    "buf = ctypes.create_string_buffer(prog, len(prog))\n"
+    "fprog = Fprog(len(prog) // 8, ctypes.addressof(buf))\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):\n"
+    "    sys.exit('seccomp: %s' % os.strerror(ctypes.get_errno()))\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
+def missing_facilities(doc):
+    return {m["facility"] for m in doc["capabilities"]["missing"]}
+
+
+@unittest.skipIf(restricted_skip_reason(), restricted_skip_reason() or "")
+class RestrictedEnvironmentTests(JobTestCase):
+    """The same five operations in each restricted place jobstate must work in:
+    run, status, tail, kill of a tree with a grandchild, wait; and what
+    `doctor` says there.  Every environment is a private namespace (or a
+    seccomp filter) around a driver process, bounded in time."""
+
+    TIMEOUT_S = 120
+
+    def setUp(self):
+        super().setUp()
+        self.tree = os.path.join(self.tmp, "tree.py")
+        self.driver = os.path.join(self.tmp, "driver.py")
+        for path, text in ((self.tree, RESTRICTED_TREE), (self.driver, RESTRICTED_DRIVER)):
+            with open(path, "w") as f:
+                f.write(text)
+
+    def drive(self, wrapper=(), prefix=None, python=PY, env=None):
+        """Run the driver inside `wrapper` (an argv prefix: unshare, a shell, seccomp) and
+        return what each operation answered."""
+        prefix = prefix or [python, JOBSTATE]
+        argv = list(wrapper) + [python, self.driver, json.dumps(prefix), self.root, self.tree]
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=self.TIMEOUT_S, env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace")[-3000:])
+        steps = json.loads(proc.stdout.decode().splitlines()[-1])
+        return steps
+
+    def assert_operations_work(self, steps, signalled_at_least=1):
+        """run, tail, status, kill, wait all answered ok, and the whole tree is gone."""
+        for name in ("run", "tail", "status", "kill", "wait"):
+            self.assertIn(name, steps, "no %s step: run answered %r" % (name, steps["run"]))
+            doc = steps[name]["doc"]
+            self.assertTrue(doc and doc["ok"], "%s: %s %s" % (name, steps[name]["stdout"], steps[name]["stderr"]))
+        self.assertEqual(steps["run"]["doc"]["state"], "running")
+        self.assertEqual(steps["status"]["doc"]["state"], "running")
+        self.assertEqual(len(steps["tree"]), 3, steps["tail"]["doc"]["stdout"])
+        self.assertGreaterEqual(steps["kill"]["doc"]["processes_signalled"], signalled_at_least)
+        self.assertEqual((steps["wait"]["doc"]["state"], steps["wait"]["doc"]["signal"]), ("killed", "SIGTERM"))
+        if "alive_inside" in steps:
+            self.assertEqual(steps["alive_inside"], [], "processes of the tree survived the kill")
+
+    def assert_tree_gone_here(self, steps):
+        wait_for(lambda: not any(pid_alive(p) for p in steps["tree"]), 10, "the job's tree to be gone")
+
+    def doctor(self, steps):
+        doc = steps["doctor"]["doc"]
+        self.assertTrue(doc and doc["ok"], steps["doctor"])
+        self.assertEqual(validate(doc, jobstate._document_schemas()["doctor"]), [])
+        return doc["capabilities"]
+
+    def test_python_without_ctypes(self):
+        """A build without _ctypes: a _ctypes that cannot be imported, first on the
+        path of every process (supervisors run with -S, which keeps PYTHONPATH)."""
+        stub = os.path.join(self.tmp, "no_ctypes")
+        os.mkdir(stub)
+        with open(os.path.join(stub, "_ctypes.py"), "w") as f:
+            f.write("raise ImportError(\"No module named '_ctypes'\", name='_ctypes')\n")
+        env = dict(os.environ, PYTHONPATH=stub)
+        check = subprocess.run([PY, "-S", "-c", "import ctypes"], env=env, stderr=subprocess.PIPE)
+        self.assertNotEqual(check.returncode, 0, "the stub does not hide ctypes")
+        steps = self.drive(env=env)
+        self.assert_operations_work(steps)
+        self.assert_tree_gone_here(steps)
+        caps = self.doctor(steps)
+        self.assertIn("ctypes", missing_facilities(steps["doctor"]["doc"]))
+        self.assertNotIn("subreaper", caps["tree_discovery"])
+        self.assertEqual(caps["pid_identity"], "proc-start-time")
+        with open(jobstate.JobPaths(self.root, steps["run"]["doc"]["job_id"]).supervisor_log) as f:
+            said = [line for line in f if " missing " in line]
+        self.assertEqual(len(said), 1, said)  # once, by the supervisor that started the job
+        self.assertIn("missing ctypes (ImportError", said[0])
+
+    def test_read_only_copy_without_bytecode(self):
+        """jobstate.py copied into a read-only directory with no compiled bytecode:
+        supervisors compile it each time; the job runs, and doctor says what it costs."""
+        source = os.path.join(self.tmp, "vendor")
+        os.mkdir(source)
+        shutil.copy(JOBSTATE, source)
+        env = dict(os.environ, HOME=self.tmp)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"', "sh", source]
+        steps = self.drive(wrapper, prefix=[PY, os.path.join(source, "jobstate.py")], env=env)
+        self.assert_operations_work(steps)
+        self.assertIn("bytecode_cache", missing_facilities(steps["doctor"]["doc"]))
+        self.assertFalse(os.path.exists(os.path.join(source, "__pycache__")))
+
+    def test_pidfd_prctl_and_pipe_size_refused_by_seccomp(self):
+        """An older runtime's seccomp profile: pidfd_open answers ENOSYS, prctl and
+        F_SETPIPE_SZ EPERM, for the launcher, the supervisors and the jobs alike."""
+        import platform
+        if platform.machine() not in ("x86_64", "aarch64"):
+            self.skipTest("the seccomp filter knows the syscall numbers of x86_64 and aarch64 only")
+        steps = self.drive(wrapper=[PY, "-c", SECCOMP_EXEC])
+        self.assert_operations_work(steps, signalled_at_least=3)
+        self.assert_tree_gone_here(steps)
+        caps = self.doctor(steps)
+        self.assertTrue({"pidfd", "prctl", "pipe_size"} <= missing_facilities(steps["doctor"]["doc"]),
+                        caps["missing"])
+        self.assertEqual(caps["signal_delivery"], "verified-kill")
+        self.assertNotIn("subreaper", caps["tree_discovery"])
+
+    def test_hidepid_for_a_user(self):
+        """A non-root user (nobody) under /proc mounted with hidepid=2: its own
+        processes stay visible, so its own jobs lose nothing."""
+        python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        if not python or not shutil.which("setpriv"):
+            self.skipTest("needs setpriv and a python3 that the user nobody may run (%s is under /root)" % PY)
+        os.chown(self.tmp, 65534, 65534)
+        env = dict(os.environ, HOME=self.tmp)
+        env.pop("XDG_CACHE_HOME", None)
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 --regid=65534 '
+                   '--clear-groups -- "$@"', "sh"]
+        steps = self.drive(wrapper, python=python, env=env)
+        self.assert_operations_work(steps, signalled_at_least=3)
+        self.assert_tree_gone_here(steps)
+        caps = self.doctor(steps)
+        self.assertEqual(caps["proc"], "hidepid")
+        self.assertNotIn("proc", missing_facilities(steps["doctor"]["doc"]))
+
+    def pid_namespace(self):
+        return ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+    def test_pid_namespace(self):
+        """A new PID namespace with its own /proc (a container): the driver is its
+        init, each CLI call an ordinary process in it."""
+        steps = self.drive(self.pid_namespace())
+        self.assertEqual(steps["pid"], 1)
+        self.assert_operations_work(steps, signalled_at_least=3)
+        self.assertFalse(self.doctor(steps)["dies_with_launcher"])
 
 # ---------------------------------------------------------------------------
 # The fault, load and hostile-input campaign (make torture runs it in full)
