@@ -74,7 +74,7 @@ __all__ = [
     "Job", "JobPaths", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
     "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError", "InvalidStateError",
     "InvalidArgumentError", "InvalidSignalError", "InvalidTagError", "StdinRequiredError",
-    "StdinTooLargeError", "StateFileError", "LaunchError", "JobIOError",
+    "StdinTooLargeError", "StateFileError", "LaunchError", "JobIOError", "KillFailedError",
     "SCHEMA_VERSION", "JOB_ID_ENV",
 ]
 
@@ -220,6 +220,23 @@ class JobIOError(JobError):
     retryable = True
 
 
+class KillFailedError(JobError):
+    """A kill that could signal no process of a job that is still running."""
+
+    code = "kill_failed"
+    retryable = True
+
+
+# What a response may warn of (its `warnings`): the answer holds, with this caveat.
+_WARNING_CODES = ("state_not_updated", "pids_unverifiable", "kill_request_not_written", "launcher_is_pid_1",
+                  "dies_with_launcher")
+
+
+def _warning(code: str, message: str) -> dict:
+    assert code in _WARNING_CODES, code
+    return {"code": code, "message": message}
+
+
 @dataclass
 class JobInfo:
     id: str
@@ -267,6 +284,8 @@ class JobState:
     logs_drained: Optional[bool] = None
     leftovers: List[_Proc] = field(default_factory=list)  # where trees cannot be found again later
     extra: Dict[str, object] = field(default_factory=dict)  # keys of other versions, kept on rewrite
+    # Not in state.json: what the reader that produced this state could not do (see _warning).
+    _warnings: List[dict] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def job_id(self) -> str:
@@ -428,7 +447,8 @@ class KillResult:
     state: JobState
     signal_sent: str
     processes_signalled: int
-    processes_alive: int
+    processes_alive: Optional[int]  # None where processes cannot be counted (no /proc)
+    warnings: List[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -466,6 +486,10 @@ class _Child:
     token: Optional[str]
     windows_job_name: Optional[str] = None
     handle: object = None  # platform-private (the Job Object handle on Windows)
+    # Held while the child is reaped and while the supervisor signals it: an
+    # unreaped child's pid, and so its group's id, cannot have been reused.
+    guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    reaped: bool = False
 
 
 @dataclass
@@ -944,7 +968,7 @@ class _PosixProcessLayer:
         """Block until the child exits, reaping adopted orphans on the way; (code, signum)."""
         while True:
             try:
-                pid, status = os.waitpid(-1, 0)
+                pid, status = self._reap_next(child)
             except ChildProcessError:
                 return None, None
             if pid != child.pid:
@@ -954,6 +978,36 @@ class _PosixProcessLayer:
             if os.WIFSIGNALED(status):
                 return None, os.WTERMSIG(status)
             return os.WEXITSTATUS(status), None
+
+    def _reap_next(self, child: _Child) -> Tuple[int, int]:
+        """Reap the next child to exit.  On Linux it is first waited for without
+        reaping (WNOWAIT), so that the reap itself happens under child.guard."""
+        if not _LINUX:
+            return os.waitpid(-1, 0)
+        pid = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT).si_pid
+        with child.guard:
+            pid, status = os.waitpid(pid, 0)
+            child.reaped = child.reaped or pid == child.pid
+        return pid, status
+
+    def signal_child_group(self, child: _Child, signum: int) -> int:
+        """From the supervisor: signal the job's main process and its process group
+        while the child is not reaped, so neither id can have been reused (this
+        needs no /proc).  1 when signalled, 0 once the child is gone."""
+        with child.guard:
+            if child.reaped:
+                return 0
+            try:
+                if os.getpgid(child.pid) != child.pid:  # it left its own group: reach it by its pid too
+                    os.kill(child.pid, signum)
+                # The group it leads (or led): it and what it started.  Only the
+                # process with that pid can make a group of that id, and it is ours.
+                os.killpg(child.pid, signum)
+            except ProcessLookupError:  # exited, or its old group is empty: nothing more to stop
+                pass
+            except PermissionError:  # it made itself another user's (setuid): not ours to stop
+                return 0
+            return 1
 
     # -- process identity and trees -------------------------------------------
 
@@ -1908,6 +1962,7 @@ class JobPaths:
         self.stdout_log, self.stderr_log, self.full_log = d + "stdout.log", d + "stderr.log", d + "full.log"
         self.stdin, self.supervisor_log = d + "stdin.bin", d + "supervisor.log"
         self.event, self.kill_request = d + "completion_event.json", d + "kill_request.json"
+        self.kill_fifo, self.kill_ack = d + "kill.fifo", d + "kill_ack.json"
         self.reserve = d + "space.reserve"
 
 
@@ -2312,10 +2367,16 @@ def _read_state_reconciled(paths: JobPaths) -> JobState:
 
 def _read_kill_request(paths: JobPaths) -> Optional[str]:
     """The signal name a killer asked for, if any ('SIGTERM')."""
+    request = _read_json_quietly(paths.kill_request)
+    value = request.get("signal") if isinstance(request, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _read_json_quietly(path: str):
+    """A small JSON file of ours, or None when it is missing, unreadable or not JSON."""
     try:
-        value = _read_json(paths.kill_request).get("signal")
-        return value if isinstance(value, str) else None
-    except (OSError, ValueError, AttributeError):
+        return _read_json(path)
+    except (OSError, ValueError):
         return None
 
 
@@ -2510,6 +2571,8 @@ class _Supervisor:
             self.announce(spec, state)
             return None
         started = time.monotonic()
+        if not _process_layer.can_verify_pids():
+            self._make_kill_fifo()
         state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
         _write_state(self.paths, state)
@@ -2527,6 +2590,8 @@ class _Supervisor:
         state, spec = running.state, running.spec
         self.child = running.child
         pumps = self._start_pumps(running.pipes, running.logs)
+        if not _process_layer.can_verify_pids():
+            self._listen_for_kills(running.child)
         if spec.timeout_s:
             timeout_s = spec.timeout_s - (time.monotonic() - running.started)
             threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s), daemon=True).start()
@@ -2659,20 +2724,75 @@ class _Supervisor:
         self.log("timeout of %gs reached; stopping the process tree" % spec.timeout_s)
         self._stop_tree(spec.kill_after_s)
 
+    # Where no pid can be verified (no /proc), a killer cannot safely signal the
+    # job's processes, but we can: our child is not reaped while we signal it
+    # (see signal_child_group).  The killer writes kill_request.json and wakes us
+    # with a byte on kill.fifo; only a process that has the FIFO open for
+    # reading gets that byte, so no pid, ours included, is ever trusted; and a
+    # killer finds at once (ENXIO) that nobody listens.  The answer goes to
+    # kill_ack.json under the request's id.
+
+    def _make_kill_fifo(self) -> None:
+        _unlink_quietly(self.paths.kill_fifo)
+        try:
+            os.mkfifo(self.paths.kill_fifo, 0o600)
+        except OSError as exc:  # a filesystem without FIFOs: kills will say they could not be delivered
+            self.log("cannot make %s: %s" % (self.paths.kill_fifo, exc))
+
+    def _listen_for_kills(self, child: _Child) -> None:
+        import stat
+        try:
+            # Read and write: the FIFO then never reads as closed between two killers.
+            fd = os.open(self.paths.kill_fifo, os.O_RDWR | _FILE_FLAGS)
+        except OSError as exc:
+            self.log("cannot listen for kill requests on %s: %s" % (self.paths.kill_fifo, exc))
+            return
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            self.log("%s is not a FIFO: kill requests cannot reach this supervisor" % self.paths.kill_fifo)
+            return
+        threading.Thread(target=self._serve_kills, args=(fd, child), daemon=True).start()
+
+    def _serve_kills(self, fd: int, child: _Child) -> None:
+        """Deliver each new kill request's signal to our child's group, and answer it."""
+        answered = None
+        while os.read(fd, 512):
+            request = _read_json_quietly(self.paths.kill_request)
+            request_id = request.get("request_id") if isinstance(request, dict) else None
+            if request_id is None or request_id == answered:
+                continue
+            answered = request_id
+            try:
+                signum, name = _parse_signal(request.get("deliver"))
+            except InvalidSignalError:
+                continue
+            count = _process_layer.signal_child_group(child, signum)
+            try:
+                _write_json_atomic(self.paths.kill_ack, {"request_id": request_id, "signal": name,
+                                                         "processes_signalled": count, "at": _utc_now()})
+            except OSError as exc:  # the killer then reports that nothing was confirmed
+                self.log("cannot answer kill request %s: %s" % (request_id, exc))
+
     def _tree_ref(self) -> _TreeRef:
         return _TreeRef(self.paths.job_id, self.child.pid, self.child.token, os.getpid(),
                         self.child.windows_job_name)
 
     def _stop_tree(self, kill_after_s: float) -> None:
-        """TERM the tree, then KILL whatever is left after kill_after_s (0 = KILL at once)."""
-        ref = self._tree_ref()
+        """TERM the tree, then KILL whatever is left after kill_after_s (0 = KILL at once).
+
+        Without /proc only our unreaped child's group can be reached, and
+        "gone" can only mean that the child has exited.
+        """
+        ref, verified = self._tree_ref(), _process_layer.can_verify_pids()
         for name, grace in (("TERM", kill_after_s), ("KILL", 0.0)):
             if name == "TERM" and kill_after_s == 0:
                 continue
             self.last_signal = "SIG" + name
-            if not _process_layer.signal_tree(ref, _process_layer.signal_numbers()[name]):
+            signum = _process_layer.signal_numbers()[name]
+            if not (_process_layer.signal_tree(ref, signum) if verified
+                    else _process_layer.signal_child_group(self.child, signum)):
                 return
-            if grace and _wait_tree_gone(ref, grace):
+            if grace and (_wait_tree_gone(ref, grace) if verified else self.exited.wait(grace)):
                 return
 
     def _record_end(self, state: JobState, code, signum, duration_ms: int) -> None:
@@ -3242,6 +3362,11 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
 # ---------------------------------------------------------------------------
 
 
+_UNVERIFIABLE = ("this system has no /proc, so no pid can be verified: the job's supervisor signalled its main "
+                 "process and that process's group; processes that left the group (setsid), and leftovers of a "
+                 "finished job, cannot be found or counted")
+
+
 def _lock_is_free(paths: JobPaths) -> bool:
     with _JobLock(paths) as lock:
         return lock.acquire(exclusive=False, create=False)
@@ -3632,7 +3757,7 @@ class Job:
                     self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
                 else:
                     time.sleep(0.02)
-            for path in (self.paths.kill_request, self.paths.event):
+            for path in (self.paths.kill_request, self.paths.kill_ack, self.paths.event):
                 _unlink_quietly(path)
             _write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
             _launch(self.paths, lock)
@@ -3651,23 +3776,92 @@ class Job:
         state = self.state()
         if state.status is JobStatus.CREATED:
             raise InvalidStateError(self.id, state.status, "it has no process to signal")
-        ref = _TreeRef.from_state(state)
-        terminating = name[3:] in _TERMINATING
-        if state.status is JobStatus.RUNNING and terminating:
+        ref, running = _TreeRef.from_state(state), state.status is JobStatus.RUNNING
+        terminating, verified = name[3:] in _TERMINATING, _process_layer.can_verify_pids()
+        send = functools.partial(self._send, ref, running and not verified)
+        if running and terminating and verified:
             _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
-        signalled = _process_layer.signal_tree(ref, signum)
+        signalled = send(name)
         if terminating and kill_after_s is not None and not self._stopped(ref, kill_after_s):
-            if state.status is JobStatus.RUNNING:
+            if running and verified:
                 _write_json_atomic(self.paths.kill_request, {"signal": "SIGKILL", "requested_at": _utc_now()})
-            signalled += _process_layer.signal_tree(ref, _process_layer.signal_numbers()["KILL"])
+            signalled += send("SIGKILL")
         if terminating and wait_s:
             self._stopped(ref, wait_s)
-        return KillResult(self.state(), name, signalled, len(_process_layer.find_tree(ref)))
+        state = self.state()
+        if not signalled and state.status is JobStatus.RUNNING:
+            state = self.wait(0.5)  # it may have ended just before the signal: then there was nothing to stop
+            if state.status is JobStatus.RUNNING:
+                raise self._kill_failed(verified)
+        warnings = [] if verified else [_warning("pids_unverifiable", _UNVERIFIABLE)]
+        alive = len(_process_layer.find_tree(ref)) if verified else None
+        return KillResult(state, name, signalled, alive, warnings)
+
+    def _send(self, ref: _TreeRef, through_supervisor: bool, name: str) -> int:
+        """Signal the tree ourselves, or (no pid can be verified here) through its supervisor."""
+        if through_supervisor:
+            return self._signal_through_supervisor(name)
+        return _process_layer.signal_tree(ref, _process_layer.signal_numbers()[name[3:]])
+
+    def _signal_through_supervisor(self, name: str) -> int:
+        """Ask the supervisor to deliver the signal (see _Supervisor._make_kill_fifo);
+        how many processes it signalled, 0 when no supervisor answered."""
+        request_id = os.urandom(8).hex()
+        recorded = name if name[3:] in _TERMINATING else _read_kill_request(self.paths)
+        _write_json_atomic(self.paths.kill_request, {"signal": recorded, "requested_at": _utc_now(),
+                                                     "deliver": name, "request_id": request_id})
+        if not self._wake_supervisor():
+            return 0
+        deadline, delay = _deadline(DRAIN_TIMEOUT_S), 0.002
+        while True:
+            ack = _read_json_quietly(self.paths.kill_ack)
+            if isinstance(ack, dict) and ack.get("request_id") == request_id:
+                count = ack.get("processes_signalled")
+                return count if isinstance(count, int) else 0
+            if _remaining(deadline) == 0 or _lock_is_free(self.paths):
+                return 0
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _wake_supervisor(self) -> bool:
+        """One byte on kill.fifo; False when no supervisor listens there (and none is about to)."""
+        deadline = _deadline(DRAIN_TIMEOUT_S)
+        while True:
+            try:
+                fd = os.open(self.paths.kill_fifo, os.O_WRONLY | os.O_NONBLOCK | _FILE_FLAGS)
+            except OSError:  # ENXIO: no reader (yet: a forked launch is still exec'ing its watcher)
+                if _remaining(deadline) == 0 or _lock_is_free(self.paths):
+                    return False
+                time.sleep(0.02)
+                continue
+            try:
+                os.write(fd, b"k")
+                return True
+            except BlockingIOError:  # the FIFO is full of wake-ups not read yet: ours is among them
+                return True
+            except OSError:
+                return False
+            finally:
+                os.close(fd)
+
+    def _kill_failed(self, verified: bool) -> KillFailedError:
+        if verified:
+            return KillFailedError("no process of job %s could be signalled, and it is still running" % self.id,
+                                   hint="its processes may belong to another user or be invisible here "
+                                   "(hidepid): run kill as the user who started it; 'jobstate doctor' says more")
+        return KillFailedError("no process of job %s could be signalled: this system has no /proc to verify its "
+                               "pids, and its supervisor did not take the request" % self.id,
+                               hint="mount /proc (mount -t proc proc /proc) or kill it from where /proc is "
+                               "mounted; 'jobstate doctor' lists what this system lacks",
+                               details={"job_id": self.id})
 
     def _stopped(self, ref: _TreeRef, timeout_s: float) -> bool:
-        """Wait until the supervisor has finished and no process of the tree is left."""
+        """Wait until the supervisor has finished and no process of the tree is left
+        (without /proc: until the job has ended, which is all that can be known)."""
         deadline = _deadline(timeout_s)
-        self.wait(timeout_s)
+        state = self.wait(timeout_s)
+        if not _process_layer.can_verify_pids():
+            return state.status.is_terminal
         return _wait_tree_gone(ref, _remaining(deadline))
 
     def delete(self) -> None:
@@ -3808,18 +4002,21 @@ _RANGE = {"type": "array", "items": _INT, "minItems": 2, "maxItems": 2}
 _STATE_NAME = {"type": "string", "enum": [s.value for s in JobStatus]}
 _ERROR_INFO = {"type": ["object", "null"], "properties": {"stage": _STR, "message": _STR},
                "required": ["stage", "message"]}
+_WARNINGS = {"type": "array", "items": {
+    "type": "object", "required": ["code", "message"], "additionalProperties": False,
+    "properties": {"code": {"type": "string", "enum": list(_WARNING_CODES)}, "message": _STR}}}
 _JOB_FIELDS = {
     "job_id": _STR, "state": _STATE_NAME, "exit_code": _OPT_INT, "signal": _OPT_STR, "timed_out": _BOOL,
     "duration_ms": _OPT_INT, "created_at": _OPT_STR, "started_at": _OPT_STR, "finished_at": _OPT_STR,
     "pid": _OPT_INT, "error": _ERROR_INFO, "command": {"type": ["array", "null"], "items": _STR},
     "cwd": _OPT_STR, "env": {"type": ["object", "null"], "additionalProperties": _STR},
-    "tags": _STR_LIST, "stdout_log_path": _STR, "stderr_log_path": _STR,
+    "tags": _STR_LIST, "stdout_log_path": _STR, "stderr_log_path": _STR, "warnings": _WARNINGS,
 }
 _OUTPUT_FIELDS = {"stdout": _STR, "stderr": _STR, "stdout_range": _RANGE, "stderr_range": _RANGE,
                   "stdout_total_bytes": _INT, "stderr_total_bytes": _INT,
                   "encoding": {"type": "string", "enum": ["utf-8-lossy"]}}
 _RUN_FIELDS = dict(_JOB_FIELDS, **_OUTPUT_FIELDS, elapsed_ms=_INT)
-_SUMMARY_FIELDS = {k: v for k, v in _JOB_FIELDS.items() if k != "env"}
+_SUMMARY_FIELDS = {k: v for k, v in _JOB_FIELDS.items() if k not in ("env", "warnings")}
 _ACTION_ROW = {"type": "object", "required": ["job_id", "action", "reason"], "properties": {
     "job_id": _STR, "action": {"type": "string", "enum": ["deleted", "would_delete", "skipped"]},
     "reason": _OPT_STR, "bytes": _INT}}
@@ -3847,7 +4044,7 @@ _CAPABILITIES = _object_schema({
 _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "run": _RUN_FIELDS, "start": _RUN_FIELDS, "restart": _RUN_FIELDS, "wait": _RUN_FIELDS,
     "status": _JOB_FIELDS, "create": _JOB_FIELDS,
-    "kill": dict(_JOB_FIELDS, signal_sent=_STR, processes_signalled=_INT, processes_alive=_INT),
+    "kill": dict(_JOB_FIELDS, signal_sent=_STR, processes_signalled=_INT, processes_alive=_OPT_INT),
     "tail": dict(job_id=_STR, state=_STATE_NAME, lines=_INT, **_OUTPUT_FIELDS,
                  stdout_log_path=_STR, stderr_log_path=_STR),
     "list": {"root": _STR, "jobs": {"type": "array", "items": _object_schema(_SUMMARY_FIELDS)},
@@ -3968,6 +4165,7 @@ def _job_view(job: Job, state: JobState) -> dict:
         "command": spec.argv if spec else None, "cwd": spec.cwd if spec else None,
         "env": spec.masked_env() if spec else None, "tags": spec.tags if spec else [],
         "stdout_log_path": job.paths.stdout_log, "stderr_log_path": job.paths.stderr_log,
+        "warnings": list(state._warnings),
     }
 
 
@@ -3989,7 +4187,7 @@ def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int) -> dic
 def _kill_view(job: Job, result: KillResult) -> dict:
     view = _job_view(job, result.state)
     view.update(signal_sent=result.signal_sent, processes_signalled=result.processes_signalled,
-                processes_alive=result.processes_alive)
+                processes_alive=result.processes_alive, warnings=view["warnings"] + result.warnings)
     return view
 
 
@@ -4691,7 +4889,13 @@ def _render_table(rows: List[List[str]], header: List[str]) -> List[str]:
 
 
 def _render_text(doc: dict, color: bool, now: float) -> str:
-    """A document as people read it: tables, labelled lines, output and a verdict."""
+    """A document as people read it: tables, labelled lines, output and a verdict; then its warnings."""
+    body = _render_body(doc, color, now)
+    notes = [_paint("warning:", "bad", color) + " " + w["message"] for w in doc.get("warnings") or ()]
+    return "\n".join([body] + notes) if notes else body
+
+
+def _render_body(doc: dict, color: bool, now: float) -> str:
     kind = doc["type"]
     if kind == "list":
         if not doc["jobs"]:
@@ -4718,8 +4922,9 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
         if doc["error"]:
             fields.append(("error", "%s: %s" % (doc["error"]["stage"], doc["error"]["message"])))
         if kind == "kill":
-            fields.append(("signalled", "%s to %d process(es), %d left" % (
-                doc["signal_sent"], doc["processes_signalled"], doc["processes_alive"])))
+            fields.append(("signalled", "%s to %d process(es), %s left" % (
+                doc["signal_sent"], doc["processes_signalled"],
+                "unknown" if doc["processes_alive"] is None else doc["processes_alive"])))
         return "\n".join("%-10s %s" % (label + ":", "-" if value is None else value) for label, value in fields)
     if kind == "doctor":
         return "\n".join(_doctor_lines(doc["capabilities"]))

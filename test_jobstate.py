@@ -171,6 +171,18 @@ def open_fifo_gate(gate):
     os.close(fd)
 
 
+def hold_job_lock(testcase, job):
+    """Another process holds the job's lock (as a live supervisor would) until the test ends."""
+    holder = subprocess.Popen(py("import fcntl, os, sys, time\n"
+                                 "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                                 "print('held', flush=True); time.sleep(300)") + [job.paths.lock],
+                              stdout=subprocess.PIPE)
+    testcase.addCleanup(holder.stdout.close)
+    testcase.addCleanup(holder.wait)
+    testcase.addCleanup(holder.kill)
+    testcase.assertEqual(holder.stdout.readline(), b"held\n")
+
+
 def proc_status(pid):
     """The fields of /proc/<pid>/status, by name."""
     with open("/proc/%d/status" % pid) as f:
@@ -2089,6 +2101,21 @@ class LifecycleTests(JobTestCase):
         _, text, _ = self.cli_capture("--format", "text", "restart", job.id)
         self.assertIn("hi\njob %s exited with code 0" % job.id[:12], text)
 
+    @unittest.skipIf(jobstate._WINDOWS, "POSIX: the lock is held through fcntl")
+    def test_kill_that_signals_nothing_of_a_running_job_is_an_error(self):
+        """A running job (its lock held) none of whose processes can be signalled
+        from here: kill_failed with a hint, never ok with nothing signalled."""
+        job = jobstate.create(["sleep", "300"], root=self.root)
+        state = job.state()
+        state.job.status, state.pid, state.pid_token = jobstate.JobStatus.RUNNING, os.getpid(), "another-process"
+        jobstate._write_state(job.paths, state)
+        hold_job_lock(self, job)
+        status, doc, _ = self.cli("kill", "--no-wait", job.id)
+        self.assertFalse(doc["ok"], "kill claimed a success it did not have: %s" % doc)
+        self.assertEqual((status, doc["error"]["code"]), (1, "kill_failed"))
+        self.assertIn("hint", doc["error"])
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+
     def test_kill_delete_restart_racing_answer_job_not_found_or_invalid_state(self):
         # What main() would answer for each call: the JobError's code, or internal_error for anything else.
         answers, guard = {}, threading.Lock()
@@ -2708,7 +2735,8 @@ def fixed_view(**changes):
             "timed_out": False, "duration_ms": 1520, "created_at": "2026-11-29T03:18:00.000Z",
             "started_at": "2026-11-29T03:18:04.123Z", "finished_at": "2026-11-29T03:18:05.643Z",
             "pid": 41877, "error": None, "command": ["make", "test"], "cwd": "/src", "env": {},
-            "tags": ["ci.test"], "stdout_log_path": "/r/x/stdout.log", "stderr_log_path": "/r/x/stderr.log"}
+            "tags": ["ci.test"], "stdout_log_path": "/r/x/stdout.log", "stderr_log_path": "/r/x/stderr.log",
+            "warnings": []}
     view.update(changes)
     return view
 
@@ -2748,6 +2776,14 @@ class HumanOutputTests(JobTestCase):
         for view, expected in cases:
             self.assertEqual(jobstate._verdict(view, color=False), expected)
         self.assertEqual(jobstate._verdict(fixed_view(), color=True), "\x1b[32m%s\x1b[0m" % cases[0][1])
+
+    def test_warnings_and_uncounted_processes(self):
+        view = fixed_view(state="killed", exit_code=None, signal="SIGTERM", signal_sent="SIGTERM",
+                          processes_signalled=1, processes_alive=None,
+                          warnings=[jobstate._warning("pids_unverifiable", "no /proc here")])
+        lines = jobstate._render_text(jobstate._envelope("kill", view), color=False, now=NOW).splitlines()
+        self.assertIn("signalled: SIGTERM to 1 process(es), unknown left", lines)
+        self.assertEqual(lines[-1], "warning: no /proc here")
 
     def test_text_mode_keeps_exit_codes_and_errors_go_to_stderr(self):
         proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "--format", "text", "status", "abcd"],
@@ -3411,6 +3447,39 @@ class RestrictedEnvironmentTests(JobTestCase):
         caps = self.doctor(steps)
         self.assertEqual(caps["proc"], "hidepid")
         self.assertNotIn("proc", missing_facilities(steps["doctor"]["doc"]))
+
+    def test_no_proc(self):
+        """/proc replaced by an empty tmpfs in a private mount namespace: no pid can
+        be verified, so the supervisor signals its own (unreaped) child's group."""
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t tmpfs none /proc && exec "$@"', "sh"]
+        steps = self.drive(wrapper)
+        self.assert_operations_work(steps)
+        self.assert_tree_gone_here(steps)
+        caps = self.doctor(steps)
+        self.assertIn("proc", missing_facilities(steps["doctor"]["doc"]))
+        self.assertEqual((caps["proc"], caps["pid_identity"], caps["signal_delivery"]),
+                         ("absent", "none", "supervisor"))
+        kill = steps["kill"]["doc"]
+        self.assertIsNone(kill["processes_alive"], "nothing can be counted without /proc")
+        self.assertIn("pids_unverifiable", [w["code"] for w in kill["warnings"]])
+
+    def test_no_proc_kill_of_a_job_without_supervisor_is_an_error(self):
+        """Without /proc and without a live supervisor, nothing can be signalled:
+        an error with a hint, never ok with the job running on."""
+        job = jobstate.create(["sleep", "300"], root=self.root)
+        state = job.state()
+        state.job.status, state.pid = jobstate.JobStatus.RUNNING, 1
+        jobstate._write_state(job.paths, state)
+        hold_job_lock(self, job)  # the state stays `running` (no supervisor_lost)
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               'mount -t tmpfs none /proc && exec "$@"', "sh",
+                               PY, JOBSTATE, "--root", self.root, "kill", "--no-wait", job.id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        doc = json.loads(proc.stdout)
+        self.assertFalse(doc["ok"], "kill claimed a success it did not have: %s" % doc)
+        self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "kill_failed"), doc)
+        self.assertIn("/proc", doc["error"]["hint"])
 
     def pid_namespace(self):
         return ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
