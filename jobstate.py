@@ -582,6 +582,23 @@ def _bytecode_is_fresh(pyc: str) -> bool:
     return flags != 0 or (mtime, size) == (int(source.st_mtime) & 0xFFFFFFFF, source.st_size & 0xFFFFFFFF)
 
 
+# Filesystems that other machines may mount too, where flock (if it works at
+# all) excludes only between processes of one machine: a lock held there by a
+# supervisor on another host proves nothing here.  FUSE passes flock to the
+# kernel of each machine unless the filesystem implements it, so every FUSE
+# filesystem counts, but those known to be local (fuse-overlayfs: rootless
+# containers) or read-only.
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "coda", "glusterfs",
+                        "lustre", "virtiofs", "vboxsf", "vmhgfs", "fuse", "fuseblk")
+_LOCAL_FUSE = ("fuse.fuse-overlayfs", "fuse.squashfuse", "fuse.lxcfs", "fuse.portal")
+
+
+def _is_network_filesystem(fstype: Optional[str]) -> bool:
+    if not fstype or fstype in _LOCAL_FUSE:
+        return False
+    return fstype in _NETWORK_FILESYSTEMS or fstype.startswith("fuse.")
+
+
 def _capability_report(**facts) -> dict:
     """The capabilities object (`doctor`, `GET /health`): the platform's facts plus the interpreter."""
     report = {"platform": sys.platform, "python": "%d.%d.%d" % sys.version_info[:3],
@@ -636,6 +653,28 @@ class _PosixProcessLayer:
     def read_bytes(self, path: str) -> bytes:
         with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
             return f.read()
+
+    def lock_problem(self, directory: str) -> Optional[str]:
+        """Why flock does not exclude on this directory's filesystem, or None.
+
+        Two descriptors on the directory: while the first holds a shared lock,
+        an exclusive one through the second must be refused.  (Shared first, so
+        that two processes probing at once cannot fail each other.)
+        """
+        try:
+            first, second = os.open(directory, os.O_RDONLY), os.open(directory, os.O_RDONLY)
+        except OSError as exc:
+            return "cannot open %s to test its locks: %s" % (directory, exc.strerror or exc)
+        try:
+            if self.lock(first, exclusive=False, blocking=False) and \
+                    self.lock(second, exclusive=True, blocking=False):
+                return "flock granted two conflicting locks on one file at once"
+            return None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, EBADF (NFS wants a writable file): no flock here
+            return "flock fails there: %s" % (exc.strerror or exc)
+        finally:
+            os.close(first)
+            os.close(second)
 
     def unlock(self, fd: int) -> None:
         # Nothing to do before the close: and an explicit LOCK_UN would be
@@ -1848,6 +1887,9 @@ class _WindowsProcessLayer:
             if getattr(exc, "winerror", None) not in (_WIN_ERROR_NOT_LOCKED, _WIN_ERROR_LOCK_VIOLATION):
                 raise
 
+    def lock_problem(self, directory: str) -> Optional[str]:
+        return None  # LockFileEx is enforced by the server on SMB shares too
+
     def read_bytes(self, path: str) -> bytes:
         # While a writer's os.replace swaps the file in, opening it can fail
         # with access denied for a moment: retry briefly (about 1 s at most).
@@ -2267,6 +2309,64 @@ def _is_real_dir(path: str) -> bool:
         return False
 
 
+# Where the verdict on a root's locks is remembered, keyed by the root's device.
+_LOCK_CHECK_FILE = ".lock-check.json"
+
+
+def _require_trusted_locks(root: str) -> None:
+    """Refuse a root whose file locks cannot be trusted: every proof jobstate
+    draws from its locks (a supervisor alive, a job not started twice) would lie."""
+    verdict = _lock_verdict(root)
+    if verdict["trusted"]:
+        return
+    where = ("a %s filesystem mounted at %s" % (verdict["filesystem"], verdict["mount_point"])
+             if verdict["filesystem"] else "a filesystem of unknown type")
+    hint = "give a root on a local disk: --root DIR or JOBSTATE_ROOT=DIR (under /tmp or /var/tmp, say)"
+    if verdict["network"]:
+        hint += "; if no other machine ever uses this root, JOBSTATE_TRUST_LOCKS=1 accepts it"
+    raise JobIOError("the jobs root %s is on %s, whose file locks cannot be trusted: %s"
+                     % (root, where, verdict["reason"]), hint=hint,
+                     details={"root": root, "filesystem": verdict["filesystem"],
+                              "mount_point": verdict["mount_point"]})
+
+
+def _lock_verdict(root: str) -> dict:
+    """Whether a lock on the root proves what jobstate needs it to: trusted, the
+    reason when not, the filesystem, and whether it is a network one."""
+    facts = _lock_facts(root)
+    problem, network = facts["problem"], _is_network_filesystem(facts["filesystem"])
+    if problem is None and network and os.environ.get("JOBSTATE_TRUST_LOCKS") != "1":
+        problem = "%s is a network filesystem, where a lock excludes only the processes of one machine" \
+                  % facts["filesystem"]
+    return dict(facts, trusted=problem is None, reason=problem, network=network)
+
+
+@functools.lru_cache(maxsize=64)
+def _lock_facts(root: str) -> dict:
+    """The root's filesystem and whether flock excludes there: probed once per
+    root (or its nearest existing parent), remembered in the root by device."""
+    directory = root
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    try:
+        device = os.stat(directory).st_dev
+    except OSError:
+        device = None
+    remembered = _read_json_quietly(os.path.join(root, _LOCK_CHECK_FILE)) if directory == root else None
+    if isinstance(remembered, dict) and remembered.get("device") == device and \
+            set(remembered) == {"device", "filesystem", "mount_point", "problem"}:
+        return {k: v for k, v in remembered.items() if k != "device"}
+    mount = _process_layer.filesystem_of(directory) or {}
+    facts = {"filesystem": mount.get("fstype"), "mount_point": mount.get("mount_point"),
+             "problem": _process_layer.lock_problem(directory)}
+    if directory == root and device is not None and facts["problem"] is None:  # a refusal is probed anew
+        try:
+            _write_json_atomic(os.path.join(root, _LOCK_CHECK_FILE), dict(facts, device=device))
+        except OSError:  # a read-only root: the next process probes again, which is cheap
+            pass
+    return facts
+
+
 class _JobLock:
     """The job's `lock` file: held exclusively by the live supervisor for its whole life.
 
@@ -2288,6 +2388,7 @@ class _JobLock:
     def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
         """Take the lock; False if someone holds it.  With create (to run the job),
         JobNotFoundError when the job was deleted before or while we took it."""
+        _require_trusted_locks(self.paths.root)
         flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
         try:
             self.fd = os.open(self.path, flags, 0o600)
@@ -2327,10 +2428,11 @@ class _MetaLock:
     """Serializes read-modify-write of meta.json (tags) between processes."""
 
     def __init__(self, paths: JobPaths):
-        self.path = os.path.join(paths.dir, "meta.lock")
+        self.root, self.path = paths.root, os.path.join(paths.dir, "meta.lock")
         self.fd: Optional[int] = None
 
     def __enter__(self):
+        _require_trusted_locks(self.root)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
         _process_layer.lock(self.fd, exclusive=True, blocking=True)
         return self
@@ -2448,9 +2550,10 @@ def _root_report(root: str) -> dict:
     """The root's filesystem, whether it can be written, and whether its locks can be trusted."""
     exists = os.path.isdir(root)
     mount = _process_layer.filesystem_of(root) or {}
+    verdict = _lock_verdict(root)
     return {"path": root, "exists": exists, "writable": exists and os.access(root, os.W_OK),
             "filesystem": mount.get("fstype"), "mount_point": mount.get("mount_point"),
-            "lock": {"kind": _process_layer.lock_kind, "trusted": None, "reason": "not checked"}}
+            "lock": {"kind": _process_layer.lock_kind, "trusted": verdict["trusted"], "reason": verdict["reason"]}}
 
 # ---------------------------------------------------------------------------
 # 6. Supervisor: one job's life, from start to notifications
@@ -3397,7 +3500,7 @@ class _ReleaseWaiter:
         try:
             with _JobLock(self.paths) as lock:
                 lock.acquire(exclusive=False, blocking=True, create=False)
-        except OSError:  # the job directory went away: nothing left to wait for
+        except (OSError, JobError):  # the job directory went away, or its locks cannot be trusted
             pass
         event.set()
 
@@ -3489,6 +3592,8 @@ def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Opt
     """
     want = JobStatus(state) if state else None
     filters = [_validate_tag_filter(t) for t in tags]
+    if os.path.isdir(root):
+        _require_trusted_locks(root)
     realpath = functools.lru_cache(maxsize=None)(os.path.realpath)  # jobs share a few directories
     scope = None if all_jobs else realpath(_abspath(cwd or os.curdir))
     found: List[JobSummary] = []
@@ -3548,6 +3653,8 @@ def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optiona
     """
     root = resolve_root(root)
     cutoff = time.time() - _parse_duration(older_than_s, "older_than")
+    if os.path.isdir(root):
+        _require_trusted_locks(root)
     terminal = sorted(_terminal_jobs(root), key=lambda job: job[1])  # oldest first
     doomed = {job_id for job_id, finished, _ in terminal if finished < cutoff}
     keep = [job for job in terminal if job[0] not in doomed]
@@ -3928,6 +4035,7 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
                        notify_file=notify_file)
     root = resolve_root(root)
     _ensure_root(root)
+    _require_trusted_locks(root)
     job_id = new_job_id()
     staging = os.path.join(root, ".new-" + job_id)
     try:
@@ -3981,7 +4089,9 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
     """The Job for an id or unique prefix (case-insensitive)."""
     root = resolve_root(root)
-    return Job(_resolve_job_id(root, job_id_or_prefix), root)
+    job = Job(_resolve_job_id(root, job_id_or_prefix), root)
+    _require_trusted_locks(root)
+    return job
 
 # ---------------------------------------------------------------------------
 # 9. Responses: the one place that shapes each JSON document
@@ -4029,8 +4139,7 @@ def _object_schema(fields: Dict[str, dict], closed: bool = True) -> dict:
     return schema
 
 
-_OPT_BOOL = _json_type("boolean", "null")
-_LOCK_REPORT = _object_schema({"kind": _STR, "trusted": _OPT_BOOL, "reason": _OPT_STR})
+_LOCK_REPORT = _object_schema({"kind": _STR, "trusted": _BOOL, "reason": _OPT_STR})
 _ROOT_REPORT = _object_schema({"path": _STR, "exists": _BOOL, "writable": _BOOL, "filesystem": _OPT_STR,
                                "mount_point": _OPT_STR, "lock": _LOCK_REPORT})
 _MISSING_ROW = _object_schema({"facility": {"type": "string", "enum": sorted(_MISSING_COSTS)}, "detail": _STR,
@@ -4934,7 +5043,7 @@ def _render_body(doc: dict, color: bool, now: float) -> str:
 
 def _doctor_lines(caps: dict) -> List[str]:
     root, lock = caps["root"], caps["root"]["lock"]
-    trust = {True: "trusted", False: "NOT TRUSTED", None: "not checked"}[lock["trusted"]]
+    trust = "trusted" if lock["trusted"] else "NOT TRUSTED"
     lines = ["platform:      %s, %s %s (%s)" % (caps["platform"], caps["implementation"], caps["python"],
                                                caps["executable"]),
              "containment:   %s; trees found by %s" % (caps["containment"], ", ".join(caps["tree_discovery"])),

@@ -1518,6 +1518,32 @@ class WindowsLayerFakeTests(unittest.TestCase):
 
 
 class StoreTests(JobTestCase):
+    def test_a_root_on_a_network_filesystem_is_refused_unless_trusted(self):
+        """flock on NFS, SMB or FUSE excludes only the processes of one machine (simulated
+        through the platform layer's mount table: no such filesystem here)."""
+        nfs = {"mount_point": "/mnt/share", "fstype": "nfs4", "options": "rw"}
+        self.addCleanup(jobstate._lock_facts.cache_clear)
+        jobstate._lock_facts.cache_clear()
+        with unittest.mock.patch.object(jobstate._process_layer, "filesystem_of", return_value=nfs):
+            with self.assertRaises(jobstate.JobIOError) as caught:
+                self.run_job(HELLO)
+            self.assertIn("nfs4 filesystem mounted at /mnt/share", caught.exception.message)
+            self.assertIn("--root", caught.exception.hint)
+            self.assertIn("JOBSTATE_TRUST_LOCKS=1", caught.exception.hint)
+            self.assertEqual(jobstate._list_job_ids(self.root), [])
+            with unittest.mock.patch.dict(os.environ, JOBSTATE_TRUST_LOCKS="1"):
+                self.assertEqual(self.run_job(HELLO).wait(10).status, jobstate.JobStatus.EXITED)
+
+    def test_the_lock_verdict_is_remembered_in_the_root(self):
+        self.run_job(HELLO).wait(10)
+        with open(os.path.join(self.root, ".lock-check.json")) as f:
+            remembered = json.load(f)
+        self.assertEqual((remembered["device"], remembered["problem"]), (os.stat(self.root).st_dev, None))
+        self.addCleanup(jobstate._lock_facts.cache_clear)
+        jobstate._lock_facts.cache_clear()
+        with unittest.mock.patch.object(jobstate._process_layer, "lock_problem", side_effect=AssertionError):
+            self.assertTrue(jobstate._lock_verdict(self.root)["trusted"], "probed again")
+
     def test_root_resolution_order(self):
         env = {k: v for k, v in os.environ.items() if k not in ("JOBSTATE_ROOT", "XDG_DATA_HOME")}
         with unittest.mock.patch.dict(os.environ, env, clear=True):
@@ -3480,6 +3506,20 @@ class RestrictedEnvironmentTests(JobTestCase):
         self.assertFalse(doc["ok"], "kill claimed a success it did not have: %s" % doc)
         self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "kill_failed"), doc)
         self.assertIn("/proc", doc["error"]["hint"])
+
+    def test_flock_that_lies(self):
+        """A filesystem whose flock always succeeds (simulated in the platform layer):
+        every command refuses the root, naming its filesystem; doctor says why."""
+        steps = self.drive(prefix=[PY, "-c", LYING_FLOCK_CLI, JOBSTATE])
+        run = steps["run"]["doc"]
+        self.assertEqual((steps["run"]["status"], run["error"]["code"]), (1, "io_error"), run)
+        self.assertIn("--root", run["error"]["hint"])
+        self.assertEqual(jobstate._list_job_ids(self.root), [], "a job was made on a root whose locks lie")
+        root = self.doctor(steps)["root"]
+        self.assertEqual((root["lock"]["kind"], root["lock"]["trusted"]), ("flock", False))
+        self.assertIn("%s filesystem mounted at %s" % (root["filesystem"], root["mount_point"]),
+                      run["error"]["message"])
+        self.assertIn("two conflicting locks", root["lock"]["reason"])
 
     def pid_namespace(self):
         return ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
