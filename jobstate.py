@@ -2389,13 +2389,20 @@ class _JobLock:
         """Take the lock; False if someone holds it.  With create (to run the job),
         JobNotFoundError when the job was deleted before or while we took it."""
         _require_trusted_locks(self.paths.root)
-        flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
+        # Only to run a job is the lock opened for writing: flock needs no more
+        # than a read-only descriptor, so readers work on a read-only root.
+        flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | _FILE_FLAGS
         try:
             self.fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:
             if create:  # only a vanished job directory makes O_CREAT fail so
                 raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
             return self._gone()
+        except OSError as exc:
+            if not create:
+                raise
+            raise JobIOError("cannot open %s to run the job: %s" % (self.path, exc.strerror or exc),
+                             hint="the jobs root must be writable to start jobs") from None
         if not _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
             self.release()
             return False
@@ -2459,7 +2466,12 @@ def _reconcile(paths: JobPaths, state: JobState) -> JobState:
             state.error = Failure("supervisor_lost",
                                   "the supervisor exited without recording the job's end")
             state.finished_at = _utc_now()
-            _write_state(paths, state)
+            try:
+                _write_state(paths, state)
+            except OSError as exc:  # a read-only root: tell the truth, and that it is not on disk
+                state._warnings.append(_warning("state_not_updated", (
+                    "job %s lost its supervisor, but its state.json could not be updated (%s): it is shown "
+                    "failed without being recorded") % (paths.job_id, exc.strerror or exc)))
         return state
 
 
@@ -3886,12 +3898,13 @@ class Job:
         ref, running = _TreeRef.from_state(state), state.status is JobStatus.RUNNING
         terminating, verified = name[3:] in _TERMINATING, _process_layer.can_verify_pids()
         send = functools.partial(self._send, ref, running and not verified)
+        warnings = [] if verified else [_warning("pids_unverifiable", _UNVERIFIABLE)]
         if running and terminating and verified:
-            _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
+            self._request_kill(name, warnings)
         signalled = send(name)
         if terminating and kill_after_s is not None and not self._stopped(ref, kill_after_s):
             if running and verified:
-                _write_json_atomic(self.paths.kill_request, {"signal": "SIGKILL", "requested_at": _utc_now()})
+                self._request_kill("SIGKILL", warnings)
             signalled += send("SIGKILL")
         if terminating and wait_s:
             self._stopped(ref, wait_s)
@@ -3900,10 +3913,18 @@ class Job:
             state = self.wait(0.5)  # it may have ended just before the signal: then there was nothing to stop
             if state.status is JobStatus.RUNNING:
                 raise self._kill_failed(verified)
-        warnings = [] if verified else [_warning("pids_unverifiable", _UNVERIFIABLE)]
         alive = len(_process_layer.find_tree(ref)) if verified else None
         return KillResult(state, name, signalled, alive, warnings)
 
+    def _request_kill(self, name: str, warnings: List[dict]) -> None:
+        """Leave the record that makes the job read `killed` however its child reacts."""
+        try:
+            _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
+        except OSError as exc:  # a read-only root: the signal still goes; the record cannot
+            if not warnings or warnings[-1]["code"] != "kill_request_not_written":
+                warnings.append(_warning("kill_request_not_written", (
+                    "the kill request could not be recorded (%s): if the job traps %s and exits on its own, "
+                    "it will read `exited`, not `killed`") % (exc.strerror or exc, name)))
     def _send(self, ref: _TreeRef, through_supervisor: bool, name: str) -> int:
         """Signal the tree ourselves, or (no pid can be verified here) through its supervisor."""
         if through_supervisor:
@@ -3915,8 +3936,11 @@ class Job:
         how many processes it signalled, 0 when no supervisor answered."""
         request_id = os.urandom(8).hex()
         recorded = name if name[3:] in _TERMINATING else _read_kill_request(self.paths)
-        _write_json_atomic(self.paths.kill_request, {"signal": recorded, "requested_at": _utc_now(),
-                                                     "deliver": name, "request_id": request_id})
+        try:
+            _write_json_atomic(self.paths.kill_request, {"signal": recorded, "requested_at": _utc_now(),
+                                                         "deliver": name, "request_id": request_id})
+        except OSError:  # a read-only root: the supervisor cannot be asked
+            return 0
         if not self._wake_supervisor():
             return 0
         deadline, delay = _deadline(DRAIN_TIMEOUT_S), 0.002
@@ -3979,10 +4003,15 @@ class Job:
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
-        with _MetaLock(self.paths):
-            spec = _read_spec(self.paths)
-            spec.tags = tags
-            _write_json_atomic(self.paths.meta, spec.to_dict())
+        try:
+            with _MetaLock(self.paths):
+                spec = _read_spec(self.paths)
+                spec.tags = tags
+                _write_json_atomic(self.paths.meta, spec.to_dict())
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise  # a deleted job: _deleted_is_not_found says so
+            raise JobIOError("cannot update the tags of job %s: %s" % (self.id, exc.strerror or exc)) from None
         return tags
 
 
@@ -4155,9 +4184,9 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "status": _JOB_FIELDS, "create": _JOB_FIELDS,
     "kill": dict(_JOB_FIELDS, signal_sent=_STR, processes_signalled=_INT, processes_alive=_OPT_INT),
     "tail": dict(job_id=_STR, state=_STATE_NAME, lines=_INT, **_OUTPUT_FIELDS,
-                 stdout_log_path=_STR, stderr_log_path=_STR),
+                 stdout_log_path=_STR, stderr_log_path=_STR, warnings=_WARNINGS),
     "list": {"root": _STR, "jobs": {"type": "array", "items": _object_schema(_SUMMARY_FIELDS)},
-             "count": _INT, "truncated": _BOOL, "skipped": _INT},
+             "count": _INT, "truncated": _BOOL, "skipped": _INT, "warnings": _WARNINGS},
     "delete": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT},
     "gc": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT,
            "kept": _INT, "freed_bytes": _INT},
@@ -4344,9 +4373,11 @@ def _status_doc(job: Job) -> dict:
 
 def _tail_doc(job: Job, lines: int, max_bytes: int) -> dict:
     tail = job.tail(lines, max_bytes)
-    view = {"job_id": job.id, "state": job.state().status.value, "lines": lines}
+    state = job.state()
+    view = {"job_id": job.id, "state": state.status.value, "lines": lines}
     view.update(_output_view(tail))
-    view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log)
+    view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log,
+                warnings=list(state._warnings))
     return _envelope("tail", view)
 
 
@@ -4360,7 +4391,8 @@ def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[
     summaries, truncated, skipped = _list_summaries(root, cwd=cwd, all_jobs=all_jobs, state=state, tags=tags,
                                                     limit=limit)
     return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
-                              "count": len(summaries), "truncated": truncated, "skipped": skipped})
+                              "count": len(summaries), "truncated": truncated, "skipped": skipped,
+                              "warnings": [w for s in summaries for w in s.state._warnings]})
 
 
 def _doctor_doc(root: str) -> dict:

@@ -2778,7 +2778,7 @@ class HumanOutputTests(JobTestCase):
         for job in jobs:
             del job["env"]
         doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True,
-                                          "skipped": 0})
+                                          "skipped": 0, "warnings": []})
         lines = jobstate._render_text(doc, color=False, now=NOW).splitlines()
         self.assertEqual(lines[0].split(), ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
         self.assertEqual(lines[1].split(), ["01a225fa0350", "exited", "0", "2m", "ago", "1.5s", "make", "test",
@@ -3520,6 +3520,62 @@ class RestrictedEnvironmentTests(JobTestCase):
         self.assertIn("%s filesystem mounted at %s" % (root["filesystem"], root["mount_point"]),
                       run["error"]["message"])
         self.assertIn("two conflicting locks", root["lock"]["reason"])
+
+    def test_read_only_root(self):
+        """A root bind-mounted read-only: reads work and say what they could not
+        record; writes fail with a clear io_error; kill still stops the tree."""
+        done = self.run_job(HELLO)
+        done.wait(10)
+        running = self.run_job([PY, self.tree])
+        self.wait_log(running, "ready")
+        pids = [int(w) for w in open(running.paths.stdout_log).read().split()[1:4]]
+        lost = jobstate.create(["true"], root=self.root)
+        state = lost.state()
+        state.job.status = jobstate.JobStatus.RUNNING  # no supervisor holds its lock: supervisor_lost
+        jobstate._write_state(lost.paths, state)
+        script = os.path.join(self.tmp, "ro.py")
+        with open(script, "w") as f:
+            f.write("import json, subprocess, sys\n"
+                    "def cli(*args):\n"
+                    "    p = subprocess.run([sys.executable, %r, '--root', %r] + list(args), stdout=subprocess.PIPE,\n"
+                    "                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60)\n"
+                    "    return {'status': p.returncode, 'doc': json.loads(p.stdout or 'null'),\n"
+                    "            'stderr': p.stderr.decode(errors='replace')[-2000:]}\n"
+                    "d, r, l = sys.argv[1:4]\n"
+                    "print(json.dumps({'doctor': cli('doctor'), 'schema': cli('schema'), 'list': cli('list', '--all'),\n"
+                    "    'status_done': cli('status', d), 'status_running': cli('status', r), 'status_lost': cli('status', l),\n"
+                    "    'tail': cli('tail', r), 'wait_done': cli('wait', '--until', '5', d),\n"
+                    "    'wait_running': cli('wait', '--until', '0.3', r), 'wait_lost': cli('wait', '--until', '5', l),\n"
+                    "    'run': cli('run', '--', 'true'), 'kill': cli('kill', r)}))\n" % (JOBSTATE, self.root))
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"',
+                               "sh", self.root, PY, script, done.id, running.id, lost.id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=self.TIMEOUT_S)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace")[-3000:])
+        steps = json.loads(proc.stdout)
+        for name in ("doctor", "schema", "list", "status_done", "status_running", "status_lost", "tail",
+                     "wait_done", "wait_running", "wait_lost", "kill"):
+            self.assertTrue(steps[name]["doc"] and steps[name]["doc"]["ok"], "%s: %r" % (name, steps[name]))
+        self.assertEqual(steps["status_running"]["doc"]["state"], "running")
+        self.assertEqual(steps["wait_done"]["doc"]["state"], "exited")
+        self.assertEqual(steps["wait_running"]["doc"]["state"], "running")
+        for name in ("status_lost", "wait_lost"):
+            doc = steps[name]["doc"]
+            self.assertEqual((doc["state"], doc["error"]["stage"]), ("failed", "supervisor_lost"))
+            self.assertIn("state_not_updated", [w["code"] for w in doc["warnings"]])
+        self.assertIn("state_not_updated", [w["code"] for w in steps["list"]["doc"]["warnings"]])
+        self.assertEqual(steps["status_done"]["doc"]["warnings"], [])
+        self.assertIn("ready", steps["tail"]["doc"]["stdout"])
+        run = steps["run"]["doc"]
+        self.assertEqual((steps["run"]["status"], run["error"]["code"]), (1, "io_error"), run)
+        self.assertIn("read-only", run["error"]["message"].lower())
+        self.assertGreaterEqual(steps["kill"]["doc"]["processes_signalled"], 3)
+        self.assertIn("kill_request_not_written", [w["code"] for w in steps["kill"]["doc"]["warnings"]])
+        wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the tree to be gone")
+        self.assertEqual(running.wait(10).status, jobstate.JobStatus.KILLED)
+        with open(lost.paths.state) as f:
+            self.assertEqual(json.load(f)["job"]["status"], "running", "a read-only root was written")
+        self.assertFalse(self.doctor(steps)["root"]["writable"])
 
     def pid_namespace(self):
         return ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
