@@ -5236,6 +5236,9 @@ def _add_observe_options(p, default_until: float) -> None:
                    help="exit with the job's exit code (128+n for signal n, 125 failed, 124 unfinished)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream the job's output live until it ends (instead of a JSON document)")
+    p.add_argument("--detach-anyway", action="store_true",
+                   help="as PID 1 of a PID namespace (a container's main process), return before the job ends "
+                   "although it then dies with this process (default: observe it to its end)")
 
 
 def _run_options(p) -> None:
@@ -5415,10 +5418,31 @@ def _observe(job: Job, ns, started: float, kind: str) -> Tuple[dict, int]:
     until_s, max_bytes = _observe_limits(ns)
     try:
         doc = _observed_doc(kind, job, until_s, max_bytes, started)
+        if kind != "wait" and doc["state"] in ("created", "running") and _process_layer.dies_with_launcher():
+            doc = _observe_as_namespace_init(job, ns, kind, max_bytes, started, doc)
     except KeyboardInterrupt:
         _tell_interrupted(job)
         return _observed_doc(kind, job, 0, max_bytes, started), 130
     return doc, _exit_status_of(doc) if ns.exit_code else 0
+
+
+def _observe_as_namespace_init(job: Job, ns, kind: str, max_bytes: int, started: float, doc: dict) -> dict:
+    """We are PID 1 of a PID namespace: the moment we exit, the kernel kills
+    every process in it, so the job cannot outlive this call.  Observe it to
+    its end, unless told to return anyway; either way, say so."""
+    if ns.detach_anyway:
+        doc["warnings"].append(_warning("dies_with_launcher", (
+            "this process is PID 1 of its PID namespace (a container's main process, unshare --pid --fork): "
+            "when it exits, which is now, the kernel kills every process of the namespace, job %s included")
+            % job.id))
+        return doc
+    _write_text(sys.stderr, "jobstate: this process is PID 1 of its PID namespace, so job %s would die when "
+                "it returns: observing the job to its end (--detach-anyway returns now)\n" % job.id)
+    doc = _observed_doc(kind, job, None, max_bytes, started)
+    doc["warnings"].append(_warning("launcher_is_pid_1", (
+        "this process is PID 1 of its PID namespace, whose exit kills every process in it: job %s was observed "
+        "to its end instead of returning earlier (--detach-anyway returns at once)") % job.id))
+    return doc
 
 
 def _tell_interrupted(job: Job) -> None:

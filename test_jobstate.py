@@ -3588,6 +3588,28 @@ class RestrictedEnvironmentTests(JobTestCase):
         self.assert_operations_work(steps, signalled_at_least=3)
         self.assertFalse(self.doctor(steps)["dies_with_launcher"])
 
+    def test_launcher_as_pid_1_keeps_observing(self):
+        """`docker run image python jobstate.py run --no-wait ...`: returning would
+        kill the job, so run observes it to its end and says why."""
+        argv = self.pid_namespace() + [PY, JOBSTATE, "--root", self.root, "run", "--no-wait", "--",
+                                       PY, "-c", "import time; time.sleep(0.5); print('done')"]
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        doc = json.loads(proc.stdout)
+        self.assertEqual((doc["state"], doc["stdout"]), ("exited", "done\n"), doc)
+        self.assertEqual([w["code"] for w in doc["warnings"]], ["launcher_is_pid_1"])
+        self.assertIn(b"--detach-anyway", proc.stderr)
+
+    def test_launcher_as_pid_1_detach_anyway_is_warned(self):
+        argv = self.pid_namespace() + [PY, JOBSTATE, "--root", self.root, "run", "--no-wait", "--detach-anyway",
+                                       "--", "sleep", "300"]
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        doc = json.loads(proc.stdout)
+        self.assertEqual((proc.returncode, doc["state"]), (0, "running"), doc)
+        self.assertEqual([w["code"] for w in doc["warnings"]], ["dies_with_launcher"])
+        # As said: the namespace ended with its init, and the job with it.
+        state = jobstate.open_job(doc["job_id"], self.root).wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "supervisor_lost"))
+
 # ---------------------------------------------------------------------------
 # The fault, load and hostile-input campaign (make torture runs it in full)
 # ---------------------------------------------------------------------------
