@@ -24,7 +24,7 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
 
 CLI:
     python jobstate.py [--root PATH] [--pretty] [--format json|text] COMMAND ...
-    commands: run create start restart status wait tail kill list ps delete (rm) gc tag schema mcp serve
+    commands: run create start restart status wait tail kill list ps delete (rm) gc tag schema doctor mcp serve
     Every command prints one JSON object on stdout.  `python jobstate.py --help`.
 
 Map of this file (`grep -n '^# [0-9]' jobstate.py`); calls point backwards,
@@ -74,7 +74,7 @@ __all__ = [
     "Job", "JobPaths", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
     "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError", "InvalidStateError",
     "InvalidArgumentError", "InvalidSignalError", "InvalidTagError", "StdinRequiredError",
-    "StdinTooLargeError", "StateFileError", "LaunchError", "JobIOError",
+    "StdinTooLargeError", "StateFileError", "LaunchError", "JobIOError", "KillFailedError",
     "SCHEMA_VERSION", "JOB_ID_ENV",
 ]
 
@@ -220,6 +220,23 @@ class JobIOError(JobError):
     retryable = True
 
 
+class KillFailedError(JobError):
+    """A kill that could signal no process of a job that is still running."""
+
+    code = "kill_failed"
+    retryable = True
+
+
+# What a response may warn of (its `warnings`): the answer holds, with this caveat.
+_WARNING_CODES = ("state_not_updated", "pids_unverifiable", "kill_request_not_written", "launcher_is_pid_1",
+                  "dies_with_launcher")
+
+
+def _warning(code: str, message: str) -> dict:
+    assert code in _WARNING_CODES, code
+    return {"code": code, "message": message}
+
+
 @dataclass
 class JobInfo:
     id: str
@@ -267,6 +284,8 @@ class JobState:
     logs_drained: Optional[bool] = None
     leftovers: List[_Proc] = field(default_factory=list)  # where trees cannot be found again later
     extra: Dict[str, object] = field(default_factory=dict)  # keys of other versions, kept on rewrite
+    # Not in state.json: what the reader that produced this state could not do (see _warning).
+    _warnings: List[dict] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def job_id(self) -> str:
@@ -428,7 +447,8 @@ class KillResult:
     state: JobState
     signal_sent: str
     processes_signalled: int
-    processes_alive: int
+    processes_alive: Optional[int]  # None where processes cannot be counted (no /proc)
+    warnings: List[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -466,6 +486,10 @@ class _Child:
     token: Optional[str]
     windows_job_name: Optional[str] = None
     handle: object = None  # platform-private (the Job Object handle on Windows)
+    # Held while the child is reaped and while the supervisor signals it: an
+    # unreaped child's pid, and so its group's id, cannot have been reused.
+    guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    reaped: bool = False
 
 
 @dataclass
@@ -489,6 +513,100 @@ def _survive_signal(signum, frame) -> None:
     """The supervisor's handler for signals it must survive (see supervisor_signals)."""
 
 
+# What jobstate loses without each optional facility: never the job, at most this.
+_MISSING_COSTS = {
+    "ctypes": "no child subreaper (prctl is reached through ctypes): a job's double-forked daemons re-parent "
+              "to init, and are found only by their JOBSTATE_JOB_ID marker",
+    "prctl": "no child subreaper: a job's double-forked daemons re-parent to init, and are found only by "
+             "their JOBSTATE_JOB_ID marker",
+    "proc": "no process can be identified: kill and timeouts go through the job's supervisor, which signals "
+            "its own child's process group; processes that leave that group (setsid), --kill-orphans and "
+            "leftovers of a finished job cannot be found",
+    "pidfd": "signals go by pid after a start-time check: a window of microseconds in which a recycled pid "
+             "could be hit",
+    "pipe_size": "64 KiB output pipes instead of 1 MiB: more wake-ups of the supervisor for chatty jobs",
+    "fallocate": "the disk reserve that keeps room for the final state is written as zeros (256 KiB a start)",
+    "o_nofollow": "job files are opened without the guard against a symbolic link planted in the root",
+    "bytecode_cache": "every supervisor compiles jobstate.py from source: tens of milliseconds more per launch",
+}
+
+
+def _missing(facility: str, detail: str, costs: Optional[str] = None) -> dict:
+    return {"facility": facility, "detail": detail, "costs": costs or _MISSING_COSTS[facility]}
+
+
+def _missing_file_facilities(cache_dir: str) -> List[dict]:
+    """The file-level facilities both platforms may lack."""
+    missing = []
+    if not hasattr(os, "posix_fallocate"):
+        missing.append(_missing("fallocate", "os.posix_fallocate does not exist on this platform"))
+    if not hasattr(os, "O_NOFOLLOW"):
+        missing.append(_missing("o_nofollow", "os.O_NOFOLLOW does not exist on this platform"))
+    problem = _bytecode_cache_problem(cache_dir)
+    if problem:
+        missing.append(_missing("bytecode_cache", problem))
+    return missing
+
+
+def _bytecode_cache_problem(cache_dir: str) -> Optional[str]:
+    """Why a supervisor could neither reuse nor write the compiled bytecode of this
+    file, or None.  It imports this file with the launcher's environment; where
+    bytecode writing is off it uses cache_dir (see _supervisor_argv)."""
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return "%s caches no bytecode" % sys.implementation.name
+    head, name = os.path.split(_THIS_FILE)
+    prefix = cache_dir if os.environ.get("PYTHONDONTWRITEBYTECODE") else os.environ.get("PYTHONPYCACHEPREFIX")
+    folder = os.path.join(prefix, head.lstrip(os.sep)) if prefix else os.path.join(head, "__pycache__")
+    pyc = os.path.join(folder, "%s.%s.pyc" % (os.path.splitext(name)[0], tag))
+    if _bytecode_is_fresh(pyc):
+        return None
+    existing = folder
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    return None if os.access(existing, os.W_OK) else "%s is missing or stale, and cannot be written" % pyc
+
+
+def _bytecode_is_fresh(pyc: str) -> bool:
+    """The .pyc matches this file's size and mtime (or is hash-based), as the import system checks it."""
+    import importlib.util
+    try:
+        with open(pyc, "rb") as f:
+            header = f.read(16)
+        source = os.stat(_THIS_FILE)
+    except OSError:
+        return False
+    if len(header) < 16 or header[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    flags, mtime, size = (int.from_bytes(header[i:i + 4], "little") for i in (4, 8, 12))
+    return flags != 0 or (mtime, size) == (int(source.st_mtime) & 0xFFFFFFFF, source.st_size & 0xFFFFFFFF)
+
+
+# Filesystems that other machines may mount too, where flock (if it works at
+# all) excludes only between processes of one machine: a lock held there by a
+# supervisor on another host proves nothing here.  FUSE passes flock to the
+# kernel of each machine unless the filesystem implements it, so every FUSE
+# filesystem counts, but those known to be local (fuse-overlayfs: rootless
+# containers) or read-only.
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "coda", "glusterfs",
+                        "lustre", "virtiofs", "vboxsf", "vmhgfs", "fuse", "fuseblk")
+_LOCAL_FUSE = ("fuse.fuse-overlayfs", "fuse.squashfuse", "fuse.lxcfs", "fuse.portal")
+
+
+def _is_network_filesystem(fstype: Optional[str]) -> bool:
+    if not fstype or fstype in _LOCAL_FUSE:
+        return False
+    return fstype in _NETWORK_FILESYSTEMS or fstype.startswith("fuse.")
+
+
+def _capability_report(**facts) -> dict:
+    """The capabilities object (`doctor`, `GET /health`): the platform's facts plus the interpreter."""
+    report = {"platform": sys.platform, "python": "%d.%d.%d" % sys.version_info[:3],
+              "implementation": sys.implementation.name, "executable": sys.executable}
+    report.update(facts)
+    return report
+
+
 class _PosixProcessLayer:
     """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
 
@@ -498,6 +616,7 @@ class _PosixProcessLayer:
     records_leftovers = not _LINUX
     # The launcher's flock passes to the supervisor with the descriptor.
     hands_over_lock = True
+    lock_kind = "flock"
 
     def default_root(self) -> str:
         return os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
@@ -534,6 +653,28 @@ class _PosixProcessLayer:
     def read_bytes(self, path: str) -> bytes:
         with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
             return f.read()
+
+    def lock_problem(self, directory: str) -> Optional[str]:
+        """Why flock does not exclude on this directory's filesystem, or None.
+
+        Two descriptors on the directory: while the first holds a shared lock,
+        an exclusive one through the second must be refused.  (Shared first, so
+        that two processes probing at once cannot fail each other.)
+        """
+        try:
+            first, second = os.open(directory, os.O_RDONLY), os.open(directory, os.O_RDONLY)
+        except OSError as exc:
+            return "cannot open %s to test its locks: %s" % (directory, exc.strerror or exc)
+        try:
+            if self.lock(first, exclusive=False, blocking=False) and \
+                    self.lock(second, exclusive=True, blocking=False):
+                return "flock granted two conflicting locks on one file at once"
+            return None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, EBADF (NFS wants a writable file): no flock here
+            return "flock fails there: %s" % (exc.strerror or exc)
+        finally:
+            os.close(first)
+            os.close(second)
 
     def unlock(self, fd: int) -> None:
         # Nothing to do before the close: and an explicit LOCK_UN would be
@@ -639,7 +780,14 @@ class _PosixProcessLayer:
     def exec_keeping(self, argv: List[str], fds: List[int]) -> NoReturn:
         """exec argv with only stdio and fds open (raises OSError if exec fails)."""
         keep = set(fds) | {0, 1, 2}
-        for fd in map(int, os.listdir("/proc/self/fd")):  # the forked launcher may hold anything
+        try:
+            open_fds = [int(fd) for fd in os.listdir("/proc/self/fd")]  # the forked launcher may hold anything
+        except OSError:  # no /proc: close every number but ours, a range at a time (close_range)
+            open_fds = None
+            bounds = sorted(keep)
+            for low, high in zip(bounds, bounds[1:] + [max(os.sysconf("SC_OPEN_MAX"), bounds[-1] + 1)]):
+                os.closerange(low + 1, high)
+        for fd in open_fds or ():
             if fd not in keep:
                 try:
                     os.close(fd)
@@ -661,27 +809,165 @@ class _PosixProcessLayer:
 
     def _become_subreaper(self) -> None:
         # PR_SET_CHILD_SUBREAPER: double-forked daemons of the job re-parent to
-        # us instead of init, so they stay inside the tree we can find.
-        prctl = self._prctl()
+        # us instead of init, so they stay inside the tree we can find.  A
+        # refusal (seccomp: EPERM) is survivable: the marker scan still finds
+        # them, and capabilities() says what was lost.
+        prctl = self._prctl()[0]
         if prctl is not None:
             prctl(36, 1, 0, 0, 0)
 
     def warm_up(self) -> None:
-        """Load now what every supervisor forked from this process will need."""
-        if _LINUX:
-            self._prctl()
+        """Load and probe now what every supervisor forked from this process will need."""
+        self.missing_facilities()
 
     @functools.lru_cache(maxsize=None)
     def _prctl(self):
-        """libc's prctl, or None (no prctl: the marker scan still finds escapees)."""
-        import ctypes
+        """(libc's prctl, None), or (None, (facility, why)) where it cannot be had.
+
+        ctypes is only a nicety on POSIX: a Python built without _ctypes, or a
+        libc without prctl, costs the child subreaper and nothing else.
+        """
+        if not _LINUX:
+            return None, None
+        try:
+            import ctypes
+        except ImportError as exc:
+            return None, ("ctypes", "%s: %s" % (type(exc).__name__, exc))
         try:
             prctl = ctypes.CDLL(None, use_errno=True).prctl
-        except (OSError, AttributeError):
-            return None
+        except (OSError, AttributeError) as exc:
+            return None, ("prctl", "libc has no prctl: %s" % exc)
         prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         prctl.restype = ctypes.c_int
-        return prctl
+        return prctl, None
+
+    # -- what this machine gives jobstate ------------------------------------
+
+    def dies_with_launcher(self) -> bool:
+        """This process is the init of its PID namespace (`docker run image python
+        jobstate.py ...`, `unshare --pid --fork`): when it exits, the kernel kills
+        every process of the namespace, jobs and supervisors included."""
+        return os.getpid() == 1
+
+    @functools.lru_cache(maxsize=None)
+    def can_verify_pids(self) -> bool:
+        """A pid can be tied to one process (its start time); without /proc it cannot."""
+        return not _LINUX or os.path.exists("/proc/self/stat")
+
+    @functools.lru_cache(maxsize=None)
+    def missing_facilities(self) -> List[dict]:
+        """The optional facilities this process lacks, each with what it costs (probed once)."""
+        missing = [_missing(*self._prctl()[1])] if self._prctl()[1] else []
+        refused = self._prctl()[0] is not None and self._subreaper_refusal()
+        if refused:
+            missing.append(_missing("prctl", "prctl(PR_GET_CHILD_SUBREAPER): %s" % os.strerror(refused)))
+        if not self.can_verify_pids():
+            missing.append(_missing("proc", "/proc is not mounted (no /proc/self/stat)"))
+        problem = self._pidfd_problem()
+        if problem:
+            missing.append(_missing("pidfd", problem))
+        problem = self._pipe_size_problem()
+        if problem:
+            missing.append(_missing("pipe_size", problem))
+        missing += _missing_file_facilities(self.cache_dir())
+        return missing
+
+    def _subreaper_refusal(self) -> int:
+        """The errno prctl answers, 0 if it works.  PR_GET_CHILD_SUBREAPER changes
+        nothing; a seccomp profile refusing prctl refuses it as it would the SET."""
+        import ctypes
+        value = ctypes.c_int()
+        return 0 if self._prctl()[0](37, ctypes.addressof(value), 0, 0, 0) == 0 else ctypes.get_errno()
+
+    def _pidfd_problem(self) -> Optional[str]:
+        if not _LINUX:
+            return None  # other POSIX systems have no pidfd to miss
+        if not hasattr(os, "pidfd_open"):
+            return "Python %d.%d has no os.pidfd_open (3.9+)" % sys.version_info[:2]
+        try:
+            os.close(os.pidfd_open(os.getpid()))  # novm (guarded by hasattr above)
+        except OSError as exc:
+            return "pidfd_open: %s" % (exc.strerror or exc)
+        return None
+
+    def _pipe_size_problem(self) -> Optional[str]:
+        if not _LINUX:
+            return None
+        import fcntl
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(r, 1031, 1 << 20)
+            return None
+        except OSError as exc:
+            return "F_SETPIPE_SZ: %s" % (exc.strerror or exc)
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def capabilities(self) -> dict:
+        """What this machine gives jobstate: how trees are contained, found and
+        signalled, how a pid is identified, and what each missing piece costs."""
+        missing = self.missing_facilities()
+        lost = {m["facility"] for m in missing}
+        proc = self._proc_kind() if _LINUX else None
+        if not _LINUX:
+            discovery, identity = ["process-group", "descendants", "recorded-leftovers"], "ps-start-time"
+        elif proc == "absent":
+            discovery, identity = ["process-group"], "none"
+        else:
+            discovery, identity = ["process-group", "descendants", "env-marker"], "proc-start-time"
+            if not lost & {"ctypes", "prctl"}:
+                discovery.insert(2, "subreaper")
+        delivery = "supervisor" if identity == "none" else "verified-kill" if "pidfd" in lost or not _LINUX \
+            else "pidfd"
+        return _capability_report(containment="process-group", tree_discovery=discovery, pid_identity=identity,
+                                  signal_delivery=delivery, proc=proc, limits=self._limits(), missing=missing,
+                                  dies_with_launcher=self.dies_with_launcher())
+
+    def _proc_kind(self) -> str:
+        """'absent', 'hidepid' (other users' processes hidden) or 'full'."""
+        if not self.can_verify_pids():
+            return "absent"
+        for mount in self.mounts():
+            if mount["mount_point"] == "/proc" and re.search(r"(^|,)hidepid=(?!0|off)", mount["options"]):
+                return "hidepid"
+        return "full"
+
+    @staticmethod
+    def _limits() -> List[str]:
+        try:
+            import resource  # noqa: F401  (only whether it exists)
+        except ImportError:
+            return []
+        return ["rlimit"]
+
+    def mounts(self) -> List[dict]:
+        """Linux mount table of this process's namespace: mount point, filesystem
+        type and super-block options of each mount; [] where it cannot be read."""
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+        except OSError:
+            return []
+        mounts = []
+        for line in lines:
+            head, sep, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if sep and len(fields) >= 5 and len(rest) >= 3:
+                unescape = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)))
+                mounts.append({"mount_point": unescape(fields[4]), "fstype": rest[0],
+                               "options": rest[2] + "," + fields[5] if len(fields) > 5 else rest[2]})
+        return mounts
+
+    def filesystem_of(self, path: str) -> Optional[dict]:
+        """The mount that holds path (the last one mounted over its longest prefix), or None."""
+        real, best = os.path.realpath(path), None
+        for mount in self.mounts():
+            point = mount["mount_point"]
+            if real == point or real.startswith(point.rstrip("/") + "/"):
+                if best is None or len(point) >= len(best["mount_point"]):
+                    best = mount
+        return best
 
     def tune_pipe(self, fd: int) -> None:
         # Bigger pipes mean fewer wake-ups for chatty jobs (Linux F_SETPIPE_SZ).
@@ -721,7 +1007,7 @@ class _PosixProcessLayer:
         """Block until the child exits, reaping adopted orphans on the way; (code, signum)."""
         while True:
             try:
-                pid, status = os.waitpid(-1, 0)
+                pid, status = self._reap_next(child)
             except ChildProcessError:
                 return None, None
             if pid != child.pid:
@@ -731,6 +1017,36 @@ class _PosixProcessLayer:
             if os.WIFSIGNALED(status):
                 return None, os.WTERMSIG(status)
             return os.WEXITSTATUS(status), None
+
+    def _reap_next(self, child: _Child) -> Tuple[int, int]:
+        """Reap the next child to exit.  On Linux it is first waited for without
+        reaping (WNOWAIT), so that the reap itself happens under child.guard."""
+        if not _LINUX:
+            return os.waitpid(-1, 0)
+        pid = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT).si_pid
+        with child.guard:
+            pid, status = os.waitpid(pid, 0)
+            child.reaped = child.reaped or pid == child.pid
+        return pid, status
+
+    def signal_child_group(self, child: _Child, signum: int) -> int:
+        """From the supervisor: signal the job's main process and its process group
+        while the child is not reaped, so neither id can have been reused (this
+        needs no /proc).  1 when signalled, 0 once the child is gone."""
+        with child.guard:
+            if child.reaped:
+                return 0
+            try:
+                if os.getpgid(child.pid) != child.pid:  # it left its own group: reach it by its pid too
+                    os.kill(child.pid, signum)
+                # The group it leads (or led): it and what it started.  Only the
+                # process with that pid can make a group of that id, and it is ours.
+                os.killpg(child.pid, signum)
+            except ProcessLookupError:  # exited, or its old group is empty: nothing more to stop
+                pass
+            except PermissionError:  # it made itself another user's (setuid): not ours to stop
+                return 0
+            return 1
 
     # -- process identity and trees -------------------------------------------
 
@@ -787,7 +1103,11 @@ class _PosixProcessLayer:
         if not _LINUX:
             return self._ps_table()
         table = {}
-        for name in os.listdir("/proc"):
+        try:
+            names = os.listdir("/proc")
+        except OSError:  # no /proc at all: no process can be found (capabilities() says so)
+            names = []
+        for name in names:
             if name.isdigit():
                 info = self._linux_stat(int(name))
                 if info:
@@ -849,8 +1169,10 @@ class _PosixProcessLayer:
         if hasattr(os, "pidfd_open"):
             try:
                 pidfd = os.pidfd_open(proc.pid)  # novm (guarded by hasattr above)
-            except OSError:
+            except ProcessLookupError:
                 return False
+            except OSError:  # refused (seccomp: ENOSYS, EPERM) or unsupported: check, then kill by pid
+                pidfd = None
         try:
             if self.process_token(proc.pid) != proc.token:
                 return False
@@ -1123,6 +1445,7 @@ class _WindowsProcessLayer:
     # The launcher cannot hand its LockFileEx lock to the supervisor, so the
     # supervisor takes the job lock itself.
     hands_over_lock = False
+    lock_kind = "LockFileEx"
     # Once the supervisor, the only holder of a handle to the job object, has
     # exited, the job's name cannot be relied on to open it (Wine 8 keeps it while
     # processes remain in the job; Windows need not), so the supervisor writes
@@ -1131,6 +1454,36 @@ class _WindowsProcessLayer:
 
     def release_supervisor(self, popen: subprocess.Popen) -> None:
         return None  # no zombies on Windows; the handle closes with the Popen object
+
+    def dies_with_launcher(self) -> bool:
+        return False  # no PID namespaces; the supervisor broke away from the launcher's job
+
+    def can_verify_pids(self) -> bool:
+        return True  # OpenProcess and the creation time, through kernel32
+
+    _NO_CTYPES_COSTS = ("no job can be started or stopped: Job Objects, process identities and locks all "
+                        "go through kernel32, which jobstate reaches through ctypes")
+
+    @functools.lru_cache(maxsize=None)
+    def missing_facilities(self) -> List[dict]:
+        missing = []
+        try:
+            import ctypes  # noqa: F401  (only whether it exists)
+        except ImportError as exc:
+            missing.append(_missing("ctypes", "%s: %s" % (type(exc).__name__, exc), self._NO_CTYPES_COSTS))
+        return missing + _missing_file_facilities(self.cache_dir())
+
+    def capabilities(self) -> dict:
+        return _capability_report(containment="job-object", tree_discovery=["job-object", "toolhelp-walk"],
+                                  pid_identity="creation-time", signal_delivery="job-object", proc=None,
+                                  limits=["job-object"], missing=self.missing_facilities(),
+                                  dies_with_launcher=False)
+
+    def mounts(self) -> List[dict]:
+        return []  # no mount table to read: a root's filesystem type is not checked
+
+    def filesystem_of(self, path: str) -> Optional[dict]:
+        return None
 
     def unsafe_dir_reason(self, path: str) -> Optional[str]:
         return None  # %LOCALAPPDATA% is per user; ACLs are not checked
@@ -1534,6 +1887,9 @@ class _WindowsProcessLayer:
             if getattr(exc, "winerror", None) not in (_WIN_ERROR_NOT_LOCKED, _WIN_ERROR_LOCK_VIOLATION):
                 raise
 
+    def lock_problem(self, directory: str) -> Optional[str]:
+        return None  # LockFileEx is enforced by the server on SMB shares too
+
     def read_bytes(self, path: str) -> bytes:
         # While a writer's os.replace swaps the file in, opening it can fail
         # with access denied for a moment: retry briefly (about 1 s at most).
@@ -1650,6 +2006,7 @@ class JobPaths:
         self.stdout_log, self.stderr_log, self.full_log = d + "stdout.log", d + "stderr.log", d + "full.log"
         self.stdin, self.supervisor_log = d + "stdin.bin", d + "supervisor.log"
         self.event, self.kill_request = d + "completion_event.json", d + "kill_request.json"
+        self.kill_fifo, self.kill_ack = d + "kill.fifo", d + "kill_ack.json"
         self.reserve = d + "space.reserve"
 
 
@@ -1812,7 +2169,7 @@ def _allocate(fd: int, size: int) -> None:
             os.posix_fallocate(fd, 0, size)
             return
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # not ENOSPC: that is real
                 raise
     _write_all(fd, bytes(size))
     os.fsync(fd)
@@ -1954,6 +2311,64 @@ def _is_real_dir(path: str) -> bool:
         return False
 
 
+# Where the verdict on a root's locks is remembered, keyed by the root's device.
+_LOCK_CHECK_FILE = ".lock-check.json"
+
+
+def _require_trusted_locks(root: str) -> None:
+    """Refuse a root whose file locks cannot be trusted: every proof jobstate
+    draws from its locks (a supervisor alive, a job not started twice) would lie."""
+    verdict = _lock_verdict(root)
+    if verdict["trusted"]:
+        return
+    where = ("a %s filesystem mounted at %s" % (verdict["filesystem"], verdict["mount_point"])
+             if verdict["filesystem"] else "a filesystem of unknown type")
+    hint = "give a root on a local disk: --root DIR or JOBSTATE_ROOT=DIR (under /tmp or /var/tmp, say)"
+    if verdict["network"]:
+        hint += "; if no other machine ever uses this root, JOBSTATE_TRUST_LOCKS=1 accepts it"
+    raise JobIOError("the jobs root %s is on %s, whose file locks cannot be trusted: %s"
+                     % (root, where, verdict["reason"]), hint=hint,
+                     details={"root": root, "filesystem": verdict["filesystem"],
+                              "mount_point": verdict["mount_point"]})
+
+
+def _lock_verdict(root: str) -> dict:
+    """Whether a lock on the root proves what jobstate needs it to: trusted, the
+    reason when not, the filesystem, and whether it is a network one."""
+    facts = _lock_facts(root)
+    problem, network = facts["problem"], _is_network_filesystem(facts["filesystem"])
+    if problem is None and network and os.environ.get("JOBSTATE_TRUST_LOCKS") != "1":
+        problem = "%s is a network filesystem, where a lock excludes only the processes of one machine" \
+                  % facts["filesystem"]
+    return dict(facts, trusted=problem is None, reason=problem, network=network)
+
+
+@functools.lru_cache(maxsize=64)
+def _lock_facts(root: str) -> dict:
+    """The root's filesystem and whether flock excludes there: probed once per
+    root (or its nearest existing parent), remembered in the root by device."""
+    directory = root
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    try:
+        device = os.stat(directory).st_dev
+    except OSError:
+        device = None
+    remembered = _read_json_quietly(os.path.join(root, _LOCK_CHECK_FILE)) if directory == root else None
+    if isinstance(remembered, dict) and remembered.get("device") == device and \
+            set(remembered) == {"device", "filesystem", "mount_point", "problem"}:
+        return {k: v for k, v in remembered.items() if k != "device"}
+    mount = _process_layer.filesystem_of(directory) or {}
+    facts = {"filesystem": mount.get("fstype"), "mount_point": mount.get("mount_point"),
+             "problem": _process_layer.lock_problem(directory)}
+    if directory == root and device is not None and facts["problem"] is None:  # a refusal is probed anew
+        try:
+            _write_json_atomic(os.path.join(root, _LOCK_CHECK_FILE), dict(facts, device=device))
+        except OSError:  # a read-only root: the next process probes again, which is cheap
+            pass
+    return facts
+
+
 class _JobLock:
     """The job's `lock` file: held exclusively by the live supervisor for its whole life.
 
@@ -1975,13 +2390,21 @@ class _JobLock:
     def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
         """Take the lock; False if someone holds it.  With create (to run the job),
         JobNotFoundError when the job was deleted before or while we took it."""
-        flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
+        _require_trusted_locks(self.paths.root)
+        # Only to run a job is the lock opened for writing: flock needs no more
+        # than a read-only descriptor, so readers work on a read-only root.
+        flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | _FILE_FLAGS
         try:
             self.fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:
             if create:  # only a vanished job directory makes O_CREAT fail so
                 raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
             return self._gone()
+        except OSError as exc:
+            if not create:
+                raise
+            raise JobIOError("cannot open %s to run the job: %s" % (self.path, exc.strerror or exc),
+                             hint="the jobs root must be writable to start jobs") from None
         if not _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
             self.release()
             return False
@@ -2014,10 +2437,11 @@ class _MetaLock:
     """Serializes read-modify-write of meta.json (tags) between processes."""
 
     def __init__(self, paths: JobPaths):
-        self.path = os.path.join(paths.dir, "meta.lock")
+        self.root, self.path = paths.root, os.path.join(paths.dir, "meta.lock")
         self.fd: Optional[int] = None
 
     def __enter__(self):
+        _require_trusted_locks(self.root)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
         _process_layer.lock(self.fd, exclusive=True, blocking=True)
         return self
@@ -2044,7 +2468,12 @@ def _reconcile(paths: JobPaths, state: JobState) -> JobState:
             state.error = Failure("supervisor_lost",
                                   "the supervisor exited without recording the job's end")
             state.finished_at = _utc_now()
-            _write_state(paths, state)
+            try:
+                _write_state(paths, state)
+            except OSError as exc:  # a read-only root: tell the truth, and that it is not on disk
+                state._warnings.append(_warning("state_not_updated", (
+                    "job %s lost its supervisor, but its state.json could not be updated (%s): it is shown "
+                    "failed without being recorded") % (paths.job_id, exc.strerror or exc)))
         return state
 
 
@@ -2054,10 +2483,16 @@ def _read_state_reconciled(paths: JobPaths) -> JobState:
 
 def _read_kill_request(paths: JobPaths) -> Optional[str]:
     """The signal name a killer asked for, if any ('SIGTERM')."""
+    request = _read_json_quietly(paths.kill_request)
+    value = request.get("signal") if isinstance(request, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _read_json_quietly(path: str):
+    """A small JSON file of ours, or None when it is missing, unreadable or not JSON."""
     try:
-        value = _read_json(paths.kill_request).get("signal")
-        return value if isinstance(value, str) else None
-    except (OSError, ValueError, AttributeError):
+        return _read_json(path)
+    except (OSError, ValueError):
         return None
 
 
@@ -2116,6 +2551,23 @@ def _empty_job_dir(paths: JobPaths) -> None:
             _rmtree(path)
         else:
             os.unlink(path)
+
+
+def _capabilities(root: str) -> dict:
+    """The capabilities object: what this machine gives jobstate, and what it gives on this root."""
+    report = _process_layer.capabilities()
+    report["root"] = _root_report(root)
+    return report
+
+
+def _root_report(root: str) -> dict:
+    """The root's filesystem, whether it can be written, and whether its locks can be trusted."""
+    exists = os.path.isdir(root)
+    mount = _process_layer.filesystem_of(root) or {}
+    verdict = _lock_verdict(root)
+    return {"path": root, "exists": exists, "writable": exists and os.access(root, os.W_OK),
+            "filesystem": mount.get("fstype"), "mount_point": mount.get("mount_point"),
+            "lock": {"kind": _process_layer.lock_kind, "trusted": verdict["trusted"], "reason": verdict["reason"]}}
 
 # ---------------------------------------------------------------------------
 # 6. Supervisor: one job's life, from start to notifications
@@ -2236,17 +2688,27 @@ class _Supervisor:
             self.announce(spec, state)
             return None
         started = time.monotonic()
+        if not _process_layer.can_verify_pids():
+            self._make_kill_fifo()
         state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
         _write_state(self.paths, state)
         _acknowledge()
+        self._log_missing_facilities()
         return _Running(state, spec, child, pipes, logs, started)
+
+    def _log_missing_facilities(self) -> None:
+        """Say once, in supervisor.log, what this machine lacks and what that costs the job."""
+        for item in _process_layer.missing_facilities():
+            self.log("missing %s (%s): %s" % (item["facility"], item["detail"], item["costs"]))
 
     def watch(self, running: "_Running") -> None:
         """Copy the output, enforce the timeout, record the end: the rest of the job's life."""
         state, spec = running.state, running.spec
         self.child = running.child
         pumps = self._start_pumps(running.pipes, running.logs)
+        if not _process_layer.can_verify_pids():
+            self._listen_for_kills(running.child)
         if spec.timeout_s:
             timeout_s = spec.timeout_s - (time.monotonic() - running.started)
             threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s), daemon=True).start()
@@ -2379,20 +2841,75 @@ class _Supervisor:
         self.log("timeout of %gs reached; stopping the process tree" % spec.timeout_s)
         self._stop_tree(spec.kill_after_s)
 
+    # Where no pid can be verified (no /proc), a killer cannot safely signal the
+    # job's processes, but we can: our child is not reaped while we signal it
+    # (see signal_child_group).  The killer writes kill_request.json and wakes us
+    # with a byte on kill.fifo; only a process that has the FIFO open for
+    # reading gets that byte, so no pid, ours included, is ever trusted; and a
+    # killer finds at once (ENXIO) that nobody listens.  The answer goes to
+    # kill_ack.json under the request's id.
+
+    def _make_kill_fifo(self) -> None:
+        _unlink_quietly(self.paths.kill_fifo)
+        try:
+            os.mkfifo(self.paths.kill_fifo, 0o600)
+        except OSError as exc:  # a filesystem without FIFOs: kills will say they could not be delivered
+            self.log("cannot make %s: %s" % (self.paths.kill_fifo, exc))
+
+    def _listen_for_kills(self, child: _Child) -> None:
+        import stat
+        try:
+            # Read and write: the FIFO then never reads as closed between two killers.
+            fd = os.open(self.paths.kill_fifo, os.O_RDWR | _FILE_FLAGS)
+        except OSError as exc:
+            self.log("cannot listen for kill requests on %s: %s" % (self.paths.kill_fifo, exc))
+            return
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            self.log("%s is not a FIFO: kill requests cannot reach this supervisor" % self.paths.kill_fifo)
+            return
+        threading.Thread(target=self._serve_kills, args=(fd, child), daemon=True).start()
+
+    def _serve_kills(self, fd: int, child: _Child) -> None:
+        """Deliver each new kill request's signal to our child's group, and answer it."""
+        answered = None
+        while os.read(fd, 512):
+            request = _read_json_quietly(self.paths.kill_request)
+            request_id = request.get("request_id") if isinstance(request, dict) else None
+            if request_id is None or request_id == answered:
+                continue
+            answered = request_id
+            try:
+                signum, name = _parse_signal(request.get("deliver"))
+            except InvalidSignalError:
+                continue
+            count = _process_layer.signal_child_group(child, signum)
+            try:
+                _write_json_atomic(self.paths.kill_ack, {"request_id": request_id, "signal": name,
+                                                         "processes_signalled": count, "at": _utc_now()})
+            except OSError as exc:  # the killer then reports that nothing was confirmed
+                self.log("cannot answer kill request %s: %s" % (request_id, exc))
+
     def _tree_ref(self) -> _TreeRef:
         return _TreeRef(self.paths.job_id, self.child.pid, self.child.token, os.getpid(),
                         self.child.windows_job_name)
 
     def _stop_tree(self, kill_after_s: float) -> None:
-        """TERM the tree, then KILL whatever is left after kill_after_s (0 = KILL at once)."""
-        ref = self._tree_ref()
+        """TERM the tree, then KILL whatever is left after kill_after_s (0 = KILL at once).
+
+        Without /proc only our unreaped child's group can be reached, and
+        "gone" can only mean that the child has exited.
+        """
+        ref, verified = self._tree_ref(), _process_layer.can_verify_pids()
         for name, grace in (("TERM", kill_after_s), ("KILL", 0.0)):
             if name == "TERM" and kill_after_s == 0:
                 continue
             self.last_signal = "SIG" + name
-            if not _process_layer.signal_tree(ref, _process_layer.signal_numbers()[name]):
+            signum = _process_layer.signal_numbers()[name]
+            if not (_process_layer.signal_tree(ref, signum) if verified
+                    else _process_layer.signal_child_group(self.child, signum)):
                 return
-            if grace and _wait_tree_gone(ref, grace):
+            if grace and (_wait_tree_gone(ref, grace) if verified else self.exited.wait(grace)):
                 return
 
     def _record_end(self, state: JobState, code, signum, duration_ms: int) -> None:
@@ -2962,6 +3479,11 @@ def _launch(paths: JobPaths, lock: _JobLock) -> None:
 # ---------------------------------------------------------------------------
 
 
+_UNVERIFIABLE = ("this system has no /proc, so no pid can be verified: the job's supervisor signalled its main "
+                 "process and that process's group; processes that left the group (setsid), and leftovers of a "
+                 "finished job, cannot be found or counted")
+
+
 def _lock_is_free(paths: JobPaths) -> bool:
     with _JobLock(paths) as lock:
         return lock.acquire(exclusive=False, create=False)
@@ -2992,7 +3514,7 @@ class _ReleaseWaiter:
         try:
             with _JobLock(self.paths) as lock:
                 lock.acquire(exclusive=False, blocking=True, create=False)
-        except OSError:  # the job directory went away: nothing left to wait for
+        except (OSError, JobError):  # the job directory went away, or its locks cannot be trusted
             pass
         event.set()
 
@@ -3084,6 +3606,8 @@ def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Opt
     """
     want = JobStatus(state) if state else None
     filters = [_validate_tag_filter(t) for t in tags]
+    if os.path.isdir(root):
+        _require_trusted_locks(root)
     realpath = functools.lru_cache(maxsize=None)(os.path.realpath)  # jobs share a few directories
     scope = None if all_jobs else realpath(_abspath(cwd or os.curdir))
     found: List[JobSummary] = []
@@ -3143,6 +3667,8 @@ def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optiona
     """
     root = resolve_root(root)
     cutoff = time.time() - _parse_duration(older_than_s, "older_than")
+    if os.path.isdir(root):
+        _require_trusted_locks(root)
     terminal = sorted(_terminal_jobs(root), key=lambda job: job[1])  # oldest first
     doomed = {job_id for job_id, finished, _ in terminal if finished < cutoff}
     keep = [job for job in terminal if job[0] not in doomed]
@@ -3352,7 +3878,7 @@ class Job:
                     self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
                 else:
                     time.sleep(0.02)
-            for path in (self.paths.kill_request, self.paths.event):
+            for path in (self.paths.kill_request, self.paths.kill_ack, self.paths.event):
                 _unlink_quietly(path)
             _write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
             _launch(self.paths, lock)
@@ -3371,23 +3897,104 @@ class Job:
         state = self.state()
         if state.status is JobStatus.CREATED:
             raise InvalidStateError(self.id, state.status, "it has no process to signal")
-        ref = _TreeRef.from_state(state)
-        terminating = name[3:] in _TERMINATING
-        if state.status is JobStatus.RUNNING and terminating:
-            _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
-        signalled = _process_layer.signal_tree(ref, signum)
+        ref, running = _TreeRef.from_state(state), state.status is JobStatus.RUNNING
+        terminating, verified = name[3:] in _TERMINATING, _process_layer.can_verify_pids()
+        send = functools.partial(self._send, ref, running and not verified)
+        warnings = [] if verified else [_warning("pids_unverifiable", _UNVERIFIABLE)]
+        if running and terminating and verified:
+            self._request_kill(name, warnings)
+        signalled = send(name)
         if terminating and kill_after_s is not None and not self._stopped(ref, kill_after_s):
-            if state.status is JobStatus.RUNNING:
-                _write_json_atomic(self.paths.kill_request, {"signal": "SIGKILL", "requested_at": _utc_now()})
-            signalled += _process_layer.signal_tree(ref, _process_layer.signal_numbers()["KILL"])
+            if running and verified:
+                self._request_kill("SIGKILL", warnings)
+            signalled += send("SIGKILL")
         if terminating and wait_s:
             self._stopped(ref, wait_s)
-        return KillResult(self.state(), name, signalled, len(_process_layer.find_tree(ref)))
+        state = self.state()
+        if not signalled and state.status is JobStatus.RUNNING:
+            state = self.wait(0.5)  # it may have ended just before the signal: then there was nothing to stop
+            if state.status is JobStatus.RUNNING:
+                raise self._kill_failed(verified)
+        alive = len(_process_layer.find_tree(ref)) if verified else None
+        return KillResult(state, name, signalled, alive, warnings)
+
+    def _request_kill(self, name: str, warnings: List[dict]) -> None:
+        """Leave the record that makes the job read `killed` however its child reacts."""
+        try:
+            _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
+        except OSError as exc:  # a read-only root: the signal still goes; the record cannot
+            if not warnings or warnings[-1]["code"] != "kill_request_not_written":
+                warnings.append(_warning("kill_request_not_written", (
+                    "the kill request could not be recorded (%s): if the job traps %s and exits on its own, "
+                    "it will read `exited`, not `killed`") % (exc.strerror or exc, name)))
+    def _send(self, ref: _TreeRef, through_supervisor: bool, name: str) -> int:
+        """Signal the tree ourselves, or (no pid can be verified here) through its supervisor."""
+        if through_supervisor:
+            return self._signal_through_supervisor(name)
+        return _process_layer.signal_tree(ref, _process_layer.signal_numbers()[name[3:]])
+
+    def _signal_through_supervisor(self, name: str) -> int:
+        """Ask the supervisor to deliver the signal (see _Supervisor._make_kill_fifo);
+        how many processes it signalled, 0 when no supervisor answered."""
+        request_id = os.urandom(8).hex()
+        recorded = name if name[3:] in _TERMINATING else _read_kill_request(self.paths)
+        try:
+            _write_json_atomic(self.paths.kill_request, {"signal": recorded, "requested_at": _utc_now(),
+                                                         "deliver": name, "request_id": request_id})
+        except OSError:  # a read-only root: the supervisor cannot be asked
+            return 0
+        if not self._wake_supervisor():
+            return 0
+        deadline, delay = _deadline(DRAIN_TIMEOUT_S), 0.002
+        while True:
+            ack = _read_json_quietly(self.paths.kill_ack)
+            if isinstance(ack, dict) and ack.get("request_id") == request_id:
+                count = ack.get("processes_signalled")
+                return count if isinstance(count, int) else 0
+            if _remaining(deadline) == 0 or _lock_is_free(self.paths):
+                return 0
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _wake_supervisor(self) -> bool:
+        """One byte on kill.fifo; False when no supervisor listens there (and none is about to)."""
+        deadline = _deadline(DRAIN_TIMEOUT_S)
+        while True:
+            try:
+                fd = os.open(self.paths.kill_fifo, os.O_WRONLY | os.O_NONBLOCK | _FILE_FLAGS)
+            except OSError:  # ENXIO: no reader (yet: a forked launch is still exec'ing its watcher)
+                if _remaining(deadline) == 0 or _lock_is_free(self.paths):
+                    return False
+                time.sleep(0.02)
+                continue
+            try:
+                os.write(fd, b"k")
+                return True
+            except BlockingIOError:  # the FIFO is full of wake-ups not read yet: ours is among them
+                return True
+            except OSError:
+                return False
+            finally:
+                os.close(fd)
+
+    def _kill_failed(self, verified: bool) -> KillFailedError:
+        if verified:
+            return KillFailedError("no process of job %s could be signalled, and it is still running" % self.id,
+                                   hint="its processes may belong to another user or be invisible here "
+                                   "(hidepid): run kill as the user who started it; 'jobstate doctor' says more")
+        return KillFailedError("no process of job %s could be signalled: this system has no /proc to verify its "
+                               "pids, and its supervisor did not take the request" % self.id,
+                               hint="mount /proc (mount -t proc proc /proc) or kill it from where /proc is "
+                               "mounted; 'jobstate doctor' lists what this system lacks",
+                               details={"job_id": self.id})
 
     def _stopped(self, ref: _TreeRef, timeout_s: float) -> bool:
-        """Wait until the supervisor has finished and no process of the tree is left."""
+        """Wait until the supervisor has finished and no process of the tree is left
+        (without /proc: until the job has ended, which is all that can be known)."""
         deadline = _deadline(timeout_s)
-        self.wait(timeout_s)
+        state = self.wait(timeout_s)
+        if not _process_layer.can_verify_pids():
+            return state.status.is_terminal
         return _wait_tree_gone(ref, _remaining(deadline))
 
     def delete(self) -> None:
@@ -3398,10 +4005,15 @@ class Job:
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
-        with _MetaLock(self.paths):
-            spec = _read_spec(self.paths)
-            spec.tags = tags
-            _write_json_atomic(self.paths.meta, spec.to_dict())
+        try:
+            with _MetaLock(self.paths):
+                spec = _read_spec(self.paths)
+                spec.tags = tags
+                _write_json_atomic(self.paths.meta, spec.to_dict())
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise  # a deleted job: _deleted_is_not_found says so
+            raise JobIOError("cannot update the tags of job %s: %s" % (self.id, exc.strerror or exc)) from None
         return tags
 
 
@@ -3454,6 +4066,7 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
                        notify_file=notify_file)
     root = resolve_root(root)
     _ensure_root(root)
+    _require_trusted_locks(root)
     job_id = new_job_id()
     staging = os.path.join(root, ".new-" + job_id)
     try:
@@ -3507,7 +4120,9 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
     """The Job for an id or unique prefix (case-insensitive)."""
     root = resolve_root(root)
-    return Job(_resolve_job_id(root, job_id_or_prefix), root)
+    job = Job(_resolve_job_id(root, job_id_or_prefix), root)
+    _require_trusted_locks(root)
+    return job
 
 # ---------------------------------------------------------------------------
 # 9. Responses: the one place that shapes each JSON document
@@ -3528,18 +4143,21 @@ _RANGE = {"type": "array", "items": _INT, "minItems": 2, "maxItems": 2}
 _STATE_NAME = {"type": "string", "enum": [s.value for s in JobStatus]}
 _ERROR_INFO = {"type": ["object", "null"], "properties": {"stage": _STR, "message": _STR},
                "required": ["stage", "message"]}
+_WARNINGS = {"type": "array", "items": {
+    "type": "object", "required": ["code", "message"], "additionalProperties": False,
+    "properties": {"code": {"type": "string", "enum": list(_WARNING_CODES)}, "message": _STR}}}
 _JOB_FIELDS = {
     "job_id": _STR, "state": _STATE_NAME, "exit_code": _OPT_INT, "signal": _OPT_STR, "timed_out": _BOOL,
     "duration_ms": _OPT_INT, "created_at": _OPT_STR, "started_at": _OPT_STR, "finished_at": _OPT_STR,
     "pid": _OPT_INT, "error": _ERROR_INFO, "command": {"type": ["array", "null"], "items": _STR},
     "cwd": _OPT_STR, "env": {"type": ["object", "null"], "additionalProperties": _STR},
-    "tags": _STR_LIST, "stdout_log_path": _STR, "stderr_log_path": _STR,
+    "tags": _STR_LIST, "stdout_log_path": _STR, "stderr_log_path": _STR, "warnings": _WARNINGS,
 }
 _OUTPUT_FIELDS = {"stdout": _STR, "stderr": _STR, "stdout_range": _RANGE, "stderr_range": _RANGE,
                   "stdout_total_bytes": _INT, "stderr_total_bytes": _INT,
                   "encoding": {"type": "string", "enum": ["utf-8-lossy"]}}
 _RUN_FIELDS = dict(_JOB_FIELDS, **_OUTPUT_FIELDS, elapsed_ms=_INT)
-_SUMMARY_FIELDS = {k: v for k, v in _JOB_FIELDS.items() if k != "env"}
+_SUMMARY_FIELDS = {k: v for k, v in _JOB_FIELDS.items() if k not in ("env", "warnings")}
 _ACTION_ROW = {"type": "object", "required": ["job_id", "action", "reason"], "properties": {
     "job_id": _STR, "action": {"type": "string", "enum": ["deleted", "would_delete", "skipped"]},
     "reason": _OPT_STR, "bytes": _INT}}
@@ -3552,20 +4170,32 @@ def _object_schema(fields: Dict[str, dict], closed: bool = True) -> dict:
     return schema
 
 
+_LOCK_REPORT = _object_schema({"kind": _STR, "trusted": _BOOL, "reason": _OPT_STR})
+_ROOT_REPORT = _object_schema({"path": _STR, "exists": _BOOL, "writable": _BOOL, "filesystem": _OPT_STR,
+                               "mount_point": _OPT_STR, "lock": _LOCK_REPORT})
+_MISSING_ROW = _object_schema({"facility": {"type": "string", "enum": sorted(_MISSING_COSTS)}, "detail": _STR,
+                               "costs": _STR})
+_CAPABILITIES = _object_schema({
+    "platform": _STR, "python": _STR, "implementation": _STR, "executable": _STR, "containment": _STR,
+    "tree_discovery": _STR_LIST, "pid_identity": _STR, "signal_delivery": _STR,
+    "proc": {"type": ["string", "null"], "enum": ["full", "hidepid", "absent", None]}, "limits": _STR_LIST,
+    "missing": {"type": "array", "items": _MISSING_ROW}, "dies_with_launcher": _BOOL, "root": _ROOT_REPORT})
+
 _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "run": _RUN_FIELDS, "start": _RUN_FIELDS, "restart": _RUN_FIELDS, "wait": _RUN_FIELDS,
     "status": _JOB_FIELDS, "create": _JOB_FIELDS,
-    "kill": dict(_JOB_FIELDS, signal_sent=_STR, processes_signalled=_INT, processes_alive=_INT),
+    "kill": dict(_JOB_FIELDS, signal_sent=_STR, processes_signalled=_INT, processes_alive=_OPT_INT),
     "tail": dict(job_id=_STR, state=_STATE_NAME, lines=_INT, **_OUTPUT_FIELDS,
-                 stdout_log_path=_STR, stderr_log_path=_STR),
+                 stdout_log_path=_STR, stderr_log_path=_STR, warnings=_WARNINGS),
     "list": {"root": _STR, "jobs": {"type": "array", "items": _object_schema(_SUMMARY_FIELDS)},
-             "count": _INT, "truncated": _BOOL, "skipped": _INT},
+             "count": _INT, "truncated": _BOOL, "skipped": _INT, "warnings": _WARNINGS},
     "delete": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT},
     "gc": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT,
            "kept": _INT, "freed_bytes": _INT},
     "tag": {"job_id": _STR, "tags": _STR_LIST},
     "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
-    "health": {"version": _STR, "root": _STR},
+    "health": {"version": _STR, "root": _STR, "capabilities": _CAPABILITIES},
+    "doctor": {"root": _STR, "capabilities": _CAPABILITIES},
     "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL, "token": _OPT_STR, "token_file": _STR,
               "allowed_origins": _STR_LIST},
 }
@@ -3676,6 +4306,7 @@ def _job_view(job: Job, state: JobState) -> dict:
         "command": spec.argv if spec else None, "cwd": spec.cwd if spec else None,
         "env": spec.masked_env() if spec else None, "tags": spec.tags if spec else [],
         "stdout_log_path": job.paths.stdout_log, "stderr_log_path": job.paths.stderr_log,
+        "warnings": list(state._warnings),
     }
 
 
@@ -3697,7 +4328,7 @@ def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int) -> dic
 def _kill_view(job: Job, result: KillResult) -> dict:
     view = _job_view(job, result.state)
     view.update(signal_sent=result.signal_sent, processes_signalled=result.processes_signalled,
-                processes_alive=result.processes_alive)
+                processes_alive=result.processes_alive, warnings=view["warnings"] + result.warnings)
     return view
 
 
@@ -3745,9 +4376,11 @@ def _status_doc(job: Job) -> dict:
 
 def _tail_doc(job: Job, lines: int, max_bytes: int) -> dict:
     tail = job.tail(lines, max_bytes)
-    view = {"job_id": job.id, "state": job.state().status.value, "lines": lines}
+    state = job.state()
+    view = {"job_id": job.id, "state": state.status.value, "lines": lines}
     view.update(_output_view(tail))
-    view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log)
+    view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log,
+                warnings=list(state._warnings))
     return _envelope("tail", view)
 
 
@@ -3761,7 +4394,12 @@ def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[
     summaries, truncated, skipped = _list_summaries(root, cwd=cwd, all_jobs=all_jobs, state=state, tags=tags,
                                                     limit=limit)
     return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
-                              "count": len(summaries), "truncated": truncated, "skipped": skipped})
+                              "count": len(summaries), "truncated": truncated, "skipped": skipped,
+                              "warnings": [w for s in summaries for w in s.state._warnings]})
+
+
+def _doctor_doc(root: str) -> dict:
+    return _envelope("doctor", {"root": root, "capabilities": _capabilities(root)})
 
 
 def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
@@ -4185,8 +4823,8 @@ _HTTP_IDLE_TIMEOUT_S = 30.0   # JOBSTATE_SERVE_IDLE_TIMEOUT
 _SERVE_FILENAME = "serve.json"
 _HTTP_STATUS = {"job_not_found": 404, "invalid_state": 409, "unauthorized": 401, "forbidden": 403,
                 "payload_too_large": 413, "not_found": 404, "method_not_allowed": 405,
-                "unsupported_media_type": 415, "launch_failed": 500, "io_error": 500, "state_unreadable": 500,
-                "internal_error": 500}
+                "unsupported_media_type": 415, "kill_failed": 409, "launch_failed": 500, "io_error": 500,
+                "state_unreadable": 500, "internal_error": 500}
 # The methods each endpoint answers (endpoints are named by _http_endpoint).
 _HTTP_METHODS = {"health": ("GET",), "jobs": ("GET", "POST"), "job": ("GET", "DELETE"), "tail": ("GET",),
                  "wait": ("GET",), "kill": ("POST",)}
@@ -4391,7 +5029,8 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     params = parse_qs(query_text)
     query = {k: v[-1] for k, v in params.items()}
     if endpoint == "health":
-        return _envelope("health", {"version": __version__, "root": resolve_root(root)})
+        return _envelope("health", {"version": __version__, "root": resolve_root(root),
+                                    "capabilities": _capabilities(resolve_root(root))})
     if endpoint == "jobs" and method == "POST":
         return _call_operation("run", read_body(), root, default_until=DEFAULT_RUN_UNTIL_S)
     if endpoint == "jobs":
@@ -4745,7 +5384,13 @@ def _render_table(rows: List[List[str]], header: List[str]) -> List[str]:
 
 
 def _render_text(doc: dict, color: bool, now: float) -> str:
-    """A document as people read it: tables, labelled lines, output and a verdict."""
+    """A document as people read it: tables, labelled lines, output and a verdict; then its warnings."""
+    body = _render_body(doc, color, now)
+    notes = [_paint("warning:", "bad", color) + " " + w["message"] for w in doc.get("warnings") or ()]
+    return "\n".join([body] + notes) if notes else body
+
+
+def _render_body(doc: dict, color: bool, now: float) -> str:
     kind = doc["type"]
     if kind == "list":
         if not doc["jobs"]:
@@ -4772,11 +5417,32 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
         if doc["error"]:
             fields.append(("error", "%s: %s" % (doc["error"]["stage"], doc["error"]["message"])))
         if kind == "kill":
-            fields.append(("signalled", "%s to %d process(es), %d left" % (
-                doc["signal_sent"], doc["processes_signalled"], doc["processes_alive"])))
+            fields.append(("signalled", "%s to %d process(es), %s left" % (
+                doc["signal_sent"], doc["processes_signalled"],
+                "unknown" if doc["processes_alive"] is None else doc["processes_alive"])))
         return "\n".join("%-10s %s" % (label + ":", "-" if value is None else value) for label, value in fields)
+    if kind == "doctor":
+        return "\n".join(_doctor_lines(doc["capabilities"]))
     return "\n".join("%s: %s" % (k, v if not isinstance(v, (list, dict)) else json.dumps(v))
                      for k, v in doc.items() if k not in ("schema_version", "ok", "type"))
+
+
+def _doctor_lines(caps: dict) -> List[str]:
+    root, lock = caps["root"], caps["root"]["lock"]
+    trust = "trusted" if lock["trusted"] else "NOT TRUSTED"
+    lines = ["platform:      %s, %s %s (%s)" % (caps["platform"], caps["implementation"], caps["python"],
+                                               caps["executable"]),
+             "containment:   %s; trees found by %s" % (caps["containment"], ", ".join(caps["tree_discovery"])),
+             "pid identity:  %s; signals by %s" % (caps["pid_identity"], caps["signal_delivery"]),
+             "limits:        %s" % (", ".join(caps["limits"]) or "none"),
+             "root:          %s (%s%s)" % (root["path"], root["filesystem"] or "filesystem unknown",
+                                           ", not created yet" if not root["exists"]
+                                           else "" if root["writable"] else ", not writable"),
+             "lock:          %s, %s%s" % (lock["kind"], trust, ": " + lock["reason"] if lock["reason"] else "")]
+    if caps["dies_with_launcher"]:
+        lines.append("warning:       this process is PID 1 of its PID namespace: the jobs it starts die with it")
+    lines += ["missing:       %s: %s (%s)" % (m["facility"], m["costs"], m["detail"]) for m in caps["missing"]]
+    return lines + ([] if caps["missing"] else ["missing:       nothing"])
 
 
 def _skipped_note(doc: dict) -> List[str]:
@@ -4924,6 +5590,9 @@ def _add_observe_options(p, default_until: float) -> None:
                    help="exit with the job's exit code (128+n for signal n, 125 failed, 124 unfinished)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream the job's output live until it ends (instead of a JSON document)")
+    p.add_argument("--detach-anyway", action="store_true",
+                   help="as PID 1 of a PID namespace (a container's main process), return before the job ends "
+                   "although it then dies with this process (default: observe it to its end)")
 
 
 def _run_options(p) -> None:
@@ -5108,10 +5777,31 @@ def _observe(job: Job, ns, started: float, kind: str) -> Tuple[dict, int]:
     until_s, max_bytes = _observe_limits(ns)
     try:
         doc = _observed_doc(kind, job, until_s, max_bytes, started)
+        if kind != "wait" and doc["state"] in ("created", "running") and _process_layer.dies_with_launcher():
+            doc = _observe_as_namespace_init(job, ns, kind, max_bytes, started, doc)
     except KeyboardInterrupt:
         _tell_interrupted(job)
         return _observed_doc(kind, job, 0, max_bytes, started), 130
     return doc, _exit_status_of(doc) if ns.exit_code else 0
+
+
+def _observe_as_namespace_init(job: Job, ns, kind: str, max_bytes: int, started: float, doc: dict) -> dict:
+    """We are PID 1 of a PID namespace: the moment we exit, the kernel kills
+    every process in it, so the job cannot outlive this call.  Observe it to
+    its end, unless told to return anyway; either way, say so."""
+    if ns.detach_anyway:
+        doc["warnings"].append(_warning("dies_with_launcher", (
+            "this process is PID 1 of its PID namespace (a container's main process, unshare --pid --fork): "
+            "when it exits, which is now, the kernel kills every process of the namespace, job %s included")
+            % job.id))
+        return doc
+    _write_text(sys.stderr, "jobstate: this process is PID 1 of its PID namespace, so job %s would die when "
+                "it returns: observing the job to its end (--detach-anyway returns now)\n" % job.id)
+    doc = _observed_doc(kind, job, None, max_bytes, started)
+    doc["warnings"].append(_warning("launcher_is_pid_1", (
+        "this process is PID 1 of its PID namespace, whose exit kills every process in it: job %s was observed "
+        "to its end instead of returning earlier (--detach-anyway returns at once)") % job.id))
+    return doc
 
 
 def _tell_interrupted(job: Job) -> None:
@@ -5292,6 +5982,10 @@ def _cmd_gc(ns):
                             "kept": report.kept, "freed_bytes": report.freed_bytes}), 0
 
 
+def _cmd_doctor(ns):
+    return _doctor_doc(resolve_root(ns.root)), 0
+
+
 def _cmd_schema(ns):
     return _envelope("schema", {"schema_format": "json-schema-2020-12", "schemas": _document_schemas()}), 0
 
@@ -5326,6 +6020,8 @@ _COMMANDS = (
     ("delete", _cmd_delete, "remove finished jobs", ("rm",), _delete_options),
     ("gc", _cmd_gc, "remove old finished jobs across the whole root", (), _gc_options),
     ("schema", _cmd_schema, "print the JSON Schemas of every file and response", (), _no_options),
+    ("doctor", _cmd_doctor, "say what this machine gives jobstate, and what each missing piece costs", (),
+     _no_options),
     ("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list)",
      (), _no_options),
     ("serve", _cmd_serve, "serve the HTTP API (loopback by default, behind a bearer token it prints)", (),
@@ -5348,6 +6044,7 @@ _EXAMPLES = {
     "delete": ("delete 01a2f3", "delete --all --dry-run"),
     "gc": ("gc --dry-run", "gc --older-than 7d --max-bytes 1G"),
     "schema": ("schema", "--pretty schema"),
+    "doctor": ("doctor", "--format text doctor"),
     "mcp": ("mcp", "--root /tmp/agent-jobs mcp"),
     "serve": ("serve   # prints the token; also in serve.json", "serve --allow-origin http://localhost:5173"),
     "tag": ("tag set 01a2f3 --tag ci.lint", "tag set 01a2f3   # clears the tags"),

@@ -171,6 +171,18 @@ def open_fifo_gate(gate):
     os.close(fd)
 
 
+def hold_job_lock(testcase, job):
+    """Another process holds the job's lock (as a live supervisor would) until the test ends."""
+    holder = subprocess.Popen(py("import fcntl, os, sys, time\n"
+                                 "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                                 "print('held', flush=True); time.sleep(300)") + [job.paths.lock],
+                              stdout=subprocess.PIPE)
+    testcase.addCleanup(holder.stdout.close)
+    testcase.addCleanup(holder.wait)
+    testcase.addCleanup(holder.kill)
+    testcase.assertEqual(holder.stdout.readline(), b"held\n")
+
+
 def proc_status(pid):
     """The fields of /proc/<pid>/status, by name."""
     with open("/proc/%d/status" % pid) as f:
@@ -1506,6 +1518,32 @@ class WindowsLayerFakeTests(unittest.TestCase):
 
 
 class StoreTests(JobTestCase):
+    def test_a_root_on_a_network_filesystem_is_refused_unless_trusted(self):
+        """flock on NFS, SMB or FUSE excludes only the processes of one machine (simulated
+        through the platform layer's mount table: no such filesystem here)."""
+        nfs = {"mount_point": "/mnt/share", "fstype": "nfs4", "options": "rw"}
+        self.addCleanup(jobstate._lock_facts.cache_clear)
+        jobstate._lock_facts.cache_clear()
+        with unittest.mock.patch.object(jobstate._process_layer, "filesystem_of", return_value=nfs):
+            with self.assertRaises(jobstate.JobIOError) as caught:
+                self.run_job(HELLO)
+            self.assertIn("nfs4 filesystem mounted at /mnt/share", caught.exception.message)
+            self.assertIn("--root", caught.exception.hint)
+            self.assertIn("JOBSTATE_TRUST_LOCKS=1", caught.exception.hint)
+            self.assertEqual(jobstate._list_job_ids(self.root), [])
+            with unittest.mock.patch.dict(os.environ, JOBSTATE_TRUST_LOCKS="1"):
+                self.assertEqual(self.run_job(HELLO).wait(10).status, jobstate.JobStatus.EXITED)
+
+    def test_the_lock_verdict_is_remembered_in_the_root(self):
+        self.run_job(HELLO).wait(10)
+        with open(os.path.join(self.root, ".lock-check.json")) as f:
+            remembered = json.load(f)
+        self.assertEqual((remembered["device"], remembered["problem"]), (os.stat(self.root).st_dev, None))
+        self.addCleanup(jobstate._lock_facts.cache_clear)
+        jobstate._lock_facts.cache_clear()
+        with unittest.mock.patch.object(jobstate._process_layer, "lock_problem", side_effect=AssertionError):
+            self.assertTrue(jobstate._lock_verdict(self.root)["trusted"], "probed again")
+
     def test_root_resolution_order(self):
         env = {k: v for k, v in os.environ.items() if k not in ("JOBSTATE_ROOT", "XDG_DATA_HOME")}
         with unittest.mock.patch.dict(os.environ, env, clear=True):
@@ -2089,6 +2127,21 @@ class LifecycleTests(JobTestCase):
         _, text, _ = self.cli_capture("--format", "text", "restart", job.id)
         self.assertIn("hi\njob %s exited with code 0" % job.id[:12], text)
 
+    @unittest.skipIf(jobstate._WINDOWS, "POSIX: the lock is held through fcntl")
+    def test_kill_that_signals_nothing_of_a_running_job_is_an_error(self):
+        """A running job (its lock held) none of whose processes can be signalled
+        from here: kill_failed with a hint, never ok with nothing signalled."""
+        job = jobstate.create(["sleep", "300"], root=self.root)
+        state = job.state()
+        state.job.status, state.pid, state.pid_token = jobstate.JobStatus.RUNNING, os.getpid(), "another-process"
+        jobstate._write_state(job.paths, state)
+        hold_job_lock(self, job)
+        status, doc, _ = self.cli("kill", "--no-wait", job.id)
+        self.assertFalse(doc["ok"], "kill claimed a success it did not have: %s" % doc)
+        self.assertEqual((status, doc["error"]["code"]), (1, "kill_failed"))
+        self.assertIn("hint", doc["error"])
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+
     def test_kill_delete_restart_racing_answer_job_not_found_or_invalid_state(self):
         # What main() would answer for each call: the JobError's code, or internal_error for anything else.
         answers, guard = {}, threading.Lock()
@@ -2301,7 +2354,7 @@ class LifecycleTests(JobTestCase):
         for args in (["status", job_id], ["wait", job_id], ["tail", job_id], ["kill", job_id],
                      ["list", "--all"], ["ps", "--all"], ["tag", "set", job_id, "--tag", "x"],
                      ["create", "--", "true", "x"], ["gc", "--dry-run"], ["delete", job_id],
-                     ["status", "ffff"], ["status", ".."], ["run", "--bogus"]):
+                     ["status", "ffff"], ["status", ".."], ["run", "--bogus"], ["doctor"]):
             outputs.append(self.cli(*args)[1])
         for out in outputs:
             self.assertEqual(validate(out, schemas[out["type"]]), [], out)
@@ -2708,6 +2761,13 @@ class HttpTests(JobTestCase):
                          context)
         return headers, doc
 
+    def test_health_carries_the_capabilities(self):
+        url = self.start_server()
+        status, doc = self.request("GET", url + "/health")
+        self.assertEqual((status, doc["type"]), (200, "health"))
+        self.assertEqual(validate(doc, jobstate._document_schemas()["health"]), [])
+        self.assertEqual(doc["capabilities"], self.cli("doctor")[1]["capabilities"])
+
     def test_endpoints(self):
         url = self.start_server()
         status, doc = self.request("GET", url + "/health")
@@ -3106,7 +3166,8 @@ def fixed_view(**changes):
             "timed_out": False, "duration_ms": 1520, "created_at": "2026-11-29T03:18:00.000Z",
             "started_at": "2026-11-29T03:18:04.123Z", "finished_at": "2026-11-29T03:18:05.643Z",
             "pid": 41877, "error": None, "command": ["make", "test"], "cwd": "/src", "env": {},
-            "tags": ["ci.test"], "stdout_log_path": "/r/x/stdout.log", "stderr_log_path": "/r/x/stderr.log"}
+            "tags": ["ci.test"], "stdout_log_path": "/r/x/stdout.log", "stderr_log_path": "/r/x/stderr.log",
+            "warnings": []}
     view.update(changes)
     return view
 
@@ -3122,7 +3183,7 @@ class HumanOutputTests(JobTestCase):
         for job in jobs:
             del job["env"]
         doc = jobstate._envelope("list", {"root": "/r", "jobs": jobs, "count": 2, "truncated": True,
-                                          "skipped": 0})
+                                          "skipped": 0, "warnings": []})
         lines = jobstate._render_text(doc, color=False, now=NOW).splitlines()
         self.assertEqual(lines[0].split(), ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
         self.assertEqual(lines[1].split(), ["01a225fa0350", "exited", "0", "2m", "ago", "1.5s", "make", "test",
@@ -3146,6 +3207,14 @@ class HumanOutputTests(JobTestCase):
         for view, expected in cases:
             self.assertEqual(jobstate._verdict(view, color=False), expected)
         self.assertEqual(jobstate._verdict(fixed_view(), color=True), "\x1b[32m%s\x1b[0m" % cases[0][1])
+
+    def test_warnings_and_uncounted_processes(self):
+        view = fixed_view(state="killed", exit_code=None, signal="SIGTERM", signal_sent="SIGTERM",
+                          processes_signalled=1, processes_alive=None,
+                          warnings=[jobstate._warning("pids_unverifiable", "no /proc here")])
+        lines = jobstate._render_text(jobstate._envelope("kill", view), color=False, now=NOW).splitlines()
+        self.assertIn("signalled: SIGTERM to 1 process(es), unknown left", lines)
+        self.assertEqual(lines[-1], "warning: no /proc here")
 
     def test_text_mode_keeps_exit_codes_and_errors_go_to_stderr(self):
         proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "--format", "text", "status", "abcd"],
@@ -3552,12 +3621,399 @@ class CommandLineTests(JobTestCase):
         self.assertEqual(doc["state"], "exited")
         self.assertIn(b"\n  ", proc.stdout)
 
+    def test_doctor_looks_and_creates_nothing(self):
+        status, doc, _ = self.cli("doctor")
+        self.assertEqual((status, doc["type"], doc["root"]), (0, "doctor", self.root))
+        caps = doc["capabilities"]
+        self.assertEqual((caps["root"]["path"], caps["root"]["exists"]), (self.root, False))
+        self.assertFalse(os.path.exists(self.root), "doctor created the root")
+        self.assertEqual(caps["dies_with_launcher"], False)
+        for item in caps["missing"]:
+            self.assertTrue(item["costs"] and item["detail"], item)
+        status, out, _ = self.cli_capture("--format", "text", "doctor")
+        self.assertEqual(status, 0)
+        self.assertIn("pid identity:  %s" % caps["pid_identity"], out)
+
     def test_version_and_help(self):
         proc = subprocess.run([PY, JOBSTATE, "--version"], stdout=subprocess.PIPE, check=True)
         self.assertIn(jobstate.__version__.encode(), proc.stdout)
         proc = subprocess.run([PY, JOBSTATE, "--help"], stdout=subprocess.PIPE, check=True)
         self.assertIn(b"kill", proc.stdout)
         self.assertNotIn(b"_supervise", proc.stdout)
+
+# ---------------------------------------------------------------------------
+# Restricted environments (Linux, as root): namespaces, seccomp, read-only and lying roots
+# ---------------------------------------------------------------------------
+
+
+def restricted_skip_reason():
+    """Why the restricted-environment matrix cannot run here, or None."""
+    if not jobstate._LINUX:
+        return "Linux only: mount and PID namespaces"
+    if os.geteuid() != 0:
+        return "needs root: it mounts /proc, tmpfs and read-only bind mounts in private namespaces"
+    if not shutil.which("unshare"):
+        return "needs unshare (util-linux)"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if probe.returncode != 0:
+        return "unshare --mount is refused here (a container without CAP_SYS_ADMIN?)"
+    return None
+
+
+# The job of every environment: a main process, its child and a grandchild
+# (`sleep`), all in the job's process group; the child names all three.
+RESTRICTED_TREE = (
+    "import os, subprocess, sys, time\n"
+    "if sys.argv[1:] == ['child']:\n"
+    "    grandchild = subprocess.Popen(['sleep', '300'])\n"
+    "    print('ready', os.getppid(), os.getpid(), grandchild.pid, flush=True)\n"
+    "    time.sleep(300)\n"
+    "else:\n"
+    "    subprocess.Popen([sys.executable, os.path.abspath(__file__), 'child'])\n"
+    "    time.sleep(300)\n")
+
+# Runs inside the environment: every operation through the CLI as its own
+# process (argv prefix given), then one JSON line with what each answered.
+RESTRICTED_DRIVER = (
+    "import json, os, subprocess, sys, time\n"
+    "prefix, root, tree = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
+    "def cli(*args):\n"
+    "    p = subprocess.run(prefix + ['--root', root] + list(args), stdin=subprocess.DEVNULL,\n"
+    "                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)\n"
+    "    try:\n"
+    "        doc = json.loads(p.stdout)\n"
+    "    except ValueError:\n"
+    "        doc = None\n"
+    "    return {'status': p.returncode, 'doc': doc, 'stdout': p.stdout.decode(errors='replace')[-2000:],\n"
+    "            'stderr': p.stderr.decode(errors='replace')[-2000:]}\n"
+    "def alive(pid):\n"
+    "    try:\n"
+    "        with open('/proc/%d/stat' % pid, 'rb') as f:\n"
+    "            return f.read().rsplit(b') ', 1)[1][:1] != b'Z'\n"
+    "    except OSError:\n"
+    "        return False\n"
+    "steps = {'doctor': cli('doctor'), 'pid': os.getpid()}\n"
+    "steps['run'] = cli('run', '--no-wait', '--', sys.executable, tree)\n"
+    "doc = steps['run']['doc'] or {}\n"
+    "if doc.get('ok'):\n"
+    "    job, deadline = doc['job_id'], time.monotonic() + 20\n"
+    "    while True:\n"
+    "        tail = cli('tail', job)\n"
+    "        if 'ready' in ((tail['doc'] or {}).get('stdout') or '') or time.monotonic() > deadline:\n"
+    "            break\n"
+    "        time.sleep(0.05)\n"
+    "    steps['tail'] = tail\n"
+    "    steps['status'] = cli('status', job)\n"
+    "    steps['kill'] = cli('kill', job)\n"
+    "    steps['wait'] = cli('wait', '--until', '10', job)\n"
+    "    words = (tail['doc'] or {}).get('stdout', '').split()\n"
+    "    pids = [int(w) for w in words[1:4]] if words[:1] == ['ready'] else []\n"
+    "    steps['tree'] = pids\n"
+    "    if os.path.exists('/proc/self/stat'):\n"
+    "        deadline = time.monotonic() + 10\n"
+    "        while any(map(alive, pids)) and time.monotonic() < deadline:\n"
+    "            time.sleep(0.05)\n"
+    "        steps['alive_inside'] = [p for p in pids if alive(p)]\n"
+    "print(json.dumps(steps))\n")
+
+# Replaces the platform layer's flock by one that always says "taken", as a
+# filesystem that ignores flock would; then runs the CLI.
+LYING_FLOCK_CLI = (
+    "import sys, importlib.util as u\n"
+    "s = u.spec_from_file_location('jobstate', sys.argv[1])\n"
+    "m = sys.modules['jobstate'] = u.module_from_spec(s)\n"
+    "s.loader.exec_module(m)\n"
+    "m._process_layer.lock = lambda fd, exclusive, blocking: True\n"
+    "sys.exit(m.main(sys.argv[2:]))\n")
+
+# Installs a seccomp filter (what an older container runtime's profile does)
+# that answers ENOSYS to pidfd_open, EPERM to prctl and EPERM to fcntl's
+# F_SETPIPE_SZ, then execs argv: every process below, supervisors and jobs
+# included, inherits it.
+SECCOMP_EXEC = (
+    "import ctypes, errno, os, platform, struct, sys\n"
+    "arch, prctl_nr, fcntl_nr = {'x86_64': (0xC000003E, 157, 72), 'aarch64': (0xC00000B7, 167, 25)}[\n"
+    "    platform.machine()]\n"
+    "LD_ABS, JEQ, RET, ALLOW, ERRNO = 0x20, 0x15, 0x06, 0x7FFF0000, 0x00050000\n"
+    "def op(code, k, jt=0, jf=0):\n"
+    "    return struct.pack('HBBI', code, jt, jf, k)\n"
+    "prog = b''.join([op(LD_ABS, 4), op(JEQ, arch, 1, 0), op(RET, ALLOW), op(LD_ABS, 0),\n"
+    "                 op(JEQ, 434, 0, 1), op(RET, ERRNO | errno.ENOSYS),\n"
+    "                 op(JEQ, prctl_nr, 0, 1), op(RET, ERRNO | errno.EPERM),\n"
+    "                 op(JEQ, fcntl_nr, 0, 3), op(LD_ABS, 24), op(JEQ, 1031, 0, 1), op(RET, ERRNO | errno.EPERM),\n"
+    "                 op(RET, ALLOW)])\n"
+    "class Fprog(ctypes.Structure):\n"
+    "    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]\n"
+    "buf = ctypes.create_string_buffer(prog, len(prog))\n"
+    "fprog = Fprog(len(prog) // 8, ctypes.addressof(buf))\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):\n"
+    "    sys.exit('seccomp: %s' % os.strerror(ctypes.get_errno()))\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
+def missing_facilities(doc):
+    return {m["facility"] for m in doc["capabilities"]["missing"]}
+
+
+@unittest.skipIf(restricted_skip_reason(), restricted_skip_reason() or "")
+class RestrictedEnvironmentTests(JobTestCase):
+    """The same five operations in each restricted place jobstate must work in:
+    run, status, tail, kill of a tree with a grandchild, wait; and what
+    `doctor` says there.  Every environment is a private namespace (or a
+    seccomp filter) around a driver process, bounded in time."""
+
+    TIMEOUT_S = 120
+
+    def setUp(self):
+        super().setUp()
+        self.tree = os.path.join(self.tmp, "tree.py")
+        self.driver = os.path.join(self.tmp, "driver.py")
+        for path, text in ((self.tree, RESTRICTED_TREE), (self.driver, RESTRICTED_DRIVER)):
+            with open(path, "w") as f:
+                f.write(text)
+
+    def drive(self, wrapper=(), prefix=None, python=PY, env=None):
+        """Run the driver inside `wrapper` (an argv prefix: unshare, a shell, seccomp) and
+        return what each operation answered."""
+        prefix = prefix or [python, JOBSTATE]
+        argv = list(wrapper) + [python, self.driver, json.dumps(prefix), self.root, self.tree]
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=self.TIMEOUT_S, env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace")[-3000:])
+        steps = json.loads(proc.stdout.decode().splitlines()[-1])
+        return steps
+
+    def assert_operations_work(self, steps, signalled_at_least=1):
+        """run, tail, status, kill, wait all answered ok, and the whole tree is gone."""
+        for name in ("run", "tail", "status", "kill", "wait"):
+            self.assertIn(name, steps, "no %s step: run answered %r" % (name, steps["run"]))
+            doc = steps[name]["doc"]
+            self.assertTrue(doc and doc["ok"], "%s: %s %s" % (name, steps[name]["stdout"], steps[name]["stderr"]))
+        self.assertEqual(steps["run"]["doc"]["state"], "running")
+        self.assertEqual(steps["status"]["doc"]["state"], "running")
+        self.assertEqual(len(steps["tree"]), 3, steps["tail"]["doc"]["stdout"])
+        self.assertGreaterEqual(steps["kill"]["doc"]["processes_signalled"], signalled_at_least)
+        self.assertEqual((steps["wait"]["doc"]["state"], steps["wait"]["doc"]["signal"]), ("killed", "SIGTERM"))
+        if "alive_inside" in steps:
+            self.assertEqual(steps["alive_inside"], [], "processes of the tree survived the kill")
+
+    def assert_tree_gone_here(self, steps):
+        wait_for(lambda: not any(pid_alive(p) for p in steps["tree"]), 10, "the job's tree to be gone")
+
+    def doctor(self, steps):
+        doc = steps["doctor"]["doc"]
+        self.assertTrue(doc and doc["ok"], steps["doctor"])
+        self.assertEqual(validate(doc, jobstate._document_schemas()["doctor"]), [])
+        return doc["capabilities"]
+
+    def test_python_without_ctypes(self):
+        """A build without _ctypes: a _ctypes that cannot be imported, first on the
+        path of every process (supervisors run with -S, which keeps PYTHONPATH)."""
+        stub = os.path.join(self.tmp, "no_ctypes")
+        os.mkdir(stub)
+        with open(os.path.join(stub, "_ctypes.py"), "w") as f:
+            f.write("raise ImportError(\"No module named '_ctypes'\", name='_ctypes')\n")
+        env = dict(os.environ, PYTHONPATH=stub)
+        check = subprocess.run([PY, "-S", "-c", "import ctypes"], env=env, stderr=subprocess.PIPE)
+        self.assertNotEqual(check.returncode, 0, "the stub does not hide ctypes")
+        steps = self.drive(env=env)
+        self.assert_operations_work(steps)
+        self.assert_tree_gone_here(steps)
+        caps = self.doctor(steps)
+        self.assertIn("ctypes", missing_facilities(steps["doctor"]["doc"]))
+        self.assertNotIn("subreaper", caps["tree_discovery"])
+        self.assertEqual(caps["pid_identity"], "proc-start-time")
+        with open(jobstate.JobPaths(self.root, steps["run"]["doc"]["job_id"]).supervisor_log) as f:
+            said = [line for line in f if " missing " in line]
+        self.assertEqual(len(said), 1, said)  # once, by the supervisor that started the job
+        self.assertIn("missing ctypes (ImportError", said[0])
+
+    def test_read_only_copy_without_bytecode(self):
+        """jobstate.py copied into a read-only directory with no compiled bytecode:
+        supervisors compile it each time; the job runs, and doctor says what it costs."""
+        source = os.path.join(self.tmp, "vendor")
+        os.mkdir(source)
+        shutil.copy(JOBSTATE, source)
+        env = dict(os.environ, HOME=self.tmp)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"', "sh", source]
+        steps = self.drive(wrapper, prefix=[PY, os.path.join(source, "jobstate.py")], env=env)
+        self.assert_operations_work(steps)
+        self.assertIn("bytecode_cache", missing_facilities(steps["doctor"]["doc"]))
+        self.assertFalse(os.path.exists(os.path.join(source, "__pycache__")))
+
+    def test_pidfd_prctl_and_pipe_size_refused_by_seccomp(self):
+        """An older runtime's seccomp profile: pidfd_open answers ENOSYS, prctl and
+        F_SETPIPE_SZ EPERM, for the launcher, the supervisors and the jobs alike."""
+        import platform
+        if platform.machine() not in ("x86_64", "aarch64"):
+            self.skipTest("the seccomp filter knows the syscall numbers of x86_64 and aarch64 only")
+        steps = self.drive(wrapper=[PY, "-c", SECCOMP_EXEC])
+        self.assert_operations_work(steps, signalled_at_least=3)
+        self.assert_tree_gone_here(steps)
+        caps = self.doctor(steps)
+        self.assertTrue({"pidfd", "prctl", "pipe_size"} <= missing_facilities(steps["doctor"]["doc"]),
+                        caps["missing"])
+        self.assertEqual(caps["signal_delivery"], "verified-kill")
+        self.assertNotIn("subreaper", caps["tree_discovery"])
+
+    def test_hidepid_for_a_user(self):
+        """A non-root user (nobody) under /proc mounted with hidepid=2: its own
+        processes stay visible, so its own jobs lose nothing."""
+        python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        if not python or not shutil.which("setpriv"):
+            self.skipTest("needs setpriv and a python3 that the user nobody may run (%s is under /root)" % PY)
+        os.chown(self.tmp, 65534, 65534)
+        env = dict(os.environ, HOME=self.tmp)
+        env.pop("XDG_CACHE_HOME", None)
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 --regid=65534 '
+                   '--clear-groups -- "$@"', "sh"]
+        steps = self.drive(wrapper, python=python, env=env)
+        self.assert_operations_work(steps, signalled_at_least=3)
+        self.assert_tree_gone_here(steps)
+        caps = self.doctor(steps)
+        self.assertEqual(caps["proc"], "hidepid")
+        self.assertNotIn("proc", missing_facilities(steps["doctor"]["doc"]))
+
+    def test_no_proc(self):
+        """/proc replaced by an empty tmpfs in a private mount namespace: no pid can
+        be verified, so the supervisor signals its own (unreaped) child's group."""
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t tmpfs none /proc && exec "$@"', "sh"]
+        steps = self.drive(wrapper)
+        self.assert_operations_work(steps)
+        self.assert_tree_gone_here(steps)
+        caps = self.doctor(steps)
+        self.assertIn("proc", missing_facilities(steps["doctor"]["doc"]))
+        self.assertEqual((caps["proc"], caps["pid_identity"], caps["signal_delivery"]),
+                         ("absent", "none", "supervisor"))
+        kill = steps["kill"]["doc"]
+        self.assertIsNone(kill["processes_alive"], "nothing can be counted without /proc")
+        self.assertIn("pids_unverifiable", [w["code"] for w in kill["warnings"]])
+
+    def test_no_proc_kill_of_a_job_without_supervisor_is_an_error(self):
+        """Without /proc and without a live supervisor, nothing can be signalled:
+        an error with a hint, never ok with the job running on."""
+        job = jobstate.create(["sleep", "300"], root=self.root)
+        state = job.state()
+        state.job.status, state.pid = jobstate.JobStatus.RUNNING, 1
+        jobstate._write_state(job.paths, state)
+        hold_job_lock(self, job)  # the state stays `running` (no supervisor_lost)
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               'mount -t tmpfs none /proc && exec "$@"', "sh",
+                               PY, JOBSTATE, "--root", self.root, "kill", "--no-wait", job.id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        doc = json.loads(proc.stdout)
+        self.assertFalse(doc["ok"], "kill claimed a success it did not have: %s" % doc)
+        self.assertEqual((proc.returncode, doc["error"]["code"]), (1, "kill_failed"), doc)
+        self.assertIn("/proc", doc["error"]["hint"])
+
+    def test_flock_that_lies(self):
+        """A filesystem whose flock always succeeds (simulated in the platform layer):
+        every command refuses the root, naming its filesystem; doctor says why."""
+        steps = self.drive(prefix=[PY, "-c", LYING_FLOCK_CLI, JOBSTATE])
+        run = steps["run"]["doc"]
+        self.assertEqual((steps["run"]["status"], run["error"]["code"]), (1, "io_error"), run)
+        self.assertIn("--root", run["error"]["hint"])
+        self.assertEqual(jobstate._list_job_ids(self.root), [], "a job was made on a root whose locks lie")
+        root = self.doctor(steps)["root"]
+        self.assertEqual((root["lock"]["kind"], root["lock"]["trusted"]), ("flock", False))
+        self.assertIn("%s filesystem mounted at %s" % (root["filesystem"], root["mount_point"]),
+                      run["error"]["message"])
+        self.assertIn("two conflicting locks", root["lock"]["reason"])
+
+    def test_read_only_root(self):
+        """A root bind-mounted read-only: reads work and say what they could not
+        record; writes fail with a clear io_error; kill still stops the tree."""
+        done = self.run_job(HELLO)
+        done.wait(10)
+        running = self.run_job([PY, self.tree])
+        self.wait_log(running, "ready")
+        pids = [int(w) for w in open(running.paths.stdout_log).read().split()[1:4]]
+        lost = jobstate.create(["true"], root=self.root)
+        state = lost.state()
+        state.job.status = jobstate.JobStatus.RUNNING  # no supervisor holds its lock: supervisor_lost
+        jobstate._write_state(lost.paths, state)
+        script = os.path.join(self.tmp, "ro.py")
+        with open(script, "w") as f:
+            f.write("import json, subprocess, sys\n"
+                    "def cli(*args):\n"
+                    "    p = subprocess.run([sys.executable, %r, '--root', %r] + list(args), stdout=subprocess.PIPE,\n"
+                    "                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60)\n"
+                    "    return {'status': p.returncode, 'doc': json.loads(p.stdout or 'null'),\n"
+                    "            'stderr': p.stderr.decode(errors='replace')[-2000:]}\n"
+                    "d, r, l = sys.argv[1:4]\n"
+                    "print(json.dumps({'doctor': cli('doctor'), 'schema': cli('schema'), 'list': cli('list', '--all'),\n"
+                    "    'status_done': cli('status', d), 'status_running': cli('status', r), 'status_lost': cli('status', l),\n"
+                    "    'tail': cli('tail', r), 'wait_done': cli('wait', '--until', '5', d),\n"
+                    "    'wait_running': cli('wait', '--until', '0.3', r), 'wait_lost': cli('wait', '--until', '5', l),\n"
+                    "    'run': cli('run', '--', 'true'), 'kill': cli('kill', r)}))\n" % (JOBSTATE, self.root))
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"',
+                               "sh", self.root, PY, script, done.id, running.id, lost.id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=self.TIMEOUT_S)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace")[-3000:])
+        steps = json.loads(proc.stdout)
+        for name in ("doctor", "schema", "list", "status_done", "status_running", "status_lost", "tail",
+                     "wait_done", "wait_running", "wait_lost", "kill"):
+            self.assertTrue(steps[name]["doc"] and steps[name]["doc"]["ok"], "%s: %r" % (name, steps[name]))
+        self.assertEqual(steps["status_running"]["doc"]["state"], "running")
+        self.assertEqual(steps["wait_done"]["doc"]["state"], "exited")
+        self.assertEqual(steps["wait_running"]["doc"]["state"], "running")
+        for name in ("status_lost", "wait_lost"):
+            doc = steps[name]["doc"]
+            self.assertEqual((doc["state"], doc["error"]["stage"]), ("failed", "supervisor_lost"))
+            self.assertIn("state_not_updated", [w["code"] for w in doc["warnings"]])
+        self.assertIn("state_not_updated", [w["code"] for w in steps["list"]["doc"]["warnings"]])
+        self.assertEqual(steps["status_done"]["doc"]["warnings"], [])
+        self.assertIn("ready", steps["tail"]["doc"]["stdout"])
+        run = steps["run"]["doc"]
+        self.assertEqual((steps["run"]["status"], run["error"]["code"]), (1, "io_error"), run)
+        self.assertIn("read-only", run["error"]["message"].lower())
+        self.assertGreaterEqual(steps["kill"]["doc"]["processes_signalled"], 3)
+        self.assertIn("kill_request_not_written", [w["code"] for w in steps["kill"]["doc"]["warnings"]])
+        wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the tree to be gone")
+        self.assertEqual(running.wait(10).status, jobstate.JobStatus.KILLED)
+        with open(lost.paths.state) as f:
+            self.assertEqual(json.load(f)["job"]["status"], "running", "a read-only root was written")
+        self.assertFalse(self.doctor(steps)["root"]["writable"])
+
+    def pid_namespace(self):
+        return ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+    def test_pid_namespace(self):
+        """A new PID namespace with its own /proc (a container): the driver is its
+        init, each CLI call an ordinary process in it."""
+        steps = self.drive(self.pid_namespace())
+        self.assertEqual(steps["pid"], 1)
+        self.assert_operations_work(steps, signalled_at_least=3)
+        self.assertFalse(self.doctor(steps)["dies_with_launcher"])
+
+    def test_launcher_as_pid_1_keeps_observing(self):
+        """`docker run image python jobstate.py run --no-wait ...`: returning would
+        kill the job, so run observes it to its end and says why."""
+        argv = self.pid_namespace() + [PY, JOBSTATE, "--root", self.root, "run", "--no-wait", "--",
+                                       PY, "-c", "import time; time.sleep(0.5); print('done')"]
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        doc = json.loads(proc.stdout)
+        self.assertEqual((doc["state"], doc["stdout"]), ("exited", "done\n"), doc)
+        self.assertEqual([w["code"] for w in doc["warnings"]], ["launcher_is_pid_1"])
+        self.assertIn(b"--detach-anyway", proc.stderr)
+
+    def test_launcher_as_pid_1_detach_anyway_is_warned(self):
+        argv = self.pid_namespace() + [PY, JOBSTATE, "--root", self.root, "run", "--no-wait", "--detach-anyway",
+                                       "--", "sleep", "300"]
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        doc = json.loads(proc.stdout)
+        self.assertEqual((proc.returncode, doc["state"]), (0, "running"), doc)
+        self.assertEqual([w["code"] for w in doc["warnings"]], ["dies_with_launcher"])
+        # As said: the namespace ended with its init, and the job with it.
+        state = jobstate.open_job(doc["job_id"], self.root).wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "supervisor_lost"))
 
 # ---------------------------------------------------------------------------
 # The fault, load and hostile-input campaign (make torture runs it in full)
