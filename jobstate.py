@@ -3139,7 +3139,12 @@ def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optiona
     jobs (oldest first) exceed max_jobs or max_bytes in all.  Created and running
     jobs are never touched.  Leftovers of interrupted job creation go too.
     """
-    root = resolve_root(root)
+    return _gc(resolve_root(root), older_than_s=older_than_s, max_jobs=max_jobs, max_bytes=max_bytes,
+               dry_run=dry_run)
+
+
+def _gc(root: str, *, older_than_s, max_jobs: Optional[int], max_bytes: Optional[int], dry_run: bool) -> GcReport:
+    """gc() under a resolved root."""
     cutoff = time.time() - _parse_duration(older_than_s, "older_than")
     terminal = sorted(_terminal_jobs(root), key=lambda job: job[1])  # oldest first
     doomed = {job_id for job_id, finished, _ in terminal if finished < cutoff}
@@ -3444,13 +3449,16 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
     kill_orphans: when the main process exits, stop whatever it left running.
     The job directory appears atomically: readers never see a half-made job.
     """
+    return _create(resolve_root(root), argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env,
+                   masks=masks, stdin=stdin, timeout_s=timeout_s, kill_after_s=kill_after_s,
+                   kill_orphans=kill_orphans, tags=tags, notify_command=notify_command, notify_file=notify_file)
+
+
+def _create(root: str, argv, *, stdin=None, **definition) -> Job:
+    """create() under a resolved root; definition is _build_spec's keywords."""
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8", errors="surrogateescape")
-    spec = _build_spec(argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env, masks=masks,
-                       has_stdin=stdin is not None, timeout_s=timeout_s, kill_after_s=kill_after_s,
-                       kill_orphans=kill_orphans, tags=tags, notify_command=notify_command,
-                       notify_file=notify_file)
-    root = resolve_root(root)
+    spec = _build_spec(argv, has_stdin=stdin is not None, **definition)
     _ensure_root(root)
     job_id = new_job_id()
     staging = os.path.join(root, ".new-" + job_id)
@@ -3491,7 +3499,12 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
     executed is not an error here: the job ends `failed` with `error` set.
     Raises LaunchError when the supervisor could not be started.
     """
-    job = create(argv, root=root, **definition)
+    return _run(resolve_root(root), argv, **definition)
+
+
+def _run(root: str, argv, **definition) -> Job:
+    """run() under a resolved root."""
+    job = _create(root, argv, **definition)
     try:
         job.start()
     except LaunchError as exc:
@@ -3504,7 +3517,11 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
 
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
     """The Job for an id or unique prefix (case-insensitive)."""
-    root = resolve_root(root)
+    return _open_job(resolve_root(root), job_id_or_prefix)
+
+
+def _open_job(root: str, job_id_or_prefix: str) -> Job:
+    """open_job() under a resolved root."""
     return Job(_resolve_job_id(root, job_id_or_prefix), root)
 
 # ---------------------------------------------------------------------------
@@ -3764,7 +3781,7 @@ def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[
 def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
     """Delete one job, or with job_ref None every terminal job of the current directory."""
     if job_ref is not None:
-        job = open_job(job_ref, root)
+        job = _open_job(root, job_ref)
         if dry_run:
             state = job.state()
             if state.status is JobStatus.RUNNING:
@@ -3859,9 +3876,9 @@ def _check_arguments(operation: str, args: dict) -> dict:
     return args
 
 
-def _call_operation(operation: str, args: dict, root: Optional[str], *, default_until: float,
+def _call_operation(operation: str, args: dict, root: str, *, default_until: float,
                     max_until: Optional[float] = None) -> dict:
-    """Run one agent operation; returns its envelope (JobError propagates)."""
+    """Run one agent operation under a resolved root; returns its envelope (JobError propagates)."""
     args = _check_arguments(operation, args)
     started = time.monotonic()
     until = args.get("until", default_until)
@@ -3869,14 +3886,14 @@ def _call_operation(operation: str, args: dict, root: Optional[str], *, default_
         until = min(until, max_until)
     max_bytes = args.get("max_bytes", DEFAULT_MAX_BYTES)
     if operation == "run":
-        job = run(args["command"], root=root, cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
-                  timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
+        job = _run(root, args["command"], cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
+                   timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
         return _observed_doc("run", job, until, max_bytes, started)
     if operation == "list":
-        return _list_doc(resolve_root(root), cwd=args.get("cwd"), all_jobs=args.get("all", False),
+        return _list_doc(root, cwd=args.get("cwd"), all_jobs=args.get("all", False),
                          state=args.get("state"), tags=args.get("tags", ()),
                          limit=args.get("limit", DEFAULT_LIST_LIMIT))
-    job = open_job(args["job_id"], root)
+    job = _open_job(root, args["job_id"])
     if operation == "status":
         return _status_doc(job)
     if operation == "tail":
@@ -4018,7 +4035,7 @@ def _mcp_request(line: bytes, max_depth: int = _MCP_MAX_DEPTH):
 class _McpServer:
     """Newline-delimited JSON-RPC 2.0 on a pair of binary streams."""
 
-    def __init__(self, root: Optional[str], output):
+    def __init__(self, root: str, output):
         self.root = root
         self.output = output
         self.write_lock = threading.Lock()
@@ -4111,7 +4128,7 @@ class _McpServer:
             "content": [{"type": "text", "text": text}], "structuredContent": doc, "isError": not doc["ok"]}})
 
 
-def _serve_mcp(root: Optional[str]) -> int:
+def _serve_mcp(root: str) -> int:
     """MCP on stdio.  Our real stdout carries only protocol: fd 1 is pointed at
     stderr so nothing else (a stray print, a child) can corrupt the stream."""
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
@@ -4143,7 +4160,7 @@ def _http_status(error: JobError) -> int:
     return _HTTP_STATUS.get(error.code, 400)
 
 
-def _make_http_handler(root: Optional[str], token: Optional[str]):
+def _make_http_handler(root: str, token: Optional[str]):
     import hmac
     from http.server import BaseHTTPRequestHandler
 
@@ -4215,7 +4232,7 @@ def _make_http_handler(root: Optional[str], token: Optional[str]):
     return Handler
 
 
-def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dict:
+def _route_http(method: str, target: str, read_body, root: str) -> dict:
     """Answer one request: `target` is the path with its query, read_body() the JSON body."""
     from urllib.parse import parse_qs, unquote, urlsplit
     url = urlsplit(target)
@@ -4224,7 +4241,7 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     query = {k: v[-1] for k, v in params.items()}
     tags = params.get("tag", [])
     if method == "GET" and parts == ["health"]:
-        return _envelope("health", {"version": __version__, "root": resolve_root(root)})
+        return _envelope("health", {"version": __version__, "root": root})
     if parts[:1] != ["jobs"] or len(parts) > 3:
         raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
     if len(parts) == 1 and method == "POST":
@@ -4243,7 +4260,7 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     if method == "POST" and action == "kill":
         return _call_operation("kill", dict(read_body(), job_id=job_id), root, default_until=0)
     if method == "DELETE" and action is None:
-        return _delete_doc(resolve_root(root), job_id, False)
+        return _delete_doc(root, job_id, False)
     raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
 
 
@@ -4285,7 +4302,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _serve_http(root: Optional[str], bind: str, ready) -> int:
+def _serve_http(root: str, bind: str, ready) -> int:
     """Serve the HTTP API until interrupted; `ready` receives the serve envelope once listening."""
     from http.server import ThreadingHTTPServer
     import socket
@@ -4855,18 +4872,18 @@ def _cmd_run(ns):
     started = time.monotonic()
     argv = _cli_command(ns)
     _observe_limits(ns)  # a bad value is reported before a job exists, not after
-    job = run(argv, root=ns.root, **_cli_definition(ns, auto_stdin=True))
+    job = _run(ns.root, argv, **_cli_definition(ns, auto_stdin=True))
     return _observe(job, ns, started, "run")
 
 
 def _cmd_create(ns):
-    job = create(_cli_command(ns), root=ns.root, **_cli_definition(ns, auto_stdin=False))
+    job = _create(ns.root, _cli_command(ns), **_cli_definition(ns, auto_stdin=False))
     return _envelope("create", _job_view(job, job.state())), 0
 
 
 def _cmd_start(ns):
     started = time.monotonic()
-    job = open_job(ns.job, ns.root)
+    job = _open_job(ns.root, ns.job)
     _observe_limits(ns)  # validate before launching
     job.start()
     return _observe(job, ns, started, "start")
@@ -4874,23 +4891,23 @@ def _cmd_start(ns):
 
 def _cmd_restart(ns):
     started = time.monotonic()
-    job = open_job(ns.job, ns.root)
+    job = _open_job(ns.root, ns.job)
     _observe_limits(ns)
     job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"))
     return _observe(job, ns, started, "restart")
 
 
 def _cmd_status(ns):
-    return _status_doc(open_job(ns.job, ns.root)), 0
+    return _status_doc(_open_job(ns.root, ns.job)), 0
 
 
 def _cmd_wait(ns):
     started = time.monotonic()
-    return _observe(open_job(ns.job, ns.root), ns, started, "wait")
+    return _observe(_open_job(ns.root, ns.job), ns, started, "wait")
 
 
 def _cmd_tail(ns):
-    job = open_job(ns.job, ns.root)
+    job = _open_job(ns.root, ns.job)
     lines = _parse_count(ns.lines, "--lines")
     max_bytes = _parse_size(ns.max_bytes, "--max-bytes")
     if not ns.follow:
@@ -4901,12 +4918,12 @@ def _cmd_tail(ns):
 
 def _cmd_kill(ns):
     kill_after = None if ns.kill_after is None else _parse_duration(ns.kill_after, "--kill-after")
-    return _kill_doc(open_job(ns.job, ns.root), ns.signal, kill_after,
+    return _kill_doc(_open_job(ns.root, ns.job), ns.signal, kill_after,
                      0 if ns.no_wait else DEFAULT_KILL_OBSERVE_S), 0
 
 
 def _cmd_list(ns, state: Optional[str] = None):
-    return _list_doc(resolve_root(ns.root), cwd=ns.cwd, all_jobs=ns.all, state=state or ns.state,
+    return _list_doc(ns.root, cwd=ns.cwd, all_jobs=ns.all, state=state or ns.state,
                      tags=ns.tag, limit=_parse_count(ns.limit, "--limit")), 0
 
 
@@ -4919,16 +4936,15 @@ def _cmd_delete(ns):
         _normalize_job_ref(ns.job)  # '' included: a malformed id is invalid_job_id on every command
     if (ns.job is not None) == bool(ns.all):
         raise InvalidArgumentError("give a job id or --all", hint="jobstate delete JOB | --all [--dry-run]")
-    return _delete_doc(resolve_root(ns.root), ns.job, ns.dry_run), 0
+    return _delete_doc(ns.root, ns.job, ns.dry_run), 0
 
 
 def _cmd_gc(ns):
-    root = resolve_root(ns.root)
-    report = gc(root, older_than_s=_parse_duration(ns.older_than, "--older-than"),
+    report = _gc(ns.root, older_than_s=_parse_duration(ns.older_than, "--older-than"),
                 max_jobs=None if ns.max_jobs is None else _parse_count(ns.max_jobs, "--max-jobs"),
                 max_bytes=None if ns.max_bytes is None else _parse_size(ns.max_bytes, "--max-bytes"),
                 dry_run=ns.dry_run)
-    return _envelope("gc", {"root": root, "dry_run": report.dry_run, "jobs": report.deleted,
+    return _envelope("gc", {"root": ns.root, "dry_run": report.dry_run, "jobs": report.deleted,
                             "deleted": sum(d["action"] != "skipped" for d in report.deleted),
                             "kept": report.kept, "freed_bytes": report.freed_bytes}), 0
 
@@ -4946,7 +4962,7 @@ def _cmd_serve(ns):
 
 
 def _cmd_tag(ns):
-    job = open_job(ns.job, ns.root)
+    job = _open_job(ns.root, ns.job)
     tags = job.set_tags(ns.tag)
     return _envelope("tag", {"job_id": job.id, "tags": tags}), 0
 
@@ -5055,6 +5071,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _emit_doc(_error_envelope(InvalidArgumentError(str(exc), hint="run 'jobstate --help'")), early)
         return 2
     try:
+        ns.root = resolve_root(ns.root)  # once, for the command and everything it calls
         doc, status = ns.handler(ns)
     except _UsageError as exc:
         doc, status = _error_envelope(InvalidArgumentError(str(exc), hint="run 'jobstate --help'")), 2

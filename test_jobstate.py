@@ -394,6 +394,18 @@ class StaticTests(unittest.TestCase):
                         and defined.get(n.id, 0) > here]
         self.assertEqual(sorted(set(forward)), [], "calls must point backwards")
 
+    def test_the_root_is_resolved_once_where_a_surface_starts(self):
+        """resolve_root runs in the public functions that take root= and in
+        main() (which serves the CLI, MCP and HTTP); everything they call
+        takes the resolved root."""
+        import ast
+        with open(JOBSTATE, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        callers = sorted(node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                         for call in ast.walk(node) if isinstance(call, ast.Call)
+                         and getattr(call.func, "id", None) == "resolve_root")
+        self.assertEqual(callers, ["create", "gc", "list_jobs", "main", "open_job", "run"])
+
 # ---------------------------------------------------------------------------
 # Schema (jobstate.py section 2)
 # ---------------------------------------------------------------------------
