@@ -1952,48 +1952,27 @@ def _is_real_dir(path: str) -> bool:
         return False
 
 
-class _JobLock:
-    """The job's `lock` file: held exclusively by the live supervisor for its whole life.
+class _LockFile:
+    """A lock on a whole file (flock, or LockFileEx on Windows) that dies with its holder.
 
-    Readers take it to prove the supervisor is gone (no pid guessing), and `wait`
-    blocks on it to wake the moment the supervisor exits.
+    Every lock jobstate takes is one of these: the job lock (_JobLock), the
+    lock around meta.json's read-modify-write (_meta_lock) and auto-gc's.
+    Closing the descriptor drops the lock, so a crashed holder never leaves
+    it taken.  As a context manager it releases on the way out.
     """
 
-    def __init__(self, paths: JobPaths):
-        self.paths, self.path = paths, paths.lock
+    def __init__(self, path: str):
+        self.path = path
         self.fd: Optional[int] = None
 
-    @classmethod
-    def handed_over(cls, paths: JobPaths, fd: int) -> "_JobLock":
-        """The lock a launcher took and passed on to us already held, as fd."""
-        lock = cls(paths)
-        lock.fd = fd
-        return lock
-
     def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
-        """Take the lock; False if someone holds it.  With create (to run the job),
-        JobNotFoundError when the job was deleted before or while we took it."""
-        flags = os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS
-        try:
-            self.fd = os.open(self.path, flags, 0o600)
-        except FileNotFoundError:
-            if create:  # only a vanished job directory makes O_CREAT fail so
-                raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
-            return self._gone()
-        if not _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
-            self.release()
-            return False
-        # A delete renames the job directory away while it holds the lock: a
-        # lock file opened just before that is no longer the job's once we get it.
-        if create and not os.path.lexists(self.path):
-            self.release()
-            raise JobNotFoundError(self.paths.job_id, self.paths.root)
-        return True
-
-    def _gone(self) -> bool:
-        # A job directory without a lock file never had a supervisor: it is free.
-        self.fd = None
-        return True
+        """Take the lock; False if someone holds it (only when not blocking).
+        Without create, FileNotFoundError when the file does not exist."""
+        self.fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0) | _FILE_FLAGS, 0o600)
+        if _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
+            return True
+        self.release()
+        return False
 
     def release(self) -> None:
         if self.fd is not None:
@@ -2008,21 +1987,45 @@ class _JobLock:
         self.release()
 
 
-class _MetaLock:
-    """Serializes read-modify-write of meta.json (tags) between processes."""
+class _JobLock(_LockFile):
+    """The job's `lock` file: held exclusively by the live supervisor for its whole life.
+
+    Readers take it to prove the supervisor is gone (no pid guessing), and `wait`
+    blocks on it to wake the moment the supervisor exits.
+    """
 
     def __init__(self, paths: JobPaths):
-        self.path = os.path.join(paths.dir, "meta.lock")
-        self.fd: Optional[int] = None
+        super().__init__(paths.lock)
+        self.paths = paths
 
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
-        _process_layer.lock(self.fd, exclusive=True, blocking=True)
-        return self
+    @classmethod
+    def handed_over(cls, paths: JobPaths, fd: int) -> "_JobLock":
+        """The lock a launcher took and passed on to us already held, as fd."""
+        lock = cls(paths)
+        lock.fd = fd
+        return lock
 
-    def __exit__(self, *exc):
-        _process_layer.unlock(self.fd)
-        os.close(self.fd)
+    def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
+        """Take the lock; False if someone holds it.  With create (to run the job),
+        JobNotFoundError when the job was deleted before or while we took it;
+        without, a job whose lock file is gone counts as free (True, nothing held)."""
+        try:
+            taken = super().acquire(exclusive=exclusive, blocking=blocking, create=create)
+        except FileNotFoundError:
+            if create:  # only a vanished job directory makes O_CREAT fail so
+                raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
+            return True  # a job directory without a lock file never had a supervisor: it is free
+        # A delete renames the job directory away while it holds the lock: a
+        # lock file opened just before that is no longer the job's once we get it.
+        if taken and create and not os.path.lexists(self.path):
+            self.release()
+            raise JobNotFoundError(self.paths.job_id, self.paths.root)
+        return taken
+
+
+def _meta_lock(paths: JobPaths) -> _LockFile:
+    """Serializes read-modify-write of meta.json (tags) between processes."""
+    return _LockFile(os.path.join(paths.dir, "meta.lock"))
 
 
 def _reconcile(paths: JobPaths, state: JobState) -> JobState:
@@ -3243,26 +3246,23 @@ def _auto_gc(root: str) -> None:
         return
     try:
         older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d"), "JOBSTATE_GC_OLDER_THAN")
-        fd = os.open(os.path.join(root, ".gc.lock"), os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
-    except (OSError, JobError):
+    except JobError:
         return
-    try:
-        if not _process_layer.lock(fd, exclusive=True, blocking=False):
-            return  # another process is collecting right now
-        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600))
-        cutoff = time.time() - older_than
-        scanned = 0
-        for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):
-            scanned += 1
-            if finished < cutoff:
-                _gc_one(JobPaths(root, job_id), True, 0, False)
-            if scanned >= _AUTO_GC_MAX_SCAN:
-                break
-    except (OSError, JobError):  # housekeeping only: the launch already succeeded
-        pass
-    finally:
-        _process_layer.unlock(fd)
-        os.close(fd)
+    with _LockFile(os.path.join(root, ".gc.lock")) as lock:
+        try:
+            if not lock.acquire():
+                return  # another process is collecting right now
+            os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600))
+            cutoff = time.time() - older_than
+            scanned = 0
+            for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):
+                scanned += 1
+                if finished < cutoff:
+                    _gc_one(JobPaths(root, job_id), True, 0, False)
+                if scanned >= _AUTO_GC_MAX_SCAN:
+                    break
+        except (OSError, JobError):  # housekeeping only: the launch already succeeded
+            pass
 
 
 def _deleted_is_not_found(method):
@@ -3401,7 +3401,8 @@ class Job:
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
-        with _MetaLock(self.paths):
+        with _meta_lock(self.paths) as lock:
+            lock.acquire(blocking=True)
             spec = _read_spec(self.paths)
             spec.tags = tags
             _write_json_atomic(self.paths.meta, spec.to_dict())

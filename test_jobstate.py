@@ -406,6 +406,12 @@ class StaticTests(unittest.TestCase):
                          and getattr(call.func, "id", None) == "resolve_root")
         self.assertEqual(callers, ["create", "gc", "list_jobs", "main", "open_job", "run"])
 
+    def test_every_lock_is_a_lock_file(self):
+        """One lock idiom: only _LockFile (which _JobLock extends) calls the layer's lock and unlock."""
+        with open(JOBSTATE, encoding="utf-8") as f:
+            source = f.read()
+        self.assertEqual((source.count("_process_layer.lock("), source.count("_process_layer.unlock(")), (1, 1))
+
 # ---------------------------------------------------------------------------
 # Schema (jobstate.py section 2)
 # ---------------------------------------------------------------------------
