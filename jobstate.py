@@ -2167,7 +2167,7 @@ class _FullLog:
 @dataclass
 class _Running:
     """A started job, handed from the supervisor's start to its watch: in one
-    process, or across the exec of a forked launch (see _supervise_in_fork)."""
+    process, or across the exec of a forked launch (see _supervise_forked)."""
 
     state: JobState
     spec: JobSpec
@@ -2609,7 +2609,9 @@ def _feed(stream, data: bytes) -> None:
             pass
 
 
-def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
+def _finish_supervising(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
+    """Where every supervisor ends: run body (its part of the job's life), record
+    a crash as the job's failure, release the job lock, notify, and exit."""
     try:
         body()
     except Exception as exc:  # record why, so the job reads `failed` with a reason, not a bare crash
@@ -2685,11 +2687,12 @@ def _take_lock_after_launcher(paths: JobPaths, lock: _JobLock, timeout_s: float 
     return True
 
 
-def _supervise_main(args: List[str]) -> int:
-    """Entry point of the re-executed supervisor: `_supervise ROOT JOB_ID LOCK_FD [RUNNING]`.
+def _supervisor_entry(args: List[str]) -> int:
+    """Entry point of a supervisor that is a new interpreter: `_supervise ROOT JOB_ID LOCK_FD [RUNNING]`.
 
-    With RUNNING, a forked launch has already started the job (see
-    _supervise_in_fork) and this process only watches it.
+    Without RUNNING, a spawned supervisor (_launch_by_spawn) that runs the
+    whole job; with it, the watcher a forked launch exec'd after starting the
+    job (see _supervise_forked), which only watches it.
     """
     root, job_id, lock_fd = args[0], args[1], int(args[2])
     paths = JobPaths(root, job_id)
@@ -2697,17 +2700,17 @@ def _supervise_main(args: List[str]) -> int:
     if len(args) > 3:
         _process_layer.supervisor_signals()  # catch again what the exec reset (see exec_keeping)
         lock = _JobLock.handed_over(paths, lock_fd)
-        _supervise_to_the_end(supervisor, lock, lambda: supervisor.watch(_Running.decode(args[3], paths)))
+        _finish_supervising(supervisor, lock, lambda: supervisor.watch(_Running.decode(args[3], paths)))
     _process_layer.prepare_supervisor()
     # With a descriptor, the lock is inherited from the launcher, already held: no gap.
     lock = _JobLock.handed_over(paths, lock_fd) if lock_fd >= 0 else _JobLock(paths)
     if lock_fd < 0 and not _take_lock_after_launcher(paths, lock):
         sys.stderr.write("%s: the job lock stays taken: another supervisor runs this job\n" % _utc_now())
         return 1
-    _supervise_to_the_end(supervisor, lock, supervisor.run)
+    _finish_supervising(supervisor, lock, supervisor.run)
 
 
-def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
+def _supervise_forked(paths: JobPaths, lock: _JobLock) -> None:
     """The supervisor of a forked launch (POSIX), still in the launcher's image.
 
     Starting the child and acknowledging from here saves the launcher the
@@ -2727,7 +2730,7 @@ def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
                 supervisor.log("cannot exec the watcher (%s); watching from the launch image" % exc)
             supervisor.watch(running)
 
-    _supervise_to_the_end(supervisor, lock, start_then_hand_over)
+    _finish_supervising(supervisor, lock, start_then_hand_over)
 
 
 def _send_request(sock, data: bytes, fds: List[int]) -> None:
@@ -2774,7 +2777,9 @@ def _reap_children(*_signal_args) -> None:
         pass
 
 
-def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
+def _supervise_from_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
+    """A supervisor forked by the forkserver for one request: it takes on the
+    launcher's environment and umask, then runs the whole job."""
     sock.close()
     # What a spawned supervisor would inherit from the launcher at launch time.
     if os.environ != request["env"]:  # usually equal: we started with the launcher's environment
@@ -2783,7 +2788,7 @@ def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock
     if request["umask"] is not None:
         os.umask(request["umask"])
     supervisor = _Supervisor(paths)
-    _supervise_to_the_end(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
+    _finish_supervising(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
 
 
 def _forkserver_main(sock_fd: int) -> NoReturn:
@@ -2814,7 +2819,7 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
             request = json.loads(message)
             lock_fd, ack_w, log = fds
             paths = JobPaths(request["root"], request["job_id"])
-            body = functools.partial(_supervise_for_forkserver, paths, lock_fd, request, sock)
+            body = functools.partial(_supervise_from_forkserver, paths, lock_fd, request, sock)
             _process_layer.fork_supervisor(body, stdout=ack_w, stderr=log, reaper=True)
         except (ValueError, KeyError, OSError):  # a bad request: its launcher sees no ack
             pass
@@ -2935,7 +2940,7 @@ def _start_supervisor(paths: JobPaths, lock: _JobLock, log: int) -> Optional[boo
         return _launch_by_fork(lambda ack_w: _Forkserver.request(paths, lock.fd, ack_w, log))
     if _process_layer.can_fork_supervisor():  # no other thread here: fork, start the job, exec the watcher
         return _launch_by_fork(lambda ack_w: _process_layer.fork_supervisor(
-            functools.partial(_supervise_in_fork, paths, lock), stdout=ack_w, stderr=log))
+            functools.partial(_supervise_forked, paths, lock), stdout=ack_w, stderr=log))
     return _launch_by_spawn(paths, lock, log)  # a new interpreter from the start
 
 
@@ -5059,7 +5064,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the process exit status (0 ok, 1 error envelope, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_supervise"]:
-        return _supervise_main(argv[1:])
+        return _supervisor_entry(argv[1:])
     if argv[:1] == ["_forkserver"]:
         _forkserver_main(int(argv[1]))
     try:
