@@ -1610,8 +1610,8 @@ def _is_job_id(name: str) -> bool:
 
 def _normalize_job_ref(ref) -> str:
     """Validate a job id or prefix before it touches the filesystem."""
-    if not isinstance(ref, str) or not 1 <= len(ref) <= 32 or \
-            not all(c in "0123456789abcdefABCDEF" for c in ref):
+    if (not isinstance(ref, str) or not 1 <= len(ref) <= 32
+            or not all(c in "0123456789abcdefABCDEF" for c in ref)):
         raise InvalidJobIdError(str(ref))
     return ref.lower()
 
@@ -3426,8 +3426,8 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
                                    hint="python jobstate.py run -- echo hello")
     env = dict(env or {})
     for key, value in env.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key \
-                or "\0" in key + value:
+        if (not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key
+                or "\0" in key + value):
             raise InvalidArgumentError("invalid environment variable %r" % (key,))
     cwd = _abspath(cwd or os.curdir)
     return JobSpec(

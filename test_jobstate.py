@@ -329,8 +329,8 @@ class StaticTests(unittest.TestCase):
             with open(os.path.join(HERE, name), encoding="utf-8") as f:
                 tree = ast.parse(f.read())
             for node in ast.walk(tree):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
                 for module in names:
                     self.assertIn(module.split(".")[0], allowed, "%s imports %s" % (name, module))
 
@@ -411,6 +411,12 @@ class StaticTests(unittest.TestCase):
         with open(JOBSTATE, encoding="utf-8") as f:
             source = f.read()
         self.assertEqual((source.count("_process_layer.lock("), source.count("_process_layer.unlock(")), (1, 1))
+
+    def test_no_backslash_continuations(self):
+        for path in (JOBSTATE, os.path.join(HERE, "test_jobstate.py")):
+            with open(path, encoding="utf-8") as f:
+                ends = [n for n, line in enumerate(f, 1) if line.rstrip("\n").endswith("\\")]
+            self.assertEqual(ends, [], "%s: use parentheses" % os.path.basename(path))
 
 # ---------------------------------------------------------------------------
 # Schema (jobstate.py section 2)
@@ -1511,9 +1517,8 @@ class WindowsLayerFakeTests(unittest.TestCase):
             calls.append(1)
             raise PermissionError(13, "in use")
         slept = []
-        with unittest.mock.patch.object(os, "replace", denied), \
-                unittest.mock.patch.object(time, "sleep", slept.append):
-            with self.assertRaises(PermissionError):
+        with unittest.mock.patch.object(os, "replace", denied):
+            with unittest.mock.patch.object(time, "sleep", slept.append), self.assertRaises(PermissionError):
                 self.layer.replace("a", "b")
         self.assertEqual(len(calls), 50)
         self.assertLess(sum(slept), 3.0)
@@ -1527,8 +1532,8 @@ class StoreTests(JobTestCase):
     def test_root_resolution_order(self):
         env = {k: v for k, v in os.environ.items() if k not in ("JOBSTATE_ROOT", "XDG_DATA_HOME")}
         with unittest.mock.patch.dict(os.environ, env, clear=True):
-            default = os.path.join(os.environ["LOCALAPPDATA"], "jobstate", "jobs") if jobstate._WINDOWS \
-                else os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
+            default = (os.path.join(os.environ["LOCALAPPDATA"], "jobstate", "jobs") if jobstate._WINDOWS
+                       else os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs"))
             self.assertEqual(jobstate.resolve_root(), default)
             # abspath: on Windows "/x" means "X:\x" on the current drive; on POSIX it is a no-op.
             os.environ["XDG_DATA_HOME"] = "/x/data"
@@ -2223,8 +2228,8 @@ class LifecycleTests(JobTestCase):
     def test_notifications(self):
         events = os.path.join(self.tmp, "events.ndjson")
         seen = os.path.join(self.tmp, "seen.json")
-        command = "%s -c \"import os, shutil, sys; shutil.copyfileobj(sys.stdin, open(%r, 'w')); " \
-                  "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen)
+        command = ("%s -c \"import os, shutil, sys; shutil.copyfileobj(sys.stdin, open(%r, 'w')); "
+                   "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen))
         job = self.run_job(py("print('hi')"), notify_file=events, notify_command=command)
         state = job.wait(20)
         record = self.completion_record(job)  # the sinks run after the job's end is recorded
@@ -3337,8 +3342,8 @@ class Torture(JobTestCase):
         commands = commands * scaled(1, 4)
         procs = []
         for args in commands:
-            argv = [PY, JOBSTATE, "--root", self.root] + args[:1] + (args[1:2] if args[0] == "tag" else []) + \
-                [job.id] + (args[2:] if args[0] == "tag" else args[1:])
+            argv = ([PY, JOBSTATE, "--root", self.root] + args[:1] + (args[1:2] if args[0] == "tag" else [])
+                    + [job.id] + (args[2:] if args[0] == "tag" else args[1:]))
             procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE))
         codes = {}
@@ -3499,8 +3504,8 @@ def _main(argv):
     os.close(devnull)
     loader = unittest.TestLoader()
     module = sys.modules[__name__]
-    suite = unittest.TestSuite(loader.loadTestsFromName(name, module) for name in argv) if argv \
-        else loader.loadTestsFromModule(module)
+    suite = (unittest.TestSuite(loader.loadTestsFromName(name, module) for name in argv) if argv
+             else loader.loadTestsFromModule(module))
     result = unittest.TextTestRunner(verbosity=1 if os.environ.get("CI") else 2).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
