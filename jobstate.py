@@ -2125,6 +2125,12 @@ def _read_state_reconciled(paths: JobPaths) -> JobState:
     return _reconcile(paths, _read_state(paths))
 
 
+def _write_kill_request(paths: JobPaths, signal_name: str) -> None:
+    """Ask for the job's end with signal_name ('SIGTERM'): its supervisor then
+    records it `killed`, however the child reacts (see _read_kill_request)."""
+    _write_json_atomic(paths.kill_request, {"signal": signal_name, "requested_at": _utc_now()})
+
+
 def _read_kill_request(paths: JobPaths) -> Optional[str]:
     """The signal name a killer asked for, if any ('SIGTERM')."""
     try:
@@ -3239,7 +3245,8 @@ def _gc(root: str, *, older_than_s, max_jobs: Optional[int], max_bytes: Optional
     deleted = []
     for job_id, finished, size in terminal:
         if job_id in doomed:
-            deleted.append(_gc_one(JobPaths(root, job_id), finished < cutoff, size, dry_run))
+            reason = "older_than" if finished < cutoff else "over_cap"
+            deleted.append(_delete_row(JobPaths(root, job_id), dry_run, reason, bytes=size))
     _remove_abandoned_dirs(root, dry_run)
     done = [d for d in deleted if d["action"] in ("deleted", "would_delete")]
     return GcReport(deleted, len(terminal) - len(done), sum(d["bytes"] for d in done), dry_run)
@@ -3271,15 +3278,16 @@ def _dir_bytes(path: str) -> int:
         return 0
 
 
-def _gc_one(paths: JobPaths, expired: bool, size: int, dry_run: bool) -> dict:
-    result = {"job_id": paths.job_id, "action": "would_delete" if dry_run else "deleted",
-              "reason": "older_than" if expired else "over_cap", "bytes": size}
+def _delete_row(paths: JobPaths, dry_run: bool, reason: Optional[str], **extra) -> dict:
+    """Delete one job, unless dry_run, and return its row (gc, delete --all):
+    `deleted` or `would_delete` with reason, or `skipped` with why it could not go."""
+    row = {"job_id": paths.job_id, "action": "would_delete" if dry_run else "deleted", "reason": reason, **extra}
     if not dry_run:
         try:
             _delete_job(paths)
         except JobError as exc:
-            result.update(action="skipped", reason=exc.message)
-    return result
+            row.update(action="skipped", reason=exc.message)
+    return row
 
 
 def _remove_abandoned_dirs(root: str, dry_run: bool) -> None:
@@ -3334,7 +3342,7 @@ def _auto_gc(root: str) -> None:
             for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):
                 scanned += 1
                 if finished < cutoff:
-                    _gc_one(JobPaths(root, job_id), True, 0, False)
+                    _delete_row(JobPaths(root, job_id), False, "older_than")
                 if scanned >= _AUTO_GC_MAX_SCAN:
                     break
         except (OSError, JobError):  # housekeeping only: the launch already succeeded
@@ -3453,11 +3461,11 @@ class Job:
         ref = _TreeRef.from_state(state)
         terminating = name[3:] in _TERMINATING
         if state.status is JobStatus.RUNNING and terminating:
-            _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
+            _write_kill_request(self.paths, name)
         signalled = _process_layer.signal_tree(ref, signum)
         if terminating and kill_after_s is not None and not self._stopped(ref, kill_after_s):
             if state.status is JobStatus.RUNNING:
-                _write_json_atomic(self.paths.kill_request, {"signal": "SIGKILL", "requested_at": _utc_now()})
+                _write_kill_request(self.paths, "SIGKILL")
             signalled += _process_layer.signal_tree(ref, _process_layer.signal_numbers()["KILL"])
         if terminating and wait_s:
             self._stopped(ref, wait_s)
@@ -3752,22 +3760,33 @@ def _error_envelope(error: JobError) -> dict:
     return {"schema_version": SCHEMA_VERSION, "ok": False, "type": "error", "error": body}
 
 
-def _job_view(job: Job, state: JobState) -> dict:
-    """The keys every job-shaped response carries, for every state (unknown = null)."""
-    try:
-        spec: Optional[JobSpec] = job.spec()
-    except JobError:
-        spec = None
-    return {
-        "job_id": job.id, "state": state.status.value,
+def _job_view(paths: JobPaths, state: JobState, row: Optional[JobSummary] = None) -> dict:
+    """The keys every job-shaped response carries, for every state (unknown = null).
+
+    The definition comes from the list row when there is one (rows carry no
+    env), else from meta.json, read afresh (null where it cannot be read).
+    """
+    definition = row if row is not None else _readable_spec(paths)
+    view = {
+        "job_id": paths.job_id, "state": state.status.value,
         "exit_code": state.exit_code, "signal": state.signal, "timed_out": state.result.timed_out,
-        "duration_ms": state.duration_ms, "created_at": spec.created_at if spec else None,
+        "duration_ms": state.duration_ms, "created_at": definition.created_at if definition else None,
         "started_at": state.started_at, "finished_at": state.finished_at, "pid": state.pid,
         "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
-        "command": spec.argv if spec else None, "cwd": spec.cwd if spec else None,
-        "env": spec.masked_env() if spec else None, "tags": spec.tags if spec else [],
-        "stdout_log_path": job.paths.stdout_log, "stderr_log_path": job.paths.stderr_log,
+        "command": definition.argv if definition else None, "cwd": definition.cwd if definition else None,
     }
+    if row is None:
+        view["env"] = definition.masked_env() if definition else None
+    view.update(tags=definition.tags if definition else [], stdout_log_path=paths.stdout_log,
+                stderr_log_path=paths.stderr_log)
+    return view
+
+
+def _readable_spec(paths: JobPaths) -> Optional[JobSpec]:
+    try:
+        return _read_spec(paths)
+    except JobError:
+        return None
 
 
 def _output_view(tail: Tail) -> dict:
@@ -3779,29 +3798,17 @@ def _output_view(tail: Tail) -> dict:
 
 def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int) -> dict:
     """RunData: the job view plus the last max_bytes of each stream."""
-    view = _job_view(job, state)
+    view = _job_view(job.paths, state)
     view.update(_output_view(_tail(job.paths, None, max_bytes)))
     view["elapsed_ms"] = elapsed_ms
     return view
 
 
 def _kill_view(job: Job, result: KillResult) -> dict:
-    view = _job_view(job, result.state)
+    view = _job_view(job.paths, result.state)
     view.update(signal_sent=result.signal_sent, processes_signalled=result.processes_signalled,
                 processes_alive=result.processes_alive)
     return view
-
-
-def _summary_view(root: str, summary: JobSummary) -> dict:
-    state = summary.state
-    return {"job_id": summary.job_id, "state": state.status.value, "exit_code": state.exit_code,
-            "signal": state.signal, "timed_out": state.result.timed_out, "duration_ms": state.duration_ms,
-            "created_at": summary.created_at, "started_at": state.started_at,
-            "finished_at": state.finished_at, "pid": state.pid,
-            "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
-            "command": summary.argv, "cwd": summary.cwd, "tags": summary.tags,
-            "stdout_log_path": JobPaths(root, summary.job_id).stdout_log,
-            "stderr_log_path": JobPaths(root, summary.job_id).stderr_log}
 
 
 def _exit_status_of(doc: dict) -> int:
@@ -3831,7 +3838,7 @@ def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int,
 
 
 def _status_doc(job: Job) -> dict:
-    return _envelope("status", _job_view(job, job.state()))
+    return _envelope("status", _job_view(job.paths, job.state()))
 
 
 def _tail_doc(job: Job, lines: int, max_bytes: int) -> dict:
@@ -3851,8 +3858,9 @@ def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[
     _check_state_name(state)
     summaries, truncated, skipped = _list_summaries(root, cwd=cwd, all_jobs=all_jobs, state=state, tags=tags,
                                                     limit=limit)
-    return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
-                              "count": len(summaries), "truncated": truncated, "skipped": skipped})
+    rows = [_job_view(JobPaths(root, s.job_id), s.state, s) for s in summaries]
+    return _envelope("list", {"root": root, "jobs": rows, "count": len(rows), "truncated": truncated,
+                              "skipped": skipped})
 
 
 def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
@@ -3875,19 +3883,9 @@ def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
 
 def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
     """One row of `delete --all`: only terminal jobs are removed."""
-    result = {"job_id": summary.job_id, "action": "skipped", "reason": None}
     if not summary.state.status.is_terminal:
-        result["reason"] = "job is %s" % summary.state.status.value
-        return result
-    if dry_run:
-        result["action"] = "would_delete"
-        return result
-    try:
-        _delete_job(JobPaths(root, summary.job_id))
-        result["action"] = "deleted"
-    except JobError as exc:
-        result["reason"] = exc.message
-    return result
+        return {"job_id": summary.job_id, "action": "skipped", "reason": "job is %s" % summary.state.status.value}
+    return _delete_row(JobPaths(root, summary.job_id), dry_run, None)
 
 # ---------------------------------------------------------------------------
 # 10. Agent surfaces: MCP server (stdio) and HTTP API
@@ -4862,7 +4860,7 @@ def _follow_to_end(job: Job, start: Tuple[int, int], ns) -> Tuple[Optional[dict]
     except KeyboardInterrupt:
         _tell_interrupted(job)
         return None, 130
-    view = _job_view(job, job.state())
+    view = _job_view(job.paths, job.state())
     if _output_format(ns) == "text":
         sys.stderr.write(_verdict(_printable_doc(view), _use_color(sys.stderr)) + "\n")
     return None, _exit_status_of(view) if ns.exit_code else 0
@@ -4955,7 +4953,7 @@ def _cmd_run(ns):
 
 def _cmd_create(ns):
     job = _create(ns.root, _cli_command(ns), **_cli_definition(ns, auto_stdin=False))
-    return _envelope("create", _job_view(job, job.state())), 0
+    return _envelope("create", _job_view(job.paths, job.state())), 0
 
 
 def _cmd_start(ns):
