@@ -59,6 +59,12 @@ def py(code):
     return [PY, "-c", code]
 
 
+def ready_then_sleep(seconds=60, first=""):
+    """argv of a child that runs the code `first`, prints `ready` and sleeps:
+    wait_log(job, "ready") then act on it."""
+    return py("import time\n%sprint('ready', flush=True)\ntime.sleep(%s)\n" % (first, seconds))
+
+
 # `cat` and `echo hello`, portable: bytes to stdout, no newline translation on Windows.
 CAT = py("import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())")
 HELLO = py("import sys; sys.stdout.buffer.write(b'hello\\n')")
@@ -98,33 +104,35 @@ def under_wine():
     return hasattr(ctypes.WinDLL("ntdll"), "wine_get_version")
 
 
+def proc_stat(pid):
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...), or None when it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()  # the name may hold spaces and parentheses
+
+
+def pid_alive(pid):
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != b"Z"
+
+
 def marker_pids(job_id):
     """Live (non-zombie) pids whose environment carries the job's marker: an independent check."""
     needle = ("JOBSTATE_JOB_ID=%s" % job_id).encode()
     pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open("/proc/%s/environ" % name, "rb") as f:
                 if needle not in f.read().split(b"\0"):
                     continue
-            with open("/proc/%s/stat" % name, "rb") as f:
-                stat = f.read()
-        except OSError:
+        except OSError:  # another user's process, or gone meanwhile
             continue
-        if stat[stat.rindex(b")") + 2:][:1] != b"Z":
+        if pid_alive(int(name)):
             pids.append(int(name))
     return pids
-
-
-def pid_alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
 
 
 def waiting_for_a_lock(pid):
@@ -141,12 +149,8 @@ def zombie_children(ppid):
     """Exited, unreaped children of ppid (Linux /proc)."""
     found = []
     for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                fields = f.read().rsplit(b") ", 1)[-1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if fields[0] == b"Z" and int(fields[1]) == ppid:
+        fields = proc_stat(int(name))
+        if fields and fields[0] == b"Z" and int(fields[1]) == ppid:
             found.append(int(name))
     return found
 
@@ -526,8 +530,39 @@ class SchemaTests(unittest.TestCase):
         self.assertFalse(jobstate._tag_matches("a.b", ["a.b.c"]))
 
 # ---------------------------------------------------------------------------
-# Platform layer (section 3): POSIX, Windows for real, Windows through a fake kernel32
+# Platform layer (section 3): either platform, POSIX, Windows for real, Windows through a fake kernel32
 # ---------------------------------------------------------------------------
+
+
+class ProcessLayerTests(JobTestCase):
+    """What each platform's layer must do alike, run on whichever this is."""
+
+    def test_recycled_pid_is_never_signalled(self):
+        bystander = subprocess.Popen(py("import time; time.sleep(60)"), stdin=subprocess.DEVNULL)
+        self.addCleanup(bystander.wait)
+        self.addCleanup(bystander.kill)
+        for token in ("0:bogus", "12345"):  # a POSIX-shaped and a Windows-shaped token, wrong on both
+            self.assert_bystander_survives(bystander, token=token)
+
+    def test_invalid_signal_sends_nothing(self):
+        job = self.run_job(ready_then_sleep())
+        self.wait_log(job, "ready")
+        no_such_signals = ("STOP", "HUP", "USR1") if jobstate._WINDOWS else ()
+        for bad in ("FOO", "99", "SIGSEGV") + no_such_signals:
+            status, doc, _ = self.cli("kill", "--signal", bad, job.id)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_signal"), bad)
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+
+    def test_timeout_term_is_recorded(self):
+        job = self.run_job(py("import time; time.sleep(60)"), timeout_s="0.2")
+        state = job.wait(20)
+        self.assertEqual((state.status, state.signal, state.exit_code, state.result.timed_out),
+                         (jobstate.JobStatus.KILLED, "SIGTERM", None, True))
+
+    def test_kill_created_job_is_invalid_state(self):
+        job = jobstate.create(py("pass"), root=self.root)
+        status, doc, _ = self.cli("kill", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
 
 
 @unittest.skipIf(jobstate._WINDOWS, "POSIX only")
@@ -567,70 +602,34 @@ class PosixProcessTests(JobTestCase):
         self.assertTrue(state.logs_drained)
         self.assertEqual(marker_pids(job.id), [])
 
-    def test_recycled_pid_is_never_signalled(self):
-        bystander = subprocess.Popen(["sleep", "60"])
-        self.addCleanup(bystander.wait)
-        self.addCleanup(bystander.kill)
-        self.assert_bystander_survives(bystander, token="0:bogus")
-
-    def test_invalid_signal_sends_nothing(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
-        self.wait_log(job, "ready")
-        for bad in ("FOO", "99", "SIGSEGV"):
-            status, doc, _ = self.cli("kill", "--signal", bad, job.id)
-            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_signal"))
-        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
-
     def test_stop_and_continue(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         pid = job.state().pid
-
-        def proc_state():
-            with open("/proc/%d/stat" % pid, "rb") as f:
-                data = f.read()
-            return data[data.rindex(b")") + 2:][:1]
         status, doc, _ = self.cli("kill", "--signal", "STOP", job.id)
         self.assertEqual((doc["signal_sent"], doc["state"]), ("SIGSTOP", "running"))
-        wait_for(lambda: proc_state() == b"T", 5, "the child to stop")
+        wait_for(lambda: proc_stat(pid)[0] == b"T", 5, "the child to stop")
         self.cli("kill", "--signal", "18" if sys.platform.startswith("linux") else "CONT", job.id)
-        wait_for(lambda: proc_state() != b"T", 5, "the child to continue")
+        wait_for(lambda: proc_stat(pid)[0] != b"T", 5, "the child to continue")
 
     def test_timeout_escalates_to_kill_for_a_child_that_traps_term(self):
-        code = ("import signal, time\n"
-                "signal.signal(signal.SIGTERM, lambda *a: print('got TERM', flush=True))\n"
-                "print('ready', flush=True)\n"
-                "time.sleep(60)\n")
-        job = self.run_job(py(code), timeout_s=0.5, kill_after_s=0.5)
+        trap = "import signal\nsignal.signal(signal.SIGTERM, lambda *a: print('got TERM', flush=True))\n"
+        job = self.run_job(ready_then_sleep(first=trap), timeout_s=0.5, kill_after_s=0.5)
         state = job.wait(20)
         self.assertEqual((state.status, state.signal, state.result.timed_out),
                          (jobstate.JobStatus.KILLED, "SIGKILL", True))
         self.assertGreaterEqual(state.duration_ms, 900)
         self.assertIn("got TERM", job.tail().stdout)
 
-    def test_timeout_term_is_recorded(self):
-        job = self.run_job(["sleep", "60"], timeout_s="0.2")
-        state = job.wait(20)
-        self.assertEqual((state.status, state.signal, state.exit_code, state.result.timed_out),
-                         (jobstate.JobStatus.KILLED, "SIGTERM", None, True))
-
     def test_kill_after_escalates(self):
-        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
-        job = self.run_job(py(code))
+        job = self.run_job(ready_then_sleep(first="import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"))
         self.wait_log(job, "ready")
         status, doc, _ = self.cli("kill", "--kill-after", "0.3", job.id)
         self.assertEqual((doc["state"], doc["signal"], doc["processes_alive"]), ("killed", "SIGKILL", 0))
 
-    def test_kill_created_job_is_invalid_state(self):
-        job = jobstate.create(["true", "x"], root=self.root)
-        status, doc, _ = self.cli("kill", job.id)
-        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
-
     def test_trapped_term_exit_is_recorded_as_killed(self):
-        code = ("import signal, sys, time\n"
-                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-                "print('ready', flush=True); time.sleep(60)\n")
-        job = self.run_job(py(code))
+        exit_on_term = "import signal, sys\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        job = self.run_job(ready_then_sleep(first=exit_on_term))
         self.wait_log(job, "ready")
         result = job.kill("TERM")
         self.assertEqual((result.state.status, result.state.signal, result.state.exit_code),
@@ -657,8 +656,7 @@ class PosixProcessTests(JobTestCase):
         state = job.state()
         watcher_args = self.supervisor_argv(state)
         self.assertEqual(len(watcher_args), 4, "a forked launch hands the running job over: %r" % watcher_args)
-        with open("/proc/%d/stat" % state.pid, "rb") as f:
-            self.assertEqual(int(f.read().rsplit(b")", 1)[1].split()[1]), state.supervisor_pid)
+        self.assertEqual(int(proc_stat(state.pid)[1]), state.supervisor_pid)
         # Nothing the launcher held reaches the watcher or the job: the write
         # end closed above was the last, so the read end sees EOF at once.
         import select
@@ -826,31 +824,11 @@ class WindowsProcessTests(JobTestCase):
 
     def test_signal_names_are_recorded(self):
         for name in ("INT", "KILL"):
-            job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+            job = self.run_job(ready_then_sleep())
             self.wait_log(job, "ready")
             result = job.kill(name)
             self.assertEqual((result.state.status, result.state.signal, result.processes_alive),
                              (jobstate.JobStatus.KILLED, "SIG" + name, 0))
-
-    def test_invalid_signal_sends_nothing(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
-        self.wait_log(job, "ready")
-        for bad in ("FOO", "99", "SIGSEGV", "STOP", "HUP", "USR1"):  # no such signals on Windows
-            status, doc, _ = self.cli("kill", "--signal", bad, job.id)
-            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_signal"), bad)
-        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
-
-    def test_recycled_pid_is_never_signalled(self):
-        bystander = subprocess.Popen(py("import time; time.sleep(60)"), stdin=subprocess.DEVNULL)
-        self.addCleanup(bystander.wait)
-        self.addCleanup(bystander.kill)
-        self.assert_bystander_survives(bystander, token="12345")
-
-    def test_timeout_term_is_recorded(self):
-        job = self.run_job(py("import time; time.sleep(60)"), timeout_s="0.2")
-        state = job.wait(20)
-        self.assertEqual((state.status, state.signal, state.exit_code, state.result.timed_out),
-                         (jobstate.JobStatus.KILLED, "SIGTERM", None, True))
 
     def test_exit_code_propagation(self):
         # Exit codes are unsigned DWORDs; a crash code is an exit, not a signal.
@@ -861,7 +839,7 @@ class WindowsProcessTests(JobTestCase):
         self.assertEqual((status, doc["state"], doc["exit_code"]), (3, "exited", 3))
 
     def test_supervisor_killed_makes_the_job_failed_and_wait_returns(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         state = job.state()
         child, supervisor = win_handles(self, [state.pid, state.supervisor_pid])
@@ -878,12 +856,6 @@ class WindowsProcessTests(JobTestCase):
         self.assertEqual(result.processes_alive, 0)
         self.assertEqual(result.state.status, jobstate.JobStatus.FAILED)
         self.assertTrue(win_exited(child, 10))
-
-    def test_kill_created_job_is_invalid_state(self):
-        job = jobstate.create(py("pass"), root=self.root)
-        status, doc, _ = self.cli("kill", job.id)
-        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
-
 
 
 # Win32 values spelled out from the SDK headers, so that a wrong constant in
@@ -1787,7 +1759,7 @@ class SupervisorTests(JobTestCase):
 
     @unittest.skipUnless(POSIX, "SIGKILL")
     def test_supervisor_killed_makes_the_job_failed_and_wait_returns(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         state = job.state()
         os.kill(state.supervisor_pid, signal.SIGKILL)
@@ -2087,7 +2059,7 @@ class LifecycleTests(JobTestCase):
             self.assertEqual(f.read(), b"s3 input\n", "logs were not reset")
 
     def test_restart_stops_a_running_tree_first(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         old_pid = job.state().pid
         status, doc, _ = self.cli("restart", "--no-wait", job.id)
@@ -2096,7 +2068,7 @@ class LifecycleTests(JobTestCase):
         wait_for(lambda: not pid_alive(old_pid) if POSIX else True, 5, "the old child to go")
 
     def test_concurrent_restarts_leave_one_supervisor(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         procs = [subprocess.Popen([PY, JOBSTATE, "--root", self.root, "restart", "--no-wait", job.id],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -2460,9 +2432,8 @@ class McpTests(JobTestCase):
 
     def test_waits_are_bounded_and_closing_the_transport_keeps_jobs(self):
         proc = self.start_server(JOBSTATE_MCP_MAX_UNTIL="0.2")
-        code = "import time; print('ready', flush=True); time.sleep(60)"
         started = time.monotonic()
-        doc = self.call(proc, 1, "run", {"command": py(code), "until": 30})["structuredContent"]
+        doc = self.call(proc, 1, "run", {"command": ready_then_sleep(), "until": 30})["structuredContent"]
         self.assertEqual(doc["state"], "running")
         doc = self.call(proc, 2, "wait", {"job_id": doc["job_id"], "until": 30})["structuredContent"]
         self.assertEqual(doc["state"], "running")
@@ -2755,7 +2726,7 @@ def fixed_view(**changes):
 NOW = jobstate._parse_time("2026-11-29T03:20:00.000Z")
 
 
-class HumanOutputTests(JobTestCase):
+class TextRenderingTests(JobTestCase):
     def test_list_table(self):
         jobs = [fixed_view(), fixed_view(job_id="01a225fa0350" + "1" * 20, state="killed", exit_code=None,
                                          signal="SIGTERM", duration_ms=125000, tags=[],
@@ -3005,8 +2976,6 @@ class CommandLineTests(JobTestCase):
 
     @unittest.skipUnless(POSIX and os.path.isdir("/proc"), "SIGINT, and /proc/locks to see the observer wait")
     def test_ctrl_c_while_observing_prints_where_the_job_stands(self):
-        code = "import time; print('ready', flush=True); time.sleep(60)"
-
         def interrupt(*args):
             proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root] + list(args), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -3020,7 +2989,7 @@ class CommandLineTests(JobTestCase):
             self.assertEqual(proc.returncode, 130, err)
             self.assertNotIn(b"Traceback", err)
             return out.decode(), err.decode()
-        proc = interrupt("run", "--until", "60", "--", *py(code))
+        proc = interrupt("run", "--until", "60", "--", *ready_then_sleep())
         job = wait_for(lambda: [jobstate.Job(i, self.root) for i in jobstate._list_job_ids(self.root)],
                        10, "the job directory")[0]
         self.wait_log(job, "ready")
@@ -3358,7 +3327,7 @@ class Torture(JobTestCase):
                % (expected, processes, threads, launched))
 
     def test_concurrent_commands_on_one_job(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(30)"), tags=["t"])
+        job = self.run_job(ready_then_sleep(30), tags=["t"])
         self.wait_log(job, "ready")
         commands = [["kill"], ["restart", "--no-wait"], ["tag", "set", "--tag", "x"], ["status"],
                     ["restart", "--no-wait"], ["delete"], ["status"], ["kill", "--signal", "KILL"]]
