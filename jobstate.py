@@ -1937,18 +1937,24 @@ def _open_job_file(path: str) -> Optional[int]:
         raise _unreadable(path, exc) from None
 
 
-def _read_state(paths: JobPaths) -> JobState:
-    """Parse state.json; StateFileError when it is missing or corrupt."""
+def _read_job_document(paths: JobPaths, path: str, parse):
+    """parse() of one of the job's JSON files: JobNotFoundError when the job is
+    gone, StateFileError when the file is missing, unreadable or malformed."""
     try:
-        state = JobState.from_dict(_read_json(paths.state))
+        return parse(_read_json(path))
     except FileNotFoundError:
         if not os.path.isdir(paths.dir):
             raise JobNotFoundError(paths.job_id, paths.root) from None
-        raise StateFileError(paths.state, "missing") from None
+        raise StateFileError(path, "missing") from None
     except OSError as exc:
-        raise _unreadable(paths.state, exc) from None
+        raise _unreadable(path, exc) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise StateFileError(paths.state, str(exc)) from None
+        raise StateFileError(path, str(exc)) from None
+
+
+def _read_state(paths: JobPaths) -> JobState:
+    """Parse state.json; StateFileError when it is missing or corrupt."""
+    state = _read_job_document(paths, paths.state, JobState.from_dict)
     if state.job_id != paths.job_id:
         raise StateFileError(paths.state, "it names job %s" % state.job_id)
     return state
@@ -1960,16 +1966,8 @@ def _write_state(paths: JobPaths, state: JobState) -> None:
 
 
 def _read_spec(paths: JobPaths) -> JobSpec:
-    try:
-        return JobSpec.from_dict(_read_json(paths.meta))
-    except FileNotFoundError:
-        if not os.path.isdir(paths.dir):
-            raise JobNotFoundError(paths.job_id, paths.root) from None
-        raise StateFileError(paths.meta, "missing") from None
-    except OSError as exc:
-        raise _unreadable(paths.meta, exc) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StateFileError(paths.meta, str(exc)) from None
+    """Parse meta.json; StateFileError when it is missing or corrupt."""
+    return _read_job_document(paths, paths.meta, JobSpec.from_dict)
 
 
 def _ensure_root(root: str) -> None:
