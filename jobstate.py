@@ -4481,7 +4481,11 @@ def _render_table(rows: List[List[str]], header: List[str]) -> List[str]:
 
 
 def _render_text(doc: dict, color: bool, now: float) -> str:
-    """A document as people read it: tables, labelled lines, output and a verdict."""
+    """A document as people read it: tables, labelled lines, output and a verdict.
+
+    The layout follows the document's shape, so a new command answering with
+    a job view (or RunData) reads like status (or run) with no change here.
+    """
     kind = doc["type"]
     if kind == "list":
         if not doc["jobs"]:
@@ -4493,12 +4497,12 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
         lines = [lines[0]] + [line.replace(row[1], _paint(row[1], row[1], color), 1)
                               for line, row in zip(lines[1:], rows)]
         return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []) + _skipped_note(doc))
-    if kind in ("run", "start", "restart", "wait"):
+    if "elapsed_ms" in doc:  # RunData: run, start, restart, wait
         parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
         return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
     if kind == "tail":
         return "\n".join(p for p in (doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")) if p)
-    if kind in ("status", "create", "kill"):
+    if "exit_code" in doc:  # a job view: status, create, kill
         fields = [("job", doc["job_id"]), ("state", _paint(doc["state"], doc["state"], color)),
                   ("result", _outcome(doc)), ("command", " ".join(doc["command"] or [])),
                   ("cwd", doc["cwd"]), ("created", _format_age(doc["created_at"], now)),
@@ -4507,7 +4511,7 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
                   ("stderr", doc["stderr_log_path"])]
         if doc["error"]:
             fields.append(("error", "%s: %s" % (doc["error"]["stage"], doc["error"]["message"])))
-        if kind == "kill":
+        if "signal_sent" in doc:
             fields.append(("signalled", "%s to %d process(es), %d left" % (
                 doc["signal_sent"], doc["processes_signalled"], doc["processes_alive"])))
         return "\n".join("%-10s %s" % (label + ":", "-" if value is None else value) for label, value in fields)
