@@ -485,61 +485,19 @@ class _TreeRef:
                    state.windows_job_name, list(state.leftovers))
 
 
-class _ProcessLayer:
-    """What each platform layer provides; the rest of the file talks only to `_process_layer`.
-
-    _PosixProcessLayer and _WindowsProcessLayer define exactly these public
-    members, in this order, under these sub-banners (StaticTests checks it).
-    Where a member means nothing on a platform, that layer still defines it,
-    as a no-op or a refusal that says why.  The members, by sub-banner:
-
-    where things live
-        default_root()                  the jobs root when neither --root nor the environment names one
-        cache_dir()                     where supervisors keep the bytecode of this file
-        unsafe_dir_reason(path)         why another user could tamper with path, or None
-    files and locks
-        lock(fd, exclusive, blocking)   lock a whole file; False when not blocking and it is taken
-        unlock(fd)                      let go of it (the close that follows drops it anyway)
-        read_bytes(path)                a file's bytes, never through a symlink
-        replace(src, dst)               os.replace, riding out readers that hold dst open
-        fsync_dir(path)                 make a rename inside path durable
-    supervisor
-        hands_over_lock                 the launcher's job lock passes to the supervisor with its descriptor
-        has_forkserver                  a process that launches again may start a forkserver (_Forkserver)
-        spawn_supervisor(argv, ...)     start a detached supervisor (or the forkserver) as a new interpreter
-        release_supervisor(popen)       let go of a spawned supervisor once it has acknowledged
-        prepare_supervisor()            detach for good, first thing in a spawned supervisor
-        supervisor_signals()            the signal dispositions and mask a supervisor and its job start with
-        can_fork_supervisor()           this process may fork its supervisor instead of spawning one
-        fork_supervisor(body, ...)      run body() in a detached, forked process
-        exec_keeping(argv, fds)         exec argv keeping only stdio and fds open
-        warm_up()                       load now what every supervisor forked from here will need
-    child
-        shell_argv(command)             the argv that runs one command string through the platform shell
-        tune_pipe(fd)                   size a pipe that carries the job's output
-        pipe_has_input(fd)              a read of the pipe would not block
-        spawn_child(argv, ...)          start the job's main process in a tree that can be found again
-        wait_child(child)               block until it exits: (exit code, signal number)
-        spawn_sink(argv, env)           start a notification command, stdin a pipe
-        stop_sink(popen)                end a notification command's whole tree
-    identity and trees
-        records_leftovers               the supervisor writes down what runs on when the main process exits
-        signal_numbers()                {'TERM': 15, ...}: the signals this platform can send
-        process_token(pid)              the start-time token that tells this pid's process from a recycled one
-        is_alive(proc)                  the process runs, and is the one its token names
-        find_tree(ref)                  the live processes of a job's tree
-        signal_tree(ref, signum)        signal each of them; how many were signalled
-    """
-
-
 def _survive_signal(signum, frame) -> None:
     """The supervisor's handler for signals it must survive (see supervisor_signals)."""
 
 
-class _PosixProcessLayer(_ProcessLayer):
+class _PosixProcessLayer:
     """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
 
-    # -- where things live ----------------------------------------------------
+    # Linux finds a finished job's leftovers again through the environment
+    # marker; macOS cannot read other processes' environments, so the
+    # supervisor writes them down when the main process exits.
+    records_leftovers = not _LINUX
+    # The launcher's flock passes to the supervisor with the descriptor.
+    hands_over_lock = True
 
     def default_root(self) -> str:
         return os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
@@ -547,6 +505,12 @@ class _PosixProcessLayer(_ProcessLayer):
     def cache_dir(self) -> str:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return os.path.join(base, "jobstate")
+
+    def shell_argv(self, command: str) -> List[str]:
+        return ["/bin/sh", "-c", command]
+
+    def signal_numbers(self) -> Dict[str, int]:
+        return {n: int(getattr(_signal, "SIG" + n)) for n in _SIGNAL_NAMES if hasattr(_signal, "SIG" + n)}
 
     def unsafe_dir_reason(self, path: str) -> Optional[str]:
         st = os.stat(path)
@@ -556,7 +520,7 @@ class _PosixProcessLayer(_ProcessLayer):
             return "it is writable by other users (mode %o)" % (st.st_mode & 0o777)
         return None
 
-    # -- files and locks ------------------------------------------------------
+    # -- files ---------------------------------------------------------------
 
     def lock(self, fd: int, *, exclusive: bool, blocking: bool) -> bool:
         import fcntl
@@ -567,15 +531,15 @@ class _PosixProcessLayer(_ProcessLayer):
         except BlockingIOError:
             return False
 
+    def read_bytes(self, path: str) -> bytes:
+        with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
+            return f.read()
+
     def unlock(self, fd: int) -> None:
         # Nothing to do before the close: and an explicit LOCK_UN would be
         # wrong, since the launcher shares its lock's open file description
         # with the supervisor it hands the lock to.
         return None
-
-    def read_bytes(self, path: str) -> bytes:
-        with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
-            return f.read()
 
     def replace(self, src: str, dst: str) -> None:
         os.replace(src, dst)
@@ -587,21 +551,13 @@ class _PosixProcessLayer(_ProcessLayer):
         finally:
             os.close(fd)
 
-    # -- supervisor -----------------------------------------------------------
+    # -- supervisor ------------------------------------------------------------
 
-    # The launcher's flock passes to the supervisor with the descriptor.
-    hands_over_lock = True
-
-    # Linux only, like forking a supervisor (can_fork_supervisor): a process
-    # that launches again forks its supervisors from a small warm process.
-    has_forkserver = _LINUX
-
-    def spawn_supervisor(self, argv: List[str], *, stdout, stderr, pass_fd: int) -> subprocess.Popen:
-        """Start a supervisor (or the forkserver) in a new session, handing it
-        pass_fd: the job lock we hold (or the forkserver's socket)."""
+    def spawn_supervisor(self, argv: List[str], *, stdout, stderr, lock_fd: int) -> subprocess.Popen:
+        """Start the supervisor in a new session, handing it the job lock we hold."""
         import subprocess
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                close_fds=True, pass_fds=(pass_fd,), start_new_session=True)
+                                close_fds=True, pass_fds=(lock_fd,), start_new_session=True)
 
     def release_supervisor(self, popen: subprocess.Popen) -> None:
         # The supervisor double-forks at once (prepare_supervisor): reap the
@@ -703,17 +659,17 @@ class _PosixProcessLayer(_ProcessLayer):
             _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
             raise
 
-    def warm_up(self) -> None:
-        """Load now what every supervisor forked from this process will need."""
-        if _LINUX:
-            self._prctl()
-
     def _become_subreaper(self) -> None:
         # PR_SET_CHILD_SUBREAPER: double-forked daemons of the job re-parent to
         # us instead of init, so they stay inside the tree we can find.
         prctl = self._prctl()
         if prctl is not None:
             prctl(36, 1, 0, 0, 0)
+
+    def warm_up(self) -> None:
+        """Load now what every supervisor forked from this process will need."""
+        if _LINUX:
+            self._prctl()
 
     @functools.lru_cache(maxsize=None)
     def _prctl(self):
@@ -726,11 +682,6 @@ class _PosixProcessLayer(_ProcessLayer):
         prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         prctl.restype = ctypes.c_int
         return prctl
-
-    # -- child ----------------------------------------------------------------
-
-    def shell_argv(self, command: str) -> List[str]:
-        return ["/bin/sh", "-c", command]
 
     def tune_pipe(self, fd: int) -> None:
         # Bigger pipes mean fewer wake-ups for chatty jobs (Linux F_SETPIPE_SZ).
@@ -752,6 +703,20 @@ class _PosixProcessLayer(_ProcessLayer):
                                  close_fds=True, start_new_session=True)
         return _Child(popen, popen.pid, self.process_token(popen.pid))
 
+    def spawn_sink(self, argv, *, env) -> subprocess.Popen:
+        """A notification command, in a session of its own so that stop_sink can end its whole tree."""
+        import subprocess
+        return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+
+    def stop_sink(self, popen: subprocess.Popen) -> None:
+        """KILL the sink's process group.  It is not reaped yet, so its pid
+        (the group's id) cannot have been reused."""
+        try:
+            os.killpg(popen.pid, _signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no member left (macOS: only zombies)
+            pass
+
     def wait_child(self, child: _Child) -> Tuple[Optional[int], Optional[int]]:
         """Block until the child exits, reaping adopted orphans on the way; (code, signum)."""
         while True:
@@ -767,29 +732,7 @@ class _PosixProcessLayer(_ProcessLayer):
                 return None, os.WTERMSIG(status)
             return os.WEXITSTATUS(status), None
 
-    def spawn_sink(self, argv, *, env) -> subprocess.Popen:
-        """A notification command, in a session of its own so that stop_sink can end its whole tree."""
-        import subprocess
-        return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-
-    def stop_sink(self, popen: subprocess.Popen) -> None:
-        """KILL the sink's process group.  It is not reaped yet, so its pid
-        (the group's id) cannot have been reused."""
-        try:
-            os.killpg(popen.pid, _signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):  # no member left (macOS: only zombies)
-            pass
-
-    # -- identity and trees ---------------------------------------------------
-
-    # Linux finds a finished job's leftovers again through the environment
-    # marker; macOS cannot read other processes' environments, so the
-    # supervisor writes them down when the main process exits.
-    records_leftovers = not _LINUX
-
-    def signal_numbers(self) -> Dict[str, int]:
-        return {n: int(getattr(_signal, "SIG" + n)) for n in _SIGNAL_NAMES if hasattr(_signal, "SIG" + n)}
+    # -- process identity and trees -------------------------------------------
 
     def process_token(self, pid: int) -> Optional[str]:
         info = self._stat(pid)
@@ -1117,7 +1060,7 @@ def _win_token_int(token):
         return None
 
 
-class _WindowsProcessLayer(_ProcessLayer):
+class _WindowsProcessLayer:
     """Process control on Windows: Job Objects first, Toolhelp32 walks as the fallback."""
 
     def __init__(self, kernel32=None):
@@ -1129,7 +1072,7 @@ class _WindowsProcessLayer(_ProcessLayer):
             self._k32_loaded = _kernel32()
         return self._k32_loaded
 
-    # -- where things live ----------------------------------------------------
+    # -- launching --------------------------------------------------------
 
     def default_root(self) -> str:
         return os.path.join(self._local_app_data(), "jobstate", "jobs")
@@ -1141,78 +1084,25 @@ class _WindowsProcessLayer(_ProcessLayer):
     def _local_app_data() -> str:
         return os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
 
-    def unsafe_dir_reason(self, path: str) -> Optional[str]:
-        return None  # %LOCALAPPDATA% is per user; ACLs are not checked
+    def shell_argv(self, command: str):
+        # A string, not a list: Popen quotes a list with the MSVCRT rules
+        # (list2cmdline turns " into \"), which cmd.exe does not understand, so
+        # `echo "a b"` would arrive as `echo \"a b\"`. With /s, cmd strips exactly
+        # the first and the last quote after /c and runs the rest verbatim, so
+        # the command survives byte for byte. /d skips AutoRun registry hooks,
+        # which would make a job depend on the machine's cmd configuration.
+        comspec = os.environ.get("ComSpec") or os.path.join(
+            os.environ.get("SystemRoot", r"C:\Windows"), "System32", "cmd.exe")
+        return '"%s" /d /s /c "%s"' % (comspec, command)
 
-    # -- files and locks ------------------------------------------------------
+    def signal_numbers(self) -> Dict[str, int]:
+        # Windows has no signals; each of these ends the tree the same way.
+        return {"TERM": 15, "INT": 2, "KILL": 9}
 
-    def lock(self, fd: int, *, exclusive: bool, blocking: bool) -> bool:
-        import msvcrt
-        t = _win_types()
-        flags = (_WIN_LOCKFILE_EXCLUSIVE_LOCK if exclusive else 0) | (
-            0 if blocking else _WIN_LOCKFILE_FAIL_IMMEDIATELY)
-        overlapped = t.OVERLAPPED()      # Offset 0: the lock is the file's first byte
-        try:
-            self._k32.LockFileEx(msvcrt.get_osfhandle(fd), flags, 0, 1, 0, t.byref(overlapped))
-        except OSError as exc:
-            if not blocking and getattr(exc, "winerror", None) == _WIN_ERROR_LOCK_VIOLATION:
-                return False
-            raise
-        return True
-
-    def unlock(self, fd: int) -> None:
-        import msvcrt
-        t = _win_types()
-        overlapped = t.OVERLAPPED()
-        try:
-            self._k32.UnlockFileEx(msvcrt.get_osfhandle(fd), 0, 1, 0, t.byref(overlapped))
-        except OSError as exc:
-            # Unlocking an unlocked range is a no-op on POSIX (flock); match it.
-            # Windows reports ERROR_NOT_LOCKED, Wine 8 ERROR_LOCK_VIOLATION.
-            if getattr(exc, "winerror", None) not in (_WIN_ERROR_NOT_LOCKED, _WIN_ERROR_LOCK_VIOLATION):
-                raise
-
-    def read_bytes(self, path: str) -> bytes:
-        # While a writer's os.replace swaps the file in, opening it can fail
-        # with access denied for a moment: retry briefly (about 1 s at most).
-        for attempt in range(40):
-            try:
-                with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
-                    return f.read()
-            except PermissionError:
-                if attempt == 39:
-                    raise
-                time.sleep(min(0.05, 0.002 * (attempt + 1)))
-
-    def replace(self, src: str, dst: str) -> None:
-        # A reader that has dst open without FILE_SHARE_DELETE makes the rename
-        # fail with PermissionError; readers hold files only briefly, so retry
-        # for up to about 2 s (a busy poller can hold the file at every try).
-        for attempt in range(50):
-            try:
-                os.replace(src, dst)
-                return
-            except PermissionError:
-                if attempt == 49:
-                    raise
-                time.sleep(min(0.05, 0.005 * (attempt + 1)))
-
-    def fsync_dir(self, path: str) -> None:
-        return None  # NTFS renames are journaled; directories cannot be fsynced
-
-    # -- supervisor -----------------------------------------------------------
-
-    # The launcher cannot hand its LockFileEx lock to the supervisor, so the
-    # supervisor takes the job lock itself.
-    hands_over_lock = False
-
-    has_forkserver = False  # no fork: every supervisor is a new process
-
-    def spawn_supervisor(self, argv, *, stdout, stderr, pass_fd: int = -1) -> subprocess.Popen:
+    def spawn_supervisor(self, argv, *, stdout, stderr, lock_fd: int = -1) -> subprocess.Popen:
         # DETACHED_PROCESS: no console, so closing the terminal or Ctrl-C there
         # never reaches the supervisor. Breakaway: the caller's job (a terminal
-        # tool, an IDE) must not take the supervisor down with it.  Nothing is
-        # passed in pass_fd: no lock is handed over, and there is no forkserver.
+        # tool, an IDE) must not take the supervisor down with it.
         flags = (_WIN_DETACHED_PROCESS | _WIN_CREATE_NEW_PROCESS_GROUP
                  | _WIN_CREATE_NO_WINDOW | _WIN_CREATE_BREAKAWAY_FROM_JOB)
         try:
@@ -1230,41 +1120,20 @@ class _WindowsProcessLayer(_ProcessLayer):
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 close_fds=True, creationflags=flags)
 
+    # The launcher cannot hand its LockFileEx lock to the supervisor, so the
+    # supervisor takes the job lock itself.
+    hands_over_lock = False
+    # Once the supervisor, the only holder of a handle to the job object, has
+    # exited, the job's name cannot be relied on to open it (Wine 8 keeps it while
+    # processes remain in the job; Windows need not), so the supervisor writes
+    # down what is still running when the main process exits.
+    records_leftovers = True
+
     def release_supervisor(self, popen: subprocess.Popen) -> None:
         return None  # no zombies on Windows; the handle closes with the Popen object
 
-    def prepare_supervisor(self) -> None:
-        # Nothing to do: detachment happened at creation (spawn_supervisor), and
-        # Windows has no SIGHUP/SIGINT to ignore in a console-less process.
-        return None
-
-    def supervisor_signals(self) -> None:
-        return None  # no signal dispositions or masks to pass on to the child
-
-    def can_fork_supervisor(self) -> bool:
-        return False  # no fork: the supervisor is always a new process
-
-    def fork_supervisor(self, body, *, stdout: int, stderr: int, reaper: bool = False) -> None:
-        raise NotImplementedError("no fork on Windows: can_fork_supervisor() is False")
-
-    def exec_keeping(self, argv, fds) -> NoReturn:
-        raise NotImplementedError("only a forked supervisor execs its watcher, and Windows never forks")
-
-    def warm_up(self) -> None:
-        return None  # nothing is ever forked from this process
-
-    # -- child ----------------------------------------------------------------
-
-    def shell_argv(self, command: str):
-        # A string, not a list: Popen quotes a list with the MSVCRT rules
-        # (list2cmdline turns " into \"), which cmd.exe does not understand, so
-        # `echo "a b"` would arrive as `echo \"a b\"`. With /s, cmd strips exactly
-        # the first and the last quote after /c and runs the rest verbatim, so
-        # the command survives byte for byte. /d skips AutoRun registry hooks,
-        # which would make a job depend on the machine's cmd configuration.
-        comspec = os.environ.get("ComSpec") or os.path.join(
-            os.environ.get("SystemRoot", r"C:\Windows"), "System32", "cmd.exe")
-        return '"%s" /d /s /c "%s"' % (comspec, command)
+    def unsafe_dir_reason(self, path: str) -> Optional[str]:
+        return None  # %LOCALAPPDATA% is per user; ACLs are not checked
 
     def tune_pipe(self, fd: int) -> None:
         return None
@@ -1278,6 +1147,20 @@ class _WindowsProcessLayer(_ProcessLayer):
         except BrokenPipeError:
             return True  # the writer is gone: a read returns EOF at once
         return available > 0
+
+    def fsync_dir(self, path: str) -> None:
+        return None  # NTFS renames are journaled; directories cannot be fsynced
+
+    def can_fork_supervisor(self) -> bool:
+        return False  # no fork: the supervisor is always a new process
+
+    def prepare_supervisor(self) -> None:
+        # Nothing to do: detachment happened at creation (spawn_supervisor), and
+        # Windows has no SIGHUP/SIGINT to ignore in a console-less process.
+        return None
+
+    def supervisor_signals(self) -> None:
+        return None  # no signal dispositions or masks to pass on to the child
 
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
         import subprocess
@@ -1312,6 +1195,18 @@ class _WindowsProcessLayer(_ProcessLayer):
                 self._discard(popen, job)
         return _Child(popen=popen, pid=popen.pid, token=str(token),
                       windows_job_name=name if job else None, handle=job)
+
+    def spawn_sink(self, argv, *, env) -> subprocess.Popen:
+        """A notification command; stop_sink ends its tree with a walk from it."""
+        import subprocess
+        return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                                creationflags=_WIN_CREATE_NEW_PROCESS_GROUP | _WIN_CREATE_NO_WINDOW)
+
+    def stop_sink(self, popen: subprocess.Popen) -> None:
+        # Popen's open handle pins the pid, so the walk starts from this very process.
+        token = str(self._handle_ctime(int(popen._handle)))
+        self.signal_tree(_TreeRef("", popen.pid, token, None, None), self.signal_numbers()["KILL"])
 
     def _create_job(self, name):
         """Create our named job; None when the name is taken (fall back to walks)."""
@@ -1394,29 +1289,7 @@ class _WindowsProcessLayer(_ProcessLayer):
         # Windows has no signals; the code is the unsigned DWORD from Popen.
         return child.popen.wait(), None
 
-    def spawn_sink(self, argv, *, env) -> subprocess.Popen:
-        """A notification command; stop_sink ends its tree with a walk from it."""
-        import subprocess
-        return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL,
-                                creationflags=_WIN_CREATE_NEW_PROCESS_GROUP | _WIN_CREATE_NO_WINDOW)
-
-    def stop_sink(self, popen: subprocess.Popen) -> None:
-        # Popen's open handle pins the pid, so the walk starts from this very process.
-        token = str(self._handle_ctime(int(popen._handle)))
-        self.signal_tree(_TreeRef("", popen.pid, token, None, None), self.signal_numbers()["KILL"])
-
-    # -- identity and trees ---------------------------------------------------
-
-    # Once the supervisor, the only holder of a handle to the job object, has
-    # exited, the job's name cannot be relied on to open it (Wine 8 keeps it while
-    # processes remain in the job; Windows need not), so the supervisor writes
-    # down what is still running when the main process exits.
-    records_leftovers = True
-
-    def signal_numbers(self) -> Dict[str, int]:
-        # Windows has no signals; each of these ends the tree the same way.
-        return {"TERM": 15, "INT": 2, "KILL": 9}
+    # -- identities ----------------------------------------------------------
 
     def process_token(self, pid: int) -> Optional[str]:
         probe = self._probe(pid, check_running=False)
@@ -1452,6 +1325,8 @@ class _WindowsProcessLayer(_ProcessLayer):
         times = [t.FILETIME() for _ in range(4)]  # creation, exit, kernel, user
         self._k32.GetProcessTimes(handle, *(t.byref(ft) for ft in times))
         return (times[0].dwHighDateTime << 32) | times[0].dwLowDateTime
+
+    # -- trees ------------------------------------------------------------------
 
     def find_tree(self, ref: _TreeRef) -> List[_Proc]:
         members = self._job_members(ref)
@@ -1630,6 +1505,59 @@ class _WindowsProcessLayer(_ProcessLayer):
     def _close(self, handle):
         if handle:
             self._k32.CloseHandle(handle)
+
+    # -- files ------------------------------------------------------------------
+
+    def lock(self, fd: int, *, exclusive: bool, blocking: bool) -> bool:
+        import msvcrt
+        t = _win_types()
+        flags = (_WIN_LOCKFILE_EXCLUSIVE_LOCK if exclusive else 0) | (
+            0 if blocking else _WIN_LOCKFILE_FAIL_IMMEDIATELY)
+        overlapped = t.OVERLAPPED()      # Offset 0: the lock is the file's first byte
+        try:
+            self._k32.LockFileEx(msvcrt.get_osfhandle(fd), flags, 0, 1, 0, t.byref(overlapped))
+        except OSError as exc:
+            if not blocking and getattr(exc, "winerror", None) == _WIN_ERROR_LOCK_VIOLATION:
+                return False
+            raise
+        return True
+
+    def unlock(self, fd: int) -> None:
+        import msvcrt
+        t = _win_types()
+        overlapped = t.OVERLAPPED()
+        try:
+            self._k32.UnlockFileEx(msvcrt.get_osfhandle(fd), 0, 1, 0, t.byref(overlapped))
+        except OSError as exc:
+            # Unlocking an unlocked range is a no-op on POSIX (flock); match it.
+            # Windows reports ERROR_NOT_LOCKED, Wine 8 ERROR_LOCK_VIOLATION.
+            if getattr(exc, "winerror", None) not in (_WIN_ERROR_NOT_LOCKED, _WIN_ERROR_LOCK_VIOLATION):
+                raise
+
+    def read_bytes(self, path: str) -> bytes:
+        # While a writer's os.replace swaps the file in, opening it can fail
+        # with access denied for a moment: retry briefly (about 1 s at most).
+        for attempt in range(40):
+            try:
+                with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
+                    return f.read()
+            except PermissionError:
+                if attempt == 39:
+                    raise
+                time.sleep(min(0.05, 0.002 * (attempt + 1)))
+
+    def replace(self, src: str, dst: str) -> None:
+        # A reader that has dst open without FILE_SHARE_DELETE makes the rename
+        # fail with PermissionError; readers hold files only briefly, so retry
+        # for up to about 2 s (a busy poller can hold the file at every try).
+        for attempt in range(50):
+            try:
+                os.replace(src, dst)
+                return
+            except PermissionError:
+                if attempt == 49:
+                    raise
+                time.sleep(min(0.05, 0.005 * (attempt + 1)))
 
 
 _process_layer = _WindowsProcessLayer() if _WINDOWS else _PosixProcessLayer()
@@ -2933,7 +2861,7 @@ class _Forkserver:
 
     @classmethod
     def serves_this_process(cls) -> bool:
-        return cls.launches > 0 and _process_layer.has_forkserver
+        return cls.launches > 0 and _LINUX
 
     @classmethod
     def request(cls, paths: JobPaths, lock_fd: int, ack_w: int, log: int) -> None:
@@ -2958,8 +2886,9 @@ class _Forkserver:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             argv = _supervisor_argv("_forkserver", str(theirs.fileno()))
-            cls._popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                         pass_fd=theirs.fileno())
+            cls._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                          close_fds=True, start_new_session=True)
         cls._sock, cls._owner_pid = ours, os.getpid()
 
     @classmethod
@@ -3001,7 +2930,7 @@ def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool
     argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd if hand_over else -1))
     if not hand_over:
         lock.release()
-    popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, pass_fd=lock.fd)
+    popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.PIPE, stderr=log, lock_fd=lock.fd)
     acknowledged = _read_ack(popen.stdout, LAUNCH_ACK_TIMEOUT_S)
     if acknowledged is not None:
         popen.stdout.close()
