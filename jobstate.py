@@ -666,8 +666,8 @@ class _PosixProcessLayer:
         except OSError as exc:
             return "cannot open %s to test its locks: %s" % (directory, exc.strerror or exc)
         try:
-            if self.lock(first, exclusive=False, blocking=False) and \
-                    self.lock(second, exclusive=True, blocking=False):
+            if (self.lock(first, exclusive=False, blocking=False)
+                    and self.lock(second, exclusive=True, blocking=False)):
                 return "flock granted two conflicting locks on one file at once"
             return None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP, EBADF (NFS wants a writable file): no flock here
@@ -918,8 +918,8 @@ class _PosixProcessLayer:
             discovery, identity = ["process-group", "descendants", "env-marker"], "proc-start-time"
             if not lost & {"ctypes", "prctl"}:
                 discovery.insert(2, "subreaper")
-        delivery = "supervisor" if identity == "none" else "verified-kill" if "pidfd" in lost or not _LINUX \
-            else "pidfd"
+        delivery = ("supervisor" if identity == "none"
+                    else "verified-kill" if "pidfd" in lost or not _LINUX else "pidfd")
         return _capability_report(containment="process-group", tree_discovery=discovery, pid_identity=identity,
                                   signal_delivery=delivery, proc=proc, limits=self._limits(), missing=missing,
                                   dies_with_launcher=self.dies_with_launcher())
@@ -1966,8 +1966,8 @@ def _is_job_id(name: str) -> bool:
 
 def _normalize_job_ref(ref) -> str:
     """Validate a job id or prefix before it touches the filesystem."""
-    if not isinstance(ref, str) or not 1 <= len(ref) <= 32 or \
-            not all(c in "0123456789abcdefABCDEF" for c in ref):
+    if (not isinstance(ref, str) or not 1 <= len(ref) <= 32
+            or not all(c in "0123456789abcdefABCDEF" for c in ref)):
         raise InvalidJobIdError(str(ref))
     return ref.lower()
 
@@ -2224,18 +2224,24 @@ def _open_job_file(path: str) -> Optional[int]:
         raise _unreadable(path, exc) from None
 
 
-def _read_state(paths: JobPaths) -> JobState:
-    """Parse state.json; StateFileError when it is missing or corrupt."""
+def _read_job_document(paths: JobPaths, path: str, parse):
+    """parse() of one of the job's JSON files: JobNotFoundError when the job is
+    gone, StateFileError when the file is missing, unreadable or malformed."""
     try:
-        state = JobState.from_dict(_read_json(paths.state))
+        return parse(_read_json(path))
     except FileNotFoundError:
         if not os.path.isdir(paths.dir):
             raise JobNotFoundError(paths.job_id, paths.root) from None
-        raise StateFileError(paths.state, "missing") from None
+        raise StateFileError(path, "missing") from None
     except OSError as exc:
-        raise _unreadable(paths.state, exc) from None
+        raise _unreadable(path, exc) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise StateFileError(paths.state, str(exc)) from None
+        raise StateFileError(path, str(exc)) from None
+
+
+def _read_state(paths: JobPaths) -> JobState:
+    """Parse state.json; StateFileError when it is missing or corrupt."""
+    state = _read_job_document(paths, paths.state, JobState.from_dict)
     if state.job_id != paths.job_id:
         raise StateFileError(paths.state, "it names job %s" % state.job_id)
     return state
@@ -2247,16 +2253,8 @@ def _write_state(paths: JobPaths, state: JobState) -> None:
 
 
 def _read_spec(paths: JobPaths) -> JobSpec:
-    try:
-        return JobSpec.from_dict(_read_json(paths.meta))
-    except FileNotFoundError:
-        if not os.path.isdir(paths.dir):
-            raise JobNotFoundError(paths.job_id, paths.root) from None
-        raise StateFileError(paths.meta, "missing") from None
-    except OSError as exc:
-        raise _unreadable(paths.meta, exc) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StateFileError(paths.meta, str(exc)) from None
+    """Parse meta.json; StateFileError when it is missing or corrupt."""
+    return _read_job_document(paths, paths.meta, JobSpec.from_dict)
 
 
 def _ensure_root(root: str) -> None:
@@ -2338,8 +2336,8 @@ def _lock_verdict(root: str) -> dict:
     facts = _lock_facts(root)
     problem, network = facts["problem"], _is_network_filesystem(facts["filesystem"])
     if problem is None and network and os.environ.get("JOBSTATE_TRUST_LOCKS") != "1":
-        problem = "%s is a network filesystem, where a lock excludes only the processes of one machine" \
-                  % facts["filesystem"]
+        problem = ("%s is a network filesystem, where a lock excludes only the processes of one machine"
+                   % facts["filesystem"])
     return dict(facts, trusted=problem is None, reason=problem, network=network)
 
 
@@ -2355,8 +2353,8 @@ def _lock_facts(root: str) -> dict:
     except OSError:
         device = None
     remembered = _read_json_quietly(os.path.join(root, _LOCK_CHECK_FILE)) if directory == root else None
-    if isinstance(remembered, dict) and remembered.get("device") == device and \
-            set(remembered) == {"device", "filesystem", "mount_point", "problem"}:
+    if (isinstance(remembered, dict) and remembered.get("device") == device
+            and set(remembered) == {"device", "filesystem", "mount_point", "problem"}):
         return {k: v for k, v in remembered.items() if k != "device"}
     mount = _process_layer.filesystem_of(directory) or {}
     facts = {"filesystem": mount.get("fstype"), "mount_point": mount.get("mount_point"),
@@ -2369,56 +2367,30 @@ def _lock_facts(root: str) -> dict:
     return facts
 
 
-class _JobLock:
-    """The job's `lock` file: held exclusively by the live supervisor for its whole life.
+class _LockFile:
+    """A lock on a whole file (flock, or LockFileEx on Windows) that dies with its holder.
 
-    Readers take it to prove the supervisor is gone (no pid guessing), and `wait`
-    blocks on it to wake the moment the supervisor exits.
+    Every lock jobstate takes is one of these: the job lock (_JobLock), the
+    lock around meta.json's read-modify-write (_meta_lock) and auto-gc's.
+    Closing the descriptor drops the lock, so a crashed holder never leaves
+    it taken.  As a context manager it releases on the way out.
     """
 
-    def __init__(self, paths: JobPaths):
-        self.paths, self.path = paths, paths.lock
+    def __init__(self, path: str):
+        self.path = path
         self.fd: Optional[int] = None
 
-    @classmethod
-    def handed_over(cls, paths: JobPaths, fd: int) -> "_JobLock":
-        """The lock a launcher took and passed on to us already held, as fd."""
-        lock = cls(paths)
-        lock.fd = fd
-        return lock
-
     def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
-        """Take the lock; False if someone holds it.  With create (to run the job),
-        JobNotFoundError when the job was deleted before or while we took it."""
-        _require_trusted_locks(self.paths.root)
-        # Only to run a job is the lock opened for writing: flock needs no more
-        # than a read-only descriptor, so readers work on a read-only root.
+        """Take the lock; False if someone holds it (only when not blocking).
+        Without create, FileNotFoundError when the file does not exist.  Only a
+        creating caller opens it for writing: flock needs no more than a
+        read-only descriptor, so readers work on a read-only root."""
         flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | _FILE_FLAGS
-        try:
-            self.fd = os.open(self.path, flags, 0o600)
-        except FileNotFoundError:
-            if create:  # only a vanished job directory makes O_CREAT fail so
-                raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
-            return self._gone()
-        except OSError as exc:
-            if not create:
-                raise
-            raise JobIOError("cannot open %s to run the job: %s" % (self.path, exc.strerror or exc),
-                             hint="the jobs root must be writable to start jobs") from None
-        if not _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
-            self.release()
-            return False
-        # A delete renames the job directory away while it holds the lock: a
-        # lock file opened just before that is no longer the job's once we get it.
-        if create and not os.path.lexists(self.path):
-            self.release()
-            raise JobNotFoundError(self.paths.job_id, self.paths.root)
-        return True
-
-    def _gone(self) -> bool:
-        # A job directory without a lock file never had a supervisor: it is free.
-        self.fd = None
-        return True
+        self.fd = os.open(self.path, flags, 0o600)
+        if _process_layer.lock(self.fd, exclusive=exclusive, blocking=blocking):
+            return True
+        self.release()
+        return False
 
     def release(self) -> None:
         if self.fd is not None:
@@ -2433,22 +2405,52 @@ class _JobLock:
         self.release()
 
 
-class _MetaLock:
-    """Serializes read-modify-write of meta.json (tags) between processes."""
+class _JobLock(_LockFile):
+    """The job's `lock` file: held exclusively by the live supervisor for its whole life.
+
+    Readers take it to prove the supervisor is gone (no pid guessing), and `wait`
+    blocks on it to wake the moment the supervisor exits.
+    """
 
     def __init__(self, paths: JobPaths):
-        self.root, self.path = paths.root, os.path.join(paths.dir, "meta.lock")
-        self.fd: Optional[int] = None
+        super().__init__(paths.lock)
+        self.paths = paths
 
-    def __enter__(self):
-        _require_trusted_locks(self.root)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
-        _process_layer.lock(self.fd, exclusive=True, blocking=True)
-        return self
+    @classmethod
+    def handed_over(cls, paths: JobPaths, fd: int) -> "_JobLock":
+        """The lock a launcher took and passed on to us already held, as fd."""
+        lock = cls(paths)
+        lock.fd = fd
+        return lock
 
-    def __exit__(self, *exc):
-        _process_layer.unlock(self.fd)
-        os.close(self.fd)
+    def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
+        """Take the lock; False if someone holds it.  With create (to run the job),
+        JobNotFoundError when the job was deleted before or while we took it;
+        without, a job whose lock file is gone counts as free (True, nothing held)."""
+        _require_trusted_locks(self.paths.root)
+        try:
+            taken = super().acquire(exclusive=exclusive, blocking=blocking, create=create)
+        except FileNotFoundError:
+            if create:  # only a vanished job directory makes O_CREAT fail so
+                raise JobNotFoundError(self.paths.job_id, self.paths.root) from None
+            return True  # a job directory without a lock file never had a supervisor: it is free
+        except OSError as exc:
+            if not create:
+                raise
+            raise JobIOError("cannot open %s to run the job: %s" % (self.path, exc.strerror or exc),
+                             hint="the jobs root must be writable to start jobs") from None
+        # A delete renames the job directory away while it holds the lock: a
+        # lock file opened just before that is no longer the job's once we get it.
+        if taken and create and not os.path.lexists(self.path):
+            self.release()
+            raise JobNotFoundError(self.paths.job_id, self.paths.root)
+        return taken
+
+
+def _meta_lock(paths: JobPaths) -> _LockFile:
+    """Serializes read-modify-write of meta.json (tags) between processes."""
+    _require_trusted_locks(paths.root)
+    return _LockFile(os.path.join(paths.dir, "meta.lock"))
 
 
 def _reconcile(paths: JobPaths, state: JobState) -> JobState:
@@ -2479,6 +2481,14 @@ def _reconcile(paths: JobPaths, state: JobState) -> JobState:
 
 def _read_state_reconciled(paths: JobPaths) -> JobState:
     return _reconcile(paths, _read_state(paths))
+
+
+def _write_kill_request(paths: JobPaths, signal_name: Optional[str], **delivery) -> None:
+    """Ask for the job's end with signal_name ('SIGTERM'): its supervisor then
+    records it `killed`, however the child reacts (see _read_kill_request).
+    `delivery` (deliver, request_id) asks the supervisor to send a signal itself,
+    where the killer cannot verify pids (see _Supervisor._make_kill_fifo)."""
+    _write_json_atomic(paths.kill_request, dict(signal=signal_name, requested_at=_utc_now(), **delivery))
 
 
 def _read_kill_request(paths: JobPaths) -> Optional[str]:
@@ -2618,7 +2628,7 @@ class _FullLog:
 @dataclass
 class _Running:
     """A started job, handed from the supervisor's start to its watch: in one
-    process, or across the exec of a forked launch (see _supervise_in_fork)."""
+    process, or across the exec of a forked launch (see _supervise_forked)."""
 
     state: JobState
     spec: JobSpec
@@ -3125,7 +3135,9 @@ def _feed(stream, data: bytes) -> None:
             pass
 
 
-def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
+def _finish_supervising(supervisor: "_Supervisor", lock: _JobLock, body: Callable[[], None]) -> NoReturn:
+    """Where every supervisor ends: run body (its part of the job's life), record
+    a crash as the job's failure, release the job lock, notify, and exit."""
     try:
         body()
     except Exception as exc:  # record why, so the job reads `failed` with a reason, not a bare crash
@@ -3201,11 +3213,12 @@ def _take_lock_after_launcher(paths: JobPaths, lock: _JobLock, timeout_s: float 
     return True
 
 
-def _supervise_main(args: List[str]) -> int:
-    """Entry point of the re-executed supervisor: `_supervise ROOT JOB_ID LOCK_FD [RUNNING]`.
+def _supervisor_entry(args: List[str]) -> int:
+    """Entry point of a supervisor that is a new interpreter: `_supervise ROOT JOB_ID LOCK_FD [RUNNING]`.
 
-    With RUNNING, a forked launch has already started the job (see
-    _supervise_in_fork) and this process only watches it.
+    Without RUNNING, a spawned supervisor (_launch_by_spawn) that runs the
+    whole job; with it, the watcher a forked launch exec'd after starting the
+    job (see _supervise_forked), which only watches it.
     """
     root, job_id, lock_fd = args[0], args[1], int(args[2])
     paths = JobPaths(root, job_id)
@@ -3213,17 +3226,17 @@ def _supervise_main(args: List[str]) -> int:
     if len(args) > 3:
         _process_layer.supervisor_signals()  # catch again what the exec reset (see exec_keeping)
         lock = _JobLock.handed_over(paths, lock_fd)
-        _supervise_to_the_end(supervisor, lock, lambda: supervisor.watch(_Running.decode(args[3], paths)))
+        _finish_supervising(supervisor, lock, lambda: supervisor.watch(_Running.decode(args[3], paths)))
     _process_layer.prepare_supervisor()
     # With a descriptor, the lock is inherited from the launcher, already held: no gap.
     lock = _JobLock.handed_over(paths, lock_fd) if lock_fd >= 0 else _JobLock(paths)
     if lock_fd < 0 and not _take_lock_after_launcher(paths, lock):
         sys.stderr.write("%s: the job lock stays taken: another supervisor runs this job\n" % _utc_now())
         return 1
-    _supervise_to_the_end(supervisor, lock, supervisor.run)
+    _finish_supervising(supervisor, lock, supervisor.run)
 
 
-def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
+def _supervise_forked(paths: JobPaths, lock: _JobLock) -> None:
     """The supervisor of a forked launch (POSIX), still in the launcher's image.
 
     Starting the child and acknowledging from here saves the launcher the
@@ -3243,7 +3256,7 @@ def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
                 supervisor.log("cannot exec the watcher (%s); watching from the launch image" % exc)
             supervisor.watch(running)
 
-    _supervise_to_the_end(supervisor, lock, start_then_hand_over)
+    _finish_supervising(supervisor, lock, start_then_hand_over)
 
 
 def _send_request(sock, data: bytes, fds: List[int]) -> None:
@@ -3290,7 +3303,9 @@ def _reap_children(*_signal_args) -> None:
         pass
 
 
-def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
+def _supervise_from_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
+    """A supervisor forked by the forkserver for one request: it takes on the
+    launcher's environment and umask, then runs the whole job."""
     sock.close()
     # What a spawned supervisor would inherit from the launcher at launch time.
     if os.environ != request["env"]:  # usually equal: we started with the launcher's environment
@@ -3299,7 +3314,7 @@ def _supervise_for_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock
     if request["umask"] is not None:
         os.umask(request["umask"])
     supervisor = _Supervisor(paths)
-    _supervise_to_the_end(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
+    _finish_supervising(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
 
 
 def _forkserver_main(sock_fd: int) -> NoReturn:
@@ -3330,7 +3345,7 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
             request = json.loads(message)
             lock_fd, ack_w, log = fds
             paths = JobPaths(request["root"], request["job_id"])
-            body = functools.partial(_supervise_for_forkserver, paths, lock_fd, request, sock)
+            body = functools.partial(_supervise_from_forkserver, paths, lock_fd, request, sock)
             _process_layer.fork_supervisor(body, stdout=ack_w, stderr=log, reaper=True)
         except (ValueError, KeyError, OSError):  # a bad request: its launcher sees no ack
             pass
@@ -3451,7 +3466,7 @@ def _start_supervisor(paths: JobPaths, lock: _JobLock, log: int) -> Optional[boo
         return _launch_by_fork(lambda ack_w: _Forkserver.request(paths, lock.fd, ack_w, log))
     if _process_layer.can_fork_supervisor():  # no other thread here: fork, start the job, exec the watcher
         return _launch_by_fork(lambda ack_w: _process_layer.fork_supervisor(
-            functools.partial(_supervise_in_fork, paths, lock), stdout=ack_w, stderr=log))
+            functools.partial(_supervise_forked, paths, lock), stdout=ack_w, stderr=log))
     return _launch_by_spawn(paths, lock, log)  # a new interpreter from the start
 
 
@@ -3665,7 +3680,12 @@ def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optiona
     jobs (oldest first) exceed max_jobs or max_bytes in all.  Created and running
     jobs are never touched.  Leftovers of interrupted job creation go too.
     """
-    root = resolve_root(root)
+    return _gc(resolve_root(root), older_than_s=older_than_s, max_jobs=max_jobs, max_bytes=max_bytes,
+               dry_run=dry_run)
+
+
+def _gc(root: str, *, older_than_s, max_jobs: Optional[int], max_bytes: Optional[int], dry_run: bool) -> GcReport:
+    """gc() under a resolved root."""
     cutoff = time.time() - _parse_duration(older_than_s, "older_than")
     if os.path.isdir(root):
         _require_trusted_locks(root)
@@ -3683,7 +3703,8 @@ def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optiona
     deleted = []
     for job_id, finished, size in terminal:
         if job_id in doomed:
-            deleted.append(_gc_one(JobPaths(root, job_id), finished < cutoff, size, dry_run))
+            reason = "older_than" if finished < cutoff else "over_cap"
+            deleted.append(_delete_row(JobPaths(root, job_id), dry_run, reason, bytes=size))
     _remove_abandoned_dirs(root, dry_run)
     done = [d for d in deleted if d["action"] in ("deleted", "would_delete")]
     return GcReport(deleted, len(terminal) - len(done), sum(d["bytes"] for d in done), dry_run)
@@ -3715,15 +3736,16 @@ def _dir_bytes(path: str) -> int:
         return 0
 
 
-def _gc_one(paths: JobPaths, expired: bool, size: int, dry_run: bool) -> dict:
-    result = {"job_id": paths.job_id, "action": "would_delete" if dry_run else "deleted",
-              "reason": "older_than" if expired else "over_cap", "bytes": size}
+def _delete_row(paths: JobPaths, dry_run: bool, reason: Optional[str], **extra) -> dict:
+    """Delete one job, unless dry_run, and return its row (gc, delete --all):
+    `deleted` or `would_delete` with reason, or `skipped` with why it could not go."""
+    row = {"job_id": paths.job_id, "action": "would_delete" if dry_run else "deleted", "reason": reason, **extra}
     if not dry_run:
         try:
             _delete_job(paths)
         except JobError as exc:
-            result.update(action="skipped", reason=exc.message)
-    return result
+            row.update(action="skipped", reason=exc.message)
+    return row
 
 
 def _remove_abandoned_dirs(root: str, dry_run: bool) -> None:
@@ -3766,26 +3788,23 @@ def _auto_gc(root: str) -> None:
         return
     try:
         older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d"), "JOBSTATE_GC_OLDER_THAN")
-        fd = os.open(os.path.join(root, ".gc.lock"), os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
-    except (OSError, JobError):
+    except JobError:
         return
-    try:
-        if not _process_layer.lock(fd, exclusive=True, blocking=False):
-            return  # another process is collecting right now
-        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600))
-        cutoff = time.time() - older_than
-        scanned = 0
-        for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):
-            scanned += 1
-            if finished < cutoff:
-                _gc_one(JobPaths(root, job_id), True, 0, False)
-            if scanned >= _AUTO_GC_MAX_SCAN:
-                break
-    except (OSError, JobError):  # housekeeping only: the launch already succeeded
-        pass
-    finally:
-        _process_layer.unlock(fd)
-        os.close(fd)
+    with _LockFile(os.path.join(root, ".gc.lock")) as lock:
+        try:
+            if not lock.acquire():
+                return  # another process is collecting right now
+            os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600))
+            cutoff = time.time() - older_than
+            scanned = 0
+            for job_id, finished, _ in _terminal_jobs(root, newest_ms=int(cutoff * 1000)):
+                scanned += 1
+                if finished < cutoff:
+                    _delete_row(JobPaths(root, job_id), False, "older_than")
+                if scanned >= _AUTO_GC_MAX_SCAN:
+                    break
+        except (OSError, JobError):  # housekeeping only: the launch already succeeded
+            pass
 
 
 def _deleted_is_not_found(method):
@@ -3921,12 +3940,13 @@ class Job:
     def _request_kill(self, name: str, warnings: List[dict]) -> None:
         """Leave the record that makes the job read `killed` however its child reacts."""
         try:
-            _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
+            _write_kill_request(self.paths, name)
         except OSError as exc:  # a read-only root: the signal still goes; the record cannot
             if not warnings or warnings[-1]["code"] != "kill_request_not_written":
                 warnings.append(_warning("kill_request_not_written", (
                     "the kill request could not be recorded (%s): if the job traps %s and exits on its own, "
                     "it will read `exited`, not `killed`") % (exc.strerror or exc, name)))
+
     def _send(self, ref: _TreeRef, through_supervisor: bool, name: str) -> int:
         """Signal the tree ourselves, or (no pid can be verified here) through its supervisor."""
         if through_supervisor:
@@ -3939,8 +3959,7 @@ class Job:
         request_id = os.urandom(8).hex()
         recorded = name if name[3:] in _TERMINATING else _read_kill_request(self.paths)
         try:
-            _write_json_atomic(self.paths.kill_request, {"signal": recorded, "requested_at": _utc_now(),
-                                                         "deliver": name, "request_id": request_id})
+            _write_kill_request(self.paths, recorded, deliver=name, request_id=request_id)
         except OSError:  # a read-only root: the supervisor cannot be asked
             return 0
         if not self._wake_supervisor():
@@ -4006,7 +4025,8 @@ class Job:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
         try:
-            with _MetaLock(self.paths):
+            with _meta_lock(self.paths) as lock:
+                lock.acquire(blocking=True)
                 spec = _read_spec(self.paths)
                 spec.tags = tags
                 _write_json_atomic(self.paths.meta, spec.to_dict())
@@ -4029,8 +4049,8 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
                                    hint="python jobstate.py run -- echo hello")
     env = dict(env or {})
     for key, value in env.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key \
-                or "\0" in key + value:
+        if (not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key
+                or "\0" in key + value):
             raise InvalidArgumentError("invalid environment variable %r" % (key,))
     cwd = _abspath(cwd or os.curdir)
     return JobSpec(
@@ -4058,13 +4078,16 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
     kill_orphans: when the main process exits, stop whatever it left running.
     The job directory appears atomically: readers never see a half-made job.
     """
+    return _create(resolve_root(root), argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env,
+                   masks=masks, stdin=stdin, timeout_s=timeout_s, kill_after_s=kill_after_s,
+                   kill_orphans=kill_orphans, tags=tags, notify_command=notify_command, notify_file=notify_file)
+
+
+def _create(root: str, argv, *, stdin=None, **definition) -> Job:
+    """create() under a resolved root; definition is _build_spec's keywords."""
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8", errors="surrogateescape")
-    spec = _build_spec(argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env, masks=masks,
-                       has_stdin=stdin is not None, timeout_s=timeout_s, kill_after_s=kill_after_s,
-                       kill_orphans=kill_orphans, tags=tags, notify_command=notify_command,
-                       notify_file=notify_file)
-    root = resolve_root(root)
+    spec = _build_spec(argv, has_stdin=stdin is not None, **definition)
     _ensure_root(root)
     _require_trusted_locks(root)
     job_id = new_job_id()
@@ -4106,7 +4129,12 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
     executed is not an error here: the job ends `failed` with `error` set.
     Raises LaunchError when the supervisor could not be started.
     """
-    job = create(argv, root=root, **definition)
+    return _run(resolve_root(root), argv, **definition)
+
+
+def _run(root: str, argv, **definition) -> Job:
+    """run() under a resolved root."""
+    job = _create(root, argv, **definition)
     try:
         job.start()
     except LaunchError as exc:
@@ -4119,7 +4147,11 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
 
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
     """The Job for an id or unique prefix (case-insensitive)."""
-    root = resolve_root(root)
+    return _open_job(resolve_root(root), job_id_or_prefix)
+
+
+def _open_job(root: str, job_id_or_prefix: str) -> Job:
+    """open_job() under a resolved root (whose locks must be trustworthy)."""
     job = Job(_resolve_job_id(root, job_id_or_prefix), root)
     _require_trusted_locks(root)
     return job
@@ -4291,23 +4323,35 @@ def _error_envelope(error: JobError) -> dict:
     return {"schema_version": SCHEMA_VERSION, "ok": False, "type": "error", "error": body}
 
 
-def _job_view(job: Job, state: JobState) -> dict:
-    """The keys every job-shaped response carries, for every state (unknown = null)."""
-    try:
-        spec: Optional[JobSpec] = job.spec()
-    except JobError:
-        spec = None
-    return {
-        "job_id": job.id, "state": state.status.value,
+def _job_view(paths: JobPaths, state: JobState, row: Optional[JobSummary] = None) -> dict:
+    """The keys every job-shaped response carries, for every state (unknown = null).
+
+    The definition comes from the list row when there is one (rows carry no
+    env), else from meta.json, read afresh (null where it cannot be read).
+    """
+    definition = row if row is not None else _readable_spec(paths)
+    view = {
+        "job_id": paths.job_id, "state": state.status.value,
         "exit_code": state.exit_code, "signal": state.signal, "timed_out": state.result.timed_out,
-        "duration_ms": state.duration_ms, "created_at": spec.created_at if spec else None,
+        "duration_ms": state.duration_ms, "created_at": definition.created_at if definition else None,
         "started_at": state.started_at, "finished_at": state.finished_at, "pid": state.pid,
         "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
-        "command": spec.argv if spec else None, "cwd": spec.cwd if spec else None,
-        "env": spec.masked_env() if spec else None, "tags": spec.tags if spec else [],
-        "stdout_log_path": job.paths.stdout_log, "stderr_log_path": job.paths.stderr_log,
-        "warnings": list(state._warnings),
+        "command": definition.argv if definition else None, "cwd": definition.cwd if definition else None,
     }
+    if row is None:
+        view["env"] = definition.masked_env() if definition else None
+    view.update(tags=definition.tags if definition else [], stdout_log_path=paths.stdout_log,
+                stderr_log_path=paths.stderr_log)
+    if row is None:
+        view["warnings"] = list(state._warnings)
+    return view
+
+
+def _readable_spec(paths: JobPaths) -> Optional[JobSpec]:
+    try:
+        return _read_spec(paths)
+    except JobError:
+        return None
 
 
 def _output_view(tail: Tail) -> dict:
@@ -4319,29 +4363,17 @@ def _output_view(tail: Tail) -> dict:
 
 def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int) -> dict:
     """RunData: the job view plus the last max_bytes of each stream."""
-    view = _job_view(job, state)
+    view = _job_view(job.paths, state)
     view.update(_output_view(_tail(job.paths, None, max_bytes)))
     view["elapsed_ms"] = elapsed_ms
     return view
 
 
 def _kill_view(job: Job, result: KillResult) -> dict:
-    view = _job_view(job, result.state)
+    view = _job_view(job.paths, result.state)
     view.update(signal_sent=result.signal_sent, processes_signalled=result.processes_signalled,
                 processes_alive=result.processes_alive, warnings=view["warnings"] + result.warnings)
     return view
-
-
-def _summary_view(root: str, summary: JobSummary) -> dict:
-    state = summary.state
-    return {"job_id": summary.job_id, "state": state.status.value, "exit_code": state.exit_code,
-            "signal": state.signal, "timed_out": state.result.timed_out, "duration_ms": state.duration_ms,
-            "created_at": summary.created_at, "started_at": state.started_at,
-            "finished_at": state.finished_at, "pid": state.pid,
-            "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
-            "command": summary.argv, "cwd": summary.cwd, "tags": summary.tags,
-            "stdout_log_path": JobPaths(root, summary.job_id).stdout_log,
-            "stderr_log_path": JobPaths(root, summary.job_id).stderr_log}
 
 
 def _exit_status_of(doc: dict) -> int:
@@ -4371,7 +4403,7 @@ def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int,
 
 
 def _status_doc(job: Job) -> dict:
-    return _envelope("status", _job_view(job, job.state()))
+    return _envelope("status", _job_view(job.paths, job.state()))
 
 
 def _tail_doc(job: Job, lines: int, max_bytes: int) -> dict:
@@ -4393,9 +4425,9 @@ def _list_doc(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[
     _check_state_name(state)
     summaries, truncated, skipped = _list_summaries(root, cwd=cwd, all_jobs=all_jobs, state=state, tags=tags,
                                                     limit=limit)
-    return _envelope("list", {"root": root, "jobs": [_summary_view(root, s) for s in summaries],
-                              "count": len(summaries), "truncated": truncated, "skipped": skipped,
-                              "warnings": [w for s in summaries for w in s.state._warnings]})
+    rows = [_job_view(JobPaths(root, s.job_id), s.state, s) for s in summaries]
+    return _envelope("list", {"root": root, "jobs": rows, "count": len(rows), "truncated": truncated,
+                              "skipped": skipped, "warnings": [w for s in summaries for w in s.state._warnings]})
 
 
 def _doctor_doc(root: str) -> dict:
@@ -4405,7 +4437,7 @@ def _doctor_doc(root: str) -> dict:
 def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
     """Delete one job, or with job_ref None every terminal job of the current directory."""
     if job_ref is not None:
-        job = open_job(job_ref, root)
+        job = _open_job(root, job_ref)
         if dry_run:
             state = job.state()
             if state.status is JobStatus.RUNNING:
@@ -4422,19 +4454,9 @@ def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
 
 def _delete_one(root: str, summary: JobSummary, dry_run: bool) -> dict:
     """One row of `delete --all`: only terminal jobs are removed."""
-    result = {"job_id": summary.job_id, "action": "skipped", "reason": None}
     if not summary.state.status.is_terminal:
-        result["reason"] = "job is %s" % summary.state.status.value
-        return result
-    if dry_run:
-        result["action"] = "would_delete"
-        return result
-    try:
-        _delete_job(JobPaths(root, summary.job_id))
-        result["action"] = "deleted"
-    except JobError as exc:
-        result["reason"] = exc.message
-    return result
+        return {"job_id": summary.job_id, "action": "skipped", "reason": "job is %s" % summary.state.status.value}
+    return _delete_row(JobPaths(root, summary.job_id), dry_run, None)
 
 # ---------------------------------------------------------------------------
 # 10. Agent surfaces: MCP server (stdio) and HTTP API
@@ -4554,9 +4576,9 @@ def _range_text(param: dict) -> str:
     return "a finite %s with %s <= value %s" % (param["type"], param["minimum"], high)
 
 
-def _call_operation(operation: str, args: dict, root: Optional[str], *, default_until: float,
+def _call_operation(operation: str, args: dict, root: str, *, default_until: float,
                     max_until: Optional[float] = None) -> dict:
-    """Run one agent operation; returns its envelope (JobError propagates)."""
+    """Run one agent operation under a resolved root; returns its envelope (JobError propagates)."""
     args = _check_arguments(operation, args)
     started = time.monotonic()
     until = args.get("until", default_until)
@@ -4564,14 +4586,14 @@ def _call_operation(operation: str, args: dict, root: Optional[str], *, default_
         until = min(until, max_until)
     max_bytes = args.get("max_bytes", DEFAULT_MAX_BYTES)
     if operation == "run":
-        job = run(args["command"], root=root, cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
-                  timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
+        job = _run(root, args["command"], cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
+                   timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
         return _observed_doc("run", job, until, max_bytes, started)
     if operation == "list":
-        return _list_doc(resolve_root(root), cwd=args.get("cwd"), all_jobs=args.get("all", False),
+        return _list_doc(root, cwd=args.get("cwd"), all_jobs=args.get("all", False),
                          state=args.get("state"), tags=args.get("tags", ()),
                          limit=args.get("limit", DEFAULT_LIST_LIMIT))
-    job = open_job(args["job_id"], root)
+    job = _open_job(root, args["job_id"])
     if operation == "status":
         return _status_doc(job)
     if operation == "tail":
@@ -4713,7 +4735,7 @@ def _mcp_request(line: bytes, max_depth: int = _MCP_MAX_DEPTH):
 class _McpServer:
     """Newline-delimited JSON-RPC 2.0 on a pair of binary streams."""
 
-    def __init__(self, root: Optional[str], output):
+    def __init__(self, root: str, output):
         self.root = root
         self.output = output
         self.write_lock = threading.Lock()
@@ -4806,7 +4828,7 @@ class _McpServer:
             "content": [{"type": "text", "text": text}], "structuredContent": doc, "isError": not doc["ok"]}})
 
 
-def _serve_mcp(root: Optional[str]) -> int:
+def _serve_mcp(root: str) -> int:
     """MCP on stdio.  Our real stdout carries only protocol: fd 1 is pointed at
     stderr so nothing else (a stray print, a child) can corrupt the stream."""
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
@@ -5014,7 +5036,7 @@ def _json_bytes(doc: dict) -> bytes:
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
-def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dict:
+def _route_http(method: str, target: str, read_body, root: str) -> dict:
     """Answer one request: `target` is the path with its query, read_body() the JSON body."""
     from urllib.parse import parse_qs
     parts, query_text = _http_target(target)
@@ -5029,8 +5051,7 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     params = parse_qs(query_text)
     query = {k: v[-1] for k, v in params.items()}
     if endpoint == "health":
-        return _envelope("health", {"version": __version__, "root": resolve_root(root),
-                                    "capabilities": _capabilities(resolve_root(root))})
+        return _envelope("health", {"version": __version__, "root": root, "capabilities": _capabilities(root)})
     if endpoint == "jobs" and method == "POST":
         return _call_operation("run", read_body(), root, default_until=DEFAULT_RUN_UNTIL_S)
     if endpoint == "jobs":
@@ -5042,7 +5063,7 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     if endpoint == "kill":
         return _call_operation("kill", dict(read_body(), job_id=job_id), root, default_until=0)
     if method == "DELETE":
-        return _delete_doc(resolve_root(root), job_id, False)
+        return _delete_doc(root, job_id, False)
     types = {"job": {}, "tail": {"lines": int, "max_bytes": int}, "wait": {"until": float, "max_bytes": int}}
     args = dict(_query_args(query, types[endpoint]), job_id=job_id)
     return _call_operation("status" if endpoint == "job" else endpoint, args, root,
@@ -5242,14 +5263,13 @@ def _make_http_server(host: str, port: int, handler):
         raise JobIOError("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)) from None
 
 
-def _serve_http(root: Optional[str], bind: str, ready, *, use_token: bool = True,
+def _serve_http(root: str, bind: str, ready, *, use_token: bool = True,
                 allowed_origins: Sequence[str] = ()) -> int:
     """Serve the HTTP API until Ctrl-C or SIGTERM; `ready` receives the
     serve envelope once listening.  {url, token, pid} go to serve.json in the root."""
     host, port = _parse_bind(bind)
     origins = [_check_origin_option(origin) for origin in allowed_origins]
     token, made_token = _serve_token(host, use_token)
-    root = resolve_root(root)
     _ensure_root(root)
     idle_s = _env_seconds("JOBSTATE_SERVE_IDLE_TIMEOUT", _HTTP_IDLE_TIMEOUT_S) or _HTTP_IDLE_TIMEOUT_S
     server = _make_http_server(host, port, _make_http_handler(root, token, host, origins, idle_s))
@@ -5391,6 +5411,9 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
 
 
 def _render_body(doc: dict, color: bool, now: float) -> str:
+    """The document's own lines.  The layout follows the document's shape, so a
+    new command answering with a job view (or RunData) reads like status (or
+    run) with no change here."""
     kind = doc["type"]
     if kind == "list":
         if not doc["jobs"]:
@@ -5402,12 +5425,12 @@ def _render_body(doc: dict, color: bool, now: float) -> str:
         lines = [lines[0]] + [line.replace(row[1], _paint(row[1], row[1], color), 1)
                               for line, row in zip(lines[1:], rows)]
         return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []) + _skipped_note(doc))
-    if kind in ("run", "start", "restart", "wait"):
+    if "elapsed_ms" in doc:  # RunData: run, start, restart, wait
         parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
         return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
     if kind == "tail":
         return "\n".join(p for p in (doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")) if p)
-    if kind in ("status", "create", "kill"):
+    if "exit_code" in doc:  # a job view: status, create, kill
         fields = [("job", doc["job_id"]), ("state", _paint(doc["state"], doc["state"], color)),
                   ("result", _outcome(doc)), ("command", " ".join(doc["command"] or [])),
                   ("cwd", doc["cwd"]), ("created", _format_age(doc["created_at"], now)),
@@ -5416,7 +5439,7 @@ def _render_body(doc: dict, color: bool, now: float) -> str:
                   ("stderr", doc["stderr_log_path"])]
         if doc["error"]:
             fields.append(("error", "%s: %s" % (doc["error"]["stage"], doc["error"]["message"])))
-        if kind == "kill":
+        if "signal_sent" in doc:
             fields.append(("signalled", "%s to %d process(es), %s left" % (
                 doc["signal_sent"], doc["processes_signalled"],
                 "unknown" if doc["processes_alive"] is None else doc["processes_alive"])))
@@ -5817,7 +5840,7 @@ def _follow_to_end(job: Job, start: Tuple[int, int], ns) -> Tuple[Optional[dict]
     except KeyboardInterrupt:
         _tell_interrupted(job)
         return None, 130
-    view = _job_view(job, job.state())
+    view = _job_view(job.paths, job.state())
     if _output_format(ns) == "text":
         sys.stderr.write(_verdict(_printable_doc(view), _use_color(sys.stderr)) + "\n")
     return None, _exit_status_of(view) if ns.exit_code else 0
@@ -5904,18 +5927,18 @@ def _cmd_run(ns):
     started = time.monotonic()
     argv = _cli_command(ns)
     _observe_limits(ns)  # a bad value is reported before a job exists, not after
-    job = run(argv, root=ns.root, **_cli_definition(ns, auto_stdin=True))
+    job = _run(ns.root, argv, **_cli_definition(ns, auto_stdin=True))
     return _observe(job, ns, started, "run")
 
 
 def _cmd_create(ns):
-    job = create(_cli_command(ns), root=ns.root, **_cli_definition(ns, auto_stdin=False))
-    return _envelope("create", _job_view(job, job.state())), 0
+    job = _create(ns.root, _cli_command(ns), **_cli_definition(ns, auto_stdin=False))
+    return _envelope("create", _job_view(job.paths, job.state())), 0
 
 
 def _cmd_start(ns):
     started = time.monotonic()
-    job = open_job(ns.job, ns.root)
+    job = _open_job(ns.root, ns.job)
     _observe_limits(ns)  # validate before launching
     job.start()
     return _observe(job, ns, started, "start")
@@ -5923,23 +5946,23 @@ def _cmd_start(ns):
 
 def _cmd_restart(ns):
     started = time.monotonic()
-    job = open_job(ns.job, ns.root)
+    job = _open_job(ns.root, ns.job)
     _observe_limits(ns)
     job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"))
     return _observe(job, ns, started, "restart")
 
 
 def _cmd_status(ns):
-    return _status_doc(open_job(ns.job, ns.root)), 0
+    return _status_doc(_open_job(ns.root, ns.job)), 0
 
 
 def _cmd_wait(ns):
     started = time.monotonic()
-    return _observe(open_job(ns.job, ns.root), ns, started, "wait")
+    return _observe(_open_job(ns.root, ns.job), ns, started, "wait")
 
 
 def _cmd_tail(ns):
-    job = open_job(ns.job, ns.root)
+    job = _open_job(ns.root, ns.job)
     lines = _parse_count(ns.lines, "--lines")
     max_bytes = _parse_size(ns.max_bytes, "--max-bytes")
     if not ns.follow:
@@ -5950,12 +5973,12 @@ def _cmd_tail(ns):
 
 def _cmd_kill(ns):
     kill_after = None if ns.kill_after is None else _parse_duration(ns.kill_after, "--kill-after")
-    return _kill_doc(open_job(ns.job, ns.root), ns.signal, kill_after,
+    return _kill_doc(_open_job(ns.root, ns.job), ns.signal, kill_after,
                      0 if ns.no_wait else DEFAULT_KILL_OBSERVE_S), 0
 
 
 def _cmd_list(ns, state: Optional[str] = None):
-    return _list_doc(resolve_root(ns.root), cwd=ns.cwd, all_jobs=ns.all, state=state or ns.state,
+    return _list_doc(ns.root, cwd=ns.cwd, all_jobs=ns.all, state=state or ns.state,
                      tags=ns.tag, limit=_parse_count(ns.limit, "--limit")), 0
 
 
@@ -5968,22 +5991,21 @@ def _cmd_delete(ns):
         _normalize_job_ref(ns.job)  # '' included: a malformed id is invalid_job_id on every command
     if (ns.job is not None) == bool(ns.all):
         raise InvalidArgumentError("give a job id or --all", hint="jobstate delete JOB | --all [--dry-run]")
-    return _delete_doc(resolve_root(ns.root), ns.job, ns.dry_run), 0
+    return _delete_doc(ns.root, ns.job, ns.dry_run), 0
 
 
 def _cmd_gc(ns):
-    root = resolve_root(ns.root)
-    report = gc(root, older_than_s=_parse_duration(ns.older_than, "--older-than"),
+    report = _gc(ns.root, older_than_s=_parse_duration(ns.older_than, "--older-than"),
                 max_jobs=None if ns.max_jobs is None else _parse_count(ns.max_jobs, "--max-jobs"),
                 max_bytes=None if ns.max_bytes is None else _parse_size(ns.max_bytes, "--max-bytes"),
                 dry_run=ns.dry_run)
-    return _envelope("gc", {"root": root, "dry_run": report.dry_run, "jobs": report.deleted,
+    return _envelope("gc", {"root": ns.root, "dry_run": report.dry_run, "jobs": report.deleted,
                             "deleted": sum(d["action"] != "skipped" for d in report.deleted),
                             "kept": report.kept, "freed_bytes": report.freed_bytes}), 0
 
 
 def _cmd_doctor(ns):
-    return _doctor_doc(resolve_root(ns.root)), 0
+    return _doctor_doc(ns.root), 0
 
 
 def _cmd_schema(ns):
@@ -6000,7 +6022,7 @@ def _cmd_serve(ns):
 
 
 def _cmd_tag(ns):
-    job = open_job(ns.job, ns.root)
+    job = _open_job(ns.root, ns.job)
     tags = job.set_tags(ns.tag)
     return _envelope("tag", {"job_id": job.id, "tags": tags}), 0
 
@@ -6099,7 +6121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the process exit status (0 ok, 1 error envelope, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_supervise"]:
-        return _supervise_main(argv[1:])
+        return _supervisor_entry(argv[1:])
     if argv[:1] == ["_forkserver"]:
         _forkserver_main(int(argv[1]))
     try:
@@ -6112,6 +6134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _emit_doc(_error_envelope(InvalidArgumentError(str(exc), hint="run 'jobstate --help'")), early)
         return 2
     try:
+        ns.root = resolve_root(ns.root)  # once, for the command and everything it calls
         doc, status = ns.handler(ns)
     except _UsageError as exc:
         doc, status = _error_envelope(InvalidArgumentError(str(exc), hint="run 'jobstate --help'")), 2

@@ -59,6 +59,12 @@ def py(code):
     return [PY, "-c", code]
 
 
+def ready_then_sleep(seconds=60, first=""):
+    """argv of a child that runs the code `first`, prints `ready` and sleeps:
+    wait_log(job, "ready") then act on it."""
+    return py("import time\n%sprint('ready', flush=True)\ntime.sleep(%s)\n" % (first, seconds))
+
+
 # `cat` and `echo hello`, portable: bytes to stdout, no newline translation on Windows.
 CAT = py("import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())")
 HELLO = py("import sys; sys.stdout.buffer.write(b'hello\\n')")
@@ -98,33 +104,35 @@ def under_wine():
     return hasattr(ctypes.WinDLL("ntdll"), "wine_get_version")
 
 
+def proc_stat(pid):
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...), or None when it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()  # the name may hold spaces and parentheses
+
+
+def pid_alive(pid):
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != b"Z"
+
+
 def marker_pids(job_id):
     """Live (non-zombie) pids whose environment carries the job's marker: an independent check."""
     needle = ("JOBSTATE_JOB_ID=%s" % job_id).encode()
     pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open("/proc/%s/environ" % name, "rb") as f:
                 if needle not in f.read().split(b"\0"):
                     continue
-            with open("/proc/%s/stat" % name, "rb") as f:
-                stat = f.read()
-        except OSError:
+        except OSError:  # another user's process, or gone meanwhile
             continue
-        if stat[stat.rindex(b")") + 2:][:1] != b"Z":
+        if pid_alive(int(name)):
             pids.append(int(name))
     return pids
-
-
-def pid_alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
 
 
 def waiting_for_a_lock(pid):
@@ -141,12 +149,8 @@ def zombie_children(ppid):
     """Exited, unreaped children of ppid (Linux /proc)."""
     found = []
     for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                fields = f.read().rsplit(b") ", 1)[-1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if fields[0] == b"Z" and int(fields[1]) == ppid:
+        fields = proc_stat(int(name))
+        if fields and fields[0] == b"Z" and int(fields[1]) == ppid:
             found.append(int(name))
     return found
 
@@ -341,8 +345,8 @@ class StaticTests(unittest.TestCase):
             with open(os.path.join(HERE, name), encoding="utf-8") as f:
                 tree = ast.parse(f.read())
             for node in ast.walk(tree):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
                 for module in names:
                     self.assertIn(module.split(".")[0], allowed, "%s imports %s" % (name, module))
 
@@ -405,6 +409,30 @@ class StaticTests(unittest.TestCase):
                         for n in inner if isinstance(n, ast.Name) and n.id not in local
                         and defined.get(n.id, 0) > here]
         self.assertEqual(sorted(set(forward)), [], "calls must point backwards")
+
+    def test_the_root_is_resolved_once_where_a_surface_starts(self):
+        """resolve_root runs in the public functions that take root= and in
+        main() (which serves the CLI, MCP and HTTP); everything they call
+        takes the resolved root."""
+        import ast
+        with open(JOBSTATE, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        callers = sorted(node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                         for call in ast.walk(node) if isinstance(call, ast.Call)
+                         and getattr(call.func, "id", None) == "resolve_root")
+        self.assertEqual(callers, ["create", "gc", "list_jobs", "main", "open_job", "run"])
+
+    def test_every_lock_is_a_lock_file(self):
+        """One lock idiom: only _LockFile (which _JobLock extends) calls the layer's lock and unlock."""
+        with open(JOBSTATE, encoding="utf-8") as f:
+            source = f.read()
+        self.assertEqual((source.count("_process_layer.lock("), source.count("_process_layer.unlock(")), (1, 1))
+
+    def test_no_backslash_continuations(self):
+        for path in (JOBSTATE, os.path.join(HERE, "test_jobstate.py")):
+            with open(path, encoding="utf-8") as f:
+                ends = [n for n, line in enumerate(f, 1) if line.rstrip("\n").endswith("\\")]
+            self.assertEqual(ends, [], "%s: use parentheses" % os.path.basename(path))
 
 # ---------------------------------------------------------------------------
 # Schema (jobstate.py section 2)
@@ -491,8 +519,39 @@ class SchemaTests(unittest.TestCase):
         self.assertFalse(jobstate._tag_matches("a.b", ["a.b.c"]))
 
 # ---------------------------------------------------------------------------
-# Platform layer (section 3): POSIX, Windows for real, Windows through a fake kernel32
+# Platform layer (section 3): either platform, POSIX, Windows for real, Windows through a fake kernel32
 # ---------------------------------------------------------------------------
+
+
+class ProcessLayerTests(JobTestCase):
+    """What each platform's layer must do alike, run on whichever this is."""
+
+    def test_recycled_pid_is_never_signalled(self):
+        bystander = subprocess.Popen(py("import time; time.sleep(60)"), stdin=subprocess.DEVNULL)
+        self.addCleanup(bystander.wait)
+        self.addCleanup(bystander.kill)
+        for token in ("0:bogus", "12345"):  # a POSIX-shaped and a Windows-shaped token, wrong on both
+            self.assert_bystander_survives(bystander, token=token)
+
+    def test_invalid_signal_sends_nothing(self):
+        job = self.run_job(ready_then_sleep())
+        self.wait_log(job, "ready")
+        no_such_signals = ("STOP", "HUP", "USR1") if jobstate._WINDOWS else ()
+        for bad in ("FOO", "99", "SIGSEGV") + no_such_signals:
+            status, doc, _ = self.cli("kill", "--signal", bad, job.id)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_signal"), bad)
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+
+    def test_timeout_term_is_recorded(self):
+        job = self.run_job(py("import time; time.sleep(60)"), timeout_s="0.2")
+        state = job.wait(20)
+        self.assertEqual((state.status, state.signal, state.exit_code, state.result.timed_out),
+                         (jobstate.JobStatus.KILLED, "SIGTERM", None, True))
+
+    def test_kill_created_job_is_invalid_state(self):
+        job = jobstate.create(py("pass"), root=self.root)
+        status, doc, _ = self.cli("kill", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
 
 
 @unittest.skipIf(jobstate._WINDOWS, "POSIX only")
@@ -532,70 +591,34 @@ class PosixProcessTests(JobTestCase):
         self.assertTrue(state.logs_drained)
         self.assertEqual(marker_pids(job.id), [])
 
-    def test_recycled_pid_is_never_signalled(self):
-        bystander = subprocess.Popen(["sleep", "60"])
-        self.addCleanup(bystander.wait)
-        self.addCleanup(bystander.kill)
-        self.assert_bystander_survives(bystander, token="0:bogus")
-
-    def test_invalid_signal_sends_nothing(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
-        self.wait_log(job, "ready")
-        for bad in ("FOO", "99", "SIGSEGV"):
-            status, doc, _ = self.cli("kill", "--signal", bad, job.id)
-            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_signal"))
-        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
-
     def test_stop_and_continue(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         pid = job.state().pid
-
-        def proc_state():
-            with open("/proc/%d/stat" % pid, "rb") as f:
-                data = f.read()
-            return data[data.rindex(b")") + 2:][:1]
         status, doc, _ = self.cli("kill", "--signal", "STOP", job.id)
         self.assertEqual((doc["signal_sent"], doc["state"]), ("SIGSTOP", "running"))
-        wait_for(lambda: proc_state() == b"T", 5, "the child to stop")
+        wait_for(lambda: proc_stat(pid)[0] == b"T", 5, "the child to stop")
         self.cli("kill", "--signal", "18" if sys.platform.startswith("linux") else "CONT", job.id)
-        wait_for(lambda: proc_state() != b"T", 5, "the child to continue")
+        wait_for(lambda: proc_stat(pid)[0] != b"T", 5, "the child to continue")
 
     def test_timeout_escalates_to_kill_for_a_child_that_traps_term(self):
-        code = ("import signal, time\n"
-                "signal.signal(signal.SIGTERM, lambda *a: print('got TERM', flush=True))\n"
-                "print('ready', flush=True)\n"
-                "time.sleep(60)\n")
-        job = self.run_job(py(code), timeout_s=0.5, kill_after_s=0.5)
+        trap = "import signal\nsignal.signal(signal.SIGTERM, lambda *a: print('got TERM', flush=True))\n"
+        job = self.run_job(ready_then_sleep(first=trap), timeout_s=0.5, kill_after_s=0.5)
         state = job.wait(20)
         self.assertEqual((state.status, state.signal, state.result.timed_out),
                          (jobstate.JobStatus.KILLED, "SIGKILL", True))
         self.assertGreaterEqual(state.duration_ms, 900)
         self.assertIn("got TERM", job.tail().stdout)
 
-    def test_timeout_term_is_recorded(self):
-        job = self.run_job(["sleep", "60"], timeout_s="0.2")
-        state = job.wait(20)
-        self.assertEqual((state.status, state.signal, state.exit_code, state.result.timed_out),
-                         (jobstate.JobStatus.KILLED, "SIGTERM", None, True))
-
     def test_kill_after_escalates(self):
-        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
-        job = self.run_job(py(code))
+        job = self.run_job(ready_then_sleep(first="import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"))
         self.wait_log(job, "ready")
         status, doc, _ = self.cli("kill", "--kill-after", "0.3", job.id)
         self.assertEqual((doc["state"], doc["signal"], doc["processes_alive"]), ("killed", "SIGKILL", 0))
 
-    def test_kill_created_job_is_invalid_state(self):
-        job = jobstate.create(["true", "x"], root=self.root)
-        status, doc, _ = self.cli("kill", job.id)
-        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
-
     def test_trapped_term_exit_is_recorded_as_killed(self):
-        code = ("import signal, sys, time\n"
-                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-                "print('ready', flush=True); time.sleep(60)\n")
-        job = self.run_job(py(code))
+        exit_on_term = "import signal, sys\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        job = self.run_job(ready_then_sleep(first=exit_on_term))
         self.wait_log(job, "ready")
         result = job.kill("TERM")
         self.assertEqual((result.state.status, result.state.signal, result.state.exit_code),
@@ -622,8 +645,7 @@ class PosixProcessTests(JobTestCase):
         state = job.state()
         watcher_args = self.supervisor_argv(state)
         self.assertEqual(len(watcher_args), 4, "a forked launch hands the running job over: %r" % watcher_args)
-        with open("/proc/%d/stat" % state.pid, "rb") as f:
-            self.assertEqual(int(f.read().rsplit(b")", 1)[1].split()[1]), state.supervisor_pid)
+        self.assertEqual(int(proc_stat(state.pid)[1]), state.supervisor_pid)
         # Nothing the launcher held reaches the watcher or the job: the write
         # end closed above was the last, so the read end sees EOF at once.
         import select
@@ -791,31 +813,11 @@ class WindowsProcessTests(JobTestCase):
 
     def test_signal_names_are_recorded(self):
         for name in ("INT", "KILL"):
-            job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+            job = self.run_job(ready_then_sleep())
             self.wait_log(job, "ready")
             result = job.kill(name)
             self.assertEqual((result.state.status, result.state.signal, result.processes_alive),
                              (jobstate.JobStatus.KILLED, "SIG" + name, 0))
-
-    def test_invalid_signal_sends_nothing(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
-        self.wait_log(job, "ready")
-        for bad in ("FOO", "99", "SIGSEGV", "STOP", "HUP", "USR1"):  # no such signals on Windows
-            status, doc, _ = self.cli("kill", "--signal", bad, job.id)
-            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_signal"), bad)
-        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
-
-    def test_recycled_pid_is_never_signalled(self):
-        bystander = subprocess.Popen(py("import time; time.sleep(60)"), stdin=subprocess.DEVNULL)
-        self.addCleanup(bystander.wait)
-        self.addCleanup(bystander.kill)
-        self.assert_bystander_survives(bystander, token="12345")
-
-    def test_timeout_term_is_recorded(self):
-        job = self.run_job(py("import time; time.sleep(60)"), timeout_s="0.2")
-        state = job.wait(20)
-        self.assertEqual((state.status, state.signal, state.exit_code, state.result.timed_out),
-                         (jobstate.JobStatus.KILLED, "SIGTERM", None, True))
 
     def test_exit_code_propagation(self):
         # Exit codes are unsigned DWORDs; a crash code is an exit, not a signal.
@@ -826,7 +828,7 @@ class WindowsProcessTests(JobTestCase):
         self.assertEqual((status, doc["state"], doc["exit_code"]), (3, "exited", 3))
 
     def test_supervisor_killed_makes_the_job_failed_and_wait_returns(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         state = job.state()
         child, supervisor = win_handles(self, [state.pid, state.supervisor_pid])
@@ -843,12 +845,6 @@ class WindowsProcessTests(JobTestCase):
         self.assertEqual(result.processes_alive, 0)
         self.assertEqual(result.state.status, jobstate.JobStatus.FAILED)
         self.assertTrue(win_exited(child, 10))
-
-    def test_kill_created_job_is_invalid_state(self):
-        job = jobstate.create(py("pass"), root=self.root)
-        status, doc, _ = self.cli("kill", job.id)
-        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
-
 
 
 # Win32 values spelled out from the SDK headers, so that a wrong constant in
@@ -1505,9 +1501,8 @@ class WindowsLayerFakeTests(unittest.TestCase):
             calls.append(1)
             raise PermissionError(13, "in use")
         slept = []
-        with unittest.mock.patch.object(os, "replace", denied), \
-                unittest.mock.patch.object(time, "sleep", slept.append):
-            with self.assertRaises(PermissionError):
+        with unittest.mock.patch.object(os, "replace", denied):
+            with unittest.mock.patch.object(time, "sleep", slept.append), self.assertRaises(PermissionError):
                 self.layer.replace("a", "b")
         self.assertEqual(len(calls), 50)
         self.assertLess(sum(slept), 3.0)
@@ -1547,8 +1542,8 @@ class StoreTests(JobTestCase):
     def test_root_resolution_order(self):
         env = {k: v for k, v in os.environ.items() if k not in ("JOBSTATE_ROOT", "XDG_DATA_HOME")}
         with unittest.mock.patch.dict(os.environ, env, clear=True):
-            default = os.path.join(os.environ["LOCALAPPDATA"], "jobstate", "jobs") if jobstate._WINDOWS \
-                else os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
+            default = (os.path.join(os.environ["LOCALAPPDATA"], "jobstate", "jobs") if jobstate._WINDOWS
+                       else os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs"))
             self.assertEqual(jobstate.resolve_root(), default)
             # abspath: on Windows "/x" means "X:\x" on the current drive; on POSIX it is a no-op.
             os.environ["XDG_DATA_HOME"] = "/x/data"
@@ -1779,7 +1774,7 @@ class SupervisorTests(JobTestCase):
 
     @unittest.skipUnless(POSIX, "SIGKILL")
     def test_supervisor_killed_makes_the_job_failed_and_wait_returns(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         state = job.state()
         os.kill(state.supervisor_pid, signal.SIGKILL)
@@ -2079,7 +2074,7 @@ class LifecycleTests(JobTestCase):
             self.assertEqual(f.read(), b"s3 input\n", "logs were not reset")
 
     def test_restart_stops_a_running_tree_first(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         old_pid = job.state().pid
         status, doc, _ = self.cli("restart", "--no-wait", job.id)
@@ -2088,7 +2083,7 @@ class LifecycleTests(JobTestCase):
         wait_for(lambda: not pid_alive(old_pid) if POSIX else True, 5, "the old child to go")
 
     def test_concurrent_restarts_leave_one_supervisor(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        job = self.run_job(ready_then_sleep())
         self.wait_log(job, "ready")
         procs = [subprocess.Popen([PY, JOBSTATE, "--root", self.root, "restart", "--no-wait", job.id],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -2258,8 +2253,8 @@ class LifecycleTests(JobTestCase):
     def test_notifications(self):
         events = os.path.join(self.tmp, "events.ndjson")
         seen = os.path.join(self.tmp, "seen.json")
-        command = "%s -c \"import os, shutil, sys; shutil.copyfileobj(sys.stdin, open(%r, 'w')); " \
-                  "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen)
+        command = ("%s -c \"import os, shutil, sys; shutil.copyfileobj(sys.stdin, open(%r, 'w')); "
+                   "assert os.environ['JOBSTATE_JOB_ID'] and os.environ['JOBSTATE_EVENT_PATH']\"" % (PY, seen))
         job = self.run_job(py("print('hi')"), notify_file=events, notify_command=command)
         state = job.wait(20)
         record = self.completion_record(job)  # the sinks run after the job's end is recorded
@@ -2501,9 +2496,8 @@ class McpTests(JobTestCase):
 
     def test_waits_are_bounded_and_closing_the_transport_keeps_jobs(self):
         proc = self.start_server(JOBSTATE_MCP_MAX_UNTIL="0.2")
-        code = "import time; print('ready', flush=True); time.sleep(60)"
         started = time.monotonic()
-        doc = self.call(proc, 1, "run", {"command": py(code), "until": 30})["structuredContent"]
+        doc = self.call(proc, 1, "run", {"command": ready_then_sleep(), "until": 30})["structuredContent"]
         self.assertEqual(doc["state"], "running")
         doc = self.call(proc, 2, "wait", {"job_id": doc["job_id"], "until": 30})["structuredContent"]
         self.assertEqual(doc["state"], "running")
@@ -3175,7 +3169,7 @@ def fixed_view(**changes):
 NOW = jobstate._parse_time("2026-11-29T03:20:00.000Z")
 
 
-class HumanOutputTests(JobTestCase):
+class TextRenderingTests(JobTestCase):
     def test_list_table(self):
         jobs = [fixed_view(), fixed_view(job_id="01a225fa0350" + "1" * 20, state="killed", exit_code=None,
                                          signal="SIGTERM", duration_ms=125000, tags=[],
@@ -3433,8 +3427,6 @@ class CommandLineTests(JobTestCase):
 
     @unittest.skipUnless(POSIX and os.path.isdir("/proc"), "SIGINT, and /proc/locks to see the observer wait")
     def test_ctrl_c_while_observing_prints_where_the_job_stands(self):
-        code = "import time; print('ready', flush=True); time.sleep(60)"
-
         def interrupt(*args):
             proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root] + list(args), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -3448,7 +3440,7 @@ class CommandLineTests(JobTestCase):
             self.assertEqual(proc.returncode, 130, err)
             self.assertNotIn(b"Traceback", err)
             return out.decode(), err.decode()
-        proc = interrupt("run", "--until", "60", "--", *py(code))
+        proc = interrupt("run", "--until", "60", "--", *ready_then_sleep())
         job = wait_for(lambda: [jobstate.Job(i, self.root) for i in jobstate._list_job_ids(self.root)],
                        10, "the job directory")[0]
         self.wait_log(job, "ready")
@@ -4173,15 +4165,15 @@ class Torture(JobTestCase):
                % (expected, processes, threads, launched))
 
     def test_concurrent_commands_on_one_job(self):
-        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(30)"), tags=["t"])
+        job = self.run_job(ready_then_sleep(30), tags=["t"])
         self.wait_log(job, "ready")
         commands = [["kill"], ["restart", "--no-wait"], ["tag", "set", "--tag", "x"], ["status"],
                     ["restart", "--no-wait"], ["delete"], ["status"], ["kill", "--signal", "KILL"]]
         commands = commands * scaled(1, 4)
         procs = []
         for args in commands:
-            argv = [PY, JOBSTATE, "--root", self.root] + args[:1] + (args[1:2] if args[0] == "tag" else []) + \
-                [job.id] + (args[2:] if args[0] == "tag" else args[1:])
+            argv = ([PY, JOBSTATE, "--root", self.root] + args[:1] + (args[1:2] if args[0] == "tag" else [])
+                    + [job.id] + (args[2:] if args[0] == "tag" else args[1:]))
             procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE))
         codes = {}
@@ -4342,8 +4334,8 @@ def _main(argv):
     os.close(devnull)
     loader = unittest.TestLoader()
     module = sys.modules[__name__]
-    suite = unittest.TestSuite(loader.loadTestsFromName(name, module) for name in argv) if argv \
-        else loader.loadTestsFromModule(module)
+    suite = (unittest.TestSuite(loader.loadTestsFromName(name, module) for name in argv) if argv
+             else loader.loadTestsFromModule(module))
     result = unittest.TextTestRunner(verbosity=1 if os.environ.get("CI") else 2).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
