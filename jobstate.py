@@ -4257,6 +4257,8 @@ _HTTP_SECURITY_HEADERS = (("Content-Security-Policy", _PAGE_CSP), ("X-Content-Ty
                           ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"),
                           ("Cross-Origin-Resource-Policy", "same-origin"), ("Cache-Control", "no-store"))
 _HTML_TYPE = "text/html; charset=utf-8"
+# `token=` in a logged request line, its letters maybe percent-encoded (parse_qs decodes names).
+_LOGGED_TOKEN = re.compile(r"([?&;](?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&;\s\"]*", re.IGNORECASE)
 _LOG_STREAMS = ("stdout", "stderr", "full")
 _LOG_DEFAULT_LENGTH = 1 << 16
 _LOG_MAX_LENGTH = 1 << 20
@@ -4327,7 +4329,8 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
             raise AttributeError(name)
 
         def log_message(self, format, *args):
-            sys.stderr.write("%s %s\n" % (_utc_now(), format % args))
+            # A login URL's token must not reach the log: it may be a secret the caller chose.
+            sys.stderr.write("%s %s\n" % (_utc_now(), _LOGGED_TOKEN.sub(r"\1***", format % args)))
 
         def answer(self) -> None:
             self.cors_origin, self.body_read, extra = None, False, {}

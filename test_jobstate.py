@@ -3164,6 +3164,18 @@ class WebHttpTests(ServeTestCase):
         self.assertIsNone(self.ready["login_url"], "a caller's secret is never echoed")
         status, headers, _ = self.send("GET", "/?token=chosen-by-the-caller", headers={"Authorization": None})
         self.assertEqual((status, headers["Location"]), (303, "/"))
+        self.send("GET", "/?token=chosen-by-the-caller&x=1", headers={"Authorization": None})
+        status, headers, _ = self.send("GET", "/?%74oken=chosen-by-the-caller", headers={"Authorization": None})
+        self.assertEqual((status, headers["Location"]), (303, "/"))
+        if POSIX:  # the request log does not echo it either (SIGTERM: a clean stop that flushes it)
+            self.server.terminate()
+            self.assertEqual(self.server.wait(30), 0)
+            logs = [name for name in os.listdir(self.tmp) if name.startswith("serve-")]
+            for name in logs:
+                with open(os.path.join(self.tmp, name), "rb") as f:
+                    text = f.read()
+                self.assertNotIn(b"chosen-by-the-caller", text)
+            self.assertIn(b"token=***", text)
 
     def test_page_and_assets_carry_the_security_headers(self):
         import html.parser
