@@ -5667,7 +5667,7 @@ _WEB_JS = r"""// jobstate's web page: one script, no framework.  Every piece of 
         Object.assign(log, {start: first.start, end: first.end, size: first.size, head});
         appendOutput(log.decoder.decode(rest, {stream: true}));
       }
-      for (;;) {
+      for (let reads = 0; reads < 8; reads++) {  // at most 2 MiB a look: a fast writer cannot hold the page
         const next = await readLog(job, log.end, LOG_FOLLOW);
         if (log !== job.log) return;
         if (next.size < log.end) { resetLog(job); return; }  // the log was started afresh
@@ -5676,7 +5676,7 @@ _WEB_JS = r"""// jobstate's web page: one script, no framework.  Every piece of 
         log.size = next.size;
         if (next.end >= next.size) break;
       }
-      log.complete = job.doc.state !== "running" && job.doc.state !== "created";
+      log.complete = log.end >= log.size && job.doc.state !== "running" && job.doc.state !== "created";
       if (log.end - log.start > LOG_KEEP) resetLog(job);
     } finally {
       log.busy = false;
