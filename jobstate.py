@@ -4169,6 +4169,7 @@ def _json_type(*names: str) -> dict:
 
 
 _STR, _INT, _BOOL = _json_type("string"), _json_type("integer"), _json_type("boolean")
+_NUM, _OPT_BOOL = _json_type("number"), _json_type("boolean", "null")
 _OPT_STR, _OPT_INT = _json_type("string", "null"), _json_type("integer", "null")
 _STR_LIST = {"type": "array", "items": _STR}
 _RANGE = {"type": "array", "items": _INT, "minItems": 2, "maxItems": 2}
@@ -4229,7 +4230,14 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "health": {"version": _STR, "root": _STR, "capabilities": _CAPABILITIES},
     "doctor": {"root": _STR, "capabilities": _CAPABILITIES},
     "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL, "token": _OPT_STR, "token_file": _STR,
-              "allowed_origins": _STR_LIST},
+              "login_url": _OPT_STR, "allowed_origins": _STR_LIST},
+    "definition": {"job_id": _STR, "command": _STR_LIST, "cwd": _STR, "env": {"type": "object",
+                   "additionalProperties": _STR}, "env_files": _STR_LIST, "inherit_env": _BOOL, "has_stdin": _BOOL,
+                   "timeout_s": _NUM, "kill_after_s": _NUM, "kill_orphans": _BOOL, "tags": _STR_LIST,
+                   "notify_command": _OPT_STR, "notify_file": _OPT_STR, "created_at": _OPT_STR},
+    "notifications": {"job_id": _STR, "notify_command": _OPT_STR, "notify_file": _OPT_STR, "recorded": _BOOL,
+                      "pending": _OPT_BOOL, "event": _json_type("object", "null"),
+                      "deliveries": {"type": "array", "items": {"type": "object"}}},
 }
 
 
@@ -4406,6 +4414,45 @@ def _status_doc(job: Job) -> dict:
     return _envelope("status", _job_view(job.paths, job.state()))
 
 
+def _definition_doc(job: Job) -> dict:
+    """The job's whole definition (meta.json), masked variables as ***."""
+    spec = job.spec()
+    return _envelope("definition", {
+        "job_id": job.id, "command": spec.argv, "cwd": spec.cwd, "env": spec.masked_env(),
+        "env_files": spec.env_files, "inherit_env": spec.inherit_env, "has_stdin": spec.has_stdin,
+        "timeout_s": spec.timeout_s, "kill_after_s": spec.kill_after_s, "kill_orphans": spec.kill_orphans,
+        "tags": spec.tags, "notify_command": spec.notify_command, "notify_file": spec.notify_file,
+        "created_at": spec.created_at})
+
+
+def _notifications_doc(job: Job) -> dict:
+    """The sinks a job names and what its last run's notification did (completion_event.json)."""
+    spec = job.spec()
+    record = _read_event_record(job.paths)
+    return _envelope("notifications", {
+        "job_id": job.id, "notify_command": spec.notify_command, "notify_file": spec.notify_file,
+        "recorded": record is not None, "pending": record["pending"] if record else None,
+        "event": record["event"] if record else None, "deliveries": record["deliveries"] if record else []})
+
+
+def _read_event_record(paths: JobPaths) -> Optional[dict]:
+    """completion_event.json, never through a symlink; None before the job's end (or without sinks)."""
+    fd = _open_job_file(paths.event)
+    if fd is None:
+        return None
+    try:
+        with open(fd, "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+    except OSError as exc:
+        raise _unreadable(paths.event, exc) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StateFileError(paths.event, str(exc)) from None
+    if not (isinstance(record, dict) and isinstance(record.get("event"), dict)
+            and isinstance(record.get("deliveries"), list) and isinstance(record.get("pending"), bool)):
+        raise StateFileError(paths.event, "not a notification record")
+    return record
+
+
 def _tail_doc(job: Job, lines: int, max_bytes: int) -> dict:
     tail = job.tail(lines, max_bytes)
     state = job.state()
@@ -4506,13 +4553,20 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
         "limit": _count_param("at most this many jobs"), "all": {"type": "boolean"}, "cwd": {"type": "string"},
         "tags": _TAGS_PARAM}, []),
 }
+# Operations the HTTP API adds for the web page's buttons (MCP keeps the six above).
+_HTTP_OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
+    "restart": ("Stop the job's tree if it runs, then start its definition again under the same id.", {
+        "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "TERM, INT, KILL, HUP, ..."},
+        "kill_after": _duration_param("then KILL what is left after S seconds"), "until": _UNTIL_PARAM,
+        "max_bytes": _MAX_BYTES_PARAM}, ["job_id"]),
+}
 _JSON_TYPE_CHECKS = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
                      "array": list, "object": dict}
 
 
 def _check_arguments(operation: str, args: dict) -> dict:
     """Reject unknown, missing, mistyped and out-of-range arguments before doing anything."""
-    _, params, required = _OPERATIONS[operation]
+    _, params, required = _OPERATIONS[operation] if operation in _OPERATIONS else _HTTP_OPERATIONS[operation]
     if not isinstance(args, dict):
         raise InvalidArgumentError("arguments must be a JSON object")
     unknown = sorted(set(args) - set(params))
@@ -4600,6 +4654,9 @@ def _call_operation(operation: str, args: dict, root: str, *, default_until: flo
         return _tail_doc(job, args.get("lines", DEFAULT_TAIL_LINES), max_bytes)
     if operation == "wait":
         return _observed_doc("wait", job, until, max_bytes, started)
+    if operation == "restart":
+        job.restart(args.get("signal", "TERM"), kill_after_s=args.get("kill_after", DEFAULT_KILL_AFTER_S))
+        return _observed_doc("restart", job, until, max_bytes, started)
     return _kill_doc(job, args.get("signal", "TERM"), args.get("kill_after"), DEFAULT_KILL_OBSERVE_S)
 
 
@@ -4849,7 +4906,22 @@ _HTTP_STATUS = {"job_not_found": 404, "invalid_state": 409, "unauthorized": 401,
                 "state_unreadable": 500, "internal_error": 500}
 # The methods each endpoint answers (endpoints are named by _http_endpoint).
 _HTTP_METHODS = {"health": ("GET",), "jobs": ("GET", "POST"), "job": ("GET", "DELETE"), "tail": ("GET",),
-                 "wait": ("GET",), "kill": ("POST",)}
+                 "wait": ("GET",), "kill": ("POST",), "restart": ("POST",), "log": ("GET",),
+                 "definition": ("GET",), "notifications": ("GET",), "page": ("GET",), "asset": ("GET",)}
+_JOB_ENDPOINTS = ("tail", "wait", "kill", "restart", "log", "definition", "notifications")
+# Every response carries these.  The policy lets the web page run only its own
+# script and style (no inline code, nothing fetched from elsewhere, no framing).
+_PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+_HTTP_SECURITY_HEADERS = (("Content-Security-Policy", _PAGE_CSP), ("X-Content-Type-Options", "nosniff"),
+                          ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"),
+                          ("Cross-Origin-Resource-Policy", "same-origin"), ("Cache-Control", "no-store"))
+_HTML_TYPE = "text/html; charset=utf-8"
+# `token=` in a logged request line, its letters maybe percent-encoded (parse_qs decodes names).
+_LOGGED_TOKEN = re.compile(r"([?&;](?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&;\s\"]*", re.IGNORECASE)
+_LOG_STREAMS = ("stdout", "stderr", "full")
+_LOG_DEFAULT_LENGTH = 1 << 16
+_LOG_MAX_LENGTH = 1 << 20
 
 
 class _UnauthorizedError(JobError):
@@ -4880,14 +4952,25 @@ class _UnsupportedMediaTypeError(JobError):
     code = "unsupported_media_type"
 
 
+@dataclass(frozen=True)
+class _RawReply:
+    """A response that is not a JSON envelope: the web page, its assets, log bytes, a redirect."""
+    status: int
+    content_type: str
+    body: bytes
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+
 def _http_status(error: JobError) -> int:
     return _HTTP_STATUS.get(error.code, 400)
 
 
 def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed_origins: Sequence[str],
                        idle_timeout_s: float):
+    import hashlib
     import hmac
     from http.server import BaseHTTPRequestHandler
+    session = _session_value(token) if token is not None else None
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "jobstate/" + __version__
@@ -4906,7 +4989,8 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
             raise AttributeError(name)
 
         def log_message(self, format, *args):
-            sys.stderr.write("%s %s\n" % (_utc_now(), format % args))
+            # A login URL's token must not reach the log: it may be a secret the caller chose.
+            sys.stderr.write("%s %s\n" % (_utc_now(), _LOGGED_TOKEN.sub(r"\1***", format % args)))
 
         def answer(self) -> None:
             self.cors_origin, self.body_read, extra = None, False, {}
@@ -4914,8 +4998,12 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
                 self.check_request()
                 if self.command == "OPTIONS":
                     return self.send_preflight()
-                self.authorize()
-                status, doc = 200, _route_http(self.command, self.path, self.body, root)
+                endpoint = _http_endpoint(_http_target(self.path)[0])
+                if endpoint == "page" and self.command == "GET":
+                    status, doc = 200, self.page_reply()
+                else:
+                    self.authorize(endpoint)
+                    status, doc = 200, _route_http(self.command, self.path, self.body, root)
             except JobError as exc:
                 status, doc = _http_status(exc), _error_envelope(exc)
                 if isinstance(exc, _MethodNotAllowedError):
@@ -4923,6 +5011,8 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
             except Exception as exc:  # a bug: answer 500 with an envelope, keep serving
                 status, doc = 500, _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
             self.discard_body()
+            if isinstance(doc, _RawReply):
+                return self.send_raw(doc)
             return self.send_envelope(status, doc, extra)
 
         def check_request(self) -> None:
@@ -4933,20 +5023,67 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
                                       hint="address the server as localhost, a loopback address or %s"
                                       % bound_host)
             origins = self.headers.get_all("Origin") or []
-            if len(origins) > 1 or (origins and origins[0] not in allowed_origins):
+            own = len(origins) == 1 and _is_own_origin(origins[0], hosts[0])  # the web page we served
+            if len(origins) > 1 or (origins and origins[0] not in allowed_origins and not own):
                 raise _ForbiddenError("requests from web pages of %r are refused" % (origins[-1],),
                                       hint="start serve with --allow-origin ORIGIN to let one call it")
-            self.cors_origin = origins[0] if origins else None
+            self.cors_origin = origins[0] if origins and not own else None
 
-        def authorize(self) -> None:
-            if token is None or (self.command == "GET" and _http_endpoint(_http_target(self.path)[0]) == "health"):
+        def authorize(self, endpoint: Optional[str]) -> None:
+            if token is None or (self.command == "GET" and endpoint in ("health", "asset")):
                 return
-            given = self.headers.get("Authorization", "")
-            expected = "Bearer " + token
-            if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+            if self.has_bearer_token():
+                return
+            if not self.has_session_cookie():
                 raise _UnauthorizedError("missing or wrong bearer token",
                                          hint="send 'Authorization: Bearer TOKEN' with the token serve printed "
                                          "(also in %s under the jobs root)" % _SERVE_FILENAME)
+            # The browser sends the cookie with every request to this host, whichever page
+            # asked: it counts only for the page's own calls, which say they are same-origin
+            # and carry a header that no other page can add without a preflight we refuse.
+            site = self.headers.get("Sec-Fetch-Site")
+            if site is not None and site != "same-origin":
+                raise _ForbiddenError("a %s request cannot use the web page's session" % _clip(site),
+                                      hint="only the page serve itself serves may use its cookie")
+            if self.headers.get("X-Jobstate") != "1":
+                raise _UnauthorizedError("the web page's session cookie counts only with the header X-Jobstate: 1",
+                                         hint="other clients send 'Authorization: Bearer TOKEN'")
+
+        def has_bearer_token(self) -> bool:
+            given = self.headers.get("Authorization", "")
+            return hmac.compare_digest(given.encode("utf-8", "replace"), ("Bearer " + token).encode("utf-8"))
+
+        def cookie_name(self) -> str:
+            # Browsers share cookies between the ports of a host: one name per server.
+            return "jobstate_%d" % self.server.server_address[1]
+
+        def has_session_cookie(self) -> bool:
+            given = _cookie_values(self.headers.get_all("Cookie") or [], self.cookie_name())
+            return any([hmac.compare_digest(value.encode("utf-8", "replace"), session.encode()) for value in given])
+
+        def page_reply(self) -> _RawReply:
+            """GET /: the web page, or the sign-in page (401); ?token= signs in: a session
+            cookie, and a redirect to the page's address without the token."""
+            from urllib.parse import parse_qs
+            query = parse_qs(_http_target(self.path)[1], keep_blank_values=True)
+            unknown = sorted(set(query) - {"token"})
+            if unknown:
+                raise InvalidArgumentError("unknown query parameter(s): %s" % _clip(", ".join(unknown)),
+                                           hint="the page takes only ?token=")
+            if "token" in query:
+                return self.sign_in(query["token"])
+            if token is None or self.has_bearer_token() or self.has_session_cookie():
+                return _RawReply(200, _HTML_TYPE, _WEB_PAGE_HTML.encode("utf-8"))
+            return _RawReply(401, _HTML_TYPE, _WEB_SIGN_IN_HTML.encode("utf-8"))
+
+        def sign_in(self, given: List[str]) -> _RawReply:
+            if token is None:
+                return _RawReply(303, "text/plain; charset=utf-8", b"no sign-in needed\n", (("Location", "/"),))
+            if len(given) != 1 or not hmac.compare_digest(given[0].encode("utf-8", "replace"), token.encode("utf-8")):
+                return _RawReply(401, _HTML_TYPE, _WEB_SIGN_IN_HTML.encode("utf-8"))
+            cookie = "%s=%s; HttpOnly; SameSite=Strict; Path=/" % (self.cookie_name(), session)
+            return _RawReply(303, "text/plain; charset=utf-8", b"signed in\n",
+                             (("Location", "/"), ("Set-Cookie", cookie)))
 
         def body(self) -> dict:
             if not _is_json_media_type(self.headers.get("Content-Type")):
@@ -4997,6 +5134,13 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
 
         def send_envelope(self, status: int, doc: dict, extra: Dict[str, str]) -> None:
             body = _json_bytes(doc)
+            if status == 200 and self.command == "GET":
+                # Pollers (the web page, every second) send the tag back: 304 when nothing changed.
+                extra = dict(extra, ETag='"%s"' % hashlib.sha256(body).hexdigest()[:32])
+                if _etag_matches(self.headers.get("If-None-Match"), extra["ETag"]):
+                    self.send_response(304)
+                    self.send_header("ETag", extra["ETag"])
+                    return self.finish_response(b"")
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -5006,9 +5150,20 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
                 self.send_header(name, value)
             self.finish_response(body if self.command != "HEAD" else b"")
 
+        def send_raw(self, reply: _RawReply) -> None:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.finish_response(reply.body if self.command != "HEAD" else b"")
+
         def finish_response(self, body: bytes) -> None:
+            for name, value in _HTTP_SECURITY_HEADERS:
+                self.send_header(name, value)
             if self.cors_origin:
                 self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+                self.send_header("Access-Control-Expose-Headers", "ETag, X-Log-Start, X-Log-End, X-Log-Size")
                 self.send_header("Vary", "Origin")
             if self.close_connection:
                 self.send_header("Connection", "close")
@@ -5036,8 +5191,9 @@ def _json_bytes(doc: dict) -> bytes:
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
-def _route_http(method: str, target: str, read_body, root: str) -> dict:
-    """Answer one request: `target` is the path with its query, read_body() the JSON body."""
+def _route_http(method: str, target: str, read_body, root: str):
+    """Answer one request with an envelope (a dict) or a _RawReply: `target` is the
+    path with its query, read_body() the JSON body."""
     from urllib.parse import parse_qs
     parts, query_text = _http_target(target)
     path = target.partition("?")[0][:200]
@@ -5045,13 +5201,16 @@ def _route_http(method: str, target: str, read_body, root: str) -> dict:
     if endpoint is None:
         raise _EndpointNotFoundError("no endpoint %s %s" % (method, path),
                                      hint="endpoints: /health, /jobs, /jobs/ID, /jobs/ID/tail, /jobs/ID/wait, "
-                                          "/jobs/ID/kill")
+                                          "/jobs/ID/kill, /jobs/ID/restart, /jobs/ID/log, /jobs/ID/definition, "
+                                          "/jobs/ID/notifications, / (the web page)")
     if method not in _HTTP_METHODS[endpoint]:
         raise _MethodNotAllowedError(method, path, _HTTP_METHODS[endpoint])
     params = parse_qs(query_text)
     query = {k: v[-1] for k, v in params.items()}
     if endpoint == "health":
         return _envelope("health", {"version": __version__, "root": root, "capabilities": _capabilities(root)})
+    if endpoint == "asset":
+        return _web_asset(parts[0])
     if endpoint == "jobs" and method == "POST":
         return _call_operation("run", read_body(), root, default_until=DEFAULT_RUN_UNTIL_S)
     if endpoint == "jobs":
@@ -5060,8 +5219,14 @@ def _route_http(method: str, target: str, read_body, root: str) -> dict:
             args["tags"] = params["tag"]
         return _call_operation("list", args, root, default_until=0)
     job_id = parts[1]
-    if endpoint == "kill":
-        return _call_operation("kill", dict(read_body(), job_id=job_id), root, default_until=0)
+    if endpoint in ("kill", "restart"):
+        return _call_operation(endpoint, dict(read_body(), job_id=job_id), root, default_until=0)
+    if endpoint == "log":
+        return _log_reply(root, job_id, parse_qs(query_text, keep_blank_values=True))
+    if endpoint in ("definition", "notifications"):
+        _query_args(query, {})
+        job = open_job(job_id, root)
+        return _definition_doc(job) if endpoint == "definition" else _notifications_doc(job)
     if method == "DELETE":
         return _delete_doc(root, job_id, False)
     types = {"job": {}, "tail": {"lines": int, "max_bytes": int}, "wait": {"until": float, "max_bytes": int}}
@@ -5084,11 +5249,15 @@ def _http_endpoint(parts: Optional[List[str]]) -> Optional[str]:
     """The endpoint a path names (a key of _HTTP_METHODS), or None."""
     if parts == ["health"]:
         return "health"
+    if parts == []:
+        return "page"
+    if parts is not None and len(parts) == 1 and parts[0] in _WEB_ASSETS:
+        return "asset"
     if not parts or parts[0] != "jobs" or len(parts) > 3:
         return None
     if len(parts) < 3:
         return ("jobs", "job")[len(parts) - 1]
-    return parts[2] if parts[2] in ("tail", "wait", "kill") else None
+    return parts[2] if parts[2] in _JOB_ENDPOINTS else None
 
 
 def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
@@ -5114,6 +5283,87 @@ def _query_bool(value: str) -> bool:
     if value.lower() not in words:
         raise ValueError(value)
     return words[value.lower()]
+
+
+def _log_reply(root: Optional[str], job_id: str, query: Dict[str, List[str]]) -> _RawReply:
+    """GET /jobs/ID/log?stream=stdout|stderr|full&offset=N&length=M: the bytes [N, N+M)
+    of one log as they are on disk (without offset: its last M bytes); the headers
+    X-Log-Start, X-Log-End and X-Log-Size say which range that is, of how many."""
+    stream, offset, length = _log_range_args(query)
+    paths = open_job(job_id, root).paths
+    path = {"stdout": paths.stdout_log, "stderr": paths.stderr_log, "full": paths.full_log}[stream]
+    start, size, data = _read_log_range(path, offset, length)
+    return _RawReply(200, "application/octet-stream", data, (
+        ("X-Log-Start", str(start)), ("X-Log-End", str(start + len(data))), ("X-Log-Size", str(size))))
+
+
+def _log_range_args(query: Dict[str, List[str]]) -> Tuple[str, Optional[int], int]:
+    unknown = sorted(set(query) - {"stream", "offset", "length"})
+    if unknown:
+        raise InvalidArgumentError("unknown query parameter(s): %s" % _clip(", ".join(unknown)),
+                                   hint="log takes stream, offset and length")
+    repeated = sorted(name for name, values in query.items() if len(values) > 1)
+    if repeated:
+        raise InvalidArgumentError("query parameter(s) given more than once: %s" % ", ".join(repeated))
+    stream = query.get("stream", [None])[0]
+    if stream not in _LOG_STREAMS:
+        raise InvalidArgumentError("stream must be one of %s, not %r" % (", ".join(_LOG_STREAMS), _clip(stream)),
+                                   hint="e.g. log?stream=stdout&offset=0&length=65536")
+    length = _query_count(query, "length", _LOG_MAX_LENGTH)
+    return stream, _query_count(query, "offset", _MAX_COUNT), _LOG_DEFAULT_LENGTH if length is None else length
+
+
+def _query_count(query: Dict[str, List[str]], name: str, maximum: int) -> Optional[int]:
+    """A query parameter that must be a whole number from 0 to maximum; None when absent."""
+    if name not in query:
+        return None
+    text = query[name][0]
+    if not re.fullmatch(r"[0-9]{1,16}", text) or int(text) > maximum:
+        raise InvalidArgumentError("query parameter %s=%r is not a whole number from 0 to %d"
+                                   % (name, _clip(text), maximum))
+    return int(text)
+
+
+def _read_log_range(path: str, offset: Optional[int], length: int) -> Tuple[int, int, bytes]:
+    """(start, size, bytes) of a log, never through a symlink; a log not yet made is empty.
+    An offset past the end reads nothing at the end (a restart starts the logs afresh)."""
+    fd = _open_job_file(path)
+    if fd is None:
+        return 0, 0, b""
+    try:
+        with open(fd, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - length) if offset is None else min(offset, size)
+            f.seek(start)
+            data = f.read(min(length, size - start))
+    except OSError as exc:  # a directory planted under the log's name, say
+        raise _unreadable(path, exc) from None
+    return start, size, data
+
+
+def _etag_matches(header: Optional[str], etag: str) -> bool:
+    """Does If-None-Match name this entity tag (weak or strong), or any (*)?"""
+    tags = [tag.strip() for tag in (header or "").split(",")]
+    return "*" in tags or etag in tags or "W/" + etag in tags
+
+
+def _session_value(token: str) -> str:
+    """The web page's session cookie: a MAC of the token, so that a cookie that
+    leaks (browsers send it to every port of the host) never reveals the token."""
+    import hashlib
+    import hmac
+    return hmac.new(token.encode("utf-8"), b"jobstate web page session", hashlib.sha256).hexdigest()
+
+
+def _cookie_values(headers: Sequence[str], name: str) -> List[str]:
+    """The values of every cookie called `name` in Cookie headers."""
+    values = []
+    for header in headers:
+        for pair in header.split(";"):
+            key, sep, value = pair.strip().partition("=")
+            if sep and key == name:
+                values.append(value.strip())
+    return values
 
 
 def _content_length(headers) -> int:
@@ -5196,6 +5446,13 @@ def _host_is_allowed(header: Optional[str], bound_host: str) -> bool:
     return bool(bound and bound.is_unspecified and _ip_address(host))
 
 
+def _is_own_origin(origin: str, host_header: str) -> bool:
+    """Does Origin name the pages of this server, as reached through Host (already
+    checked)?  Browsers serialize an origin without the default port."""
+    host = host_header.lower()
+    return origin.lower() == "http://" + (host[:-3] if host.endswith(":80") else host)
+
+
 def _check_origin_option(value: str) -> str:
     """An --allow-origin value: scheme://host[:port], exactly as browsers send Origin."""
     if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", value, re.IGNORECASE):
@@ -5220,6 +5477,14 @@ def _serve_token(host: str, use_token: bool) -> Tuple[Optional[str], bool]:
         raise InvalidArgumentError("refusing to serve on %s without a token" % host,
                                    hint="drop --no-token (serve makes a token), or bind a loopback address")
     return None, False
+
+
+def _login_url(url: str, token: Optional[str], made_token: bool) -> Optional[str]:
+    """The web page's address to open: with the token when serve made it; None for a
+    token the caller chose (never echoed: add ?token= yourself), none needed without one."""
+    if token is None:
+        return url + "/"
+    return url + "/?token=" + token if made_token else None
 
 
 def _make_http_server(host: str, port: int, handler):
@@ -5283,7 +5548,7 @@ def _serve_http(root: str, bind: str, ready, *, use_token: bool = True,
         ready(_envelope("serve", {
             "url": url, "host": host, "port": bound_port, "auth": token is not None, "token_file": info_path,
             "token": token if made_token else None,  # never echo a secret the caller chose
-            "allowed_origins": origins}))
+            "login_url": _login_url(url, token, made_token), "allowed_origins": origins}))
         while not server.stopping:
             server.handle_request()
     except KeyboardInterrupt:  # where our handlers could not be installed
@@ -5326,6 +5591,908 @@ def _remove_serve_file(path: str, info: dict) -> None:
             os.unlink(path)
     except (OSError, ValueError):  # already gone, or unreadable: not ours to judge, leave it
         pass
+
+
+# -- Web page: GET / on serve ------------------------------------------------------
+#
+# The page, its script and its style, served by the handler above: part of the
+# HTTP surface, so they sit here rather than in a section of their own after it
+# (which the handler, calling backwards only, could not use).  Static text: the
+# page fetches all job data from the API and inserts it as text, never as HTML;
+# the Content-Security-Policy (_PAGE_CSP) allows no inline script or style.
+
+def _web_asset(name: str) -> _RawReply:
+    content_type, text = _WEB_ASSETS[name]
+    return _RawReply(200, content_type, text.encode("utf-8"))
+
+
+_WEB_PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>jobstate</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/app.css">
+<script src="/app.js" defer></script>
+</head>
+<body>
+<a class="skip" href="#main">Skip to the jobs</a>
+<header class="top">
+  <h1><a href="#/">jobstate</a></h1>
+  <nav id="counts" aria-label="Jobs per state (choose one to filter)"></nav>
+  <p id="status" role="status" aria-live="polite"></p>
+</header>
+<main id="main" tabindex="-1">
+<noscript><p class="problem">This page needs JavaScript; the HTTP API and the CLI do not.</p></noscript>
+<section id="list-view" aria-label="Jobs">
+  <form id="filters" class="filters">
+    <label>State <select id="filter-state"><option value="">any</option></select></label>
+    <label>Tag <select id="filter-tag"><option value="">any</option></select></label>
+    <label>Directory <select id="filter-cwd"><option value="">any</option></select></label>
+  </form>
+  <p id="list-note" class="note"></p>
+  <table id="jobs">
+    <caption class="visually-hidden">Jobs, newest first</caption>
+    <thead><tr>
+      <th scope="col">ID</th><th scope="col">State</th><th scope="col">Exit</th><th scope="col">Command</th>
+      <th scope="col">Directory</th><th scope="col">Tags</th><th scope="col">Created</th><th scope="col">Duration</th>
+    </tr></thead>
+    <tbody></tbody>
+  </table>
+</section>
+<section id="job-view" aria-labelledby="job-title" hidden>
+  <p><a href="#/">&larr; All jobs</a></p>
+  <h2 id="job-title">Job <code id="job-id"></code></h2>
+  <p class="verdict"><span id="job-state" class="badge"></span> <span id="job-verdict"></span></p>
+  <div class="actions" role="group" aria-label="Actions">
+    <label for="signal">Signal</label>
+    <select id="signal">
+      <option>TERM</option><option>INT</option><option>HUP</option><option>QUIT</option><option>KILL</option>
+      <option>USR1</option><option>USR2</option><option>STOP</option><option>CONT</option>
+    </select>
+    <button id="kill" type="button">Send signal</button>
+    <button id="restart" type="button">Restart</button>
+    <button id="delete" type="button" class="danger">Delete&hellip;</button>
+  </div>
+  <p id="action-result" role="status" aria-live="polite"></p>
+  <h3>Output</h3>
+  <div class="tabs" role="tablist" aria-label="Output stream">
+    <button id="tab-stdout" type="button" role="tab" aria-controls="output" aria-selected="true"
+      data-stream="stdout">stdout</button>
+    <button id="tab-stderr" type="button" role="tab" aria-controls="output" aria-selected="false" tabindex="-1"
+      data-stream="stderr">stderr</button>
+    <button id="tab-full" type="button" role="tab" aria-controls="output" aria-selected="false" tabindex="-1"
+      data-stream="full">both, interleaved (full.log)</button>
+  </div>
+  <div class="log-bar">
+    <button id="load-earlier" type="button" hidden>Load earlier</button>
+    <span id="log-range"></span>
+    <label><input id="follow" type="checkbox" checked> Follow</label>
+  </div>
+  <pre id="output" role="tabpanel" tabindex="0" aria-labelledby="tab-stdout"></pre>
+  <div class="columns">
+    <section aria-labelledby="state-title"><h3 id="state-title">State</h3><dl id="state"></dl></section>
+    <section aria-labelledby="definition-title">
+      <h3 id="definition-title">Definition</h3><dl id="definition"></dl>
+    </section>
+  </div>
+  <h3>Notifications</h3>
+  <div id="notifications"></div>
+</section>
+</main>
+<dialog id="confirm" aria-labelledby="confirm-title">
+  <form method="dialog">
+    <h2 id="confirm-title">Delete this job?</h2>
+    <p>Its directory, output and record are removed for good.</p>
+    <p><code id="confirm-job"></code></p>
+    <div class="actions">
+      <button id="confirm-cancel" value="cancel" autofocus>Cancel</button>
+      <button id="confirm-delete" value="delete" class="danger">Delete</button>
+    </div>
+  </form>
+</dialog>
+</body>
+</html>
+"""
+
+# The answer to GET / without a session (401): no script, just how to sign in.
+_WEB_SIGN_IN_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>jobstate: sign in</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/app.css">
+</head>
+<body>
+<main id="main" class="sign-in">
+<h1>jobstate</h1>
+<p class="problem">Not signed in.</p>
+<p>Open the <strong>login URL</strong> that <code>jobstate serve</code> printed (<code>login_url</code>):
+it holds the token, and signs this browser in until it closes.</p>
+<p>With a token of your own (<code>JOBSTATE_SERVE_TOKEN</code>), open this address with
+<code>?token=</code> and the token after it. The token is also in <code>serve.json</code> in the jobs root.</p>
+<p>Just opened the login URL from a link on another site? The browser holds the session cookie
+back on such a visit: <a href="/">open the page again</a>.</p>
+</main>
+</body>
+</html>
+"""
+
+_WEB_CSS = r""":root {
+  color-scheme: light dark;
+  --bg: #ffffff; --fg: #1b1f24; --muted: #5b6570; --line: #d5dae0; --panel: #f4f6f8; --accent: #0b5fcc;
+  --exited: #137333; --running: #8a5a00; --created: #0b7285; --killed: #c5221f; --failed: #c5221f;
+  --unknown: #6b7280; --bad: #c5221f; --danger-bg: #c5221f; --danger-fg: #ffffff;
+  font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+  font-size: 15px; line-height: 1.45;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #111418; --fg: #e3e6ea; --muted: #9aa4af; --line: #2e353d; --panel: #1a1f25; --accent: #6ea8fe;
+    --exited: #5cc97b; --running: #f0b429; --created: #4cc9de; --killed: #ff6b6b; --failed: #ff6b6b;
+    --unknown: #9aa4af; --bad: #ff6b6b; --danger-bg: #e5534b; --danger-fg: #111418;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg); }
+a { color: var(--accent); }
+code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "DejaVu Sans Mono", monospace;
+  font-size: 0.92em; }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+.skip { position: absolute; left: -999px; top: 0; background: var(--bg); padding: 0.5rem; z-index: 2; }
+.skip:focus { left: 0.5rem; }
+.visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0);
+  white-space: nowrap; }
+[hidden] { display: none !important; }
+
+.top { display: flex; flex-wrap: wrap; align-items: center; gap: 0.5rem 1.25rem; padding: 0.6rem 1rem;
+  border-bottom: 1px solid var(--line); background: var(--panel); position: sticky; top: 0; z-index: 1; }
+.top h1 { font-size: 1.15rem; margin: 0; }
+.top h1 a { color: var(--fg); text-decoration: none; }
+#counts { display: flex; flex-wrap: wrap; gap: 0.35rem; }
+#counts button { font: inherit; font-size: 0.9rem; border: 1px solid var(--line); border-radius: 999px;
+  padding: 0.1rem 0.65rem; background: var(--bg); color: inherit; cursor: pointer; }
+#counts button[aria-pressed="true"] { border-color: var(--accent); box-shadow: inset 0 0 0 1px var(--accent); }
+#status { margin: 0 0 0 auto; color: var(--muted); font-size: 0.85rem; }
+#status.problem { color: var(--bad); font-weight: 600; }
+main { padding: 0.75rem 1rem 2rem; max-width: 110rem; margin: 0 auto; }
+main:focus { outline: none; }
+
+.filters { display: flex; flex-wrap: wrap; gap: 0.5rem 1rem; margin-bottom: 0.5rem; }
+.filters label { display: flex; align-items: center; gap: 0.35rem; color: var(--muted); }
+select, button { font: inherit; color: inherit; background: var(--bg); border: 1px solid var(--line);
+  border-radius: 6px; padding: 0.3rem 0.6rem; min-height: 2.1rem; }
+select { max-width: 16rem; }
+button { cursor: pointer; }
+button:hover:not(:disabled) { border-color: var(--accent); }
+button:disabled { opacity: 0.5; cursor: not-allowed; }
+button.danger { background: var(--danger-bg); color: var(--danger-fg); border-color: var(--danger-bg); }
+.note { color: var(--muted); margin: 0.25rem 0 0.5rem; min-height: 1em; }
+.problem { color: var(--bad); font-weight: 600; }
+
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 0.35rem 0.6rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-size: 0.8rem; text-transform: uppercase; letter-spacing: 0.04em; color: var(--muted); font-weight: 600; }
+tbody tr:hover { background: var(--panel); }
+td.command, td.cwd { overflow-wrap: anywhere; }
+td.command { font-family: ui-monospace, Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: 0.9em; }
+td.cwd, td.created, td.duration, td.tags { color: var(--muted); }
+td.id a { font-family: ui-monospace, Menlo, Consolas, "DejaVu Sans Mono", monospace; }
+td.state, td.exit, td.created, td.duration { white-space: nowrap; }
+
+.st-exited { color: var(--exited); } .st-running { color: var(--running); } .st-created { color: var(--created); }
+.st-killed { color: var(--killed); } .st-failed { color: var(--failed); } .st-unknown { color: var(--unknown); }
+.st-bad { color: var(--bad); }
+td.state, .badge { font-weight: 600; }
+.badge { display: inline-block; border: 1px solid currentColor; border-radius: 999px; padding: 0 0.6rem; }
+@media (prefers-reduced-motion: no-preference) {
+  .st-running .icon { display: inline-block; animation: pulse 1.6s ease-in-out infinite; }
+  @keyframes pulse { 50% { opacity: 0.35; } }
+}
+
+#job-title { margin: 0.25rem 0; font-size: 1.2rem; overflow-wrap: anywhere; }
+.verdict { margin: 0.25rem 0 0.75rem; }
+.actions { display: flex; flex-wrap: wrap; align-items: center; gap: 0.5rem; }
+#action-result { min-height: 1.2em; margin: 0.4rem 0 0; color: var(--muted); }
+h3 { font-size: 1rem; margin: 1.25rem 0 0.4rem; }
+.tabs { display: flex; flex-wrap: wrap; gap: 0.25rem; }
+.tabs [role="tab"] { border-radius: 6px 6px 0 0; border-bottom: none; }
+.tabs [aria-selected="true"] { background: var(--panel); border-color: var(--accent); font-weight: 600; }
+.log-bar { display: flex; flex-wrap: wrap; align-items: center; gap: 0.5rem 1rem; padding: 0.35rem 0;
+  color: var(--muted); font-size: 0.9rem; }
+#output { margin: 0; padding: 0.6rem 0.75rem; background: var(--panel); border: 1px solid var(--line);
+  border-radius: 0 6px 6px 6px;
+  max-height: 65vh; min-height: 6rem; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
+.columns { display: grid; grid-template-columns: repeat(auto-fit, minmax(20rem, 1fr)); gap: 0 2rem; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.25rem 1rem; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+dd code { background: var(--panel); border: 1px solid var(--line); border-radius: 4px; padding: 0 0.25rem;
+  margin-right: 0.25rem; }
+
+dialog { border: 1px solid var(--line); border-radius: 8px; background: var(--bg); color: var(--fg);
+  max-width: 32rem; }
+dialog::backdrop { background: rgba(0, 0, 0, 0.45); }
+dialog h2 { font-size: 1.1rem; margin-top: 0; }
+.sign-in { max-width: 40rem; }
+
+/* A phone: each job is a card of labelled lines, nothing scrolls sideways. */
+@media (max-width: 720px) {
+  main { padding: 0.5rem 0.6rem 2rem; }
+  #status { margin-left: 0; width: 100%; }
+  #jobs thead { display: none; }
+  #jobs, #jobs tbody, #jobs tr, #jobs td { display: block; width: 100%; }
+  #jobs tr { border: 1px solid var(--line); border-radius: 8px; margin-bottom: 0.6rem; padding: 0.35rem 0.6rem; }
+  #jobs td { border: none; padding: 0.1rem 0; display: flex; gap: 0.75rem; white-space: normal; }
+  #jobs td::before { content: attr(data-label); flex: 0 0 5.5rem; color: var(--muted); font-size: 0.85rem;
+    font-weight: normal; }
+  .filters label { width: 100%; }
+  .filters select { flex: 1; max-width: none; }
+  dl { grid-template-columns: 1fr; }
+  dt { margin-top: 0.35rem; }
+}
+"""
+
+_WEB_JS = r"""// jobstate's web page: one script, no framework.  Every piece of job data goes
+// into the page as text (textContent, Text nodes), never as HTML.
+"use strict";
+(() => {
+  const POLL_MS = 1000;            // how often the page asks; 304 when nothing changed
+  const RETRY_MS = 5000;           // after an error or while signed out
+  const LIST_LIMIT = 1000;
+  const LOG_CHUNK = 65536;         // a first read, and each "load earlier"
+  const LOG_FOLLOW = 262144;       // each read while following
+  const LOG_KEEP = 8 << 20;        // past this much loaded output, start again from the end
+  const STATES = ["created", "running", "exited", "killed", "failed", "unknown"];
+  const ICONS = {created: "\u25CB", running: "\u25CF", exited: "\u2713", killed: "\u25A0", failed: "\u2717",
+                 unknown: "?"};
+
+  const $ = (selector) => document.querySelector(selector);
+  const ui = {};
+  let view = null;                 // {kind: "list"} or {kind: "job", id, ...}
+  let timer = 0;
+  let generation = 0;              // a new view stops the old view's polling
+  let resumeWhenVisible = null;
+
+  // -- building elements: text only ------------------------------------------------
+
+  const ATTRIBUTES = new Set(["href", "title", "datetime", "scope", "role", "tabindex", "value", "type", "id"]);
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(props || {})) {
+      if (name === "class") node.className = value;
+      else if (ATTRIBUTES.has(name) || /^(data|aria)-/.test(name)) node.setAttribute(name, String(value));
+      else throw new Error("el(): no property " + name);
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined) node.append(child);  // a string becomes a Text node
+    }
+    return node;
+  }
+
+  function clear(node) {
+    while (node.firstChild) node.removeChild(node.firstChild);
+  }
+
+  // -- formatting, as the text mode does ------------------------------------------------
+
+  function formatDuration(ms) {
+    if (ms === null || ms === undefined || Number.isNaN(ms)) return "-";
+    if (ms < 1000) return Math.floor(ms) + "ms";
+    const s = ms / 1000;
+    if (s < 60) return s.toFixed(1) + "s";
+    const pad = (n) => String(Math.floor(n)).padStart(2, "0");
+    if (s < 3600) return Math.floor(s / 60) + "m" + pad(s % 60) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h" + pad((s % 3600) / 60) + "m";
+    return Math.floor(s / 86400) + "d" + pad((s % 86400) / 3600) + "h";
+  }
+
+  function formatAge(timestamp) {
+    const then = Date.parse(timestamp || "");
+    if (Number.isNaN(then)) return "-";
+    const seconds = Math.max(0, Math.floor((Date.now() - then) / 1000));
+    for (const [unit, size] of [["d", 86400], ["h", 3600], ["m", 60]]) {
+      if (seconds >= size) return Math.floor(seconds / size) + unit + " ago";
+    }
+    return seconds + "s ago";
+  }
+
+  function durationOf(job) {
+    if (job.duration_ms !== null && job.duration_ms !== undefined) return job.duration_ms;
+    const started = Date.parse(job.started_at || "");
+    return job.state === "running" && !Number.isNaN(started) ? Math.max(0, Date.now() - started) : null;
+  }
+
+  function outcome(job) {
+    if (job.signal) return job.signal + (job.timed_out ? " (timeout)" : "");
+    return job.exit_code === null || job.exit_code === undefined ? "-" : String(job.exit_code);
+  }
+
+  function stateClass(job) {
+    return job.state === "exited" && job.exit_code !== 0 ? "st-bad" : "st-" + job.state;
+  }
+
+  function stateIcon(job) {
+    return job.state === "exited" && job.exit_code !== 0 ? "\u2717" : (ICONS[job.state] || "?");
+  }
+
+  function stateLabel(job) {  // one element: a flex cell (the phone layout) keeps icon and word together
+    return el("span", null, el("span", {class: "icon", "aria-hidden": "true"}, stateIcon(job)), " " + job.state);
+  }
+
+  function verdict(job) {
+    const took = formatDuration(job.duration_ms);
+    if (job.state === "exited") return "exited with code " + job.exit_code + " after " + took;
+    if (job.state === "killed") {
+      return "killed by " + job.signal + " after " + took + (job.timed_out ? " (timeout)" : "");
+    }
+    if (job.state === "failed") return "failed (" + (job.error || {}).stage + "): " + (job.error || {}).message;
+    if (job.state === "running") {
+      return "running" + (job.pid ? " as pid " + job.pid : "") + " for " + formatDuration(durationOf(job));
+    }
+    return job.state;
+  }
+
+  const commandText = (job) => (job.command || []).join(" ");
+
+  // -- talking to serve ------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, doc) {
+      const error = (doc && doc.error) || {};
+      super((error.message || "HTTP " + status) + (error.hint ? " (" + error.hint + ")" : ""));
+      this.status = status;
+      this.code = error.code;
+    }
+  }
+
+  // The session cookie counts only on requests that carry X-Jobstate: a header no
+  // other site's page can add without a CORS preflight, which serve refuses.
+  async function request(method, path, {body, etag} = {}) {
+    const headers = {"X-Jobstate": "1"};
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (etag) headers["If-None-Match"] = etag;
+    const response = await fetch(path, {method, headers, cache: "no-store", credentials: "same-origin",
+                                        body: body === undefined ? undefined : JSON.stringify(body)});
+    if (response.status === 304) return {status: 304, etag};
+    const type = response.headers.get("Content-Type") || "";
+    const doc = type.startsWith("application/json") ? await response.json() : null;
+    if (!response.ok) throw new ApiError(response.status, doc);
+    return {status: response.status, etag: response.headers.get("ETag"), doc};
+  }
+
+  function setStatus(text, isProblem) {
+    ui.status.textContent = text;
+    ui.status.classList.toggle("problem", Boolean(isProblem));
+  }
+
+  function reportFailure(error) {
+    if (error instanceof ApiError && error.status === 401) {
+      setStatus("Not signed in: open the login URL that `jobstate serve` printed.", true);
+    } else if (error instanceof ApiError) {
+      setStatus(error.message, true);
+    } else {
+      setStatus("The server does not answer (stopped?); trying again.", true);
+    }
+  }
+
+  // -- polling: one loop for the current view, paused while the tab is hidden --------
+
+  function startPolling(step) {
+    clearTimeout(timer);
+    resumeWhenVisible = null;
+    const mine = ++generation;
+    const tick = async () => {
+      if (mine !== generation) return;
+      if (document.hidden) { resumeWhenVisible = tick; return; }
+      let delay = POLL_MS;
+      try {
+        await step();
+      } catch (error) {
+        reportFailure(error);
+        delay = RETRY_MS;
+      }
+      if (mine === generation) timer = setTimeout(tick, delay);
+    };
+    tick();
+    return () => mine === generation;
+  }
+
+  function pollNow() {
+    if (view) startPolling(view.step);
+  }
+
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && resumeWhenVisible) {
+      const tick = resumeWhenVisible;
+      resumeWhenVisible = null;
+      tick();
+    }
+  });
+
+  // -- the list -------------------------------------------------------------------------
+
+  const list = {etag: null, doc: null, filters: {state: "", tag: "", cwd: ""}, options: {}};
+
+  async function listStep() {
+    if (!(await refreshList())) refreshTimes();
+    setStatus("Updated " + new Date().toLocaleTimeString(), false);
+  }
+
+  // The list, and the counts in the header on every view; true when it changed.
+  async function refreshList() {
+    const reply = await request("GET", "/jobs?all=1&limit=" + LIST_LIMIT, {etag: list.etag});
+    if (reply.status !== 200) return false;
+    list.etag = reply.etag;
+    list.doc = reply.doc;
+    if (view && view.kind === "list") renderList();
+    else renderCounts(list.doc.jobs);
+    return true;
+  }
+
+  function matches(job) {
+    const f = list.filters;
+    return (!f.state || job.state === f.state) && (!f.tag || (job.tags || []).includes(f.tag)) &&
+      (!f.cwd || job.cwd === f.cwd);
+  }
+
+  function renderList() {
+    const jobs = list.doc.jobs;
+    renderCounts(jobs);
+    fillOptions(ui.filterTag, "tag", [...new Set(jobs.flatMap((job) => job.tags || []))].sort());
+    fillOptions(ui.filterCwd, "cwd", [...new Set(jobs.map((job) => job.cwd).filter(Boolean))].sort());
+    const focusedId = document.activeElement && document.activeElement.closest("tr[data-job-id]") ?
+      document.activeElement.closest("tr[data-job-id]").getAttribute("data-job-id") : null;
+    const shown = jobs.filter(matches);
+    const body = el("tbody");
+    for (const job of shown) body.append(jobRow(job));
+    ui.jobs.replaceChild(body, ui.jobs.tBodies[0]);
+    if (focusedId) {
+      const link = body.querySelector('tr[data-job-id="' + CSS.escape(focusedId) + '"] a');
+      if (link) link.focus();
+    }
+    const notes = [];
+    if (!jobs.length) notes.push("No jobs yet under " + list.doc.root + ".");
+    else if (!shown.length) notes.push("No job matches the filters.");
+    else notes.push(shown.length + " of " + jobs.length + " jobs, newest first.");
+    if (list.doc.truncated) notes.push("Only the newest " + LIST_LIMIT + " are shown.");
+    if (list.doc.skipped) notes.push(list.doc.skipped + " unreadable job directories skipped.");
+    ui.listNote.textContent = notes.join(" ");
+  }
+
+  function jobRow(job) {
+    const row = el("tr", {"data-job-id": job.job_id, "data-state": job.state});
+    const created = el("time", {datetime: job.created_at || "", title: job.created_at || ""},
+                       formatAge(job.created_at));
+    row.append(
+      el("td", {class: "id", "data-label": "ID"},
+         el("a", {href: "#/job/" + encodeURIComponent(job.job_id), title: job.job_id}, job.job_id.slice(0, 12))),
+      el("td", {class: "state " + stateClass(job), "data-label": "State"}, stateLabel(job)),
+      el("td", {class: "exit", "data-label": "Exit"}, outcome(job)),
+      el("td", {class: "command", "data-label": "Command", title: commandText(job)}, commandText(job)),
+      el("td", {class: "cwd", "data-label": "Directory"}, job.cwd || "-"),
+      el("td", {class: "tags", "data-label": "Tags"}, (job.tags || []).join(", ")),
+      el("td", {class: "created", "data-label": "Created"}, created),
+      el("td", {class: "duration", "data-label": "Duration"}, formatDuration(durationOf(job))));
+    return row;
+  }
+
+  function refreshTimes() {
+    if (!list.doc) return;
+    const byId = new Map(list.doc.jobs.map((job) => [job.job_id, job]));
+    for (const row of ui.jobs.tBodies[0].rows) {
+      const job = byId.get(row.getAttribute("data-job-id"));
+      if (!job) continue;
+      row.querySelector(".created time").textContent = formatAge(job.created_at);
+      row.querySelector(".duration").textContent = formatDuration(durationOf(job));
+    }
+  }
+
+  function renderCounts(jobs) {
+    const counts = {};
+    for (const job of jobs) counts[job.state] = (counts[job.state] || 0) + 1;
+    const chips = [countChip("", null, "all " + jobs.length)];
+    for (const state of STATES) {
+      if (counts[state]) {
+        const icon = el("span", {class: "st-" + state, "aria-hidden": "true"}, ICONS[state]);
+        chips.push(countChip(state, icon, " " + state + " " + counts[state]));
+      }
+    }
+    clear(ui.counts);
+    ui.counts.append(...chips);
+  }
+
+  function countChip(state, icon, label) {
+    const chip = el("button", {type: "button", "aria-pressed": String(list.filters.state === state)}, icon, label);
+    chip.addEventListener("click", () => setFilter("state", state));
+    return chip;
+  }
+
+  function fillOptions(select, name, values) {
+    const wanted = list.filters[name];
+    if (wanted && !values.includes(wanted)) values = [wanted, ...values];
+    const key = values.join("\u0000");
+    if (list.options[name] === key) return;  // rebuilding would close a select someone has open
+    list.options[name] = key;
+    const any = select.options[0];
+    clear(select);
+    select.append(any, ...values.map((value) => el("option", {value}, value)));
+    select.value = wanted;
+  }
+
+  function setFilter(name, value) {
+    list.filters[name] = value;
+    if (name === "state") ui.filterState.value = value;
+    if (view && view.kind !== "list") location.hash = "#/";  // a count chip on a job's page
+    else if (list.doc) renderList();
+  }
+
+  function showList() {
+    view = {kind: "list", step: listStep};
+    ui.jobView.hidden = true;
+    ui.listView.hidden = false;
+    document.title = "jobstate";
+    if (list.doc) renderList();
+    startPolling(listStep);
+  }
+
+  // -- a job's page ------------------------------------------------------------------------
+
+  function showJob(id) {
+    view = {kind: "job", id, etag: null, doc: null, definition: null, notifications: null, stream: "stdout",
+            log: null, step: null};
+    const current = view;
+    view.step = () => jobStep(current);
+    ui.listView.hidden = true;
+    ui.jobView.hidden = false;
+    ui.jobId.textContent = id;
+    ui.jobState.textContent = "";
+    ui.jobVerdict.textContent = "loading\u2026";
+    ui.actionResult.textContent = "";
+    clear(ui.state);
+    clear(ui.definition);
+    clear(ui.notifications);
+    selectTab("stdout", false);
+    document.title = "jobstate: " + id.slice(0, 12);
+    startPolling(view.step);
+  }
+
+  async function jobStep(job) {
+    let reply;
+    try {
+      reply = await request("GET", "/jobs/" + encodeURIComponent(job.id), {etag: job.etag});
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) {
+        ui.jobVerdict.textContent = "This job no longer exists (deleted).";
+        ui.jobState.textContent = "";
+        setActions(null);
+        return;
+      }
+      throw error;
+    }
+    if (job !== view) return;
+    const before = job.doc;
+    if (reply.status === 200) {
+      job.etag = reply.etag;
+      job.doc = reply.doc;
+      if (!before || before.started_at !== job.doc.started_at) resetLog(job);  // restarted: new logs
+      renderJob(job);
+    } else {
+      ui.jobVerdict.textContent = verdict(job.doc);
+    }
+    if (!job.definition) {
+      job.definition = (await request("GET", "/jobs/" + encodeURIComponent(job.id) + "/definition")).doc;
+      renderDefinition(job.definition);
+    }
+    if (!before || before.state !== job.doc.state || (job.notifications && job.notifications.pending)) {
+      job.notifications = (await request("GET", "/jobs/" + encodeURIComponent(job.id) + "/notifications")).doc;
+      renderNotifications(job.notifications);
+    }
+    const changed = before && before.state !== job.doc.state;
+    if (job.doc.state === "running" || changed || !job.log.complete) await followLog(job);
+    await refreshList();
+    setStatus("Updated " + new Date().toLocaleTimeString(), false);
+  }
+
+  function renderJob(job) {
+    const doc = job.doc;
+    ui.jobState.className = "badge " + stateClass(doc);
+    clear(ui.jobState);
+    ui.jobState.append(stateLabel(doc));
+    ui.jobVerdict.textContent = verdict(doc);
+    setActions(doc);
+    const rows = [
+      ["Result", outcome(doc)], ["Created", doc.created_at], ["Started", doc.started_at],
+      ["Finished", doc.finished_at], ["Duration", formatDuration(durationOf(doc))], ["PID", doc.pid],
+      ["Error", doc.error ? doc.error.stage + ": " + doc.error.message : null],
+      ["stdout log", doc.stdout_log_path], ["stderr log", doc.stderr_log_path]];
+    fillList(ui.state, rows);
+  }
+
+  function setActions(doc) {
+    const running = doc && doc.state === "running";
+    ui.kill.disabled = !running;
+    ui.signal.disabled = !running;
+    ui.restart.disabled = !doc;
+    ui.del.disabled = !doc || running;
+    ui.del.title = running ? "Stop the job first" : "";
+  }
+
+  function fillList(dl, rows) {
+    clear(dl);
+    for (const [label, value] of rows) {
+      if (value === null || value === undefined || value === "") continue;
+      dl.append(el("dt", null, label), el("dd", null, ...(Array.isArray(value) ? value : [String(value)])));
+    }
+  }
+
+  function renderDefinition(d) {
+    const env = Object.entries(d.env || {}).map(([key, value]) => el("code", null, key + "=" + value));
+    fillList(ui.definition, [
+      ["Command", d.command.map((arg) => el("code", null, arg))],
+      ["Directory", d.cwd],
+      ["Environment", env.length ? env : null],
+      ["Inherits env", d.inherit_env ? "yes" : "no (only the variables above)"],
+      ["Env files", d.env_files.length ? d.env_files.join(", ") : null],
+      ["Standard input", d.has_stdin ? "given (stdin.bin)" : "none"],
+      ["Timeout", d.timeout_s ? formatDuration(d.timeout_s * 1000) + ", then KILL after " +
+        formatDuration(d.kill_after_s * 1000) : "none"],
+      ["Kill orphans", d.kill_orphans ? "yes" : null],
+      ["Tags", d.tags.length ? d.tags.join(", ") : null],
+      ["Notify command", d.notify_command], ["Notify file", d.notify_file]]);
+  }
+
+  function renderNotifications(n) {
+    clear(ui.notifications);
+    if (!n.notify_command && !n.notify_file) {
+      ui.notifications.append(el("p", {class: "note"}, "None configured (run --notify-command or --notify-file)."));
+      return;
+    }
+    if (!n.recorded) {
+      ui.notifications.append(el("p", {class: "note"}, "Sent when the job ends; nothing sent for this run yet."));
+      return;
+    }
+    if (n.pending) ui.notifications.append(el("p", {class: "note"}, "Sending\u2026"));
+    const body = el("tbody");
+    for (const d of n.deliveries) {
+      body.append(el("tr", null, el("td", null, d.sink), el("td", {class: "command"}, d.target),
+                     el("td", {class: d.ok ? "st-exited" : "st-bad"}, d.ok ? "\u2713 delivered" : "\u2717 failed"),
+                     el("td", null, d.exit_code === undefined || d.exit_code === null ? "" : "exit " + d.exit_code),
+                     el("td", null, d.error || ""), el("td", null, d.delivered_at || "")));
+    }
+    const head = el("thead", null, el("tr", null, ...["Sink", "Target", "Result", "Exit", "Error", "At"]
+      .map((name) => el("th", {scope: "col"}, name))));
+    ui.notifications.append(el("table", null, head, body));
+  }
+
+  // -- output: byte ranges, decoded exactly ------------------------------------------------
+  //
+  // The page holds bytes [start, end) of the chosen log.  Reads that start in the
+  // middle of a UTF-8 character keep its continuation bytes aside (`head`) until
+  // "load earlier" brings the bytes before them, so no character is ever split.
+
+  function resetLog(job) {
+    job.log = {stream: job.stream, start: null, end: 0, size: 0, head: new Uint8Array(0),
+               decoder: new TextDecoder("utf-8"), complete: false, busy: false};
+    clear(ui.output);
+    renderRange(job);
+  }
+
+  async function readLog(job, offset, length) {
+    let path = "/jobs/" + encodeURIComponent(job.id) + "/log?stream=" + job.log.stream + "&length=" + length;
+    if (offset !== null) path += "&offset=" + offset;
+    const response = await fetch(path, {headers: {"X-Jobstate": "1"}, cache: "no-store", credentials: "same-origin"});
+    if (!response.ok) {
+      const type = response.headers.get("Content-Type") || "";
+      throw new ApiError(response.status, type.startsWith("application/json") ? await response.json() : null);
+    }
+    const number = (name) => Number(response.headers.get(name));
+    return {bytes: new Uint8Array(await response.arrayBuffer()), start: number("X-Log-Start"),
+            end: number("X-Log-End"), size: number("X-Log-Size")};
+  }
+
+  function splitContinuation(bytes, midFile) {
+    let skip = 0;
+    while (midFile && skip < Math.min(3, bytes.length) && (bytes[skip] & 0xC0) === 0x80) skip++;
+    return [bytes.subarray(0, skip), bytes.subarray(skip)];
+  }
+
+  function nearBottom() {
+    return ui.output.scrollHeight - ui.output.scrollTop - ui.output.clientHeight < 40;
+  }
+
+  function appendOutput(text) {
+    if (!text) return;
+    const stick = ui.follow.checked || nearBottom();
+    ui.output.append(text);
+    if (stick) ui.output.scrollTop = ui.output.scrollHeight;
+  }
+
+  async function followLog(job) {
+    const log = job.log;
+    if (log.busy) return;
+    log.busy = true;
+    try {
+      if (log.start === null) {
+        const first = await readLog(job, null, LOG_CHUNK);
+        if (log !== job.log) return;
+        const [head, rest] = splitContinuation(first.bytes, first.start > 0);
+        Object.assign(log, {start: first.start, end: first.end, size: first.size, head});
+        appendOutput(log.decoder.decode(rest, {stream: true}));
+      }
+      for (let reads = 0; reads < 8; reads++) {  // at most 2 MiB a look: a fast writer cannot hold the page
+        const next = await readLog(job, log.end, LOG_FOLLOW);
+        if (log !== job.log) return;
+        if (next.size < log.end) { resetLog(job); return; }  // the log was started afresh
+        appendOutput(log.decoder.decode(next.bytes, {stream: true}));
+        log.end = next.end;
+        log.size = next.size;
+        if (next.end >= next.size) break;
+      }
+      log.complete = log.end >= log.size && job.doc.state !== "running" && job.doc.state !== "created";
+      if (log.end - log.start > LOG_KEEP) resetLog(job);
+    } finally {
+      log.busy = false;
+      renderRange(job);
+    }
+  }
+
+  async function loadEarlier() {
+    const job = view;
+    if (!job || job.kind !== "job" || !job.log || !job.log.start) return;
+    const log = job.log;
+    ui.loadEarlier.disabled = true;
+    try {
+      const from = Math.max(0, log.start - LOG_CHUNK);
+      const earlier = await readLog(job, from, log.start - from);
+      if (log !== job.log) return;
+      const joined = new Uint8Array(earlier.bytes.length + log.head.length);
+      joined.set(earlier.bytes);
+      joined.set(log.head, earlier.bytes.length);
+      const [head, rest] = splitContinuation(joined, from > 0);
+      const before = ui.output.scrollHeight;
+      ui.output.prepend(new TextDecoder("utf-8").decode(rest));
+      ui.output.scrollTop += ui.output.scrollHeight - before;
+      Object.assign(log, {start: from, head});
+    } catch (error) {
+      reportFailure(error);
+    } finally {
+      ui.loadEarlier.disabled = false;
+      renderRange(job);
+    }
+  }
+
+  function renderRange(job) {
+    const log = job.log;
+    if (!log || log.start === null) {
+      ui.logRange.textContent = "";
+      ui.loadEarlier.hidden = true;
+      return;
+    }
+    ui.logRange.textContent = "bytes " + log.start + "\u2013" + log.end + " of " + log.size;
+    ui.loadEarlier.hidden = log.start === 0;
+    ui.loadEarlier.textContent = "Load earlier (" + Math.min(LOG_CHUNK, log.start) + " bytes)";
+  }
+
+  function selectTab(stream, reload) {
+    for (const tab of ui.tabs) {
+      const selected = tab.getAttribute("data-stream") === stream;
+      tab.setAttribute("aria-selected", String(selected));
+      tab.tabIndex = selected ? 0 : -1;
+      if (selected) ui.output.setAttribute("aria-labelledby", tab.id);
+    }
+    if (view && view.kind === "job") {
+      view.stream = stream;
+      resetLog(view);
+      if (reload) pollNow();
+    }
+  }
+
+  // -- actions -------------------------------------------------------------------------
+
+  async function act(button, method, suffix, body, describe) {
+    const job = view;
+    button.disabled = true;
+    ui.actionResult.textContent = "\u2026";
+    try {
+      const reply = await request(method, "/jobs/" + encodeURIComponent(job.id) + suffix, {body});
+      ui.actionResult.textContent = describe(reply.doc);
+      return reply.doc;
+    } catch (error) {
+      ui.actionResult.textContent = error.message;
+      return null;
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function actAndLook(button, method, suffix, body, describe) {
+    const job = view;
+    await act(button, method, suffix, body, describe);
+    if (view === job) { job.etag = null; pollNow(); }
+  }
+
+  function kill() {
+    return actAndLook(ui.kill, "POST", "/kill", {signal: ui.signal.value}, (doc) =>
+      doc.signal_sent + " sent to " + doc.processes_signalled + " process(es); " + doc.processes_alive + " left");
+  }
+
+  function restart() {
+    return actAndLook(ui.restart, "POST", "/restart", {}, (doc) => "Restarted: " + doc.state);
+  }
+
+  function askDelete() {
+    ui.confirmJob.textContent = view.id;
+    ui.confirm.returnValue = "";
+    ui.confirm.showModal();
+  }
+
+  async function confirmed() {
+    if (ui.confirm.returnValue !== "delete" || !view || view.kind !== "job") return;
+    generation++;  // no more looks at the job while it goes
+    const doc = await act(ui.del, "DELETE", "", undefined, () => "Deleted.");
+    if (doc) location.hash = "#/";
+    else pollNow();
+  }
+
+  // -- wiring ------------------------------------------------------------------------------
+
+  function route() {
+    const match = /^#\/job\/([0-9a-f]{1,32})$/.exec(location.hash);
+    if (match) showJob(match[1]);
+    else showList();
+  }
+
+  function onTabKey(event) {
+    const order = ui.tabs.map((tab) => tab.getAttribute("data-stream"));
+    const at = order.indexOf(view.stream);
+    const step = {ArrowRight: 1, ArrowLeft: -1}[event.key];
+    if (step === undefined) return;
+    event.preventDefault();
+    const stream = order[(at + step + order.length) % order.length];
+    selectTab(stream, true);
+    ui.tabs[order.indexOf(stream)].focus();
+  }
+
+  function start() {
+    Object.assign(ui, {
+      status: $("#status"), counts: $("#counts"), listView: $("#list-view"), jobView: $("#job-view"),
+      jobs: $("#jobs"), listNote: $("#list-note"), filterState: $("#filter-state"), filterTag: $("#filter-tag"),
+      filterCwd: $("#filter-cwd"), jobId: $("#job-id"), jobState: $("#job-state"), jobVerdict: $("#job-verdict"),
+      signal: $("#signal"), kill: $("#kill"), restart: $("#restart"), del: $("#delete"),
+      actionResult: $("#action-result"), output: $("#output"), loadEarlier: $("#load-earlier"),
+      logRange: $("#log-range"), follow: $("#follow"), state: $("#state"), definition: $("#definition"),
+      notifications: $("#notifications"), confirm: $("#confirm"), confirmJob: $("#confirm-job"),
+      tabs: [...document.querySelectorAll('[role="tab"]')]});
+    ui.filterState.append(...STATES.map((state) => el("option", {value: state}, state)));
+    ui.filterState.addEventListener("change", () => setFilter("state", ui.filterState.value));
+    ui.filterTag.addEventListener("change", () => setFilter("tag", ui.filterTag.value));
+    ui.filterCwd.addEventListener("change", () => setFilter("cwd", ui.filterCwd.value));
+    $("#filters").addEventListener("submit", (event) => event.preventDefault());
+    ui.kill.addEventListener("click", kill);
+    ui.restart.addEventListener("click", restart);
+    ui.del.addEventListener("click", askDelete);
+    ui.confirm.addEventListener("close", confirmed);
+    ui.loadEarlier.addEventListener("click", loadEarlier);
+    for (const tab of ui.tabs) {
+      tab.addEventListener("click", () => selectTab(tab.getAttribute("data-stream"), true));
+      tab.addEventListener("keydown", onTabKey);
+    }
+    window.addEventListener("hashchange", route);
+    route();
+  }
+
+  document.addEventListener("DOMContentLoaded", start);
+})();
+"""
+
+_WEB_ASSETS = {"app.js": ("text/javascript; charset=utf-8", _WEB_JS), "app.css": ("text/css; charset=utf-8", _WEB_CSS)}
 
 # ---------------------------------------------------------------------------
 # 11. Text rendering: --format text

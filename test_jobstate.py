@@ -2392,10 +2392,10 @@ asyncio.run(main(*sys.argv[1:]))
 '''
 
 
-def http_exchange(port, method, target, headers=(), body=None, timeout=30):
+def http_exchange(port, method, target, headers=(), body=None, timeout=30, raw=False):
     """One request carrying exactly `headers` (http.client adds none: no Host, no
     Content-Type), the way a browser page or an attacker shapes it.
-    Returns (status, response headers, parsed JSON body or None)."""
+    Returns (status, response headers, parsed JSON body or None; the bytes if raw)."""
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -2407,6 +2407,8 @@ def http_exchange(port, method, target, headers=(), body=None, timeout=30):
         data = resp.read()
     finally:
         conn.close()
+    if raw:
+        return resp.status, resp.headers, data
     doc = json.loads(data) if resp.headers.get("Content-Type", "").startswith("application/json") else None
     return resp.status, resp.headers, doc
 
@@ -2690,7 +2692,9 @@ class McpTests(JobTestCase):
             "wait exited", "tail hi", "kill False", "list 1", "error True invalid_job_id"])
 
 
-class HttpTests(JobTestCase):
+class ServeTestCase(JobTestCase):
+    """Starts `serve` as a process and talks to it; the HTTP and web page classes share it."""
+
     def start_server(self, token=None, bind="127.0.0.1:0", args=(), **env_vars):
         """Start `serve` (without JOBSTATE_SERVE_TOKEN unless `token`); returns its URL and
         remembers its port, token and process."""
@@ -2735,7 +2739,7 @@ class HttpTests(JobTestCase):
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
-    def send(self, method, target, body=None, headers=None, port=None):
+    def send(self, method, target, body=None, headers=None, port=None, raw=False):
         """A request with the server's Host and token and, with a body, a JSON Content-Type
         and its Content-Length; `headers` adds or replaces headers (None drops one)."""
         base = {"Host": "127.0.0.1:%d" % self.port}
@@ -2746,7 +2750,7 @@ class HttpTests(JobTestCase):
             base.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
         base.update(headers or {})
         pairs = [(k, v) for k, v in base.items() if v is not None]
-        return http_exchange(port or self.port, method, target, pairs, body)
+        return http_exchange(port or self.port, method, target, pairs, body, raw=raw)
 
     def assert_error(self, reply, status, code, context=None):
         got_status, headers, doc = reply
@@ -2755,6 +2759,8 @@ class HttpTests(JobTestCase):
                          context)
         return headers, doc
 
+
+class HttpTests(ServeTestCase):
     def test_health_carries_the_capabilities(self):
         url = self.start_server()
         status, doc = self.request("GET", url + "/health")
@@ -3148,6 +3154,550 @@ class HttpTests(JobTestCase):
                     with self.assertRaises(jobstate.InvalidArgumentError):
                         jobstate._parse_duration(high, name)
         self.assertGreaterEqual(checked, 10)
+
+
+# The page's Content-Security-Policy, exactly as served (README, "The web page").
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+class WebHttpTests(ServeTestCase):
+    """The web page's login, cookie, headers and endpoints, over plain HTTP."""
+
+    def login(self):
+        """Visit the login URL serve printed; returns the `Cookie` header value it set."""
+        from urllib.parse import urlsplit
+        target = urlsplit(self.ready["login_url"])
+        status, headers, _ = self.send("GET", target.path + "?" + target.query, headers={"Authorization": None})
+        self.assertEqual(status, 303)
+        return headers["Set-Cookie"].split(";", 1)[0]
+
+    def as_page(self, cookie, **extra):
+        """The headers the page's own fetch() sends: the cookie, no token, X-Jobstate."""
+        return dict({"Cookie": cookie, "Authorization": None, "X-Jobstate": "1"}, **extra)
+
+    def test_login_url_sets_a_strict_httponly_cookie_and_redirects(self):
+        url = self.start_server()
+        self.assertEqual(self.ready["login_url"], "%s/?token=%s" % (url, self.token))
+        status, headers, _ = self.send("GET", "/?token=" + self.token, headers={"Authorization": None})
+        self.assertEqual((status, headers["Location"]), (303, "/"))
+        cookies = headers.get_all("Set-Cookie")
+        self.assertEqual(len(cookies), 1)
+        name_value, *attributes = [part.strip() for part in cookies[0].split(";")]
+        name, value = name_value.split("=", 1)
+        self.assertEqual(name, "jobstate_%d" % self.port, "one cookie per port: two servers must not collide")
+        self.assertNotIn(self.token, value, "the cookie is a MAC of the token, never the token")
+        self.assertGreaterEqual(len(value), 32)
+        self.assertEqual(sorted(a.lower() for a in attributes), ["httponly", "path=/", "samesite=strict"])
+        page = {"Cookie": name_value, "Authorization": None}
+        status, headers, _ = self.send("GET", "/", headers=page)
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
+        self.assertIsNone(headers.get("Set-Cookie"))
+        status, _, doc = self.send("GET", "/jobs?all=1", headers=self.as_page(name_value))
+        self.assertEqual((status, doc["type"]), (200, "list"))
+        # The cookie authenticates only requests that carry X-Jobstate (a cross-origin page
+        # cannot add it without a preflight, which it never gets).
+        self.assert_error(self.send("GET", "/jobs?all=1", headers=page), 401, "unauthorized")
+        self.assert_error(self.send("GET", "/jobs?all=1", headers=dict(page, Cookie=name_value + "x")), 401,
+                          "unauthorized")
+        # A bearer token opens the page too, and --no-token needs no login at all.
+        self.assertEqual(self.send("GET", "/")[0], 200)
+        self.start_server(args=["--no-token"])
+        self.assertEqual(self.ready["login_url"], self.ready["url"] + "/")
+        self.assertEqual(self.send("GET", "/")[0], 200)
+
+    def test_wrong_login_token_is_401_without_cookie(self):
+        self.start_server()
+        for target in ("/?token=wrong", "/?token=", "/?token=" + self.token[:-1], "/?token=" + self.token + "x",
+                       "/?token=%s&token=wrong" % self.token, "/", "/?token=%00"):
+            status, headers, _ = self.send("GET", target, headers={"Authorization": None})
+            self.assertEqual((status, headers["Content-Type"]), (401, "text/html; charset=utf-8"), target)
+            self.assertIsNone(headers.get("Set-Cookie"), target)
+            self.assertEqual(headers["Content-Security-Policy"], PAGE_CSP)
+        self.start_server(token="chosen-by-the-caller")
+        self.assertIsNone(self.ready["login_url"], "a caller's secret is never echoed")
+        status, headers, _ = self.send("GET", "/?token=chosen-by-the-caller", headers={"Authorization": None})
+        self.assertEqual((status, headers["Location"]), (303, "/"))
+        self.send("GET", "/?token=chosen-by-the-caller&x=1", headers={"Authorization": None})
+        status, headers, _ = self.send("GET", "/?%74oken=chosen-by-the-caller", headers={"Authorization": None})
+        self.assertEqual((status, headers["Location"]), (303, "/"))
+        if POSIX:  # the request log does not echo it either (SIGTERM: a clean stop that flushes it)
+            self.server.terminate()
+            self.assertEqual(self.server.wait(30), 0)
+            logs = [name for name in os.listdir(self.tmp) if name.startswith("serve-")]
+            for name in logs:
+                with open(os.path.join(self.tmp, name), "rb") as f:
+                    text = f.read()
+                self.assertNotIn(b"chosen-by-the-caller", text)
+            self.assertIn(b"token=***", text)
+
+    def test_page_and_assets_carry_the_security_headers(self):
+        import html.parser
+        self.start_server()
+        cookie = self.login()
+        replies = {path: http_exchange(self.port, "GET", path, [("Host", "127.0.0.1:%d" % self.port),
+                                                                 ("Cookie", cookie)], raw=True)
+                   for path in ("/", "/app.js", "/app.css")}
+        types = {"/": "text/html; charset=utf-8", "/app.js": "text/javascript; charset=utf-8",
+                 "/app.css": "text/css; charset=utf-8"}
+        for path, (status, headers, body) in replies.items():
+            self.assertEqual((status, headers["Content-Type"]), (200, types[path]), path)
+            self.assertEqual(headers["Content-Security-Policy"], PAGE_CSP, path)
+            self.assertEqual(headers["X-Content-Type-Options"], "nosniff", path)
+            self.assertEqual(headers["Referrer-Policy"], "no-referrer", path)
+            self.assertEqual(headers["X-Frame-Options"], "DENY", path)
+            self.assertGreater(len(body), 1000, path)
+        # The assets hold no data and are the same for everyone: no login needed, Host rules still apply.
+        self.assertEqual(self.send("GET", "/app.js", headers={"Authorization": None})[0], 200)
+        self.assert_error(self.send("GET", "/app.js", headers={"Host": "evil.example"}), 403, "forbidden")
+        status, headers, doc = self.send("GET", "/jobs")
+        self.assertEqual((headers["X-Content-Type-Options"], headers["Cache-Control"]), ("nosniff", "no-store"))
+
+        class Inline(html.parser.HTMLParser):
+            found = []
+
+            def handle_starttag(self, tag, attrs):
+                names = {name for name, _ in attrs}
+                if tag == "script" and "src" not in names or tag == "style":
+                    self.found.append(tag)
+                self.found += [name for name in names if name == "style" or name.startswith("on")]
+
+            def handle_data(self, data):
+                if self.lasttag == "script" and data.strip():
+                    self.found.append("script text")
+        parser = Inline()
+        parser.feed(replies["/"][2].decode("utf-8"))
+        self.assertEqual(parser.found, [], "inline script or style: the CSP would block it")
+        script = replies["/app.js"][2].decode("utf-8")
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "Function(",
+                     "setAttribute(\"style\"", ".cssText", "javascript:"):
+            self.assertNotIn(sink, script, "job data must go in as text")
+
+    def test_a_cookie_never_makes_a_cross_site_request_work(self):
+        victim = self.run_job(py("import time; time.sleep(60)"))
+        self.start_server()
+        cookie = self.login()
+        command = {"command": py("pass")}
+        own = "http://127.0.0.1:%d" % self.port
+        for extra in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": "http://localhost:%d" % self.port},
+                      {"Origin": own + ".evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                      {"Sec-Fetch-Site": "same-site"}, {"Host": "evil.example:%d" % self.port}):
+            for method, target, body in (("GET", "/jobs?all=1", None), ("POST", "/jobs", command),
+                                         ("POST", "/jobs/%s/kill" % victim.id, {}),
+                                         ("POST", "/jobs/%s/restart" % victim.id, {}),
+                                         ("DELETE", "/jobs/" + victim.id, None),
+                                         ("GET", "/jobs/%s/log?stream=stdout" % victim.id, None)):
+                status, headers, doc = self.send(method, target, body, headers=self.as_page(cookie, **extra))
+                self.assertEqual((status, (doc or {}).get("error", {}).get("code")), (403, "forbidden"),
+                                 (extra, method, target))
+                self.assertIsNone(headers.get("Access-Control-Allow-Origin"))
+        # What a cross-site form or no-cors fetch can send: no X-Jobstate, or a form content type.
+        for extra in ({"X-Jobstate": None}, {"Content-Type": "text/plain"},
+                      {"Content-Type": "application/x-www-form-urlencoded"}):
+            status, _, doc = self.send("POST", "/jobs/%s/kill" % victim.id, {}, headers=self.as_page(cookie, **extra))
+            self.assertIn(status, (401, 415), extra)
+        self.assertEqual(jobstate._list_job_ids(self.root), [victim.id], "a cross-site request launched a job")
+        self.assertEqual(victim.state().status, jobstate.JobStatus.RUNNING)
+        # The page's own requests (same origin, as a browser sends them) work.
+        same = self.as_page(cookie, Origin=own, **{"Sec-Fetch-Site": "same-origin"})
+        status, _, doc = self.send("POST", "/jobs/%s/kill" % victim.id, {"signal": "KILL"}, headers=same)
+        self.assertEqual((status, doc["type"]), (200, "kill"))
+        self.assertEqual(victim.wait(10).status, jobstate.JobStatus.KILLED)
+
+    def test_log_ranges_are_byte_exact(self):
+        make_text = '"".join("line %04d \\u00e9\\u20ac\\U0001F600\\n" % i for i in range(6000))'
+        data = eval(make_text).encode("utf-8")
+        job = self.run_job(py("import sys; sys.stdout.buffer.write(%s.encode()); sys.stderr.write('e' * 10)"
+                              % make_text))
+        self.assertEqual(job.wait(20).status, jobstate.JobStatus.EXITED)
+        self.start_server()
+        base = "/jobs/%s/log?" % job.id
+
+        def read(query, job_id=job.id):
+            status, headers, body = self.send("GET", "/jobs/%s/log?%s" % (job_id, query), raw=True)
+            self.assertEqual((status, headers["Content-Type"]), (200, "application/octet-stream"), query)
+            self.assertEqual(headers["Cache-Control"], "no-store")
+            rng = tuple(int(headers[h]) for h in ("X-Log-Start", "X-Log-End", "X-Log-Size"))
+            self.assertEqual(rng[1] - rng[0], len(body), query)
+            return rng, body
+        size = len(data)
+        self.assertEqual(read("stream=stdout"), ((size - 65536, size, size), data[-65536:]))
+        self.assertEqual(read("stream=stdout&length=100"), ((size - 100, size, size), data[-100:]))
+        self.assertEqual(read("stream=stdout&offset=0&length=7"), ((0, 7, size), data[:7]))
+        self.assertEqual(read("stream=stdout&offset=12345&length=1000"), ((12345, 13345, size), data[12345:13345]))
+        self.assertEqual(read("stream=stdout&offset=%d&length=10" % (size - 3)), ((size - 3, size, size), data[-3:]))
+        self.assertEqual(read("stream=stdout&offset=%d" % (size + 50)), ((size, size, size), b""))
+        self.assertEqual(read("stream=stdout&offset=5&length=0"), ((5, 5, size), b""))
+        self.assertEqual(read("stream=stderr&offset=0"), ((0, 10, 10), b"e" * 10))
+        pieces, start = [], 0  # the whole log in pieces that split characters: byte for byte
+        while start < size:
+            (start, end, _), body = read("stream=stdout&offset=%d&length=%d" % (start, 999))
+            pieces.append(body)
+            start = end
+        self.assertEqual(b"".join(pieces), data)
+        (_, _, full_size), full = read("stream=full&offset=0&length=1048576")
+        self.assertTrue(b"[STDOUT] line 0000 " in full and b"[STDERR] eeeeeeeeee" in full, full[-200:])
+        self.assertEqual(full_size, os.path.getsize(job.paths.full_log))
+        created = jobstate.create(py("pass"), root=self.root)
+        for stream in ("stdout", "stderr", "full"):
+            self.assertEqual(read("stream=" + stream, created.id), ((0, 0, 0), b""), "a job that never ran")
+        for query in ("", "stream=bogus", "stream=", "stream=stdout.log", "stream=../state.json",
+                      "stream=stdout&offset=-1", "stream=stdout&offset=abc", "stream=stdout&offset=1e3",
+                      "stream=stdout&offset=1.5", "stream=stdout&offset=%d" % (2 ** 53), "stream=stdout&length=-1",
+                      "stream=stdout&length=1048577", "stream=stdout&length=", "stream=stdout&lines=3",
+                      "stream=stdout&stream=bogus"):
+            self.assert_error(self.send("GET", base + query), 400, "invalid_argument", query)
+        self.assert_error(self.send("GET", "/jobs/ffff0000ffff0000ffff0000ffff0000/log?stream=stdout"), 404,
+                          "job_not_found")
+        self.assert_error(self.send("GET", "/jobs/../log?stream=stdout"), 400, "invalid_job_id")
+        self.assert_error(self.send("POST", base + "stream=stdout", {}), 405, "method_not_allowed")
+
+    @unittest.skipUnless(POSIX, "symlinks")
+    def test_log_endpoint_never_follows_a_symlink(self):
+        secret = os.path.join(self.tmp, "secret")
+        with open(secret, "w") as f:
+            f.write("top secret")
+        job = self.run_job(py("print('x')"))
+        job.wait(10)
+        self.start_server()
+        for path in (job.paths.stdout_log, job.paths.full_log):
+            os.unlink(path)
+            os.symlink(secret, path)
+        os.unlink(job.paths.stderr_log)
+        os.mkdir(job.paths.stderr_log)
+        for stream in ("stdout", "full", "stderr"):
+            status, _, body = self.send("GET", "/jobs/%s/log?stream=%s&offset=0" % (job.id, stream), raw=True)
+            self.assertEqual(status, 500, stream)
+            self.assertNotIn(b"top secret", body)
+            self.assertEqual(json.loads(body)["error"]["code"], "state_unreadable")
+
+    def test_unchanged_lists_are_answered_304(self):
+        self.start_server()
+        job = self.run_job(py("pass"))
+        job.wait(10)
+        status, headers, doc = self.send("GET", "/jobs?all=1")
+        etag = headers["ETag"]
+        self.assertEqual((status, doc["count"]), (200, 1))
+        self.assertRegex(etag, r'\A"[0-9a-f]{16,}"\Z')
+        status, headers, body = self.send("GET", "/jobs?all=1", headers={"If-None-Match": etag}, raw=True)
+        self.assertEqual((status, body, headers["ETag"]), (304, b"", etag))
+        self.assertEqual(self.send("GET", "/jobs/" + job.id, headers={"If-None-Match": etag})[0], 200)
+        self.run_job(py("pass")).wait(10)
+        status, headers, doc = self.send("GET", "/jobs?all=1", headers={"If-None-Match": etag})
+        self.assertEqual((status, doc["count"]), (200, 2))
+        self.assertNotEqual(headers["ETag"], etag)
+
+    def test_restart_definition_and_notifications(self):
+        sink = os.path.join(self.tmp, "events.jsonl")
+        job = self.run_job(py("print('run')"), env={"API_KEY": "hunter2", "MODE": "x"}, masks=["API_KEY"],
+                           timeout_s=90, tags=["web"], notify_file=sink)
+        job.wait(10)
+        self.start_server()
+
+        def delivered():
+            try:
+                return not jobstate._read_json(job.paths.event)["pending"]
+            except (OSError, ValueError):
+                return False
+        wait_for(delivered, 10, "the notification's result")
+        status, _, doc = self.send("GET", "/jobs/%s/definition" % job.id)
+        self.assertEqual((status, doc["type"], doc["command"], doc["timeout_s"], doc["tags"], doc["notify_file"]),
+                         (200, "definition", py("print('run')"), 90, ["web"], sink))
+        self.assertEqual(validate(doc, jobstate._response_schema("definition")), [])
+        self.assertEqual(doc["env"], {"API_KEY": "***", "MODE": "x"})
+        self.assertNotIn("hunter2", json.dumps(doc))
+        status, _, doc = self.send("GET", "/jobs/%s/notifications" % job.id)
+        self.assertEqual((status, doc["type"], doc["recorded"], doc["pending"]), (200, "notifications", True, False))
+        self.assertEqual([(d["sink"], d["target"], d["ok"]) for d in doc["deliveries"]], [("file", sink, True)])
+        self.assertEqual(doc["event"]["state"], "exited")
+        self.assertEqual(validate(doc, jobstate._response_schema("notifications")), [])
+        other = self.run_job(py("pass"))
+        other.wait(10)
+        status, _, doc = self.send("GET", "/jobs/%s/notifications" % other.id)
+        self.assertEqual((doc["recorded"], doc["pending"], doc["event"], doc["deliveries"]), (False, None, None, []))
+        first_start = job.state().started_at
+        status, _, doc = self.send("POST", "/jobs/%s/restart" % job.id, {"until": 10})
+        self.assertEqual((status, doc["type"], doc["state"], doc["stdout"]), (200, "restart", "exited", "run\n"))
+        self.assertNotEqual(job.state().started_at, first_start)
+        for body, code in (({"signal": "BOGUS"}, "invalid_signal"), ({"until": -1}, "invalid_argument"),
+                           ({"bogus": 1}, "invalid_argument"), ({"kill_after": "x"}, "invalid_argument")):
+            self.assert_error(self.send("POST", "/jobs/%s/restart" % job.id, body), 400, code, body)
+        self.assert_error(self.send("GET", "/jobs/%s/restart" % job.id), 405, "method_not_allowed")
+        self.assert_error(self.send("GET", "/jobs/%s/definition?x=1" % job.id), 400, "invalid_argument")
+
+
+# -- the page in a real browser: headless Chromium over the DevTools protocol ---------
+
+def note(line):
+    """A figure worth keeping (the browser tests' timings), on stderr."""
+    sys.stderr.write("\n[web] %s\n" % line)
+
+
+def find_browser():
+    """Chromium for WebPageTests: JOBSTATE_BROWSER (CI sets it, so a missing browser
+    fails there instead of skipping), else chromium on PATH."""
+    return os.environ.get("JOBSTATE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class DevTools:
+    """One page of headless Chromium, driven over the DevTools protocol: a WebSocket
+    client written with the standard library, so this file imports nothing else."""
+
+    def __init__(self, testcase, binary, log_path):
+        import urllib.request
+        profile = tempfile.mkdtemp(prefix="jobstate-chromium-")
+        testcase.addCleanup(shutil.rmtree, profile, True)
+        log = open(log_path, "wb")
+        testcase.addCleanup(log.close)
+        self.proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
+             "--remote-debugging-port=0", "--user-data-dir=" + profile, "--window-size=1280,900", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        testcase.addCleanup(self.close)
+        port_file = os.path.join(profile, "DevToolsActivePort")
+
+        def devtools_port():
+            try:
+                with open(port_file) as f:
+                    lines = f.read().split()
+            except OSError:
+                return None
+            return int(lines[0]) if len(lines) == 2 else None
+        port = wait_for(devtools_port, 30, "Chromium's DevTools port (log: %s)" % log_path)
+        with urllib.request.urlopen("http://127.0.0.1:%d/json/list" % port, timeout=30) as resp:
+            page = next(t for t in json.loads(resp.read()) if t["type"] == "page")
+        self.connect(page["webSocketDebuggerUrl"])
+        self.events, self.dialogs, self.next_id = [], [], 0
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(domain + ".enable")
+
+    def close(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the browser and its renderers, in their own session
+        self.proc.wait(30)
+        if getattr(self, "sock", None):
+            self.sock.close()
+
+    # -- the WebSocket (RFC 6455): client frames masked, server frames not ----------------
+
+    def connect(self, url):
+        import base64
+        import socket
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           % (parts.path, parts.hostname, parts.port, key)).encode())
+        self.reader = self.sock.makefile("rb")
+        status = self.reader.readline()
+        assert b" 101 " in status, status
+        while self.reader.readline() not in (b"\r\n", b""):
+            pass
+
+    def send_text(self, text):
+        import struct
+        payload = text.encode("utf-8")
+        size = len(payload)
+        if size < 126:
+            header = bytes([0x81, 0x80 | size])
+        elif size < 1 << 16:
+            header = bytes([0x81, 0x80 | 126]) + struct.pack(">H", size)
+        else:
+            header = bytes([0x81, 0x80 | 127]) + struct.pack(">Q", size)
+        mask = os.urandom(4)
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes((mask * (size // 4 + 1))[:size], "big"))
+        self.sock.sendall(header + mask + masked.to_bytes(size, "big"))
+
+    def receive_text(self):
+        import struct
+        message = b""
+        while True:
+            first, second = self.reader.read(2)
+            size = second & 0x7F
+            if size == 126:
+                size = struct.unpack(">H", self.reader.read(2))[0]
+            elif size == 127:
+                size = struct.unpack(">Q", self.reader.read(8))[0]
+            data = self.reader.read(size)
+            if first & 0x0F == 8:
+                raise EOFError("the browser closed the DevTools connection")
+            message += data
+            if first & 0x80:
+                return message.decode("utf-8")
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    def call(self, method, **params):
+        self.next_id += 1
+        call_id = self.next_id
+        self.send_text(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.receive_text())
+            if message.get("id") == call_id:
+                if "error" in message:
+                    raise AssertionError("%s: %s" % (method, message["error"]))
+                return message["result"]
+            if message.get("method") == "Page.javascriptDialogOpening":
+                # An alert() would stop the page: record it, and dismiss it so the test goes on.
+                self.dialogs.append(message["params"])
+                self.next_id += 1
+                self.send_text(json.dumps({"id": self.next_id, "method": "Page.handleJavaScriptDialog",
+                                           "params": {"accept": False}}))
+            elif "method" in message:
+                self.events.append(message)
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("%s: %s" % (expression, result["exceptionDetails"]))
+        return result["result"].get("value")
+
+    def wait_until(self, expression, timeout_s=10.0):
+        return wait_for(lambda: self.evaluate(expression), timeout_s, expression)
+
+    def text(self, selector):
+        return self.evaluate("(document.querySelector(%s) || {}).textContent" % json.dumps(selector))
+
+    def click(self, selector):
+        """A real mouse click in the middle of the element, as a person makes it."""
+        x, y = self.wait_until("(() => { const e = document.querySelector(%s); if (!e || e.disabled) return null;"
+                               " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
+                               " return r.width && r.height ? [r.x + r.width / 2, r.y + r.height / 2] : null; })()"
+                               % json.dumps(selector))
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def press(self, key, code, key_code, text=""):
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code,
+                      text=text if kind == "keyDown" else "")
+
+    def screenshot(self, path):
+        import base64
+        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        with open(path, "wb") as f:
+            f.write(data)
+        return len(data)
+
+    def problems(self):
+        """Errors the page logged (a CSP violation among them) and exceptions it threw."""
+        return [e["params"] for e in self.events if e["method"] == "Runtime.exceptionThrown" or
+                (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+
+
+@unittest.skipUnless(POSIX and find_browser(), "needs Chromium (Debian's chromium; .ci/run installs it)")
+class WebPageTests(ServeTestCase):
+    """The page as a person uses it, in headless Chromium: log in with the token URL,
+    watch a job, read its output, kill, restart and delete it."""
+
+    def setUp(self):
+        super().setUp()
+        self.started = time.monotonic()
+        self.addCleanup(lambda: note("%s: %.1fs" % (self.id().rsplit(".", 1)[-1], time.monotonic() - self.started)))
+
+    def open_browser(self):
+        self.start_server()
+        browser = DevTools(self, find_browser(), os.path.join(self.tmp, "chromium.log"))
+        browser.call("Page.navigate", url=self.ready["login_url"])
+        browser.wait_until("location.pathname === '/' && location.search === '' && !!document.querySelector('#jobs')")
+        return browser
+
+    def screenshot(self, browser, name):
+        """A screenshot in the test's directory, and in JOBSTATE_SCREENSHOTS when set (to look at)."""
+        path = os.path.join(self.tmp, name)
+        size = browser.screenshot(path)
+        keep = os.environ.get("JOBSTATE_SCREENSHOTS")
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(path, os.path.join(keep, name))
+        return size
+
+    def row(self, job_id, cell):
+        return "(document.querySelector('#jobs tr[data-job-id=\"%s\"] .%s') || {}).textContent" % (job_id, cell)
+
+    def test_watch_a_job_and_kill_it_from_the_page(self):
+        hostile_command = "<img src=x onerror=alert(1)>"
+        hostile_dir = os.path.join(self.tmp, "<img src=y onerror=alert(2)>")
+        os.mkdir(hostile_dir)
+        hostile = self.run_job([hostile_command], cwd=hostile_dir)
+        hostile.wait(10)
+        browser = self.open_browser()
+        self.assertEqual(browser.evaluate("document.cookie"), "", "the session cookie is HttpOnly")
+        browser.wait_until(self.row(hostile.id, "command"))
+        self.assertEqual(browser.evaluate(self.row(hostile.id, "command")), hostile_command)
+        self.assertEqual(browser.evaluate(self.row(hostile.id, "cwd")), hostile_dir)
+        self.assertEqual(browser.evaluate("document.querySelectorAll('img, b').length"), 0)
+        job = self.run_job(py("import time\nfor i in range(10 ** 6):\n    print('tick %d' % i, flush=True)\n"
+                              "    time.sleep(0.2)"), tags=["web.demo"])
+        launched = time.monotonic()
+        browser.wait_until(self.row(job.id, "state") + " === '\u25cf running'", 5)
+        note("the new job appeared on the page after %.2fs" % (time.monotonic() - launched))
+        self.assertLess(time.monotonic() - launched, 3)
+        self.assertIn("running 1", browser.text("#counts"))
+        self.assertGreater(self.screenshot(browser, "web-list.png"), 20000)
+        # To the job's page with the keyboard: its link, then Enter.
+        browser.evaluate("document.querySelector('#jobs tr[data-job-id=\"%s\"] .id a').focus()" % job.id)
+        browser.press("Enter", "Enter", 13, "\r")
+        browser.wait_until("location.hash === '#/job/%s'" % job.id)
+        browser.wait_until("document.querySelector('#output').textContent.includes('tick 2\\n')")
+        shown = browser.text("#output").count("tick")
+        browser.wait_until("document.querySelector('#output').textContent.includes('tick %d\\n')" % (shown + 3))
+        self.assertIn("web.demo", browser.text("#definition"))
+        self.assertGreater(self.screenshot(browser, "web-job.png"), 20000)
+        browser.evaluate("document.querySelector('#signal').value = 'TERM'")
+        browser.click("#kill")
+        browser.wait_until("document.querySelector('#job-state').textContent.includes('killed')", 10)
+        state = job.state()
+        self.assertEqual((state.status, state.signal), (jobstate.JobStatus.KILLED, "SIGTERM"))
+        self.assertIn("SIGTERM", browser.text("#job-verdict"))
+        self.screenshot(browser, "web-job-killed.png")
+        self.assertEqual(browser.dialogs, [], "a dialog opened: job data ran as code")
+        self.assertEqual(browser.problems(), [])
+
+    def test_earlier_output_actions_phone_and_dark_mode(self):
+        make_text = '"".join("%05d: \\u00e9\\u20ac\\U0001F600 %s\\n" % (i, "x" * (i % 50)) for i in range(4000))'
+        text = eval(make_text)
+        job = self.run_job(py("import sys; sys.stdout.buffer.write(%s.encode())" % make_text))
+        self.assertEqual(job.wait(20).status, jobstate.JobStatus.EXITED)
+        browser = self.open_browser()
+        browser.call("Page.navigate", url=self.ready["url"] + "/#/job/" + job.id)
+        browser.wait_until("document.querySelector('#output').textContent.endsWith(%s)" % json.dumps(text[-100:]))
+        browser.wait_until("!document.querySelector('#load-earlier').hidden")  # more than one read's worth
+        for _ in range(10):  # 64 KiB a click
+            browser.click("#load-earlier")
+            browser.wait_until("!document.querySelector('#load-earlier').disabled")
+            if browser.evaluate("document.querySelector('#load-earlier').hidden"):
+                break
+        self.assertEqual(browser.text("#output"), text, "the output, loaded backwards, differs")
+        size = len(text.encode("utf-8"))
+        self.assertIn("bytes 0\u2013%d of %d" % (size, size), browser.text("#log-range"))
+        browser.click("#tab-full")
+        browser.wait_until("document.querySelector('#output').textContent.includes('[STDOUT] 03999: ')")
+        first_start = job.state().started_at
+        browser.click("#restart")
+        wait_for(lambda: job.state().started_at != first_start and job.state().status.is_terminal, 20, "the restart")
+        browser.click("#delete")
+        browser.wait_until("document.querySelector('#confirm').open")
+        browser.click("#confirm-delete")
+        browser.wait_until("location.hash === '#/' || location.hash === ''")
+        with self.assertRaises(jobstate.JobNotFoundError):
+            jobstate.open_job(job.id, self.root)
+        # A phone: no sideways scrolling.  Dark mode: a dark background.
+        other = self.run_job(py("print('phone')"), cwd=self.tmp, tags=["a.very.long.tag.name"])
+        other.wait(10)
+        browser.call("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2, mobile=True)
+        browser.call("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "dark"}])
+        browser.wait_until(self.row(other.id, "state"))
+        self.assertLessEqual(browser.evaluate("document.documentElement.scrollWidth"), 390)
+        background = browser.evaluate("getComputedStyle(document.body).backgroundColor")
+        self.assertLess(sum(int(v) for v in background[background.index("(") + 1:-1].split(",")[:3]), 200, background)
+        self.assertGreater(self.screenshot(browser, "web-phone-dark.png"), 20000)
+        self.assertEqual(browser.dialogs, [])
+        self.assertEqual(browser.problems(), [])
 
 # ---------------------------------------------------------------------------
 # Text rendering (section 11)
