@@ -3658,6 +3658,48 @@ class WebPageTests(ServeTestCase):
         self.assertEqual(browser.dialogs, [], "a dialog opened: job data ran as code")
         self.assertEqual(browser.problems(), [])
 
+    def test_a_page_of_another_site_cannot_drive_serve(self):
+        """The trust issue's witness, in a real browser: a page of another origin on
+        the same host (so the session cookie is same-site and goes along) sends what
+        browsers send without asking, a text/plain form POST and no-cors fetches to
+        run a command and to kill a job.  Nothing runs and nothing is killed."""
+        import html
+        import http.server
+        marker = os.path.join(self.tmp, "pwned")
+        browser = self.open_browser()  # signed in: the cookie is there to be abused
+        victim = self.run_job(ready_then_sleep())
+        self.wait_log(victim, "ready")
+        target = "http://127.0.0.1:%d" % self.port
+        body = json.dumps({"command": ["touch", marker]})
+        field = body[:-1] + ', "x": "'  # a text/plain form posts name=value: {"command": [...], "x": "="}
+        page = ("<!doctype html><title>evil</title>"
+                "<form id=f method=POST enctype=text/plain action='%s/jobs'><input name='%s' value='\"}'></form>"
+                "<script>Promise.allSettled(["
+                "fetch('%s/jobs', {method: 'POST', mode: 'no-cors', credentials: 'include', body: %s}),"
+                "fetch('%s/jobs/%s/kill', {method: 'POST', mode: 'no-cors', credentials: 'include', body: '{}'})"
+                "]).then(() => { document.title = 'sent'; document.getElementById('f').submit(); });</script>"
+                % (target, html.escape(field, quote=True), target, json.dumps(body), target, victim.id)).encode()
+
+        class EvilSite(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+        evil = http.server.HTTPServer(("127.0.0.1", 0), EvilSite)
+        self.addCleanup(evil.server_close)
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        self.addCleanup(evil.shutdown)
+        browser.call("Page.navigate", url="http://127.0.0.1:%d/" % evil.server_address[1])
+        browser.wait_until("location.href.startsWith(%s)" % json.dumps(target + "/jobs"), 15)  # the form went
+        self.assertFalse(os.path.exists(marker), "a cross-site page ran a command")
+        self.assertEqual(jobstate._list_job_ids(self.root), [victim.id], "a cross-site page created a job")
+        self.assertIs(victim.state().status, jobstate.JobStatus.RUNNING, "a cross-site page killed a job")
+
     def test_earlier_output_actions_phone_and_dark_mode(self):
         make_text = '"".join("%05d: \\u00e9\\u20ac\\U0001F600 %s\\n" % (i, "x" * (i % 50)) for i in range(4000))'
         text = eval(make_text)
