@@ -2549,6 +2549,7 @@ class QueueTests(JobTestCase):
 
     def test_many_jobs_from_several_processes(self):
         figures = queue_storm(self, 60, processes=3, parallel=4)
+        sys.stderr.write("\n[queue] %r\n" % figures)
         self.assertEqual((figures["max_running"], figures["order_violations"]), (4, 0), figures)
 
 
@@ -4196,6 +4197,15 @@ class Torture(JobTestCase):
             self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0), job_id)
         report("%d jobs from %d processes x %d threads: all distinct, all exited 0; launched in %.1fs"
                % (expected, processes, threads, launched))
+
+    def test_a_queue_of_500_jobs_from_several_processes(self):
+        if not FULL_TORTURE:
+            self.skipTest("make torture only (QueueTests queues 60 in make test)")
+        figures = queue_storm(self, 500, processes=5, parallel=4)
+        report("queue of %(jobs)d jobs, --parallel 4, queued from 5 processes at once: max running %(max_running)d, "
+               "order violations %(order_violations)d, slot freed -> next job's start: median %(latency_median_ms).1f ms, "
+               "max %(latency_max_ms).1f ms; queued in %(launch_s).1fs, drained in %(drain_s).1fs" % figures)
+        self.assertEqual((figures["max_running"], figures["order_violations"]), (4, 0), figures)
 
     def test_concurrent_commands_on_one_job(self):
         job = self.run_job(py("import time; print('ready', flush=True); time.sleep(30)"), tags=["t"])
