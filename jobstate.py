@@ -2132,6 +2132,18 @@ def _populate_job_dir(final: JobPaths, staging: str, spec: JobSpec, stdin: Optio
     _write_json_atomic(at(final.state), state.to_dict())
 
 
+def _held_error(paths: JobPaths, wanted: str) -> InvalidStateError:
+    """The error for a job whose lock is held: running, or waiting for its turn."""
+    try:
+        state = _read_state(paths)
+    except JobError:
+        state = JobState(JobInfo(paths.job_id, JobStatus.RUNNING))
+    if state.status is JobStatus.CREATED and state.waiting:
+        return InvalidStateError(paths.job_id, state.status, "it waits for its turn (%s); 'jobstate kill' takes it "
+                                 "out of the line" % state.waiting.get("for"))
+    return InvalidStateError(paths.job_id, JobStatus.RUNNING, wanted)
+
+
 def _delete_job(paths: JobPaths) -> None:
     """Remove a job directory that no supervisor holds (never through a symlink).
 
@@ -2142,7 +2154,7 @@ def _delete_job(paths: JobPaths) -> None:
         raise JobNotFoundError(paths.job_id, paths.root)
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
-            raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
+            raise _held_error(paths, "stop it first ('jobstate kill')")
         tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
         try:
             os.rename(paths.dir, tomb)
@@ -4035,7 +4047,7 @@ class Job:
         """Launch a created job; returns once its supervisor has acknowledged."""
         with _JobLock(self.paths) as lock:
             if not lock.acquire():
-                raise InvalidStateError(self.id, JobStatus.RUNNING, "only a created job can be started")
+                raise _held_error(self.paths, "only a created job can be started")
             state = _read_state(self.paths)
             if state.status is not JobStatus.CREATED:
                 raise InvalidStateError(self.id, state.status, "only a created job can be started")

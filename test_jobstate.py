@@ -2468,6 +2468,12 @@ class QueueTests(JobTestCase):
         job = self.run_job(["echo", "hi"], queue="q")
         self.assertEqual(job.wait(0.5).status, jobstate.JobStatus.CREATED, "a paused queue started a job")
         self.assertEqual(self.position(job), 1)
+        for args in (["start", job.id], ["delete", job.id]):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"), args)
+            self.assertIn("waits for its turn (queue)", doc["error"]["message"])
+        status, doc, _ = self.cli("restart", job.id)  # stops the waiting supervisor, then queues again
+        self.assertEqual((status, doc["state"], doc["waiting"]["position"]), (0, "created", 1))
         status, doc, _ = self.cli("queue", "resume", "q")
         self.assertEqual((status, doc["queues"][0]["paused"]), (0, False))
         self.assertEqual(job.wait(5).exit_code, 0)
