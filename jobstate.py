@@ -2616,6 +2616,10 @@ class _Supervisor:
         self.has_bell: Optional[bool] = None  # None until listened for
         self.slot: Optional[int] = None  # the queue slot held (a locked descriptor)
         self.backoff_s: Optional[float] = None  # the next restart delay
+        # Called once the job shows as waiting (a forked launch execs a small
+        # interpreter there: see _supervise_in_fork), with the held ticket's fd.
+        self.on_wait: Optional[Callable[[Optional[int]], None]] = None
+        self.ticket_fd: Optional[int] = None  # a ticket held already, handed over across that exec
 
     def log(self, message: str) -> None:
         sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
@@ -2744,11 +2748,14 @@ class _Supervisor:
         if requested:
             raise _EndedWhileWaiting(JobStatus.KILLED, signal=requested)
 
-    def _set_waiting(self, state: JobState, waiting: dict) -> None:
+    def _set_waiting(self, state: JobState, waiting: dict, ticket: Optional["_Ticket"] = None) -> None:
         """Record what the job waits for, then let the launcher go (it sees the job waiting)."""
         state.waiting = waiting
         _write_state(self.paths, state)
         _acknowledge()
+        if self.on_wait is not None:
+            on_wait, self.on_wait = self.on_wait, None
+            on_wait(ticket.fd if ticket else None)
 
     def _end_unstarted(self, state: JobState, spec: JobSpec, ended: _EndedWhileWaiting) -> None:
         state.job.status, state.result.signal, state.error = ended.status, ended.signal, ended.failure
@@ -2806,11 +2813,15 @@ class _Supervisor:
         qp = _QueuePaths(self.paths.root, spec.queue)
         ticket = _Ticket(qp, self.paths.job_id)
         self.mailbox = mailbox = _Mailbox()
-        ticket.enter()
+        if self.ticket_fd is None:
+            ticket.enter()
+        else:  # our launch image entered the line for us, and shows the job waiting already
+            ticket.fd, self.ticket_fd = self.ticket_fd, None
         try:
             slot = self._free_slot_now(qp)
             if slot is None:  # the job shows as waiting only when it has to
-                self._set_waiting(state, {"for": "queue", "queue": spec.queue, "since": _utc_now()})
+                if (state.waiting or {}).get("for") != "queue":
+                    self._set_waiting(state, {"for": "queue", "queue": spec.queue, "since": _utc_now()}, ticket)
                 slot = self._wait_for_our_turn(qp, mailbox)
             # Noted before the ticket goes: the next in line takes its slot after this.
             state.queue_slot = {"queue": spec.queue, "slot": slot, "at": _utc_now()}
@@ -3374,14 +3385,16 @@ def _supervise_main(args: List[str]) -> int:
     """Entry point of the re-executed supervisor: `_supervise ROOT JOB_ID LOCK_FD [RUNNING]`.
 
     With RUNNING, a forked launch has already started the job (see
-    _supervise_in_fork) and this process only watches it; with "waiting", a
-    forked launch handed us a job that waits its turn, to start and watch.
+    _supervise_in_fork) and this process only watches it; with "waiting" (or
+    "waiting:TICKET_FD", its place in a queue's line, held), a forked launch
+    handed us a job that waits its turn, to start and watch.
     """
     root, job_id, lock_fd = args[0], args[1], int(args[2])
     paths = JobPaths(root, job_id)
     supervisor = _Supervisor(paths)
-    if args[3:] == ["waiting"]:
+    if args[3:4] and args[3].startswith("waiting"):  # "waiting" or "waiting:TICKET_FD"
         _process_layer.supervisor_signals()  # catch again what the exec reset (see exec_keeping)
+        supervisor.ticket_fd = int(args[3][8:]) if args[3][7:8] == ":" else None
         _supervise_to_the_end(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
     if len(args) > 3:
         _process_layer.supervisor_signals()  # catch again what the exec reset (see exec_keeping)
@@ -3396,15 +3409,6 @@ def _supervise_main(args: List[str]) -> int:
     _supervise_to_the_end(supervisor, lock, supervisor.run)
 
 
-def _waits_its_turn(paths: JobPaths) -> bool:
-    """Whether the job waits for a queue slot or for other jobs before it starts."""
-    try:
-        spec = _read_spec(paths)
-    except JobError:  # start() reports it
-        return False
-    return bool(spec.queue or spec.after)
-
-
 def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
     """The supervisor of a forked launch (POSIX), still in the launcher's image.
 
@@ -3415,15 +3419,19 @@ def _supervise_in_fork(paths: JobPaths, lock: _JobLock) -> None:
     """
     supervisor = _Supervisor(paths)
 
+    def wait_elsewhere(ticket_fd: Optional[int]) -> None:
+        # The job may wait for hours: not in a copy of the launcher's memory
+        # (tens of MB), but in a fresh small interpreter, handed the job lock and
+        # its place in the queue's line.  The launcher has its answer already.
+        mode = "waiting" if ticket_fd is None else "waiting:%d" % ticket_fd
+        argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd), mode)
+        try:
+            _process_layer.exec_keeping(argv, [lock.fd] + ([] if ticket_fd is None else [ticket_fd]))
+        except OSError as exc:
+            supervisor.log("cannot exec the waiting supervisor (%s); waiting from the launch image" % exc)
+
     def start_then_hand_over():
-        if _waits_its_turn(paths):
-            # It may wait for hours: not in a copy of the launcher's memory (tens
-            # of MB each), but in a fresh small interpreter, which acknowledges.
-            argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd), "waiting")
-            try:
-                _process_layer.exec_keeping(argv, [lock.fd])
-            except OSError as exc:
-                supervisor.log("cannot exec the waiting supervisor (%s); waiting from the launch image" % exc)
+        supervisor.on_wait = wait_elsewhere
         running = supervisor.start()
         if running is not None:
             argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd), running.encode())

@@ -2545,13 +2545,26 @@ class QueueTests(JobTestCase):
     def test_a_waiting_job_waits_in_a_fresh_interpreter(self):
         # A forked launch runs the supervisor in a copy of the launcher (the CLI:
         # ~25 MB each); a job that may wait for hours gets a small one (~7 MB).
+        # It is exec'd once the job shows as waiting, handed the job lock and its
+        # ticket (so `run` does not wait for a second interpreter to boot).
         self.cli("queue", "pause", "q")
         status, doc, _ = self.cli_process("run", "--queue", "q", "--", "true")
         self.assertEqual((status, doc["state"]), (0, "created"))
-        pid = jobstate.Job(doc["job_id"], self.root).state().supervisor_pid
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            argv = f.read().split(b"\0")[:-1]
-        self.assertEqual(argv[-5:], [b"_supervise", self.root.encode(), doc["job_id"].encode(), argv[-2], b"waiting"])
+        gate = self.gate()
+        first = self.running_job(gate)
+        status, dep, _ = self.cli_process("run", "--after", first.id, "--", "true")
+        self.assertEqual((status, dep["state"]), (0, "created"))
+        for job_id, mode in ((doc["job_id"], rb"waiting:\d+"), (dep["job_id"], rb"waiting")):
+            pid = jobstate.Job(job_id, self.root).state().supervisor_pid
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+            self.assertEqual(argv[-5:-2], [b"_supervise", self.root.encode(), job_id.encode()])
+            self.assertRegex(argv[-1], b"\\A" + mode + b"\\Z")
+        self.assertTrue(jobstate._ticket_is_live(jobstate._QueuePaths(self.root, "q").ticket(doc["job_id"])))
+        self.assertEqual(self.position(jobstate.Job(doc["job_id"], self.root)), 1)
+        self.cli("queue", "resume", "q")
+        open_fifo_gate(gate)
+        self.assertEqual([jobstate.Job(j["job_id"], self.root).wait(10).exit_code for j in (doc, dep)], [0, 0])
 
     def test_many_jobs_from_several_processes(self):
         figures = queue_storm(self, 60, processes=3, parallel=4)
