@@ -1875,10 +1875,28 @@ class CleanStartTests(JobTestCase):
             "start": lambda: self.hostile_cli("start", "--no-wait", created.id),
             "restart": lambda: self.hostile_cli("restart", "--no-wait", restarted.id),
             "with a timeout": lambda: self.hostile_cli("run", "--no-wait", "--timeout", "60", "--", *sleep),
+            "after waiting in a queue (in the exec'd waiting supervisor)": lambda: self.after_a_wait(sleep),
+            "restarted by its restart policy": lambda: self.second_run(sleep),
         }
         for path, launch in launches.items():
             with self.subTest(path):
                 self.assert_starts_clean(launch())
+
+    def after_a_wait(self, argv):
+        jobstate.set_queue("clean", paused=True, root=self.root)
+        job = jobstate.Job(self.hostile_cli("run", "--no-wait", "--queue", "clean", "--", *argv), self.root)
+        self.assertEqual(job.state().waiting["for"], "queue")
+        jobstate.set_queue("clean", paused=False, root=self.root)
+        wait_for(lambda: job.state().status is jobstate.JobStatus.RUNNING, 10, "the queued job to start")
+        return job.id
+
+    def second_run(self, argv):
+        marker = os.path.join(self.tmp, "second")
+        script = "[ -e %s ] && exec %s; touch %s; exit 1" % (marker, " ".join(argv), marker)
+        job = jobstate.Job(self.hostile_cli("run", "--no-wait", "--restart", "on-failure", "--restart-delay", "0",
+                                            "--", "sh", "-c", script), self.root)
+        wait_for(lambda: (lambda s: s.restarts and s.pid and s)(job.state()), 10, "the second run")
+        return job.id
 
     def test_a_python_job_gets_keyboard_interrupt_on_int(self):
         code = ("import sys, time\n"
