@@ -15,6 +15,7 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
     open_job(id_or_prefix) -> Job
     list_jobs(...) -> [JobSummary]
     gc(...) -> GcReport          remove old finished jobs
+    set_queue(name, ...), list_queues() -> [QueueInfo]   queues' limits, pause, jobs
     Job                          .state() .wait() .tail() .kill() .start() .restart() .delete() .set_tags()
     JobState, JobStatus, JobSpec, JobPaths, Tail, KillResult, JobSummary, GcReport
     JobError and its subclasses (each has a stable .code)
@@ -24,7 +25,7 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
 
 CLI:
     python jobstate.py [--root PATH] [--pretty] [--format json|text] COMMAND ...
-    commands: run create start restart status wait tail kill list ps delete (rm) gc tag schema doctor mcp serve
+    commands: run create start restart status wait tail kill list ps delete (rm) gc tag queue schema doctor mcp serve
     Every command prints one JSON object on stdout.  `python jobstate.py --help`.
 
 Map of this file (`grep -n '^# [0-9]' jobstate.py`); calls point backwards,
@@ -72,6 +73,7 @@ __version__ = "0.1.0"
 __all__ = [
     "run", "create", "open_job", "list_jobs", "gc", "resolve_root", "new_job_id", "main",
     "Job", "JobPaths", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
+    "set_queue", "list_queues", "QueueInfo",
     "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError", "InvalidStateError",
     "InvalidArgumentError", "InvalidSignalError", "InvalidTagError", "StdinRequiredError",
     "StdinTooLargeError", "StateFileError", "LaunchError", "JobIOError", "KillFailedError",
@@ -99,6 +101,12 @@ DEFAULT_STDIN_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_LIST_LIMIT = 50
 LAUNCH_ACK_TIMEOUT_S = 5.0
 DRAIN_TIMEOUT_S = 2.0
+DEFAULT_QUEUE_PARALLEL = 1
+MAX_QUEUE_PARALLEL = 1024  # the head of a queue's line watches each slot with a thread
+DEFAULT_MAX_RESTARTS = 5
+DEFAULT_RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 60.0  # the doubling stops here; a run longer than this resets it
+RESTART_POLICIES = ("never", "on-failure", "always")
 QUICK_DRAIN_S = 0.05  # how long the end waits for the output to end too, before being published alone
 
 _MAX_CANDIDATES = 20
@@ -113,6 +121,7 @@ _SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "
 # kill request, so the job is recorded as `killed` however the child reacts.
 _TERMINATING = frozenset({"TERM", "INT", "KILL", "HUP", "QUIT"})
 _TAG_RE = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\Z")
+_QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # a file name on every platform
 
 
 class JobStatus(str, Enum):
@@ -283,6 +292,12 @@ class JobState:
     pid_token: Optional[str] = None
     logs_drained: Optional[bool] = None
     leftovers: List[_Proc] = field(default_factory=list)  # where trees cannot be found again later
+    # Why a job has no child right now: {"for": "queue" | "jobs" | "restart", ...}
+    # (created while it waits for a slot or for jobs; running between restarts).
+    waiting: Optional[Dict[str, object]] = None
+    restarts: Optional[int] = None  # runs started again by the restart policy
+    last_exit: Optional[Dict[str, object]] = None  # the previous run's result, once restarted
+    queue_slot: Optional[Dict[str, object]] = None  # {"queue", "slot", "at"}: the slot this job took
     extra: Dict[str, object] = field(default_factory=dict)  # keys of other versions, kept on rewrite
     # Not in state.json: what the reader that produced this state could not do (see _warning).
     _warnings: List[dict] = field(default_factory=list, repr=False, compare=False)
@@ -330,6 +345,9 @@ class JobState:
                 doc[key] = getattr(self, key)
         if self.leftovers:
             doc["leftovers"] = [{"pid": p.pid, "token": p.token} for p in self.leftovers]
+        for key in ("waiting", "restarts", "last_exit", "queue_slot"):
+            if getattr(self, key) is not None:
+                doc[key] = getattr(self, key)
         return doc
 
     @classmethod
@@ -342,7 +360,8 @@ class JobState:
             raise ValueError("'job' or 'result' is not an object")
         error = doc.get("error")
         known = {"job", "result", "pid", "finished_at", "updated_at", "windows_job_name", "error",
-                 "supervisor_pid", "pid_token", "logs_drained", "leftovers"}
+                 "supervisor_pid", "pid_token", "logs_drained", "leftovers", "waiting", "restarts", "last_exit",
+                 "queue_slot"}
         leftovers = doc.get("leftovers") or []
         if not isinstance(leftovers, list) or not all(isinstance(p, dict) for p in leftovers):
             raise ValueError("'leftovers' is not a list of objects")
@@ -365,6 +384,10 @@ class JobState:
             logs_drained=_typed(doc.get("logs_drained"), bool, "logs_drained"),
             leftovers=[_Proc(_typed(p.get("pid"), int, "leftovers.pid", required=True),
                              _typed(p.get("token"), str, "leftovers.token", required=True)) for p in leftovers],
+            waiting=_typed(doc.get("waiting"), dict, "waiting"),
+            restarts=_typed(doc.get("restarts"), int, "restarts"),
+            last_exit=_typed(doc.get("last_exit"), dict, "last_exit"),
+            queue_slot=_typed(doc.get("queue_slot"), dict, "queue_slot"),
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
@@ -387,10 +410,17 @@ class JobSpec:
     notify_command: Optional[str] = None
     notify_file: Optional[str] = None
     created_at: Optional[str] = None
+    queue: Optional[str] = None  # the queue whose slots it runs in
+    after: List[str] = field(default_factory=list)  # full ids of the jobs it starts after
+    after_any: bool = False  # start after them whatever their result
+    restart: str = "never"  # one of RESTART_POLICIES
+    max_restarts: int = 0
+    restart_delay_s: float = DEFAULT_RESTART_DELAY_S
     extra: Dict[str, object] = field(default_factory=dict)
 
     _KEYS = ("argv", "cwd", "env", "env_files", "inherit_env", "masks", "has_stdin", "timeout_s",
-             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "created_at")
+             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "created_at",
+             "queue", "after", "after_any", "restart", "max_restarts", "restart_delay_s")
 
     def to_dict(self) -> dict:
         doc = dict(self.extra)
@@ -461,6 +491,18 @@ class JobSummary:
     cwd: Optional[str]
     tags: List[str]
     created_at: Optional[str]
+    queue: Optional[str] = None
+
+
+@dataclass
+class QueueInfo:
+    """One queue: its settings, the jobs running in its slots and those waiting in line (in order)."""
+
+    name: str
+    parallel: int
+    paused: bool
+    running: List[str]
+    waiting: List[str]
 
 
 @dataclass
@@ -2008,6 +2050,7 @@ class JobPaths:
         self.event, self.kill_request = d + "completion_event.json", d + "kill_request.json"
         self.kill_fifo, self.kill_ack = d + "kill.fifo", d + "kill_ack.json"
         self.reserve = d + "space.reserve"
+        self.bell = d + "bell"  # a FIFO its supervisor reads while it has no child (see _Bell)
 
 
 def _duration_seconds(text: str) -> float:
@@ -2083,6 +2126,13 @@ def _validate_tags(tags: Sequence[str]) -> List[str]:
         if tag not in out:
             out.append(tag)
     return out
+
+
+def _validate_queue_name(name) -> str:
+    if not isinstance(name, str) or not _QUEUE_NAME_RE.match(name):
+        raise InvalidArgumentError("invalid queue name %r" % (name,),
+                                   hint="1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
 
 
 def _tag_matches(pattern: str, tags: Sequence[str]) -> bool:
@@ -2371,14 +2421,22 @@ class _LockFile:
     """A lock on a whole file (flock, or LockFileEx on Windows) that dies with its holder.
 
     Every lock jobstate takes is one of these: the job lock (_JobLock), the
-    lock around meta.json's read-modify-write (_meta_lock) and auto-gc's.
-    Closing the descriptor drops the lock, so a crashed holder never leaves
-    it taken.  As a context manager it releases on the way out.
+    lock around meta.json's read-modify-write (_meta_lock), auto-gc's, and a
+    queue's settings lock, slots and tickets.  Closing the descriptor drops the
+    lock, so a crashed holder never leaves it taken.  As a context manager it
+    releases on the way out.
     """
 
     def __init__(self, path: str):
         self.path = path
         self.fd: Optional[int] = None
+
+    @classmethod
+    def held(cls, path: str, fd: int) -> "_LockFile":
+        """A lock already held through fd (taken earlier, or passed across an exec)."""
+        lock = cls(path)
+        lock.fd = fd
+        return lock
 
     def acquire(self, *, exclusive: bool = True, blocking: bool = False, create: bool = True) -> bool:
         """Take the lock; False if someone holds it (only when not blocking).
@@ -2453,20 +2511,25 @@ def _meta_lock(paths: JobPaths) -> _LockFile:
     return _LockFile(os.path.join(paths.dir, "meta.lock"))
 
 
+def _needs_supervisor(state: JobState) -> bool:
+    """Running, or waiting (a queue slot, other jobs): only a live supervisor explains it."""
+    return state.status is JobStatus.RUNNING or (state.status is JobStatus.CREATED and state.waiting is not None)
+
+
 def _reconcile(paths: JobPaths, state: JobState) -> JobState:
-    """Turn a `running` state whose supervisor is gone into `failed` (supervisor_lost).
+    """Turn a `running` (or waiting) state whose supervisor is gone into `failed` (supervisor_lost).
 
     The supervisor holds the lock for its whole life, so a free lock is proof; the
     re-read under the lock avoids racing a supervisor that just finished.
     """
-    if state.status is not JobStatus.RUNNING:
+    if not _needs_supervisor(state):
         return state
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
             return state
         state = _read_state(paths)
-        if state.status is JobStatus.RUNNING:
-            state.job.status = JobStatus.FAILED
+        if _needs_supervisor(state):
+            state.job.status, state.waiting = JobStatus.FAILED, None
             state.error = Failure("supervisor_lost",
                                   "the supervisor exited without recording the job's end")
             state.finished_at = _utc_now()
@@ -2522,6 +2585,18 @@ def _populate_job_dir(final: JobPaths, staging: str, spec: JobSpec, stdin: Optio
     _write_json_atomic(at(final.state), state.to_dict())
 
 
+def _held_error(paths: JobPaths, wanted: str) -> InvalidStateError:
+    """The error for a job whose lock is held: running, or waiting for its turn."""
+    try:
+        state = _read_state(paths)
+    except JobError:
+        state = JobState(JobInfo(paths.job_id, JobStatus.RUNNING))
+    if state.status is JobStatus.CREATED and state.waiting:
+        return InvalidStateError(paths.job_id, state.status, "it waits for its turn (%s); 'jobstate kill' takes it "
+                                 "out of the line" % state.waiting.get("for"))
+    return InvalidStateError(paths.job_id, JobStatus.RUNNING, wanted)
+
+
 def _delete_job(paths: JobPaths) -> None:
     """Remove a job directory that no supervisor holds (never through a symlink).
 
@@ -2532,7 +2607,7 @@ def _delete_job(paths: JobPaths) -> None:
         raise JobNotFoundError(paths.job_id, paths.root)
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
-            raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
+            raise _held_error(paths, "stop it first ('jobstate kill')")
         tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
         try:
             os.rename(paths.dir, tomb)
@@ -2579,6 +2654,247 @@ def _root_report(root: str) -> dict:
             "filesystem": mount.get("fstype"), "mount_point": mount.get("mount_point"),
             "lock": {"kind": _process_layer.lock_kind, "trusted": verdict["trusted"], "reason": verdict["reason"]}}
 
+
+# -- Queues: files under <root>/.queues, and no process of their own -----------
+#
+#   NAME.json        the settings: {"parallel": N, "paused": bool}
+#   NAME/slot-K      the right to run, K < N.  A supervisor starts its child only
+#                    while it holds an exclusive flock on one slot file, and drops
+#                    it when the child (the last run, with a restart policy) ends.
+#                    A lock dies with its process, so a crash frees the slot.
+#                    At most N supervised children run at once; the child of a
+#                    killed supervisor runs on outside the count (its job reads
+#                    failed/supervisor_lost) until `kill` stops it by its marker.
+#   NAME/tickets/ID  the line.  A waiting supervisor holds an exclusive flock on a
+#                    ticket named by its job id (ids are time-ordered): a ticket
+#                    whose lock is free belongs to nobody and is cleared by
+#                    whoever meets it.
+#
+# Only the head of the line (no live ticket with a smaller id) may take a slot:
+# it blocks on all N slot locks at once, a thread each, and the kernel wakes it
+# the moment one is freed.  Every other waiter blocks on the lock of the live
+# ticket just ahead of it, so when that one leaves the line (it took a slot, was
+# killed, or died) exactly one waiter wakes and looks again.  Nothing polls: what
+# no lock can announce (settings changed, a kill) rings the waiters' bells.
+#
+# Crashes: a killed waiter's ticket lock is free: the waiter behind it wakes, and
+# removes the file on its way.  A killed runner's slot lock is free: the head
+# wakes and takes the slot.  Either job reads failed/supervisor_lost (_reconcile:
+# its job lock is free).  Order is by job id among the jobs in line when a slot
+# is taken; a job that enters the line later with an older id (started late,
+# or restarted) goes before younger ones still waiting.
+
+class _QueuePaths:
+    def __init__(self, root: str, name: str):
+        self.root, self.name = root, name
+        self.base = os.path.join(root, ".queues")
+        self.settings = os.path.join(self.base, name + ".json")
+        self.settings_lock = os.path.join(self.base, name + ".lock")
+        self.dir = os.path.join(self.base, name)
+        self.tickets = os.path.join(self.dir, "tickets")
+
+    def slot(self, index: int) -> str:
+        return os.path.join(self.dir, "slot-%d" % index)
+
+    def ticket(self, job_id: str) -> str:
+        return os.path.join(self.tickets, job_id)
+
+
+@dataclass
+class _QueueSettings:
+    parallel: int = DEFAULT_QUEUE_PARALLEL
+    paused: bool = False
+
+
+def _read_queue_settings(qp: _QueuePaths) -> _QueueSettings:
+    """The queue's settings (the defaults for a queue nobody set); StateFileError if corrupt."""
+    try:
+        doc = _read_json(qp.settings)
+        return _QueueSettings(_typed(doc.get("parallel", DEFAULT_QUEUE_PARALLEL), int, "parallel", required=True),
+                              _typed(doc.get("paused", False), bool, "paused", required=True))
+    except FileNotFoundError:
+        return _QueueSettings()
+    except OSError as exc:
+        raise _unreadable(qp.settings, exc) from None
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise StateFileError(qp.settings, str(exc)) from None
+
+
+def _update_queue_settings(qp: _QueuePaths, parallel: Optional[int], paused: Optional[bool]) -> _QueueSettings:
+    """Change what is given, keep the rest; a corrupt settings file is replaced."""
+    try:
+        os.makedirs(qp.base, mode=0o700, exist_ok=True)
+        with _LockFile(qp.settings_lock) as lock:
+            lock.acquire(blocking=True)
+            try:
+                settings = _read_queue_settings(qp)
+            except StateFileError:
+                settings = _QueueSettings()
+            if parallel is not None:
+                settings.parallel = parallel
+            if paused is not None:
+                settings.paused = paused
+            _write_json_atomic(qp.settings, {"parallel": settings.parallel, "paused": settings.paused,
+                                             "updated_at": _utc_now()})
+    except OSError as exc:
+        raise JobIOError("cannot write the settings of queue %s: %s" % (qp.name, exc)) from None
+    return settings
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except OSError:
+        return False
+
+
+class _Ticket:
+    """A supervisor's place in its queue's line, locked for as long as it waits."""
+
+    def __init__(self, qp: _QueuePaths, job_id: str):
+        self.qp, self.path = qp, qp.ticket(job_id)
+        self.lock: Optional[_LockFile] = None
+
+    @property
+    def fd(self) -> Optional[int]:
+        return None if self.lock is None else self.lock.fd
+
+    def adopt(self, fd: int) -> None:
+        """Hold the ticket through fd, locked already (passed across an exec)."""
+        self.lock = _LockFile.held(self.path, fd)
+
+    def enter(self) -> None:
+        os.makedirs(self.qp.tickets, mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.qp.tickets, ".%s.%s" % (os.path.basename(self.path), os.urandom(4).hex()))
+        lock = _LockFile(tmp)
+        lock.acquire()  # a fresh random name: nobody else holds it
+        try:
+            # Renamed into place already locked: nobody can take it for a dead one.
+            os.replace(tmp, self.path)
+        except OSError:  # Windows cannot rename an open file: make it in place
+            lock.release()
+            _unlink_quietly(tmp)
+            lock = _LockFile(self.path)
+            lock.acquire(blocking=True)
+        self.lock = lock
+
+    def leave(self) -> None:
+        if self.lock is None:
+            return
+        lock, self.lock = self.lock, None
+        # Removed while still locked (POSIX), so that no one meets it free and
+        # mistakes it for the ticket of a dead waiter; Windows removes it after.
+        try:
+            os.unlink(self.path)
+            removed = True
+        except OSError:
+            removed = False
+        lock.release()
+        if not removed:
+            _unlink_quietly(self.path)
+
+
+def _queue_line(qp: _QueuePaths) -> List[str]:
+    """Ids holding a ticket (dead waiters' too, until someone clears them), oldest first."""
+    try:
+        return sorted(name for name in os.listdir(qp.tickets) if _is_job_id(name))
+    except OSError:  # no line yet
+        return []
+
+
+def _ticket_is_live(path: str) -> bool:
+    """Whether a waiter holds this ticket; a dead waiter's ticket is removed on the way."""
+    lock = _LockFile(path)
+    try:
+        if not lock.acquire(create=False):
+            return True
+    except OSError:  # gone: its waiter left the line
+        lock.release()
+        return False
+    try:
+        if _same_file(lock.fd, path):  # not a newer ticket of the same job, made since we opened this one
+            _unlink_quietly(path)
+        return False
+    finally:
+        lock.release()
+
+
+def _ticket_ahead(qp: _QueuePaths, job_id: str) -> Optional[str]:
+    """The id of the nearest live ticket before job_id's, or None when job_id heads the line."""
+    for other in reversed([name for name in _queue_line(qp) if name < job_id]):
+        if _ticket_is_live(qp.ticket(other)):
+            return other
+    return None
+
+
+def _try_slot(qp: _QueuePaths, index: int) -> Optional[int]:
+    """A descriptor holding slot `index`, or None if another job holds it."""
+    lock = _LockFile(qp.slot(index))
+    return lock.fd if lock.acquire() else None
+
+
+def _lock_in_thread(path: str, *, exclusive: bool, create: bool, then: Callable[[Optional[int]], None]) -> None:
+    """A thread blocks until it holds the lock on path, then calls then(fd) (it owns
+    fd from there); then(None) when path is gone: there is nothing to wait for."""
+    def block():
+        lock = _LockFile(path)
+        try:
+            lock.acquire(exclusive=exclusive, blocking=True, create=create)
+        except OSError:  # gone, or no lock to wait on here: let the caller look again
+            lock.release()
+            return then(None)
+        then(lock.fd)
+    threading.Thread(target=block, daemon=True).start()
+
+
+class _Bell:
+    """A FIFO in a job directory that wakes its supervisor while it has no child
+    to wait on (queued, waiting for jobs, between restarts): a kill or a queue
+    change writes a byte to it.  Where there are no FIFOs (Windows), the
+    supervisor looks again every POLL_S seconds instead."""
+
+    POLL_S = 0.25
+
+    @staticmethod
+    def listen(path: str, on_ring: Callable[[], None]) -> bool:
+        """Call on_ring() at each ring, from a thread; False if this platform has no bell."""
+        import stat
+        if not hasattr(os, "mkfifo"):
+            return False
+        try:
+            os.mkfifo(path, 0o600)
+        except FileExistsError:  # an earlier run's
+            pass
+        except OSError:  # a file system without FIFOs: look again every POLL_S
+            return False
+        try:
+            # Read and write: we are a writer too, so a read never sees EOF, and the open never blocks.
+            fd = os.open(path, os.O_RDWR | _FILE_FLAGS)
+        except OSError:
+            return False
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # something else planted under its name
+            os.close(fd)
+            return False
+
+        def listen():
+            while os.read(fd, 512):
+                on_ring()
+        threading.Thread(target=listen, daemon=True).start()
+        return True
+
+    @staticmethod
+    def ring(path: str) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0) | _FILE_FLAGS)
+        except OSError:  # no bell, or nobody listening (ENXIO): nobody to wake
+            return
+        try:
+            os.write(fd, b"!")
+        except OSError:  # full: it rings already
+            pass
+        finally:
+            os.close(fd)
+
 # ---------------------------------------------------------------------------
 # 6. Supervisor: one job's life, from start to notifications
 # ---------------------------------------------------------------------------
@@ -2588,6 +2904,92 @@ class _SpawnFailure(Exception):
     def __init__(self, stage: str, message: str):
         super().__init__(message)
         self.stage, self.message = stage, message
+
+
+class _Mailbox:
+    """Wake-ups of a supervisor that has no child to wait on: the threads that
+    block on locks for it, and its bell, post here; it takes them one at a time."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.items: List[tuple] = []
+        self.closed = False
+
+    def post(self, item: tuple) -> bool:
+        """False once closed: the poster keeps what it brought (and closes it)."""
+        with self.cond:
+            if self.closed:
+                return False
+            self.items.append(item)
+            self.cond.notify()
+            return True
+
+    def take(self, timeout_s: Optional[float] = None) -> Optional[tuple]:
+        with self.cond:
+            self.cond.wait_for(lambda: self.items, timeout_s)
+            return self.items.pop(0) if self.items else None
+
+    def close(self) -> List[tuple]:
+        """Refuse further posts; returns what was never taken."""
+        with self.cond:
+            self.closed = True
+            items, self.items = self.items, []
+            return items
+
+
+def _post_slot(mailbox: _Mailbox, index: int) -> Callable[[Optional[int]], None]:
+    """What a slot thread does with the slot it got: hand it over, or give it back."""
+    def then(fd: Optional[int]) -> None:
+        if not mailbox.post(("slot", index, fd)) and fd is not None:
+            os.close(fd)
+    return then
+
+
+def _post_free(mailbox: _Mailbox, item: tuple) -> Callable[[Optional[int]], None]:
+    """What a thread waiting for a lock to be free does: let it go, and say so."""
+    def then(fd: Optional[int]) -> None:
+        if fd is not None:
+            os.close(fd)
+        mailbox.post(item)
+    return then
+
+
+class _EndedWhileWaiting(Exception):
+    """The job ended before its child started: killed, or a dependency did not succeed."""
+
+    def __init__(self, status: JobStatus, signal: Optional[str] = None, failure: Optional[Failure] = None):
+        super().__init__(status.value)
+        self.status, self.signal, self.failure = status, signal, failure
+
+
+def _describe_end(status: str, exit_code: Optional[int], signal: Optional[str], timed_out: bool = False,
+                  error: Optional[Failure] = None) -> str:
+    """'exited with code 1', 'was killed (SIGTERM, timeout)', 'failed (spawn: ...)'."""
+    if status == JobStatus.EXITED.value:
+        return "exited with code %s" % exit_code
+    if status == JobStatus.KILLED.value:
+        return "was killed (%s%s)" % (signal, ", timeout" if timed_out else "")
+    return "failed (%s)" % ("%s: %s" % (error.stage, error.message) if error else "no reason recorded")
+
+
+def _dependency_outcome(paths: JobPaths) -> Tuple[Optional[bool], Optional[str]]:
+    """(ended, why it does not count as a success).  ended is None while the job
+    runs or waits (its lock is held: block on it), False while nobody started it."""
+    with _JobLock(paths) as lock:
+        if not lock.acquire(exclusive=False, create=False):
+            return None, None
+    try:
+        state = _read_state_reconciled(paths)
+    except JobNotFoundError:
+        return True, "job %s was deleted" % paths.job_id
+    except JobError as exc:
+        return True, "job %s cannot be read: %s" % (paths.job_id, exc.message)
+    if not state.status.is_terminal:
+        return False, None
+    if state.status is JobStatus.EXITED and state.exit_code == 0:
+        return True, None
+    return True, "job %s %s" % (paths.job_id, _describe_end(state.status.value, state.exit_code, state.signal,
+                                                            state.result.timed_out, state.error))
 
 
 class _FullLog:
@@ -2636,9 +3038,10 @@ class _Running:
     pipes: Tuple[int, int]
     logs: List[int]
     started: float  # time.monotonic(): one clock for the whole system, so it survives exec
+    slot: Optional[int] = None  # the held queue slot's descriptor
 
     def fds(self) -> List[int]:
-        return [*self.pipes, *self.logs]
+        return [*self.pipes, *self.logs] + ([] if self.slot is None else [self.slot])
 
     def encode(self) -> str:
         """One argv word for the exec'd watcher; the rest it reads back from the job directory."""
@@ -2650,7 +3053,8 @@ class _Running:
         out_r, err_r, *logs = (int(fd) for fd in fds.split(","))
         state = _read_state(paths)
         child = _Child(None, state.pid, state.pid_token, state.windows_job_name)
-        return cls(state, _read_spec(paths), child, (out_r, err_r), logs, float(started))
+        slot = logs.pop() if len(logs) > 3 else None
+        return cls(state, _read_spec(paths), child, (out_r, err_r), logs, float(started), slot)
 
 
 class _Supervisor:
@@ -2664,6 +3068,14 @@ class _Supervisor:
         self.write_error: Optional[str] = None
         self.child: Optional[_Child] = None
         self.notification: Optional[Tuple[JobSpec, dict]] = None  # what notify() delivers
+        self.mailbox = _Mailbox()  # wake-ups while there is no child to wait on
+        self.has_bell: Optional[bool] = None  # None until listened for
+        self.slot: Optional[int] = None  # the queue slot held (a locked descriptor)
+        self.backoff_s: Optional[float] = None  # the next restart delay
+        # Called once the job shows as waiting (a forked launch execs a small
+        # interpreter there: see _supervise_forked), with the held ticket's fd.
+        self.on_wait: Optional[Callable[[Optional[int]], None]] = None
+        self.ticket_fd: Optional[int] = None  # a ticket held already, handed over across that exec
 
     def log(self, message: str) -> None:
         sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
@@ -2684,6 +3096,10 @@ class _Supervisor:
             return None
         spec = _read_spec(self.paths)
         state.supervisor_pid = os.getpid()
+        if spec.after or spec.queue:
+            state = self._wait_turn(state, spec)
+            if state is None:
+                return None
         self._reserve_space()
         try:
             logs = self._open_logs()
@@ -2693,6 +3109,7 @@ class _Supervisor:
             state.job.status, state.error = JobStatus.FAILED, Failure(failure.stage, failure.message)
             state.finished_at, state.logs_drained = _utc_now(), True
             self._release_space()
+            self._release_slot()
             _write_state(self.paths, state)
             _acknowledge()
             self.announce(spec, state)
@@ -2704,8 +3121,12 @@ class _Supervisor:
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
         _write_state(self.paths, state)
         _acknowledge()
+        self.child = child
         self._log_missing_facilities()
-        return _Running(state, spec, child, pipes, logs, started)
+        if (spec.after or spec.queue) and _read_kill_request(self.paths):
+            # A kill that came while we were leaving the line, too late to be seen there.
+            self._stop_tree(0 if _read_kill_request(self.paths) == "SIGKILL" else spec.kill_after_s)
+        return _Running(state, spec, child, pipes, logs, started, self.slot)
 
     def _log_missing_facilities(self) -> None:
         """Say once, in supervisor.log, what this machine lacks and what that costs the job."""
@@ -2713,18 +3134,34 @@ class _Supervisor:
             self.log("missing %s (%s): %s" % (item["facility"], item["detail"], item["costs"]))
 
     def watch(self, running: "_Running") -> None:
-        """Copy the output, enforce the timeout, record the end: the rest of the job's life."""
+        """Copy the output, enforce the timeout, record the end, restart as the
+        policy says: the rest of the job's life."""
         state, spec = running.state, running.spec
-        self.child = running.child
-        pumps = self._start_pumps(running.pipes, running.logs)
+        self.slot = running.slot
+        full = _FullLog(running.logs[2])
+        while running is not None and self._watch_run(running, full):
+            running = self._run_again(running, full)
+        self._release_space()
+        _write_state(self.paths, state)
+        self.announce(spec, state)
+
+    def _watch_run(self, running: "_Running", full: "_FullLog") -> bool:
+        """One run, from its start to its recorded end; whether the policy starts it again."""
+        state, spec = running.state, running.spec
+        self.child, self.timed_out, self.last_signal = running.child, False, None
+        self.exited = exited = threading.Event()
+        pumps = self._start_pumps(running.pipes, running.logs, full)
         if not _process_layer.can_verify_pids():
             self._listen_for_kills(running.child)
-        if spec.timeout_s:
+        if spec.timeout_s:  # per run
             timeout_s = spec.timeout_s - (time.monotonic() - running.started)
-            threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s), daemon=True).start()
+            threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s, exited), daemon=True).start()
         code, signum = _process_layer.wait_child(running.child)
-        self.exited.set()
+        exited.set()
         self._record_end(state, code, signum, int((time.monotonic() - running.started) * 1000))
+        again = self._restarts_after(spec, state)
+        if not again:
+            self._release_slot()  # at once: the next job of the queue may start
         if not _joined(pumps, QUICK_DRAIN_S):
             # Something still holds the pipes (a descendant): publish the end now,
             # then drain.  Usually the output ends with the child and one write does.
@@ -2734,9 +3171,263 @@ class _Supervisor:
         state.logs_drained = _joined(pumps, DRAIN_TIMEOUT_S)
         if self.write_error:
             state.error = Failure("output", self.write_error)
-        self._release_space()
+        return again
+
+    def _release_slot(self) -> None:
+        if self.slot is not None:
+            fd, self.slot = self.slot, None
+            _LockFile.held("", fd).release()  # letting go needs only the descriptor
+
+    # -- waiting: for other jobs, then for a queue slot -------------------------
+
+    def _wait_turn(self, state: JobState, spec: JobSpec) -> Optional[JobState]:
+        """Wait for the jobs it comes after, then for a slot of its queue (the
+        launcher is acknowledged once the job shows as waiting).  None when the
+        job ended meanwhile (killed, a dependency failed): that end is recorded."""
+        self._listen_for_bell()
+        try:
+            if spec.after:
+                self._wait_for_jobs(state, spec)
+            if spec.queue:
+                self._wait_for_slot(state, spec)
+            self._check_kill()
+        except _EndedWhileWaiting as ended:
+            self._release_slot()
+            self._end_unstarted(state, spec, ended)
+            return None
+        state.waiting = None
+        return state
+
+    def _listen_for_bell(self) -> None:
+        if self.has_bell is None:
+            self.has_bell = _Bell.listen(self.paths.bell, lambda: self.mailbox.post(("bell",)))
+
+    def _next_wakeup(self, timeout_s: Optional[float] = None) -> Optional[tuple]:
+        """Block until something may have changed; without a bell, look again every _Bell.POLL_S."""
+        if not self.has_bell:
+            timeout_s = _Bell.POLL_S if timeout_s is None else min(timeout_s, _Bell.POLL_S)
+        return self.mailbox.take(timeout_s)
+
+    def _check_kill(self) -> None:
+        requested = _read_kill_request(self.paths)
+        if requested:
+            raise _EndedWhileWaiting(JobStatus.KILLED, signal=requested)
+
+    def _set_waiting(self, state: JobState, waiting: dict, ticket: Optional["_Ticket"] = None) -> None:
+        """Record what the job waits for, then let the launcher go (it sees the job waiting)."""
+        state.waiting = waiting
         _write_state(self.paths, state)
+        _acknowledge()
+        if self.on_wait is not None:
+            on_wait, self.on_wait = self.on_wait, None
+            on_wait(ticket.fd if ticket else None)
+
+    def _end_unstarted(self, state: JobState, spec: JobSpec, ended: _EndedWhileWaiting) -> None:
+        state.job.status, state.result.signal, state.error = ended.status, ended.signal, ended.failure
+        state.waiting, state.finished_at, state.logs_drained = None, _utc_now(), True
+        self.log("the job ended before it started: %s" % (ended.failure.message if ended.failure else
+                                                             "killed (%s)" % ended.signal))
+        _write_state(self.paths, state)
+        _acknowledge()
         self.announce(spec, state)
+
+    # Dependencies have no bell: the kernel wakes us through each one's job lock,
+    # released when its supervisor has recorded the end.  Only a dependency that
+    # nobody has started yet has no lock to block on: it is looked at again
+    # every _UNSTARTED_POLL_S.
+    _UNSTARTED_POLL_S = 0.5
+
+    def _wait_for_jobs(self, state: JobState, spec: JobSpec) -> None:
+        """Until every job of spec.after has ended; _EndedWhileWaiting when one did
+        not succeed (unless after_any) or when the job is killed."""
+        pending, watched = list(spec.after), set()
+        self.mailbox = mailbox = _Mailbox()
+        try:
+            while True:
+                self._check_kill()
+                unstarted, before = False, len(pending)
+                for job_id in list(pending):
+                    paths = JobPaths(self.paths.root, job_id)
+                    ended, problem = _dependency_outcome(paths)
+                    if ended is None and job_id not in watched:
+                        watched.add(job_id)
+                        _lock_in_thread(paths.lock, exclusive=False, create=False,
+                                        then=_post_free(mailbox, ("job", job_id)))
+                    unstarted |= ended is False
+                    if not ended:
+                        continue
+                    if problem and not spec.after_any:
+                        raise _EndedWhileWaiting(JobStatus.FAILED, failure=Failure("dependency", problem))
+                    pending.remove(job_id)
+                if not pending:
+                    return
+                if state.waiting is None:  # they had not all ended at once: the job shows as waiting
+                    self._set_waiting(state, {"for": "jobs", "jobs": list(pending), "since": _utc_now()})
+                elif len(pending) != before:
+                    state.waiting["jobs"] = list(pending)
+                    _write_state(self.paths, state)
+                item = self._next_wakeup(self._UNSTARTED_POLL_S if unstarted else None)
+                if item and item[0] == "job":
+                    watched.discard(item[1])
+        finally:
+            mailbox.close()
+
+    def _wait_for_slot(self, state: JobState, spec: JobSpec) -> None:
+        """Take a place in the queue's line, then a slot when it is our turn (see
+        the Queues notes in section 5); self.slot holds it from then on."""
+        qp = _QueuePaths(self.paths.root, spec.queue)
+        ticket = _Ticket(qp, self.paths.job_id)
+        self.mailbox = mailbox = _Mailbox()
+        if self.ticket_fd is None:
+            ticket.enter()
+        else:  # our launch image entered the line for us, and shows the job waiting already
+            ticket.adopt(self.ticket_fd)
+            self.ticket_fd = None
+        try:
+            slot = self._free_slot_now(qp)
+            if slot is None:  # the job shows as waiting only when it has to
+                if (state.waiting or {}).get("for") != "queue":
+                    self._set_waiting(state, {"for": "queue", "queue": spec.queue, "since": _utc_now()}, ticket)
+                slot = self._wait_for_our_turn(qp, mailbox)
+            # Noted before the ticket goes: the next in line takes its slot after this.
+            state.queue_slot = {"queue": spec.queue, "slot": slot, "at": _utc_now()}
+        finally:
+            ticket.leave()
+            for item in mailbox.close():
+                if item[0] == "slot" and item[2] is not None:
+                    os.close(item[2])
+
+    def _wait_for_our_turn(self, qp: _QueuePaths, mailbox: _Mailbox) -> int:
+        """Block until we head the line and hold a slot; returns its index."""
+        job_id, watched, asked = self.paths.job_id, None, set()
+        while True:
+            self._check_kill()
+            ahead = _ticket_ahead(qp, job_id)
+            if ahead is not None and ahead != watched:
+                watched = ahead
+                _lock_in_thread(qp.ticket(ahead), exclusive=False, create=False,
+                                then=_post_free(mailbox, ("ahead", ahead)))
+            if ahead is None:
+                settings = self._queue_settings(qp)
+                if not settings.paused:
+                    index = self._take_free_slot(qp, settings.parallel, skip=asked)
+                    if index is not None:
+                        return index
+                    for index in set(range(settings.parallel)) - asked:
+                        asked.add(index)
+                        _lock_in_thread(qp.slot(index), exclusive=True, create=True, then=_post_slot(mailbox, index))
+            item = self._next_wakeup()
+            if item is None:
+                continue
+            if item[0] == "ahead":
+                watched = None
+            elif item[0] == "slot":
+                index, fd = item[1], item[2]
+                asked.discard(index)
+                if fd is not None and self._may_take(qp, index):
+                    self.slot = fd
+                    return index
+                if fd is not None:
+                    os.close(fd)
+
+    def _free_slot_now(self, qp: _QueuePaths) -> Optional[int]:
+        """A slot taken at once if we head the line and one is free: the index, or None."""
+        settings = self._queue_settings(qp)
+        if settings.paused or _ticket_ahead(qp, self.paths.job_id) is not None:
+            return None
+        return self._take_free_slot(qp, settings.parallel)
+
+    def _take_free_slot(self, qp: _QueuePaths, parallel: int, skip=()) -> Optional[int]:
+        """Try each slot below the limit (but those a thread of ours waits for); the index taken, or None."""
+        for index in range(parallel):
+            fd = None if index in skip else _try_slot(qp, index)
+            if fd is not None:
+                self.slot = fd
+                return index
+        return None
+
+    def _may_take(self, qp: _QueuePaths, index: int) -> bool:
+        settings = self._queue_settings(qp)
+        return not settings.paused and index < settings.parallel and _ticket_ahead(qp, self.paths.job_id) is None
+
+    def _queue_settings(self, qp: _QueuePaths) -> _QueueSettings:
+        try:
+            return _read_queue_settings(qp)
+        except JobError as exc:  # a corrupt settings file must not stop the queue: say so, use the defaults
+            self.log("%s; using the defaults" % exc.message)
+            return _QueueSettings()
+
+    # -- restart policy -----------------------------------------------------------
+
+    def _restarts_after(self, spec: JobSpec, state: JobState) -> bool:
+        """Whether the policy starts the job again after the run just recorded."""
+        if spec.restart not in ("on-failure", "always") or (state.restarts or 0) >= spec.max_restarts:
+            return False
+        if _read_kill_request(self.paths):  # a kill ends the policy too
+            return False
+        return spec.restart == "always" or not (state.status is JobStatus.EXITED and state.exit_code == 0)
+
+    def _restart_delay_s(self, spec: JobSpec, last_run_ms: Optional[int]) -> float:
+        """From restart_delay_s, doubling up to MAX_RESTART_DELAY_S; back to the
+        start after a run that lasted longer than that (it was healthy a while)."""
+        if self.backoff_s is None or (last_run_ms or 0) > MAX_RESTART_DELAY_S * 1000:
+            self.backoff_s = spec.restart_delay_s
+        delay = self.backoff_s
+        self.backoff_s = min(delay * 2, max(MAX_RESTART_DELAY_S, spec.restart_delay_s))
+        return delay
+
+    def _run_again(self, running: "_Running", full: "_FullLog") -> Optional["_Running"]:
+        """Wait the restart delay, then start the child again in this same job;
+        None when the job ended instead (killed meanwhile, or it cannot start)."""
+        state, spec = running.state, running.spec
+        delay_s = self._restart_delay_s(spec, state.duration_ms)
+        state.last_exit = {"state": state.status.value, "exit_code": state.exit_code, "signal": state.signal,
+                           "timed_out": state.result.timed_out, "duration_ms": state.duration_ms,
+                           "started_at": state.started_at, "finished_at": state.finished_at}
+        state.job.status, state.result, state.finished_at = JobStatus.RUNNING, JobResult(), None
+        state.pid = state.pid_token = state.logs_drained = None
+        state.waiting = {"for": "restart", "restart": (state.restarts or 0) + 1,
+                         "at": _format_time(time.time() + delay_s)}
+        _write_state(self.paths, state)
+        try:
+            self._sleep_unless_killed(delay_s)
+        except _EndedWhileWaiting as ended:
+            self._release_slot()
+            state.job.status, state.result.signal = ended.status, ended.signal
+            state.waiting, state.finished_at, state.logs_drained = None, _utc_now(), True
+            return None
+        state.restarts = (state.restarts or 0) + 1
+        last = state.last_exit
+        full.append(b"JOBSTATE", ("restart %d of %d: the previous run %s\n" % (
+            state.restarts, spec.max_restarts,
+            _describe_end(last["state"], last["exit_code"], last["signal"], last["timed_out"]))).encode())
+        return self._spawn_again(state, spec, running.logs)
+
+    def _sleep_unless_killed(self, delay_s: float) -> None:
+        self._listen_for_bell()
+        self.mailbox = mailbox = _Mailbox()
+        deadline = _deadline(delay_s)
+        try:
+            self._check_kill()
+            while _remaining(deadline) > 0:
+                self._next_wakeup(_remaining(deadline))
+                self._check_kill()
+        finally:
+            mailbox.close()
+
+    def _spawn_again(self, state: JobState, spec: JobSpec, logs: List[int]) -> Optional["_Running"]:
+        try:
+            child, pipes = self._spawn(spec)
+        except _SpawnFailure as failure:
+            self._release_slot()
+            self.log("cannot start the command again: %s" % failure.message)
+            state.job.status, state.error = JobStatus.FAILED, Failure(failure.stage, failure.message)
+            state.waiting, state.finished_at, state.logs_drained = None, _utc_now(), True
+            return None
+        state.waiting, state.job.started_at = None, _utc_now()
+        state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
+        _write_state(self.paths, state)
+        return _Running(state, spec, child, pipes, logs, time.monotonic(), self.slot)
 
     def announce(self, spec: JobSpec, state: JobState) -> None:
         """Record the job.finished event now, under the job lock; its sinks run
@@ -2798,8 +3489,7 @@ class _Supervisor:
             raise _SpawnFailure("logs", "cannot open %s: %s" % (exc.filename, exc.strerror)) from None
         return logs
 
-    def _start_pumps(self, pipes, logs: List[int]) -> List[threading.Thread]:
-        full = _FullLog(logs[2])
+    def _start_pumps(self, pipes, logs: List[int], full: "_FullLog") -> List[threading.Thread]:
         pumps = [threading.Thread(target=self._pump, args=(pipes[0], logs[0], b"STDOUT", full), daemon=True),
                  threading.Thread(target=self._pump, args=(pipes[1], logs[1], b"STDERR", full), daemon=True)]
         for pump in pumps:
@@ -2844,8 +3534,8 @@ class _Supervisor:
     def _release_space(self) -> None:
         _unlink_quietly(self.paths.reserve)
 
-    def _enforce_timeout(self, spec: JobSpec, timeout_s: float) -> None:
-        if self.exited.wait(max(timeout_s, 0.0)):
+    def _enforce_timeout(self, spec: JobSpec, timeout_s: float, exited: threading.Event) -> None:
+        if exited.wait(max(timeout_s, 0.0)):
             return
         self.timed_out = True
         self.log("timeout of %gs reached; stopping the process tree" % spec.timeout_s)
@@ -3148,6 +3838,7 @@ def _finish_supervising(supervisor: "_Supervisor", lock: _JobLock, body: Callabl
     # Everything is on disk: release the lock now, which wakes every waiter,
     # then notify (see _record_event), and skip interpreter teardown (daemon
     # pump threads may still be blocked on a pipe held by a grandchild).
+    supervisor._release_slot()
     lock.release()
     try:
         supervisor.notify()
@@ -3218,11 +3909,17 @@ def _supervisor_entry(args: List[str]) -> int:
 
     Without RUNNING, a spawned supervisor (_launch_by_spawn) that runs the
     whole job; with it, the watcher a forked launch exec'd after starting the
-    job (see _supervise_forked), which only watches it.
+    job (see _supervise_forked), which only watches it; with "waiting" (or
+    "waiting:TICKET_FD", its place in a queue's line, held), a forked launch
+    handed us a job that waits its turn, to start and watch.
     """
     root, job_id, lock_fd = args[0], args[1], int(args[2])
     paths = JobPaths(root, job_id)
     supervisor = _Supervisor(paths)
+    if args[3:4] and args[3].startswith("waiting"):  # "waiting" or "waiting:TICKET_FD"
+        _process_layer.supervisor_signals()  # catch again what the exec reset (see exec_keeping)
+        supervisor.ticket_fd = int(args[3][8:]) if args[3][7:8] == ":" else None
+        _finish_supervising(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
     if len(args) > 3:
         _process_layer.supervisor_signals()  # catch again what the exec reset (see exec_keeping)
         lock = _JobLock.handed_over(paths, lock_fd)
@@ -3246,7 +3943,19 @@ def _supervise_forked(paths: JobPaths, lock: _JobLock) -> None:
     """
     supervisor = _Supervisor(paths)
 
+    def wait_elsewhere(ticket_fd: Optional[int]) -> None:
+        # The job may wait for hours: not in a copy of the launcher's memory
+        # (tens of MB), but in a fresh small interpreter, handed the job lock and
+        # its place in the queue's line.  The launcher has its answer already.
+        mode = "waiting" if ticket_fd is None else "waiting:%d" % ticket_fd
+        argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd), mode)
+        try:
+            _process_layer.exec_keeping(argv, [lock.fd] + ([] if ticket_fd is None else [ticket_fd]))
+        except OSError as exc:
+            supervisor.log("cannot exec the waiting supervisor (%s); waiting from the launch image" % exc)
+
     def start_then_hand_over():
+        supervisor.on_wait = wait_elsewhere
         running = supervisor.start()
         if running is not None:
             argv = _supervisor_argv("_supervise", paths.root, paths.job_id, str(lock.fd), running.encode())
@@ -3604,10 +4313,23 @@ def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05
         time.sleep(poll_s)
 
 
+# What `list --state` accepts: a status, or `waiting` (created, waiting for a
+# queue slot or for other jobs) and `queued` (waiting for a queue slot).
+_LIST_STATES = tuple(s.value for s in JobStatus) + ("waiting", "queued")
+
+
 def _check_state_name(state: Optional[str]) -> None:
-    if state is not None and state not in {s.value for s in JobStatus}:
-        raise InvalidArgumentError("unknown state %r" % (state,),
-                                   hint="one of: " + ", ".join(s.value for s in JobStatus))
+    if state is not None and state not in _LIST_STATES:
+        raise InvalidArgumentError("unknown state %r" % (state,), hint="one of: " + ", ".join(_LIST_STATES))
+
+
+def _state_matches(wanted: Optional[str], state: JobState) -> bool:
+    if wanted is None:
+        return True
+    if wanted in ("waiting", "queued"):
+        waits_for = (state.waiting or {}).get("for") if state.status is JobStatus.CREATED else None
+        return waits_for == "queue" if wanted == "queued" else waits_for in ("queue", "jobs")
+    return state.status.value == wanted
 
 
 def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Optional[str],
@@ -3619,7 +4341,6 @@ def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Opt
     Returns (jobs, truncated, skipped): skipped counts the job directories
     passed over because their meta.json is missing or unreadable.
     """
-    want = JobStatus(state) if state else None
     filters = [_validate_tag_filter(t) for t in tags]
     if os.path.isdir(root):
         _require_trusted_locks(root)
@@ -3641,7 +4362,7 @@ def _list_summaries(root: str, *, cwd: Optional[str], all_jobs: bool, state: Opt
         if not all(_tag_matches(f, spec.tags) for f in filters):
             continue
         summary = _summarize(paths, spec)
-        if summary is None or want is not None and summary.state.status is not want:
+        if summary is None or not _state_matches(state, summary.state):
             continue
         if limit is not None and len(found) == limit:
             return found, True, skipped
@@ -3657,7 +4378,7 @@ def _summarize(paths: JobPaths, spec: JobSpec) -> Optional[JobSummary]:
         return None
     except JobError:
         state = JobState(JobInfo(paths.job_id, JobStatus.UNKNOWN))
-    return JobSummary(paths.job_id, state, spec.argv, spec.cwd, spec.tags, spec.created_at)
+    return JobSummary(paths.job_id, state, spec.argv, spec.cwd, spec.tags, spec.created_at, spec.queue)
 
 
 def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: bool = False,
@@ -3665,7 +4386,8 @@ def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: boo
               ) -> List[JobSummary]:
     """Jobs newest first: those whose cwd is `cwd` (default: the current directory), or all.
 
-    state: only jobs in that state ('running', ...).  tags: patterns that must all
+    state: only jobs in that state ('running', ...; 'waiting' and 'queued' for jobs
+    waiting their turn, for a slot or other jobs, or for a slot).  tags: patterns that must all
     match ('a.b' exact, 'a.*' subtree).  limit: at most that many (None: no limit).
     """
     _check_state_name(state)
@@ -3856,7 +4578,7 @@ class Job:
             remaining = _remaining(deadline)
             if remaining == 0:
                 return state
-            if state.status is JobStatus.CREATED:
+            if state.status is JobStatus.CREATED and state.waiting is None:  # nobody runs it (yet)
                 time.sleep(0.05 if remaining is None else min(0.05, remaining))
             else:
                 self._release.wait(remaining)
@@ -3872,7 +4594,7 @@ class Job:
         """Launch a created job; returns once its supervisor has acknowledged."""
         with _JobLock(self.paths) as lock:
             if not lock.acquire():
-                raise InvalidStateError(self.id, JobStatus.RUNNING, "only a created job can be started")
+                raise _held_error(self.paths, "only a created job can be started")
             state = _read_state(self.paths)
             if state.status is not JobStatus.CREATED:
                 raise InvalidStateError(self.id, state.status, "only a created job can be started")
@@ -3893,7 +4615,7 @@ class Job:
             while not lock.acquire():
                 # Only a running job is ours to stop; any other state means another
                 # restart or start holds the lock for a moment: look again shortly.
-                if self.state().status is JobStatus.RUNNING:
+                if _needs_supervisor(self.state()):  # running, or waiting for its turn
                     self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
                 else:
                     time.sleep(0.02)
@@ -3914,6 +4636,9 @@ class Job:
         """
         signum, name = _parse_signal(signal)
         state = self.state()
+        terminating = name[3:] in _TERMINATING
+        if state.status is JobStatus.CREATED and state.waiting is not None and terminating:
+            return self._kill_waiting(name, wait_s)
         if state.status is JobStatus.CREATED:
             raise InvalidStateError(self.id, state.status, "it has no process to signal")
         ref, running = _TreeRef.from_state(state), state.status is JobStatus.RUNNING
@@ -3923,6 +4648,8 @@ class Job:
         if running and terminating and verified:
             self._request_kill(name, warnings)
         signalled = send(name)
+        if running and terminating:
+            _Bell.ring(self.paths.bell)  # between two runs of a restart policy, nothing else would tell it
         if terminating and kill_after_s is not None and not self._stopped(ref, kill_after_s):
             if running and verified:
                 self._request_kill("SIGKILL", warnings)
@@ -4007,6 +4734,16 @@ class Job:
                                "mounted; 'jobstate doctor' lists what this system lacks",
                                details={"job_id": self.id})
 
+    def _kill_waiting(self, name: str, wait_s: float) -> KillResult:
+        """Take a waiting job out of its queue or wait: its supervisor, woken by
+        the bell, records `killed` without ever starting the child.  If it was
+        starting the child at that very moment, it stops the tree itself."""
+        _write_json_atomic(self.paths.kill_request, {"signal": name, "requested_at": _utc_now()})
+        _Bell.ring(self.paths.bell)
+        state = self.wait(wait_s) if wait_s else self.state()
+        ref = _TreeRef.from_state(state)
+        return KillResult(state, name, 0, len(_process_layer.find_tree(ref)) if state.pid else 0)
+
     def _stopped(self, ref: _TreeRef, timeout_s: float) -> bool:
         """Wait until the supervisor has finished and no process of the tree is left
         (without /proc: until the job has ended, which is all that can be known)."""
@@ -4039,7 +4776,8 @@ class Job:
 
 def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, masks=(), has_stdin=False,
                 timeout_s=None, kill_after_s=None, kill_orphans=False, tags=(), notify_command=None,
-                notify_file=None) -> JobSpec:
+                notify_file=None, queue=None, after=(), after_any=False, restart=None, max_restarts=None,
+                restart_delay_s=None) -> JobSpec:
     """Validate a definition and make it absolute, so the job means the same from anywhere."""
     if isinstance(argv, str):
         argv = [argv]
@@ -4062,32 +4800,68 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
         kill_orphans=bool(kill_orphans), tags=_validate_tags(tags),
         notify_command=notify_command,
         notify_file=_abspath(notify_file) if notify_file else None,
-        created_at=_utc_now())
+        created_at=_utc_now(),
+        queue=None if queue is None else _validate_queue_name(queue), after=list(after),
+        after_any=_check_after_any(after, after_any), **_restart_policy(restart, max_restarts, restart_delay_s))
+
+
+def _check_after_any(after, after_any) -> bool:
+    if after_any and not after:
+        raise InvalidArgumentError("after_any needs jobs to come after", hint="--after JOB --after-any")
+    return bool(after_any)
+
+
+def _restart_policy(restart, max_restarts, restart_delay_s) -> dict:
+    """The restart fields of a definition: policy, how many restarts, the first delay."""
+    restart = restart or "never"
+    if restart not in RESTART_POLICIES:
+        raise InvalidArgumentError("unknown restart policy %r" % (restart,), hint="one of: " + ", ".join(RESTART_POLICIES))
+    if max_restarts is None:
+        max_restarts = 0 if restart == "never" else DEFAULT_MAX_RESTARTS
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise InvalidArgumentError("max_restarts: %r is not a non-negative integer" % (max_restarts,))
+    delay = _parse_duration(DEFAULT_RESTART_DELAY_S if restart_delay_s is None else restart_delay_s,
+                            "restart_delay")
+    return {"restart": restart, "max_restarts": max_restarts, "restart_delay_s": delay}
 
 
 def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, env_files: Sequence[str] = (), inherit_env: bool = True,
            masks: Sequence[str] = (), stdin=None, timeout_s=None, kill_after_s=None,
            kill_orphans: bool = False, tags: Sequence[str] = (), notify_command: Optional[str] = None,
-           notify_file: Optional[str] = None) -> Job:
+           notify_file: Optional[str] = None, queue: Optional[str] = None, after: Sequence[str] = (),
+           after_any: bool = False, restart: Optional[str] = None, max_restarts: Optional[int] = None,
+           restart_delay_s=None) -> Job:
     """Define a job (state `created`) without starting it.
 
     argv: a list (run directly) or a one-element list / string (run by the shell).
     stdin: bytes or str given to the job as its standard input.
     timeout_s / kill_after_s: seconds (or '90s', '5m'); TERM at the timeout, KILL after the grace.
     kill_orphans: when the main process exits, stop whatever it left running.
+    queue: run in that queue's slots (at most its `parallel` jobs at once, in order).
+    after: ids (or prefixes) of existing jobs that must end first; if one does not
+    exit 0 the job ends `failed` (stage "dependency"), unless after_any.
+    restart: 'never' (default), 'on-failure' or 'always'; max_restarts (default 5)
+    and restart_delay_s (default 1 s, doubling up to 60 s) bound it.  Per run: the timeout.
     The job directory appears atomically: readers never see a half-made job.
     """
     return _create(resolve_root(root), argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env,
                    masks=masks, stdin=stdin, timeout_s=timeout_s, kill_after_s=kill_after_s,
-                   kill_orphans=kill_orphans, tags=tags, notify_command=notify_command, notify_file=notify_file)
+                   kill_orphans=kill_orphans, tags=tags, notify_command=notify_command, notify_file=notify_file,
+                   queue=queue, after=after, after_any=after_any, restart=restart, max_restarts=max_restarts,
+                   restart_delay_s=restart_delay_s)
 
 
-def _create(root: str, argv, *, stdin=None, **definition) -> Job:
+def _create(root: str, argv, *, stdin=None, after: Sequence[str] = (), **definition) -> Job:
     """create() under a resolved root; definition is _build_spec's keywords."""
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8", errors="surrogateescape")
-    spec = _build_spec(argv, has_stdin=stdin is not None, **definition)
+    if isinstance(after, str):
+        after = [after]
+    # No such job: refused now, never waited for.  Ids exist before the job that
+    # names them, so no job can come after itself, directly or through others.
+    after = list(dict.fromkeys(_resolve_job_id(root, ref) for ref in after))
+    spec = _build_spec(argv, has_stdin=stdin is not None, after=after, **definition)
     _ensure_root(root)
     _require_trusted_locks(root)
     job_id = new_job_id()
@@ -4156,6 +4930,93 @@ def _open_job(root: str, job_id_or_prefix: str) -> Job:
     _require_trusted_locks(root)
     return job
 
+
+def set_queue(name: str, *, parallel: Optional[int] = None, paused: Optional[bool] = None,
+              root: Optional[str] = None) -> QueueInfo:
+    """Set a queue's parallel limit (1 to MAX_QUEUE_PARALLEL) and/or pause or resume it.
+
+    Waiting jobs see the change at once: raising the limit starts them, resuming
+    lets them start again (a pause never stops running jobs).
+    """
+    name = _validate_queue_name(name)
+    if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int)
+                                 or not 1 <= parallel <= MAX_QUEUE_PARALLEL):
+        raise InvalidArgumentError("parallel: %r is not an integer from 1 to %d" % (parallel, MAX_QUEUE_PARALLEL),
+                                   hint="to stop starting jobs, pause the queue ('jobstate queue pause NAME')")
+    root = resolve_root(root)
+    _ensure_root(root)
+    qp = _QueuePaths(root, name)
+    _update_queue_settings(qp, parallel, None if paused is None else bool(paused))
+    for job_id in _queue_line(qp):  # the head takes the news; the others follow as the line moves
+        _Bell.ring(JobPaths(root, job_id).bell)
+    return _scan_queues(root, only=name)[0]
+
+
+def list_queues(root: Optional[str] = None) -> List[QueueInfo]:
+    """Every queue that has settings or unfinished jobs, by name."""
+    return _scan_queues(resolve_root(root))
+
+
+def _scan_queues(root: str, only: Optional[str] = None) -> List[QueueInfo]:
+    """Queues with their running and waiting jobs, read from the jobs themselves."""
+    queues: Dict[str, QueueInfo] = {}
+
+    def info(name: str) -> QueueInfo:
+        if name not in queues:
+            try:
+                settings = _read_queue_settings(_QueuePaths(root, name))
+            except JobError:
+                settings = _QueueSettings()
+            queues[name] = QueueInfo(name, settings.parallel, settings.paused, [], [])
+        return queues[name]
+
+    try:
+        names = [n[:-5] for n in os.listdir(os.path.join(root, ".queues")) if n.endswith(".json")]
+    except OSError:  # no queue was ever set
+        names = []
+    for name in names + ([only] if only else []):
+        if _QUEUE_NAME_RE.match(name) and only in (None, name):
+            info(name)
+    for job_id in reversed(_list_job_ids(root)):  # oldest first: the line's order
+        paths = JobPaths(root, job_id)
+        try:
+            spec = _read_spec(paths)
+            if not spec.queue or only not in (None, spec.queue):
+                continue
+            state = _read_state_reconciled(paths)
+        except JobError:  # unreadable or deleted meanwhile: not one of the queue's jobs
+            continue
+        if state.status is JobStatus.RUNNING:
+            info(spec.queue).running.append(job_id)
+        elif state.status is JobStatus.CREATED and (state.waiting or {}).get("for") == "queue":
+            info(spec.queue).waiting.append(job_id)
+    return [queues[name] for name in sorted(queues)]
+
+
+def _is_crash_looping(state: JobState, now: float) -> bool:
+    """A restart policy at work on a job that keeps failing fast: the previous
+    run failed within MAX_RESTART_DELAY_S, and the current one has not lasted
+    that long either (or has not started yet).  A healthy job that crashed once
+    after a long run, or runs fine since its last restart, is not looping."""
+    last = state.last_exit
+    if state.status is not JobStatus.RUNNING or not last:
+        return False
+    if last.get("state") == JobStatus.EXITED.value and last.get("exit_code") == 0:
+        return False
+    limit_ms = MAX_RESTART_DELAY_S * 1000
+    if not isinstance(last.get("duration_ms"), int) or last["duration_ms"] > limit_ms:
+        return False
+    if state.waiting:
+        return True
+    started = _parse_time(state.started_at)
+    return started is not None and (now - started) * 1000 < limit_ms
+
+
+def _queue_position(root: str, queue: str, job_id: str) -> Optional[int]:
+    """1 for the head of the line, the next to start; None if not in line."""
+    line = _queue_line(_QueuePaths(root, queue))
+    return line.index(job_id) + 1 if job_id in line else None
+
 # ---------------------------------------------------------------------------
 # 9. Responses: the one place that shapes each JSON document
 # ---------------------------------------------------------------------------
@@ -4179,12 +5040,21 @@ _ERROR_INFO = {"type": ["object", "null"], "properties": {"stage": _STR, "messag
 _WARNINGS = {"type": "array", "items": {
     "type": "object", "required": ["code", "message"], "additionalProperties": False,
     "properties": {"code": {"type": "string", "enum": list(_WARNING_CODES)}, "message": _STR}}}
+# Why a job has no child now: a queue slot (position 1 starts next), other jobs, a restart delay.
+_WAITING_INFO = {"type": ["object", "null"], "required": ["for"], "properties": {
+    "for": {"type": "string", "enum": ["queue", "jobs", "restart"]}, "queue": _STR, "position": _OPT_INT,
+    "jobs": _STR_LIST, "since": _STR, "restart": _INT, "at": _STR}}
+_LAST_EXIT_INFO = {"type": ["object", "null"], "properties": {
+    "state": _STATE_NAME, "exit_code": _OPT_INT, "signal": _OPT_STR, "timed_out": _BOOL,
+    "duration_ms": _OPT_INT, "started_at": _OPT_STR, "finished_at": _OPT_STR}}
 _JOB_FIELDS = {
     "job_id": _STR, "state": _STATE_NAME, "exit_code": _OPT_INT, "signal": _OPT_STR, "timed_out": _BOOL,
     "duration_ms": _OPT_INT, "created_at": _OPT_STR, "started_at": _OPT_STR, "finished_at": _OPT_STR,
     "pid": _OPT_INT, "error": _ERROR_INFO, "command": {"type": ["array", "null"], "items": _STR},
     "cwd": _OPT_STR, "env": {"type": ["object", "null"], "additionalProperties": _STR},
     "tags": _STR_LIST, "stdout_log_path": _STR, "stderr_log_path": _STR, "warnings": _WARNINGS,
+    "queue": _OPT_STR, "waiting": _WAITING_INFO, "restarts": _INT, "last_exit": _LAST_EXIT_INFO,
+    "crash_looping": _BOOL,
 }
 _OUTPUT_FIELDS = {"stdout": _STR, "stderr": _STR, "stdout_range": _RANGE, "stderr_range": _RANGE,
                   "stdout_total_bytes": _INT, "stderr_total_bytes": _INT,
@@ -4226,6 +5096,8 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "gc": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT,
            "kept": _INT, "freed_bytes": _INT},
     "tag": {"job_id": _STR, "tags": _STR_LIST},
+    "queue": {"root": _STR, "queues": {"type": "array", "items": _object_schema({
+        "name": _STR, "parallel": _INT, "paused": _BOOL, "running": _STR_LIST, "waiting": _STR_LIST})}},
     "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
     "health": {"version": _STR, "root": _STR, "capabilities": _CAPABILITIES},
     "doctor": {"root": _STR, "capabilities": _CAPABILITIES},
@@ -4314,6 +5186,13 @@ def _document_schemas() -> Dict[str, dict]:
     meta["required"] = ["schema_version", "argv", "cwd"]
     state["properties"]["job"]["properties"]["status"]["enum"].remove(JobStatus.UNKNOWN.value)
     meta["properties"]["timeout_s"] = meta["properties"]["kill_after_s"] = {"type": "number", "minimum": 0}
+    meta["properties"]["restart_delay_s"] = {"type": "number", "minimum": 0}
+    meta["properties"]["restart"] = {"type": "string", "enum": list(RESTART_POLICIES)}
+    meta["properties"]["max_restarts"] = {"type": "integer", "minimum": 0}
+    state["properties"]["waiting"] = _WAITING_INFO
+    state["properties"]["last_exit"] = _LAST_EXIT_INFO
+    state["properties"]["queue_slot"] = {"type": ["object", "null"], "properties": {
+        "queue": _STR, "slot": _INT, "at": _STR}}
     schemas = {"state": state, "meta": meta, "error": _error_schema()}
     for kind in _RESPONSE_FIELDS:
         schemas[kind] = _response_schema(kind)
@@ -4345,6 +5224,7 @@ def _job_view(paths: JobPaths, state: JobState, row: Optional[JobSummary] = None
         "started_at": state.started_at, "finished_at": state.finished_at, "pid": state.pid,
         "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
         "command": definition.argv if definition else None, "cwd": definition.cwd if definition else None,
+        **_policy_view(paths.root, state, definition.queue if definition else None),
     }
     if row is None:
         view["env"] = definition.masked_env() if definition else None
@@ -4360,6 +5240,15 @@ def _readable_spec(paths: JobPaths) -> Optional[JobSpec]:
         return _read_spec(paths)
     except JobError:
         return None
+
+
+def _policy_view(root: str, state: JobState, queue: Optional[str]) -> dict:
+    """The queue, waiting and restart keys of a job-shaped response."""
+    waiting = dict(state.waiting) if state.waiting else None
+    if waiting and waiting.get("for") == "queue" and isinstance(waiting.get("queue"), str):
+        waiting["position"] = _queue_position(root, waiting["queue"], state.job_id)
+    return {"queue": queue, "waiting": waiting, "restarts": state.restarts or 0, "last_exit": state.last_exit,
+            "crash_looping": _is_crash_looping(state, time.time())}
 
 
 def _output_view(tail: Tail) -> dict:
@@ -4405,8 +5294,15 @@ def _elapsed_ms(started: float) -> int:
 
 
 def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int, started: float) -> dict:
-    """RunData after waiting up to until_s (0: not at all, None: until the end)."""
-    state = job.state() if until_s == 0 else job.wait(until_s)
+    """RunData after waiting up to until_s (0: not at all, None: until the end).
+
+    run, start and restart return at once for a job that waits its turn (a
+    queue slot, other jobs): that may take hours; `wait` is there for it.
+    """
+    state = job.state()
+    queued = kind != "wait" and state.status is JobStatus.CREATED and state.waiting is not None
+    if until_s != 0 and not (queued and until_s is not None):
+        state = job.wait(until_s)
     return _envelope(kind, _run_view(job, state, max_bytes, _elapsed_ms(started)))
 
 
@@ -4481,6 +5377,12 @@ def _doctor_doc(root: str) -> dict:
     return _envelope("doctor", {"root": root, "capabilities": _capabilities(root)})
 
 
+def _queue_doc(root: str, queues: List[QueueInfo]) -> dict:
+    return _envelope("queue", {"root": root, "queues": [
+        {"name": q.name, "parallel": q.parallel, "paused": q.paused, "running": q.running, "waiting": q.waiting}
+        for q in queues]})
+
+
 def _delete_doc(root: str, job_ref: Optional[str], dry_run: bool) -> dict:
     """Delete one job, or with job_ref None every terminal job of the current directory."""
     if job_ref is not None:
@@ -4538,7 +5440,16 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                 "stdin": {"type": "string", "description": "standard input for the job"},
                 "timeout": _duration_param("stop the tree after this many seconds"),
                 "kill_after": _duration_param("then KILL what is left after S seconds"), "until": _UNTIL_PARAM,
-                "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM}, ["command"]),
+                "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM,
+                "queue": {"type": "string", "description": "run in this queue: at most its parallel limit at once, "
+                          "in order; a queued job returns at once, waiting (see `wait`)"},
+                "after": {"type": "array", "items": {"type": "string"},
+                          "description": "ids of jobs that must end first; if one does not exit 0 this job fails"},
+                "after_any": {"type": "boolean", "description": "with after: start whatever their results"},
+                "restart": {"type": "string", "enum": list(RESTART_POLICIES)},
+                "max_restarts": _count_param("at most this many restarts (default 5 with restart)"),
+                "restart_delay": _duration_param("first restart delay, doubling up to 60 s (default 1)")},
+            ["command"]),
     "status": ("State, exit code, signal, times and log paths of a job.", {"job_id": _JOB_ID_PARAM}, ["job_id"]),
     "tail": ("The last lines of a job's stdout and stderr.", {
         "job_id": _JOB_ID_PARAM, "lines": _count_param("lines per stream"), "max_bytes": _MAX_BYTES_PARAM},
@@ -4549,7 +5460,7 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
         "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "TERM, INT, KILL, HUP, ..."},
         "kill_after": _duration_param("then KILL what is left after S seconds")}, ["job_id"]),
     "list": ("Jobs newest first: by default those started in `cwd` (the server's directory), or all.", {
-        "state": {"type": "string", "enum": [s.value for s in JobStatus]},
+        "state": {"type": "string", "enum": list(_LIST_STATES)},
         "limit": _count_param("at most this many jobs"), "all": {"type": "boolean"}, "cwd": {"type": "string"},
         "tags": _TAGS_PARAM}, []),
 }
@@ -4641,7 +5552,10 @@ def _call_operation(operation: str, args: dict, root: str, *, default_until: flo
     max_bytes = args.get("max_bytes", DEFAULT_MAX_BYTES)
     if operation == "run":
         job = _run(root, args["command"], cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
-                   timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
+                   timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()),
+                   queue=args.get("queue"), after=args.get("after", ()), after_any=args.get("after_any", False),
+                   restart=args.get("restart"), max_restarts=args.get("max_restarts"),
+                   restart_delay_s=args.get("restart_delay"))
         return _observed_doc("run", job, until, max_bytes, started)
     if operation == "list":
         return _list_doc(root, cwd=args.get("cwd"), all_jobs=args.get("all", False),
@@ -6559,10 +7473,50 @@ def _verdict(view: dict, color: bool) -> str:
     elif state == "failed":
         key, error = "failed", view["error"] or {}
         text = "job %s failed (%s): %s" % (short, error.get("stage"), error.get("message"))
+    elif view.get("waiting"):
+        key, text = state, "job %s is %s" % (short, _waiting_text(view))
     else:
         key = state
         text = "job %s is %s%s" % (short, state, " (pid %s)" % view["pid"] if view["pid"] else "")
+    if view.get("restarts") or view.get("crash_looping"):
+        text += " [%s]" % _restarts_text(view)
     return _paint(text, key, color)
+
+
+def _waiting_text(view: dict) -> str:
+    """'queued in builds (position 3)', 'waiting for 2 jobs: ...', 'restarting (restart 2 at ...)'."""
+    waiting = view["waiting"]
+    if waiting.get("for") == "queue":
+        position = waiting.get("position")
+        return "queued in %s%s" % (waiting.get("queue"), " (position %s)" % position if position else "")
+    if waiting.get("for") == "jobs":
+        jobs = [str(j)[:12] for j in waiting.get("jobs") or []]
+        return "waiting for %d job%s: %s" % (len(jobs), "" if len(jobs) == 1 else "s", ", ".join(jobs))
+    return "restarting (restart %s at %s)" % (waiting.get("restart"), waiting.get("at"))
+
+
+def _restarts_text(view: dict) -> str:
+    last = view.get("last_exit") or {}
+    text = "%d restart%s" % (view["restarts"], "" if view["restarts"] == 1 else "s")
+    if last:
+        text += ", last run %s after %s" % (
+            _describe_end(last.get("state"), last.get("exit_code"), last.get("signal"), last.get("timed_out")),
+            _format_duration(last.get("duration_ms")))
+    return ("crash-looping: " if view.get("crash_looping") else "") + text
+
+
+def _state_cell(view: dict) -> str:
+    """The STATE column: the status, or what a job without a child waits for."""
+    waiting = view.get("waiting") or {}
+    if waiting.get("for") == "queue":
+        return "queued" + (" #%s" % waiting["position"] if waiting.get("position") else "")
+    if waiting.get("for") == "jobs":
+        return "waiting"
+    if view.get("crash_looping"):
+        return "crash-looping"
+    if waiting.get("for") == "restart":
+        return "restarting"
+    return view["state"]
 
 
 def _render_table(rows: List[List[str]], header: List[str]) -> List[str]:
@@ -6585,18 +7539,20 @@ def _render_body(doc: dict, color: bool, now: float) -> str:
     if kind == "list":
         if not doc["jobs"]:
             return "\n".join(["no jobs"] + _skipped_note(doc))
-        rows = [[j["job_id"][:12], j["state"], _outcome(j), _format_age(j["created_at"], now),
+        rows = [[j["job_id"][:12], _state_cell(j), _outcome(j), _format_age(j["created_at"], now),
                  _format_duration(j["duration_ms"]), _shorten(" ".join(j["command"] or []), 60),
                  ",".join(j["tags"])] for j in doc["jobs"]]
         lines = _render_table(rows, ["ID", "STATE", "EXIT", "CREATED", "DURATION", "COMMAND", "TAGS"])
-        lines = [lines[0]] + [line.replace(row[1], _paint(row[1], row[1], color), 1)
-                              for line, row in zip(lines[1:], rows)]
+        lines = [lines[0]] + [line.replace(row[1], _paint(row[1], j["state"], color), 1)
+                              for line, row, j in zip(lines[1:], rows, doc["jobs"])]
         return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []) + _skipped_note(doc))
     if "elapsed_ms" in doc:  # RunData: run, start, restart, wait
         parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
         return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
     if kind == "tail":
         return "\n".join(p for p in (doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")) if p)
+    if kind == "queue":
+        return _render_queues(doc)
     if "exit_code" in doc:  # a job view: status, create, kill
         fields = [("job", doc["job_id"]), ("state", _paint(doc["state"], doc["state"], color)),
                   ("result", _outcome(doc)), ("command", " ".join(doc["command"] or [])),
@@ -6606,6 +7562,12 @@ def _render_body(doc: dict, color: bool, now: float) -> str:
                   ("stderr", doc["stderr_log_path"])]
         if doc["error"]:
             fields.append(("error", "%s: %s" % (doc["error"]["stage"], doc["error"]["message"])))
+        if doc.get("queue"):
+            fields.append(("queue", doc["queue"]))
+        if doc.get("waiting"):
+            fields.append(("waiting", _waiting_text(doc)))
+        if doc.get("restarts") or doc.get("crash_looping"):
+            fields.append(("restarts", _restarts_text(doc)))
         if "signal_sent" in doc:
             fields.append(("signalled", "%s to %d process(es), %s left" % (
                 doc["signal_sent"], doc["processes_signalled"],
@@ -6633,6 +7595,15 @@ def _doctor_lines(caps: dict) -> List[str]:
         lines.append("warning:       this process is PID 1 of its PID namespace: the jobs it starts die with it")
     lines += ["missing:       %s: %s (%s)" % (m["facility"], m["costs"], m["detail"]) for m in caps["missing"]]
     return lines + ([] if caps["missing"] else ["missing:       nothing"])
+
+
+def _render_queues(doc: dict) -> str:
+    if not doc["queues"]:
+        return "no queues"
+    rows = [[q["name"], str(q["parallel"]), "paused" if q["paused"] else "-", str(len(q["running"])),
+             str(len(q["waiting"])), " ".join(j[:12] for j in q["waiting"][:5]) + (" ..." if len(q["waiting"]) > 5 else "")]
+            for q in doc["queues"]]
+    return "\n".join(_render_table(rows, ["QUEUE", "PARALLEL", "PAUSED", "RUNNING", "WAITING", "NEXT"]))
 
 
 def _skipped_note(doc: dict) -> List[str]:
@@ -6767,6 +7738,15 @@ def _add_definition_options(p) -> None:
     p.add_argument("--tag", action="append", default=[], help="tag such as ci.lint (repeatable)")
     p.add_argument("--notify-command", metavar="CMD", help="shell command run with the job.finished event on stdin")
     p.add_argument("--notify-file", metavar="PATH", help="append the job.finished event to this NDJSON file")
+    p.add_argument("--queue", metavar="NAME", help="run in this queue: at most its --parallel jobs at once, in order")
+    p.add_argument("--after", action="append", default=[], metavar="JOB",
+                   help="start once this job has ended; fail if it did not exit 0 (repeatable)")
+    p.add_argument("--after-any", action="store_true", help="with --after: start whatever those jobs' results")
+    p.add_argument("--restart", choices=RESTART_POLICIES, help="restart the command when it ends (default never)")
+    p.add_argument("--max-restarts", metavar="N", type=_count_option,
+                   help="at most N restarts (default %d with --restart)" % DEFAULT_MAX_RESTARTS)
+    p.add_argument("--restart-delay", metavar="S", type=_duration_option,
+                   help="first delay before a restart, doubling up to 60s (default 1)")
 
 
 def _add_observe_options(p, default_until: float) -> None:
@@ -6842,7 +7822,7 @@ def _kill_options(p) -> None:
 
 def _list_options(p, with_state: bool = True) -> None:
     if with_state:
-        p.add_argument("--state", choices=[s.value for s in JobStatus])
+        p.add_argument("--state", choices=_LIST_STATES, help="a status, or waiting (for a slot or jobs), queued")
     p.add_argument("--limit", default=str(DEFAULT_LIST_LIMIT), metavar="N", type=_count_option,
                    help="at most N jobs (default 50)")
     scope = p.add_mutually_exclusive_group()
@@ -6882,6 +7862,23 @@ def _tag_options(p) -> None:
     p.add_argument("job")
     p.add_argument("--tag", action="append", default=[], help="a tag (repeatable; none clears them)")
     p.set_defaults(handler=_cmd_tag)
+
+
+def _queue_options(p) -> None:
+    queue_commands = p.add_subparsers(dest="queue_command", metavar="list|set|pause|resume", parser_class=type(p))
+    queue_commands.required = True
+    for name, text in (("list", "every queue: limit, running and waiting jobs"),
+                       ("set", "set a queue's parallel limit (waiting jobs start at once if it rises)"),
+                       ("pause", "start no more jobs of the queue (running ones go on)"),
+                       ("resume", "start the queue's jobs again")):
+        sub = queue_commands.add_parser(name, help=text, description=text)
+        _add_global_options(sub, suppress=True)
+        if name != "list":
+            sub.add_argument("name", metavar="NAME")
+        if name == "set":
+            sub.add_argument("--parallel", required=True, metavar="N", type=_count_option,
+                             help="at most N jobs of the queue run at once (default 1)")
+        sub.set_defaults(handler=_cmd_queue)
 
 
 def _no_options(p) -> None:
@@ -7070,7 +8067,10 @@ def _cli_definition(ns, auto_stdin: bool) -> dict:
     return dict(cwd=ns.cwd, env=env, env_files=ns.env_file, inherit_env=not ns.no_inherit_env,
                 masks=ns.mask, stdin=_cli_stdin(ns, auto_stdin), timeout_s=_parse_duration(ns.timeout, "--timeout"),
                 kill_after_s=_parse_duration(ns.kill_after, "--kill-after"), kill_orphans=ns.kill_orphans,
-                tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file)
+                tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file,
+                queue=ns.queue, after=ns.after, after_any=ns.after_any, restart=ns.restart,
+                max_restarts=None if ns.max_restarts is None else _parse_count(ns.max_restarts, "--max-restarts"),
+                restart_delay_s=ns.restart_delay)
 
 
 def _raw_sink(stream):
@@ -7175,6 +8175,17 @@ def _cmd_doctor(ns):
     return _doctor_doc(ns.root), 0
 
 
+def _cmd_queue(ns):
+    root = ns.root
+    if ns.queue_command == "list":
+        return _queue_doc(root, list_queues(root)), 0
+    if ns.queue_command == "set":
+        info = set_queue(ns.name, parallel=_parse_count(ns.parallel, "--parallel"), root=root)
+    else:
+        info = set_queue(ns.name, paused=ns.queue_command == "pause", root=root)
+    return _queue_doc(root, [info]), 0
+
+
 def _cmd_schema(ns):
     return _envelope("schema", {"schema_format": "json-schema-2020-12", "schemas": _document_schemas()}), 0
 
@@ -7216,6 +8227,7 @@ _COMMANDS = (
     ("serve", _cmd_serve, "serve the HTTP API (loopback by default, behind a bearer token it prints)", (),
      _serve_options),
     ("tag", _cmd_tag, "manage tags", (), _tag_options),
+    ("queue", _cmd_queue, "queues: list them, set a parallel limit, pause, resume", (), _queue_options),
 )
 
 
@@ -7237,6 +8249,8 @@ _EXAMPLES = {
     "mcp": ("mcp", "--root /tmp/agent-jobs mcp"),
     "serve": ("serve   # prints the token; also in serve.json", "serve --allow-origin http://localhost:5173"),
     "tag": ("tag set 01a2f3 --tag ci.lint", "tag set 01a2f3   # clears the tags"),
+    "queue": ("queue set builds --parallel 4", "run --queue builds -- make -j1", "--format text queue list",
+              "queue pause builds", "queue resume builds"),
 }
 
 

@@ -255,6 +255,16 @@ class JobTestCase(unittest.TestCase):
 
     def stop_everything(self):
         for job_id in jobstate._list_job_ids(self.root):
+            # First take waiting jobs out of their queues and end restart
+            # policies (a kill request does both): nothing may start meanwhile.
+            job = jobstate.Job(job_id, self.root)
+            try:
+                state = job.state()
+                if not state.status.is_terminal and (state.waiting or job.spec().restart != "never"):
+                    job.kill("KILL", wait_s=0)
+            except jobstate.JobError:
+                pass
+        for job_id in jobstate._list_job_ids(self.root):
             job = jobstate.Job(job_id, self.root)
             ref = jobstate._TreeRef(job_id, None, None, None, None)
             state = None
@@ -420,7 +430,7 @@ class StaticTests(unittest.TestCase):
         callers = sorted(node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                          for call in ast.walk(node) if isinstance(call, ast.Call)
                          and getattr(call.func, "id", None) == "resolve_root")
-        self.assertEqual(callers, ["create", "gc", "list_jobs", "main", "open_job", "run"])
+        self.assertEqual(callers, ["create", "gc", "list_jobs", "list_queues", "main", "open_job", "run", "set_queue"])
 
     def test_every_lock_is_a_lock_file(self):
         """One lock idiom: only _LockFile (which _JobLock extends) calls the layer's lock and unlock."""
@@ -1898,10 +1908,28 @@ class CleanStartTests(JobTestCase):
             "start": lambda: self.hostile_cli("start", "--no-wait", created.id),
             "restart": lambda: self.hostile_cli("restart", "--no-wait", restarted.id),
             "with a timeout": lambda: self.hostile_cli("run", "--no-wait", "--timeout", "60", "--", *sleep),
+            "after waiting in a queue (in the exec'd waiting supervisor)": lambda: self.after_a_wait(sleep),
+            "restarted by its restart policy": lambda: self.second_run(sleep),
         }
         for path, launch in launches.items():
             with self.subTest(path):
                 self.assert_starts_clean(launch())
+
+    def after_a_wait(self, argv):
+        jobstate.set_queue("clean", paused=True, root=self.root)
+        job = jobstate.Job(self.hostile_cli("run", "--no-wait", "--queue", "clean", "--", *argv), self.root)
+        self.assertEqual(job.state().waiting["for"], "queue")
+        jobstate.set_queue("clean", paused=False, root=self.root)
+        wait_for(lambda: job.state().status is jobstate.JobStatus.RUNNING, 10, "the queued job to start")
+        return job.id
+
+    def second_run(self, argv):
+        marker = os.path.join(self.tmp, "second")
+        script = "[ -e %s ] && exec %s; touch %s; exit 1" % (marker, " ".join(argv), marker)
+        job = jobstate.Job(self.hostile_cli("run", "--no-wait", "--restart", "on-failure", "--restart-delay", "0",
+                                            "--", "sh", "-c", script), self.root)
+        wait_for(lambda: (lambda s: s.restarts and s.pid and s)(job.state()), 10, "the second run")
+        return job.id
 
     def test_a_python_job_gets_keyboard_interrupt_on_int(self):
         code = ("import sys, time\n"
@@ -2017,7 +2045,10 @@ class ObservationTests(JobTestCase):
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         first = proc.stdout.readline()
         self.assertTrue(first.startswith(b"tick"), first)
-        rest, _ = proc.communicate(timeout=20)
+        # Through the same buffered reader: readline may hold later lines already
+        # (a loaded machine delivers them in one read), which communicate() would drop.
+        rest = proc.stdout.read()
+        proc.communicate(timeout=20)
         self.assertEqual(proc.returncode, 0)
         self.assertTrue((first + rest).endswith(b"tick 2\n"), first + rest)
 
@@ -2360,6 +2391,455 @@ class LifecycleTests(JobTestCase):
         self.assertEqual(set(schemas), {"state", "meta", "error"} | set(jobstate._RESPONSE_FIELDS))
 
 # ---------------------------------------------------------------------------
+# Queues, dependencies and restart policies (section 6 waits, section 8 defines)
+# ---------------------------------------------------------------------------
+
+# A storm job: it records its own start and end (date, from the same clock as
+# every other job's) around a short sleep.  /bin/sh and date, not an interpreter:
+# the load under test is jobstate's.
+STORM_JOB = ["/bin/sh", "-c", "date +%s.%N; sleep 0.02; date +%s.%N"]
+
+
+def queue_storm(case, jobs, processes=4, parallel=4):
+    """Queue `jobs` jobs from `processes` processes at once into a paused queue of
+    `parallel` slots, resume it, wait for all; returns the figures, having asserted
+    that every job exited 0.  The pause makes "queue order" exact: every job is
+    in line before the first starts, so they must start in id order."""
+    root = case.root
+    jobstate.set_queue("storm", parallel=parallel, paused=True, root=root)
+    code = ("import sys\nsys.path.insert(0, %r)\nimport jobstate\n"
+            "for _ in range(%d):\n"
+            "    print(jobstate.run(%r, root=%r, queue='storm').id, flush=True)\n")
+    per = jobs // processes
+    launched = time.monotonic()
+    procs = [subprocess.Popen([PY, "-c", code % (HERE, per, STORM_JOB, root)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(processes)]
+    ids = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        case.assertEqual((proc.returncode, err), (0, b""), err.decode()[-2000:])
+        ids += out.decode().split()
+    launched = time.monotonic() - launched
+    ids.sort()
+    case.assertEqual(len(set(ids)), per * processes)
+    info = jobstate.list_queues(root)[0]
+    case.assertEqual((info.name, info.running, info.waiting), ("storm", [], ids))
+    resumed = time.monotonic()
+    jobstate.set_queue("storm", paused=False, root=root)
+    states = [jobstate.Job(job_id, root).wait(300) for job_id in ids]
+    drained = time.monotonic() - resumed
+    runs = []
+    for job_id, state in zip(ids, states):
+        case.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0), job_id)
+        with open(jobstate.JobPaths(root, job_id).stdout_log) as f:
+            start, end = map(float, f.read().split())
+        runs.append((start, end, state.queue_slot["slot"], state.queue_slot["at"]))
+    events = sorted([(end, -1) for start, end, _, _ in runs] + [(start, 1) for start, end, _, _ in runs])
+    running = most = 0
+    for _, step in events:  # at equal times the end comes first: touching runs do not overlap
+        running += step
+        most = max(most, running)
+    taken = [at for _, _, _, at in runs]  # in id order; each recorded before the next in line may take a slot
+    violations = sum(later < earlier for earlier, later in zip(taken, taken[1:]))
+    latencies = []
+    for slot in range(parallel):
+        on_slot = sorted((start, end) for start, end, index, _ in runs if index == slot)
+        latencies += [nxt[0] - prev[1] for prev, nxt in zip(on_slot, on_slot[1:])]
+    latencies.sort()
+    return {"jobs": len(ids), "max_running": most, "order_violations": violations,
+            "latency_median_ms": 1000 * latencies[len(latencies) // 2], "latency_max_ms": 1000 * latencies[-1],
+            "launch_s": launched, "drain_s": drained}
+
+
+@unittest.skipIf(jobstate._WINDOWS, "POSIX only: FIFO gates, SIGKILL")
+class QueueTests(JobTestCase):
+    """Queues with a parallel limit and no daemon: each waiting job is its own
+    supervisor, blocked on locks, and a crash anywhere leaves an explainable state."""
+
+    def gate(self, name="gate"):
+        """A FIFO a `cat` job blocks on until open_fifo_gate()."""
+        path = os.path.join(self.tmp, name)
+        os.mkfifo(path)
+        return path
+
+    def running_job(self, gate, **kw):
+        job = self.run_job(["cat", gate], **kw)
+        wait_for(lambda: job.state().status is jobstate.JobStatus.RUNNING, 10, "the job to run")
+        return job
+
+    def position(self, job):
+        status, doc, _ = self.cli("status", job.id)
+        self.assertEqual((status, doc["state"], doc["waiting"]["for"]), (0, "created", "queue"), doc)
+        return doc["waiting"]["position"]
+
+    def test_one_at_a_time_in_queue_order(self):
+        gate = self.gate()
+        first = self.running_job(gate, queue="q")
+        second = self.run_job(["echo", "second"], queue="q")
+        started = time.monotonic()
+        status, doc, _ = self.cli("run", "--queue", "q", "--", "echo", "third")
+        self.assertLess(time.monotonic() - started, 5, "run waited for a queued job (default --until is 10s)")
+        third = jobstate.Job(doc["job_id"], self.root)
+        self.assertEqual((status, doc["state"], doc["queue"], doc["waiting"]["position"], doc["pid"]),
+                         (0, "created", "q", 2, None))
+        state = second.state()
+        self.assertEqual((state.status, state.waiting["for"], state.waiting["queue"]),
+                         (jobstate.JobStatus.CREATED, "queue", "q"))
+        self.assertEqual((self.position(second), self.position(third)), (1, 2))
+        open_fifo_gate(gate)
+        ends = [job.wait(10) for job in (first, second, third)]
+        self.assertEqual([(s.status, s.exit_code) for s in ends], [(jobstate.JobStatus.EXITED, 0)] * 3)
+        self.assertLessEqual(ends[0].finished_at, ends[1].queue_slot["at"])
+        self.assertLessEqual(ends[1].finished_at, ends[2].queue_slot["at"])
+        self.assertEqual([s.queue_slot["slot"] for s in ends], [0, 0, 0])
+        self.assertEqual(third.tail().stdout, "third\n")
+
+    def test_raising_the_limit_starts_waiting_jobs_at_once(self):
+        gates = [self.gate("a"), self.gate("b")]
+        first = self.running_job(gates[0], queue="q")
+        second = self.run_job(["cat", gates[1]], queue="q")
+        self.assertEqual(second.wait(0.3).status, jobstate.JobStatus.CREATED)
+        started = time.monotonic()
+        status, doc, _ = self.cli("queue", "set", "q", "--parallel", "2")
+        self.assertEqual((status, doc["queues"][0]["name"], doc["queues"][0]["parallel"]), (0, "q", 2))
+        wait_for(lambda: second.state().status is jobstate.JobStatus.RUNNING, 5, "the second job to start")
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(first.state().status, jobstate.JobStatus.RUNNING)
+        self.assertEqual(second.state().queue_slot["slot"], 1)
+        for gate in gates:
+            open_fifo_gate(gate)
+        self.assertEqual(second.wait(10).exit_code, 0)
+
+    def test_kill_takes_a_waiting_job_out_of_the_queue(self):
+        gate = self.gate()
+        marker = os.path.join(self.tmp, "ran")
+        first = self.running_job(gate, queue="q")
+        doomed = self.run_job(["touch", marker], queue="q")
+        last = self.run_job(["echo", "last"], queue="q")
+        self.assertEqual(self.position(last), 2)
+        status, doc, _ = self.cli("kill", doomed.id)
+        self.assertEqual((status, doc["state"], doc["signal"], doc["pid"], doc["started_at"], doc["waiting"]),
+                         (0, "killed", "SIGTERM", None, None, None), doc)
+        self.assertEqual(self.position(last), 1)
+        self.assertEqual(supervisor_pids(self.root, doomed.id), [])
+        open_fifo_gate(gate)
+        self.assertEqual((first.wait(10).exit_code, last.wait(10).exit_code), (0, 0))
+        self.assertEqual(doomed.state().status, jobstate.JobStatus.KILLED)
+        self.assertFalse(os.path.exists(marker), "a killed waiting job ran")
+        self.assertFalse(os.path.exists(doomed.paths.stdout_log))
+
+    def test_pause_and_resume(self):
+        status, doc, _ = self.cli("queue", "pause", "q")
+        self.assertEqual((status, doc["queues"][0]["paused"]), (0, True))
+        job = self.run_job(["echo", "hi"], queue="q")
+        self.assertEqual(job.wait(0.5).status, jobstate.JobStatus.CREATED, "a paused queue started a job")
+        self.assertEqual(self.position(job), 1)
+        for args in (["start", job.id], ["delete", job.id]):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"), args)
+            self.assertIn("waits for its turn (queue)", doc["error"]["message"])
+        status, doc, _ = self.cli("restart", job.id)  # stops the waiting supervisor, then queues again
+        self.assertEqual((status, doc["state"], doc["waiting"]["position"]), (0, "created", 1))
+        status, doc, _ = self.cli("queue", "resume", "q")
+        self.assertEqual((status, doc["queues"][0]["paused"]), (0, False))
+        self.assertEqual(job.wait(5).exit_code, 0)
+
+    def test_queue_list_list_state_and_text_show_the_line(self):
+        gate = self.gate()
+        first = self.running_job(gate, queue="q")
+        waiting = [self.run_job(["echo", str(i)], queue="q") for i in range(2)]
+        status, doc, _ = self.cli("queue", "list")
+        self.assertEqual(doc["queues"], [{"name": "q", "parallel": 1, "paused": False, "running": [first.id],
+                                          "waiting": [j.id for j in waiting]}])
+        _, schema, _ = self.cli("schema")
+        self.assertEqual(validate(doc, schema["schemas"]["queue"]), [])
+        for state, expected in (("queued", waiting[::-1]), ("waiting", waiting[::-1]), ("running", [first]),
+                                ("created", waiting[::-1])):
+            status, doc, _ = self.cli("list", "--state", state)
+            self.assertEqual([j["job_id"] for j in doc["jobs"]], [j.id for j in expected], state)
+            self.assertEqual(validate(doc, schema["schemas"]["list"]), [])
+        _, text, _ = self.cli_capture("--format", "text", "list")
+        self.assertRegex(text, r"%s\s+queued #1\s" % waiting[0].id[:12])
+        self.assertRegex(text, r"%s\s+queued #2\s" % waiting[1].id[:12])
+        _, text, _ = self.cli_capture("--format", "text", "status", waiting[1].id)
+        self.assertIn("queued in q (position 2)", text)
+        _, text, _ = self.cli_capture("--format", "text", "queue", "list")
+        self.assertRegex(text, r"QUEUE\s+PARALLEL.*\nq\s+1\s+-\s+1\s+2\s+%s" % waiting[0].id[:12])
+        open_fifo_gate(gate)
+
+    def test_bad_queue_arguments(self):
+        for args, code in ((["run", "--queue", "../x", "--", "true"], "invalid_argument"),
+                           (["queue", "set", "q", "--parallel", "0"], "invalid_argument"),
+                           (["queue", "set", "q", "--parallel", "100000"], "invalid_argument"),
+                           (["queue", "pause", "a/b"], "invalid_argument")):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, code), args)
+        status, doc, _ = self.cli("queue", "set", "q")
+        self.assertEqual((status, doc["error"]["code"]), (2, "invalid_argument"))
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate.set_queue("q", parallel=True, root=self.root)
+
+    def test_supervisor_of_a_waiting_job_killed(self):
+        gate = self.gate()
+        markers = [os.path.join(self.tmp, name) for name in ("lost", "next")]
+        first = self.running_job(gate, queue="q")
+        lost, after = [self.run_job(["touch", m], queue="q") for m in markers]
+        os.kill(lost.state().supervisor_pid, signal.SIGKILL)
+        state = wait_for(lambda: (lambda s: s.status.is_terminal and s)(lost.state()), 10, "supervisor_lost")
+        self.assertEqual((state.status, state.error.stage, state.waiting), (jobstate.JobStatus.FAILED,
+                                                                           "supervisor_lost", None))
+        self.assertEqual(self.position(after), 1)
+        open_fifo_gate(gate)
+        self.assertEqual((first.wait(10).exit_code, after.wait(10).exit_code), (0, 0))
+        self.assertEqual([os.path.exists(m) for m in markers], [False, True])
+        self.assertEqual(os.listdir(os.path.join(self.root, ".queues", "q", "tickets")), [])
+
+    def test_supervisor_of_a_running_queued_job_killed(self):
+        gate = self.gate()
+        first = self.running_job(gate, queue="q")
+        after = self.run_job(["echo", "next"], queue="q")
+        os.kill(first.state().supervisor_pid, signal.SIGKILL)
+        state = after.wait(10)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0), "the next job never ran")
+        lost = first.state()
+        self.assertEqual((lost.status, lost.error.stage), (jobstate.JobStatus.FAILED, "supervisor_lost"))
+        self.assertTrue(marker_pids(first.id), "its child went with the supervisor (expected: left to `kill`)")
+        first.kill("KILL")
+        wait_for(lambda: not marker_pids(first.id), 5, "kill to stop the lost job's child")
+
+    def test_a_waiting_job_waits_in_a_fresh_interpreter(self):
+        # A forked launch runs the supervisor in a copy of the launcher (the CLI:
+        # ~25 MB each); a job that may wait for hours gets a small one (~7 MB).
+        # It is exec'd once the job shows as waiting, handed the job lock and its
+        # ticket (so `run` does not wait for a second interpreter to boot).
+        self.cli("queue", "pause", "q")
+        status, doc, _ = self.cli_process("run", "--queue", "q", "--", "true")
+        self.assertEqual((status, doc["state"]), (0, "created"))
+        gate = self.gate()
+        first = self.running_job(gate)
+        status, dep, _ = self.cli_process("run", "--after", first.id, "--", "true")
+        self.assertEqual((status, dep["state"]), (0, "created"))
+        for job_id, mode in ((doc["job_id"], rb"waiting:\d+"), (dep["job_id"], rb"waiting")):
+            pid = jobstate.Job(job_id, self.root).state().supervisor_pid
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+            self.assertEqual(argv[-5:-2], [b"_supervise", self.root.encode(), job_id.encode()])
+            self.assertRegex(argv[-1], b"\\A" + mode + b"\\Z")
+        self.assertTrue(jobstate._ticket_is_live(jobstate._QueuePaths(self.root, "q").ticket(doc["job_id"])))
+        self.assertEqual(self.position(jobstate.Job(doc["job_id"], self.root)), 1)
+        self.cli("queue", "resume", "q")
+        open_fifo_gate(gate)
+        self.assertEqual([jobstate.Job(j["job_id"], self.root).wait(10).exit_code for j in (doc, dep)], [0, 0])
+
+    def test_many_jobs_from_several_processes(self):
+        figures = queue_storm(self, 60, processes=3, parallel=4)
+        sys.stderr.write("\n[queue] %r\n" % figures)
+        self.assertEqual((figures["max_running"], figures["order_violations"]), (4, 0), figures)
+
+
+@unittest.skipIf(jobstate._WINDOWS, "POSIX only: FIFO gates")
+class DependencyTests(JobTestCase):
+    """--after: a job starts when the jobs it names have ended, blocked on their job locks."""
+
+    gate = QueueTests.gate
+    running_job = QueueTests.running_job
+
+    def test_starts_once_the_jobs_have_ended(self):
+        gate = self.gate()
+        first = self.running_job(gate)
+        status, doc, _ = self.cli("run", "--after", first.id[:10], "--", "echo", "then")
+        self.assertEqual((status, doc["state"], doc["waiting"]["for"], doc["waiting"]["jobs"]),
+                         (0, "created", "jobs", [first.id]), doc)
+        job = jobstate.Job(doc["job_id"], self.root)
+        self.assertEqual(job.spec().after, [first.id])
+        _, text, _ = self.cli_capture("--format", "text", "status", job.id)
+        self.assertIn("waiting for 1 job: %s" % first.id[:12], text)
+        self.assertEqual(job.wait(0.3).status, jobstate.JobStatus.CREATED)
+        open_fifo_gate(gate)
+        state = job.wait(10)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertLessEqual(first.state().finished_at, state.started_at)
+
+    def test_a_failed_dependency_fails_the_job_unless_after_any(self):
+        failing = self.run_job(["sh", "-c", "exit 3"])
+        failing.wait(10)
+        markers = [os.path.join(self.tmp, name) for name in ("strict", "any")]
+        strict = self.run_job(["touch", markers[0]], after=[failing.id])
+        lenient = self.run_job(["touch", markers[1]], after=[failing.id], after_any=True)
+        state = strict.wait(10)
+        self.assertEqual((state.status, state.error.stage, state.started_at, state.pid),
+                         (jobstate.JobStatus.FAILED, "dependency", None, None))
+        self.assertIn("%s exited with code 3" % failing.id, state.error.message)
+        self.assertEqual(lenient.wait(10).status, jobstate.JobStatus.EXITED)
+        self.assertEqual([os.path.exists(m) for m in markers], [False, True])
+
+    def test_one_failure_fails_the_job_before_the_others_end(self):
+        gate = self.gate()
+        slow = self.running_job(gate)
+        failing = self.run_job(["sh", "-c", "kill -TERM $$"])
+        job = self.run_job(["true"], after=[slow.id, failing.id])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "dependency"))
+        self.assertIn("%s was killed (SIGTERM)" % failing.id, state.error.message)
+        self.assertEqual(slow.state().status, jobstate.JobStatus.RUNNING)
+        open_fifo_gate(gate)
+
+    def test_a_missing_job_is_refused_at_definition(self):
+        for args in (["run", "--after", "0123abcd", "--", "true"],
+                     ["create", "--after", jobstate.new_job_id(), "--", "true"]):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "job_not_found"), args)
+        status, doc, _ = self.cli("run", "--after-any", "--", "true")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+
+    def test_a_cycle_is_impossible_by_construction(self):
+        # `after` is written once, when the job is defined, and may name only
+        # jobs that exist then: older ids.  So every edge points to an older
+        # job and no chain of edges can come back: not even to itself.
+        first = jobstate.create(["echo", "first"], root=self.root)
+        second = jobstate.create(["echo", "second"], root=self.root, after=[first.id])
+        with self.assertRaises(jobstate.JobNotFoundError):  # the id the next job would get
+            jobstate.create(["true"], root=self.root, after=[jobstate.new_job_id()])
+        for job in (first, second):
+            self.assertTrue(all(dep < job.id for dep in job.spec().after))
+        self.assertEqual(first.spec().after, [])
+        # A job nobody started yet is waited for too (no lock to block on yet).
+        second.start()
+        self.assertEqual(second.wait(0.3).status, jobstate.JobStatus.CREATED)
+        first.start()
+        self.assertEqual(second.wait(10).exit_code, 0)
+        first.restart()  # a restart keeps the definition, dependencies included
+        self.assertEqual(first.spec().after, [])
+
+    def test_kill_a_job_waiting_for_jobs(self):
+        gate = self.gate()
+        first = self.running_job(gate)
+        job = self.run_job(["true"], after=[first.id])
+        state = job.kill().state
+        self.assertEqual((state.status, state.signal, state.started_at), (jobstate.JobStatus.KILLED, "SIGTERM", None))
+        open_fifo_gate(gate)
+        first.wait(10)
+        self.assertEqual(job.state().status, jobstate.JobStatus.KILLED)
+
+    def test_dependencies_then_a_queue_slot(self):
+        gates = [self.gate("a"), self.gate("b")]
+        first = self.running_job(gates[0])
+        busy = self.running_job(gates[1], queue="q")
+        job = self.run_job(["echo", "x"], after=[first.id], queue="q")
+        self.assertEqual(job.state().waiting["for"], "jobs")
+        open_fifo_gate(gates[0])
+        wait_for(lambda: (job.state().waiting or {}).get("for") == "queue", 10, "the job to queue")
+        open_fifo_gate(gates[1])
+        self.assertEqual((busy.wait(10).exit_code, job.wait(10).exit_code), (0, 0))
+
+
+@unittest.skipIf(jobstate._WINDOWS, "POSIX only: sh, FIFO gates")
+class RestartPolicyTests(JobTestCase):
+    """--restart: the supervisor starts the command again in the same job."""
+
+    gate = QueueTests.gate
+    running_job = QueueTests.running_job
+
+    def test_on_failure_restarts_up_to_the_limit(self):
+        job = self.run_job(["sh", "-c", "echo run; exit 3"], restart="on-failure", max_restarts=2,
+                           restart_delay_s=0.01)
+        state = job.wait(15)
+        self.assertEqual((state.status, state.exit_code, state.restarts), (jobstate.JobStatus.EXITED, 3, 2))
+        self.assertEqual((state.last_exit["state"], state.last_exit["exit_code"]), ("exited", 3))
+        with open(job.paths.stdout_log) as f:
+            self.assertEqual(f.read(), "run\nrun\nrun\n")
+        with open(job.paths.full_log) as f:
+            markers = [line for line in f if "[JOBSTATE]" in line]
+        self.assertEqual(len(markers), 2)
+        self.assertIn("[JOBSTATE] restart 1 of 2: the previous run exited with code 3", markers[0])
+        status, doc, _ = self.cli("status", job.id)
+        self.assertEqual((doc["restarts"], doc["last_exit"]["exit_code"], doc["crash_looping"]), (2, 3, False))
+
+    def test_on_failure_stops_after_a_success_and_always_does_not(self):
+        counter = os.path.join(self.tmp, "count")
+        script = "n=$(cat %s 2>/dev/null || echo 0); n=$((n+1)); echo $n > %s; [ $n -ge 2 ]" % (counter, counter)
+        job = self.run_job(["sh", "-c", script], restart="on-failure", restart_delay_s=0.01)
+        state = job.wait(15)
+        self.assertEqual((state.exit_code, state.restarts), (0, 1))
+        job = self.run_job(["echo", "ok"], restart="always", max_restarts=2, restart_delay_s=0.01)
+        state = job.wait(15)
+        self.assertEqual((state.exit_code, state.restarts, job.tail().stdout), (0, 2, "ok\nok\nok\n"))
+        self.assertEqual(jobstate.Job(job.id, self.root).spec().max_restarts, 2)
+        self.assertEqual(jobstate.create(["true"], root=self.root, restart="always").spec().max_restarts, 5)
+
+    def test_kill_ends_the_policy_and_the_tree(self):
+        gate = self.gate()
+        job = self.running_job(gate, restart="always")
+        pid = job.state().pid
+        state = job.kill().state
+        self.assertEqual((state.status, state.signal, state.restarts), (jobstate.JobStatus.KILLED, "SIGTERM", None))
+        self.assertTrue(jobstate._lock_is_free(job.paths), "the supervisor goes on")
+        self.assertFalse(pid_alive(pid))
+        # Between two runs: the bell wakes the supervisor out of its delay at once.
+        job = self.run_job(["sh", "-c", "exit 1"], restart="on-failure", restart_delay_s=60)
+        wait_for(lambda: (job.state().waiting or {}).get("for") == "restart", 10, "the restart delay")
+        started = time.monotonic()
+        state = job.kill().state
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual((state.status, state.signal, state.restarts, state.last_exit["exit_code"]),
+                         (jobstate.JobStatus.KILLED, "SIGTERM", None, 1))
+
+    def test_the_timeout_applies_to_each_run(self):
+        job = self.run_job(["sleep", "30"], timeout_s=0.3, kill_after_s=0, restart="on-failure", max_restarts=1,
+                           restart_delay_s=0.01)
+        state = job.wait(15)
+        self.assertEqual((state.status, state.result.timed_out, state.restarts, state.last_exit["timed_out"]),
+                         (jobstate.JobStatus.KILLED, True, 1, True))
+        self.assertLess(state.duration_ms, 5000)
+
+    def test_status_tells_a_crash_loop_from_a_healthy_job(self):
+        looping = self.run_job(["sh", "-c", "exit 1"], restart="on-failure", restart_delay_s=60)
+        wait_for(lambda: looping.state().waiting, 10, "the restart delay")
+        status, doc, _ = self.cli("status", looping.id)
+        self.assertEqual((doc["state"], doc["crash_looping"], doc["waiting"]["for"], doc["waiting"]["restart"]),
+                         ("running", True, "restart", 1))
+        _, text, _ = self.cli_capture("--format", "text", "status", looping.id)
+        self.assertIn("crash-looping: 0 restarts, last run exited with code 1", text)
+        gate = self.gate()
+        healthy = self.running_job(gate, restart="always")
+        status, doc, _ = self.cli("status", healthy.id)
+        self.assertEqual((doc["state"], doc["crash_looping"], doc["restarts"]), ("running", False, 0))
+        _, text, _ = self.cli_capture("--format", "text", "list")
+        self.assertRegex(text, r"%s\s+crash-looping\s" % looping.id[:12])
+        self.assertRegex(text, r"%s\s+running\s" % healthy.id[:12])
+        # The same failure after a long run, or a run going well for long since, is not a loop.
+        now = time.time()
+        state = jobstate.JobState(jobstate.JobInfo("a" * 32, jobstate.JobStatus.RUNNING,
+                                                   jobstate._format_time(now - 1)),
+                                  last_exit={"state": "exited", "exit_code": 1, "duration_ms": 200})
+        self.assertTrue(jobstate._is_crash_looping(state, now))
+        self.assertFalse(jobstate._is_crash_looping(state, now + 120))
+        state.last_exit["duration_ms"] = 120000
+        self.assertFalse(jobstate._is_crash_looping(state, now))
+        open_fifo_gate(gate)
+
+    def test_the_delay_doubles_up_to_a_minute_and_resets_after_a_long_run(self):
+        supervisor = jobstate._Supervisor(jobstate.JobPaths(self.root, "0" * 32))
+        spec = jobstate.JobSpec(["true"], "/", restart="always", max_restarts=99, restart_delay_s=1)
+        delays = [supervisor._restart_delay_s(spec, 100) for _ in range(9)]
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60])
+        self.assertEqual(supervisor._restart_delay_s(spec, 61000), 1)
+        self.assertEqual(supervisor._restart_delay_s(spec, 100), 2)
+
+    def test_bad_policy_arguments(self):
+        for args, exit_status in ((["--restart", "sometimes"], 2), (["--restart-delay", "soon"], 2),
+                                  (["--max-restarts", "-1"], 1)):
+            status, doc, _ = self.cli("run", *args, "--", "true")
+            self.assertEqual((status, doc["error"]["code"]), (exit_status, "invalid_argument"), args)
+        for kw in ({"restart": "sometimes"}, {"restart": "always", "max_restarts": -1},
+                   {"restart": "always", "restart_delay_s": -1}):
+            with self.assertRaises(jobstate.InvalidArgumentError):
+                jobstate.run(["true"], root=self.root, **kw)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+
+# ---------------------------------------------------------------------------
 # Agent surfaces (section 10): MCP and HTTP
 # ---------------------------------------------------------------------------
 
@@ -2454,6 +2934,28 @@ class McpTests(JobTestCase):
         result = reply["result"]
         self.assertEqual(json.loads(result["content"][0]["text"]), result["structuredContent"])
         return result
+
+    def test_run_takes_a_queue_dependencies_and_a_restart_policy(self):
+        proc = self.start_server()
+        self.rpc(proc, 1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                         "clientInfo": {"name": "test", "version": "0"}})
+        tools = {t["name"]: t for t in self.rpc(proc, 2, "tools/list")["result"]["tools"]}
+        self.assertLessEqual({"queue", "after", "after_any", "restart", "max_restarts", "restart_delay"},
+                             set(tools["run"]["inputSchema"]["properties"]))
+        first = self.call(proc, 3, "run", {"command": ["sh", "-c", "exit 2"], "restart": "on-failure",
+                                           "max_restarts": 1, "restart_delay": 0.01, "until": 10})["structuredContent"]
+        self.assertEqual((first["state"], first["exit_code"], first["restarts"], first["last_exit"]["exit_code"]),
+                         ("exited", 2, 1, 2))
+        jobstate.set_queue("q", paused=True, root=self.root)
+        doc = self.call(proc, 4, "run", {"command": ["echo", "x"], "queue": "q", "after": [first["job_id"]],
+                                         "after_any": True})["structuredContent"]
+        self.assertEqual((doc["state"], doc["queue"], doc["waiting"]["for"], doc["waiting"]["position"]),
+                         ("created", "q", "queue", 1))
+        result = self.call(proc, 5, "run", {"command": ["true"], "restart": "sometimes"})
+        self.assertEqual((result["isError"], result["structuredContent"]["error"]["code"]), (True, "invalid_argument"))
+        jobstate.set_queue("q", paused=False, root=self.root)
+        self.assertEqual(jobstate.Job(doc["job_id"], self.root).wait(10).exit_code, 0)
+        proc.stdin.close()
 
     def test_session(self):
         proc = self.start_server()
@@ -2767,6 +3269,22 @@ class HttpTests(ServeTestCase):
         self.assertEqual((status, doc["type"]), (200, "health"))
         self.assertEqual(validate(doc, jobstate._document_schemas()["health"]), [])
         self.assertEqual(doc["capabilities"], self.cli("doctor")[1]["capabilities"])
+
+    def test_post_jobs_takes_a_queue_dependencies_and_a_restart_policy(self):
+        url = self.start_server()
+        status, first = self.request("POST", url + "/jobs", {"command": ["echo", "a"], "restart": "always",
+                                                             "max_restarts": 1, "restart_delay": 0.01, "until": 10})
+        self.assertEqual((status, first["state"], first["restarts"], first["stdout"]), (200, "exited", 1, "a\na\n"))
+        jobstate.set_queue("q", paused=True, root=self.root)
+        status, doc = self.request("POST", url + "/jobs", {"command": ["echo", "b"], "queue": "q",
+                                                           "after": [first["job_id"][:8]]})
+        self.assertEqual((status, doc["state"], doc["waiting"]["for"], doc["waiting"]["queue"]),
+                         (200, "created", "queue", "q"))
+        status, doc = self.request("POST", url + "/jobs", {"command": ["true"], "after": ["0123456789"]})
+        self.assertEqual((status, doc["error"]["code"]), (404, "job_not_found"))
+        status, doc = self.request("POST", url + "/jobs", {"command": ["true"], "max_restarts": -1})
+        self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"))
+        jobstate.set_queue("q", paused=False, root=self.root)
 
     def test_endpoints(self):
         url = self.start_server()
@@ -3753,7 +4271,8 @@ def fixed_view(**changes):
             "started_at": "2026-11-29T03:18:04.123Z", "finished_at": "2026-11-29T03:18:05.643Z",
             "pid": 41877, "error": None, "command": ["make", "test"], "cwd": "/src", "env": {},
             "tags": ["ci.test"], "stdout_log_path": "/r/x/stdout.log", "stderr_log_path": "/r/x/stderr.log",
-            "warnings": []}
+            "warnings": [], "queue": None, "waiting": None, "restarts": 0, "last_exit": None,
+            "crash_looping": False}
     view.update(changes)
     return view
 
@@ -4755,6 +5274,15 @@ class Torture(JobTestCase):
             self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0), job_id)
         report("%d jobs from %d processes x %d threads: all distinct, all exited 0; launched in %.1fs"
                % (expected, processes, threads, launched))
+
+    def test_a_queue_of_500_jobs_from_several_processes(self):
+        if not FULL_TORTURE:
+            self.skipTest("make torture only (QueueTests queues 60 in make test)")
+        figures = queue_storm(self, 500, processes=5, parallel=4)
+        report("queue of %(jobs)d jobs, --parallel 4, queued from 5 processes at once: max running %(max_running)d, "
+               "order violations %(order_violations)d, slot freed -> next job's start: median %(latency_median_ms).1f ms, "
+               "max %(latency_max_ms).1f ms; queued in %(launch_s).1fs, drained in %(drain_s).1fs" % figures)
+        self.assertEqual((figures["max_running"], figures["order_violations"]), (4, 0), figures)
 
     def test_concurrent_commands_on_one_job(self):
         job = self.run_job(ready_then_sleep(30), tags=["t"])
