@@ -2622,9 +2622,12 @@ class QueueTests(JobTestCase):
         self.assertEqual((status, dep["state"]), (0, "created"))
         for job_id, mode in ((doc["job_id"], rb"waiting:\d+"), (dep["job_id"], rb"waiting")):
             pid = jobstate.Job(job_id, self.root).state().supervisor_pid
-            with open("/proc/%d/cmdline" % pid, "rb") as f:
-                argv = f.read().split(b"\0")[:-1]
-            self.assertEqual(argv[-5:-2], [b"_supervise", self.root.encode(), job_id.encode()])
+
+            def exec_done():  # the job shows as waiting a moment before the exec
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    argv = f.read().split(b"\0")[:-1]
+                return argv if argv[-5:-2] == [b"_supervise", self.root.encode(), job_id.encode()] else None
+            argv = wait_for(exec_done, 10, "the waiting supervisor's exec")
             self.assertRegex(argv[-1], b"\\A" + mode + b"\\Z")
         self.assertTrue(jobstate._ticket_is_live(jobstate._QueuePaths(self.root, "q").ticket(doc["job_id"])))
         self.assertEqual(self.position(jobstate.Job(doc["job_id"], self.root)), 1)
