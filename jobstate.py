@@ -17,6 +17,7 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
     gc(...) -> GcReport          remove old finished jobs
     Job                          .state() .wait() .tail() .kill() .start() .restart() .delete() .set_tags()
     JobState, JobStatus, JobSpec, JobPaths, Tail, KillResult, JobSummary, GcReport
+    Readiness, LineMatch         what Job.wait(match=REGEX) and run(ready=REGEX) found
     JobError and its subclasses (each has a stable .code)
     main(argv) -> int            the CLI
     SCHEMA_VERSION, JOB_ID_ENV   the documents' version; the variable every job carries
@@ -72,6 +73,7 @@ __version__ = "0.1.0"
 __all__ = [
     "run", "create", "open_job", "list_jobs", "gc", "resolve_root", "new_job_id", "main",
     "Job", "JobPaths", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
+    "Readiness", "LineMatch",
     "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError", "InvalidStateError",
     "InvalidArgumentError", "InvalidSignalError", "InvalidTagError", "StdinRequiredError",
     "StdinTooLargeError", "StateFileError", "LaunchError", "JobIOError",
@@ -107,6 +109,12 @@ _MAX_CANDIDATES = 20
 # be truncated).
 _FILE_FLAGS = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 _CHUNK_BYTES = 1 << 20
+# Output lines are matched (wait --match, run --ready, --output-pattern) on at
+# most their first _MAX_LINE_BYTES: a longer line is cut there and its rest
+# skipped, so a job printing megabytes without a newline costs bounded memory.
+# Reads are _CHUNK_BYTES, so only a line continued across reads can be longer.
+_MAX_LINE_BYTES = 1 << 20
+_STREAM_CHOICES = ("stdout", "stderr", "either")
 # Signals a user may name; each platform layer says which of them exist.
 _SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
 # Signals whose purpose is to end the job: a kill with one of these leaves a
@@ -421,6 +429,27 @@ class Tail:
     stdout_total_bytes: int
     stderr_total_bytes: int
     encoding: str = "utf-8-lossy"
+
+
+@dataclass
+class LineMatch:
+    """A line of a job's output that matched a pattern (`matched` in responses)."""
+
+    stream: str  # "stdout" or "stderr"
+    line: str  # decoded as UTF-8 (invalid bytes replaced), without its line ending
+    offset: int  # byte offset of the line's start in that stream's log
+
+
+@dataclass
+class Readiness:
+    """What Job.wait(match=...) saw: the job's state then, and the first matching line or None."""
+
+    state: JobState
+    match: Optional[LineMatch]
+
+    @property
+    def ready(self) -> bool:
+        return self.match is not None
 
 
 @dataclass
@@ -1770,6 +1799,99 @@ def _parse_env_pairs(pairs: Sequence[str]) -> Dict[str, str]:
         env[key] = value
     return env
 
+
+def _compile_line_pattern(pattern, name: str):
+    """A regular expression (Python re) as given, compiled; InvalidArgumentError naming the option."""
+    if hasattr(pattern, "search") and hasattr(pattern, "pattern"):  # compiled already
+        return pattern
+    if not isinstance(pattern, str):
+        raise InvalidArgumentError("%s must be a regular expression (a string), not %r" % (name, pattern))
+    try:
+        return re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise InvalidArgumentError("%s: %r is not a valid regular expression: %s" % (name, pattern[:200], exc),
+                                   hint=r"Python re syntax, searched in each line: 'listening on port \d+'") from None
+
+
+def _check_stream(stream, name: str) -> str:
+    if stream not in _STREAM_CHOICES:
+        raise InvalidArgumentError("%s: %r is not a stream" % (name, stream), hint="one of: " + ", ".join(_STREAM_CHOICES))
+    return stream
+
+
+class _LineSplitter:
+    """Cuts a byte stream into lines at b"\n", holding only its unfinished last line.
+
+    feed() and finish() return blocks (offset in the stream, bytes of whole
+    lines, each ending in b"\n").  A line longer than _MAX_LINE_BYTES comes
+    as its first _MAX_LINE_BYTES (plus b"\n"), and the rest of it is skipped.
+    """
+
+    def __init__(self):
+        self.offset = 0  # stream offset of the next byte to be fed
+        self.partial = bytearray()  # bytearray: a long line fed in small pieces grows without copies
+        self.partial_start = 0
+        self.skipping = False  # inside the rest of a line cut at the cap
+
+    def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
+        start = self.offset
+        self.offset += len(data)
+        if self.skipping:
+            cut = data.find(b"\n")
+            if cut < 0:
+                return []
+            self.skipping = False
+            data, start = data[cut + 1:], start + cut + 1
+        last = data.rfind(b"\n")
+        if last < 0:
+            if not self.partial:
+                self.partial_start = start
+            self.partial += data
+            return self._cut_overlong()
+        blocks = []
+        first = 0
+        if self.partial:
+            first = data.find(b"\n") + 1
+            line = bytes(self.partial) + data[:first - 1]
+            blocks.append((self.partial_start, line[:_MAX_LINE_BYTES] + b"\n"))
+        if first <= last:
+            blocks.append((start + first, data[first:last + 1]))
+        self.partial, self.partial_start = bytearray(data[last + 1:]), start + last + 1
+        return blocks + self._cut_overlong()
+
+    def finish(self) -> List[Tuple[int, bytes]]:
+        """The unfinished last line as a line (the stream has ended)."""
+        if not self.partial:
+            return []
+        block = (self.partial_start, bytes(self.partial) + b"\n")
+        self.partial = bytearray()
+        return [block]
+
+    def _cut_overlong(self) -> List[Tuple[int, bytes]]:
+        if len(self.partial) <= _MAX_LINE_BYTES:
+            return []
+        block = (self.partial_start, bytes(self.partial[:_MAX_LINE_BYTES]) + b"\n")
+        self.partial, self.skipping = bytearray(), True
+        return [block]
+
+
+def _matching_lines(pattern, block: Tuple[int, bytes], first_only: bool = False) -> List[Tuple[int, str]]:
+    """(offset, line) of each line of a _LineSplitter block in which the pattern
+    finds something.  Lines are decoded as UTF-8 (invalid bytes replaced) and
+    lose their ending (\n or \r\n).  The block is decoded and split once; each
+    line costs one search."""
+    offset, data = block
+    lines = data.decode("utf-8", "replace").replace("\r\n", "\n").split("\n")
+    lines.pop()  # after the final newline
+    search = pattern.search
+    if first_only:
+        hits = [next((i for i, line in enumerate(lines) if search(line)), -1)]
+        hits = [i for i in hits if i >= 0]
+    else:
+        hits = [i for i, line in enumerate(lines) if search(line)]
+    # One "\n" per line on both sides of the decoding, so line i starts after the i-th b"\n".
+    return [(offset + len(data) - len(data.split(b"\n", i)[-1]), lines[i]) for i in hits]
+
 # ---------------------------------------------------------------------------
 # 5. Store: atomic files, locks, job directories
 # ---------------------------------------------------------------------------
@@ -3065,6 +3187,78 @@ def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05
         time.sleep(poll_s)
 
 
+# A wait for a line looks at the logs this often: a new line is seen within it.
+# The logs are files written by another process; a look is one fstat per log
+# (and a read of what is new), so polling costs next to nothing and works the
+# same on every platform.
+_MATCH_POLL_S = 0.01
+
+
+class _LogReader:
+    """One log read forward from where the last look stopped, never twice, cut into lines."""
+
+    def __init__(self, stream: str, path: str):
+        self.stream, self.path = stream, path
+        self.fd: Optional[int] = None
+        self.lines = _LineSplitter()
+
+    def find(self, pattern, final: bool, deadline: Optional[float]) -> Optional[LineMatch]:
+        """The first new line the pattern finds something in.  With final (the job
+        has ended) the unfinished last line counts too.  Stops at the deadline
+        even if the job writes faster than we read; the next look goes on from there."""
+        if self.fd is None:
+            self.fd = _open_job_file(self.path)
+            if self.fd is None:
+                return None
+        try:
+            if os.fstat(self.fd).st_size < self.lines.offset:  # reset by a restart: a new run
+                self.lines = _LineSplitter()
+            os.lseek(self.fd, self.lines.offset, os.SEEK_SET)
+            while True:
+                chunk = os.read(self.fd, _CHUNK_BYTES)
+                blocks = self.lines.feed(chunk) if chunk else self.lines.finish() if final else []
+                for block in blocks:
+                    hits = _matching_lines(pattern, block, first_only=True)
+                    if hits:
+                        return LineMatch(self.stream, hits[0][1], hits[0][0])
+                if not chunk or _remaining(deadline) == 0:
+                    return None
+        except OSError as exc:  # a directory planted under the log's name, say
+            raise _unreadable(self.path, exc) from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _LineScanner:
+    """The first line matching a pattern in a job's stdout, stderr or either
+    (stdout looked at first), lines written before the wait included."""
+
+    def __init__(self, paths: JobPaths, pattern, stream: str):
+        self.paths, self.pattern, self.stream = paths, pattern, stream
+        self.readers: List[_LogReader] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Start again from the beginning of the logs (the job was restarted)."""
+        self.close()
+        logs = (("stdout", self.paths.stdout_log), ("stderr", self.paths.stderr_log))
+        self.readers = [_LogReader(name, path) for name, path in logs if self.stream in (name, "either")]
+
+    def find(self, final: bool, deadline: Optional[float]) -> Optional[LineMatch]:
+        for reader in self.readers:
+            found = reader.find(self.pattern, final, deadline)
+            if found is not None:
+                return found
+        return None
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
 def _check_state_name(state: Optional[str]) -> None:
     if state is not None and state not in {s.value for s in JobStatus}:
         raise InvalidArgumentError("unknown state %r" % (state,),
@@ -3282,6 +3476,7 @@ class Job:
         self.root = root
         self.paths = JobPaths(root, job_id)
         self._release = _ReleaseWaiter(self.paths)
+        self.readiness: Optional[Readiness] = None  # what run(ready=...) found
 
     def __repr__(self) -> str:
         return "Job(%r, root=%r)" % (self.id, self.root)
@@ -3295,12 +3490,26 @@ class Job:
         """The current JobState; a job whose supervisor died reads as failed (supervisor_lost)."""
         return _read_state_reconciled(self.paths)
 
-    def wait(self, timeout_s: Optional[float] = None) -> JobState:
+    def wait(self, timeout_s: Optional[float] = None, *, match=None, stream: str = "either"):
         """Block until the job is terminal and its logs are drained, or timeout_s passes.
 
         Returns the state at that moment (check `.status`).  None waits forever.
         A created job is waited on too: it may be started meanwhile.
+
+        match: a regular expression (Python re, a string or compiled), searched
+        in each line of the job's output; the wait then also ends as soon as a
+        line it finds something in has been written (lines written before the
+        call count), and returns a Readiness: the state and the LineMatch, or
+        None when the job ended or the time ran out first.  The job runs on.
+        stream: which output match looks at: 'stdout', 'stderr' or 'either'.
+        Raises InvalidArgumentError for an invalid pattern or stream.
         """
+        if match is not None:
+            return self._wait_for_line(_compile_line_pattern(match, "match"), _check_stream(stream, "stream"),
+                                       timeout_s)
+        if stream != "either":
+            raise InvalidArgumentError("stream %r is for a match, and no match pattern was given" % (stream,),
+                                       hint="wait(match=REGEX, stream=...); CLI: wait JOB --match REGEX --stream S")
         deadline = _deadline(timeout_s)
         while True:
             state = self.state()
@@ -3313,6 +3522,35 @@ class Job:
                 time.sleep(0.05 if remaining is None else min(0.05, remaining))
             else:
                 self._release.wait(remaining)
+
+    def _wait_for_line(self, pattern, stream: str, timeout_s: Optional[float]) -> Readiness:
+        """Job.wait(match=...): look at the new output every _MATCH_POLL_S; the
+        state is read again only when the supervisor lets go of the lock (the
+        job ended, or was restarted) or while the job is still `created`."""
+        deadline = _deadline(timeout_s)
+        scanner = _LineScanner(self.paths, pattern, stream)
+        try:
+            state = self.state()
+            run_started = state.started_at
+            while True:
+                ended = state.status.is_terminal and _lock_is_free(self.paths)
+                found = scanner.find(ended, deadline)
+                if found is not None:
+                    return Readiness(self.state(), found)
+                remaining = _remaining(deadline)
+                if ended or remaining == 0:
+                    return Readiness(state, None)
+                pause = _MATCH_POLL_S if remaining is None else min(_MATCH_POLL_S, remaining)
+                if state.status is JobStatus.CREATED:
+                    time.sleep(pause)
+                elif not self._release.wait(pause):
+                    continue
+                state = self.state()
+                if state.started_at != run_started:  # restarted meanwhile: its logs are new
+                    scanner.reset()
+                    run_started = state.started_at
+        finally:
+            scanner.close()
 
     @_deleted_is_not_found
     def tail(self, lines: Optional[int] = DEFAULT_TAIL_LINES, max_bytes: int = DEFAULT_MAX_BYTES) -> Tail:
@@ -3484,13 +3722,24 @@ def _inline_supervisor_log(error: LaunchError, paths: JobPaths) -> None:
                       "files (ulimit -u, ulimit -n)")
 
 
-def run(argv, *, root: Optional[str] = None, **definition) -> Job:
+def run(argv, *, root: Optional[str] = None, ready=None, ready_stream: str = "either",
+        ready_timeout_s: Optional[float] = None, **definition) -> Job:
     """Define and launch a job; returns once its supervisor has acknowledged.
 
     Takes the same keyword arguments as create().  A command that cannot be
     executed is not an error here: the job ends `failed` with `error` set.
     Raises LaunchError when the supervisor could not be started.
+
+    ready: a regular expression; then return only once a line of the job's
+    output matches it, the job has ended, or ready_timeout_s has passed (None:
+    no limit), with `job.readiness` saying which (see Job.wait).  The job runs
+    on.  ready_stream: 'stdout', 'stderr' or 'either'.  An invalid pattern
+    raises InvalidArgumentError before anything is created.
     """
+    pattern = None if ready is None else _compile_line_pattern(ready, "ready")
+    _check_stream(ready_stream, "ready_stream")
+    if pattern is None and ready_stream != "either":
+        raise InvalidArgumentError("ready_stream is for a ready pattern, and none was given")
     job = create(argv, root=root, **definition)
     try:
         job.start()
@@ -3499,6 +3748,8 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
             _inline_supervisor_log(exc, job.paths)
             _rmtree(job.paths.dir, ignore_errors=True)  # no half-made job left behind
         raise
+    if pattern is not None:
+        job.readiness = job.wait(ready_timeout_s, match=pattern, stream=ready_stream)
     return job
 
 
@@ -3536,7 +3787,11 @@ _JOB_FIELDS = {
 _OUTPUT_FIELDS = {"stdout": _STR, "stderr": _STR, "stdout_range": _RANGE, "stderr_range": _RANGE,
                   "stdout_total_bytes": _INT, "stderr_total_bytes": _INT,
                   "encoding": {"type": "string", "enum": ["utf-8-lossy"]}}
-_RUN_FIELDS = dict(_JOB_FIELDS, **_OUTPUT_FIELDS, elapsed_ms=_INT)
+# The line a wait --match / run --ready found: null when none was asked for or found.
+_MATCHED = {"type": ["object", "null"], "additionalProperties": False, "required": ["stream", "line", "offset"],
+            "properties": {"stream": {"type": "string", "enum": ["stdout", "stderr"]}, "line": _STR,
+                           "offset": {"type": "integer", "minimum": 0}}}
+_RUN_FIELDS = dict(_JOB_FIELDS, **_OUTPUT_FIELDS, elapsed_ms=_INT, matched=_MATCHED)
 _SUMMARY_FIELDS = {k: v for k, v in _JOB_FIELDS.items() if k != "env"}
 _ACTION_ROW = {"type": "object", "required": ["job_id", "action", "reason"], "properties": {
     "job_id": _STR, "action": {"type": "string", "enum": ["deleted", "would_delete", "skipped"]},
@@ -3683,11 +3938,13 @@ def _output_view(tail: Tail) -> dict:
             "encoding": tail.encoding}
 
 
-def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int) -> dict:
-    """RunData: the job view plus the last max_bytes of each stream."""
+def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int, matched: Optional[LineMatch]) -> dict:
+    """RunData: the job view plus the last max_bytes of each stream, and the line matched if any."""
     view = _job_view(job, state)
     view.update(_output_view(_tail(job.paths, None, max_bytes)))
     view["elapsed_ms"] = elapsed_ms
+    view["matched"] = None if matched is None else {"stream": matched.stream, "line": matched.line,
+                                                    "offset": matched.offset}
     return view
 
 
@@ -3730,10 +3987,16 @@ def _elapsed_ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int, started: float) -> dict:
-    """RunData after waiting up to until_s (0: not at all, None: until the end)."""
-    state = job.state() if until_s == 0 else job.wait(until_s)
-    return _envelope(kind, _run_view(job, state, max_bytes, _elapsed_ms(started)))
+def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int, started: float,
+                  match=None, stream: str = "either") -> dict:
+    """RunData after waiting up to until_s (0: not at all, None: until the end),
+    or with match, until a line matches (0: only the lines already written)."""
+    if match is not None:
+        readiness = job.wait(until_s, match=match, stream=stream)
+        state, matched = readiness.state, readiness.match
+    else:
+        state, matched = job.state() if until_s == 0 else job.wait(until_s), None
+    return _envelope(kind, _run_view(job, state, max_bytes, _elapsed_ms(started), matched))
 
 
 def _status_doc(job: Job) -> dict:
@@ -3806,6 +4069,10 @@ _JOB_ID_PARAM = {"type": "string", "description": "job id or unique prefix (1-32
 _UNTIL_PARAM = {"type": "number", "minimum": 0, "description": "seconds to wait for the job to finish"}
 _MAX_BYTES_PARAM = {"type": "integer", "minimum": 0, "description": "output excerpt size per stream"}
 _TAGS_PARAM = {"type": "array", "items": {"type": "string"}}
+_STREAM_PARAM = {"type": "string", "enum": list(_STREAM_CHOICES),
+                 "description": "the output the pattern looks at (default either)"}
+_LINE_PATTERN = ("a regular expression (Python re) searched in each line of output; return as soon as a line "
+                 "matches (lines already written count), with `matched`: {stream, line, offset}; the job runs on")
 _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
     "run": ("Start a command as a durable background job (it keeps running after this call), wait up "
             "to `until` seconds, and return its state and the end of its output.", {
@@ -3815,13 +4082,17 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                 "stdin": {"type": "string", "description": "standard input for the job"},
                 "timeout": {"type": "number", "minimum": 0, "description": "stop the tree after this many seconds"},
                 "kill_after": {"type": "number", "minimum": 0}, "until": _UNTIL_PARAM,
-                "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM}, ["command"]),
+                "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM,
+                "ready": {"type": "string", "description": "wait until the job is ready: " + _LINE_PATTERN},
+                "stream": _STREAM_PARAM}, ["command"]),
     "status": ("State, exit code, signal, times and log paths of a job.", {"job_id": _JOB_ID_PARAM}, ["job_id"]),
     "tail": ("The last lines of a job's stdout and stderr.", {
         "job_id": _JOB_ID_PARAM, "lines": {"type": "integer", "minimum": 0}, "max_bytes": _MAX_BYTES_PARAM},
         ["job_id"]),
-    "wait": ("Wait up to `until` seconds for a job to finish; returns its state and output.", {
-        "job_id": _JOB_ID_PARAM, "until": _UNTIL_PARAM, "max_bytes": _MAX_BYTES_PARAM}, ["job_id"]),
+    "wait": ("Wait up to `until` seconds for a job to finish, or with `match` for a line of its output; "
+             "returns its state and output.", {
+                 "job_id": _JOB_ID_PARAM, "until": _UNTIL_PARAM, "max_bytes": _MAX_BYTES_PARAM,
+                 "match": {"type": "string", "description": _LINE_PATTERN}, "stream": _STREAM_PARAM}, ["job_id"]),
     "kill": ("Signal a job's whole process tree (default TERM) and report what is left.", {
         "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "TERM, INT, KILL, HUP, ..."},
         "kill_after": {"type": "number", "minimum": 0, "description": "then KILL what is left after S seconds"}},
@@ -3869,9 +4140,10 @@ def _call_operation(operation: str, args: dict, root: Optional[str], *, default_
         until = min(until, max_until)
     max_bytes = args.get("max_bytes", DEFAULT_MAX_BYTES)
     if operation == "run":
+        ready, stream = _line_pattern_args(args, "ready")  # checked before anything launches
         job = run(args["command"], root=root, cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
                   timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
-        return _observed_doc("run", job, until, max_bytes, started)
+        return _observed_doc("run", job, until, max_bytes, started, ready, stream)
     if operation == "list":
         return _list_doc(resolve_root(root), cwd=args.get("cwd"), all_jobs=args.get("all", False),
                          state=args.get("state"), tags=args.get("tags", ()),
@@ -3882,8 +4154,19 @@ def _call_operation(operation: str, args: dict, root: Optional[str], *, default_
     if operation == "tail":
         return _tail_doc(job, args.get("lines", DEFAULT_TAIL_LINES), max_bytes)
     if operation == "wait":
-        return _observed_doc("wait", job, until, max_bytes, started)
+        match, stream = _line_pattern_args(args, "match")
+        return _observed_doc("wait", job, until, max_bytes, started, match, stream)
     return _kill_doc(job, args.get("signal", "TERM"), args.get("kill_after"), DEFAULT_KILL_OBSERVE_S)
+
+
+def _line_pattern_args(args: dict, key: str):
+    """(compiled pattern or None, stream) from the `ready`/`match` and `stream` arguments."""
+    stream = args.get("stream")
+    if args.get(key) is None:
+        if stream is not None:
+            raise InvalidArgumentError("'stream' is for %r, and no %r was given" % (key, key))
+        return None, "either"
+    return _compile_line_pattern(args[key], key), _check_stream(stream or "either", "stream")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -4237,7 +4520,7 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     job_id, action = parts[1], (parts[2] if len(parts) == 3 else None)
     if method == "GET" and action in (None, "tail", "wait"):
         types = {None: {}, "tail": {"lines": int, "max_bytes": int},
-                 "wait": {"until": float, "max_bytes": int}}[action]
+                 "wait": {"until": float, "max_bytes": int, "match": str, "stream": str}}[action]
         args = dict(_query_args(query, types), job_id=job_id)
         return _call_operation(action or "status", args, root, default_until=DEFAULT_WAIT_UNTIL_S)
     if method == "POST" and action == "kill":
@@ -4405,6 +4688,9 @@ def _render_text(doc: dict, color: bool, now: float) -> str:
         return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []) + _skipped_note(doc))
     if kind in ("run", "start", "restart", "wait"):
         parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
+        matched = doc["matched"]
+        if matched:
+            parts.append("matched %s at byte %d: %s" % (matched["stream"], matched["offset"], matched["line"]))
         return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
     if kind == "tail":
         return "\n".join(p for p in (doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")) if p)
@@ -4570,6 +4856,15 @@ def _add_observe_options(p, default_until: float) -> None:
                    help="exit with the job's exit code (128+n for signal n, 125 failed, 124 unfinished)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream the job's output live until it ends (instead of a JSON document)")
+    p.add_argument("--ready", metavar="REGEX",
+                   help="return as soon as a line of output matches REGEX (the job runs on), or the job ends, "
+                   "or at --until; the line is in `matched`")
+    _add_stream_option(p, "--ready")
+
+
+def _add_stream_option(p, pattern_option: str) -> None:
+    p.add_argument("--stream", choices=_STREAM_CHOICES,
+                   help="the output %s looks at (default either)" % pattern_option)
 
 
 def _run_options(p) -> None:
@@ -4607,7 +4902,12 @@ def _wait_options(p) -> None:
     p.add_argument("--forever", action="store_true", help="no deadline")
     p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="output excerpt size per stream (default 64k)")
-    p.add_argument("--exit-code", action="store_true", help="exit with the job's exit code")
+    p.add_argument("--exit-code", action="store_true",
+                   help="exit with the job's exit code (with --match: 0 on a match, 124 otherwise)")
+    p.add_argument("--match", metavar="REGEX",
+                   help="return as soon as a line of output matches REGEX (Python re; lines already written "
+                   "count), or the job ends, or at --until; the line is in `matched`")
+    _add_stream_option(p, "--match")
 
 
 def _tail_options(p) -> None:
@@ -4738,6 +5038,21 @@ def _observe_limits(ns) -> Tuple[Optional[float], int]:
     return _observe_deadline(ns), _parse_size(ns.max_bytes, "--max-bytes")
 
 
+def _observe_match(ns):
+    """(compiled pattern, stream) of --ready or --match, or (None, "either");
+    run/start/restart check them before launching."""
+    option, text = ("--match", ns.match) if hasattr(ns, "match") else ("--ready", getattr(ns, "ready", None))
+    if text is None:
+        if getattr(ns, "stream", None) is not None:
+            raise InvalidArgumentError("--stream is for %s, and no %s was given" % (option, option),
+                                       hint="%s REGEX --stream stdout|stderr|either" % option)
+        return None, "either"
+    if getattr(ns, "no_wait", False) or getattr(ns, "follow", False):
+        raise InvalidArgumentError("%s waits for a line of output: it cannot go with --no-wait or --follow" % option,
+                                   hint="--until S bounds the wait (--until 0: only lines already written)")
+    return _compile_line_pattern(text, option), ns.stream or "either"
+
+
 def _observe(job: Job, ns, started: float, kind: str) -> Tuple[dict, int]:
     """Shared tail of run/start/restart/wait: wait as asked (or stream with --follow), then RunData.
 
@@ -4747,12 +5062,17 @@ def _observe(job: Job, ns, started: float, kind: str) -> Tuple[dict, int]:
     if getattr(ns, "follow", False):
         return _follow_to_end(job, (0, 0), ns)
     until_s, max_bytes = _observe_limits(ns)
+    match, stream = _observe_match(ns)
     try:
-        doc = _observed_doc(kind, job, until_s, max_bytes, started)
+        doc = _observed_doc(kind, job, until_s, max_bytes, started, match, stream)
     except KeyboardInterrupt:
         _tell_interrupted(job)
-        return _observed_doc(kind, job, 0, max_bytes, started), 130
-    return doc, _exit_status_of(doc) if ns.exit_code else 0
+        return _observed_doc(kind, job, 0, max_bytes, started, match, stream), 130
+    if not ns.exit_code:
+        return doc, 0
+    if match is not None:  # ready or not: the job's own exit code is not the question
+        return doc, 0 if doc["matched"] else 124
+    return doc, _exit_status_of(doc)
 
 
 def _tell_interrupted(job: Job) -> None:
@@ -4855,6 +5175,7 @@ def _cmd_run(ns):
     started = time.monotonic()
     argv = _cli_command(ns)
     _observe_limits(ns)  # a bad value is reported before a job exists, not after
+    _observe_match(ns)
     job = run(argv, root=ns.root, **_cli_definition(ns, auto_stdin=True))
     return _observe(job, ns, started, "run")
 
@@ -4868,6 +5189,7 @@ def _cmd_start(ns):
     started = time.monotonic()
     job = open_job(ns.job, ns.root)
     _observe_limits(ns)  # validate before launching
+    _observe_match(ns)
     job.start()
     return _observe(job, ns, started, "start")
 
@@ -4876,6 +5198,7 @@ def _cmd_restart(ns):
     started = time.monotonic()
     job = open_job(ns.job, ns.root)
     _observe_limits(ns)
+    _observe_match(ns)
     job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"))
     return _observe(job, ns, started, "restart")
 
@@ -4975,12 +5298,12 @@ _COMMANDS = (
 
 
 _EXAMPLES = {
-    "run": ("run -- make test", "run --no-wait --timeout 30m --tag dev.server -- npm run dev"),
+    "run": ("run -- make test", "run --ready 'ready in' --until 60 --tag dev.server -- npm run dev"),
     "create": ("create --tag nightly -- ./backup.sh", "create --env-file .env -- python3 worker.py"),
     "start": ("start 01a2f3", "start 01a2f3 --no-wait"),
     "restart": ("restart 01a2f3", "restart 01a2f3 --signal INT --kill-after 10"),
     "status": ("status 01a2f3", "--format text status 01a2f3"),
-    "wait": ("wait 01a2f3 --until 5m", "wait 01a2f3 --forever --exit-code"),
+    "wait": ("wait 01a2f3 --until 5m", "wait 01a2f3 --match 'listening on port \\d+' --until 60 --exit-code"),
     "tail": ("tail 01a2f3 --lines 20", "tail 01a2f3 --follow"),
     "kill": ("kill 01a2f3", "kill 01a2f3 --signal INT --kill-after 5"),
     "list": ("--format text list", "list --all --state running --tag ci.*"),

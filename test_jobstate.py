@@ -2311,6 +2311,226 @@ class LifecycleTests(JobTestCase):
         self.assertEqual(validate(json.load(open(paths.meta)), schemas["meta"]), [])
         self.assertEqual(set(schemas), {"state", "meta", "error"} | set(jobstate._RESPONSE_FIELDS))
 
+
+# A dev-server-like job: some start-up chatter, then the ready line after a
+# second, then it serves until killed.
+SERVER = py("import sys, time\n"
+            "sys.stdout.buffer.write(b'starting\\ncompiling 12 modules\\n'); sys.stdout.flush()\n"
+            "sys.stderr.buffer.write(b'warning: debug build\\n'); sys.stderr.flush()\n"
+            "time.sleep(1)\n"
+            "sys.stdout.buffer.write(b'listening on port 8080\\n'); sys.stdout.flush()\n"
+            "time.sleep(60)\n")
+
+
+class ReadinessTests(JobTestCase):
+    """wait --match / run --ready: return when a line of output matches, the job runs on."""
+
+    def log_bytes(self, job, stream="stdout"):
+        with open(job.paths.stdout_log if stream == "stdout" else job.paths.stderr_log, "rb") as f:
+            return f.read()
+
+    def assert_match_at_its_offset(self, job, matched, stream, line):
+        self.assertEqual((matched["stream"], matched["line"]), (stream, line))
+        data = self.log_bytes(job, stream)
+        offset = matched["offset"]
+        self.assertTrue(offset == 0 or data[offset - 1:offset] == b"\n", "the offset is not a line start")
+        self.assertTrue(data[offset:].startswith(line.encode() + b"\n"), (offset, data[offset:offset + 80]))
+
+    def test_a_line_printed_after_a_second_returns_the_wait_with_its_offset(self):
+        job = self.run_job(SERVER)
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", job.id, "--match", r"listening on port (\d+)", "--until", "30")
+        self.assertLess(time.monotonic() - started, 20, "the wait ran to its deadline")
+        self.assertEqual((status, doc["type"], doc["state"]), (0, "wait", "running"), doc)
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "listening on port 8080")
+        self.assertEqual(doc["matched"]["offset"], len(b"starting\ncompiling 12 modules\n"))
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING, "the job must run on")
+
+    def test_a_line_printed_before_the_call_matches_at_once(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", job.id, "--match", "^ready$", "--until", "30")
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((status, doc["state"]), (0, "running"))
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "ready")
+
+    def test_no_match_before_the_job_ends_is_null_with_the_terminal_state(self):
+        job = self.run_job(py("import sys; print('a'); print('b'); sys.exit(3)"))
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", job.id, "--match", "never printed", "--until", "30")
+        self.assertLess(time.monotonic() - started, 20, "the end of the job did not end the wait")
+        self.assertEqual((status, doc["state"], doc["exit_code"], doc["matched"]), (0, "exited", 3, None))
+        self.assertEqual(doc["stdout"], "a\nb\n")
+
+    def test_a_final_line_without_newline_counts_and_crlf_is_a_line_end(self):
+        job = self.run_job(py("import sys; sys.stdout.buffer.write(b'one\\r\\nready to go')"))
+        _, doc, _ = self.cli("wait", job.id, "--match", "^ready to go$", "--until", "30")
+        self.assertEqual(doc["state"], "exited")
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "ready to go", "offset": 5})
+        _, doc, _ = self.cli("wait", job.id, "--match", "^one$", "--until", "30")
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "one", "offset": 0})
+
+    def test_stream_selection(self):
+        code = ("import sys, time\n"
+                "sys.stderr.buffer.write(b'boot\\nerr ready\\n'); sys.stderr.flush()\n"
+                "sys.stdout.buffer.write(b'out ready\\n'); sys.stdout.flush()\n"
+                "time.sleep(60)\n")
+        job = self.run_job(py(code))
+        self.wait_log(job, "out ready")
+        self.wait_log(job, "err ready", "stderr")
+        _, doc, _ = self.cli("wait", job.id, "--match", "ready", "--stream", "stderr", "--until", "10")
+        self.assert_match_at_its_offset(job, doc["matched"], "stderr", "err ready")
+        self.assertEqual(doc["matched"]["offset"], 5)
+        _, doc, _ = self.cli("wait", job.id, "--match", "ready", "--stream", "stdout", "--until", "10")
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "out ready")
+        _, doc, _ = self.cli("wait", job.id, "--match", "^err", "--until", "10")  # either: the default
+        self.assert_match_at_its_offset(job, doc["matched"], "stderr", "err ready")
+        _, doc, _ = self.cli("wait", job.id, "--match", "^err", "--stream", "stdout", "--until", "0.3")
+        self.assertEqual((doc["state"], doc["matched"]), ("running", None))
+        status, doc, _ = self.cli("wait", job.id, "--match", "x", "--stream", "both")
+        self.assertEqual((status, doc["error"]["code"]), (2, "invalid_argument"))
+        status, doc, _ = self.cli("wait", job.id, "--stream", "stdout")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), "--stream without --match")
+
+    def test_an_invalid_regex_is_refused_before_anything_launches(self):
+        for args in (["run", "--ready", "(unclosed", "--", "true", "x"], ["run", "--ready", "a{2,1}", "--", "true", "x"]):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), args)
+            self.assertIn("regular expression", doc["error"]["message"])
+        self.assertEqual(jobstate._list_job_ids(self.root), [], "a job was made for a bad --ready")
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate.run(["true", "x"], root=self.root, ready="(")
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate.run(["true", "x"], root=self.root, ready="x", ready_stream="both")
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        job = jobstate.create(["true", "x"], root=self.root)
+        status, doc, _ = self.cli("start", job.id, "--ready", "(")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        self.assertEqual(job.state().status, jobstate.JobStatus.CREATED, "start launched the job anyway")
+        status, doc, _ = self.cli("wait", job.id, "--match", "[")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        for args in (["run", "--ready", "x", "--no-wait", "--", "true", "x"],
+                     ["run", "--ready", "x", "--follow", "--", "true", "x"]):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), args)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
+
+    def test_exit_code_is_zero_on_a_match_and_124_otherwise(self):
+        ready = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        ended = self.run_job(py("print('done')"))
+        self.assertEqual(self.cli("wait", ready.id, "--match", "ready", "--exit-code")[0], 0)
+        self.assertEqual(self.cli("wait", ready.id, "--match", "nope", "--until", "0.3", "--exit-code")[0], 124)
+        self.assertEqual(self.cli("wait", ended.id, "--match", "nope", "--exit-code")[0], 124)
+        self.assertEqual(self.cli("wait", ended.id, "--match", "done", "--exit-code")[0], 0)
+        status, doc, _ = self.cli("run", "--ready", "never", "--exit-code", "--", "true", "x")
+        self.assertEqual((status, doc["state"], doc["matched"]), (124, "exited", None))
+
+    def test_run_start_restart_ready_return_running_with_the_match(self):
+        started = time.monotonic()
+        status, doc, _ = self.cli("run", "--ready", "listening on port", "--until", "30", "--", *SERVER)
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual((status, doc["type"], doc["state"]), (0, "run", "running"), doc)
+        job = jobstate.open_job(doc["job_id"], self.root)
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "listening on port 8080")
+        self.assertIn("listening on port 8080\n", doc["stdout"])
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+        first_start = doc["started_at"]
+        status, doc, _ = self.cli("restart", job.id, "--ready", "^listening", "--stream", "stdout", "--until", "30")
+        self.assertEqual((status, doc["type"], doc["state"]), (0, "restart", "running"), doc)
+        self.assertNotEqual(doc["started_at"], first_start)
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "listening on port 8080")
+        created = jobstate.create(SERVER, root=self.root)
+        status, doc, _ = self.cli("start", created.id, "--ready", "warning", "--stream", "stderr", "--until", "30")
+        self.assertEqual((status, doc["type"], doc["state"]), (0, "start", "running"), doc)
+        self.assert_match_at_its_offset(created, doc["matched"], "stderr", "warning: debug build")
+        status, doc, _ = self.cli("run", "--ready", "never", "--until", "0.5", "--", *SERVER)
+        self.assertEqual((status, doc["state"], doc["matched"]), (0, "running", None))
+
+    def test_every_run_data_carries_matched(self):
+        for args in (["run", "--", "true", "x"], ["run", "--no-wait", "--", "true", "x"]):
+            status, doc, _ = self.cli(*args)
+            self.assertIsNone(doc["matched"], args)
+            self.assertIsNone(self.cli("wait", doc["job_id"])[1]["matched"])
+
+    def test_python_api(self):
+        job = jobstate.run(SERVER, root=self.root, ready=r"listening on port \d+", ready_timeout_s=30)
+        self.assertIsInstance(job, jobstate.Job)
+        readiness = job.readiness
+        self.assertIsInstance(readiness, jobstate.Readiness)
+        self.assertTrue(readiness.ready)
+        self.assertEqual(readiness.state.status, jobstate.JobStatus.RUNNING)
+        self.assertEqual(readiness.match, jobstate.LineMatch("stdout", "listening on port 8080", 30))
+        again = job.wait(5, match="warning", stream="stderr")
+        self.assertEqual((again.match.stream, again.match.line, again.match.offset), ("stderr", "warning: debug build", 0))
+        self.assertEqual(job.wait(0.2, match="nope").match, None)
+        state = job.wait(0.1)
+        self.assertIsInstance(state, jobstate.JobState, "wait without match keeps its return type")
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            job.wait(1, stream="stdout")
+        self.assertIsNone(jobstate.run(["true", "x"], root=self.root).readiness)
+
+    def test_a_line_over_the_cap_is_matched_on_its_first_mebibyte(self):
+        cap = jobstate._MAX_LINE_BYTES
+        code = ("import sys, time\n"
+                "out = sys.stdout.buffer\n"
+                "out.write(b'head ' + b'x' * %d + b' tail-marker\\n'); out.write(b'ready\\n'); out.flush()\n"
+                "time.sleep(60)\n" % (3 * cap))
+        job = self.run_job(py(code))
+        self.wait_log(job, "ready\n", timeout_s=30)
+        _, doc, _ = self.cli("wait", job.id, "--match", "tail-marker|^ready$", "--until", "10")
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "ready", "offset": 3 * cap + 18})
+        _, doc, _ = self.cli("wait", job.id, "--match", "^head x", "--until", "10", "--max-bytes", "0")
+        self.assertEqual((doc["matched"]["offset"], len(doc["matched"]["line"])), (0, cap))
+
+    @unittest.skipIf(jobstate._WINDOWS, "resource and /proc/self/io")
+    def test_a_hundred_megabytes_before_the_ready_line(self):
+        writer = ("import sys, time\n"
+                  "block = (b'x' * 99 + b'\\n') * 10000\n"
+                  "for i in range(100):\n"
+                  "    sys.stdout.buffer.write(block); sys.stdout.flush(); time.sleep(0.002)\n"
+                  "sys.stdout.buffer.write(b'ready\\n'); sys.stdout.flush()\n"
+                  "time.sleep(60)\n")
+        job = self.run_job(py(writer))
+        waiter = ("import json, resource, sys; sys.path.insert(0, %r); import jobstate\n"
+                  "r = jobstate.open_job(%r, %r).wait(120, match='^ready$')\n"
+                  "io = dict(line.split(': ') for line in open('/proc/self/io').read().splitlines())\n"
+                  "print(json.dumps({'offset': r.match and r.match.offset, 'state': r.state.status.value,\n"
+                  "                  'peak_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,\n"
+                  "                  'read_bytes': int(io['rchar'])}))\n" % (HERE, job.id, self.root))
+        started = time.monotonic()
+        out = subprocess.run([PY, "-c", waiter], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, timeout=180)
+        took = time.monotonic() - started
+        self.assertEqual(out.returncode, 0, out.stderr.decode()[-2000:])
+        doc = json.loads(out.stdout)
+        self.assertEqual((doc["offset"], doc["state"]), (100 * 1000 * 1000, "running"))
+        self.assertLess(doc["peak_kib"], 64 * 1024, "the wait held the log in memory")
+        self.assertLess(doc["read_bytes"], 140 * 1000 * 1000, "the wait read the log more than once")
+        sys.stderr.write("\n[figure] 100 MB before the ready line: found in %.2f s, peak RSS %.1f MiB, "
+                         "%.1f MB read\n" % (took, doc["peak_kib"] / 1024, doc["read_bytes"] / 1e6))
+
+    def test_figure_line_written_to_wait_returns(self):
+        # The job stamps each line with the monotonic clock (one clock for the
+        # machine) right before writing it; the waiter notes when its wait returned.
+        code = ("import sys, time\n"
+                "for i in range(20):\n"
+                "    time.sleep(0.15)\n"
+                "    sys.stdout.buffer.write(b'tick %d %r\\n' % (i, time.monotonic())); sys.stdout.flush()\n"
+                "time.sleep(60)\n")
+        job = self.run_job(py(code))
+        latencies = []
+        for i in range(20):
+            readiness = job.wait(30, match=r"^tick %d " % i)
+            returned = time.monotonic()
+            self.assertIsNotNone(readiness.match, i)
+            latencies.append(returned - float(readiness.match.line.split()[2]))
+        latencies.sort()
+        median = (latencies[9] + latencies[10]) / 2
+        sys.stderr.write("\n[figure] line written -> wait returns: median %.1f ms of 20 (min %.1f, max %.1f)\n"
+                         % (median * 1000, latencies[0] * 1000, latencies[-1] * 1000))
+
+
 # ---------------------------------------------------------------------------
 # Agent surfaces (section 10): MCP and HTTP
 # ---------------------------------------------------------------------------
@@ -2596,6 +2816,29 @@ class McpTests(JobTestCase):
         self.assertIn("boom", replies[1]["error"]["message"])
         self.assertEqual(replies[3]["result"], {})
 
+    def test_wait_match_and_run_ready(self):
+        proc = self.start_server()
+        tools = {t["name"]: t for t in self.rpc(proc, 1, "tools/list")["result"]["tools"]}
+        self.assertLessEqual({"ready", "stream"}, set(tools["run"]["inputSchema"]["properties"]))
+        self.assertLessEqual({"match", "stream"}, set(tools["wait"]["inputSchema"]["properties"]))
+        result = self.call(proc, 2, "run", {"command": SERVER, "ready": r"listening on port \d+", "until": 30})
+        doc = result["structuredContent"]
+        self.assertEqual((result["isError"], doc["state"]), (False, "running"), doc)
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "listening on port 8080", "offset": 30})
+        job_id = doc["job_id"]
+        doc = self.call(proc, 3, "wait", {"job_id": job_id, "match": "^warning", "stream": "stderr",
+                                          "until": 5})["structuredContent"]
+        self.assertEqual(doc["matched"], {"stream": "stderr", "line": "warning: debug build", "offset": 0})
+        self.assertIsNone(self.call(proc, 4, "wait", {"job_id": job_id, "until": 0})["structuredContent"]["matched"])
+        bad = [("run", {"command": ["true", "x"], "ready": "("}), ("wait", {"job_id": job_id, "match": "("}),
+               ("wait", {"job_id": job_id, "match": "x", "stream": "both"}),
+               ("wait", {"job_id": job_id, "stream": "stdout"}), ("run", {"command": ["true", "x"], "stream": "stdout"})]
+        for msg_id, (name, args) in enumerate(bad, 5):
+            result = self.call(proc, msg_id, name, args)
+            self.assertTrue(result["isError"], args)
+            self.assertEqual(result["structuredContent"]["error"]["code"], "invalid_argument", args)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job_id], "a job was made for a bad ready")
+
     @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
     def test_official_sdk_client(self):
         script = os.path.join(self.tmp, "client.py")
@@ -2667,6 +2910,25 @@ class HttpTests(JobTestCase):
         running = self.run_job(py("import time; time.sleep(60)"))
         status, doc = self.request("DELETE", url + "/jobs/" + running.id)
         self.assertEqual((status, doc["error"]["code"]), (409, "invalid_state"))
+
+    def test_wait_match_and_post_ready(self):
+        from urllib.parse import quote
+        url = self.start_server()
+        status, doc = self.request("POST", url + "/jobs", {"command": SERVER, "ready": r"listening on port \d+",
+                                                           "until": 30})
+        self.assertEqual((status, doc["state"]), (200, "running"), doc)
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "listening on port 8080", "offset": 30})
+        job_id = doc["job_id"]
+        path = "/jobs/%s/wait?match=%s&stream=stderr&until=5" % (job_id, quote(r"^warning: \w+ build$"))
+        status, doc = self.request("GET", url + path)
+        self.assertEqual((status, doc["type"], doc["state"]), (200, "wait", "running"), doc)
+        self.assertEqual(doc["matched"], {"stream": "stderr", "line": "warning: debug build", "offset": 0})
+        for method, path, body in (("GET", "/jobs/%s/wait?match=%s" % (job_id, quote("(")), None),
+                                   ("GET", "/jobs/%s/wait?match=x&stream=both" % job_id, None),
+                                   ("POST", "/jobs", {"command": ["true", "x"], "ready": "("})):
+            status, doc = self.request(method, url + path, body)
+            self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), path)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job_id])
 
     def test_token_guards_every_endpoint(self):
         url = self.start_server(token="s3cret")
