@@ -115,6 +115,7 @@ _CHUNK_BYTES = 1 << 20
 # Reads are _CHUNK_BYTES, so only a line continued across reads can be longer.
 _MAX_LINE_BYTES = 1 << 20
 _STREAM_CHOICES = ("stdout", "stderr", "either")
+_MATCH_TYPES = ("contains", "regex")  # of --output-pattern: a literal, or Python re
 # Signals a user may name; each platform layer says which of them exist.
 _SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
 # Signals whose purpose is to end the job: a kill with one of these leaves a
@@ -375,11 +376,20 @@ class JobSpec:
     tags: List[str] = field(default_factory=list)
     notify_command: Optional[str] = None
     notify_file: Optional[str] = None
+    output_pattern: Optional[str] = None  # output-match notifications (job.output_matched)
+    output_match_type: str = "contains"
+    output_stream: str = "either"
+    output_command: Optional[str] = None
+    output_file: Optional[str] = None
     created_at: Optional[str] = None
     extra: Dict[str, object] = field(default_factory=dict)
 
     _KEYS = ("argv", "cwd", "env", "env_files", "inherit_env", "masks", "has_stdin", "timeout_s",
-             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "created_at")
+             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "output_pattern",
+             "output_match_type", "output_stream", "output_command", "output_file", "created_at")
+    # What `notify set` may change after creation.
+    _SINK_KEYS = ("notify_command", "notify_file", "output_pattern", "output_match_type", "output_stream",
+                 "output_command", "output_file")
 
     def to_dict(self) -> dict:
         doc = dict(self.extra)
@@ -525,6 +535,7 @@ class _PosixProcessLayer:
     # marker; macOS cannot read other processes' environments, so the
     # supervisor writes them down when the main process exits.
     records_leftovers = not _LINUX
+    reaps_every_child = True  # wait_child reaps any child of the supervisor, not only the job's
     # The launcher's flock passes to the supervisor with the descriptor.
     hands_over_lock = True
 
@@ -746,14 +757,18 @@ class _PosixProcessLayer:
         except (ProcessLookupError, PermissionError):  # no member left (macOS: only zombies)
             pass
 
-    def wait_child(self, child: _Child) -> Tuple[Optional[int], Optional[int]]:
-        """Block until the child exits, reaping adopted orphans on the way; (code, signum)."""
+    def wait_child(self, child: _Child, reaped: Optional[Callable[[int, int], None]] = None
+                   ) -> Tuple[Optional[int], Optional[int]]:
+        """Block until the child exits, reaping adopted orphans on the way; (code, signum).
+        reaped(pid, status) hears of every other process reaped meanwhile (sinks among them)."""
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 return None, None
             if pid != child.pid:
+                if reaped is not None:
+                    reaped(pid, status)
                 continue
             if child.popen is not None:
                 child.popen.returncode = status  # keeps Popen from waiting on it again
@@ -1157,6 +1172,7 @@ class _WindowsProcessLayer:
     # processes remain in the job; Windows need not), so the supervisor writes
     # down what is still running when the main process exits.
     records_leftovers = True
+    reaps_every_child = False
 
     def release_supervisor(self, popen: subprocess.Popen) -> None:
         return None  # no zombies on Windows; the handle closes with the Popen object
@@ -1314,8 +1330,9 @@ class _WindowsProcessLayer:
             pass  # best effort while an earlier exception propagates
         self._close(job)
 
-    def wait_child(self, child) -> Tuple[Optional[int], Optional[int]]:
+    def wait_child(self, child, reaped=None) -> Tuple[Optional[int], Optional[int]]:
         # Windows has no signals; the code is the unsigned DWORD from Popen.
+        # Only the child is waited for: other processes (sinks) are never reaped here.
         return child.popen.wait(), None
 
     # -- identities ----------------------------------------------------------
@@ -1677,6 +1694,7 @@ class JobPaths:
         self.stdout_log, self.stderr_log, self.full_log = d + "stdout.log", d + "stderr.log", d + "full.log"
         self.stdin, self.supervisor_log = d + "stdin.bin", d + "supervisor.log"
         self.event, self.kill_request = d + "completion_event.json", d + "kill_request.json"
+        self.output_events = d + "notification_events.ndjson"
         self.reserve = d + "space.reserve"
 
 
@@ -1811,6 +1829,18 @@ def _compile_line_pattern(pattern, name: str):
     except (re.error, OverflowError, RecursionError) as exc:
         raise InvalidArgumentError("%s: %r is not a valid regular expression: %s" % (name, pattern[:200], exc),
                                    hint=r"Python re syntax, searched in each line: 'listening on port \d+'") from None
+
+
+def _output_search(pattern, match_type, name: str = "--output-pattern"):
+    """The compiled search of an output-match pattern: a literal for contains, Python re for regex."""
+    if match_type not in _MATCH_TYPES:
+        raise InvalidArgumentError("--output-match-type: %r is not a match type" % (match_type,),
+                                   hint="contains (a literal, the default) or regex")
+    if match_type == "contains":
+        if not isinstance(pattern, str):
+            raise InvalidArgumentError("%s must be a string, not %r" % (name, pattern))
+        return re.compile(re.escape(pattern))
+    return _compile_line_pattern(pattern, name)
 
 
 def _check_stream(stream, name: str) -> str:
@@ -2322,6 +2352,8 @@ class _Supervisor:
         self.write_error: Optional[str] = None
         self.child: Optional[_Child] = None
         self.notification: Optional[Tuple[JobSpec, dict]] = None  # what notify() delivers
+        self.sink_exits = _SinkExits(reaping=_process_layer.reaps_every_child)
+        self.output: Optional[_OutputWatch] = None  # output-match notifications, while watching
 
     def log(self, message: str) -> None:
         sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
@@ -2366,11 +2398,13 @@ class _Supervisor:
         """Copy the output, enforce the timeout, record the end: the rest of the job's life."""
         state, spec = running.state, running.spec
         self.child = running.child
+        self.output = _OutputWatch(self.paths, spec, self.log, self.sink_exits)
         pumps = self._start_pumps(running.pipes, running.logs)
         if spec.timeout_s:
             timeout_s = spec.timeout_s - (time.monotonic() - running.started)
             threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s), daemon=True).start()
-        code, signum = _process_layer.wait_child(running.child)
+        code, signum = _process_layer.wait_child(running.child, self.sink_exits.reaped)
+        self.sink_exits.stop()
         self.exited.set()
         self._record_end(state, code, signum, int((time.monotonic() - running.started) * 1000))
         if not _joined(pumps, QUICK_DRAIN_S):
@@ -2384,7 +2418,14 @@ class _Supervisor:
             state.error = Failure("output", self.write_error)
         self._release_space()
         _write_state(self.paths, state)
-        self.announce(spec, state)
+        self.announce(self._latest_spec(spec), state)
+
+    def _latest_spec(self, spec: JobSpec) -> JobSpec:
+        """The definition as it is now: `notify set` may have changed its sinks while the job ran."""
+        try:
+            return _read_spec(self.paths)
+        except JobError:
+            return spec
 
     def announce(self, spec: JobSpec, state: JobState) -> None:
         """Record the job.finished event now, under the job lock; its sinks run
@@ -2394,7 +2435,10 @@ class _Supervisor:
             self.notification = (spec, record)
 
     def notify(self) -> None:
-        """Deliver the announced event to its sinks (the job lock is released by now)."""
+        """Deliver what is left of the output-match events, then the announced
+        job.finished event, to their sinks (the job lock is released by now)."""
+        if self.output is not None:
+            self.output.finish()
         if self.notification is None:
             return
         spec, record = self.notification
@@ -2473,7 +2517,22 @@ class _Supervisor:
                 self.write_error = "output could not be saved: %s" % exc
                 self._release_space()
                 self.log(self.write_error)
+                continue
+            self._watch_output(label, chunk)
+        self._watch_output(label, None)
         os.close(read_fd)
+
+    def _watch_output(self, label: bytes, chunk: Optional[bytes]) -> None:
+        """Hand the output to the output-match notifications (None: the stream ended).
+        A bug there must never stop the copying: the child would block on a full pipe."""
+        output = self.output
+        if output is None:
+            return
+        try:
+            output.feed(label, chunk)
+        except Exception as exc:  # see above; the job goes on without output-match notifications
+            self.output = None
+            self.log("output-match notifications stopped by an internal error: %s: %s" % (type(exc).__name__, exc))
 
     _RESERVE_BYTES = 256 * 1024
 
@@ -2685,19 +2744,24 @@ def _notify_timeout_s(log: Callable[[str], None]) -> float:
     return _NOTIFY_TIMEOUT_S
 
 
-def _notify_command(paths: JobPaths, command: str, line: str, timeout_s: float) -> dict:
+def _notify_command(paths: JobPaths, command: str, line: str, timeout_s: float, event_type: str = "job.finished",
+                    event_path: Optional[str] = None, exits: Optional["_SinkExits"] = None) -> dict:
     """Run the notify command with the event on stdin; at timeout_s its whole tree is stopped.
 
     It carries JOBSTATE_JOB_ID, which tells it the job and is also the job's
     tree marker: a running notifier is part of the job, so `kill` on the job
     stops it too, and so does any kill after the supervisor died; nothing
     jobstate started for a job can outlive a kill of that job.
+    JOBSTATE_EVENT_TYPE and JOBSTATE_EVENT_PATH name the event and the file
+    that records it.  exits: see _SinkExits (for sinks run while the job runs).
     """
     import subprocess
     result = {"sink": "command", "target": command, "delivered_at": _utc_now()}
-    env = dict(os.environ, JOBSTATE_EVENT_PATH=paths.event, JOBSTATE_JOB_ID=paths.job_id)
+    env = dict(os.environ, JOBSTATE_EVENT_PATH=event_path or paths.event, JOBSTATE_JOB_ID=paths.job_id,
+               JOBSTATE_EVENT_TYPE=event_type)
+    exits = exits or _SinkExits(reaping=False)
     try:
-        popen = _process_layer.spawn_sink(_process_layer.shell_argv(command), env=env)
+        popen = exits.spawn(lambda: _process_layer.spawn_sink(_process_layer.shell_argv(command), env=env))
     except OSError as exc:
         result.update(ok=False, exit_code=None, error=str(exc))
         return result
@@ -2705,14 +2769,264 @@ def _notify_command(paths: JobPaths, command: str, line: str, timeout_s: float) 
     # us past the timeout (Popen.communicate writes stdin first on Windows).
     threading.Thread(target=_feed, args=(popen.stdin, line.encode("utf-8")), daemon=True).start()
     try:
-        code = popen.wait(timeout_s)
+        code = exits.wait(popen, timeout_s)
     except subprocess.TimeoutExpired:
         _process_layer.stop_sink(popen)
-        popen.wait()
+        exits.wait(popen, None)
         result.update(ok=False, exit_code=None, error="timed out after %gs" % timeout_s)
         return result
     result.update(ok=code == 0, exit_code=code, error=None)
     return result
+
+
+class _SinkExits:
+    """Exit codes of the sink commands a supervisor runs while its job runs.
+
+    On POSIX the supervisor's wait for the job (wait_child) reaps every child
+    of the supervisor, adopted orphans and these sinks alike, so until that
+    wait is over (stop()) a sink's code comes through reaped(), never through
+    Popen.wait, which would find nothing left to wait for and report 0.
+    """
+
+    def __init__(self, reaping: bool):
+        self.cond = threading.Condition()
+        self.reaping = reaping
+        self.codes: Dict[int, Optional[int]] = {}  # pid of each sink -> its exit code once reaped
+
+    def spawn(self, start: Callable[[], object]):
+        with self.cond:  # a sink that exits at once is known by the time its status comes
+            popen = start()
+            self.codes[popen.pid] = None
+            return popen
+
+    def reaped(self, pid: int, status: int) -> None:
+        with self.cond:
+            if pid in self.codes:
+                self.codes[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        """The wait for the job is over: from now on each sink's Popen waits for it."""
+        with self.cond:
+            self.reaping = False
+            self.cond.notify_all()
+
+    def wait(self, popen, timeout_s: Optional[float]) -> int:
+        """popen.wait(timeout_s), whoever reaps the sink; subprocess.TimeoutExpired at the timeout."""
+        import subprocess
+        deadline = _deadline(timeout_s)
+        with self.cond:
+            while self.reaping and self.codes.get(popen.pid) is None:
+                if _remaining(deadline) == 0:
+                    raise subprocess.TimeoutExpired(popen.args, timeout_s)
+                self.cond.wait(_remaining(deadline))
+            code = self.codes.pop(popen.pid, None)
+        if code is None:
+            return popen.wait(_remaining(deadline))
+        popen.returncode = code  # reaped already: Popen must not wait for it again
+        return code
+
+
+# Output-match notifications (--output-pattern): while the job runs, each line
+# of its output that the pattern finds something in becomes one
+# job.output_matched event.  The pumps only match and queue; one thread of
+# the supervisor delivers the events in order to the sinks (the same
+# _notify_file and _notify_command, bounds and timeout as job.finished) and
+# appends each one with its deliveries to notification_events.ndjson.  At
+# most _OUTPUT_EVENTS_PENDING events wait for delivery: more are dropped
+# (counted in supervisor.log), so sinks slower than the output never hold the
+# job.  At the job's end, what is left is delivered for at most
+# JOBSTATE_NOTIFY_TIMEOUT after the lock is released, then job.finished.
+_OUTPUT_EVENTS_PENDING = 1000
+_META_CHECK_S = 0.2  # how often, while output flows, meta.json is looked at for `notify set`
+
+
+@dataclass(frozen=True)
+class _OutputRule:
+    """A definition's output-match settings, with the compiled search."""
+
+    pattern: str
+    match_type: str
+    stream: str
+    command: Optional[str]
+    file: Optional[str]
+    search: object
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> Optional["_OutputRule"]:
+        """The rule of spec; None without a pattern (or with settings edited
+        into meta.json by hand that do not parse: no notifications, no crash)."""
+        if not spec.output_pattern or spec.output_stream not in _STREAM_CHOICES:
+            return None
+        try:
+            search = _output_search(spec.output_pattern, spec.output_match_type)
+        except InvalidArgumentError:
+            return None
+        return cls(spec.output_pattern, spec.output_match_type, spec.output_stream, spec.output_command,
+                   spec.output_file, search)
+
+
+class _StreamLines:
+    """One output stream, cut into lines only while a rule looks at it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.offset = 0
+        self.at_line_start = True
+        self.lines: Optional[_LineSplitter] = None
+
+    def blocks(self, chunk: Optional[bytes], watched: bool) -> List[Tuple[int, bytes]]:
+        """The whole lines chunk ends (None: the stream ended), when watched."""
+        if not watched:
+            self.lines = None  # a rule that comes later starts at the next line
+            if chunk:
+                self.offset += len(chunk)
+                self.at_line_start = chunk.endswith(b"\n")
+            return []
+        if self.lines is None:
+            self.lines = _LineSplitter()
+            self.lines.offset, self.lines.skipping = self.offset, not self.at_line_start
+        if chunk is None:
+            return self.lines.finish()
+        self.offset += len(chunk)
+        self.at_line_start = chunk.endswith(b"\n")
+        return self.lines.feed(chunk)
+
+
+class _OutputWatch:
+    """The output-match notifications of one run (see the comment above).
+
+    `notify set` may change the settings while the job runs: meta.json is
+    looked at again at most every _META_CHECK_S while output flows, and the
+    new settings apply to the lines that end from then on.
+    """
+
+    def __init__(self, paths: JobPaths, spec: JobSpec, log: Callable[[str], None], exits: _SinkExits):
+        self.paths, self.log, self.exits = paths, log, exits
+        self.timeout: Optional[float] = None  # JOBSTATE_NOTIFY_TIMEOUT, read when first needed
+        self.guard = threading.Condition()  # the rule, the queue and the deliverer: two pumps feed us
+        self.rule = _OutputRule.of(spec)
+        self.meta_stamp = self._meta_stamp()
+        self.checked = time.monotonic()
+        self.streams = {b"STDOUT": _StreamLines("stdout"), b"STDERR": _StreamLines("stderr")}
+        self.pending: List[Tuple[_OutputRule, dict]] = []
+        self.dropped = 0
+        self.delivering = self.closing = False
+        self.deliverer: Optional[threading.Thread] = None
+
+    def feed(self, label: bytes, chunk: Optional[bytes]) -> None:
+        """Match the lines a chunk of one stream ends (None: the stream ended)."""
+        rule = self._current_rule()
+        lines = self.streams[label]
+        watched = rule is not None and rule.stream in (lines.name, "either")
+        for block in lines.blocks(chunk, watched):
+            for offset, line in _matching_lines(rule.search, block):
+                self._enqueue(rule, self._event(rule, lines.name, offset, line))
+
+    def _current_rule(self) -> Optional[_OutputRule]:
+        now = time.monotonic()
+        if now - self.checked < _META_CHECK_S:
+            return self.rule
+        with self.guard:
+            if now - self.checked >= _META_CHECK_S:
+                self.checked = now
+                stamp = self._meta_stamp()
+                if stamp != self.meta_stamp:
+                    self.meta_stamp = stamp
+                    self._reload()
+            return self.rule
+
+    def _reload(self) -> None:
+        try:
+            rule = _OutputRule.of(_read_spec(self.paths))
+        except JobError:  # meta.json unreadable for a moment: keep what we have
+            return
+        if rule != self.rule:
+            self.rule = rule
+            self.log("output-match notifications now: %s" % (
+                "none" if rule is None else "%s %r on %s" % (rule.match_type, rule.pattern, rule.stream)))
+
+    def _meta_stamp(self):
+        try:
+            st = os.stat(self.paths.meta)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size  # every write replaces the file: a new inode
+
+    def _event(self, rule: _OutputRule, stream: str, offset: int, line: str) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "event_type": "job.output_matched", "job_id": self.paths.job_id,
+                "pattern": rule.pattern, "match_type": rule.match_type, "stream": stream, "line": line,
+                "offset": offset, "matched_at": _utc_now(), "stdout_log_path": self.paths.stdout_log,
+                "stderr_log_path": self.paths.stderr_log}
+
+    def _enqueue(self, rule: _OutputRule, event: dict) -> None:
+        with self.guard:
+            if self.closing or len(self.pending) >= _OUTPUT_EVENTS_PENDING:
+                self.dropped += 1
+                return
+            self.pending.append((rule, event))
+            if self.deliverer is None:
+                self.deliverer = threading.Thread(target=self._deliver_all, daemon=True)
+                self.deliverer.start()
+            self.guard.notify_all()
+
+    def _deliver_all(self) -> None:
+        while True:
+            with self.guard:
+                while not self.pending and not self.closing:
+                    self.guard.wait()
+                if not self.pending:
+                    return
+                rule, event = self.pending.pop(0)
+                self.delivering = True
+            try:
+                self._deliver(rule, event)
+            except Exception as exc:  # one event lost, said in supervisor.log; the next ones still go
+                self.log("cannot deliver an output-match event: %s: %s" % (type(exc).__name__, exc))
+            finally:
+                with self.guard:
+                    self.delivering = False
+                    self.guard.notify_all()
+
+    def _deliver(self, rule: _OutputRule, event: dict) -> None:
+        line = json.dumps(event, separators=(",", ":")) + "\n"
+        deliveries = []
+        if rule.file:
+            deliveries.append(_notify_file(rule.file, line))
+        if rule.command:
+            deliveries.append(_notify_command(self.paths, rule.command, line, self._timeout_s(), "job.output_matched",
+                                              self.paths.output_events, self.exits))
+        record = json.dumps({"event": event, "deliveries": deliveries}, separators=(",", ":")) + "\n"
+        if _supervised_here(self.paths):  # a restart started a new record: this run's late events stay out
+            fd = os.open(self.paths.output_events, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
+            try:
+                _write_all(fd, record.encode("utf-8"))
+            finally:
+                os.close(fd)
+
+    def _timeout_s(self) -> float:
+        if self.timeout is None:
+            self.timeout = _notify_timeout_s(self.log)
+        return self.timeout
+
+    def finish(self) -> None:
+        """Deliver what is still pending, for at most the notify timeout; drop the
+        rest (said in supervisor.log), and let the delivery under way end (it is
+        bounded by its own timeout)."""
+        if self.deliverer is None and not self.dropped:
+            return  # nothing ever matched
+        deadline = _deadline(self._timeout_s())
+        with self.guard:
+            while (self.pending or self.delivering) and _remaining(deadline) > 0:
+                self.guard.wait(_remaining(deadline))
+            left, self.pending, self.closing = len(self.pending), [], True
+            self.guard.notify_all()
+            while self.delivering:
+                self.guard.wait()
+        if left or self.dropped:
+            self.log("%d output-match events not delivered: %d were dropped while %d waited for delivery, %d were "
+                     "left at the end after %gs (JOBSTATE_NOTIFY_TIMEOUT)" % (
+                         left + self.dropped, self.dropped, _OUTPUT_EVENTS_PENDING, left, self._timeout_s()))
 
 
 def _feed(stream, data: bytes) -> None:
@@ -3588,7 +3902,7 @@ class Job:
                     self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
                 else:
                     time.sleep(0.02)
-            for path in (self.paths.kill_request, self.paths.event):
+            for path in (self.paths.kill_request, self.paths.event, self.paths.output_events):
                 _unlink_quietly(path)
             _write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
             _launch(self.paths, lock)
@@ -3631,6 +3945,28 @@ class Job:
         _delete_job(self.paths)
 
     @_deleted_is_not_found
+    def set_notifications(self, **changes) -> JobSpec:
+        """Change the job's notification sinks, in any state; returns the new definition.
+
+        Keywords: notify_command, notify_file, output_pattern, output_match_type,
+        output_stream, output_command, output_file.  Those not given are kept;
+        None (or "") clears one.  Nothing is delivered now: on a running job the
+        output settings apply to the lines that end from about 0.2 s later, the
+        completion sinks to its end; on a finished job only the definition changes.
+        """
+        unknown = sorted(set(changes) - set(JobSpec._SINK_KEYS))
+        if unknown:
+            raise InvalidArgumentError("unknown notification setting(s): %s" % ", ".join(unknown),
+                                       hint="one of: " + ", ".join(JobSpec._SINK_KEYS))
+        with _MetaLock(self.paths):
+            spec = _read_spec(self.paths)
+            for key, value in changes.items():
+                setattr(spec, key, value if value not in (None, "") else JobSpec.__dataclass_fields__[key].default)
+            _check_sinks(spec)
+            _write_json_atomic(self.paths.meta, spec.to_dict())
+        return spec
+
+    @_deleted_is_not_found
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
@@ -3641,9 +3977,25 @@ class Job:
         return tags
 
 
+def _check_sinks(spec: JobSpec) -> None:
+    """Validate a definition's notification settings and make its files absolute."""
+    for key in ("notify_command", "notify_file", "output_pattern", "output_command", "output_file"):
+        if getattr(spec, key) is not None and not isinstance(getattr(spec, key), str):
+            raise InvalidArgumentError("%s must be a string" % key)
+    _check_stream(spec.output_stream, "--output-stream")
+    if spec.output_pattern is not None:
+        _output_search(spec.output_pattern, spec.output_match_type)
+    elif spec.output_match_type not in _MATCH_TYPES:
+        _output_search("", spec.output_match_type)  # says what the match types are
+    for key in ("notify_file", "output_file"):
+        if getattr(spec, key):
+            setattr(spec, key, _abspath(getattr(spec, key)))
+
+
 def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, masks=(), has_stdin=False,
                 timeout_s=None, kill_after_s=None, kill_orphans=False, tags=(), notify_command=None,
-                notify_file=None) -> JobSpec:
+                notify_file=None, output_pattern=None, output_match_type="contains", output_stream="either",
+                output_command=None, output_file=None) -> JobSpec:
     """Validate a definition and make it absolute, so the job means the same from anywhere."""
     if isinstance(argv, str):
         argv = [argv]
@@ -3657,29 +4009,39 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
                 or "\0" in key + value:
             raise InvalidArgumentError("invalid environment variable %r" % (key,))
     cwd = _abspath(cwd or os.curdir)
-    return JobSpec(
+    spec = JobSpec(
         argv=argv, cwd=cwd, env=env, env_files=[_abspath(p) for p in env_files],
         inherit_env=bool(inherit_env), masks=list(masks), has_stdin=has_stdin,
         timeout_s=_parse_duration(timeout_s or 0, "timeout"),
         kill_after_s=_parse_duration(DEFAULT_KILL_AFTER_S if kill_after_s is None else kill_after_s,
                                      "kill_after"),
         kill_orphans=bool(kill_orphans), tags=_validate_tags(tags),
-        notify_command=notify_command,
-        notify_file=_abspath(notify_file) if notify_file else None,
+        notify_command=notify_command or None, notify_file=notify_file or None,
+        output_pattern=output_pattern or None, output_match_type=output_match_type,
+        output_stream=output_stream, output_command=output_command or None, output_file=output_file or None,
         created_at=_utc_now())
+    _check_sinks(spec)
+    return spec
 
 
 def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, env_files: Sequence[str] = (), inherit_env: bool = True,
            masks: Sequence[str] = (), stdin=None, timeout_s=None, kill_after_s=None,
            kill_orphans: bool = False, tags: Sequence[str] = (), notify_command: Optional[str] = None,
-           notify_file: Optional[str] = None) -> Job:
+           notify_file: Optional[str] = None, output_pattern: Optional[str] = None,
+           output_match_type: str = "contains", output_stream: str = "either", output_command: Optional[str] = None,
+           output_file: Optional[str] = None) -> Job:
     """Define a job (state `created`) without starting it.
 
     argv: a list (run directly) or a one-element list / string (run by the shell).
     stdin: bytes or str given to the job as its standard input.
     timeout_s / kill_after_s: seconds (or '90s', '5m'); TERM at the timeout, KILL after the grace.
     kill_orphans: when the main process exits, stop whatever it left running.
+    notify_command / notify_file: sinks of the job.finished event.
+    output_pattern: each line of output it finds something in ('contains': a
+    literal, the default; 'regex': Python re) on output_stream ('stdout',
+    'stderr', 'either') sends one job.output_matched event to output_command
+    and output_file while the job runs.
     The job directory appears atomically: readers never see a half-made job.
     """
     if isinstance(stdin, str):
@@ -3687,7 +4049,8 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
     spec = _build_spec(argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env, masks=masks,
                        has_stdin=stdin is not None, timeout_s=timeout_s, kill_after_s=kill_after_s,
                        kill_orphans=kill_orphans, tags=tags, notify_command=notify_command,
-                       notify_file=notify_file)
+                       notify_file=notify_file, output_pattern=output_pattern, output_match_type=output_match_type,
+                       output_stream=output_stream, output_command=output_command, output_file=output_file)
     root = resolve_root(root)
     _ensure_root(root)
     job_id = new_job_id()
@@ -3817,6 +4180,10 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "gc": {"root": _STR, "dry_run": _BOOL, "jobs": {"type": "array", "items": _ACTION_ROW}, "deleted": _INT,
            "kept": _INT, "freed_bytes": _INT},
     "tag": {"job_id": _STR, "tags": _STR_LIST},
+    "notify": {"job_id": _STR, "notify_command": _OPT_STR, "notify_file": _OPT_STR, "output_pattern": _OPT_STR,
+               "output_match_type": {"type": "string", "enum": list(_MATCH_TYPES)},
+               "output_stream": {"type": "string", "enum": list(_STREAM_CHOICES)},
+               "output_command": _OPT_STR, "output_file": _OPT_STR},
     "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
     "health": {"version": _STR, "root": _STR},
     "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL},
@@ -3896,6 +4263,8 @@ def _document_schemas() -> Dict[str, dict]:
     meta["required"] = ["schema_version", "argv", "cwd"]
     state["properties"]["job"]["properties"]["status"]["enum"].remove(JobStatus.UNKNOWN.value)
     meta["properties"]["timeout_s"] = meta["properties"]["kill_after_s"] = {"type": "number", "minimum": 0}
+    meta["properties"]["output_match_type"]["enum"] = list(_MATCH_TYPES)
+    meta["properties"]["output_stream"]["enum"] = list(_STREAM_CHOICES)
     schemas = {"state": state, "meta": meta, "error": _error_schema()}
     for kind in _RESPONSE_FIELDS:
         schemas[kind] = _response_schema(kind)
@@ -4009,6 +4378,12 @@ def _tail_doc(job: Job, lines: int, max_bytes: int) -> dict:
     view.update(_output_view(tail))
     view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log)
     return _envelope("tail", view)
+
+
+def _notify_doc(job: Job, spec: JobSpec) -> dict:
+    view = {key: getattr(spec, key) for key in JobSpec._SINK_KEYS}
+    view["job_id"] = job.id
+    return _envelope("notify", view)
 
 
 def _kill_doc(job: Job, signal: str, kill_after_s: Optional[float], wait_s: float) -> dict:
@@ -4841,8 +5216,22 @@ def _add_definition_options(p) -> None:
     p.add_argument("--kill-orphans", action="store_true",
                    help="when the main process exits, stop what it left running")
     p.add_argument("--tag", action="append", default=[], help="tag such as ci.lint (repeatable)")
-    p.add_argument("--notify-command", metavar="CMD", help="shell command run with the job.finished event on stdin")
+    _add_sink_options(p, ("--notify-command",), "contains", "either")
+
+
+def _add_sink_options(p, command_names: Tuple[str, ...], match_type: Optional[str], stream: Optional[str]) -> None:
+    """The notification options of run/create (with their defaults) and of notify set (None: keep)."""
+    p.add_argument(*command_names, dest="notify_command", metavar="CMD",
+                   help="shell command run with the job.finished event on stdin")
     p.add_argument("--notify-file", metavar="PATH", help="append the job.finished event to this NDJSON file")
+    p.add_argument("--output-pattern", metavar="P",
+                   help="while the job runs, send a job.output_matched event for each line of output P matches")
+    p.add_argument("--output-match-type", choices=_MATCH_TYPES, default=match_type,
+                   help="contains (P is a literal; the default) or regex (Python re, searched in each line)")
+    p.add_argument("--output-stream", choices=_STREAM_CHOICES, default=stream,
+                   help="the output --output-pattern looks at (default either)")
+    p.add_argument("--output-command", metavar="CMD", help="shell command run with each job.output_matched event on stdin")
+    p.add_argument("--output-file", metavar="PATH", help="append each job.output_matched event to this NDJSON file")
 
 
 def _add_observe_options(p, default_until: float) -> None:
@@ -4964,6 +5353,19 @@ def _tag_options(p) -> None:
     p.add_argument("job")
     p.add_argument("--tag", action="append", default=[], help="a tag (repeatable; none clears them)")
     p.set_defaults(handler=_cmd_tag)
+
+
+def _notify_options(p) -> None:
+    notify_commands = p.add_subparsers(dest="notify_command_name", metavar="set", parser_class=type(p))
+    notify_commands.required = True
+    p = notify_commands.add_parser("set", help="change a job's notification sinks (those not given are kept)",
+                                   description="Change a job's notification sinks, in any state. Options not given "
+                                   "are kept; an empty value ('') clears one. Nothing is sent now: on a running job "
+                                   "the output settings apply to the lines that end from about 0.2 s later.")
+    _add_global_options(p, suppress=True)
+    p.add_argument("job")
+    _add_sink_options(p, ("--notify-command", "--command"), None, None)
+    p.set_defaults(handler=_cmd_notify)
 
 
 def _no_options(p) -> None:
@@ -5151,7 +5553,9 @@ def _cli_definition(ns, auto_stdin: bool) -> dict:
     return dict(cwd=ns.cwd, env=env, env_files=ns.env_file, inherit_env=not ns.no_inherit_env,
                 masks=ns.mask, stdin=_cli_stdin(ns, auto_stdin), timeout_s=_parse_duration(ns.timeout, "--timeout"),
                 kill_after_s=_parse_duration(ns.kill_after, "--kill-after"), kill_orphans=ns.kill_orphans,
-                tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file)
+                tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file,
+                output_pattern=ns.output_pattern, output_match_type=ns.output_match_type,
+                output_stream=ns.output_stream, output_command=ns.output_command, output_file=ns.output_file)
 
 
 def _raw_sink(stream):
@@ -5268,6 +5672,13 @@ def _cmd_serve(ns):
     return None, _serve_http(ns.root, ns.bind, lambda doc: _emit(doc, ns.pretty))
 
 
+def _cmd_notify(ns):
+    job = open_job(ns.job, ns.root)
+    changes = {key: getattr(ns, key) for key in JobSpec._SINK_KEYS if getattr(ns, key) is not None}
+    spec = job.set_notifications(**changes) if changes else job.spec()
+    return _notify_doc(job, spec), 0
+
+
 def _cmd_tag(ns):
     job = open_job(ns.job, ns.root)
     tags = job.set_tags(ns.tag)
@@ -5294,6 +5705,7 @@ _COMMANDS = (
     ("serve", _cmd_serve, "serve the HTTP API (loopback by default; JOBSTATE_SERVE_TOKEN guards it)", (),
      _serve_options),
     ("tag", _cmd_tag, "manage tags", (), _tag_options),
+    ("notify", _cmd_notify, "change a job's notification sinks (notify set)", (), _notify_options),
 )
 
 
@@ -5314,6 +5726,8 @@ _EXAMPLES = {
     "mcp": ("mcp", "--root /tmp/agent-jobs mcp"),
     "serve": ("serve", "serve --bind 0.0.0.0:19263   # needs JOBSTATE_SERVE_TOKEN"),
     "tag": ("tag set 01a2f3 --tag ci.lint", "tag set 01a2f3   # clears the tags"),
+    "notify": ("notify set 01a2f3 --output-pattern ERROR --output-file /tmp/errors.ndjson",
+               "notify set 01a2f3 --notify-command 'notify-send done'"),
 }
 
 
