@@ -3478,11 +3478,13 @@ def _tail(paths: JobPaths, lines: Optional[int], max_bytes: int) -> Tail:
     return Tail(out, err, out_range, err_range, out_total, err_total)
 
 
-def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05) -> None:
-    """Copy new bytes of stdout.log and stderr.log to the sinks until the job ends."""
+def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05,
+            wanted: Optional[Callable[[], bool]] = None) -> None:
+    """Copy new bytes of stdout.log and stderr.log to the sinks until the job
+    ends (or, with wanted, until wanted() says the follower has gone)."""
     offsets = list(start)
     logs = (paths.stdout_log, paths.stderr_log)
-    while True:
+    while wanted is None or wanted():
         finished = _read_state_reconciled(paths).status.is_terminal and _lock_is_free(paths)
         for i, path in enumerate(logs):
             fd = _open_job_file(path)
@@ -4186,6 +4188,7 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
                "output_command": _OPT_STR, "output_file": _OPT_STR},
     "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
     "health": {"version": _STR, "root": _STR},
+    "skill": {"path": _STR, "bytes": _INT},
     "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL},
 }
 
@@ -4829,6 +4832,8 @@ def _make_http_handler(root: Optional[str], token: Optional[str]):
                 status, doc = _http_status(exc), _error_envelope(exc)
             except Exception as exc:  # a bug: answer 500 with an envelope, keep serving
                 status, doc = 500, _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
+            if isinstance(doc, _OutputFollow):  # GET /jobs/{id}/follow: the output, live
+                return _send_follow(self, doc)
             body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -4893,6 +4898,9 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
             args["tags"] = tags
         return _call_operation("list", args, root, default_until=0)
     job_id, action = parts[1], (parts[2] if len(parts) == 3 else None)
+    if method == "GET" and action == "follow":
+        return _follow_request(open_job(job_id, root), _query_args(query, {"lines": int, "max_bytes": int,
+                                                                             "stream": str}))
     if method == "GET" and action in (None, "tail", "wait"):
         types = {None: {}, "tail": {"lines": int, "max_bytes": int},
                  "wait": {"until": float, "max_bytes": int, "match": str, "stream": str}}[action]
@@ -4903,6 +4911,81 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     if method == "DELETE" and action is None:
         return _delete_doc(resolve_root(root), job_id, False)
     raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
+
+
+@dataclass
+class _OutputFollow:
+    """The answer of GET /jobs/{id}/follow: not a document but the output as it
+    comes, sent by _send_follow (chunked text/plain, or text/event-stream)."""
+
+    job: Job
+    start: Tuple[int, int]  # where each log is read from: the start of its last `lines`
+    streams: Tuple[bool, bool]  # stdout, stderr
+
+
+def _follow_request(job: Job, args: dict) -> _OutputFollow:
+    lines = args.get("lines", DEFAULT_TAIL_LINES)
+    if lines < 0:
+        raise InvalidArgumentError("lines: %r is negative" % (lines,))
+    stream = _check_stream(args.get("stream", "either"), "stream")
+    tail = job.tail(lines, _parse_size(args.get("max_bytes", DEFAULT_MAX_BYTES), "max_bytes"))
+    return _OutputFollow(job, (tail.stdout_range[0], tail.stderr_range[0]),
+                         (stream in ("stdout", "either"), stream in ("stderr", "either")))
+
+
+def _send_follow(handler, follow: _OutputFollow) -> None:
+    """Stream a job's output as it is written until the job ends.  A follower
+    that goes away only ends this thread's reading: the job is not touched."""
+    import codecs
+    events = "text/event-stream" in (handler.headers.get("Accept") or "")
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream; charset=utf-8" if events else "text/plain; charset=utf-8")
+    handler.send_header("Cache-Control", "no-cache")
+    handler.send_header("X-Content-Type-Options", "nosniff")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    handler.close_connection = True
+    out = handler.wfile
+
+    def chunk(data: bytes) -> None:
+        if data:
+            out.write(b"%x\r\n%s\r\n" % (len(data), data))
+            out.flush()
+
+    def sink(name: str, offset: int):
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        position = [offset]
+
+        def write(data: bytes) -> None:
+            if not events:
+                return chunk(data)
+            text = decoder.decode(data)  # a character split between reads comes whole with the next
+            if text:
+                chunk(b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(
+                    {"offset": position[0], "text": text}).encode()))
+            position[0] += len(data)
+        return write if follow.streams[name == "stderr"] else (lambda data: None)
+
+    try:
+        _follow(follow.job.paths, follow.start, [sink("stdout", follow.start[0]), sink("stderr", follow.start[1])],
+                wanted=lambda: _client_is_there(handler.connection))
+        if events:
+            chunk(b"event: end\ndata: %s\n\n" % json.dumps(_status_doc(follow.job)).encode())
+        out.write(b"0\r\n\r\n")
+        out.flush()
+    except (OSError, JobError):  # the client went away, or the job was deleted: nothing left to send
+        pass
+
+
+def _client_is_there(sock) -> bool:
+    """False once the peer has closed the connection (a readable socket with nothing to read)."""
+    import select
+    import socket
+    try:
+        readable = select.select([sock], [], [], 0)[0]
+        return not readable or sock.recv(1, socket.MSG_PEEK) != b""
+    except (OSError, ValueError):
+        return False
 
 
 def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
@@ -5679,6 +5762,28 @@ def _cmd_notify(ns):
     return _notify_doc(job, spec), 0
 
 
+def _cmd_skill(ns):
+    text = _skill_text()
+    if ns.install is None:
+        _write_text(sys.stdout, text)
+        return None, 0
+    path = os.path.join(_abspath(os.path.expanduser(ns.install)), "jobstate", "SKILL.md")
+    data = text.encode("utf-8")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise JobIOError("cannot write %s: %s" % (path, exc.strerror or exc),
+                         hint="give a skills directory you can write, e.g. .claude/skills") from None
+    return _envelope("skill", {"path": path, "bytes": len(data)}), 0
+
+
+def _cmd_completions(ns):
+    _write_text(sys.stdout, _COMPLETION_SCRIPTS[ns.shell](_parser_tree(_build_parser())))
+    return None, 0
+
+
 def _cmd_tag(ns):
     job = open_job(ns.job, ns.root)
     tags = job.set_tags(ns.tag)
@@ -5706,6 +5811,10 @@ _COMMANDS = (
      _serve_options),
     ("tag", _cmd_tag, "manage tags", (), _tag_options),
     ("notify", _cmd_notify, "change a job's notification sinks (notify set)", (), _notify_options),
+    ("skill", _cmd_skill, "print a SKILL.md guide for AI agents (--install DIR writes DIR/jobstate/SKILL.md)", (),
+     lambda p: p.add_argument("--install", metavar="DIR", help="the skills directory to write jobstate/SKILL.md into")),
+    ("completions", _cmd_completions, "print a shell completion script", (),
+     lambda p: p.add_argument("shell", choices=("bash", "zsh", "fish"))),
 )
 
 
@@ -5726,9 +5835,199 @@ _EXAMPLES = {
     "mcp": ("mcp", "--root /tmp/agent-jobs mcp"),
     "serve": ("serve", "serve --bind 0.0.0.0:19263   # needs JOBSTATE_SERVE_TOKEN"),
     "tag": ("tag set 01a2f3 --tag ci.lint", "tag set 01a2f3   # clears the tags"),
+    "skill": ("skill", "skill --install .claude/skills"),
+    "completions": ("completions bash > ~/.local/share/bash-completion/completions/jobstate",
+                    "completions fish > ~/.config/fish/completions/jobstate.fish"),
     "notify": ("notify set 01a2f3 --output-pattern ERROR --output-file /tmp/errors.ndjson",
                "notify set 01a2f3 --notify-command 'notify-send done'"),
 }
+
+
+# -- Agent onboarding: skill and completions -----------------------------------
+
+_ERROR_MEANINGS = {
+    "job_not_found": "no such job (deleted, or another --root): `list --all`",
+    "ambiguous_job_id": "the prefix names several jobs (details.candidates): give more characters",
+    "invalid_job_id": "not 1 to 32 hex characters",
+    "invalid_state": "not possible in this state (start a running job, delete a running one: kill it first)",
+    "invalid_signal": "unknown signal name", "invalid_argument": "a bad option or value (the hint says which)",
+    "invalid_tag": "tags are dot-separated segments of letters, digits and -",
+    "stdin_required": "--stdin - without piped input", "stdin_too_large": "over --stdin-max-bytes",
+    "launch_failed": "the supervisor could not start (retryable); details.supervisor_log_tail says why",
+    "state_unreadable": "a job file is corrupt or a symlink: `delete` the job",
+    "io_error": "the jobs root or a file could not be written (retryable)",
+    "internal_error": "a jobstate bug: report it", "unauthorized": "HTTP: missing or wrong bearer token",
+    "not_found": "HTTP: no such endpoint", "payload_too_large": "HTTP: request body over 1 MiB",
+}
+
+
+def _skill_text() -> str:
+    """SKILL.md for AI agents: front matter, then when to use which command, the
+    readiness pattern and the error codes (commands and codes from the code)."""
+    js = "python3 " + _THIS_FILE
+    commands = "\n".join("- `%s`: %s" % (name, text) for name, _, text, _, _ in _COMMANDS)
+    codes = "\n".join("- `%s`: %s" % (code, _ERROR_MEANINGS.get(code, "")) for code in sorted(_error_codes()))
+    return """---
+name: jobstate
+description: Run shell commands as durable background jobs that outlive this turn - dev servers, watchers, long builds and test runs; wait until a server prints that it is ready; read their output; stop whole process trees. Use it instead of `&`, `nohup` or sleep-and-poll loops.
+---
+
+# jobstate
+
+Run it as `%(js)s COMMAND ...` (below: `jobstate`). Every command prints one JSON object:
+`{"ok": true, "type": ..., ...}` or `{"ok": false, "error": {"code", "message", "hint"}}`.
+Any unique prefix of a job id works.
+
+## Which command
+
+- A command whose result you want: `jobstate run --until 600 -- make test`. The answer has
+  `state` (`exited`, `killed`, `failed`, or still `running` at `--until`), `exit_code`, and the
+  last 64 KiB of `stdout` and `stderr`.
+- A server or watcher: start it and wait until it is ready (next section).
+- Later: `jobstate status ID`, `jobstate wait ID --until 60`, `jobstate tail ID --lines 50`.
+- Stop it: `jobstate kill ID` (TERM to the whole process tree, then KILL what is left).
+- Find jobs: `jobstate list` (started from this directory), `jobstate ps --all` (running).
+- `--until` bounds only your wait; the job runs on. `--timeout S` bounds the job itself.
+
+## Wait for a server to be ready
+
+1. `jobstate run --ready 'listening on port \d+' --until 60 -- npm run dev`
+   (`--ready` is a Python regular expression searched in each line of output; `--stream
+   stdout|stderr|either`). It returns as soon as a line matches; the job runs on.
+2. `matched` is `{"stream", "line", "offset"}`: ready, go on. `matched` is null and `state` is
+   `running`: not ready yet; `jobstate wait ID --match 'REGEX' --until 60` waits more (lines
+   already printed count). `matched` is null and the job ended: it failed to start; read
+   `stdout`, `stderr`, `exit_code`.
+3. `jobstate kill ID` when done.
+
+## All commands
+
+%(commands)s
+
+## Error codes
+
+%(codes)s
+""" % {"js": js, "commands": commands, "codes": codes}
+
+
+def _parser_tree(parser, path: str = "") -> Dict[str, dict]:
+    """Every command path of the parser ("", "run", "notify set", ...) with its
+    subcommands, its options, and for each option that takes a value, its choices."""
+    import argparse
+    node = {"subcommands": {}, "options": {}}
+    tree = {path: node}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                node["subcommands"][name] = helps.get(name) or ""
+                tree.update(_parser_tree(sub, (path + " " + name).strip()))
+        for option in action.option_strings:
+            takes = action.nargs != 0
+            node["options"][option] = {"takes_value": takes, "help": action.help or "",
+                                       "choices": [str(c) for c in action.choices or ()] if takes else []}
+    return tree
+
+
+def _bash_completion(tree: Dict[str, dict]) -> str:
+    """bash (3.2 and later) completion: case tables generated from the parser."""
+    def cases(entries):
+        return "".join("        %s) echo %s;;\n" % (_sh_quote(key), _sh_quote(value)) for key, value in entries)
+    subs = [(path, " ".join(node["subcommands"])) for path, node in tree.items() if node["subcommands"]]
+    opts = [(path, " ".join(node["options"])) for path, node in tree.items()]
+    valued = sorted("%s|%s" % (path, o) for path, node in tree.items() for o, info in node["options"].items()
+                    if info["takes_value"])
+    choices = [("%s|%s" % (path, o), " ".join(info["choices"])) for path, node in tree.items()
+               for o, info in node["options"].items() if info["choices"]]
+    return """# jobstate completion for bash, generated from its parser: `jobstate.py completions bash`
+_jobstate_subcommands() {
+    case "$1" in
+%s    esac
+}
+_jobstate_options() {
+    case "$1" in
+%s    esac
+}
+_jobstate_takes_value() {
+    case "$1|$2" in
+        %s) return 0;;
+    esac
+    return 1
+}
+_jobstate_choices() {
+    case "$1|$2" in
+%s    esac
+}
+_jobstate() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="" path="" i=1 word subs
+    if [ "$COMP_CWORD" -gt 0 ]; then prev="${COMP_WORDS[COMP_CWORD-1]}"; fi
+    while [ "$i" -lt "$COMP_CWORD" ]; do
+        word="${COMP_WORDS[i]}"
+        if _jobstate_takes_value "$path" "$word"; then i=$((i + 2)); continue; fi
+        subs=" $(_jobstate_subcommands "$path") "
+        case "$word" in
+            -*) ;;
+            *) case "$subs" in *" $word "*) path="${path:+$path }$word";; esac;;
+        esac
+        i=$((i + 1))
+    done
+    if [ "$i" -gt "$COMP_CWORD" ] && _jobstate_takes_value "$path" "$prev"; then
+        local values
+        values="$(_jobstate_choices "$path" "$prev")"
+        if [ -n "$values" ]; then
+            COMPREPLY=($(compgen -W "$values" -- "$cur"))
+        else
+            COMPREPLY=($(compgen -f -- "$cur"))
+        fi
+        return 0
+    fi
+    case "$cur" in
+        -*) COMPREPLY=($(compgen -W "$(_jobstate_options "$path")" -- "$cur"));;
+        *) COMPREPLY=($(compgen -W "$(_jobstate_subcommands "$path")" -- "$cur"));;
+    esac
+    return 0
+}
+complete -F _jobstate jobstate jobstate.py
+""" % (cases(subs), cases(opts), "|".join(_sh_quote(v) for v in valued), cases(choices))
+
+
+def _zsh_completion(tree: Dict[str, dict]) -> str:
+    return ("# jobstate completion for zsh (through bashcompinit), generated from its parser:\n"
+            "#   source <(jobstate.py completions zsh)\n"
+            "autoload -U +X compinit && compinit\nautoload -U +X bashcompinit && bashcompinit\n"
+            + _bash_completion(tree).split("\n", 1)[1])
+
+
+def _fish_completion(tree: Dict[str, dict]) -> str:
+    """fish: one `complete` line per subcommand and option, generated from the parser."""
+    lines = ["# jobstate completion for fish, generated from its parser: `jobstate.py completions fish`",
+             "complete -c jobstate -f", "complete -c jobstate.py -w jobstate"]
+    for path, node in tree.items():
+        words = path.split()
+        seen = " ; and ".join("__fish_seen_subcommand_from %s" % w for w in words)
+        if not words:
+            condition = "__fish_use_subcommand"
+        else:
+            condition = seen
+        for name, help in node["subcommands"].items():
+            not_yet = " ; and not __fish_seen_subcommand_from %s" % " ".join(node["subcommands"])
+            lines.append("complete -c jobstate -n %s -a %s -d %s" % (
+                _sh_quote(condition + (not_yet if words else "")), _sh_quote(name), _sh_quote(help[:60])))
+        for option, info in node["options"].items():
+            flag = "-l %s" % option[2:] if option.startswith("--") else "-s %s" % option[1:]
+            value = (" -x -a %s" % _sh_quote(" ".join(info["choices"]))) if info["choices"] else \
+                (" -r" if info["takes_value"] else "")
+            lines.append("complete -c jobstate -n %s %s%s -d %s" % (
+                _sh_quote(condition), flag, value, _sh_quote(info["help"].split(";")[0][:60])))
+    return "\n".join(lines) + "\n"
+
+
+def _sh_quote(text: str) -> str:
+    """Single-quoted for sh, bash, zsh and fish alike (no ' inside: they become ’)."""
+    return "'%s'" % text.replace("'", "\u2019").replace("\\", "/")
+
+
+_COMPLETION_SCRIPTS = {"bash": _bash_completion, "zsh": _zsh_completion, "fish": _fish_completion}
 
 
 # -- Human output (--format text) ---------------------------------------------

@@ -3093,10 +3093,68 @@ class HttpTests(JobTestCase):
             self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), path)
         self.assertEqual(jobstate._list_job_ids(self.root), [job_id])
 
+    def follow(self, url, job_id, accept=None, query=""):
+        """An open GET /jobs/{id}/follow: (connection, response)."""
+        import http.client
+        from urllib.parse import urlsplit
+        where = urlsplit(url)
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/jobs/%s/follow%s" % (job_id, query), headers={"Accept": accept} if accept else {})
+        return conn, conn.getresponse()
+
+    @unittest.skipUnless(POSIX, "mkfifo")
+    def test_follow_streams_the_output_live_and_ends_with_the_job(self):
+        url = self.start_server()
+        gate = fifo_gate(self)
+        job = self.run_job(py("import sys\nsys.stdout.write('tick 0\\n'); sys.stdout.flush()\nopen(%r).read()\n"
+                              "sys.stderr.write('tick 1\\n')\n" % gate))
+        _, resp = self.follow(url, job.id)
+        self.assertEqual((resp.status, resp.getheader("Transfer-Encoding")), (200, "chunked"))
+        self.assertTrue(resp.getheader("Content-Type").startswith("text/plain"), resp.getheader("Content-Type"))
+        self.assertEqual(resp.readline(), b"tick 0\n")
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING, "the output came live, not at the end")
+        open_fifo_gate(gate)
+        self.assertEqual(resp.read(), b"tick 1\n")  # ends when the job does
+        self.assertEqual(job.state().status, jobstate.JobStatus.EXITED)
+
+    def test_follow_as_server_sent_events(self):
+        url = self.start_server()
+        job = self.run_job(py("import sys; sys.stdout.write('x\\ny\\n'); sys.stderr.write('e\\r\\n')"))
+        job.wait(20)
+        _, resp = self.follow(url, job.id, accept="text/event-stream")
+        self.assertEqual(resp.status, 200)
+        self.assertTrue(resp.getheader("Content-Type").startswith("text/event-stream"))
+        events = []
+        for block in resp.read().decode().split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if line)
+            if fields:
+                events.append((fields["event"], json.loads(fields["data"])))
+        text = {name: "".join(d["text"] for e, d in events if e == name) for name in ("stdout", "stderr")}
+        self.assertEqual(text, {"stdout": "x\ny\n", "stderr": "e\r\n"})
+        self.assertEqual(events[-1][0], "end")
+        self.assertEqual((events[-1][1]["state"], events[-1][1]["exit_code"]), ("exited", 0))
+        status, doc = self.request("GET", url + "/jobs/%s/follow" % ("f" * 32))
+        self.assertEqual((status, doc["error"]["code"]), (404, "job_not_found"))
+
+    def test_a_follower_going_away_never_touches_the_job(self):
+        url = self.start_server()
+        job = self.run_job(py("import sys, time\nfor i in range(3000):\n"
+                              "    sys.stdout.write('tick %d\\n' % i); sys.stdout.flush(); time.sleep(0.02)\n"))
+        conn, resp = self.follow(url, job.id)
+        self.assertTrue(resp.readline().startswith(b"tick"))
+        conn.sock.shutdown(2)
+        conn.close()
+        self.wait_log(job, "tick 20")  # the job goes on writing after its follower left
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+        self.assertEqual(self.request("GET", url + "/health")[0], 200)
+        _, resp = self.follow(url, job.id, query="?lines=1")
+        self.assertTrue(resp.readline().startswith(b"tick"))
+
     def test_token_guards_every_endpoint(self):
         url = self.start_server(token="s3cret")
         for method, path in (("GET", "/health"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"),
-                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc")):
+                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc"), ("GET", "/jobs/abc/follow")):
             for token in (None, "wrong"):
                 status, doc = self.request(method, url + path, {} if method == "POST" else None, token=token)
                 self.assertEqual((status, doc["error"]["code"]), (401, "unauthorized"), (method, path, token))
@@ -3270,6 +3328,55 @@ class HumanOutputTests(JobTestCase):
 
 
 class CommandLineTests(JobTestCase):
+    def test_skill_prints_and_installs_a_guide_for_agents(self):
+        status, text, _ = self.cli_capture("skill")
+        self.assertEqual(status, 0)
+        self.assertTrue(text.startswith("---\nname: jobstate\ndescription: "), text[:200])
+        front, body = text[4:].split("\n---\n", 1)
+        self.assertGreater(len(dict(line.split(": ", 1) for line in front.splitlines())["description"]), 40)
+        for needle in ("--ready", "wait", "--match", "kill", "tail", "matched", JOBSTATE):
+            self.assertIn(needle, body)
+        for code in jobstate._error_codes():
+            self.assertIn(code, body, "the guide lists every error code")
+        target = os.path.join(self.tmp, "skills")
+        status, doc, _ = self.cli("skill", "--install", target)
+        self.assertEqual((status, doc["type"]), (0, "skill"), doc)
+        self.assertEqual(doc["path"], os.path.join(target, "jobstate", "SKILL.md"))
+        with open(doc["path"], encoding="utf-8") as f:
+            self.assertEqual(f.read(), text)
+        status, doc, _ = self.cli("skill", "--install", os.path.join(JOBSTATE, "not-a-dir"))
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+
+    def test_completions_are_generated_from_the_parser(self):
+        commands = [name for name, *_ in jobstate._COMMANDS]
+        for shell in ("bash", "zsh", "fish"):
+            status, script, _ = self.cli_capture("completions", shell)
+            self.assertEqual(status, 0, shell)
+            for word in commands + ["--ready", "--match", "--output-pattern", "--max-bytes", "--until"]:
+                self.assertIn("-l " + word[2:] if shell == "fish" and word[:2] == "--" else word, script, (shell, word))
+        status, _, err = self.cli_capture("completions", "tcsh")
+        self.assertEqual(status, 2)
+        _, script, _ = self.cli_capture("completions", "bash")
+
+        def complete(*words):
+            probe = ("set -e; %s\nCOMP_WORDS=(%s); COMP_CWORD=%d; _jobstate; printf '%%s\\n' \"${COMPREPLY[@]}\""
+                     % (script, " ".join("'%s'" % w for w in words), len(words) - 1))
+            out = subprocess.run(["bash", "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            return out.stdout.decode().split()
+        self.assertEqual(complete("jobstate", "wa"), ["wait"])
+        self.assertIn("--stream", complete("jobstate", "wait", "--st"))
+        self.assertEqual(complete("jobstate", "wait", "abc", "--stream", ""), ["stdout", "stderr", "either"])
+        self.assertEqual(sorted(complete("jobstate", "notify", "")), ["set"])
+        self.assertIn("--output-pattern", complete("jobstate", "notify", "set", "--output-p"))
+        self.assertIn("--ready", complete("jobstate", "--root", "/tmp/x", "run", "--re"))
+        for shell in ("zsh", "fish"):
+            if shutil.which(shell):
+                _, script, _ = self.cli_capture("completions", shell)
+                check = subprocess.run([shell, "-n"], input=script.encode(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, timeout=30)
+                self.assertEqual(check.returncode, 0, check.stderr)
+
     def test_run_envelope(self):
         status, doc, _ = self.cli("run", "--", *HELLO)
         self.assertEqual(status, 0)
