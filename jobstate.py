@@ -3728,15 +3728,16 @@ _AUTO_GC_INTERVAL_S = 3600
 _AUTO_GC_MAX_SCAN = 200
 
 
-def _auto_gc(root: str) -> None:
+def _auto_gc(root: str, older_than_s=None) -> None:
     """Bounded housekeeping after a launch; never fails or noticeably slows the launch.
 
     At most once an hour per root (one stat), under a flock that dies with its
     holder (a crashed gc cannot disable it), scanning only ids old enough to
     have expired, and at most _AUTO_GC_MAX_SCAN of them.
-    JOBSTATE_AUTO_GC=0 turns it off; JOBSTATE_GC_OLDER_THAN sets the age (30d).
+    JOBSTATE_AUTO_GC=0 turns it off; JOBSTATE_GC_OLDER_THAN sets the age (30d);
+    older_than_s, given by the caller, sets it for this launch (and overrides both).
     """
-    if os.environ.get("JOBSTATE_AUTO_GC", "1") == "0":
+    if older_than_s is None and os.environ.get("JOBSTATE_AUTO_GC", "1") == "0":
         return
     stamp = os.path.join(root, ".gc-stamp")
     try:
@@ -3747,7 +3748,8 @@ def _auto_gc(root: str) -> None:
     except OSError:
         return
     try:
-        older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d"), "JOBSTATE_GC_OLDER_THAN")
+        older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d") if older_than_s is None
+                                     else older_than_s, "JOBSTATE_GC_OLDER_THAN")
         fd = os.open(os.path.join(root, ".gc.lock"), os.O_RDWR | os.O_CREAT | _FILE_FLAGS, 0o600)
     except (OSError, JobError):
         return
@@ -3768,6 +3770,14 @@ def _auto_gc(root: str) -> None:
     finally:
         _process_layer.unlock(fd)
         os.close(fd)
+
+
+def _auto_gc_after_launch(root: str, auto_gc) -> None:
+    """auto_gc: True (as the environment says), False (skip), or the age to collect at."""
+    if auto_gc is True:
+        _auto_gc(root)
+    elif auto_gc is not False:
+        _auto_gc(root, _parse_duration(auto_gc, "auto_gc"))
 
 
 def _deleted_is_not_found(method):
@@ -3875,8 +3885,12 @@ class Job:
         return _tail(self.paths, lines, _parse_size(max_bytes, "max_bytes"))
 
     @_deleted_is_not_found
-    def start(self) -> "Job":
-        """Launch a created job; returns once its supervisor has acknowledged."""
+    def start(self, *, auto_gc=True) -> "Job":
+        """Launch a created job; returns once its supervisor has acknowledged.
+
+        auto_gc: True (the default: see JOBSTATE_AUTO_GC), False to skip the
+        housekeeping after this launch, or the age (seconds, '30d') it collects at.
+        """
         with _JobLock(self.paths) as lock:
             if not lock.acquire():
                 raise InvalidStateError(self.id, JobStatus.RUNNING, "only a created job can be started")
@@ -3884,15 +3898,15 @@ class Job:
             if state.status is not JobStatus.CREATED:
                 raise InvalidStateError(self.id, state.status, "only a created job can be started")
             _launch(self.paths, lock)
-        _auto_gc(self.root)
+        _auto_gc_after_launch(self.root, auto_gc)
         return self
 
     @_deleted_is_not_found
-    def restart(self, signal: str = "TERM", *, kill_after_s: float = DEFAULT_KILL_AFTER_S) -> "Job":
+    def restart(self, signal: str = "TERM", *, kill_after_s: float = DEFAULT_KILL_AFTER_S, auto_gc=True) -> "Job":
         """Stop the job's tree if it runs, then launch the same definition under the same id.
 
         Serialized through the job lock: however many restarts and kills race,
-        at most one supervisor runs the job at a time.
+        at most one supervisor runs the job at a time.  auto_gc: as for start().
         """
         _parse_signal(signal)
         self.state()
@@ -3908,7 +3922,7 @@ class Job:
                 _unlink_quietly(path)
             _write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
             _launch(self.paths, lock)
-        _auto_gc(self.root)
+        _auto_gc_after_launch(self.root, auto_gc)
         return self
 
     @_deleted_is_not_found
@@ -4088,7 +4102,7 @@ def _inline_supervisor_log(error: LaunchError, paths: JobPaths) -> None:
 
 
 def run(argv, *, root: Optional[str] = None, ready=None, ready_stream: str = "either",
-        ready_timeout_s: Optional[float] = None, **definition) -> Job:
+        ready_timeout_s: Optional[float] = None, auto_gc=True, **definition) -> Job:
     """Define and launch a job; returns once its supervisor has acknowledged.
 
     Takes the same keyword arguments as create().  A command that cannot be
@@ -4099,15 +4113,17 @@ def run(argv, *, root: Optional[str] = None, ready=None, ready_stream: str = "ei
     output matches it, the job has ended, or ready_timeout_s has passed (None:
     no limit), with `job.readiness` saying which (see Job.wait).  The job runs
     on.  ready_stream: 'stdout', 'stderr' or 'either'.  An invalid pattern
-    raises InvalidArgumentError before anything is created.
+    raises InvalidArgumentError before anything is created.  auto_gc: see Job.start.
     """
     pattern = None if ready is None else _compile_line_pattern(ready, "ready")
     _check_stream(ready_stream, "ready_stream")
     if pattern is None and ready_stream != "either":
         raise InvalidArgumentError("ready_stream is for a ready pattern, and none was given")
+    if auto_gc not in (True, False):
+        _parse_duration(auto_gc, "auto_gc")
     job = create(argv, root=root, **definition)
     try:
-        job.start()
+        job.start(auto_gc=auto_gc)
     except LaunchError as exc:
         if job.state().status is JobStatus.CREATED:
             _inline_supervisor_log(exc, job.paths)
@@ -4473,7 +4489,8 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                  "match": {"type": "string", "description": _LINE_PATTERN}, "stream": _STREAM_PARAM}, ["job_id"]),
     "kill": ("Signal a job's whole process tree (default TERM) and report what is left.", {
         "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "TERM, INT, KILL, HUP, ..."},
-        "kill_after": {"type": "number", "minimum": 0, "description": "then KILL what is left after S seconds"}},
+        "kill_after": {"type": "number", "minimum": 0, "description": "then KILL what is left after S seconds"},
+        "no_wait": {"type": "boolean", "description": "answer at once, without observing the tree for 3 s"}},
         ["job_id"]),
     "list": ("Jobs newest first: by default those started in `cwd` (the server's directory), or all.", {
         "state": {"type": "string", "enum": [s.value for s in JobStatus]},
@@ -4508,7 +4525,7 @@ def _check_arguments(operation: str, args: dict) -> dict:
     return args
 
 
-def _call_operation(operation: str, args: dict, root: Optional[str], *, default_until: float,
+def _call_operation(operation: str, args: dict, root: Optional[str], *, default_until: Optional[float],
                     max_until: Optional[float] = None) -> dict:
     """Run one agent operation; returns its envelope (JobError propagates)."""
     args = _check_arguments(operation, args)
@@ -4534,7 +4551,8 @@ def _call_operation(operation: str, args: dict, root: Optional[str], *, default_
     if operation == "wait":
         match, stream = _line_pattern_args(args, "match")
         return _observed_doc("wait", job, until, max_bytes, started, match, stream)
-    return _kill_doc(job, args.get("signal", "TERM"), args.get("kill_after"), DEFAULT_KILL_OBSERVE_S)
+    return _kill_doc(job, args.get("signal", "TERM"), args.get("kill_after"),
+                     0 if args.get("no_wait") else DEFAULT_KILL_OBSERVE_S)
 
 
 def _line_pattern_args(args: dict, key: str):
@@ -4888,6 +4906,19 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
     tags = params.get("tag", [])
     if method == "GET" and parts == ["health"]:
         return _envelope("health", {"version": __version__, "root": resolve_root(root)})
+    wait_until: Optional[float] = DEFAULT_WAIT_UNTIL_S
+    # agent-exec's paths, with its meanings: POST /exec ("wait": false = until 0),
+    # GET /status/ID, /tail/ID, /wait/ID (until the end, as its wait --forever), POST /kill/ID.
+    if method == "POST" and parts == ["exec"]:
+        body = read_body()
+        wait = body.pop("wait", True)
+        if not isinstance(wait, bool):
+            raise InvalidArgumentError("exec: 'wait' must be true or false")
+        return _call_operation("run", body if wait else dict(body, until=0), root, default_until=DEFAULT_RUN_UNTIL_S)
+    if len(parts) == 2 and (method, parts[0]) in (("GET", "status"), ("GET", "tail"), ("GET", "wait"), ("POST", "kill")):
+        parts, wait_until = ["jobs", parts[1]] + ([parts[0]] if parts[0] != "status" else []), None
+        if "tail_lines" in query:
+            query["lines"] = query.pop("tail_lines")
     if parts[:1] != ["jobs"] or len(parts) > 3:
         raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
     if len(parts) == 1 and method == "POST":
@@ -4905,9 +4936,10 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
         types = {None: {}, "tail": {"lines": int, "max_bytes": int},
                  "wait": {"until": float, "max_bytes": int, "match": str, "stream": str}}[action]
         args = dict(_query_args(query, types), job_id=job_id)
-        return _call_operation(action or "status", args, root, default_until=DEFAULT_WAIT_UNTIL_S)
+        return _call_operation(action or "status", args, root, default_until=wait_until)
     if method == "POST" and action == "kill":
-        return _call_operation("kill", dict(read_body(), job_id=job_id), root, default_until=0)
+        args = dict(read_body(), **_query_args(query, {"no_wait": bool}))
+        return _call_operation("kill", dict(args, job_id=job_id), root, default_until=0)
     if method == "DELETE" and action is None:
         return _delete_doc(resolve_root(root), job_id, False)
     raise _EndpointNotFoundError("no endpoint %s %s" % (method, url.path))
@@ -5267,6 +5299,19 @@ def _size_option(text: str) -> int:
     return _option_value(_size_bytes, text, "a size (bytes, or 64k, 10M, 1G)")
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _bool_word(text: str) -> bool:
+    if text.lower() not in _BOOL_WORDS:
+        raise ValueError("not a boolean: %r" % (text,))
+    return _BOOL_WORDS[text.lower()]
+
+
+def _bool_option(text: str) -> bool:
+    return _option_value(_bool_word, text, "true or false")
+
+
 def _count_option(text: str) -> int:
     return _option_value(int, text, "an integer")
 
@@ -5286,6 +5331,7 @@ def _add_definition_options(p) -> None:
     p.add_argument("--env-file", action="append", default=[], metavar="FILE",
                    help="KEY=VALUE lines read when the job starts (repeatable)")
     p.add_argument("--no-inherit-env", action="store_true", help="start from an empty environment")
+    p.add_argument("--inherit-env", action="store_true", help="inherit our environment (the default)")
     p.add_argument("--mask", action="append", default=[], metavar="KEY",
                    help="show this variable's value as *** in responses and events")
     p.add_argument("--stdin", metavar="TEXT|-", help="standard input for the job ('-' reads ours)")
@@ -5300,6 +5346,10 @@ def _add_definition_options(p) -> None:
                    help="when the main process exits, stop what it left running")
     p.add_argument("--tag", action="append", default=[], help="tag such as ci.lint (repeatable)")
     _add_sink_options(p, ("--notify-command",), "contains", "either")
+    # agent-exec's options that jobstate has no counterpart for: refused with a hint (see _refused_options).
+    import argparse
+    for option in ("--shell-wrapper", "--progress-every"):
+        p.add_argument(option, help=argparse.SUPPRESS)
 
 
 def _add_sink_options(p, command_names: Tuple[str, ...], match_type: Optional[str], stream: Optional[str]) -> None:
@@ -5322,6 +5372,14 @@ def _add_observe_options(p, default_until: float) -> None:
                    help="wait at most S seconds for the job to finish (default %g)" % default_until)
     p.add_argument("--forever", action="store_true", help="wait until the job finishes")
     p.add_argument("--no-wait", action="store_true", help="return as soon as the job is launched")
+    p.add_argument("--wait", nargs="?", const="true", metavar="true|false", type=_bool_option,
+                   help="--wait=false is --no-wait; --wait (true) is the default (agent-exec's name)")
+    p.add_argument("--no-auto-gc", action="store_true", help="no automatic gc after this launch")
+    p.add_argument("--auto-gc-older-than", metavar="AGE", type=_duration_option,
+                   help="the automatic gc after this launch collects jobs finished longer ago than AGE (default 30d)")
+    import argparse
+    for option in ("--auto-gc-max-jobs", "--auto-gc-max-bytes"):
+        p.add_argument(option, help=argparse.SUPPRESS)  # refused: see _refused_options
     p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="output excerpt size per stream (default 64k)")
     p.add_argument("--exit-code", action="store_true",
@@ -5376,6 +5434,8 @@ def _wait_options(p) -> None:
                    help="output excerpt size per stream (default 64k)")
     p.add_argument("--exit-code", action="store_true",
                    help="exit with the job's exit code (with --match: 0 on a match, 124 otherwise)")
+    p.add_argument("--poll", metavar="S", type=_duration_option,
+                   help="accepted for agent-exec and needless: a wait wakes when the job ends, without polling")
     p.add_argument("--match", metavar="REGEX",
                    help="return as soon as a line of output matches REGEX (Python re; lines already written "
                    "count), or the job ends, or at --until; the line is in `matched`")
@@ -5384,7 +5444,7 @@ def _wait_options(p) -> None:
 
 def _tail_options(p) -> None:
     p.add_argument("job")
-    p.add_argument("--lines", default=str(DEFAULT_TAIL_LINES), metavar="N", type=_count_option,
+    p.add_argument("--lines", "--tail-lines", default=str(DEFAULT_TAIL_LINES), metavar="N", type=_count_option,
                    help="lines per stream (default 50)")
     p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="bytes per stream (default 64k)")
@@ -5510,8 +5570,16 @@ def _build_parser(wanted: Optional[str] = None):
     return parser
 
 
+def _no_wait(ns) -> bool:
+    """--no-wait, or agent-exec's --wait=false."""
+    wait = getattr(ns, "wait", None)
+    if wait is True and getattr(ns, "no_wait", False):
+        raise InvalidArgumentError("--wait=true and --no-wait contradict each other")
+    return getattr(ns, "no_wait", False) or wait is False
+
+
 def _observe_deadline(ns) -> Optional[float]:
-    if getattr(ns, "no_wait", False):
+    if _no_wait(ns):
         return 0.0
     if ns.forever:
         return None
@@ -5520,7 +5588,36 @@ def _observe_deadline(ns) -> Optional[float]:
 
 def _observe_limits(ns) -> Tuple[Optional[float], int]:
     """The deadline and excerpt size asked for; run/start/restart check them before launching."""
+    _refused_options(ns)
     return _observe_deadline(ns), _parse_size(ns.max_bytes, "--max-bytes")
+
+
+# agent-exec's options that have no counterpart here, with what to do instead.
+_REFUSED_OPTIONS = {
+    "shell_wrapper": ("--shell-wrapper", "jobstate runs a single-argument command with sh -c (cmd /c on Windows); "
+                      "for another shell give it as the command: run -- bash -lc 'CMD'"),
+    "progress_every": ("--progress-every", "jobstate writes no progress records; read the output as it comes with "
+                       "tail JOB --follow (or tail JOB), or wait for a line with wait JOB --match REGEX"),
+    "auto_gc_max_jobs": ("--auto-gc-max-jobs", "the automatic gc only collects by age (bounded work per launch); "
+                         "run gc --max-jobs N yourself"),
+    "auto_gc_max_bytes": ("--auto-gc-max-bytes", "the automatic gc only collects by age (bounded work per launch); "
+                          "run gc --max-bytes B yourself"),
+}
+
+
+def _refused_options(ns) -> None:
+    for dest, (option, hint) in _REFUSED_OPTIONS.items():
+        if getattr(ns, dest, None) is not None:
+            raise InvalidArgumentError("%s (an agent-exec option) has no counterpart in jobstate" % option, hint=hint)
+
+
+def _auto_gc_policy(ns):
+    """What Job.start's auto_gc gets: --no-auto-gc, --auto-gc-older-than, or the default."""
+    if ns.no_auto_gc:
+        if ns.auto_gc_older_than is not None:
+            raise InvalidArgumentError("--no-auto-gc and --auto-gc-older-than contradict each other")
+        return False
+    return True if ns.auto_gc_older_than is None else _parse_duration(ns.auto_gc_older_than, "--auto-gc-older-than")
 
 
 def _observe_match(ns):
@@ -5532,7 +5629,7 @@ def _observe_match(ns):
             raise InvalidArgumentError("--stream is for %s, and no %s was given" % (option, option),
                                        hint="%s REGEX --stream stdout|stderr|either" % option)
         return None, "either"
-    if getattr(ns, "no_wait", False) or getattr(ns, "follow", False):
+    if _no_wait(ns) or getattr(ns, "follow", False):
         raise InvalidArgumentError("%s waits for a line of output: it cannot go with --no-wait or --follow" % option,
                                    hint="--until S bounds the wait (--until 0: only lines already written)")
     return _compile_line_pattern(text, option), ns.stream or "either"
@@ -5632,6 +5729,9 @@ def _stdin_is_piped() -> bool:
 
 
 def _cli_definition(ns, auto_stdin: bool) -> dict:
+    _refused_options(ns)
+    if ns.inherit_env and ns.no_inherit_env:
+        raise InvalidArgumentError("--inherit-env and --no-inherit-env contradict each other")
     env = _parse_env_pairs(ns.env)
     return dict(cwd=ns.cwd, env=env, env_files=ns.env_file, inherit_env=not ns.no_inherit_env,
                 masks=ns.mask, stdin=_cli_stdin(ns, auto_stdin), timeout_s=_parse_duration(ns.timeout, "--timeout"),
@@ -5663,7 +5763,7 @@ def _cmd_run(ns):
     argv = _cli_command(ns)
     _observe_limits(ns)  # a bad value is reported before a job exists, not after
     _observe_match(ns)
-    job = run(argv, root=ns.root, **_cli_definition(ns, auto_stdin=True))
+    job = run(argv, root=ns.root, auto_gc=_auto_gc_policy(ns), **_cli_definition(ns, auto_stdin=True))
     return _observe(job, ns, started, "run")
 
 
@@ -5677,7 +5777,7 @@ def _cmd_start(ns):
     job = open_job(ns.job, ns.root)
     _observe_limits(ns)  # validate before launching
     _observe_match(ns)
-    job.start()
+    job.start(auto_gc=_auto_gc_policy(ns))
     return _observe(job, ns, started, "start")
 
 
@@ -5686,7 +5786,7 @@ def _cmd_restart(ns):
     job = open_job(ns.job, ns.root)
     _observe_limits(ns)
     _observe_match(ns)
-    job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"))
+    job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"), auto_gc=_auto_gc_policy(ns))
     return _observe(job, ns, started, "restart")
 
 

@@ -2191,6 +2191,25 @@ class LifecycleTests(JobTestCase):
             self.run_job(py("pass")).wait(10)
             self.assertTrue(os.path.exists(again.paths.dir))
 
+    def test_agent_exec_auto_gc_options(self):
+        stamp = os.path.join(self.root, ".gc-stamp")
+        old = self.old_job(50)
+
+        def launch(*options):
+            os.utime(stamp, (time.time() - 7200,) * 2)  # an hour since the last auto-gc
+            status, doc, _ = self.cli("run", *options, "--", *py("pass"))
+            self.assertEqual(status, 0, doc)
+        launch("--no-auto-gc")
+        self.assertTrue(os.path.exists(old.paths.dir), "--no-auto-gc collected")
+        launch("--auto-gc-older-than", "60d")
+        self.assertTrue(os.path.exists(old.paths.dir), "--auto-gc-older-than 60d collected a 50-day-old job")
+        launch("--auto-gc-older-than", "45d")
+        self.assertFalse(os.path.exists(old.paths.dir), "--auto-gc-older-than 45d kept a 50-day-old job")
+        for option, hint in (("--auto-gc-max-jobs", "gc --max-jobs"), ("--auto-gc-max-bytes", "gc --max-bytes")):
+            status, doc, _ = self.cli("run", option, "5", "--", "true", "x")
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), option)
+            self.assertIn(hint, doc["error"]["hint"])
+
     def completion_record(self, job, timeout_s=20):
         """completion_event.json once its sinks have reported."""
         def delivered():
@@ -3151,6 +3170,32 @@ class HttpTests(JobTestCase):
         _, resp = self.follow(url, job.id, query="?lines=1")
         self.assertTrue(resp.readline().startswith(b"tick"))
 
+    def test_agent_exec_paths(self):
+        url = self.start_server()
+        started = time.monotonic()
+        status, doc = self.request("POST", url + "/exec", {"command": py("import time\nprint('up', flush=True)\n"
+                                                                         "time.sleep(60)"), "wait": False})
+        self.assertEqual((status, doc["type"], doc["state"]), (200, "run", "running"), doc)
+        self.assertLess(time.monotonic() - started, 5, "wait: false still waited")
+        job_id = doc["job_id"]
+        status, doc = self.request("GET", url + "/status/" + job_id)
+        self.assertEqual((status, doc["type"], doc["state"]), (200, "status", "running"))
+        self.wait_log(jobstate.open_job(job_id, self.root), "up")
+        status, doc = self.request("GET", url + "/tail/%s?lines=1" % job_id)
+        self.assertEqual((status, doc["type"], doc["stdout"]), (200, "tail", "up\n"))
+        waiter = {}
+        thread = threading.Thread(target=lambda: waiter.update(doc=self.request("GET", url + "/wait/" + job_id)[1]))
+        thread.start()
+        status, doc = self.request("POST", url + "/kill/%s?no_wait=true" % job_id)
+        self.assertEqual((status, doc["type"], doc["signal_sent"]), (200, "kill", "SIGTERM"))
+        thread.join(30)
+        self.assertEqual(waiter["doc"]["state"], "killed", "GET /wait/{id} waits for the end, as wait --forever")
+        other = self.run_job(py("import time; time.sleep(60)"))
+        status, doc = self.request("POST", url + "/jobs/%s/kill" % other.id, {"no_wait": True})
+        self.assertEqual((status, doc["type"]), (200, "kill"))
+        status, doc = self.request("POST", url + "/exec", {"command": ["true", "x"], "wait": "no"})
+        self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"))
+
     def test_token_guards_every_endpoint(self):
         url = self.start_server(token="s3cret")
         for method, path in (("GET", "/health"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"),
@@ -3328,6 +3373,38 @@ class HumanOutputTests(JobTestCase):
 
 
 class CommandLineTests(JobTestCase):
+    def test_agent_exec_option_names(self):
+        job = self.run_job(py("print('a'); print('b')"))
+        job.wait(20)
+        self.assertEqual(self.cli("tail", job.id, "--tail-lines", "1")[1]["stdout"], "b\n")
+        status, doc, _ = self.cli("run", "--wait=false", "--", *py("import time; time.sleep(60)"))
+        self.assertEqual((status, doc["state"]), (0, "running"))
+        for option in ("--wait", "--wait=true", "--wait=1"):
+            status, doc, _ = self.cli("run", option, "--", *py("print('x')"))
+            self.assertEqual((status, doc["state"]), (0, "exited"), option)
+        self.assertEqual(self.cli("run", "--wait=maybe", "--", "true", "x")[0], 2)
+        status, doc, _ = self.cli("run", "--wait=true", "--no-wait", "--", "true", "x")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        status, doc, _ = self.cli("wait", job.id, "--poll", "5")  # accepted; waits wake on the job's end anyway
+        self.assertEqual((status, doc["state"]), (0, "exited"))
+        status, doc, _ = self.cli("run", "--inherit-env", "--", *py("import os; print(os.environ['HOME'])"))
+        self.assertEqual((status, doc["stdout"]), (0, os.environ["HOME"] + "\n"))
+        status, doc, _ = self.cli("run", "--inherit-env", "--no-inherit-env", "--", "true", "x")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        for option, value, hint in (("--shell-wrapper", "bash -lc", "-- bash -lc"), ("--progress-every", "5", "tail")):
+            status, doc, _ = self.cli("run", option, value, "--", "true", "x")
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), option)
+            self.assertIn(hint, doc["error"]["hint"], option)
+        self.assertEqual(len(jobstate._list_job_ids(self.root)), 6, "a refused option still made a job")
+
+    def test_notify_commands_learn_the_event_type(self):
+        seen = os.path.join(self.tmp, "seen.txt")
+        command = "%s -c \"import os; open(%r, 'a').write(os.environ['JOBSTATE_EVENT_TYPE'])\"" % (PY, seen)
+        job = self.run_job(py("pass"), notify_command=command)
+        LifecycleTests.completion_record(self, job)
+        with open(seen) as f:
+            self.assertEqual(f.read(), "job.finished")
+
     def test_skill_prints_and_installs_a_guide_for_agents(self):
         status, text, _ = self.cli_capture("skill")
         self.assertEqual(status, 0)
