@@ -16,6 +16,7 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
     list_jobs(...) -> [JobSummary]
     gc(...) -> GcReport          remove old finished jobs
     Job                          .state() .wait() .tail() .kill() .start() .restart() .delete() .set_tags()
+                                 .set_notifications()
     JobState, JobStatus, JobSpec, JobPaths, Tail, KillResult, JobSummary, GcReport
     Readiness, LineMatch         what Job.wait(match=REGEX) and run(ready=REGEX) found
     JobError and its subclasses (each has a stable .code)
@@ -25,8 +26,10 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
 
 CLI:
     python jobstate.py [--root PATH] [--pretty] [--format json|text] COMMAND ...
-    commands: run create start restart status wait tail kill list ps delete (rm) gc tag schema mcp serve
-    Every command prints one JSON object on stdout.  `python jobstate.py --help`.
+    commands: run create start restart status wait tail kill list ps delete (rm) gc tag notify schema mcp
+              serve skill completions
+    Every command prints one JSON object on stdout (skill and completions print text).
+    `python jobstate.py --help`.
 
 Map of this file (`grep -n '^# [0-9]' jobstate.py`); calls point backwards,
 so each section uses only what the sections above it define:
@@ -4761,7 +4764,8 @@ class _McpServer:
                 "capabilities": {"tools": {"listChanged": False}},
                 "serverInfo": {"name": "jobstate", "version": __version__},
                 "instructions": "Run commands as durable background jobs: `run` starts one and waits up to "
-                                "`until` seconds; poll long jobs with `wait` or `status`, read output with "
+                                "`until` seconds (with `ready`, only until a line of output matches: start a "
+                                "server and know it is up); poll long jobs with `wait` or `status`, read output with "
                                 "`tail`, stop whole process trees with `kill`. Jobs outlive this server."}
 
     def list_tools(self, params: dict) -> dict:
