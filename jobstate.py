@@ -1848,7 +1848,8 @@ def _output_search(pattern, match_type, name: str = "--output-pattern"):
 
 def _check_stream(stream, name: str) -> str:
     if stream not in _STREAM_CHOICES:
-        raise InvalidArgumentError("%s: %r is not a stream" % (name, stream), hint="one of: " + ", ".join(_STREAM_CHOICES))
+        raise InvalidArgumentError("%s: %r is not a stream" % (name, stream),
+                                   hint="one of: " + ", ".join(_STREAM_CHOICES))
     return stream
 
 
@@ -3819,7 +3820,8 @@ class Job:
         """The current JobState; a job whose supervisor died reads as failed (supervisor_lost)."""
         return _read_state_reconciled(self.paths)
 
-    def wait(self, timeout_s: Optional[float] = None, *, match=None, stream: str = "either"):
+    def wait(self, timeout_s: Optional[float] = None, *, match=None, stream: str = "either",
+             cancel: Optional[threading.Event] = None):
         """Block until the job is terminal and its logs are drained, or timeout_s passes.
 
         Returns the state at that moment (check `.status`).  None waits forever.
@@ -3831,11 +3833,13 @@ class Job:
         call count), and returns a Readiness: the state and the LineMatch, or
         None when the job ended or the time ran out first.  The job runs on.
         stream: which output match looks at: 'stdout', 'stderr' or 'either'.
+        cancel: a threading.Event another thread may set to end the wait at
+        once (within 50 ms), as if the time had run out.
         Raises InvalidArgumentError for an invalid pattern or stream.
         """
         if match is not None:
             return self._wait_for_line(_compile_line_pattern(match, "match"), _check_stream(stream, "stream"),
-                                       timeout_s)
+                                       timeout_s, cancel)
         if stream != "either":
             raise InvalidArgumentError("stream %r is for a match, and no match pattern was given" % (stream,),
                                        hint="wait(match=REGEX, stream=...); CLI: wait JOB --match REGEX --stream S")
@@ -3845,14 +3849,17 @@ class Job:
             if state.status.is_terminal and _lock_is_free(self.paths):
                 return state
             remaining = _remaining(deadline)
-            if remaining == 0:
+            if remaining == 0 or cancel is not None and cancel.is_set():
                 return state
+            if cancel is not None:  # look at it every 50 ms
+                remaining = 0.05 if remaining is None else min(0.05, remaining)
             if state.status is JobStatus.CREATED:
                 time.sleep(0.05 if remaining is None else min(0.05, remaining))
             else:
                 self._release.wait(remaining)
 
-    def _wait_for_line(self, pattern, stream: str, timeout_s: Optional[float]) -> Readiness:
+    def _wait_for_line(self, pattern, stream: str, timeout_s: Optional[float],
+                       cancel: Optional[threading.Event] = None) -> Readiness:
         """Job.wait(match=...): look at the new output every _MATCH_POLL_S; the
         state is read again only when the supervisor lets go of the lock (the
         job ended, or was restarted) or while the job is still `created`."""
@@ -3867,7 +3874,7 @@ class Job:
                 if found is not None:
                     return Readiness(self.state(), found)
                 remaining = _remaining(deadline)
-                if ended or remaining == 0:
+                if ended or remaining == 0 or cancel is not None and cancel.is_set():
                     return Readiness(state, None)
                 pause = _MATCH_POLL_S if remaining is None else min(_MATCH_POLL_S, remaining)
                 if state.status is JobStatus.CREATED:
@@ -4379,14 +4386,14 @@ def _elapsed_ms(started: float) -> int:
 
 
 def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int, started: float,
-                  match=None, stream: str = "either") -> dict:
+                  match=None, stream: str = "either", cancel: Optional[threading.Event] = None) -> dict:
     """RunData after waiting up to until_s (0: not at all, None: until the end),
     or with match, until a line matches (0: only the lines already written)."""
     if match is not None:
-        readiness = job.wait(until_s, match=match, stream=stream)
+        readiness = job.wait(until_s, match=match, stream=stream, cancel=cancel)
         state, matched = readiness.state, readiness.match
     else:
-        state, matched = job.state() if until_s == 0 else job.wait(until_s), None
+        state, matched = job.state() if until_s == 0 else job.wait(until_s, cancel=cancel), None
     return _envelope(kind, _run_view(job, state, max_bytes, _elapsed_ms(started), matched))
 
 
@@ -4477,6 +4484,8 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                             "description": "argv; a single element is run by the shell"},
                 "cwd": {"type": "string"}, "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 "stdin": {"type": "string", "description": "standard input for the job"},
+                "stdin_file": {"type": "string", "description": "a file whose content is the job's standard input "
+                               "(read now, at most 64 MiB; a relative path is in `cwd`)"},
                 "timeout": {"type": "number", "minimum": 0, "description": "stop the tree after this many seconds"},
                 "kill_after": {"type": "number", "minimum": 0}, "until": _UNTIL_PARAM,
                 "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM,
@@ -4499,6 +4508,24 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
         "state": {"type": "string", "enum": [s.value for s in JobStatus]},
         "limit": {"type": "integer", "minimum": 0}, "all": {"type": "boolean"}, "cwd": {"type": "string"},
         "tags": _TAGS_PARAM}, []),
+    "restart": ("Stop a job's tree if it runs, then run the same definition again under the same id (logs "
+                "reset); wait as `run` does.", {
+                    "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "stops the running tree"},
+                    "kill_after": {"type": "number", "minimum": 0}, "until": _UNTIL_PARAM,
+                    "max_bytes": _MAX_BYTES_PARAM,
+                    "ready": {"type": "string", "description": "wait until the job is ready: " + _LINE_PATTERN},
+                    "stream": _STREAM_PARAM}, ["job_id"]),
+    "delete": ("Remove a finished job's directory (its logs included); refused for a running job.", {
+        "job_id": _JOB_ID_PARAM, "dry_run": {"type": "boolean"}}, ["job_id"]),
+}
+# MCP tool annotations: hints for clients deciding what to ask the user about.
+_TOOL_ANNOTATIONS = {
+    "run": {"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
+    "restart": {"readOnlyHint": False, "destructiveHint": True, "openWorldHint": True},
+    "kill": {"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True},
+    "delete": {"readOnlyHint": False, "destructiveHint": True},
+    "status": {"readOnlyHint": True}, "tail": {"readOnlyHint": True}, "wait": {"readOnlyHint": True},
+    "list": {"readOnlyHint": True},
 }
 _JSON_TYPE_CHECKS = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
                      "array": list, "object": dict}
@@ -4528,9 +4555,39 @@ def _check_arguments(operation: str, args: dict) -> dict:
     return args
 
 
+class _ToolCall:
+    """One operation under way: its client may cancel it (the wait ends at
+    once, the job runs on) and follow its progress (the job it is about)."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+        self.job: Optional[Job] = None
+        self.guard = threading.Lock()  # progress is never sent after the answer
+        self.answered = False
+
+
+def _operation_stdin(args: dict):
+    """The job's standard input from `stdin`, or `stdin_file` read now (as --stdin-file)."""
+    if "stdin_file" not in args:
+        return args.get("stdin")
+    if "stdin" in args:
+        raise InvalidArgumentError("give either stdin or stdin_file, not both")
+    path = os.path.join(args.get("cwd") or os.curdir, os.path.expanduser(args["stdin_file"]))
+    try:
+        with open(path, "rb") as f:
+            data = f.read(DEFAULT_STDIN_MAX_BYTES + 1)
+    except OSError as exc:
+        raise InvalidArgumentError("cannot read stdin_file %s: %s" % (path, exc.strerror or exc)) from None
+    if len(data) > DEFAULT_STDIN_MAX_BYTES:
+        raise StdinTooLargeError("stdin_file is larger than %d bytes" % DEFAULT_STDIN_MAX_BYTES,
+                                 hint="give the job a smaller input, or let it read the file itself")
+    return data
+
+
 def _call_operation(operation: str, args: dict, root: Optional[str], *, default_until: Optional[float],
-                    max_until: Optional[float] = None) -> dict:
+                    max_until: Optional[float] = None, call: Optional[_ToolCall] = None) -> dict:
     """Run one agent operation; returns its envelope (JobError propagates)."""
+    call = call or _ToolCall()
     args = _check_arguments(operation, args)
     started = time.monotonic()
     until = args.get("until", default_until)
@@ -4539,21 +4596,28 @@ def _call_operation(operation: str, args: dict, root: Optional[str], *, default_
     max_bytes = args.get("max_bytes", DEFAULT_MAX_BYTES)
     if operation == "run":
         ready, stream = _line_pattern_args(args, "ready")  # checked before anything launches
-        job = run(args["command"], root=root, cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
+        job = run(args["command"], root=root, cwd=args.get("cwd"), env=args.get("env"), stdin=_operation_stdin(args),
                   timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
-        return _observed_doc("run", job, until, max_bytes, started, ready, stream)
+        call.job = job
+        return _observed_doc("run", job, until, max_bytes, started, ready, stream, call.cancelled)
     if operation == "list":
         return _list_doc(resolve_root(root), cwd=args.get("cwd"), all_jobs=args.get("all", False),
                          state=args.get("state"), tags=args.get("tags", ()),
                          limit=args.get("limit", DEFAULT_LIST_LIMIT))
-    job = open_job(args["job_id"], root)
+    job = call.job = open_job(args["job_id"], root)
     if operation == "status":
         return _status_doc(job)
     if operation == "tail":
         return _tail_doc(job, args.get("lines", DEFAULT_TAIL_LINES), max_bytes)
     if operation == "wait":
         match, stream = _line_pattern_args(args, "match")
-        return _observed_doc("wait", job, until, max_bytes, started, match, stream)
+        return _observed_doc("wait", job, until, max_bytes, started, match, stream, call.cancelled)
+    if operation == "restart":
+        ready, stream = _line_pattern_args(args, "ready")
+        job.restart(args.get("signal", "TERM"), kill_after_s=args.get("kill_after", DEFAULT_KILL_AFTER_S))
+        return _observed_doc("restart", job, until, max_bytes, started, ready, stream, call.cancelled)
+    if operation == "delete":
+        return _delete_doc(resolve_root(root), job.id, args.get("dry_run", False))
     return _kill_doc(job, args.get("signal", "TERM"), args.get("kill_after"),
                      0 if args.get("no_wait") else DEFAULT_KILL_OBSERVE_S)
 
@@ -4705,6 +4769,8 @@ class _McpServer:
         self.output = output
         self.write_lock = threading.Lock()
         self.calls: List[threading.Thread] = []
+        self.pending: Dict[object, _ToolCall] = {}  # tools/call requests under way, by id (to cancel them)
+        self.pending_guard = threading.Lock()
         self.default_until = _env_seconds("JOBSTATE_MCP_DEFAULT_UNTIL", DEFAULT_RUN_UNTIL_S)
         self.max_until = _env_seconds("JOBSTATE_MCP_MAX_UNTIL", 55.0)
         self.max_line = _env_size("JOBSTATE_MCP_MAX_LINE", _MCP_MAX_LINE)
@@ -4736,15 +4802,36 @@ class _McpServer:
         if isinstance(request, dict):
             return self.send(request)
         if request is None:
-            return None
+            return self.notified(line)
         if request.method != "tools/call":
             return self.guarded(request.id, self.answer, request)
         # Tool calls may wait: each in a thread, so pings and other calls go on meanwhile.
-        call = threading.Thread(target=self.guarded, args=(request.id, self.call_tool, request.id, request.params),
-                                daemon=True)
-        self.guarded(request.id, call.start)
-        self.calls = [c for c in self.calls + [call] if c.is_alive()]
+        call = _ToolCall()
+        if isinstance(request.id, (str, int, float)):
+            with self.pending_guard:
+                self.pending[request.id] = call
+        thread = threading.Thread(target=self.guarded, daemon=True,
+                                  args=(request.id, self.call_tool, request.id, request.params, call))
+        self.guarded(request.id, thread.start)
+        self.calls = [c for c in self.calls + [thread] if c.is_alive()]
         return None
+
+    def notified(self, line: bytes) -> None:
+        """A notification: of those, only notifications/cancelled asks something of us.
+        The call's wait ends at once, the job runs on, and (as MCP says) no answer is sent."""
+        try:
+            message = _parse_json_line(line.decode("utf-8-sig"), _MCP_MAX_DEPTH)
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("method") != "notifications/cancelled":
+            return
+        params = message.get("params")
+        request_id = params.get("requestId") if isinstance(params, dict) else None
+        if isinstance(request_id, (str, int, float)) and not isinstance(request_id, bool):
+            with self.pending_guard:
+                call = self.pending.get(request_id)
+            if call is not None:
+                call.cancelled.set()
 
     def answer(self, request: _McpRequest) -> None:
         handlers = {"initialize": self.initialize, "ping": lambda p: {}, "tools/list": self.list_tools}
@@ -4769,29 +4856,77 @@ class _McpServer:
                                 "`tail`, stop whole process trees with `kill`. Jobs outlive this server."}
 
     def list_tools(self, params: dict) -> dict:
+        """Each operation, with its input schema, its output schema (the response
+        or the error envelope, from the tables of `schema`) and its annotations."""
         tools = []
         for name, (description, props, required) in _OPERATIONS.items():
             tools.append({"name": name, "description": description, "inputSchema": {
-                "type": "object", "properties": props, "required": required, "additionalProperties": False}})
+                "type": "object", "properties": props, "required": required, "additionalProperties": False},
+                "outputSchema": {"type": "object", "anyOf": [_response_schema(name), _error_schema()]},
+                "annotations": _TOOL_ANNOTATIONS.get(name, {})})
         return {"tools": tools}
 
-    def call_tool(self, msg_id, params: dict) -> None:
+    def call_tool(self, msg_id, params: dict, call: Optional[_ToolCall] = None) -> None:
+        call = call or _ToolCall()
+        try:
+            self.answer_tool(msg_id, params, call)
+        finally:
+            with self.pending_guard:
+                if self.pending.get(msg_id) is call:
+                    del self.pending[msg_id]
+
+    def answer_tool(self, msg_id, params: dict, call: _ToolCall) -> None:
         name, args = params.get("name"), params.get("arguments")
         if not isinstance(name, str) or name not in _OPERATIONS:
             problem = "unknown tool %r" % _clip(name) if isinstance(name, str) else "the tool name must be a string"
             return self.error(msg_id, -32602, "invalid params: %s; tools: %s" % (problem, ", ".join(_OPERATIONS)))
         if args is None:  # absent, or null as the official SDK sends it
             args = {}
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        if isinstance(token, (str, int)) and not isinstance(token, bool):
+            threading.Thread(target=self.report_progress, args=(token, call), daemon=True).start()
         try:
             doc = _call_operation(name, args, self.root, default_until=self.default_until,
-                                  max_until=self.max_until)
+                                  max_until=self.max_until, call=call)
         except JobError as exc:
             doc = _error_envelope(exc)
         except Exception as exc:  # a bug must not kill the server: report it as a tool error
             doc = _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
+        with call.guard:
+            call.answered = True
+        if call.cancelled.is_set():
+            return  # the client has stopped waiting for this answer
         text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
         self.send({"jsonrpc": "2.0", "id": msg_id, "result": {
             "content": [{"type": "text", "text": text}], "structuredContent": doc, "isError": not doc["ok"]}})
+
+    def report_progress(self, token, call: _ToolCall) -> None:
+        """notifications/progress once a second while the call runs: the seconds
+        elapsed, and the job's last line of output as the message."""
+        started = time.monotonic()
+        while not call.cancelled.wait(_MCP_PROGRESS_S):
+            elapsed = time.monotonic() - started
+            line = _last_output_line(call.job) if call.job is not None else ""
+            with call.guard:
+                if call.answered:
+                    return
+                self.send({"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+                    "progressToken": token, "progress": round(elapsed, 3),
+                    "message": "%.0fs; last output: %s" % (elapsed, line or "(none yet)")}})
+
+
+_MCP_PROGRESS_S = 1.0
+_FULL_LOG_PREFIX = re.compile(r"\A\S+ \[(?:STDOUT|STDERR)\] ")
+
+
+def _last_output_line(job: Job) -> str:
+    """The job's last line of output, whichever stream wrote it (from full.log), at most 200 characters."""
+    try:
+        text = _read_tail(job.paths.full_log, 1, 4096)[0]
+    except JobError:
+        return ""
+    return _FULL_LOG_PREFIX.sub("", text.strip())[:200]
 
 
 def _serve_mcp(root: Optional[str]) -> int:
@@ -4919,7 +5054,8 @@ def _route_http(method: str, target: str, read_body, root: Optional[str]) -> dic
         if not isinstance(wait, bool):
             raise InvalidArgumentError("exec: 'wait' must be true or false")
         return _call_operation("run", body if wait else dict(body, until=0), root, default_until=DEFAULT_RUN_UNTIL_S)
-    if len(parts) == 2 and (method, parts[0]) in (("GET", "status"), ("GET", "tail"), ("GET", "wait"), ("POST", "kill")):
+    if len(parts) == 2 and (method, parts[0]) in (("GET", "status"), ("GET", "tail"), ("GET", "wait"),
+                                                   ("POST", "kill")):
         parts, wait_until = ["jobs", parts[1]] + ([parts[0]] if parts[0] != "status" else []), None
         if "tail_lines" in query:
             query["lines"] = query.pop("tail_lines")
@@ -5367,7 +5503,8 @@ def _add_sink_options(p, command_names: Tuple[str, ...], match_type: Optional[st
                    help="contains (P is a literal; the default) or regex (Python re, searched in each line)")
     p.add_argument("--output-stream", choices=_STREAM_CHOICES, default=stream,
                    help="the output --output-pattern looks at (default either)")
-    p.add_argument("--output-command", metavar="CMD", help="shell command run with each job.output_matched event on stdin")
+    p.add_argument("--output-command", metavar="CMD",
+                   help="shell command run with each job.output_matched event on stdin")
     p.add_argument("--output-file", metavar="PATH", help="append each job.output_matched event to this NDJSON file")
 
 
@@ -5909,8 +6046,8 @@ _COMMANDS = (
     ("delete", _cmd_delete, "remove finished jobs", ("rm",), _delete_options),
     ("gc", _cmd_gc, "remove old finished jobs across the whole root", (), _gc_options),
     ("schema", _cmd_schema, "print the JSON Schemas of every file and response", (), _no_options),
-    ("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list)",
-     (), _no_options),
+    ("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list, "
+     "restart, delete)", (), _no_options),
     ("serve", _cmd_serve, "serve the HTTP API (loopback by default; JOBSTATE_SERVE_TOKEN guards it)", (),
      _serve_options),
     ("tag", _cmd_tag, "manage tags", (), _tag_options),

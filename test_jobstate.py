@@ -196,6 +196,8 @@ def validate(instance, schema, path="$"):
         errors.append("%s: %r != const %r" % (path, instance, schema["const"]))
     if "enum" in schema and instance not in schema["enum"]:
         errors.append("%s: %r not in %r" % (path, instance, schema["enum"]))
+    if "anyOf" in schema and all(validate(instance, alternative, path) for alternative in schema["anyOf"]):
+        errors.append("%s: matches none of anyOf" % path)
     kinds = schema.get("type")
     if kinds is not None:
         kinds = kinds if isinstance(kinds, list) else [kinds]
@@ -2746,6 +2748,78 @@ asyncio.run(main(*sys.argv[1:]))
 '''
 
 
+# An agent's session with a dev-server-like job, driven by each official SDK:
+# start it with `ready`, get progress while it boots, give up on a second wait
+# (the SDK cancels it), kill the job.  Both SDKs check every structuredContent
+# against the tool's outputSchema (jsonschema in Python, Ajv in TypeScript).
+DEV_SERVER = ("import time; print('starting', flush=True); time.sleep(2); "
+              "print('ready on port 8080', flush=True); time.sleep(120)")
+MCP_SDK_AGENT_SESSION = """
+import anyio, asyncio, sys, time
+from mcp import Client, StdioServerParameters
+
+async def main(py, jobstate, root, code):
+    params = StdioServerParameters(command=py, args=[jobstate, "--root", root, "mcp"])
+    async with Client(params) as client:
+        progress = []
+        async def on_progress(value, total, message):
+            progress.append(message or "")
+        r = await client.call_tool("run", {"command": [py, "-c", code], "ready": "^ready on port", "until": 30},
+                                   progress_callback=on_progress)
+        doc = r.structured_content
+        print("run", r.is_error, doc["state"], doc["matched"]["line"])
+        print("progress", len(progress) >= 1, any("starting" in m for m in progress))
+        started = time.monotonic()
+        with anyio.move_on_after(1.5):
+            await client.call_tool("wait", {"job_id": doc["job_id"], "until": 50})
+        print("cancelled", time.monotonic() - started < 5)
+        r = await client.call_tool("status", {"job_id": doc["job_id"]})
+        print("status", r.structured_content["state"])
+        r = await client.call_tool("kill", {"job_id": doc["job_id"]})
+        print("kill", r.structured_content["state"])
+        closing = time.monotonic()
+    print("closed", time.monotonic() - closing < 4)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+MCP_TS_SDK_AGENT_SESSION = """
+const path = require("path");
+const sdk = path.join(process.env.JOBSTATE_MCP_NODE_DIR, "node_modules", "@modelcontextprotocol", "sdk", "dist", "cjs");
+const { Client } = require(path.join(sdk, "client", "index.js"));
+const { StdioClientTransport } = require(path.join(sdk, "client", "stdio.js"));
+
+async function main(py, jobstate, root, code) {
+  const client = new Client({ name: "jobstate-test", version: "0" });
+  await client.connect(new StdioClientTransport({ command: py, args: [jobstate, "--root", root, "mcp"] }));
+  console.log("tools", (await client.listTools()).tools.map((t) => t.name).sort().join(" "));
+  const progress = [];
+  let r = await client.callTool({ name: "run", arguments: { command: [py, "-c", code], ready: "^ready on port", until: 30 } },
+                                undefined, { onprogress: (p) => progress.push(p.message || ""), timeout: 60000 });
+  const doc = r.structuredContent;
+  console.log("run", r.isError, doc.state, doc.matched.line);
+  console.log("progress", progress.length >= 1, progress.some((m) => m.includes("starting")));
+  const controller = new AbortController();
+  const started = Date.now();
+  setTimeout(() => controller.abort(), 1500);
+  try {
+    await client.callTool({ name: "wait", arguments: { job_id: doc.job_id, until: 50 } }, undefined,
+                          { signal: controller.signal, timeout: 60000 });
+    console.log("cancelled", false);
+  } catch (e) {
+    console.log("cancelled", Date.now() - started < 5000);
+  }
+  r = await client.callTool({ name: "status", arguments: { job_id: doc.job_id } });
+  console.log("status", r.structuredContent.state);
+  r = await client.callTool({ name: "kill", arguments: { job_id: doc.job_id } });
+  console.log("kill", r.structuredContent.state);
+  const closing = Date.now();
+  await client.close();
+  console.log("closed", Date.now() - closing < 4000);
+}
+main(...process.argv.slice(2)).catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
 class McpTests(JobTestCase):
     def start_server(self, **env):
         proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "mcp"], stdin=subprocess.PIPE,
@@ -2782,7 +2856,8 @@ class McpTests(JobTestCase):
         proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
         self.assertEqual(self.rpc(proc, 2, "ping")["result"], {})
         tools = self.rpc(proc, 3, "tools/list")["result"]["tools"]
-        self.assertEqual(sorted(t["name"] for t in tools), ["kill", "list", "run", "status", "tail", "wait"])
+        self.assertEqual(sorted(t["name"] for t in tools),
+                         ["delete", "kill", "list", "restart", "run", "status", "tail", "wait"])
         for tool in tools:
             self.assertEqual(tool["inputSchema"]["type"], "object")
         result = self.call(proc, 4, "run", {"command": py("print('hello')"), "until": 10})
@@ -3021,6 +3096,104 @@ class McpTests(JobTestCase):
             self.assertEqual(result["structuredContent"]["error"]["code"], "invalid_argument", args)
         self.assertEqual(jobstate._list_job_ids(self.root), [job_id], "a job was made for a bad ready")
 
+    def tools(self, proc, msg_id=100):
+        return {t["name"]: t for t in self.rpc(proc, msg_id, "tools/list")["result"]["tools"]}
+
+    def test_tools_declare_output_schemas_and_annotations(self):
+        proc = self.start_server()
+        tools = self.tools(proc)
+        self.assertEqual(sorted(tools), ["delete", "kill", "list", "restart", "run", "status", "tail", "wait"])
+        for name in ("status", "tail", "list", "wait"):
+            self.assertIs(tools[name]["annotations"]["readOnlyHint"], True, name)
+        for name in ("kill", "delete", "restart"):
+            self.assertIs(tools[name]["annotations"]["destructiveHint"], True, name)
+        for tool in tools.values():
+            self.assertEqual(tool["outputSchema"]["type"], "object")
+        self.assertNotEqual(validate({"ok": True}, tools["status"]["outputSchema"]), [], "the schema checks nothing")
+        doc = self.call(proc, 1, "run", {"command": py("print('hi')"), "until": 20})["structuredContent"]
+        job_id = doc["job_id"]
+        calls = [("status", {"job_id": job_id}), ("tail", {"job_id": job_id}), ("wait", {"job_id": job_id}),
+                 ("wait", {"job_id": job_id, "match": "hi"}), ("kill", {"job_id": job_id}), ("list", {"all": True}),
+                 ("restart", {"job_id": job_id, "until": 20}), ("delete", {"job_id": job_id}),
+                 ("status", {"job_id": ".."}), ("run", {"command": ["true", "x"], "ready": "("})]
+        for msg_id, (name, args) in enumerate(calls, 2):
+            result = self.call(proc, msg_id, name, args)
+            self.assertEqual(validate(result["structuredContent"], tools[name]["outputSchema"]), [], (name, result))
+        self.assertEqual(validate(doc, tools["run"]["outputSchema"]), [])
+
+    def test_progress_notifications_during_a_long_wait(self):
+        proc = self.start_server()
+        lines = self.replies(proc)
+        job = self.run_job(py("import time; print('warming up', flush=True); time.sleep(60)"))
+        self.wait_log(job, "warming up")
+        request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "wait", "arguments": {"job_id": job.id, "until": 2.5}, "_meta": {"progressToken": "p1"}}}
+        self.send_line(proc, json.dumps(request).encode())
+        progress = []
+        reply = self.next_reply(lines)
+        while reply.get("method") == "notifications/progress":
+            progress.append(reply["params"])
+            reply = self.next_reply(lines)
+        self.assertEqual((reply["id"], reply["result"]["structuredContent"]["state"]), (1, "running"))
+        self.assertIn(len(progress), (2, 3), "at most one a second, and some: %r" % progress)
+        self.assertEqual({p["progressToken"] for p in progress}, {"p1"})
+        self.assertEqual(sorted(p["progress"] for p in progress), [p["progress"] for p in progress])
+        self.assertEqual(len({p["progress"] for p in progress}), len(progress), "progress must increase")
+        for p in progress:
+            self.assertIn("warming up", p["message"])
+        request["id"], request["params"]["_meta"] = 2, {}
+        self.send_line(proc, json.dumps(request).encode())
+        self.assertEqual(self.next_reply(lines)["id"], 2, "progress without a progressToken")
+
+    def test_cancel_ends_a_pending_wait_and_the_job_runs_on(self):
+        proc = self.start_server()
+        lines = self.replies(proc)
+        job = self.run_job(py("import time; time.sleep(60)"))
+        started = time.monotonic()
+        for msg_id, args in ((7, {"job_id": job.id, "until": 50}), (8, {"job_id": job.id, "until": 50, "match": "x"})):
+            self.send_line(proc, json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "tools/call",
+                                             "params": {"name": "wait", "arguments": args}}).encode())
+            self.send_line(proc, json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                             "params": {"requestId": msg_id, "reason": "the user moved on"}}).encode())
+        self.send_line(proc, b'{"jsonrpc":"2.0","id":9,"method":"ping"}')
+        self.assertEqual(self.next_reply(lines)["id"], 9)
+        proc.stdin.close()
+        self.assertEqual(proc.wait(10), 0)  # it waits for its pending calls: none is left
+        self.assertLess(time.monotonic() - started, 10, "the cancelled waits ran on")
+        rest = []
+        while True:
+            line = lines.get(timeout=5)
+            if not line:
+                break
+            rest.append(json.loads(line))
+        self.assertEqual(rest, [], "a cancelled request is not answered")
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+
+    def test_restart_and_delete_tools_and_stdin_file(self):
+        proc = self.start_server()
+        with open(os.path.join(self.tmp, "in.txt"), "wb") as f:
+            f.write(b"from a file\n")
+        doc = self.call(proc, 1, "run", {"command": CAT, "stdin_file": os.path.join(self.tmp, "in.txt"),
+                                         "until": 20})["structuredContent"]
+        self.assertEqual((doc["state"], doc["stdout"]), ("exited", "from a file\n"), doc)
+        doc = self.call(proc, 2, "run", {"command": CAT, "cwd": self.tmp, "stdin_file": "in.txt",
+                                         "until": 20})["structuredContent"]
+        self.assertEqual(doc["stdout"], "from a file\n", "a relative stdin_file is found in cwd")
+        job_id = doc["job_id"]
+        doc = self.call(proc, 3, "restart", {"job_id": job_id, "until": 20})["structuredContent"]
+        self.assertEqual((doc["type"], doc["state"], doc["stdout"]), ("restart", "exited", "from a file\n"))
+        doc = self.call(proc, 4, "delete", {"job_id": job_id})["structuredContent"]
+        self.assertEqual((doc["type"], doc["deleted"]), ("delete", 1))
+        self.assertEqual(self.call(proc, 5, "status", {"job_id": job_id})["structuredContent"]["error"]["code"],
+                         "job_not_found")
+        running = self.run_job(py("import time; time.sleep(60)"))
+        for msg_id, (name, args, code) in enumerate([
+                ("run", {"command": CAT, "stdin": "x", "stdin_file": "in.txt", "cwd": self.tmp}, "invalid_argument"),
+                ("run", {"command": CAT, "stdin_file": os.path.join(self.tmp, "missing")}, "invalid_argument"),
+                ("delete", {"job_id": running.id}, "invalid_state")], 6):
+            result = self.call(proc, msg_id, name, args)
+            self.assertEqual((result["isError"], result["structuredContent"]["error"]["code"]), (True, code), name)
+
     @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
     def test_official_sdk_client(self):
         script = os.path.join(self.tmp, "client.py")
@@ -3030,8 +3203,38 @@ class McpTests(JobTestCase):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
         self.assertEqual(out.returncode, 0, out.stderr.decode()[-2000:])
         self.assertEqual(out.stdout.decode().splitlines(), [
-            "protocol 2025-11-25", "tools kill list run status tail wait", "run False exited hi",
+            "protocol 2025-11-25", "tools delete kill list restart run status tail wait", "run False exited hi",
             "wait exited", "tail hi", "kill False", "list 1", "error True invalid_job_id"])
+
+    def agent_session(self, argv, script, name):
+        """Run an SDK's agent session; its transcript goes to stderr for the record."""
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(script)
+        started = time.monotonic()
+        out = subprocess.run(argv + [path, PY, JOBSTATE, self.root, DEV_SERVER], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=180)
+        self.assertEqual(out.returncode, 0, out.stderr.decode()[-3000:])
+        lines = out.stdout.decode().splitlines()
+        sys.stderr.write("\n[transcript] %s, %.1f s: %s\n" % (name, time.monotonic() - started, " | ".join(lines)))
+        self.assertEqual(jobstate._list_job_ids(self.root) and
+                         jobstate.open_job(jobstate._list_job_ids(self.root)[0], self.root).state().status,
+                         jobstate.JobStatus.KILLED)
+        return lines
+
+    @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
+    def test_official_sdk_agent_session(self):
+        lines = self.agent_session([os.environ["JOBSTATE_MCP_PYTHON"]], MCP_SDK_AGENT_SESSION, "session.py")
+        self.assertEqual(lines, ["run False running ready on port 8080", "progress True True", "cancelled True",
+                                 "status running", "kill killed", "closed True"])
+
+    @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_NODE_DIR") and shutil.which("node"),
+                         "set JOBSTATE_MCP_NODE_DIR to a directory whose node_modules has @modelcontextprotocol/sdk")
+    def test_official_typescript_sdk_agent_session(self):
+        lines = self.agent_session(["node"], MCP_TS_SDK_AGENT_SESSION, "session.cjs")
+        self.assertEqual(lines, ["tools delete kill list restart run status tail wait",
+                                 "run false running ready on port 8080", "progress true true", "cancelled true",
+                                 "status running", "kill killed", "closed true"])
 
 
 class HttpTests(JobTestCase):
