@@ -1982,8 +1982,10 @@ class ObservationTests(JobTestCase):
                 "for i in range(3):\n"
                 "    sys.stdout.buffer.write(b'tick %d\\n' % i); sys.stdout.flush(); time.sleep(0.2)\n")
         job = self.run_job(py(code))
+        # Unbuffered: communicate() reads the pipe itself and would miss what a
+        # buffered readline() read ahead (all the ticks at once, on a loaded machine).
         proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "tail", "--follow", "--exit-code", job.id],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         first = proc.stdout.readline()
         self.assertTrue(first.startswith(b"tick"), first)
         rest, _ = proc.communicate(timeout=20)
