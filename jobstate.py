@@ -17,7 +17,9 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
     gc(...) -> GcReport          remove old finished jobs
     set_queue(name, ...), list_queues() -> [QueueInfo]   queues' limits, pause, jobs
     Job                          .state() .wait() .tail() .kill() .start() .restart() .delete() .set_tags()
+                                 .set_notifications()
     JobState, JobStatus, JobSpec, JobPaths, Tail, KillResult, JobSummary, GcReport
+    Readiness, LineMatch         what Job.wait(match=REGEX) and run(ready=REGEX) found
     JobError and its subclasses (each has a stable .code)
     main(argv) -> int            the CLI
     SCHEMA_VERSION, JOB_ID_ENV   the documents' version; the variable every job carries
@@ -25,8 +27,10 @@ Public API (the CLI, the MCP server and the HTTP API are thin layers over it):
 
 CLI:
     python jobstate.py [--root PATH] [--pretty] [--format json|text] COMMAND ...
-    commands: run create start restart status wait tail kill list ps delete (rm) gc tag queue schema doctor mcp serve
-    Every command prints one JSON object on stdout.  `python jobstate.py --help`.
+    commands: run create start restart status wait tail kill list ps delete (rm) gc tag notify queue schema
+              doctor mcp serve skill completions
+    Every command prints one JSON object on stdout (skill and completions print text).
+    `python jobstate.py --help`.
 
 Map of this file (`grep -n '^# [0-9]' jobstate.py`); calls point backwards,
 so each section uses only what the sections above it define:
@@ -74,6 +78,7 @@ __all__ = [
     "run", "create", "open_job", "list_jobs", "gc", "resolve_root", "new_job_id", "main",
     "Job", "JobPaths", "JobState", "JobStatus", "JobSpec", "Tail", "KillResult", "JobSummary", "GcReport",
     "set_queue", "list_queues", "QueueInfo",
+    "Readiness", "LineMatch",
     "JobError", "JobNotFoundError", "AmbiguousJobIdError", "InvalidJobIdError", "InvalidStateError",
     "InvalidArgumentError", "InvalidSignalError", "InvalidTagError", "StdinRequiredError",
     "StdinTooLargeError", "StateFileError", "LaunchError", "JobIOError", "KillFailedError",
@@ -115,6 +120,13 @@ _MAX_CANDIDATES = 20
 # be truncated).
 _FILE_FLAGS = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 _CHUNK_BYTES = 1 << 20
+# Output lines are matched (wait --match, run --ready, --output-pattern) on at
+# most their first _MAX_LINE_BYTES: a longer line is cut there and its rest
+# skipped, so a job printing megabytes without a newline costs bounded memory.
+# Reads are _CHUNK_BYTES, so only a line continued across reads can be longer.
+_MAX_LINE_BYTES = 1 << 20
+_STREAM_CHOICES = ("stdout", "stderr", "either")
+_MATCH_TYPES = ("contains", "regex")  # of --output-pattern: a literal, or Python re
 # Signals a user may name; each platform layer says which of them exist.
 _SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
 # Signals whose purpose is to end the job: a kill with one of these leaves a
@@ -409,6 +421,11 @@ class JobSpec:
     tags: List[str] = field(default_factory=list)
     notify_command: Optional[str] = None
     notify_file: Optional[str] = None
+    output_pattern: Optional[str] = None  # output-match notifications (job.output_matched)
+    output_match_type: str = "contains"
+    output_stream: str = "either"
+    output_command: Optional[str] = None
+    output_file: Optional[str] = None
     created_at: Optional[str] = None
     queue: Optional[str] = None  # the queue whose slots it runs in
     after: List[str] = field(default_factory=list)  # full ids of the jobs it starts after
@@ -419,8 +436,12 @@ class JobSpec:
     extra: Dict[str, object] = field(default_factory=dict)
 
     _KEYS = ("argv", "cwd", "env", "env_files", "inherit_env", "masks", "has_stdin", "timeout_s",
-             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "created_at",
+             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "output_pattern",
+             "output_match_type", "output_stream", "output_command", "output_file", "created_at",
              "queue", "after", "after_any", "restart", "max_restarts", "restart_delay_s")
+    # What `notify set` may change after creation.
+    _SINK_KEYS = ("notify_command", "notify_file", "output_pattern", "output_match_type", "output_stream",
+                 "output_command", "output_file")
 
     def to_dict(self) -> dict:
         doc = dict(self.extra)
@@ -470,6 +491,27 @@ class Tail:
     stdout_total_bytes: int
     stderr_total_bytes: int
     encoding: str = "utf-8-lossy"
+
+
+@dataclass
+class LineMatch:
+    """A line of a job's output that matched a pattern (`matched` in responses)."""
+
+    stream: str  # "stdout" or "stderr"
+    line: str  # decoded as UTF-8 (invalid bytes replaced), without its line ending
+    offset: int  # byte offset of the line's start in that stream's log
+
+
+@dataclass
+class Readiness:
+    """What Job.wait(match=...) saw: the job's state then, and the first matching line or None."""
+
+    state: JobState
+    match: Optional[LineMatch]
+
+    @property
+    def ready(self) -> bool:
+        return self.match is not None
 
 
 @dataclass
@@ -656,6 +698,7 @@ class _PosixProcessLayer:
     # marker; macOS cannot read other processes' environments, so the
     # supervisor writes them down when the main process exits.
     records_leftovers = not _LINUX
+    reaps_every_child = True  # wait_child reaps any child of the supervisor, not only the job's
     # The launcher's flock passes to the supervisor with the descriptor.
     hands_over_lock = True
     lock_kind = "flock"
@@ -1045,14 +1088,18 @@ class _PosixProcessLayer:
         except (ProcessLookupError, PermissionError):  # no member left (macOS: only zombies)
             pass
 
-    def wait_child(self, child: _Child) -> Tuple[Optional[int], Optional[int]]:
-        """Block until the child exits, reaping adopted orphans on the way; (code, signum)."""
+    def wait_child(self, child: _Child, reaped: Optional[Callable[[int, int], None]] = None
+                   ) -> Tuple[Optional[int], Optional[int]]:
+        """Block until the child exits, reaping adopted orphans on the way; (code, signum).
+        reaped(pid, status) hears of every other process reaped meanwhile (sinks among them)."""
         while True:
             try:
                 pid, status = self._reap_next(child)
             except ChildProcessError:
                 return None, None
             if pid != child.pid:
+                if reaped is not None:
+                    reaped(pid, status)
                 continue
             if child.popen is not None:
                 child.popen.returncode = status  # keeps Popen from waiting on it again
@@ -1493,6 +1540,7 @@ class _WindowsProcessLayer:
     # processes remain in the job; Windows need not), so the supervisor writes
     # down what is still running when the main process exits.
     records_leftovers = True
+    reaps_every_child = False
 
     def release_supervisor(self, popen: subprocess.Popen) -> None:
         return None  # no zombies on Windows; the handle closes with the Popen object
@@ -1680,8 +1728,9 @@ class _WindowsProcessLayer:
             pass  # best effort while an earlier exception propagates
         self._close(job)
 
-    def wait_child(self, child) -> Tuple[Optional[int], Optional[int]]:
+    def wait_child(self, child, reaped=None) -> Tuple[Optional[int], Optional[int]]:
         # Windows has no signals; the code is the unsigned DWORD from Popen.
+        # Only the child is waited for: other processes (sinks) are never reaped here.
         return child.popen.wait(), None
 
     # -- identities ----------------------------------------------------------
@@ -2049,6 +2098,7 @@ class JobPaths:
         self.stdin, self.supervisor_log = d + "stdin.bin", d + "supervisor.log"
         self.event, self.kill_request = d + "completion_event.json", d + "kill_request.json"
         self.kill_fifo, self.kill_ack = d + "kill.fifo", d + "kill_ack.json"
+        self.output_events = d + "notification_events.ndjson"
         self.reserve = d + "space.reserve"
         self.bell = d + "bell"  # a FIFO its supervisor reads while it has no child (see _Bell)
 
@@ -2178,6 +2228,112 @@ def _parse_env_pairs(pairs: Sequence[str]) -> Dict[str, str]:
             raise InvalidArgumentError("--env %r is not KEY=VALUE" % (pair,))
         env[key] = value
     return env
+
+
+def _compile_line_pattern(pattern, name: str):
+    """A regular expression (Python re) as given, compiled; InvalidArgumentError naming the option."""
+    if hasattr(pattern, "search") and hasattr(pattern, "pattern"):  # compiled already
+        return pattern
+    if not isinstance(pattern, str):
+        raise InvalidArgumentError("%s must be a regular expression (a string), not %r" % (name, pattern))
+    try:
+        return re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise InvalidArgumentError("%s: %r is not a valid regular expression: %s" % (name, pattern[:200], exc),
+                                   hint=r"Python re syntax, searched in each line: 'listening on port \d+'") from None
+
+
+def _output_search(pattern, match_type, name: str = "--output-pattern"):
+    """The compiled search of an output-match pattern: a literal for contains, Python re for regex."""
+    if match_type not in _MATCH_TYPES:
+        raise InvalidArgumentError("--output-match-type: %r is not a match type" % (match_type,),
+                                   hint="contains (a literal, the default) or regex")
+    if match_type == "contains":
+        if not isinstance(pattern, str):
+            raise InvalidArgumentError("%s must be a string, not %r" % (name, pattern))
+        return re.compile(re.escape(pattern))
+    return _compile_line_pattern(pattern, name)
+
+
+def _check_stream(stream, name: str) -> str:
+    if stream not in _STREAM_CHOICES:
+        raise InvalidArgumentError("%s: %r is not a stream" % (name, stream),
+                                   hint="one of: " + ", ".join(_STREAM_CHOICES))
+    return stream
+
+
+class _LineSplitter:
+    """Cuts a byte stream into lines at b"\n", holding only its unfinished last line.
+
+    feed() and finish() return blocks (offset in the stream, bytes of whole
+    lines, each ending in b"\n").  A line longer than _MAX_LINE_BYTES comes
+    as its first _MAX_LINE_BYTES (plus b"\n"), and the rest of it is skipped.
+    """
+
+    def __init__(self):
+        self.offset = 0  # stream offset of the next byte to be fed
+        self.partial = bytearray()  # bytearray: a long line fed in small pieces grows without copies
+        self.partial_start = 0
+        self.skipping = False  # inside the rest of a line cut at the cap
+
+    def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
+        start = self.offset
+        self.offset += len(data)
+        if self.skipping:
+            cut = data.find(b"\n")
+            if cut < 0:
+                return []
+            self.skipping = False
+            data, start = data[cut + 1:], start + cut + 1
+        last = data.rfind(b"\n")
+        if last < 0:
+            if not self.partial:
+                self.partial_start = start
+            self.partial += data
+            return self._cut_overlong()
+        blocks = []
+        first = 0
+        if self.partial:
+            first = data.find(b"\n") + 1
+            line = bytes(self.partial) + data[:first - 1]
+            blocks.append((self.partial_start, line[:_MAX_LINE_BYTES] + b"\n"))
+        if first <= last:
+            blocks.append((start + first, data[first:last + 1]))
+        self.partial, self.partial_start = bytearray(data[last + 1:]), start + last + 1
+        return blocks + self._cut_overlong()
+
+    def finish(self) -> List[Tuple[int, bytes]]:
+        """The unfinished last line as a line (the stream has ended)."""
+        if not self.partial:
+            return []
+        block = (self.partial_start, bytes(self.partial) + b"\n")
+        self.partial = bytearray()
+        return [block]
+
+    def _cut_overlong(self) -> List[Tuple[int, bytes]]:
+        if len(self.partial) <= _MAX_LINE_BYTES:
+            return []
+        block = (self.partial_start, bytes(self.partial[:_MAX_LINE_BYTES]) + b"\n")
+        self.partial, self.skipping = bytearray(), True
+        return [block]
+
+
+def _matching_lines(pattern, block: Tuple[int, bytes], first_only: bool = False) -> List[Tuple[int, str]]:
+    """(offset, line) of each line of a _LineSplitter block in which the pattern
+    finds something.  Lines are decoded as UTF-8 (invalid bytes replaced) and
+    lose their ending (\n or \r\n).  The block is decoded and split once; each
+    line costs one search."""
+    offset, data = block
+    lines = data.decode("utf-8", "replace").replace("\r\n", "\n").split("\n")
+    lines.pop()  # after the final newline
+    search = pattern.search
+    if first_only:
+        hits = [next((i for i, line in enumerate(lines) if search(line)), -1)]
+        hits = [i for i in hits if i >= 0]
+    else:
+        hits = [i for i, line in enumerate(lines) if search(line)]
+    # One "\n" per line on both sides of the decoding, so line i starts after the i-th b"\n".
+    return [(offset + len(data) - len(data.split(b"\n", i)[-1]), lines[i]) for i in hits]
 
 # ---------------------------------------------------------------------------
 # 5. Store: atomic files, locks, job directories
@@ -3076,6 +3232,8 @@ class _Supervisor:
         # interpreter there: see _supervise_forked), with the held ticket's fd.
         self.on_wait: Optional[Callable[[Optional[int]], None]] = None
         self.ticket_fd: Optional[int] = None  # a ticket held already, handed over across that exec
+        self.sink_exits = _SinkExits(reaping=_process_layer.reaps_every_child)
+        self.output: Optional[_OutputWatch] = None  # output-match notifications, while watching
 
     def log(self, message: str) -> None:
         sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
@@ -3139,11 +3297,20 @@ class _Supervisor:
         state, spec = running.state, running.spec
         self.slot = running.slot
         full = _FullLog(running.logs[2])
+        # One watch for every run: the logs go on across restarts, and so do the lines matched.
+        self.output = _OutputWatch(self.paths, spec, self.log, self.sink_exits)
         while running is not None and self._watch_run(running, full):
             running = self._run_again(running, full)
         self._release_space()
         _write_state(self.paths, state)
-        self.announce(spec, state)
+        self.announce(self._latest_spec(spec), state)
+
+    def _latest_spec(self, spec: JobSpec) -> JobSpec:
+        """The definition as it is now: `notify set` may have changed its sinks while the job ran."""
+        try:
+            return _read_spec(self.paths)
+        except JobError:
+            return spec
 
     def _watch_run(self, running: "_Running", full: "_FullLog") -> bool:
         """One run, from its start to its recorded end; whether the policy starts it again."""
@@ -3156,7 +3323,9 @@ class _Supervisor:
         if spec.timeout_s:  # per run
             timeout_s = spec.timeout_s - (time.monotonic() - running.started)
             threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s, exited), daemon=True).start()
-        code, signum = _process_layer.wait_child(running.child)
+        self.sink_exits.resume()
+        code, signum = _process_layer.wait_child(running.child, self.sink_exits.reaped)
+        self.sink_exits.stop()
         exited.set()
         self._record_end(state, code, signum, int((time.monotonic() - running.started) * 1000))
         again = self._restarts_after(spec, state)
@@ -3229,7 +3398,7 @@ class _Supervisor:
                                                              "killed (%s)" % ended.signal))
         _write_state(self.paths, state)
         _acknowledge()
-        self.announce(spec, state)
+        self.announce(self._latest_spec(spec), state)
 
     # Dependencies have no bell: the kernel wakes us through each one's job lock,
     # released when its supervisor has recorded the end.  Only a dependency that
@@ -3437,7 +3606,10 @@ class _Supervisor:
             self.notification = (spec, record)
 
     def notify(self) -> None:
-        """Deliver the announced event to its sinks (the job lock is released by now)."""
+        """Deliver what is left of the output-match events, then the announced
+        job.finished event, to their sinks (the job lock is released by now)."""
+        if self.output is not None:
+            self.output.finish()
         if self.notification is None:
             return
         spec, record = self.notification
@@ -3515,7 +3687,22 @@ class _Supervisor:
                 self.write_error = "output could not be saved: %s" % exc
                 self._release_space()
                 self.log(self.write_error)
+                continue
+            self._watch_output(label, chunk)
+        self._watch_output(label, None)
         os.close(read_fd)
+
+    def _watch_output(self, label: bytes, chunk: Optional[bytes]) -> None:
+        """Hand the output to the output-match notifications (None: the stream ended).
+        A bug there must never stop the copying: the child would block on a full pipe."""
+        output = self.output
+        if output is None:
+            return
+        try:
+            output.feed(label, chunk)
+        except Exception as exc:  # see above; the job goes on without output-match notifications
+            self.output = None
+            self.log("output-match notifications stopped by an internal error: %s: %s" % (type(exc).__name__, exc))
 
     _RESERVE_BYTES = 256 * 1024
 
@@ -3782,19 +3969,24 @@ def _notify_timeout_s(log: Callable[[str], None]) -> float:
     return _NOTIFY_TIMEOUT_S
 
 
-def _notify_command(paths: JobPaths, command: str, line: str, timeout_s: float) -> dict:
+def _notify_command(paths: JobPaths, command: str, line: str, timeout_s: float, event_type: str = "job.finished",
+                    event_path: Optional[str] = None, exits: Optional["_SinkExits"] = None) -> dict:
     """Run the notify command with the event on stdin; at timeout_s its whole tree is stopped.
 
     It carries JOBSTATE_JOB_ID, which tells it the job and is also the job's
     tree marker: a running notifier is part of the job, so `kill` on the job
     stops it too, and so does any kill after the supervisor died; nothing
     jobstate started for a job can outlive a kill of that job.
+    JOBSTATE_EVENT_TYPE and JOBSTATE_EVENT_PATH name the event and the file
+    that records it.  exits: see _SinkExits (for sinks run while the job runs).
     """
     import subprocess
     result = {"sink": "command", "target": command, "delivered_at": _utc_now()}
-    env = dict(os.environ, JOBSTATE_EVENT_PATH=paths.event, JOBSTATE_JOB_ID=paths.job_id)
+    env = dict(os.environ, JOBSTATE_EVENT_PATH=event_path or paths.event, JOBSTATE_JOB_ID=paths.job_id,
+               JOBSTATE_EVENT_TYPE=event_type)
+    exits = exits or _SinkExits(reaping=False)
     try:
-        popen = _process_layer.spawn_sink(_process_layer.shell_argv(command), env=env)
+        popen = exits.spawn(lambda: _process_layer.spawn_sink(_process_layer.shell_argv(command), env=env))
     except OSError as exc:
         result.update(ok=False, exit_code=None, error=str(exc))
         return result
@@ -3802,14 +3994,283 @@ def _notify_command(paths: JobPaths, command: str, line: str, timeout_s: float) 
     # us past the timeout (Popen.communicate writes stdin first on Windows).
     threading.Thread(target=_feed, args=(popen.stdin, line.encode("utf-8")), daemon=True).start()
     try:
-        code = popen.wait(timeout_s)
+        code = exits.wait(popen, timeout_s)
     except subprocess.TimeoutExpired:
         _process_layer.stop_sink(popen)
-        popen.wait()
+        exits.wait(popen, None)
         result.update(ok=False, exit_code=None, error="timed out after %gs" % timeout_s)
         return result
     result.update(ok=code == 0, exit_code=code, error=None)
     return result
+
+
+class _SinkExits:
+    """Exit codes of the sink commands a supervisor runs while its job runs.
+
+    On POSIX the supervisor's wait for the job (wait_child) reaps every child
+    of the supervisor, adopted orphans and these sinks alike, so until that
+    wait is over (stop()) a sink's code comes through reaped(), never through
+    Popen.wait, which would find nothing left to wait for and report 0.  With a
+    restart policy the next run's wait reaps again (resume()).
+    """
+
+    def __init__(self, reaping: bool):
+        self.cond = threading.Condition()
+        self.reaps = self.reaping = reaping
+        self.codes: Dict[int, Optional[int]] = {}  # pid of each sink -> its exit code once reaped
+        self.popen_waits = 0  # sinks waited for by their Popen (between runs)
+
+    def spawn(self, start: Callable[[], object]):
+        with self.cond:  # a sink that exits at once is known by the time its status comes
+            popen = start()
+            self.codes[popen.pid] = None
+            return popen
+
+    def reaped(self, pid: int, status: int) -> None:
+        with self.cond:
+            if pid in self.codes:
+                self.codes[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        """The wait for the job is over: from now on each sink's Popen waits for it."""
+        with self.cond:
+            self.reaping = False
+            self.cond.notify_all()
+
+    def resume(self) -> None:
+        """A run's wait is about to reap every child again: first let the sinks
+        that their Popen waits for end (each is bounded by its timeout), or
+        that wait would find them reaped and report 0."""
+        with self.cond:
+            while self.popen_waits:
+                self.cond.wait()
+            self.reaping = self.reaps
+
+    def wait(self, popen, timeout_s: Optional[float]) -> int:
+        """popen.wait(timeout_s), whoever reaps the sink; subprocess.TimeoutExpired at the timeout."""
+        import subprocess
+        deadline = _deadline(timeout_s)
+        with self.cond:
+            while self.reaping and self.codes.get(popen.pid) is None:
+                if _remaining(deadline) == 0:
+                    raise subprocess.TimeoutExpired(popen.args, timeout_s)
+                self.cond.wait(_remaining(deadline))
+            code = self.codes.pop(popen.pid, None)
+            if code is None:
+                self.popen_waits += 1
+        if code is None:
+            try:
+                return popen.wait(_remaining(deadline))
+            finally:
+                with self.cond:
+                    self.popen_waits -= 1
+                    self.cond.notify_all()
+        popen.returncode = code  # reaped already: Popen must not wait for it again
+        return code
+
+
+# Output-match notifications (--output-pattern): while the job runs, each line
+# of its output that the pattern finds something in becomes one
+# job.output_matched event.  The pumps only match and queue; one thread of
+# the supervisor delivers the events in order to the sinks (the same
+# _notify_file and _notify_command, bounds and timeout as job.finished) and
+# appends each one with its deliveries to notification_events.ndjson.  At
+# most _OUTPUT_EVENTS_PENDING events wait for delivery: more are dropped
+# (counted in supervisor.log), so sinks slower than the output never hold the
+# job.  At the job's end, what is left is delivered for at most
+# JOBSTATE_NOTIFY_TIMEOUT after the lock is released, then job.finished.
+_OUTPUT_EVENTS_PENDING = 1000
+_META_CHECK_S = 0.2  # how often, while output flows, meta.json is looked at for `notify set`
+
+
+@dataclass(frozen=True)
+class _OutputRule:
+    """A definition's output-match settings, with the compiled search."""
+
+    pattern: str
+    match_type: str
+    stream: str
+    command: Optional[str]
+    file: Optional[str]
+    search: object
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> Optional["_OutputRule"]:
+        """The rule of spec; None without a pattern (or with settings edited
+        into meta.json by hand that do not parse: no notifications, no crash)."""
+        if not spec.output_pattern or spec.output_stream not in _STREAM_CHOICES:
+            return None
+        try:
+            search = _output_search(spec.output_pattern, spec.output_match_type)
+        except InvalidArgumentError:
+            return None
+        return cls(spec.output_pattern, spec.output_match_type, spec.output_stream, spec.output_command,
+                   spec.output_file, search)
+
+
+class _StreamLines:
+    """One output stream, cut into lines only while a rule looks at it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.offset = 0
+        self.at_line_start = True
+        self.lines: Optional[_LineSplitter] = None
+
+    def blocks(self, chunk: Optional[bytes], watched: bool) -> List[Tuple[int, bytes]]:
+        """The whole lines chunk ends (None: the stream ended), when watched."""
+        if not watched:
+            self.lines = None  # a rule that comes later starts at the next line
+            if chunk:
+                self.offset += len(chunk)
+                self.at_line_start = chunk.endswith(b"\n")
+            return []
+        if self.lines is None:
+            self.lines = _LineSplitter()
+            self.lines.offset, self.lines.skipping = self.offset, not self.at_line_start
+        if chunk is None:  # a restart's next run starts a new line
+            blocks, self.lines, self.at_line_start = self.lines.finish(), None, True
+            return blocks
+        self.offset += len(chunk)
+        self.at_line_start = chunk.endswith(b"\n")
+        return self.lines.feed(chunk)
+
+
+class _OutputWatch:
+    """The output-match notifications of one run (see the comment above).
+
+    `notify set` may change the settings while the job runs: meta.json is
+    looked at again at most every _META_CHECK_S while output flows, and the
+    new settings apply to the lines that end from then on.
+    """
+
+    def __init__(self, paths: JobPaths, spec: JobSpec, log: Callable[[str], None], exits: _SinkExits):
+        self.paths, self.log, self.exits = paths, log, exits
+        self.timeout: Optional[float] = None  # JOBSTATE_NOTIFY_TIMEOUT, read when first needed
+        self.guard = threading.Condition()  # the rule, the queue and the deliverer: two pumps feed us
+        self.rule = _OutputRule.of(spec)
+        self.meta_stamp = self._meta_stamp()
+        self.checked = time.monotonic()
+        self.streams = {b"STDOUT": _StreamLines("stdout"), b"STDERR": _StreamLines("stderr")}
+        self.pending: List[Tuple[_OutputRule, dict]] = []
+        self.dropped = 0
+        self.delivering = self.closing = False
+        self.deliverer: Optional[threading.Thread] = None
+
+    def feed(self, label: bytes, chunk: Optional[bytes]) -> None:
+        """Match the lines a chunk of one stream ends (None: the stream ended)."""
+        rule = self._current_rule()
+        lines = self.streams[label]
+        watched = rule is not None and rule.stream in (lines.name, "either")
+        for block in lines.blocks(chunk, watched):
+            for offset, line in _matching_lines(rule.search, block):
+                self._enqueue(rule, self._event(rule, lines.name, offset, line))
+
+    def _current_rule(self) -> Optional[_OutputRule]:
+        now = time.monotonic()
+        if now - self.checked < _META_CHECK_S:
+            return self.rule
+        with self.guard:
+            if now - self.checked >= _META_CHECK_S:
+                self.checked = now
+                stamp = self._meta_stamp()
+                if stamp != self.meta_stamp:
+                    self.meta_stamp = stamp
+                    self._reload()
+            return self.rule
+
+    def _reload(self) -> None:
+        try:
+            rule = _OutputRule.of(_read_spec(self.paths))
+        except JobError:  # meta.json unreadable for a moment: keep what we have
+            return
+        if rule != self.rule:
+            self.rule = rule
+            self.log("output-match notifications now: %s" % (
+                "none" if rule is None else "%s %r on %s" % (rule.match_type, rule.pattern, rule.stream)))
+
+    def _meta_stamp(self):
+        try:
+            st = os.stat(self.paths.meta)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size  # every write replaces the file: a new inode
+
+    def _event(self, rule: _OutputRule, stream: str, offset: int, line: str) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "event_type": "job.output_matched", "job_id": self.paths.job_id,
+                "pattern": rule.pattern, "match_type": rule.match_type, "stream": stream, "line": line,
+                "offset": offset, "matched_at": _utc_now(), "stdout_log_path": self.paths.stdout_log,
+                "stderr_log_path": self.paths.stderr_log}
+
+    def _enqueue(self, rule: _OutputRule, event: dict) -> None:
+        with self.guard:
+            if self.closing or len(self.pending) >= _OUTPUT_EVENTS_PENDING:
+                self.dropped += 1
+                return
+            self.pending.append((rule, event))
+            if self.deliverer is None:
+                self.deliverer = threading.Thread(target=self._deliver_all, daemon=True)
+                self.deliverer.start()
+            self.guard.notify_all()
+
+    def _deliver_all(self) -> None:
+        while True:
+            with self.guard:
+                while not self.pending and not self.closing:
+                    self.guard.wait()
+                if not self.pending:
+                    return
+                rule, event = self.pending.pop(0)
+                self.delivering = True
+            try:
+                self._deliver(rule, event)
+            except Exception as exc:  # one event lost, said in supervisor.log; the next ones still go
+                self.log("cannot deliver an output-match event: %s: %s" % (type(exc).__name__, exc))
+            finally:
+                with self.guard:
+                    self.delivering = False
+                    self.guard.notify_all()
+
+    def _deliver(self, rule: _OutputRule, event: dict) -> None:
+        line = json.dumps(event, separators=(",", ":")) + "\n"
+        deliveries = []
+        if rule.file:
+            deliveries.append(_notify_file(rule.file, line))
+        if rule.command:
+            deliveries.append(_notify_command(self.paths, rule.command, line, self._timeout_s(), "job.output_matched",
+                                              self.paths.output_events, self.exits))
+        record = json.dumps({"event": event, "deliveries": deliveries}, separators=(",", ":")) + "\n"
+        if _supervised_here(self.paths):  # a restart started a new record: this run's late events stay out
+            fd = os.open(self.paths.output_events, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
+            try:
+                _write_all(fd, record.encode("utf-8"))
+            finally:
+                os.close(fd)
+
+    def _timeout_s(self) -> float:
+        if self.timeout is None:
+            self.timeout = _notify_timeout_s(self.log)
+        return self.timeout
+
+    def finish(self) -> None:
+        """Deliver what is still pending, for at most the notify timeout; drop the
+        rest (said in supervisor.log), and let the delivery under way end (it is
+        bounded by its own timeout)."""
+        if self.deliverer is None and not self.dropped:
+            return  # nothing ever matched
+        deadline = _deadline(self._timeout_s())
+        with self.guard:
+            while (self.pending or self.delivering) and _remaining(deadline) > 0:
+                self.guard.wait(_remaining(deadline))
+            left, self.pending, self.closing = len(self.pending), [], True
+            self.guard.notify_all()
+            while self.delivering:
+                self.guard.wait()
+        if left or self.dropped:
+            self.log("%d output-match events not delivered: %d were dropped while %d waited for delivery, %d were "
+                     "left at the end after %gs (JOBSTATE_NOTIFY_TIMEOUT)" % (
+                         left + self.dropped, self.dropped, _OUTPUT_EVENTS_PENDING, left, self._timeout_s()))
 
 
 def _feed(stream, data: bytes) -> None:
@@ -4290,11 +4751,13 @@ def _tail(paths: JobPaths, lines: Optional[int], max_bytes: int) -> Tail:
     return Tail(out, err, out_range, err_range, out_total, err_total)
 
 
-def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05) -> None:
-    """Copy new bytes of stdout.log and stderr.log to the sinks until the job ends."""
+def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05,
+            wanted: Optional[Callable[[], bool]] = None) -> None:
+    """Copy new bytes of stdout.log and stderr.log to the sinks until the job
+    ends (or, with wanted, until wanted() says the follower has gone)."""
     offsets = list(start)
     logs = (paths.stdout_log, paths.stderr_log)
-    while True:
+    while wanted is None or wanted():
         finished = _read_state_reconciled(paths).status.is_terminal and _lock_is_free(paths)
         for i, path in enumerate(logs):
             fd = _open_job_file(path)
@@ -4316,6 +4779,78 @@ def _follow(paths: JobPaths, start: Tuple[int, int], sinks, poll_s: float = 0.05
 # What `list --state` accepts: a status, or `waiting` (created, waiting for a
 # queue slot or for other jobs) and `queued` (waiting for a queue slot).
 _LIST_STATES = tuple(s.value for s in JobStatus) + ("waiting", "queued")
+
+
+# A wait for a line looks at the logs this often: a new line is seen within it.
+# The logs are files written by another process; a look is one fstat per log
+# (and a read of what is new), so polling costs next to nothing and works the
+# same on every platform.
+_MATCH_POLL_S = 0.01
+
+
+class _LogReader:
+    """One log read forward from where the last look stopped, never twice, cut into lines."""
+
+    def __init__(self, stream: str, path: str):
+        self.stream, self.path = stream, path
+        self.fd: Optional[int] = None
+        self.lines = _LineSplitter()
+
+    def find(self, pattern, final: bool, deadline: Optional[float]) -> Optional[LineMatch]:
+        """The first new line the pattern finds something in.  With final (the job
+        has ended) the unfinished last line counts too.  Stops at the deadline
+        even if the job writes faster than we read; the next look goes on from there."""
+        if self.fd is None:
+            self.fd = _open_job_file(self.path)
+            if self.fd is None:
+                return None
+        try:
+            if os.fstat(self.fd).st_size < self.lines.offset:  # reset by a restart: a new run
+                self.lines = _LineSplitter()
+            os.lseek(self.fd, self.lines.offset, os.SEEK_SET)
+            while True:
+                chunk = os.read(self.fd, _CHUNK_BYTES)
+                blocks = self.lines.feed(chunk) if chunk else self.lines.finish() if final else []
+                for block in blocks:
+                    hits = _matching_lines(pattern, block, first_only=True)
+                    if hits:
+                        return LineMatch(self.stream, hits[0][1], hits[0][0])
+                if not chunk or _remaining(deadline) == 0:
+                    return None
+        except OSError as exc:  # a directory planted under the log's name, say
+            raise _unreadable(self.path, exc) from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _LineScanner:
+    """The first line matching a pattern in a job's stdout, stderr or either
+    (stdout looked at first), lines written before the wait included."""
+
+    def __init__(self, paths: JobPaths, pattern, stream: str):
+        self.paths, self.pattern, self.stream = paths, pattern, stream
+        self.readers: List[_LogReader] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Start again from the beginning of the logs (the job was restarted)."""
+        self.close()
+        logs = (("stdout", self.paths.stdout_log), ("stderr", self.paths.stderr_log))
+        self.readers = [_LogReader(name, path) for name, path in logs if self.stream in (name, "either")]
+
+    def find(self, final: bool, deadline: Optional[float]) -> Optional[LineMatch]:
+        for reader in self.readers:
+            found = reader.find(self.pattern, final, deadline)
+            if found is not None:
+                return found
+        return None
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
 
 
 def _check_state_name(state: Optional[str]) -> None:
@@ -4490,15 +5025,16 @@ _AUTO_GC_INTERVAL_S = 3600
 _AUTO_GC_MAX_SCAN = 200
 
 
-def _auto_gc(root: str) -> None:
+def _auto_gc(root: str, older_than_s=None) -> None:
     """Bounded housekeeping after a launch; never fails or noticeably slows the launch.
 
     At most once an hour per root (one stat), under a flock that dies with its
     holder (a crashed gc cannot disable it), scanning only ids old enough to
     have expired, and at most _AUTO_GC_MAX_SCAN of them.
-    JOBSTATE_AUTO_GC=0 turns it off; JOBSTATE_GC_OLDER_THAN sets the age (30d).
+    JOBSTATE_AUTO_GC=0 turns it off; JOBSTATE_GC_OLDER_THAN sets the age (30d);
+    older_than_s, given by the caller, sets it for this launch (and overrides both).
     """
-    if os.environ.get("JOBSTATE_AUTO_GC", "1") == "0":
+    if older_than_s is None and os.environ.get("JOBSTATE_AUTO_GC", "1") == "0":
         return
     stamp = os.path.join(root, ".gc-stamp")
     try:
@@ -4509,7 +5045,8 @@ def _auto_gc(root: str) -> None:
     except OSError:
         return
     try:
-        older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d"), "JOBSTATE_GC_OLDER_THAN")
+        older_than = _parse_duration(os.environ.get("JOBSTATE_GC_OLDER_THAN", "30d") if older_than_s is None
+                                     else older_than_s, "JOBSTATE_GC_OLDER_THAN")
     except JobError:
         return
     with _LockFile(os.path.join(root, ".gc.lock")) as lock:
@@ -4527,6 +5064,14 @@ def _auto_gc(root: str) -> None:
                     break
         except (OSError, JobError):  # housekeeping only: the launch already succeeded
             pass
+
+
+def _auto_gc_after_launch(root: str, auto_gc) -> None:
+    """auto_gc: True (as the environment says), False (skip), or the age to collect at."""
+    if auto_gc is True:
+        _auto_gc(root)
+    elif auto_gc is not False:
+        _auto_gc(root, _parse_duration(auto_gc, "auto_gc"))
 
 
 def _deleted_is_not_found(method):
@@ -4551,6 +5096,7 @@ class Job:
         self.root = root
         self.paths = JobPaths(root, job_id)
         self._release = _ReleaseWaiter(self.paths)
+        self.readiness: Optional[Readiness] = None  # what run(ready=...) found
 
     def __repr__(self) -> str:
         return "Job(%r, root=%r)" % (self.id, self.root)
@@ -4564,24 +5110,73 @@ class Job:
         """The current JobState; a job whose supervisor died reads as failed (supervisor_lost)."""
         return _read_state_reconciled(self.paths)
 
-    def wait(self, timeout_s: Optional[float] = None) -> JobState:
+    def wait(self, timeout_s: Optional[float] = None, *, match=None, stream: str = "either",
+             cancel: Optional[threading.Event] = None):
         """Block until the job is terminal and its logs are drained, or timeout_s passes.
 
         Returns the state at that moment (check `.status`).  None waits forever.
         A created job is waited on too: it may be started meanwhile.
+
+        match: a regular expression (Python re, a string or compiled), searched
+        in each line of the job's output; the wait then also ends as soon as a
+        line it finds something in has been written (lines written before the
+        call count), and returns a Readiness: the state and the LineMatch, or
+        None when the job ended or the time ran out first.  The job runs on.
+        stream: which output match looks at: 'stdout', 'stderr' or 'either'.
+        cancel: a threading.Event another thread may set to end the wait at
+        once (within 50 ms), as if the time had run out.
+        Raises InvalidArgumentError for an invalid pattern or stream.
         """
+        if match is not None:
+            return self._wait_for_line(_compile_line_pattern(match, "match"), _check_stream(stream, "stream"),
+                                       timeout_s, cancel)
+        if stream != "either":
+            raise InvalidArgumentError("stream %r is for a match, and no match pattern was given" % (stream,),
+                                       hint="wait(match=REGEX, stream=...); CLI: wait JOB --match REGEX --stream S")
         deadline = _deadline(timeout_s)
         while True:
             state = self.state()
             if state.status.is_terminal and _lock_is_free(self.paths):
                 return state
             remaining = _remaining(deadline)
-            if remaining == 0:
+            if remaining == 0 or cancel is not None and cancel.is_set():
                 return state
+            if cancel is not None:  # look at it every 50 ms
+                remaining = 0.05 if remaining is None else min(0.05, remaining)
             if state.status is JobStatus.CREATED and state.waiting is None:  # nobody runs it (yet)
                 time.sleep(0.05 if remaining is None else min(0.05, remaining))
             else:
                 self._release.wait(remaining)
+
+    def _wait_for_line(self, pattern, stream: str, timeout_s: Optional[float],
+                       cancel: Optional[threading.Event] = None) -> Readiness:
+        """Job.wait(match=...): look at the new output every _MATCH_POLL_S; the
+        state is read again only when the supervisor lets go of the lock (the
+        job ended, or was restarted) or while the job is still `created`."""
+        deadline = _deadline(timeout_s)
+        scanner = _LineScanner(self.paths, pattern, stream)
+        try:
+            state = self.state()
+            run_started = state.started_at
+            while True:
+                ended = state.status.is_terminal and _lock_is_free(self.paths)
+                found = scanner.find(ended, deadline)
+                if found is not None:
+                    return Readiness(self.state(), found)
+                remaining = _remaining(deadline)
+                if ended or remaining == 0 or cancel is not None and cancel.is_set():
+                    return Readiness(state, None)
+                pause = _MATCH_POLL_S if remaining is None else min(_MATCH_POLL_S, remaining)
+                if state.status is JobStatus.CREATED and state.waiting is None:  # nobody runs it (yet)
+                    time.sleep(pause)
+                elif not self._release.wait(pause):
+                    continue
+                state = self.state()
+                if state.started_at != run_started:  # restarted meanwhile: its logs are new
+                    scanner.reset()
+                    run_started = state.started_at
+        finally:
+            scanner.close()
 
     @_deleted_is_not_found
     def tail(self, lines: Optional[int] = DEFAULT_TAIL_LINES, max_bytes: int = DEFAULT_MAX_BYTES) -> Tail:
@@ -4590,8 +5185,12 @@ class Job:
         return _tail(self.paths, lines, _parse_size(max_bytes, "max_bytes"))
 
     @_deleted_is_not_found
-    def start(self) -> "Job":
-        """Launch a created job; returns once its supervisor has acknowledged."""
+    def start(self, *, auto_gc=True) -> "Job":
+        """Launch a created job; returns once its supervisor has acknowledged.
+
+        auto_gc: True (the default: see JOBSTATE_AUTO_GC), False to skip the
+        housekeeping after this launch, or the age (seconds, '30d') it collects at.
+        """
         with _JobLock(self.paths) as lock:
             if not lock.acquire():
                 raise _held_error(self.paths, "only a created job can be started")
@@ -4599,15 +5198,15 @@ class Job:
             if state.status is not JobStatus.CREATED:
                 raise InvalidStateError(self.id, state.status, "only a created job can be started")
             _launch(self.paths, lock)
-        _auto_gc(self.root)
+        _auto_gc_after_launch(self.root, auto_gc)
         return self
 
     @_deleted_is_not_found
-    def restart(self, signal: str = "TERM", *, kill_after_s: float = DEFAULT_KILL_AFTER_S) -> "Job":
+    def restart(self, signal: str = "TERM", *, kill_after_s: float = DEFAULT_KILL_AFTER_S, auto_gc=True) -> "Job":
         """Stop the job's tree if it runs, then launch the same definition under the same id.
 
         Serialized through the job lock: however many restarts and kills race,
-        at most one supervisor runs the job at a time.
+        at most one supervisor runs the job at a time.  auto_gc: as for start().
         """
         _parse_signal(signal)
         self.state()
@@ -4619,11 +5218,11 @@ class Job:
                     self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
                 else:
                     time.sleep(0.02)
-            for path in (self.paths.kill_request, self.paths.kill_ack, self.paths.event):
+            for path in (self.paths.kill_request, self.paths.kill_ack, self.paths.event, self.paths.output_events):
                 _unlink_quietly(path)
             _write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
             _launch(self.paths, lock)
-        _auto_gc(self.root)
+        _auto_gc_after_launch(self.root, auto_gc)
         return self
 
     @_deleted_is_not_found
@@ -4758,6 +5357,34 @@ class Job:
         _delete_job(self.paths)
 
     @_deleted_is_not_found
+    def set_notifications(self, **changes) -> JobSpec:
+        """Change the job's notification sinks, in any state; returns the new definition.
+
+        Keywords: notify_command, notify_file, output_pattern, output_match_type,
+        output_stream, output_command, output_file.  Those not given are kept;
+        None (or "") clears one.  Nothing is delivered now: on a running job the
+        output settings apply to the lines that end from about 0.2 s later, the
+        completion sinks to its end; on a finished job only the definition changes.
+        """
+        unknown = sorted(set(changes) - set(JobSpec._SINK_KEYS))
+        if unknown:
+            raise InvalidArgumentError("unknown notification setting(s): %s" % ", ".join(unknown),
+                                       hint="one of: " + ", ".join(JobSpec._SINK_KEYS))
+        try:
+            with _meta_lock(self.paths) as lock:
+                lock.acquire(blocking=True)
+                spec = _read_spec(self.paths)
+                for key, value in changes.items():
+                    setattr(spec, key, value if value not in (None, "") else JobSpec.__dataclass_fields__[key].default)
+                _check_sinks(spec)
+                _write_json_atomic(self.paths.meta, spec.to_dict())
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise  # a deleted job: _deleted_is_not_found says so
+            raise JobIOError("cannot update the notifications of job %s: %s" % (self.id, exc.strerror or exc)) from None
+        return spec
+
+    @_deleted_is_not_found
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
@@ -4774,10 +5401,26 @@ class Job:
         return tags
 
 
+def _check_sinks(spec: JobSpec) -> None:
+    """Validate a definition's notification settings and make its files absolute."""
+    for key in ("notify_command", "notify_file", "output_pattern", "output_command", "output_file"):
+        if getattr(spec, key) is not None and not isinstance(getattr(spec, key), str):
+            raise InvalidArgumentError("%s must be a string" % key)
+    _check_stream(spec.output_stream, "--output-stream")
+    if spec.output_pattern is not None:
+        _output_search(spec.output_pattern, spec.output_match_type)
+    elif spec.output_match_type not in _MATCH_TYPES:
+        _output_search("", spec.output_match_type)  # says what the match types are
+    for key in ("notify_file", "output_file"):
+        if getattr(spec, key):
+            setattr(spec, key, _abspath(getattr(spec, key)))
+
+
 def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, masks=(), has_stdin=False,
                 timeout_s=None, kill_after_s=None, kill_orphans=False, tags=(), notify_command=None,
-                notify_file=None, queue=None, after=(), after_any=False, restart=None, max_restarts=None,
-                restart_delay_s=None) -> JobSpec:
+                notify_file=None, output_pattern=None, output_match_type="contains", output_stream="either",
+                output_command=None, output_file=None, queue=None, after=(), after_any=False, restart=None,
+                max_restarts=None, restart_delay_s=None) -> JobSpec:
     """Validate a definition and make it absolute, so the job means the same from anywhere."""
     if isinstance(argv, str):
         argv = [argv]
@@ -4791,18 +5434,21 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
                 or "\0" in key + value):
             raise InvalidArgumentError("invalid environment variable %r" % (key,))
     cwd = _abspath(cwd or os.curdir)
-    return JobSpec(
+    spec = JobSpec(
         argv=argv, cwd=cwd, env=env, env_files=[_abspath(p) for p in env_files],
         inherit_env=bool(inherit_env), masks=list(masks), has_stdin=has_stdin,
         timeout_s=_parse_duration(timeout_s or 0, "timeout"),
         kill_after_s=_parse_duration(DEFAULT_KILL_AFTER_S if kill_after_s is None else kill_after_s,
                                      "kill_after"),
         kill_orphans=bool(kill_orphans), tags=_validate_tags(tags),
-        notify_command=notify_command,
-        notify_file=_abspath(notify_file) if notify_file else None,
+        notify_command=notify_command or None, notify_file=notify_file or None,
+        output_pattern=output_pattern or None, output_match_type=output_match_type,
+        output_stream=output_stream, output_command=output_command or None, output_file=output_file or None,
         created_at=_utc_now(),
         queue=None if queue is None else _validate_queue_name(queue), after=list(after),
         after_any=_check_after_any(after, after_any), **_restart_policy(restart, max_restarts, restart_delay_s))
+    _check_sinks(spec)
+    return spec
 
 
 def _check_after_any(after, after_any) -> bool:
@@ -4829,7 +5475,9 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, env_files: Sequence[str] = (), inherit_env: bool = True,
            masks: Sequence[str] = (), stdin=None, timeout_s=None, kill_after_s=None,
            kill_orphans: bool = False, tags: Sequence[str] = (), notify_command: Optional[str] = None,
-           notify_file: Optional[str] = None, queue: Optional[str] = None, after: Sequence[str] = (),
+           notify_file: Optional[str] = None, output_pattern: Optional[str] = None,
+           output_match_type: str = "contains", output_stream: str = "either", output_command: Optional[str] = None,
+           output_file: Optional[str] = None, queue: Optional[str] = None, after: Sequence[str] = (),
            after_any: bool = False, restart: Optional[str] = None, max_restarts: Optional[int] = None,
            restart_delay_s=None) -> Job:
     """Define a job (state `created`) without starting it.
@@ -4838,6 +5486,11 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
     stdin: bytes or str given to the job as its standard input.
     timeout_s / kill_after_s: seconds (or '90s', '5m'); TERM at the timeout, KILL after the grace.
     kill_orphans: when the main process exits, stop whatever it left running.
+    notify_command / notify_file: sinks of the job.finished event.
+    output_pattern: each line of output it finds something in ('contains': a
+    literal, the default; 'regex': Python re) on output_stream ('stdout',
+    'stderr', 'either') sends one job.output_matched event to output_command
+    and output_file while the job runs.
     queue: run in that queue's slots (at most its `parallel` jobs at once, in order).
     after: ids (or prefixes) of existing jobs that must end first; if one does not
     exit 0 the job ends `failed` (stage "dependency"), unless after_any.
@@ -4848,7 +5501,8 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
     return _create(resolve_root(root), argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env,
                    masks=masks, stdin=stdin, timeout_s=timeout_s, kill_after_s=kill_after_s,
                    kill_orphans=kill_orphans, tags=tags, notify_command=notify_command, notify_file=notify_file,
-                   queue=queue, after=after, after_any=after_any, restart=restart, max_restarts=max_restarts,
+                   output_pattern=output_pattern, output_match_type=output_match_type, output_stream=output_stream,
+                   output_command=output_command, output_file=output_file, queue=queue, after=after, after_any=after_any, restart=restart, max_restarts=max_restarts,
                    restart_delay_s=restart_delay_s)
 
 
@@ -4896,26 +5550,43 @@ def _inline_supervisor_log(error: LaunchError, paths: JobPaths) -> None:
                       "files (ulimit -u, ulimit -n)")
 
 
-def run(argv, *, root: Optional[str] = None, **definition) -> Job:
+def run(argv, *, root: Optional[str] = None, ready=None, ready_stream: str = "either",
+        ready_timeout_s: Optional[float] = None, auto_gc=True, **definition) -> Job:
     """Define and launch a job; returns once its supervisor has acknowledged.
 
     Takes the same keyword arguments as create().  A command that cannot be
     executed is not an error here: the job ends `failed` with `error` set.
     Raises LaunchError when the supervisor could not be started.
+
+    ready: a regular expression; then return only once a line of the job's
+    output matches it, the job has ended, or ready_timeout_s has passed (None:
+    no limit), with `job.readiness` saying which (see Job.wait).  The job runs
+    on.  ready_stream: 'stdout', 'stderr' or 'either'.  An invalid pattern
+    raises InvalidArgumentError before anything is created.  auto_gc: see Job.start.
     """
-    return _run(resolve_root(root), argv, **definition)
+    return _run(resolve_root(root), argv, ready=ready, ready_stream=ready_stream, ready_timeout_s=ready_timeout_s,
+                auto_gc=auto_gc, **definition)
 
 
-def _run(root: str, argv, **definition) -> Job:
+def _run(root: str, argv, *, ready=None, ready_stream: str = "either", ready_timeout_s: Optional[float] = None,
+         auto_gc=True, **definition) -> Job:
     """run() under a resolved root."""
+    pattern = None if ready is None else _compile_line_pattern(ready, "ready")
+    _check_stream(ready_stream, "ready_stream")
+    if pattern is None and ready_stream != "either":
+        raise InvalidArgumentError("ready_stream is for a ready pattern, and none was given")
+    if auto_gc not in (True, False):
+        _parse_duration(auto_gc, "auto_gc")
     job = _create(root, argv, **definition)
     try:
-        job.start()
+        job.start(auto_gc=auto_gc)
     except LaunchError as exc:
         if job.state().status is JobStatus.CREATED:
             _inline_supervisor_log(exc, job.paths)
             _rmtree(job.paths.dir, ignore_errors=True)  # no half-made job left behind
         raise
+    if pattern is not None:
+        job.readiness = job.wait(ready_timeout_s, match=pattern, stream=ready_stream)
     return job
 
 
@@ -5059,7 +5730,11 @@ _JOB_FIELDS = {
 _OUTPUT_FIELDS = {"stdout": _STR, "stderr": _STR, "stdout_range": _RANGE, "stderr_range": _RANGE,
                   "stdout_total_bytes": _INT, "stderr_total_bytes": _INT,
                   "encoding": {"type": "string", "enum": ["utf-8-lossy"]}}
-_RUN_FIELDS = dict(_JOB_FIELDS, **_OUTPUT_FIELDS, elapsed_ms=_INT)
+# The line a wait --match / run --ready found: null when none was asked for or found.
+_MATCHED = {"type": ["object", "null"], "additionalProperties": False, "required": ["stream", "line", "offset"],
+            "properties": {"stream": {"type": "string", "enum": ["stdout", "stderr"]}, "line": _STR,
+                           "offset": {"type": "integer", "minimum": 0}}}
+_RUN_FIELDS = dict(_JOB_FIELDS, **_OUTPUT_FIELDS, elapsed_ms=_INT, matched=_MATCHED)
 _SUMMARY_FIELDS = {k: v for k, v in _JOB_FIELDS.items() if k not in ("env", "warnings")}
 _ACTION_ROW = {"type": "object", "required": ["job_id", "action", "reason"], "properties": {
     "job_id": _STR, "action": {"type": "string", "enum": ["deleted", "would_delete", "skipped"]},
@@ -5098,9 +5773,14 @@ _RESPONSE_FIELDS: Dict[str, Dict[str, dict]] = {
     "tag": {"job_id": _STR, "tags": _STR_LIST},
     "queue": {"root": _STR, "queues": {"type": "array", "items": _object_schema({
         "name": _STR, "parallel": _INT, "paused": _BOOL, "running": _STR_LIST, "waiting": _STR_LIST})}},
+    "notify": {"job_id": _STR, "notify_command": _OPT_STR, "notify_file": _OPT_STR, "output_pattern": _OPT_STR,
+               "output_match_type": {"type": "string", "enum": list(_MATCH_TYPES)},
+               "output_stream": {"type": "string", "enum": list(_STREAM_CHOICES)},
+               "output_command": _OPT_STR, "output_file": _OPT_STR},
     "schema": {"schema_format": _STR, "schemas": {"type": "object"}},
     "health": {"version": _STR, "root": _STR, "capabilities": _CAPABILITIES},
     "doctor": {"root": _STR, "capabilities": _CAPABILITIES},
+    "skill": {"path": _STR, "bytes": _INT},
     "serve": {"url": _STR, "host": _STR, "port": _INT, "auth": _BOOL, "token": _OPT_STR, "token_file": _STR,
               "login_url": _OPT_STR, "allowed_origins": _STR_LIST},
     "definition": {"job_id": _STR, "command": _STR_LIST, "cwd": _STR, "env": {"type": "object",
@@ -5193,6 +5873,8 @@ def _document_schemas() -> Dict[str, dict]:
     state["properties"]["last_exit"] = _LAST_EXIT_INFO
     state["properties"]["queue_slot"] = {"type": ["object", "null"], "properties": {
         "queue": _STR, "slot": _INT, "at": _STR}}
+    meta["properties"]["output_match_type"]["enum"] = list(_MATCH_TYPES)
+    meta["properties"]["output_stream"]["enum"] = list(_STREAM_CHOICES)
     schemas = {"state": state, "meta": meta, "error": _error_schema()}
     for kind in _RESPONSE_FIELDS:
         schemas[kind] = _response_schema(kind)
@@ -5258,11 +5940,14 @@ def _output_view(tail: Tail) -> dict:
             "encoding": tail.encoding}
 
 
-def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int) -> dict:
-    """RunData: the job view plus the last max_bytes of each stream."""
+def _run_view(job: Job, state: JobState, max_bytes: int, elapsed_ms: int,
+              matched: Optional[LineMatch] = None) -> dict:
+    """RunData: the job view plus the last max_bytes of each stream, and the line matched if any."""
     view = _job_view(job.paths, state)
     view.update(_output_view(_tail(job.paths, None, max_bytes)))
     view["elapsed_ms"] = elapsed_ms
+    view["matched"] = None if matched is None else {"stream": matched.stream, "line": matched.line,
+                                                    "offset": matched.offset}
     return view
 
 
@@ -5293,17 +5978,24 @@ def _elapsed_ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int, started: float) -> dict:
-    """RunData after waiting up to until_s (0: not at all, None: until the end).
+def _observed_doc(kind: str, job: Job, until_s: Optional[float], max_bytes: int, started: float,
+                  match=None, stream: str = "either", cancel: Optional[threading.Event] = None) -> dict:
+    """RunData after waiting up to until_s (0: not at all, None: until the end),
+    or with match, until a line matches (0: only the lines already written).
 
     run, start and restart return at once for a job that waits its turn (a
     queue slot, other jobs): that may take hours; `wait` is there for it.
     """
-    state = job.state()
+    state, matched = job.state(), None
     queued = kind != "wait" and state.status is JobStatus.CREATED and state.waiting is not None
-    if until_s != 0 and not (queued and until_s is not None):
-        state = job.wait(until_s)
-    return _envelope(kind, _run_view(job, state, max_bytes, _elapsed_ms(started)))
+    if queued and until_s is not None:
+        pass
+    elif match is not None:
+        readiness = job.wait(until_s, match=match, stream=stream, cancel=cancel)
+        state, matched = readiness.state, readiness.match
+    elif until_s != 0:
+        state = job.wait(until_s, cancel=cancel)
+    return _envelope(kind, _run_view(job, state, max_bytes, _elapsed_ms(started), matched))
 
 
 def _status_doc(job: Job) -> dict:
@@ -5357,6 +6049,12 @@ def _tail_doc(job: Job, lines: int, max_bytes: int) -> dict:
     view.update(stdout_log_path=job.paths.stdout_log, stderr_log_path=job.paths.stderr_log,
                 warnings=list(state._warnings))
     return _envelope("tail", view)
+
+
+def _notify_doc(job: Job, spec: JobSpec) -> dict:
+    view = {key: getattr(spec, key) for key in JobSpec._SINK_KEYS}
+    view["job_id"] = job.id
+    return _envelope("notify", view)
 
 
 def _kill_doc(job: Job, signal: str, kill_after_s: Optional[float], wait_s: float) -> dict:
@@ -5431,6 +6129,10 @@ def _count_param(description: str) -> dict:
 _UNTIL_PARAM = _duration_param("seconds to wait for the job to finish")
 _MAX_BYTES_PARAM = _count_param("output excerpt size per stream")
 _TAGS_PARAM = {"type": "array", "items": {"type": "string"}}
+_STREAM_PARAM = {"type": "string", "enum": list(_STREAM_CHOICES),
+                 "description": "the output the pattern looks at (default either)"}
+_LINE_PATTERN = ("a regular expression (Python re) searched in each line of output; return as soon as a line "
+                 "matches (lines already written count), with `matched`: {stream, line, offset}; the job runs on")
 _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
     "run": ("Start a command as a durable background job (it keeps running after this call), wait up "
             "to `until` seconds, and return its state and the end of its output.", {
@@ -5438,6 +6140,8 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                             "description": "argv; a single element is run by the shell"},
                 "cwd": {"type": "string"}, "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 "stdin": {"type": "string", "description": "standard input for the job"},
+                "stdin_file": {"type": "string", "description": "a file whose content is the job's standard input "
+                               "(read now, at most 64 MiB; a relative path is in `cwd`)"},
                 "timeout": _duration_param("stop the tree after this many seconds"),
                 "kill_after": _duration_param("then KILL what is left after S seconds"), "until": _UNTIL_PARAM,
                 "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM,
@@ -5448,28 +6152,45 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                 "after_any": {"type": "boolean", "description": "with after: start whatever their results"},
                 "restart": {"type": "string", "enum": list(RESTART_POLICIES)},
                 "max_restarts": _count_param("at most this many restarts (default 5 with restart)"),
-                "restart_delay": _duration_param("first restart delay, doubling up to 60 s (default 1)")},
+                "restart_delay": _duration_param("first restart delay, doubling up to 60 s (default 1)"),
+                "ready": {"type": "string", "description": "wait until the job is ready: " + _LINE_PATTERN},
+                "stream": _STREAM_PARAM},
             ["command"]),
     "status": ("State, exit code, signal, times and log paths of a job.", {"job_id": _JOB_ID_PARAM}, ["job_id"]),
     "tail": ("The last lines of a job's stdout and stderr.", {
         "job_id": _JOB_ID_PARAM, "lines": _count_param("lines per stream"), "max_bytes": _MAX_BYTES_PARAM},
         ["job_id"]),
-    "wait": ("Wait up to `until` seconds for a job to finish; returns its state and output.", {
-        "job_id": _JOB_ID_PARAM, "until": _UNTIL_PARAM, "max_bytes": _MAX_BYTES_PARAM}, ["job_id"]),
+    "wait": ("Wait up to `until` seconds for a job to finish, or with `match` for a line of its output; "
+             "returns its state and output.", {
+                 "job_id": _JOB_ID_PARAM, "until": _UNTIL_PARAM, "max_bytes": _MAX_BYTES_PARAM,
+                 "match": {"type": "string", "description": _LINE_PATTERN}, "stream": _STREAM_PARAM}, ["job_id"]),
     "kill": ("Signal a job's whole process tree (default TERM) and report what is left.", {
         "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "TERM, INT, KILL, HUP, ..."},
-        "kill_after": _duration_param("then KILL what is left after S seconds")}, ["job_id"]),
+        "kill_after": _duration_param("then KILL what is left after S seconds"),
+        "no_wait": {"type": "boolean", "description": "answer at once, without observing the tree for 3 s"}},
+        ["job_id"]),
     "list": ("Jobs newest first: by default those started in `cwd` (the server's directory), or all.", {
         "state": {"type": "string", "enum": list(_LIST_STATES)},
         "limit": _count_param("at most this many jobs"), "all": {"type": "boolean"}, "cwd": {"type": "string"},
         "tags": _TAGS_PARAM}, []),
+    "restart": ("Stop a job's tree if it runs, then run the same definition again under the same id (logs "
+                "reset); wait as `run` does.", {
+                    "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "stops the running tree"},
+                    "kill_after": _duration_param("then KILL what is left after S seconds"), "until": _UNTIL_PARAM,
+                    "max_bytes": _MAX_BYTES_PARAM,
+                    "ready": {"type": "string", "description": "wait until the job is ready: " + _LINE_PATTERN},
+                    "stream": _STREAM_PARAM}, ["job_id"]),
+    "delete": ("Remove a finished job's directory (its logs included); refused for a running job.", {
+        "job_id": _JOB_ID_PARAM, "dry_run": {"type": "boolean"}}, ["job_id"]),
 }
-# Operations the HTTP API adds for the web page's buttons (MCP keeps the six above).
-_HTTP_OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
-    "restart": ("Stop the job's tree if it runs, then start its definition again under the same id.", {
-        "job_id": _JOB_ID_PARAM, "signal": {"type": "string", "description": "TERM, INT, KILL, HUP, ..."},
-        "kill_after": _duration_param("then KILL what is left after S seconds"), "until": _UNTIL_PARAM,
-        "max_bytes": _MAX_BYTES_PARAM}, ["job_id"]),
+# MCP tool annotations: hints for clients deciding what to ask the user about.
+_TOOL_ANNOTATIONS = {
+    "run": {"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
+    "restart": {"readOnlyHint": False, "destructiveHint": True, "openWorldHint": True},
+    "kill": {"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True},
+    "delete": {"readOnlyHint": False, "destructiveHint": True},
+    "status": {"readOnlyHint": True}, "tail": {"readOnlyHint": True}, "wait": {"readOnlyHint": True},
+    "list": {"readOnlyHint": True},
 }
 _JSON_TYPE_CHECKS = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
                      "array": list, "object": dict}
@@ -5477,7 +6198,7 @@ _JSON_TYPE_CHECKS = {"string": str, "integer": int, "number": (int, float), "boo
 
 def _check_arguments(operation: str, args: dict) -> dict:
     """Reject unknown, missing, mistyped and out-of-range arguments before doing anything."""
-    _, params, required = _OPERATIONS[operation] if operation in _OPERATIONS else _HTTP_OPERATIONS[operation]
+    _, params, required = _OPERATIONS[operation]
     if not isinstance(args, dict):
         raise InvalidArgumentError("arguments must be a JSON object")
     unknown = sorted(set(args) - set(params))
@@ -5541,9 +6262,39 @@ def _range_text(param: dict) -> str:
     return "a finite %s with %s <= value %s" % (param["type"], param["minimum"], high)
 
 
-def _call_operation(operation: str, args: dict, root: str, *, default_until: float,
-                    max_until: Optional[float] = None) -> dict:
+class _ToolCall:
+    """One operation under way: its client may cancel it (the wait ends at
+    once, the job runs on) and follow its progress (the job it is about)."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+        self.job: Optional[Job] = None
+        self.guard = threading.Lock()  # progress is never sent after the answer
+        self.answered = False
+
+
+def _operation_stdin(args: dict):
+    """The job's standard input from `stdin`, or `stdin_file` read now (as --stdin-file)."""
+    if "stdin_file" not in args:
+        return args.get("stdin")
+    if "stdin" in args:
+        raise InvalidArgumentError("give either stdin or stdin_file, not both")
+    path = os.path.join(args.get("cwd") or os.curdir, os.path.expanduser(args["stdin_file"]))
+    try:
+        with open(path, "rb") as f:
+            data = f.read(DEFAULT_STDIN_MAX_BYTES + 1)
+    except OSError as exc:
+        raise InvalidArgumentError("cannot read stdin_file %s: %s" % (path, exc.strerror or exc)) from None
+    if len(data) > DEFAULT_STDIN_MAX_BYTES:
+        raise StdinTooLargeError("stdin_file is larger than %d bytes" % DEFAULT_STDIN_MAX_BYTES,
+                                 hint="give the job a smaller input, or let it read the file itself")
+    return data
+
+
+def _call_operation(operation: str, args: dict, root: str, *, default_until: Optional[float],
+                    max_until: Optional[float] = None, call: Optional[_ToolCall] = None) -> dict:
     """Run one agent operation under a resolved root; returns its envelope (JobError propagates)."""
+    call = call or _ToolCall()
     args = _check_arguments(operation, args)
     started = time.monotonic()
     until = args.get("until", default_until)
@@ -5551,27 +6302,44 @@ def _call_operation(operation: str, args: dict, root: str, *, default_until: flo
         until = min(until, max_until)
     max_bytes = args.get("max_bytes", DEFAULT_MAX_BYTES)
     if operation == "run":
-        job = _run(root, args["command"], cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
+        ready, stream = _line_pattern_args(args, "ready")  # checked before anything launches
+        job = _run(root, args["command"], cwd=args.get("cwd"), env=args.get("env"), stdin=_operation_stdin(args),
                    timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()),
                    queue=args.get("queue"), after=args.get("after", ()), after_any=args.get("after_any", False),
                    restart=args.get("restart"), max_restarts=args.get("max_restarts"),
                    restart_delay_s=args.get("restart_delay"))
-        return _observed_doc("run", job, until, max_bytes, started)
+        call.job = job
+        return _observed_doc("run", job, until, max_bytes, started, ready, stream, call.cancelled)
     if operation == "list":
         return _list_doc(root, cwd=args.get("cwd"), all_jobs=args.get("all", False),
                          state=args.get("state"), tags=args.get("tags", ()),
                          limit=args.get("limit", DEFAULT_LIST_LIMIT))
-    job = _open_job(root, args["job_id"])
+    job = call.job = _open_job(root, args["job_id"])
     if operation == "status":
         return _status_doc(job)
     if operation == "tail":
         return _tail_doc(job, args.get("lines", DEFAULT_TAIL_LINES), max_bytes)
     if operation == "wait":
-        return _observed_doc("wait", job, until, max_bytes, started)
+        match, stream = _line_pattern_args(args, "match")
+        return _observed_doc("wait", job, until, max_bytes, started, match, stream, call.cancelled)
     if operation == "restart":
+        ready, stream = _line_pattern_args(args, "ready")
         job.restart(args.get("signal", "TERM"), kill_after_s=args.get("kill_after", DEFAULT_KILL_AFTER_S))
-        return _observed_doc("restart", job, until, max_bytes, started)
-    return _kill_doc(job, args.get("signal", "TERM"), args.get("kill_after"), DEFAULT_KILL_OBSERVE_S)
+        return _observed_doc("restart", job, until, max_bytes, started, ready, stream, call.cancelled)
+    if operation == "delete":
+        return _delete_doc(root, job.id, args.get("dry_run", False))
+    return _kill_doc(job, args.get("signal", "TERM"), args.get("kill_after"),
+                     0 if args.get("no_wait") else DEFAULT_KILL_OBSERVE_S)
+
+
+def _line_pattern_args(args: dict, key: str):
+    """(compiled pattern or None, stream) from the `ready`/`match` and `stream` arguments."""
+    stream = args.get("stream")
+    if args.get(key) is None:
+        if stream is not None:
+            raise InvalidArgumentError("'stream' is for %r, and no %r was given" % (key, key))
+        return None, "either"
+    return _compile_line_pattern(args[key], key), _check_stream(stream or "either", "stream")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -5711,6 +6479,8 @@ class _McpServer:
         self.output = output
         self.write_lock = threading.Lock()
         self.calls: List[threading.Thread] = []
+        self.pending: Dict[object, _ToolCall] = {}  # tools/call requests under way, by id (to cancel them)
+        self.pending_guard = threading.Lock()
         self.default_until = _env_seconds("JOBSTATE_MCP_DEFAULT_UNTIL", DEFAULT_RUN_UNTIL_S)
         self.max_until = _env_seconds("JOBSTATE_MCP_MAX_UNTIL", 55.0)
         self.max_line = _env_size("JOBSTATE_MCP_MAX_LINE", _MCP_MAX_LINE)
@@ -5742,15 +6512,36 @@ class _McpServer:
         if isinstance(request, dict):
             return self.send(request)
         if request is None:
-            return None
+            return self.notified(line)
         if request.method != "tools/call":
             return self.guarded(request.id, self.answer, request)
         # Tool calls may wait: each in a thread, so pings and other calls go on meanwhile.
-        call = threading.Thread(target=self.guarded, args=(request.id, self.call_tool, request.id, request.params),
-                                daemon=True)
-        self.guarded(request.id, call.start)
-        self.calls = [c for c in self.calls + [call] if c.is_alive()]
+        call = _ToolCall()
+        if isinstance(request.id, (str, int, float)):
+            with self.pending_guard:
+                self.pending[request.id] = call
+        thread = threading.Thread(target=self.guarded, daemon=True,
+                                  args=(request.id, self.call_tool, request.id, request.params, call))
+        self.guarded(request.id, thread.start)
+        self.calls = [c for c in self.calls + [thread] if c.is_alive()]
         return None
+
+    def notified(self, line: bytes) -> None:
+        """A notification: of those, only notifications/cancelled asks something of us.
+        The call's wait ends at once, the job runs on, and (as MCP says) no answer is sent."""
+        try:
+            message = _parse_json_line(line.decode("utf-8-sig"), _MCP_MAX_DEPTH)
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("method") != "notifications/cancelled":
+            return
+        params = message.get("params")
+        request_id = params.get("requestId") if isinstance(params, dict) else None
+        if isinstance(request_id, (str, int, float)) and not isinstance(request_id, bool):
+            with self.pending_guard:
+                call = self.pending.get(request_id)
+            if call is not None:
+                call.cancelled.set()
 
     def answer(self, request: _McpRequest) -> None:
         handlers = {"initialize": self.initialize, "ping": lambda p: {}, "tools/list": self.list_tools}
@@ -5770,33 +6561,82 @@ class _McpServer:
                 "capabilities": {"tools": {"listChanged": False}},
                 "serverInfo": {"name": "jobstate", "version": __version__},
                 "instructions": "Run commands as durable background jobs: `run` starts one and waits up to "
-                                "`until` seconds; poll long jobs with `wait` or `status`, read output with "
+                                "`until` seconds (with `ready`, only until a line of output matches: start a "
+                                "server and know it is up); poll long jobs with `wait` or `status`, read output with "
                                 "`tail`, stop whole process trees with `kill`. Jobs outlive this server."}
 
     def list_tools(self, params: dict) -> dict:
+        """Each operation, with its input schema, its output schema (the response
+        or the error envelope, from the tables of `schema`) and its annotations."""
         tools = []
         for name, (description, props, required) in _OPERATIONS.items():
             tools.append({"name": name, "description": description, "inputSchema": {
-                "type": "object", "properties": props, "required": required, "additionalProperties": False}})
+                "type": "object", "properties": props, "required": required, "additionalProperties": False},
+                "outputSchema": {"type": "object", "anyOf": [_response_schema(name), _error_schema()]},
+                "annotations": _TOOL_ANNOTATIONS.get(name, {})})
         return {"tools": tools}
 
-    def call_tool(self, msg_id, params: dict) -> None:
+    def call_tool(self, msg_id, params: dict, call: Optional[_ToolCall] = None) -> None:
+        call = call or _ToolCall()
+        try:
+            self.answer_tool(msg_id, params, call)
+        finally:
+            with self.pending_guard:
+                if self.pending.get(msg_id) is call:
+                    del self.pending[msg_id]
+
+    def answer_tool(self, msg_id, params: dict, call: _ToolCall) -> None:
         name, args = params.get("name"), params.get("arguments")
         if not isinstance(name, str) or name not in _OPERATIONS:
             problem = "unknown tool %r" % _clip(name) if isinstance(name, str) else "the tool name must be a string"
             return self.error(msg_id, -32602, "invalid params: %s; tools: %s" % (problem, ", ".join(_OPERATIONS)))
         if args is None:  # absent, or null as the official SDK sends it
             args = {}
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        if isinstance(token, (str, int)) and not isinstance(token, bool):
+            threading.Thread(target=self.report_progress, args=(token, call), daemon=True).start()
         try:
             doc = _call_operation(name, args, self.root, default_until=self.default_until,
-                                  max_until=self.max_until)
+                                  max_until=self.max_until, call=call)
         except JobError as exc:
             doc = _error_envelope(exc)
         except Exception as exc:  # a bug must not kill the server: report it as a tool error
             doc = _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
+        with call.guard:
+            call.answered = True
+        if call.cancelled.is_set():
+            return  # the client has stopped waiting for this answer
         text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
         self.send({"jsonrpc": "2.0", "id": msg_id, "result": {
             "content": [{"type": "text", "text": text}], "structuredContent": doc, "isError": not doc["ok"]}})
+
+    def report_progress(self, token, call: _ToolCall) -> None:
+        """notifications/progress once a second while the call runs: the seconds
+        elapsed, and the job's last line of output as the message."""
+        started = time.monotonic()
+        while not call.cancelled.wait(_MCP_PROGRESS_S):
+            elapsed = time.monotonic() - started
+            line = _last_output_line(call.job) if call.job is not None else ""
+            with call.guard:
+                if call.answered:
+                    return
+                self.send({"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+                    "progressToken": token, "progress": round(elapsed, 3),
+                    "message": "%.0fs; last output: %s" % (elapsed, line or "(none yet)")}})
+
+
+_MCP_PROGRESS_S = 1.0
+_FULL_LOG_PREFIX = re.compile(r"\A\S+ \[(?:STDOUT|STDERR)\] ")
+
+
+def _last_output_line(job: Job) -> str:
+    """The job's last line of output, whichever stream wrote it (from full.log), at most 200 characters."""
+    try:
+        text = _read_tail(job.paths.full_log, 1, 4096)[0]
+    except JobError:
+        return ""
+    return _FULL_LOG_PREFIX.sub("", text.strip())[:200]
 
 
 def _serve_mcp(root: str) -> int:
@@ -5821,8 +6661,12 @@ _HTTP_STATUS = {"job_not_found": 404, "invalid_state": 409, "unauthorized": 401,
 # The methods each endpoint answers (endpoints are named by _http_endpoint).
 _HTTP_METHODS = {"health": ("GET",), "jobs": ("GET", "POST"), "job": ("GET", "DELETE"), "tail": ("GET",),
                  "wait": ("GET",), "kill": ("POST",), "restart": ("POST",), "log": ("GET",),
-                 "definition": ("GET",), "notifications": ("GET",), "page": ("GET",), "asset": ("GET",)}
-_JOB_ENDPOINTS = ("tail", "wait", "kill", "restart", "log", "definition", "notifications")
+                 "definition": ("GET",), "notifications": ("GET",), "page": ("GET",), "asset": ("GET",),
+                 "follow": ("GET",), "exec": ("POST",), "@status": ("GET",), "@tail": ("GET",), "@wait": ("GET",),
+                 "@kill": ("POST",)}
+_JOB_ENDPOINTS = ("tail", "wait", "kill", "restart", "log", "definition", "notifications", "follow")
+# agent-exec's paths (/status/ID, ...): the endpoint each stands for.
+_HTTP_ALIASES = {"@status": "job", "@tail": "tail", "@wait": "wait", "@kill": "kill"}
 # Every response carries these.  The policy lets the web page run only its own
 # script and style (no inline code, nothing fetched from elsewhere, no framing).
 _PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
@@ -5925,6 +6769,8 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
             except Exception as exc:  # a bug: answer 500 with an envelope, keep serving
                 status, doc = 500, _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
             self.discard_body()
+            if isinstance(doc, _OutputFollow):  # GET /jobs/{id}/follow: the output, live
+                return _send_follow(self, doc)
             if isinstance(doc, _RawReply):
                 return self.send_raw(doc)
             return self.send_envelope(status, doc, extra)
@@ -6000,6 +6846,11 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
                              (("Location", "/"), ("Set-Cookie", cookie)))
 
         def body(self) -> dict:
+            if self.headers.get("Content-Type") is None and _content_length(self.headers) == 0:
+                # No body at all (agent-exec's POST /kill/ID): nothing to parse, and no
+                # form sends that; Origin and the token were checked already.
+                self.body_read = True
+                return {}
             if not _is_json_media_type(self.headers.get("Content-Type")):
                 raise _UnsupportedMediaTypeError(
                     "request bodies must be JSON, not %r" % (self.headers.get("Content-Type"),),
@@ -6115,8 +6966,9 @@ def _route_http(method: str, target: str, read_body, root: str):
     if endpoint is None:
         raise _EndpointNotFoundError("no endpoint %s %s" % (method, path),
                                      hint="endpoints: /health, /jobs, /jobs/ID, /jobs/ID/tail, /jobs/ID/wait, "
-                                          "/jobs/ID/kill, /jobs/ID/restart, /jobs/ID/log, /jobs/ID/definition, "
-                                          "/jobs/ID/notifications, / (the web page)")
+                                          "/jobs/ID/kill, /jobs/ID/restart, /jobs/ID/follow, /jobs/ID/log, "
+                                          "/jobs/ID/definition, /jobs/ID/notifications, / (the web page); "
+                                          "agent-exec's /exec, /status/ID, /tail/ID, /wait/ID, /kill/ID")
     if method not in _HTTP_METHODS[endpoint]:
         raise _MethodNotAllowedError(method, path, _HTTP_METHODS[endpoint])
     params = parse_qs(query_text)
@@ -6125,6 +6977,17 @@ def _route_http(method: str, target: str, read_body, root: str):
         return _envelope("health", {"version": __version__, "root": root, "capabilities": _capabilities(root)})
     if endpoint == "asset":
         return _web_asset(parts[0])
+    if endpoint == "exec":  # agent-exec's POST /exec: "wait": false means until 0
+        body = read_body()
+        wait = body.pop("wait", True)
+        if not isinstance(wait, bool):
+            raise InvalidArgumentError("exec: 'wait' must be true or false")
+        return _call_operation("run", body if wait else dict(body, until=0), root, default_until=DEFAULT_RUN_UNTIL_S)
+    wait_until: Optional[float] = DEFAULT_WAIT_UNTIL_S
+    if endpoint in _HTTP_ALIASES:  # agent-exec's GET /status|tail|wait/ID (wait: to the end), POST /kill/ID
+        endpoint, parts, wait_until = _HTTP_ALIASES[endpoint], ["jobs", parts[1]], None
+        if "tail_lines" in query:
+            query["lines"] = query.pop("tail_lines")
     if endpoint == "jobs" and method == "POST":
         return _call_operation("run", read_body(), root, default_until=DEFAULT_RUN_UNTIL_S)
     if endpoint == "jobs":
@@ -6133,20 +6996,26 @@ def _route_http(method: str, target: str, read_body, root: str):
             args["tags"] = params["tag"]
         return _call_operation("list", args, root, default_until=0)
     job_id = parts[1]
-    if endpoint in ("kill", "restart"):
-        return _call_operation(endpoint, dict(read_body(), job_id=job_id), root, default_until=0)
+    if endpoint == "kill":
+        args = dict(read_body(), **_query_args(query, {"no_wait": bool}))
+        return _call_operation("kill", dict(args, job_id=job_id), root, default_until=0)
+    if endpoint == "restart":
+        return _call_operation("restart", dict(read_body(), job_id=job_id), root, default_until=0)
+    if endpoint == "follow":
+        return _follow_request(_open_job(root, job_id), _query_args(query, {"lines": int, "max_bytes": int,
+                                                                             "stream": str}))
     if endpoint == "log":
         return _log_reply(root, job_id, parse_qs(query_text, keep_blank_values=True))
     if endpoint in ("definition", "notifications"):
         _query_args(query, {})
-        job = open_job(job_id, root)
+        job = _open_job(root, job_id)
         return _definition_doc(job) if endpoint == "definition" else _notifications_doc(job)
     if method == "DELETE":
         return _delete_doc(root, job_id, False)
-    types = {"job": {}, "tail": {"lines": int, "max_bytes": int}, "wait": {"until": float, "max_bytes": int}}
+    types = {"job": {}, "tail": {"lines": int, "max_bytes": int},
+             "wait": {"until": float, "max_bytes": int, "match": str, "stream": str}}
     args = dict(_query_args(query, types[endpoint]), job_id=job_id)
-    return _call_operation("status" if endpoint == "job" else endpoint, args, root,
-                           default_until=DEFAULT_WAIT_UNTIL_S)
+    return _call_operation("status" if endpoint == "job" else endpoint, args, root, default_until=wait_until)
 
 
 def _http_target(target: str) -> Tuple[Optional[List[str]], str]:
@@ -6167,11 +7036,88 @@ def _http_endpoint(parts: Optional[List[str]]) -> Optional[str]:
         return "page"
     if parts is not None and len(parts) == 1 and parts[0] in _WEB_ASSETS:
         return "asset"
+    if parts == ["exec"]:
+        return "exec"
+    if parts is not None and len(parts) == 2 and "@" + parts[0] in _HTTP_ALIASES:
+        return "@" + parts[0]
     if not parts or parts[0] != "jobs" or len(parts) > 3:
         return None
     if len(parts) < 3:
         return ("jobs", "job")[len(parts) - 1]
     return parts[2] if parts[2] in _JOB_ENDPOINTS else None
+
+
+@dataclass
+class _OutputFollow:
+    """The answer of GET /jobs/{id}/follow: not a document but the output as it
+    comes, sent by _send_follow (chunked text/plain, or text/event-stream)."""
+
+    job: Job
+    start: Tuple[int, int]  # where each log is read from: the start of its last `lines`
+    streams: Tuple[bool, bool]  # stdout, stderr
+
+
+def _follow_request(job: Job, args: dict) -> _OutputFollow:
+    lines = args.get("lines", DEFAULT_TAIL_LINES)
+    if lines < 0:
+        raise InvalidArgumentError("lines: %r is negative" % (lines,))
+    stream = _check_stream(args.get("stream", "either"), "stream")
+    tail = job.tail(lines, _parse_size(args.get("max_bytes", DEFAULT_MAX_BYTES), "max_bytes"))
+    return _OutputFollow(job, (tail.stdout_range[0], tail.stderr_range[0]),
+                         (stream in ("stdout", "either"), stream in ("stderr", "either")))
+
+
+def _send_follow(handler, follow: _OutputFollow) -> None:
+    """Stream a job's output as it is written until the job ends.  A follower
+    that goes away only ends this thread's reading: the job is not touched."""
+    import codecs
+    events = "text/event-stream" in (handler.headers.get("Accept") or "")
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream; charset=utf-8" if events else "text/plain; charset=utf-8")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.finish_response(b"")  # the headers every answer carries (security, CORS), then the stream
+    handler.close_connection = True  # after the stream, not announced: the client reads it to its last chunk
+    out = handler.wfile
+
+    def chunk(data: bytes) -> None:
+        if data:
+            out.write(b"%x\r\n%s\r\n" % (len(data), data))
+            out.flush()
+
+    def sink(name: str, offset: int):
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        position = [offset]
+
+        def write(data: bytes) -> None:
+            if not events:
+                return chunk(data)
+            text = decoder.decode(data)  # a character split between reads comes whole with the next
+            if text:
+                chunk(b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(
+                    {"offset": position[0], "text": text}).encode()))
+            position[0] += len(data)
+        return write if follow.streams[name == "stderr"] else (lambda data: None)
+
+    try:
+        _follow(follow.job.paths, follow.start, [sink("stdout", follow.start[0]), sink("stderr", follow.start[1])],
+                wanted=lambda: _client_is_there(handler.connection))
+        if events:
+            chunk(b"event: end\ndata: %s\n\n" % json.dumps(_status_doc(follow.job)).encode())
+        out.write(b"0\r\n\r\n")
+        out.flush()
+    except (OSError, JobError):  # the client went away, or the job was deleted: nothing left to send
+        pass
+
+
+def _client_is_there(sock) -> bool:
+    """False once the peer has closed the connection (a readable socket with nothing to read)."""
+    import select
+    import socket
+    try:
+        readable = select.select([sock], [], [], 0)[0]
+        return not readable or sock.recv(1, socket.MSG_PEEK) != b""
+    except (OSError, ValueError):
+        return False
 
 
 def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
@@ -6204,7 +7150,7 @@ def _log_reply(root: Optional[str], job_id: str, query: Dict[str, List[str]]) ->
     of one log as they are on disk (without offset: its last M bytes); the headers
     X-Log-Start, X-Log-End and X-Log-Size say which range that is, of how many."""
     stream, offset, length = _log_range_args(query)
-    paths = open_job(job_id, root).paths
+    paths = _open_job(root, job_id).paths
     path = {"stdout": paths.stdout_log, "stderr": paths.stderr_log, "full": paths.full_log}[stream]
     start, size, data = _read_log_range(path, offset, length)
     return _RawReply(200, "application/octet-stream", data, (
@@ -7548,6 +8494,9 @@ def _render_body(doc: dict, color: bool, now: float) -> str:
         return "\n".join(lines + (["(more: raise --limit)"] if doc["truncated"] else []) + _skipped_note(doc))
     if "elapsed_ms" in doc:  # RunData: run, start, restart, wait
         parts = [doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")]
+        matched = doc["matched"]
+        if matched:
+            parts.append("matched %s at byte %d: %s" % (matched["stream"], matched["offset"], matched["line"]))
         return "\n".join([p for p in parts if p] + [_verdict(doc, color)])
     if kind == "tail":
         return "\n".join(p for p in (doc["stdout"].rstrip("\n"), doc["stderr"].rstrip("\n")) if p)
@@ -7704,6 +8653,19 @@ def _size_option(text: str) -> int:
     return _option_value(_size_bytes, text, "a size (bytes, or 64k, 10M, 1G)")
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _bool_word(text: str) -> bool:
+    if text.lower() not in _BOOL_WORDS:
+        raise ValueError("not a boolean: %r" % (text,))
+    return _BOOL_WORDS[text.lower()]
+
+
+def _bool_option(text: str) -> bool:
+    return _option_value(_bool_word, text, "true or false")
+
+
 def _count_option(text: str) -> int:
     return _option_value(int, text, "an integer")
 
@@ -7723,6 +8685,7 @@ def _add_definition_options(p) -> None:
     p.add_argument("--env-file", action="append", default=[], metavar="FILE",
                    help="KEY=VALUE lines read when the job starts (repeatable)")
     p.add_argument("--no-inherit-env", action="store_true", help="start from an empty environment")
+    p.add_argument("--inherit-env", action="store_true", help="inherit our environment (the default)")
     p.add_argument("--mask", action="append", default=[], metavar="KEY",
                    help="show this variable's value as *** in responses and events")
     p.add_argument("--stdin", metavar="TEXT|-", help="standard input for the job ('-' reads ours)")
@@ -7736,8 +8699,7 @@ def _add_definition_options(p) -> None:
     p.add_argument("--kill-orphans", action="store_true",
                    help="when the main process exits, stop what it left running")
     p.add_argument("--tag", action="append", default=[], help="tag such as ci.lint (repeatable)")
-    p.add_argument("--notify-command", metavar="CMD", help="shell command run with the job.finished event on stdin")
-    p.add_argument("--notify-file", metavar="PATH", help="append the job.finished event to this NDJSON file")
+    _add_sink_options(p, ("--notify-command",), "contains", "either")
     p.add_argument("--queue", metavar="NAME", help="run in this queue: at most its --parallel jobs at once, in order")
     p.add_argument("--after", action="append", default=[], metavar="JOB",
                    help="start once this job has ended; fail if it did not exit 0 (repeatable)")
@@ -7747,6 +8709,26 @@ def _add_definition_options(p) -> None:
                    help="at most N restarts (default %d with --restart)" % DEFAULT_MAX_RESTARTS)
     p.add_argument("--restart-delay", metavar="S", type=_duration_option,
                    help="first delay before a restart, doubling up to 60s (default 1)")
+    # agent-exec's options that jobstate has no counterpart for: refused with a hint (see _refused_options).
+    import argparse
+    for option in ("--shell-wrapper", "--progress-every"):
+        p.add_argument(option, help=argparse.SUPPRESS)
+
+
+def _add_sink_options(p, command_names: Tuple[str, ...], match_type: Optional[str], stream: Optional[str]) -> None:
+    """The notification options of run/create (with their defaults) and of notify set (None: keep)."""
+    p.add_argument(*command_names, dest="notify_command", metavar="CMD",
+                   help="shell command run with the job.finished event on stdin")
+    p.add_argument("--notify-file", metavar="PATH", help="append the job.finished event to this NDJSON file")
+    p.add_argument("--output-pattern", metavar="P",
+                   help="while the job runs, send a job.output_matched event for each line of output P matches")
+    p.add_argument("--output-match-type", choices=_MATCH_TYPES, default=match_type,
+                   help="contains (P is a literal; the default) or regex (Python re, searched in each line)")
+    p.add_argument("--output-stream", choices=_STREAM_CHOICES, default=stream,
+                   help="the output --output-pattern looks at (default either)")
+    p.add_argument("--output-command", metavar="CMD",
+                   help="shell command run with each job.output_matched event on stdin")
+    p.add_argument("--output-file", metavar="PATH", help="append each job.output_matched event to this NDJSON file")
 
 
 def _add_observe_options(p, default_until: float) -> None:
@@ -7754,6 +8736,14 @@ def _add_observe_options(p, default_until: float) -> None:
                    help="wait at most S seconds for the job to finish (default %g)" % default_until)
     p.add_argument("--forever", action="store_true", help="wait until the job finishes")
     p.add_argument("--no-wait", action="store_true", help="return as soon as the job is launched")
+    p.add_argument("--wait", nargs="?", const="true", metavar="true|false", type=_bool_option,
+                   help="--wait=false is --no-wait; --wait (true) is the default (agent-exec's name)")
+    p.add_argument("--no-auto-gc", action="store_true", help="no automatic gc after this launch")
+    p.add_argument("--auto-gc-older-than", metavar="AGE", type=_duration_option,
+                   help="the automatic gc after this launch collects jobs finished longer ago than AGE (default 30d)")
+    import argparse
+    for option in ("--auto-gc-max-jobs", "--auto-gc-max-bytes"):
+        p.add_argument(option, help=argparse.SUPPRESS)  # refused: see _refused_options
     p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="output excerpt size per stream (default 64k)")
     p.add_argument("--exit-code", action="store_true",
@@ -7763,6 +8753,15 @@ def _add_observe_options(p, default_until: float) -> None:
     p.add_argument("--detach-anyway", action="store_true",
                    help="as PID 1 of a PID namespace (a container's main process), return before the job ends "
                    "although it then dies with this process (default: observe it to its end)")
+    p.add_argument("--ready", metavar="REGEX",
+                   help="return as soon as a line of output matches REGEX (the job runs on), or the job ends, "
+                   "or at --until; the line is in `matched`")
+    _add_stream_option(p, "--ready")
+
+
+def _add_stream_option(p, pattern_option: str) -> None:
+    p.add_argument("--stream", choices=_STREAM_CHOICES,
+                   help="the output %s looks at (default either)" % pattern_option)
 
 
 def _run_options(p) -> None:
@@ -7800,12 +8799,19 @@ def _wait_options(p) -> None:
     p.add_argument("--forever", action="store_true", help="no deadline")
     p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="output excerpt size per stream (default 64k)")
-    p.add_argument("--exit-code", action="store_true", help="exit with the job's exit code")
+    p.add_argument("--exit-code", action="store_true",
+                   help="exit with the job's exit code (with --match: 0 on a match, 124 otherwise)")
+    p.add_argument("--poll", metavar="S", type=_duration_option,
+                   help="accepted for agent-exec and needless: a wait wakes when the job ends, without polling")
+    p.add_argument("--match", metavar="REGEX",
+                   help="return as soon as a line of output matches REGEX (Python re; lines already written "
+                   "count), or the job ends, or at --until; the line is in `matched`")
+    _add_stream_option(p, "--match")
 
 
 def _tail_options(p) -> None:
     p.add_argument("job")
-    p.add_argument("--lines", default=str(DEFAULT_TAIL_LINES), metavar="N", type=_count_option,
+    p.add_argument("--lines", "--tail-lines", default=str(DEFAULT_TAIL_LINES), metavar="N", type=_count_option,
                    help="lines per stream (default 50)")
     p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="bytes per stream (default 64k)")
@@ -7881,6 +8887,19 @@ def _queue_options(p) -> None:
         sub.set_defaults(handler=_cmd_queue)
 
 
+def _notify_options(p) -> None:
+    notify_commands = p.add_subparsers(dest="notify_command_name", metavar="set", parser_class=type(p))
+    notify_commands.required = True
+    p = notify_commands.add_parser("set", help="change a job's notification sinks (those not given are kept)",
+                                   description="Change a job's notification sinks, in any state. Options not given "
+                                   "are kept; an empty value ('') clears one. Nothing is sent now: on a running job "
+                                   "the output settings apply to the lines that end from about 0.2 s later.")
+    _add_global_options(p, suppress=True)
+    p.add_argument("job")
+    _add_sink_options(p, ("--notify-command", "--command"), None, None)
+    p.set_defaults(handler=_cmd_notify)
+
+
 def _no_options(p) -> None:
     return None
 
@@ -7940,8 +8959,16 @@ def _build_parser(wanted: Optional[str] = None):
     return parser
 
 
+def _no_wait(ns) -> bool:
+    """--no-wait, or agent-exec's --wait=false."""
+    wait = getattr(ns, "wait", None)
+    if wait is True and getattr(ns, "no_wait", False):
+        raise InvalidArgumentError("--wait=true and --no-wait contradict each other")
+    return getattr(ns, "no_wait", False) or wait is False
+
+
 def _observe_deadline(ns) -> Optional[float]:
-    if getattr(ns, "no_wait", False):
+    if _no_wait(ns):
         return 0.0
     if ns.forever:
         return None
@@ -7950,7 +8977,51 @@ def _observe_deadline(ns) -> Optional[float]:
 
 def _observe_limits(ns) -> Tuple[Optional[float], int]:
     """The deadline and excerpt size asked for; run/start/restart check them before launching."""
+    _refused_options(ns)
     return _observe_deadline(ns), _parse_size(ns.max_bytes, "--max-bytes")
+
+
+# agent-exec's options that have no counterpart here, with what to do instead.
+_REFUSED_OPTIONS = {
+    "shell_wrapper": ("--shell-wrapper", "jobstate runs a single-argument command with sh -c (cmd /c on Windows); "
+                      "for another shell give it as the command: run -- bash -lc 'CMD'"),
+    "progress_every": ("--progress-every", "jobstate writes no progress records; read the output as it comes with "
+                       "tail JOB --follow (or tail JOB), or wait for a line with wait JOB --match REGEX"),
+    "auto_gc_max_jobs": ("--auto-gc-max-jobs", "the automatic gc only collects by age (bounded work per launch); "
+                         "run gc --max-jobs N yourself"),
+    "auto_gc_max_bytes": ("--auto-gc-max-bytes", "the automatic gc only collects by age (bounded work per launch); "
+                          "run gc --max-bytes B yourself"),
+}
+
+
+def _refused_options(ns) -> None:
+    for dest, (option, hint) in _REFUSED_OPTIONS.items():
+        if getattr(ns, dest, None) is not None:
+            raise InvalidArgumentError("%s (an agent-exec option) has no counterpart in jobstate" % option, hint=hint)
+
+
+def _auto_gc_policy(ns):
+    """What Job.start's auto_gc gets: --no-auto-gc, --auto-gc-older-than, or the default."""
+    if ns.no_auto_gc:
+        if ns.auto_gc_older_than is not None:
+            raise InvalidArgumentError("--no-auto-gc and --auto-gc-older-than contradict each other")
+        return False
+    return True if ns.auto_gc_older_than is None else _parse_duration(ns.auto_gc_older_than, "--auto-gc-older-than")
+
+
+def _observe_match(ns):
+    """(compiled pattern, stream) of --ready or --match, or (None, "either");
+    run/start/restart check them before launching."""
+    option, text = ("--match", ns.match) if hasattr(ns, "match") else ("--ready", getattr(ns, "ready", None))
+    if text is None:
+        if getattr(ns, "stream", None) is not None:
+            raise InvalidArgumentError("--stream is for %s, and no %s was given" % (option, option),
+                                       hint="%s REGEX --stream stdout|stderr|either" % option)
+        return None, "either"
+    if _no_wait(ns) or getattr(ns, "follow", False):
+        raise InvalidArgumentError("%s waits for a line of output: it cannot go with --no-wait or --follow" % option,
+                                   hint="--until S bounds the wait (--until 0: only lines already written)")
+    return _compile_line_pattern(text, option), ns.stream or "either"
 
 
 def _observe(job: Job, ns, started: float, kind: str) -> Tuple[dict, int]:
@@ -7962,14 +9033,19 @@ def _observe(job: Job, ns, started: float, kind: str) -> Tuple[dict, int]:
     if getattr(ns, "follow", False):
         return _follow_to_end(job, (0, 0), ns)
     until_s, max_bytes = _observe_limits(ns)
+    match, stream = _observe_match(ns)
     try:
-        doc = _observed_doc(kind, job, until_s, max_bytes, started)
+        doc = _observed_doc(kind, job, until_s, max_bytes, started, match, stream)
         if kind != "wait" and doc["state"] in ("created", "running") and _process_layer.dies_with_launcher():
             doc = _observe_as_namespace_init(job, ns, kind, max_bytes, started, doc)
     except KeyboardInterrupt:
         _tell_interrupted(job)
-        return _observed_doc(kind, job, 0, max_bytes, started), 130
-    return doc, _exit_status_of(doc) if ns.exit_code else 0
+        return _observed_doc(kind, job, 0, max_bytes, started, match, stream), 130
+    if not ns.exit_code:
+        return doc, 0
+    if match is not None:  # ready or not: the job's own exit code is not the question
+        return doc, 0 if doc["matched"] else 124
+    return doc, _exit_status_of(doc)
 
 
 def _observe_as_namespace_init(job: Job, ns, kind: str, max_bytes: int, started: float, doc: dict) -> dict:
@@ -7984,7 +9060,7 @@ def _observe_as_namespace_init(job: Job, ns, kind: str, max_bytes: int, started:
         return doc
     _write_text(sys.stderr, "jobstate: this process is PID 1 of its PID namespace, so job %s would die when "
                 "it returns: observing the job to its end (--detach-anyway returns now)\n" % job.id)
-    doc = _observed_doc(kind, job, None, max_bytes, started)
+    doc = dict(_observed_doc(kind, job, None, max_bytes, started), matched=doc["matched"])  # --ready's line
     doc["warnings"].append(_warning("launcher_is_pid_1", (
         "this process is PID 1 of its PID namespace, whose exit kills every process in it: job %s was observed "
         "to its end instead of returning earlier (--detach-anyway returns at once)") % job.id))
@@ -8063,11 +9139,16 @@ def _stdin_is_piped() -> bool:
 
 
 def _cli_definition(ns, auto_stdin: bool) -> dict:
+    _refused_options(ns)
+    if ns.inherit_env and ns.no_inherit_env:
+        raise InvalidArgumentError("--inherit-env and --no-inherit-env contradict each other")
     env = _parse_env_pairs(ns.env)
     return dict(cwd=ns.cwd, env=env, env_files=ns.env_file, inherit_env=not ns.no_inherit_env,
                 masks=ns.mask, stdin=_cli_stdin(ns, auto_stdin), timeout_s=_parse_duration(ns.timeout, "--timeout"),
                 kill_after_s=_parse_duration(ns.kill_after, "--kill-after"), kill_orphans=ns.kill_orphans,
                 tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file,
+                output_pattern=ns.output_pattern, output_match_type=ns.output_match_type,
+                output_stream=ns.output_stream, output_command=ns.output_command, output_file=ns.output_file,
                 queue=ns.queue, after=ns.after, after_any=ns.after_any, restart=ns.restart,
                 max_restarts=None if ns.max_restarts is None else _parse_count(ns.max_restarts, "--max-restarts"),
                 restart_delay_s=ns.restart_delay)
@@ -8094,7 +9175,8 @@ def _cmd_run(ns):
     started = time.monotonic()
     argv = _cli_command(ns)
     _observe_limits(ns)  # a bad value is reported before a job exists, not after
-    job = _run(ns.root, argv, **_cli_definition(ns, auto_stdin=True))
+    _observe_match(ns)
+    job = _run(ns.root, argv, auto_gc=_auto_gc_policy(ns), **_cli_definition(ns, auto_stdin=True))
     return _observe(job, ns, started, "run")
 
 
@@ -8107,7 +9189,8 @@ def _cmd_start(ns):
     started = time.monotonic()
     job = _open_job(ns.root, ns.job)
     _observe_limits(ns)  # validate before launching
-    job.start()
+    _observe_match(ns)
+    job.start(auto_gc=_auto_gc_policy(ns))
     return _observe(job, ns, started, "start")
 
 
@@ -8115,7 +9198,8 @@ def _cmd_restart(ns):
     started = time.monotonic()
     job = _open_job(ns.root, ns.job)
     _observe_limits(ns)
-    job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"))
+    _observe_match(ns)
+    job.restart(ns.signal, kill_after_s=_parse_duration(ns.kill_after, "--kill-after"), auto_gc=_auto_gc_policy(ns))
     return _observe(job, ns, started, "restart")
 
 
@@ -8199,6 +9283,35 @@ def _cmd_serve(ns):
                              allowed_origins=ns.allow_origin)
 
 
+def _cmd_notify(ns):
+    job = _open_job(ns.root, ns.job)
+    changes = {key: getattr(ns, key) for key in JobSpec._SINK_KEYS if getattr(ns, key) is not None}
+    spec = job.set_notifications(**changes) if changes else job.spec()
+    return _notify_doc(job, spec), 0
+
+
+def _cmd_skill(ns):
+    text = _skill_text()
+    if ns.install is None:
+        _write_text(sys.stdout, text)
+        return None, 0
+    path = os.path.join(_abspath(os.path.expanduser(ns.install)), "jobstate", "SKILL.md")
+    data = text.encode("utf-8")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise JobIOError("cannot write %s: %s" % (path, exc.strerror or exc),
+                         hint="give a skills directory you can write, e.g. .claude/skills") from None
+    return _envelope("skill", {"path": path, "bytes": len(data)}), 0
+
+
+def _cmd_completions(ns):
+    _write_text(sys.stdout, _COMPLETION_SCRIPTS[ns.shell](_parser_tree(_build_parser())))
+    return None, 0
+
+
 def _cmd_tag(ns):
     job = _open_job(ns.root, ns.job)
     tags = job.set_tags(ns.tag)
@@ -8222,22 +9335,27 @@ _COMMANDS = (
     ("schema", _cmd_schema, "print the JSON Schemas of every file and response", (), _no_options),
     ("doctor", _cmd_doctor, "say what this machine gives jobstate, and what each missing piece costs", (),
      _no_options),
-    ("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list)",
-     (), _no_options),
+    ("mcp", _cmd_mcp, "serve the Model Context Protocol on stdio (tools run, status, tail, wait, kill, list, "
+     "restart, delete)", (), _no_options),
     ("serve", _cmd_serve, "serve the HTTP API (loopback by default, behind a bearer token it prints)", (),
      _serve_options),
     ("tag", _cmd_tag, "manage tags", (), _tag_options),
     ("queue", _cmd_queue, "queues: list them, set a parallel limit, pause, resume", (), _queue_options),
+    ("notify", _cmd_notify, "change a job's notification sinks (notify set)", (), _notify_options),
+    ("skill", _cmd_skill, "print a SKILL.md guide for AI agents (--install DIR writes DIR/jobstate/SKILL.md)", (),
+     lambda p: p.add_argument("--install", metavar="DIR", help="the skills directory to write jobstate/SKILL.md into")),
+    ("completions", _cmd_completions, "print a shell completion script", (),
+     lambda p: p.add_argument("shell", choices=("bash", "zsh", "fish"))),
 )
 
 
 _EXAMPLES = {
-    "run": ("run -- make test", "run --no-wait --timeout 30m --tag dev.server -- npm run dev"),
+    "run": ("run -- make test", "run --ready 'ready in' --until 60 --tag dev.server -- npm run dev"),
     "create": ("create --tag nightly -- ./backup.sh", "create --env-file .env -- python3 worker.py"),
     "start": ("start 01a2f3", "start 01a2f3 --no-wait"),
     "restart": ("restart 01a2f3", "restart 01a2f3 --signal INT --kill-after 10"),
     "status": ("status 01a2f3", "--format text status 01a2f3"),
-    "wait": ("wait 01a2f3 --until 5m", "wait 01a2f3 --forever --exit-code"),
+    "wait": ("wait 01a2f3 --until 5m", "wait 01a2f3 --match 'listening on port \\d+' --until 60 --exit-code"),
     "tail": ("tail 01a2f3 --lines 20", "tail 01a2f3 --follow"),
     "kill": ("kill 01a2f3", "kill 01a2f3 --signal INT --kill-after 5"),
     "list": ("--format text list", "list --all --state running --tag ci.*"),
@@ -8251,7 +9369,199 @@ _EXAMPLES = {
     "tag": ("tag set 01a2f3 --tag ci.lint", "tag set 01a2f3   # clears the tags"),
     "queue": ("queue set builds --parallel 4", "run --queue builds -- make -j1", "--format text queue list",
               "queue pause builds", "queue resume builds"),
+    "skill": ("skill", "skill --install .claude/skills"),
+    "completions": ("completions bash > ~/.local/share/bash-completion/completions/jobstate",
+                    "completions fish > ~/.config/fish/completions/jobstate.fish"),
+    "notify": ("notify set 01a2f3 --output-pattern ERROR --output-file /tmp/errors.ndjson",
+               "notify set 01a2f3 --notify-command 'notify-send done'"),
 }
+
+
+# -- Agent onboarding: skill and completions -----------------------------------
+
+_ERROR_MEANINGS = {
+    "job_not_found": "no such job (deleted, or another --root): `list --all`",
+    "ambiguous_job_id": "the prefix names several jobs (details.candidates): give more characters",
+    "invalid_job_id": "not 1 to 32 hex characters",
+    "invalid_state": "not possible in this state (start a running job, delete a running one: kill it first)",
+    "invalid_signal": "unknown signal name", "invalid_argument": "a bad option or value (the hint says which)",
+    "invalid_tag": "tags are dot-separated segments of letters, digits and -",
+    "stdin_required": "--stdin - without piped input", "stdin_too_large": "over --stdin-max-bytes",
+    "launch_failed": "the supervisor could not start (retryable); details.supervisor_log_tail says why",
+    "state_unreadable": "a job file is corrupt or a symlink: `delete` the job",
+    "io_error": "the jobs root or a file could not be written (retryable)",
+    "internal_error": "a jobstate bug: report it", "unauthorized": "HTTP: missing or wrong bearer token",
+    "not_found": "HTTP: no such endpoint", "payload_too_large": "HTTP: request body over 1 MiB",
+}
+
+
+def _skill_text() -> str:
+    """SKILL.md for AI agents: front matter, then when to use which command, the
+    readiness pattern and the error codes (commands and codes from the code)."""
+    js = "python3 " + _THIS_FILE
+    commands = "\n".join("- `%s`: %s" % (name, text) for name, _, text, _, _ in _COMMANDS)
+    codes = "\n".join("- `%s`: %s" % (code, _ERROR_MEANINGS.get(code, "")) for code in sorted(_error_codes()))
+    return """---
+name: jobstate
+description: Run shell commands as durable background jobs that outlive this turn - dev servers, watchers, long builds and test runs; wait until a server prints that it is ready; read their output; stop whole process trees. Use it instead of `&`, `nohup` or sleep-and-poll loops.
+---
+
+# jobstate
+
+Run it as `%(js)s COMMAND ...` (below: `jobstate`). Every command prints one JSON object:
+`{"ok": true, "type": ..., ...}` or `{"ok": false, "error": {"code", "message", "hint"}}`.
+Any unique prefix of a job id works.
+
+## Which command
+
+- A command whose result you want: `jobstate run --until 600 -- make test`. The answer has
+  `state` (`exited`, `killed`, `failed`, or still `running` at `--until`), `exit_code`, and the
+  last 64 KiB of `stdout` and `stderr`.
+- A server or watcher: start it and wait until it is ready (next section).
+- Later: `jobstate status ID`, `jobstate wait ID --until 60`, `jobstate tail ID --lines 50`.
+- Stop it: `jobstate kill ID` (TERM to the whole process tree, then KILL what is left).
+- Find jobs: `jobstate list` (started from this directory), `jobstate ps --all` (running).
+- `--until` bounds only your wait; the job runs on. `--timeout S` bounds the job itself.
+
+## Wait for a server to be ready
+
+1. `jobstate run --ready 'listening on port \d+' --until 60 -- npm run dev`
+   (`--ready` is a Python regular expression searched in each line of output; `--stream
+   stdout|stderr|either`). It returns as soon as a line matches; the job runs on.
+2. `matched` is `{"stream", "line", "offset"}`: ready, go on. `matched` is null and `state` is
+   `running`: not ready yet; `jobstate wait ID --match 'REGEX' --until 60` waits more (lines
+   already printed count). `matched` is null and the job ended: it failed to start; read
+   `stdout`, `stderr`, `exit_code`.
+3. `jobstate kill ID` when done.
+
+## All commands
+
+%(commands)s
+
+## Error codes
+
+%(codes)s
+""" % {"js": js, "commands": commands, "codes": codes}
+
+
+def _parser_tree(parser, path: str = "") -> Dict[str, dict]:
+    """Every command path of the parser ("", "run", "notify set", ...) with its
+    subcommands, its options, and for each option that takes a value, its choices."""
+    import argparse
+    node = {"subcommands": {}, "options": {}}
+    tree = {path: node}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                node["subcommands"][name] = helps.get(name) or ""
+                tree.update(_parser_tree(sub, (path + " " + name).strip()))
+        for option in action.option_strings:
+            takes = action.nargs != 0
+            node["options"][option] = {"takes_value": takes, "help": action.help or "",
+                                       "choices": [str(c) for c in action.choices or ()] if takes else []}
+    return tree
+
+
+def _bash_completion(tree: Dict[str, dict]) -> str:
+    """bash (3.2 and later) completion: case tables generated from the parser."""
+    def cases(entries):
+        return "".join("        %s) echo %s;;\n" % (_sh_quote(key), _sh_quote(value)) for key, value in entries)
+    subs = [(path, " ".join(node["subcommands"])) for path, node in tree.items() if node["subcommands"]]
+    opts = [(path, " ".join(node["options"])) for path, node in tree.items()]
+    valued = sorted("%s|%s" % (path, o) for path, node in tree.items() for o, info in node["options"].items()
+                    if info["takes_value"])
+    choices = [("%s|%s" % (path, o), " ".join(info["choices"])) for path, node in tree.items()
+               for o, info in node["options"].items() if info["choices"]]
+    return """# jobstate completion for bash, generated from its parser: `jobstate.py completions bash`
+_jobstate_subcommands() {
+    case "$1" in
+%s    esac
+}
+_jobstate_options() {
+    case "$1" in
+%s    esac
+}
+_jobstate_takes_value() {
+    case "$1|$2" in
+        %s) return 0;;
+    esac
+    return 1
+}
+_jobstate_choices() {
+    case "$1|$2" in
+%s    esac
+}
+_jobstate() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="" path="" i=1 word subs
+    if [ "$COMP_CWORD" -gt 0 ]; then prev="${COMP_WORDS[COMP_CWORD-1]}"; fi
+    while [ "$i" -lt "$COMP_CWORD" ]; do
+        word="${COMP_WORDS[i]}"
+        if _jobstate_takes_value "$path" "$word"; then i=$((i + 2)); continue; fi
+        subs=" $(_jobstate_subcommands "$path") "
+        case "$word" in
+            -*) ;;
+            *) case "$subs" in *" $word "*) path="${path:+$path }$word";; esac;;
+        esac
+        i=$((i + 1))
+    done
+    if [ "$i" -gt "$COMP_CWORD" ] && _jobstate_takes_value "$path" "$prev"; then
+        local values
+        values="$(_jobstate_choices "$path" "$prev")"
+        if [ -n "$values" ]; then
+            COMPREPLY=($(compgen -W "$values" -- "$cur"))
+        else
+            COMPREPLY=($(compgen -f -- "$cur"))
+        fi
+        return 0
+    fi
+    case "$cur" in
+        -*) COMPREPLY=($(compgen -W "$(_jobstate_options "$path")" -- "$cur"));;
+        *) COMPREPLY=($(compgen -W "$(_jobstate_subcommands "$path")" -- "$cur"));;
+    esac
+    return 0
+}
+complete -F _jobstate jobstate jobstate.py
+""" % (cases(subs), cases(opts), "|".join(_sh_quote(v) for v in valued), cases(choices))
+
+
+def _zsh_completion(tree: Dict[str, dict]) -> str:
+    return ("# jobstate completion for zsh (through bashcompinit), generated from its parser:\n"
+            "#   source <(jobstate.py completions zsh)\n"
+            "autoload -U +X compinit && compinit\nautoload -U +X bashcompinit && bashcompinit\n"
+            + _bash_completion(tree).split("\n", 1)[1])
+
+
+def _fish_completion(tree: Dict[str, dict]) -> str:
+    """fish: one `complete` line per subcommand and option, generated from the parser."""
+    lines = ["# jobstate completion for fish, generated from its parser: `jobstate.py completions fish`",
+             "complete -c jobstate -f", "complete -c jobstate.py -w jobstate"]
+    for path, node in tree.items():
+        words = path.split()
+        seen = " ; and ".join("__fish_seen_subcommand_from %s" % w for w in words)
+        if not words:
+            condition = "__fish_use_subcommand"
+        else:
+            condition = seen
+        for name, help in node["subcommands"].items():
+            not_yet = " ; and not __fish_seen_subcommand_from %s" % " ".join(node["subcommands"])
+            lines.append("complete -c jobstate -n %s -a %s -d %s" % (
+                _sh_quote(condition + (not_yet if words else "")), _sh_quote(name), _sh_quote(help[:60])))
+        for option, info in node["options"].items():
+            flag = "-l %s" % option[2:] if option.startswith("--") else "-s %s" % option[1:]
+            value = ((" -x -a %s" % _sh_quote(" ".join(info["choices"]))) if info["choices"]
+                     else (" -r" if info["takes_value"] else ""))
+            lines.append("complete -c jobstate -n %s %s%s -d %s" % (
+                _sh_quote(condition), flag, value, _sh_quote(info["help"].split(";")[0][:60])))
+    return "\n".join(lines) + "\n"
+
+
+def _sh_quote(text: str) -> str:
+    """Single-quoted for sh, bash, zsh and fish alike (no ' inside: they become ’)."""
+    return "'%s'" % text.replace("'", "\u2019").replace("\\", "/")
+
+
+_COMPLETION_SCRIPTS = {"bash": _bash_completion, "zsh": _zsh_completion, "fish": _fish_completion}
 
 
 # -- Human output (--format text) ---------------------------------------------

@@ -212,6 +212,8 @@ def validate(instance, schema, path="$"):
         errors.append("%s: %r != const %r" % (path, instance, schema["const"]))
     if "enum" in schema and instance not in schema["enum"]:
         errors.append("%s: %r not in %r" % (path, instance, schema["enum"]))
+    if "anyOf" in schema and all(validate(instance, alternative, path) for alternative in schema["anyOf"]):
+        errors.append("%s: matches none of anyOf" % path)
     kinds = schema.get("type")
     if kinds is not None:
         kinds = kinds if isinstance(kinds, list) else [kinds]
@@ -2041,8 +2043,10 @@ class ObservationTests(JobTestCase):
                 "for i in range(3):\n"
                 "    sys.stdout.buffer.write(b'tick %d\\n' % i); sys.stdout.flush(); time.sleep(0.2)\n")
         job = self.run_job(py(code))
+        # Unbuffered: communicate() reads the pipe itself and would miss what a
+        # buffered readline() read ahead (all the ticks at once, on a loaded machine).
         proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "tail", "--follow", "--exit-code", job.id],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         first = proc.stdout.readline()
         self.assertTrue(first.startswith(b"tick"), first)
         # Through the same buffered reader: readline may hold later lines already
@@ -2270,6 +2274,25 @@ class LifecycleTests(JobTestCase):
             self.run_job(py("pass")).wait(10)
             self.assertTrue(os.path.exists(again.paths.dir))
 
+    def test_agent_exec_auto_gc_options(self):
+        stamp = os.path.join(self.root, ".gc-stamp")
+        old = self.old_job(50)
+
+        def launch(*options):
+            os.utime(stamp, (time.time() - 7200,) * 2)  # an hour since the last auto-gc
+            status, doc, _ = self.cli("run", *options, "--", *py("pass"))
+            self.assertEqual(status, 0, doc)
+        launch("--no-auto-gc")
+        self.assertTrue(os.path.exists(old.paths.dir), "--no-auto-gc collected")
+        launch("--auto-gc-older-than", "60d")
+        self.assertTrue(os.path.exists(old.paths.dir), "--auto-gc-older-than 60d collected a 50-day-old job")
+        launch("--auto-gc-older-than", "45d")
+        self.assertFalse(os.path.exists(old.paths.dir), "--auto-gc-older-than 45d kept a 50-day-old job")
+        for option, hint in (("--auto-gc-max-jobs", "gc --max-jobs"), ("--auto-gc-max-bytes", "gc --max-bytes")):
+            status, doc, _ = self.cli("run", option, "5", "--", "true", "x")
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), option)
+            self.assertIn(hint, doc["error"]["hint"])
+
     def completion_record(self, job, timeout_s=20):
         """completion_event.json once its sinks have reported."""
         def delivered():
@@ -2389,6 +2412,389 @@ class LifecycleTests(JobTestCase):
         self.assertEqual(validate(json.load(open(paths.state)), schemas["state"]), [])
         self.assertEqual(validate(json.load(open(paths.meta)), schemas["meta"]), [])
         self.assertEqual(set(schemas), {"state", "meta", "error"} | set(jobstate._RESPONSE_FIELDS))
+
+
+# A dev-server-like job: some start-up chatter, then the ready line after a
+# second, then it serves until killed.
+SERVER = py("import sys, time\n"
+            "sys.stdout.buffer.write(b'starting\\ncompiling 12 modules\\n'); sys.stdout.flush()\n"
+            "sys.stderr.buffer.write(b'warning: debug build\\n'); sys.stderr.flush()\n"
+            "time.sleep(1)\n"
+            "sys.stdout.buffer.write(b'listening on port 8080\\n'); sys.stdout.flush()\n"
+            "time.sleep(60)\n")
+
+
+class ReadinessTests(JobTestCase):
+    """wait --match / run --ready: return when a line of output matches, the job runs on."""
+
+    def log_bytes(self, job, stream="stdout"):
+        with open(job.paths.stdout_log if stream == "stdout" else job.paths.stderr_log, "rb") as f:
+            return f.read()
+
+    def assert_match_at_its_offset(self, job, matched, stream, line):
+        self.assertEqual((matched["stream"], matched["line"]), (stream, line))
+        data = self.log_bytes(job, stream)
+        offset = matched["offset"]
+        self.assertTrue(offset == 0 or data[offset - 1:offset] == b"\n", "the offset is not a line start")
+        self.assertTrue(data[offset:].startswith(line.encode() + b"\n"), (offset, data[offset:offset + 80]))
+
+    def test_a_line_printed_after_a_second_returns_the_wait_with_its_offset(self):
+        job = self.run_job(SERVER)
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", job.id, "--match", r"listening on port (\d+)", "--until", "30")
+        self.assertLess(time.monotonic() - started, 20, "the wait ran to its deadline")
+        self.assertEqual((status, doc["type"], doc["state"]), (0, "wait", "running"), doc)
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "listening on port 8080")
+        self.assertEqual(doc["matched"]["offset"], len(b"starting\ncompiling 12 modules\n"))
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING, "the job must run on")
+
+    def test_a_line_printed_before_the_call_matches_at_once(self):
+        job = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        self.wait_log(job, "ready")
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", job.id, "--match", "^ready$", "--until", "30")
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((status, doc["state"]), (0, "running"))
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "ready")
+
+    def test_no_match_before_the_job_ends_is_null_with_the_terminal_state(self):
+        job = self.run_job(py("import sys; print('a'); print('b'); sys.exit(3)"))
+        started = time.monotonic()
+        status, doc, _ = self.cli("wait", job.id, "--match", "never printed", "--until", "30")
+        self.assertLess(time.monotonic() - started, 20, "the end of the job did not end the wait")
+        self.assertEqual((status, doc["state"], doc["exit_code"], doc["matched"]), (0, "exited", 3, None))
+        self.assertEqual(doc["stdout"], "a\nb\n")
+
+    def test_a_final_line_without_newline_counts_and_crlf_is_a_line_end(self):
+        job = self.run_job(py("import sys; sys.stdout.buffer.write(b'one\\r\\nready to go')"))
+        _, doc, _ = self.cli("wait", job.id, "--match", "^ready to go$", "--until", "30")
+        self.assertEqual(doc["state"], "exited")
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "ready to go", "offset": 5})
+        _, doc, _ = self.cli("wait", job.id, "--match", "^one$", "--until", "30")
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "one", "offset": 0})
+
+    def test_stream_selection(self):
+        code = ("import sys, time\n"
+                "sys.stderr.buffer.write(b'boot\\nerr ready\\n'); sys.stderr.flush()\n"
+                "sys.stdout.buffer.write(b'out ready\\n'); sys.stdout.flush()\n"
+                "time.sleep(60)\n")
+        job = self.run_job(py(code))
+        self.wait_log(job, "out ready")
+        self.wait_log(job, "err ready", "stderr")
+        _, doc, _ = self.cli("wait", job.id, "--match", "ready", "--stream", "stderr", "--until", "10")
+        self.assert_match_at_its_offset(job, doc["matched"], "stderr", "err ready")
+        self.assertEqual(doc["matched"]["offset"], 5)
+        _, doc, _ = self.cli("wait", job.id, "--match", "ready", "--stream", "stdout", "--until", "10")
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "out ready")
+        _, doc, _ = self.cli("wait", job.id, "--match", "^err", "--until", "10")  # either: the default
+        self.assert_match_at_its_offset(job, doc["matched"], "stderr", "err ready")
+        _, doc, _ = self.cli("wait", job.id, "--match", "^err", "--stream", "stdout", "--until", "0.3")
+        self.assertEqual((doc["state"], doc["matched"]), ("running", None))
+        status, doc, _ = self.cli("wait", job.id, "--match", "x", "--stream", "both")
+        self.assertEqual((status, doc["error"]["code"]), (2, "invalid_argument"))
+        status, doc, _ = self.cli("wait", job.id, "--stream", "stdout")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), "--stream without --match")
+
+    def test_an_invalid_regex_is_refused_before_anything_launches(self):
+        for args in (["run", "--ready", "(unclosed", "--", "true", "x"], ["run", "--ready", "a{2,1}", "--", "true", "x"]):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), args)
+            self.assertIn("regular expression", doc["error"]["message"])
+        self.assertEqual(jobstate._list_job_ids(self.root), [], "a job was made for a bad --ready")
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate.run(["true", "x"], root=self.root, ready="(")
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate.run(["true", "x"], root=self.root, ready="x", ready_stream="both")
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        job = jobstate.create(["true", "x"], root=self.root)
+        status, doc, _ = self.cli("start", job.id, "--ready", "(")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        self.assertEqual(job.state().status, jobstate.JobStatus.CREATED, "start launched the job anyway")
+        status, doc, _ = self.cli("wait", job.id, "--match", "[")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        for args in (["run", "--ready", "x", "--no-wait", "--", "true", "x"],
+                     ["run", "--ready", "x", "--follow", "--", "true", "x"]):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), args)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
+
+    def test_exit_code_is_zero_on_a_match_and_124_otherwise(self):
+        ready = self.run_job(py("import time; print('ready', flush=True); time.sleep(60)"))
+        ended = self.run_job(py("print('done')"))
+        self.assertEqual(self.cli("wait", ready.id, "--match", "ready", "--exit-code")[0], 0)
+        self.assertEqual(self.cli("wait", ready.id, "--match", "nope", "--until", "0.3", "--exit-code")[0], 124)
+        self.assertEqual(self.cli("wait", ended.id, "--match", "nope", "--exit-code")[0], 124)
+        self.assertEqual(self.cli("wait", ended.id, "--match", "done", "--exit-code")[0], 0)
+        status, doc, _ = self.cli("run", "--ready", "never", "--exit-code", "--", "true", "x")
+        self.assertEqual((status, doc["state"], doc["matched"]), (124, "exited", None))
+
+    def test_run_start_restart_ready_return_running_with_the_match(self):
+        started = time.monotonic()
+        status, doc, _ = self.cli("run", "--ready", "listening on port", "--until", "30", "--", *SERVER)
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual((status, doc["type"], doc["state"]), (0, "run", "running"), doc)
+        job = jobstate.open_job(doc["job_id"], self.root)
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "listening on port 8080")
+        self.assertIn("listening on port 8080\n", doc["stdout"])
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+        first_start = doc["started_at"]
+        status, doc, _ = self.cli("restart", job.id, "--ready", "^listening", "--stream", "stdout", "--until", "30")
+        self.assertEqual((status, doc["type"], doc["state"]), (0, "restart", "running"), doc)
+        self.assertNotEqual(doc["started_at"], first_start)
+        self.assert_match_at_its_offset(job, doc["matched"], "stdout", "listening on port 8080")
+        created = jobstate.create(SERVER, root=self.root)
+        status, doc, _ = self.cli("start", created.id, "--ready", "warning", "--stream", "stderr", "--until", "30")
+        self.assertEqual((status, doc["type"], doc["state"]), (0, "start", "running"), doc)
+        self.assert_match_at_its_offset(created, doc["matched"], "stderr", "warning: debug build")
+        status, doc, _ = self.cli("run", "--ready", "never", "--until", "0.5", "--", *SERVER)
+        self.assertEqual((status, doc["state"], doc["matched"]), (0, "running", None))
+
+    def test_every_run_data_carries_matched(self):
+        for args in (["run", "--", "true", "x"], ["run", "--no-wait", "--", "true", "x"]):
+            status, doc, _ = self.cli(*args)
+            self.assertIsNone(doc["matched"], args)
+            self.assertIsNone(self.cli("wait", doc["job_id"])[1]["matched"])
+
+    def test_python_api(self):
+        job = jobstate.run(SERVER, root=self.root, ready=r"listening on port \d+", ready_timeout_s=30)
+        self.assertIsInstance(job, jobstate.Job)
+        readiness = job.readiness
+        self.assertIsInstance(readiness, jobstate.Readiness)
+        self.assertTrue(readiness.ready)
+        self.assertEqual(readiness.state.status, jobstate.JobStatus.RUNNING)
+        self.assertEqual(readiness.match, jobstate.LineMatch("stdout", "listening on port 8080", 30))
+        again = job.wait(5, match="warning", stream="stderr")
+        self.assertEqual((again.match.stream, again.match.line, again.match.offset), ("stderr", "warning: debug build", 0))
+        self.assertEqual(job.wait(0.2, match="nope").match, None)
+        state = job.wait(0.1)
+        self.assertIsInstance(state, jobstate.JobState, "wait without match keeps its return type")
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            job.wait(1, stream="stdout")
+        self.assertIsNone(jobstate.run(["true", "x"], root=self.root).readiness)
+
+    def test_a_line_over_the_cap_is_matched_on_its_first_mebibyte(self):
+        cap = jobstate._MAX_LINE_BYTES
+        code = ("import sys, time\n"
+                "out = sys.stdout.buffer\n"
+                "out.write(b'head ' + b'x' * %d + b' tail-marker\\n'); out.write(b'ready\\n'); out.flush()\n"
+                "time.sleep(60)\n" % (3 * cap))
+        job = self.run_job(py(code))
+        self.wait_log(job, "ready\n", timeout_s=30)
+        _, doc, _ = self.cli("wait", job.id, "--match", "tail-marker|^ready$", "--until", "10")
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "ready", "offset": 3 * cap + 18})
+        _, doc, _ = self.cli("wait", job.id, "--match", "^head x", "--until", "10", "--max-bytes", "0")
+        self.assertEqual((doc["matched"]["offset"], len(doc["matched"]["line"])), (0, cap))
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "/proc/self/io and /proc/self/status")
+    def test_a_hundred_megabytes_before_the_ready_line(self):
+        writer = ("import sys, time\n"
+                  "block = (b'x' * 99 + b'\\n') * 10000\n"
+                  "for i in range(100):\n"
+                  "    sys.stdout.buffer.write(block); sys.stdout.flush(); time.sleep(0.002)\n"
+                  "sys.stdout.buffer.write(b'ready\\n'); sys.stdout.flush()\n"
+                  "time.sleep(60)\n")
+        job = self.run_job(py(writer))
+        # VmHWM, not ru_maxrss: that one still counts the test runner this process was forked from.
+        waiter = ("import json, sys; sys.path.insert(0, %r); import jobstate\n"
+                  "r = jobstate.open_job(%r, %r).wait(120, match='^ready$')\n"
+                  "io = dict(line.split(': ') for line in open('/proc/self/io').read().splitlines())\n"
+                  "status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())\n"
+                  "print(json.dumps({'offset': r.match and r.match.offset, 'state': r.state.status.value,\n"
+                  "                  'peak_kib': int(status['VmHWM'].split()[0]),\n"
+                  "                  'read_bytes': int(io['rchar'])}))\n" % (HERE, job.id, self.root))
+        started = time.monotonic()
+        out = subprocess.run([PY, "-c", waiter], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, timeout=180)
+        took = time.monotonic() - started
+        self.assertEqual(out.returncode, 0, out.stderr.decode()[-2000:])
+        doc = json.loads(out.stdout)
+        self.assertEqual((doc["offset"], doc["state"]), (100 * 1000 * 1000, "running"))
+        self.assertLess(doc["peak_kib"], 48 * 1024, "the wait held the log in memory")
+        self.assertLess(doc["read_bytes"], 140 * 1000 * 1000, "the wait read the log more than once")
+        sys.stderr.write("\n[figure] 100 MB before the ready line: found in %.2f s, peak RSS %.1f MiB, "
+                         "%.1f MB read\n" % (took, doc["peak_kib"] / 1024, doc["read_bytes"] / 1e6))
+
+    def test_figure_line_written_to_wait_returns(self):
+        # The job stamps each line with the monotonic clock (one clock for the
+        # machine) right before writing it; the waiter notes when its wait returned.
+        code = ("import sys, time\n"
+                "for i in range(20):\n"
+                "    time.sleep(0.15)\n"
+                "    sys.stdout.buffer.write(b'tick %d %r\\n' % (i, time.monotonic())); sys.stdout.flush()\n"
+                "time.sleep(60)\n")
+        job = self.run_job(py(code))
+        latencies = []
+        for i in range(20):
+            readiness = job.wait(30, match=r"^tick %d " % i)
+            returned = time.monotonic()
+            self.assertIsNotNone(readiness.match, i)
+            latencies.append(returned - float(readiness.match.line.split()[2]))
+        latencies.sort()
+        median = (latencies[9] + latencies[10]) / 2
+        sys.stderr.write("\n[figure] line written -> wait returns: median %.1f ms of 20 (min %.1f, max %.1f)\n"
+                         % (median * 1000, latencies[0] * 1000, latencies[-1] * 1000))
+
+
+
+class OutputMatchTests(JobTestCase):
+    """--output-pattern: each matching line of output sends one job.output_matched event."""
+
+    def records(self, job, count, timeout_s=20):
+        """The records of notification_events.ndjson, once it holds `count` of them."""
+        path = os.path.join(job.paths.dir, "notification_events.ndjson")
+
+        def enough():
+            try:
+                with open(path) as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                return None
+            return [json.loads(line) for line in lines] if len(lines) >= count else None
+        return wait_for(enough, timeout_s, "%d output-match records" % count)
+
+    def finished(self, job):
+        """Wait until the job's completion sinks have reported: every output-match
+        delivery comes before them."""
+        return LifecycleTests.completion_record(self, job)
+
+    def test_each_matching_line_sends_one_event_to_the_file_and_the_command(self):
+        events = os.path.join(self.tmp, "events.ndjson")
+        seen = os.path.join(self.tmp, "seen.txt")
+        command = ("%s -c \"import os, sys; open(%r, 'a').write(os.environ['JOBSTATE_EVENT_TYPE'] + ' ' + "
+                   "os.environ['JOBSTATE_EVENT_PATH'] + ' ' + sys.stdin.read())\"" % (PY, seen))
+        code = ("import sys\n"
+                "sys.stdout.buffer.write(b'ok 1\\nERROR one\\n'); sys.stdout.flush()\n"
+                "sys.stderr.buffer.write(b'ERROR on stderr\\nfine\\n'); sys.stderr.flush()\n"
+                "sys.stdout.buffer.write(b'ok 2\\nlast ERROR')\n")
+        job = self.run_job(py(code), output_pattern="ERROR", output_file=events, output_command=command,
+                           notify_file=os.path.join(self.tmp, "finished.ndjson"))
+        self.finished(job)
+        records = self.records(job, 3)
+        expected = {("stdout", "ERROR one", 5), ("stderr", "ERROR on stderr", 0), ("stdout", "last ERROR", 20)}
+        self.assertEqual({(r["event"]["stream"], r["event"]["line"], r["event"]["offset"]) for r in records}, expected)
+        for record in records:
+            event = record["event"]
+            self.assertEqual((event["event_type"], event["job_id"], event["pattern"], event["match_type"]),
+                             ("job.output_matched", job.id, "ERROR", "contains"))
+            self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]], [("file", True), ("command", True)])
+        with open(events) as f:
+            self.assertEqual(sorted(json.loads(line)["line"] for line in f), ["ERROR on stderr", "ERROR one", "last ERROR"])
+        with open(seen) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 3)
+        for line in lines:
+            kind, path, doc = line.split(" ", 2)
+            self.assertEqual((kind, path, json.loads(doc)["event_type"]),
+                             ("job.output_matched", os.path.join(job.paths.dir, "notification_events.ndjson"),
+                              "job.output_matched"))
+        self.assertEqual(len(self.records(job, 3)), 3, "one event per matching line")
+        # A restart starts a new record: the old run's events are not mixed in.
+        self.cli("restart", job.id, "--until", "20")
+        self.finished(job)
+        self.assertEqual(len(self.records(job, 3)), 3)
+
+    def test_regex_contains_and_stream_selection(self):
+        code = ("import sys\n"
+                "sys.stdout.buffer.write(b'E1 out\\nxa.cx\\n'); sys.stdout.flush()\n"
+                "sys.stderr.buffer.write(b'E2 err\\nxE3\\nabc\\n'); sys.stderr.flush()\n")
+        done = os.path.join(self.tmp, "done.ndjson")
+        job = self.run_job(py(code), output_pattern=r"^E\d+", output_match_type="regex", output_stream="stderr",
+                           notify_file=done)
+        self.finished(job)
+        self.assertEqual([r["event"]["line"] for r in self.records(job, 1)], ["E2 err"])
+        job = self.run_job(py(code), output_pattern="a.c", notify_file=done)  # contains: a literal
+        self.finished(job)
+        self.assertEqual([(r["event"]["stream"], r["event"]["line"]) for r in self.records(job, 1)],
+                         [("stdout", "xa.cx")])
+
+    def test_invalid_options_are_refused_before_anything_is_made(self):
+        for args, code in ((["--output-pattern", "(", "--output-match-type", "regex"], 1),
+                           (["--output-match-type", "glob"], 2), (["--output-stream", "both"], 2)):
+            status, doc, _ = self.cli("run", *args, "--", "true", "x")
+            self.assertEqual((status, doc["error"]["code"]), (code, "invalid_argument"), args)
+        for kwargs in ({"output_match_type": "glob"}, {"output_stream": "both"},
+                       {"output_pattern": "(", "output_match_type": "regex"}):
+            with self.assertRaises(jobstate.InvalidArgumentError):
+                jobstate.create(["true", "x"], root=self.root, **kwargs)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+
+    def test_notify_set_changes_the_sinks_of_a_running_job(self):
+        code = ("import sys, time\n"
+                "for i in range(3000):\n"
+                "    sys.stdout.buffer.write(b'tick %d\\n' % i); sys.stdout.flush(); time.sleep(0.02)\n")
+        job = self.run_job(py(code))
+        self.wait_log(job, "tick 3")
+        events = os.path.join(self.tmp, "events.ndjson")
+        done = os.path.join(self.tmp, "done.ndjson")
+        before = os.path.getsize(job.paths.stdout_log)
+        status, doc, _ = self.cli("notify", "set", job.id, "--output-pattern", "tick", "--output-file", events,
+                                  "--notify-file", done)
+        self.assertEqual((status, doc["type"], doc["job_id"]), (0, "notify", job.id), doc)
+        self.assertEqual((doc["output_pattern"], doc["output_match_type"], doc["output_stream"], doc["output_file"],
+                          doc["notify_file"], doc["output_command"]), ("tick", "contains", "either", events, done, None))
+        _, schema, _ = self.cli("schema")
+        self.assertEqual(validate(doc, schema["schemas"]["notify"]), [])
+        spec = job.spec()
+        self.assertEqual((spec.output_pattern, spec.output_file), ("tick", events))
+        records = self.records(job, 3)
+        self.assertGreaterEqual(min(r["event"]["offset"] for r in records), before, "earlier output was replayed")
+        with open(events) as f:
+            self.assertGreaterEqual(len(f.read().splitlines()), 3)
+        # Unspecified fields are kept; an empty value clears one.
+        status, doc, _ = self.cli("notify", "set", job.id, "--output-file", "")
+        self.assertEqual((doc["output_pattern"], doc["output_file"], doc["notify_file"]), ("tick", None, done))
+        job.kill()
+        record = self.finished(job)  # the completion sink set while the job ran is used
+        self.assertEqual(record["event"]["state"], "killed")
+        with open(done) as f:
+            self.assertEqual(json.loads(f.read())["event_type"], "job.finished")
+
+    def test_notify_set_on_a_finished_job_changes_only_its_definition(self):
+        job = self.run_job(py("print('ERROR')"))
+        job.wait(20)
+        events = os.path.join(self.tmp, "events.ndjson")
+        status, doc, _ = self.cli("notify", "set", job.id, "--output-pattern", "ERROR", "--output-file", events)
+        self.assertEqual((status, doc["output_pattern"]), (0, "ERROR"))
+        self.assertFalse(os.path.exists(events), "notify set delivered something")
+        for args in (["--output-match-type", "regex", "--output-pattern", "("], ["--output-stream", "both"]):
+            status, doc, _ = self.cli("notify", "set", job.id, *args)
+            self.assertEqual(doc["error"]["code"], "invalid_argument", args)
+        self.assertEqual(job.spec().output_pattern, "ERROR")
+        self.assertEqual(self.cli("notify", "set", "ffff", "--output-pattern", "x")[1]["error"]["code"], "job_not_found")
+
+    def test_failing_sinks_never_change_the_job(self):
+        # The job runs on while its sinks fail: a sink's exit code must reach its
+        # record even though the supervisor's wait for the job reaps every child.
+        # Several jobs: each launch path (fork, forkserver) gets its turn.
+        events = os.path.join(self.tmp, "no-such-dir", "events.ndjson")
+        for _ in range(4):
+            job = self.run_job(py("import time; print('ERROR', flush=True); time.sleep(60)"), output_pattern="ERROR",
+                               output_file=events, output_command="exit 3",
+                               notify_file=os.path.join(self.tmp, "done.ndjson"))
+            record, = self.records(job, 1)
+            self.assertEqual([(d["sink"], d["ok"]) for d in record["deliveries"]],
+                             [("file", False), ("command", False)])
+            self.assertEqual(record["deliveries"][1]["exit_code"], 3)
+            self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+            job.kill()
+            self.assertEqual(self.finished(job)["event"]["state"], "killed")
+
+    @unittest.skipUnless(POSIX, "sh")
+    def test_slow_sinks_never_hold_the_job_and_their_backlog_is_bounded(self):
+        code = "import sys\nfor i in range(40): sys.stdout.buffer.write(b'ERROR %d\\n' % i)\n"
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_NOTIFY_TIMEOUT": "2"}):
+            job = self.run_job(py(code), output_pattern="ERROR", output_command="sleep 0.5")
+            started = time.monotonic()
+            state = job.wait(30)
+        self.assertEqual(state.status, jobstate.JobStatus.EXITED)
+        self.assertLess(time.monotonic() - started, 5, "the job waited for its output sinks")
+        supervisor = state.supervisor_pid
+        wait_for(lambda: not pid_alive(supervisor), 30, "the supervisor to give up on the backlog")
+        records = self.records(job, 1)
+        self.assertLess(len(records), 40)
+        with open(job.paths.supervisor_log) as f:
+            self.assertIn("output-match events not delivered", f.read())
+
 
 # ---------------------------------------------------------------------------
 # Queues, dependencies and restart policies (section 6 waits, section 8 defines)
@@ -2911,6 +3317,78 @@ def raw_exchange(port, data, timeout=30):
 SERVER_TOKEN = object()  # request(): send the token the server printed
 
 
+# An agent's session with a dev-server-like job, driven by each official SDK:
+# start it with `ready`, get progress while it boots, give up on a second wait
+# (the SDK cancels it), kill the job.  Both SDKs check every structuredContent
+# against the tool's outputSchema (jsonschema in Python, Ajv in TypeScript).
+DEV_SERVER = ("import time; print('starting', flush=True); time.sleep(2); "
+              "print('ready on port 8080', flush=True); time.sleep(120)")
+MCP_SDK_AGENT_SESSION = """
+import anyio, asyncio, sys, time
+from mcp import Client, StdioServerParameters
+
+async def main(py, jobstate, root, code):
+    params = StdioServerParameters(command=py, args=[jobstate, "--root", root, "mcp"])
+    async with Client(params) as client:
+        progress = []
+        async def on_progress(value, total, message):
+            progress.append(message or "")
+        r = await client.call_tool("run", {"command": [py, "-c", code], "ready": "^ready on port", "until": 30},
+                                   progress_callback=on_progress)
+        doc = r.structured_content
+        print("run", r.is_error, doc["state"], doc["matched"]["line"])
+        print("progress", len(progress) >= 1, any("starting" in m for m in progress))
+        started = time.monotonic()
+        with anyio.move_on_after(1.5):
+            await client.call_tool("wait", {"job_id": doc["job_id"], "until": 50})
+        print("cancelled", time.monotonic() - started < 5)
+        r = await client.call_tool("status", {"job_id": doc["job_id"]})
+        print("status", r.structured_content["state"])
+        r = await client.call_tool("kill", {"job_id": doc["job_id"]})
+        print("kill", r.structured_content["state"])
+        closing = time.monotonic()
+    print("closed", time.monotonic() - closing < 4)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+MCP_TS_SDK_AGENT_SESSION = """
+const path = require("path");
+const sdk = path.join(process.env.JOBSTATE_MCP_NODE_DIR, "node_modules", "@modelcontextprotocol", "sdk", "dist", "cjs");
+const { Client } = require(path.join(sdk, "client", "index.js"));
+const { StdioClientTransport } = require(path.join(sdk, "client", "stdio.js"));
+
+async function main(py, jobstate, root, code) {
+  const client = new Client({ name: "jobstate-test", version: "0" });
+  await client.connect(new StdioClientTransport({ command: py, args: [jobstate, "--root", root, "mcp"] }));
+  console.log("tools", (await client.listTools()).tools.map((t) => t.name).sort().join(" "));
+  const progress = [];
+  let r = await client.callTool({ name: "run", arguments: { command: [py, "-c", code], ready: "^ready on port", until: 30 } },
+                                undefined, { onprogress: (p) => progress.push(p.message || ""), timeout: 60000 });
+  const doc = r.structuredContent;
+  console.log("run", r.isError, doc.state, doc.matched.line);
+  console.log("progress", progress.length >= 1, progress.some((m) => m.includes("starting")));
+  const controller = new AbortController();
+  const started = Date.now();
+  setTimeout(() => controller.abort(), 1500);
+  try {
+    await client.callTool({ name: "wait", arguments: { job_id: doc.job_id, until: 50 } }, undefined,
+                          { signal: controller.signal, timeout: 60000 });
+    console.log("cancelled", false);
+  } catch (e) {
+    console.log("cancelled", Date.now() - started < 5000);
+  }
+  r = await client.callTool({ name: "status", arguments: { job_id: doc.job_id } });
+  console.log("status", r.structuredContent.state);
+  r = await client.callTool({ name: "kill", arguments: { job_id: doc.job_id } });
+  console.log("kill", r.structuredContent.state);
+  const closing = Date.now();
+  await client.close();
+  console.log("closed", Date.now() - closing < 4000);
+}
+main(...process.argv.slice(2)).catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
 class McpTests(JobTestCase):
     def start_server(self, **env):
         proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "mcp"], stdin=subprocess.PIPE,
@@ -2969,7 +3447,8 @@ class McpTests(JobTestCase):
         proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
         self.assertEqual(self.rpc(proc, 2, "ping")["result"], {})
         tools = self.rpc(proc, 3, "tools/list")["result"]["tools"]
-        self.assertEqual(sorted(t["name"] for t in tools), ["kill", "list", "run", "status", "tail", "wait"])
+        self.assertEqual(sorted(t["name"] for t in tools),
+                         ["delete", "kill", "list", "restart", "run", "status", "tail", "wait"])
         for tool in tools:
             self.assertEqual(tool["inputSchema"]["type"], "object")
         result = self.call(proc, 4, "run", {"command": py("print('hello')"), "until": 10})
@@ -3184,6 +3663,127 @@ class McpTests(JobTestCase):
         self.assertIn("boom", replies[1]["error"]["message"])
         self.assertEqual(replies[3]["result"], {})
 
+    def test_wait_match_and_run_ready(self):
+        proc = self.start_server()
+        tools = {t["name"]: t for t in self.rpc(proc, 1, "tools/list")["result"]["tools"]}
+        self.assertLessEqual({"ready", "stream"}, set(tools["run"]["inputSchema"]["properties"]))
+        self.assertLessEqual({"match", "stream"}, set(tools["wait"]["inputSchema"]["properties"]))
+        result = self.call(proc, 2, "run", {"command": SERVER, "ready": r"listening on port \d+", "until": 30})
+        doc = result["structuredContent"]
+        self.assertEqual((result["isError"], doc["state"]), (False, "running"), doc)
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "listening on port 8080", "offset": 30})
+        job_id = doc["job_id"]
+        doc = self.call(proc, 3, "wait", {"job_id": job_id, "match": "^warning", "stream": "stderr",
+                                          "until": 5})["structuredContent"]
+        self.assertEqual(doc["matched"], {"stream": "stderr", "line": "warning: debug build", "offset": 0})
+        self.assertIsNone(self.call(proc, 4, "wait", {"job_id": job_id, "until": 0})["structuredContent"]["matched"])
+        bad = [("run", {"command": ["true", "x"], "ready": "("}), ("wait", {"job_id": job_id, "match": "("}),
+               ("wait", {"job_id": job_id, "match": "x", "stream": "both"}),
+               ("wait", {"job_id": job_id, "stream": "stdout"}), ("run", {"command": ["true", "x"], "stream": "stdout"})]
+        for msg_id, (name, args) in enumerate(bad, 5):
+            result = self.call(proc, msg_id, name, args)
+            self.assertTrue(result["isError"], args)
+            self.assertEqual(result["structuredContent"]["error"]["code"], "invalid_argument", args)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job_id], "a job was made for a bad ready")
+
+    def tools(self, proc, msg_id=100):
+        return {t["name"]: t for t in self.rpc(proc, msg_id, "tools/list")["result"]["tools"]}
+
+    def test_tools_declare_output_schemas_and_annotations(self):
+        proc = self.start_server()
+        tools = self.tools(proc)
+        self.assertEqual(sorted(tools), ["delete", "kill", "list", "restart", "run", "status", "tail", "wait"])
+        for name in ("status", "tail", "list", "wait"):
+            self.assertIs(tools[name]["annotations"]["readOnlyHint"], True, name)
+        for name in ("kill", "delete", "restart"):
+            self.assertIs(tools[name]["annotations"]["destructiveHint"], True, name)
+        for tool in tools.values():
+            self.assertEqual(tool["outputSchema"]["type"], "object")
+        self.assertNotEqual(validate({"ok": True}, tools["status"]["outputSchema"]), [], "the schema checks nothing")
+        doc = self.call(proc, 1, "run", {"command": py("print('hi')"), "until": 20})["structuredContent"]
+        job_id = doc["job_id"]
+        calls = [("status", {"job_id": job_id}), ("tail", {"job_id": job_id}), ("wait", {"job_id": job_id}),
+                 ("wait", {"job_id": job_id, "match": "hi"}), ("kill", {"job_id": job_id}), ("list", {"all": True}),
+                 ("restart", {"job_id": job_id, "until": 20}), ("delete", {"job_id": job_id}),
+                 ("status", {"job_id": ".."}), ("run", {"command": ["true", "x"], "ready": "("})]
+        for msg_id, (name, args) in enumerate(calls, 2):
+            result = self.call(proc, msg_id, name, args)
+            self.assertEqual(validate(result["structuredContent"], tools[name]["outputSchema"]), [], (name, result))
+        self.assertEqual(validate(doc, tools["run"]["outputSchema"]), [])
+
+    def test_progress_notifications_during_a_long_wait(self):
+        proc = self.start_server()
+        lines = self.replies(proc)
+        job = self.run_job(py("import time; print('warming up', flush=True); time.sleep(60)"))
+        self.wait_log(job, "warming up")
+        request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "wait", "arguments": {"job_id": job.id, "until": 2.5}, "_meta": {"progressToken": "p1"}}}
+        self.send_line(proc, json.dumps(request).encode())
+        progress = []
+        reply = self.next_reply(lines)
+        while reply.get("method") == "notifications/progress":
+            progress.append(reply["params"])
+            reply = self.next_reply(lines)
+        self.assertEqual((reply["id"], reply["result"]["structuredContent"]["state"]), (1, "running"))
+        self.assertIn(len(progress), (2, 3), "at most one a second, and some: %r" % progress)
+        self.assertEqual({p["progressToken"] for p in progress}, {"p1"})
+        self.assertEqual(sorted(p["progress"] for p in progress), [p["progress"] for p in progress])
+        self.assertEqual(len({p["progress"] for p in progress}), len(progress), "progress must increase")
+        for p in progress:
+            self.assertIn("warming up", p["message"])
+        request["id"], request["params"]["_meta"] = 2, {}
+        self.send_line(proc, json.dumps(request).encode())
+        self.assertEqual(self.next_reply(lines)["id"], 2, "progress without a progressToken")
+
+    def test_cancel_ends_a_pending_wait_and_the_job_runs_on(self):
+        proc = self.start_server()
+        lines = self.replies(proc)
+        job = self.run_job(py("import time; time.sleep(60)"))
+        started = time.monotonic()
+        for msg_id, args in ((7, {"job_id": job.id, "until": 50}), (8, {"job_id": job.id, "until": 50, "match": "x"})):
+            self.send_line(proc, json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "tools/call",
+                                             "params": {"name": "wait", "arguments": args}}).encode())
+            self.send_line(proc, json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                             "params": {"requestId": msg_id, "reason": "the user moved on"}}).encode())
+        self.send_line(proc, b'{"jsonrpc":"2.0","id":9,"method":"ping"}')
+        self.assertEqual(self.next_reply(lines)["id"], 9)
+        proc.stdin.close()
+        self.assertEqual(proc.wait(10), 0)  # it waits for its pending calls: none is left
+        self.assertLess(time.monotonic() - started, 10, "the cancelled waits ran on")
+        rest = []
+        while True:
+            line = lines.get(timeout=5)
+            if not line:
+                break
+            rest.append(json.loads(line))
+        self.assertEqual(rest, [], "a cancelled request is not answered")
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+
+    def test_restart_and_delete_tools_and_stdin_file(self):
+        proc = self.start_server()
+        with open(os.path.join(self.tmp, "in.txt"), "wb") as f:
+            f.write(b"from a file\n")
+        doc = self.call(proc, 1, "run", {"command": CAT, "stdin_file": os.path.join(self.tmp, "in.txt"),
+                                         "until": 20})["structuredContent"]
+        self.assertEqual((doc["state"], doc["stdout"]), ("exited", "from a file\n"), doc)
+        doc = self.call(proc, 2, "run", {"command": CAT, "cwd": self.tmp, "stdin_file": "in.txt",
+                                         "until": 20})["structuredContent"]
+        self.assertEqual(doc["stdout"], "from a file\n", "a relative stdin_file is found in cwd")
+        job_id = doc["job_id"]
+        doc = self.call(proc, 3, "restart", {"job_id": job_id, "until": 20})["structuredContent"]
+        self.assertEqual((doc["type"], doc["state"], doc["stdout"]), ("restart", "exited", "from a file\n"))
+        doc = self.call(proc, 4, "delete", {"job_id": job_id})["structuredContent"]
+        self.assertEqual((doc["type"], doc["deleted"]), ("delete", 1))
+        self.assertEqual(self.call(proc, 5, "status", {"job_id": job_id})["structuredContent"]["error"]["code"],
+                         "job_not_found")
+        running = self.run_job(py("import time; time.sleep(60)"))
+        for msg_id, (name, args, code) in enumerate([
+                ("run", {"command": CAT, "stdin": "x", "stdin_file": "in.txt", "cwd": self.tmp}, "invalid_argument"),
+                ("run", {"command": CAT, "stdin_file": os.path.join(self.tmp, "missing")}, "invalid_argument"),
+                ("delete", {"job_id": running.id}, "invalid_state")], 6):
+            result = self.call(proc, msg_id, name, args)
+            self.assertEqual((result["isError"], result["structuredContent"]["error"]["code"]), (True, code), name)
+
     @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
     def test_official_sdk_client(self):
         script = os.path.join(self.tmp, "client.py")
@@ -3193,8 +3793,38 @@ class McpTests(JobTestCase):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
         self.assertEqual(out.returncode, 0, out.stderr.decode()[-2000:])
         self.assertEqual(out.stdout.decode().splitlines(), [
-            "protocol 2025-11-25", "tools kill list run status tail wait", "run False exited hi",
+            "protocol 2025-11-25", "tools delete kill list restart run status tail wait", "run False exited hi",
             "wait exited", "tail hi", "kill False", "list 1", "error True invalid_job_id"])
+
+    def agent_session(self, argv, script, name):
+        """Run an SDK's agent session; its transcript goes to stderr for the record."""
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(script)
+        started = time.monotonic()
+        out = subprocess.run(argv + [path, PY, JOBSTATE, self.root, DEV_SERVER], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=180)
+        self.assertEqual(out.returncode, 0, out.stderr.decode()[-3000:])
+        lines = out.stdout.decode().splitlines()
+        sys.stderr.write("\n[transcript] %s, %.1f s: %s\n" % (name, time.monotonic() - started, " | ".join(lines)))
+        self.assertEqual(jobstate._list_job_ids(self.root) and
+                         jobstate.open_job(jobstate._list_job_ids(self.root)[0], self.root).state().status,
+                         jobstate.JobStatus.KILLED)
+        return lines
+
+    @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
+    def test_official_sdk_agent_session(self):
+        lines = self.agent_session([os.environ["JOBSTATE_MCP_PYTHON"]], MCP_SDK_AGENT_SESSION, "session.py")
+        self.assertEqual(lines, ["run False running ready on port 8080", "progress True True", "cancelled True",
+                                 "status running", "kill killed", "closed True"])
+
+    @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_NODE_DIR") and shutil.which("node"),
+                         "set JOBSTATE_MCP_NODE_DIR to a directory whose node_modules has @modelcontextprotocol/sdk")
+    def test_official_typescript_sdk_agent_session(self):
+        lines = self.agent_session(["node"], MCP_TS_SDK_AGENT_SESSION, "session.cjs")
+        self.assertEqual(lines, ["tools delete kill list restart run status tail wait",
+                                 "run false running ready on port 8080", "progress true true", "cancelled true",
+                                 "status running", "kill killed", "closed true"])
 
 
 class ServeTestCase(JobTestCase):
@@ -3319,10 +3949,117 @@ class HttpTests(ServeTestCase):
         status, doc = self.request("DELETE", url + "/jobs/" + running.id)
         self.assertEqual((status, doc["error"]["code"]), (409, "invalid_state"))
 
+    def test_wait_match_and_post_ready(self):
+        from urllib.parse import quote
+        url = self.start_server()
+        status, doc = self.request("POST", url + "/jobs", {"command": SERVER, "ready": r"listening on port \d+",
+                                                           "until": 30})
+        self.assertEqual((status, doc["state"]), (200, "running"), doc)
+        self.assertEqual(doc["matched"], {"stream": "stdout", "line": "listening on port 8080", "offset": 30})
+        job_id = doc["job_id"]
+        path = "/jobs/%s/wait?match=%s&stream=stderr&until=5" % (job_id, quote(r"^warning: \w+ build$"))
+        status, doc = self.request("GET", url + path)
+        self.assertEqual((status, doc["type"], doc["state"]), (200, "wait", "running"), doc)
+        self.assertEqual(doc["matched"], {"stream": "stderr", "line": "warning: debug build", "offset": 0})
+        for method, path, body in (("GET", "/jobs/%s/wait?match=%s" % (job_id, quote("(")), None),
+                                   ("GET", "/jobs/%s/wait?match=x&stream=both" % job_id, None),
+                                   ("POST", "/jobs", {"command": ["true", "x"], "ready": "("})):
+            status, doc = self.request(method, url + path, body)
+            self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), path)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job_id])
+
+    def follow(self, url, job_id, accept=None, query=""):
+        """An open GET /jobs/{id}/follow: (connection, response)."""
+        import http.client
+        from urllib.parse import urlsplit
+        where = urlsplit(url)
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        self.addCleanup(conn.close)
+        headers = {"Authorization": "Bearer " + self.token} if self.token else {}
+        if accept:
+            headers["Accept"] = accept
+        conn.request("GET", "/jobs/%s/follow%s" % (job_id, query), headers=headers)
+        return conn, conn.getresponse()
+
+    @unittest.skipUnless(POSIX, "mkfifo")
+    def test_follow_streams_the_output_live_and_ends_with_the_job(self):
+        url = self.start_server()
+        gate = fifo_gate(self)
+        job = self.run_job(py("import sys\nsys.stdout.write('tick 0\\n'); sys.stdout.flush()\nopen(%r).read()\n"
+                              "sys.stderr.write('tick 1\\n')\n" % gate))
+        _, resp = self.follow(url, job.id)
+        self.assertEqual((resp.status, resp.getheader("Transfer-Encoding")), (200, "chunked"))
+        self.assertTrue(resp.getheader("Content-Type").startswith("text/plain"), resp.getheader("Content-Type"))
+        self.assertEqual(resp.readline(), b"tick 0\n")
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING, "the output came live, not at the end")
+        open_fifo_gate(gate)
+        self.assertEqual(resp.read(), b"tick 1\n")  # ends when the job does
+        self.assertEqual(job.state().status, jobstate.JobStatus.EXITED)
+
+    def test_follow_as_server_sent_events(self):
+        url = self.start_server()
+        job = self.run_job(py("import sys; sys.stdout.write('x\\ny\\n'); sys.stderr.write('e\\r\\n')"))
+        job.wait(20)
+        _, resp = self.follow(url, job.id, accept="text/event-stream")
+        self.assertEqual(resp.status, 200)
+        self.assertTrue(resp.getheader("Content-Type").startswith("text/event-stream"))
+        events = []
+        for block in resp.read().decode().split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if line)
+            if fields:
+                events.append((fields["event"], json.loads(fields["data"])))
+        text = {name: "".join(d["text"] for e, d in events if e == name) for name in ("stdout", "stderr")}
+        self.assertEqual(text, {"stdout": "x\ny\n", "stderr": "e\r\n"})
+        self.assertEqual(events[-1][0], "end")
+        self.assertEqual((events[-1][1]["state"], events[-1][1]["exit_code"]), ("exited", 0))
+        status, doc = self.request("GET", url + "/jobs/%s/follow" % ("f" * 32))
+        self.assertEqual((status, doc["error"]["code"]), (404, "job_not_found"))
+
+    def test_a_follower_going_away_never_touches_the_job(self):
+        url = self.start_server()
+        job = self.run_job(py("import sys, time\nfor i in range(3000):\n"
+                              "    sys.stdout.write('tick %d\\n' % i); sys.stdout.flush(); time.sleep(0.02)\n"))
+        conn, resp = self.follow(url, job.id)
+        self.assertTrue(resp.readline().startswith(b"tick"))
+        conn.sock.shutdown(2)
+        conn.close()
+        self.wait_log(job, "tick 20")  # the job goes on writing after its follower left
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING)
+        self.assertEqual(self.request("GET", url + "/health")[0], 200)
+        _, resp = self.follow(url, job.id, query="?lines=1")
+        self.assertTrue(resp.readline().startswith(b"tick"))
+
+    def test_agent_exec_paths(self):
+        url = self.start_server()
+        started = time.monotonic()
+        status, doc = self.request("POST", url + "/exec", {"command": py("import time\nprint('up', flush=True)\n"
+                                                                         "time.sleep(60)"), "wait": False})
+        self.assertEqual((status, doc["type"], doc["state"]), (200, "run", "running"), doc)
+        self.assertLess(time.monotonic() - started, 5, "wait: false still waited")
+        job_id = doc["job_id"]
+        status, doc = self.request("GET", url + "/status/" + job_id)
+        self.assertEqual((status, doc["type"], doc["state"]), (200, "status", "running"))
+        self.wait_log(jobstate.open_job(job_id, self.root), "up")
+        status, doc = self.request("GET", url + "/tail/%s?lines=1" % job_id)
+        self.assertEqual((status, doc["type"], doc["stdout"]), (200, "tail", "up\n"))
+        waiter = {}
+        thread = threading.Thread(target=lambda: waiter.update(doc=self.request("GET", url + "/wait/" + job_id)[1]))
+        thread.start()
+        status, doc = self.request("POST", url + "/kill/%s?no_wait=true" % job_id)
+        self.assertEqual((status, doc["type"], doc["signal_sent"]), (200, "kill", "SIGTERM"))
+        thread.join(30)
+        self.assertEqual(waiter["doc"]["state"], "killed", "GET /wait/{id} waits for the end, as wait --forever")
+        other = self.run_job(py("import time; time.sleep(60)"))
+        status, doc = self.request("POST", url + "/jobs/%s/kill" % other.id, {"no_wait": True})
+        self.assertEqual((status, doc["type"]), (200, "kill"))
+        status, doc = self.request("POST", url + "/exec", {"command": ["true", "x"], "wait": "no"})
+        self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"))
+
     def test_token_guards_every_endpoint_but_health(self):
         url = self.start_server(token="s3cret")
         for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"),
-                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc"), ("GET", "/nope")):
+                             ("POST", "/jobs/abc/kill"), ("DELETE", "/jobs/abc"), ("GET", "/nope"),
+                             ("GET", "/jobs/abc/follow"), ("POST", "/exec"), ("GET", "/status/abc")):
             for token in (None, "wrong", "s3cre", "s3cret "):
                 status, doc = self.request(method, url + path, {} if method == "POST" else None, token=token)
                 self.assertEqual((status, doc["error"]["code"]), (401, "unauthorized"), (method, path, token))
@@ -4427,6 +5164,87 @@ class TextRenderingTests(JobTestCase):
 
 
 class CommandLineTests(JobTestCase):
+    def test_agent_exec_option_names(self):
+        job = self.run_job(py("print('a'); print('b')"))
+        job.wait(20)
+        self.assertEqual(self.cli("tail", job.id, "--tail-lines", "1")[1]["stdout"], "b\n")
+        status, doc, _ = self.cli("run", "--wait=false", "--", *py("import time; time.sleep(60)"))
+        self.assertEqual((status, doc["state"]), (0, "running"))
+        for option in ("--wait", "--wait=true", "--wait=1"):
+            status, doc, _ = self.cli("run", option, "--", *py("print('x')"))
+            self.assertEqual((status, doc["state"]), (0, "exited"), option)
+        self.assertEqual(self.cli("run", "--wait=maybe", "--", "true", "x")[0], 2)
+        status, doc, _ = self.cli("run", "--wait=true", "--no-wait", "--", "true", "x")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        status, doc, _ = self.cli("wait", job.id, "--poll", "5")  # accepted; waits wake on the job's end anyway
+        self.assertEqual((status, doc["state"]), (0, "exited"))
+        status, doc, _ = self.cli("run", "--inherit-env", "--", *py("import os; print(os.environ['HOME'])"))
+        self.assertEqual((status, doc["stdout"]), (0, os.environ["HOME"] + "\n"))
+        status, doc, _ = self.cli("run", "--inherit-env", "--no-inherit-env", "--", "true", "x")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+        for option, value, hint in (("--shell-wrapper", "bash -lc", "-- bash -lc"), ("--progress-every", "5", "tail")):
+            status, doc, _ = self.cli("run", option, value, "--", "true", "x")
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), option)
+            self.assertIn(hint, doc["error"]["hint"], option)
+        self.assertEqual(len(jobstate._list_job_ids(self.root)), 6, "a refused option still made a job")
+
+    def test_notify_commands_learn_the_event_type(self):
+        seen = os.path.join(self.tmp, "seen.txt")
+        command = "%s -c \"import os; open(%r, 'a').write(os.environ['JOBSTATE_EVENT_TYPE'])\"" % (PY, seen)
+        job = self.run_job(py("pass"), notify_command=command)
+        LifecycleTests.completion_record(self, job)
+        with open(seen) as f:
+            self.assertEqual(f.read(), "job.finished")
+
+    def test_skill_prints_and_installs_a_guide_for_agents(self):
+        status, text, _ = self.cli_capture("skill")
+        self.assertEqual(status, 0)
+        self.assertTrue(text.startswith("---\nname: jobstate\ndescription: "), text[:200])
+        front, body = text[4:].split("\n---\n", 1)
+        self.assertGreater(len(dict(line.split(": ", 1) for line in front.splitlines())["description"]), 40)
+        for needle in ("--ready", "wait", "--match", "kill", "tail", "matched", JOBSTATE):
+            self.assertIn(needle, body)
+        for code in jobstate._error_codes():
+            self.assertIn(code, body, "the guide lists every error code")
+        target = os.path.join(self.tmp, "skills")
+        status, doc, _ = self.cli("skill", "--install", target)
+        self.assertEqual((status, doc["type"]), (0, "skill"), doc)
+        self.assertEqual(doc["path"], os.path.join(target, "jobstate", "SKILL.md"))
+        with open(doc["path"], encoding="utf-8") as f:
+            self.assertEqual(f.read(), text)
+        status, doc, _ = self.cli("skill", "--install", os.path.join(JOBSTATE, "not-a-dir"))
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+
+    def test_completions_are_generated_from_the_parser(self):
+        commands = [name for name, *_ in jobstate._COMMANDS]
+        for shell in ("bash", "zsh", "fish"):
+            status, script, _ = self.cli_capture("completions", shell)
+            self.assertEqual(status, 0, shell)
+            for word in commands + ["--ready", "--match", "--output-pattern", "--max-bytes", "--until"]:
+                self.assertIn("-l " + word[2:] if shell == "fish" and word[:2] == "--" else word, script, (shell, word))
+        status, _, err = self.cli_capture("completions", "tcsh")
+        self.assertEqual(status, 2)
+        _, script, _ = self.cli_capture("completions", "bash")
+
+        def complete(*words):
+            probe = ("set -e; %s\nCOMP_WORDS=(%s); COMP_CWORD=%d; _jobstate; printf '%%s\\n' \"${COMPREPLY[@]}\""
+                     % (script, " ".join("'%s'" % w for w in words), len(words) - 1))
+            out = subprocess.run(["bash", "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            return out.stdout.decode().split()
+        self.assertEqual(complete("jobstate", "wa"), ["wait"])
+        self.assertIn("--stream", complete("jobstate", "wait", "--st"))
+        self.assertEqual(complete("jobstate", "wait", "abc", "--stream", ""), ["stdout", "stderr", "either"])
+        self.assertEqual(sorted(complete("jobstate", "notify", "")), ["set"])
+        self.assertIn("--output-pattern", complete("jobstate", "notify", "set", "--output-p"))
+        self.assertIn("--ready", complete("jobstate", "--root", "/tmp/x", "run", "--re"))
+        for shell in ("zsh", "fish"):
+            if shutil.which(shell):
+                _, script, _ = self.cli_capture("completions", shell)
+                check = subprocess.run([shell, "-n"], input=script.encode(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, timeout=30)
+                self.assertEqual(check.returncode, 0, check.stderr)
+
     def test_run_envelope(self):
         status, doc, _ = self.cli("run", "--", *HELLO)
         self.assertEqual(status, 0)
