@@ -2693,6 +2693,23 @@ class OutputMatchTests(JobTestCase):
         self.finished(job)
         self.assertEqual(len(self.records(job, 3)), 3)
 
+    def test_a_restart_policy_matches_every_run(self):
+        """One watch spans the runs of a restart policy: the logs go on across
+        restarts, so do the events and their offsets; a sink's exit code is its
+        own whichever run's wait reaped it."""
+        job = self.run_job(["sh", "-c", "echo boot; echo hit; exit 1"], restart="on-failure", max_restarts=2,
+                           restart_delay_s=0.01, output_pattern="hit",
+                           output_command="cat >/dev/null; exit 3",
+                           notify_file=os.path.join(self.tmp, "finished.ndjson"))
+        self.finished(job)
+        records = self.records(job, 3)
+        self.assertEqual(len(records), 3, "one event per run's matching line")
+        self.assertEqual([(r["event"]["stream"], r["event"]["line"], r["event"]["offset"]) for r in records],
+                         [("stdout", "hit", 5), ("stdout", "hit", 14), ("stdout", "hit", 23)])
+        self.assertEqual([[(d["sink"], d["exit_code"]) for d in r["deliveries"]] for r in records],
+                         [[("command", 3)]] * 3)
+        self.assertEqual(job.state().restarts, 2)
+
     def test_regex_contains_and_stream_selection(self):
         code = ("import sys\n"
                 "sys.stdout.buffer.write(b'E1 out\\nxa.cx\\n'); sys.stdout.flush()\n"
