@@ -2771,15 +2771,36 @@ def _delete_job(paths: JobPaths) -> None:
             raise JobNotFoundError(paths.job_id, paths.root) from None
         except OSError:  # Windows cannot rename a directory holding an open file (our lock)
             tomb = None
-        try:
-            if tomb is None:
-                _empty_job_dir(paths)
+        if tomb is not None:
             lock.release()
-            _rmtree(tomb or paths.dir)
+            try:
+                _retry_while_busy(lambda: _rmtree(tomb))
+            except OSError:  # safe: the job is gone for every reader; gc removes .deleted-* later
+                pass
+            return
+        try:
+            _retry_while_busy(lambda: _empty_job_dir(paths))
+            lock.release()
+            _retry_while_busy(lambda: _rmtree(paths.dir))
         except FileNotFoundError:
             raise JobNotFoundError(paths.job_id, paths.root) from None
         except OSError as exc:
             raise JobIOError("cannot delete %s: %s" % (paths.dir, exc)) from None
+
+
+def _retry_while_busy(remove: Callable[[], None], attempts: int = 20) -> None:
+    """remove(), again for up to a second while another process still holds one
+    of the files open (Windows) or has just written one (a racing reader's
+    reconcile); the last failure propagates, FileNotFoundError at once."""
+    for attempt in range(attempts):
+        try:
+            return remove()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
 
 
 def _empty_job_dir(paths: JobPaths) -> None:
@@ -8572,7 +8593,9 @@ _OUTPUT_ESCAPES = {c: e for c, e in _CONTROL_ESCAPES.items() if chr(c) not in "\
 def _printable_doc(value, key: Optional[str] = None):
     """A document with every string made safe to print; output excerpts keep newlines and tabs."""
     if isinstance(value, str):
-        return value.translate(_OUTPUT_ESCAPES if key in ("stdout", "stderr") else _CONTROL_ESCAPES)
+        if key in ("stdout", "stderr"):  # a Windows job's text lines end in \r\n: a line end, not a \r to show
+            return value.replace("\r\n", "\n").translate(_OUTPUT_ESCAPES)
+        return value.translate(_CONTROL_ESCAPES)
     if isinstance(value, dict):
         return {k: _printable_doc(v, k) for k, v in value.items()}
     if isinstance(value, list):
