@@ -113,6 +113,9 @@ _SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "
 # kill request, so the job is recorded as `killed` however the child reacts.
 _TERMINATING = frozenset({"TERM", "INT", "KILL", "HUP", "QUIT"})
 _TAG_RE = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\Z")
+# What holds a job's process tree (state.json `containment`), and what may enforce a limit.
+_CONTAINMENTS = ("cgroup", "process-group", "job-object")
+_ENFORCERS = ("job-object", "cgroup", "cgroup-v1", "rlimit", "none")
 
 
 class JobStatus(str, Enum):
@@ -266,6 +269,10 @@ class JobState:
     pid_token: Optional[str] = None
     logs_drained: Optional[bool] = None
     leftovers: List[_Proc] = field(default_factory=list)  # where trees cannot be found again later
+    containment: Optional[str] = None  # one of _CONTAINMENTS: what holds the job's tree
+    cgroup: Optional[str] = None  # the job's cgroup v2 directory (Linux)
+    cgroups_v1: List[str] = field(default_factory=list)  # cgroup v1 directories enforcing limits
+    limits: Dict[str, Dict[str, object]] = field(default_factory=dict)  # name: {"value", "enforced_by"}
     extra: Dict[str, object] = field(default_factory=dict)  # keys of other versions, kept on rewrite
 
     @property
@@ -311,6 +318,9 @@ class JobState:
                 doc[key] = getattr(self, key)
         if self.leftovers:
             doc["leftovers"] = [{"pid": p.pid, "token": p.token} for p in self.leftovers]
+        for key in ("containment", "cgroup", "cgroups_v1", "limits"):
+            if getattr(self, key):
+                doc[key] = getattr(self, key)
         return doc
 
     @classmethod
@@ -323,10 +333,16 @@ class JobState:
             raise ValueError("'job' or 'result' is not an object")
         error = doc.get("error")
         known = {"job", "result", "pid", "finished_at", "updated_at", "windows_job_name", "error",
-                 "supervisor_pid", "pid_token", "logs_drained", "leftovers"}
+                 "supervisor_pid", "pid_token", "logs_drained", "leftovers", "containment", "cgroup",
+                 "cgroups_v1", "limits"}
         leftovers = doc.get("leftovers") or []
         if not isinstance(leftovers, list) or not all(isinstance(p, dict) for p in leftovers):
             raise ValueError("'leftovers' is not a list of objects")
+        cgroups_v1, limits = doc.get("cgroups_v1") or [], doc.get("limits") or {}
+        if not isinstance(cgroups_v1, list) or not all(isinstance(p, str) for p in cgroups_v1):
+            raise ValueError("'cgroups_v1' is not a list of strings")
+        if not isinstance(limits, dict) or not all(isinstance(v, dict) for v in limits.values()):
+            raise ValueError("'limits' is not an object of objects")
         return cls(
             job=JobInfo(id=_typed(job.get("id"), str, "job.id", required=True),
                         status=JobStatus(job.get("status")),
@@ -346,6 +362,9 @@ class JobState:
             logs_drained=_typed(doc.get("logs_drained"), bool, "logs_drained"),
             leftovers=[_Proc(_typed(p.get("pid"), int, "leftovers.pid", required=True),
                              _typed(p.get("token"), str, "leftovers.token", required=True)) for p in leftovers],
+            containment=_typed(doc.get("containment"), str, "containment"),
+            cgroup=_typed(doc.get("cgroup"), str, "cgroup"),
+            cgroups_v1=cgroups_v1, limits=limits,
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
@@ -458,6 +477,25 @@ class GcReport:
 
 
 @dataclass
+class _Containment:
+    """What holds a job's tree and how each of its limits is enforced, as the
+    platform layer decided when it started the child (state.json keeps it)."""
+
+    kind: str = "process-group"  # one of _CONTAINMENTS
+    cgroup: Optional[str] = None  # the job's cgroup v2 directory
+    cgroups_v1: List[str] = field(default_factory=list)
+    limits: Dict[str, Dict[str, object]] = field(default_factory=dict)  # name: {"value", "enforced_by"}
+
+    @classmethod
+    def from_state(cls, state: JobState) -> "_Containment":
+        return cls(state.containment or "process-group", state.cgroup, list(state.cgroups_v1),
+                   dict(state.limits))
+
+    def cgroups(self) -> List[str]:
+        return ([self.cgroup] if self.cgroup else []) + self.cgroups_v1
+
+
+@dataclass
 class _Child:
     """The job's main process, as seen by its supervisor."""
 
@@ -466,6 +504,7 @@ class _Child:
     token: Optional[str]
     windows_job_name: Optional[str] = None
     handle: object = None  # platform-private (the Job Object handle on Windows)
+    containment: _Containment = field(default_factory=_Containment)
 
 
 @dataclass
@@ -478,15 +517,196 @@ class _TreeRef:
     supervisor_pid: Optional[int]
     windows_job_name: Optional[str]
     descendants: List[_Proc] = field(default_factory=list)
+    cgroups: List[str] = field(default_factory=list)  # cgroup directories (v2 first) holding the tree
 
     @classmethod
     def from_state(cls, state: JobState) -> "_TreeRef":
         return cls(state.job_id, state.pid, state.pid_token, state.supervisor_pid,
-                   state.windows_job_name, list(state.leftovers))
+                   state.windows_job_name, list(state.leftovers), _Containment.from_state(state).cgroups())
 
 
 def _survive_signal(signum, frame) -> None:
     """The supervisor's handler for signals it must survive (see supervisor_signals)."""
+
+
+# -- Linux cgroups -------------------------------------------------------------
+#
+# A job's cgroup v2 holds its whole tree: no process leaves it without
+# privileges, whatever it does to its session, group or environment, and
+# `cgroup.kill` ends everything in it with one write.  jobstate makes one per
+# job where it may: in each hierarchy, under the topmost cgroup on its own path
+# that it can write (the hierarchy's root for root; `user@UID.service` where
+# systemd delegates a subtree to a user), in a directory `jobstate` of its own:
+# `<that cgroup>/jobstate/<job_id>`.  Topmost, because moving a process needs
+# write access to the common ancestor of where it is and where it goes, and
+# because cgroup v2 enables controllers only below cgroups that hold no process.
+# Nothing outside a `jobstate` directory is ever written.
+
+_CGROUP_PARENT = "jobstate"
+
+
+def _unescape_mountinfo(text: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+@functools.lru_cache(maxsize=None)
+def _cgroup_mounts() -> Tuple[Tuple[str, str, str, frozenset], ...]:
+    """(mount point, root inside the hierarchy, fstype, options) of each read-write
+    cgroup mount (cached: a job's hierarchies do not move under it)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return ()
+    found = []
+    for line in lines:
+        fields = line.split()
+        sep = fields.index("-") if "-" in fields else -1
+        if sep < 0 or len(fields) < sep + 4 or fields[sep + 1] not in ("cgroup", "cgroup2"):
+            continue
+        if "rw" in fields[5].split(","):
+            options = frozenset(fields[sep + 3].split(","))
+            found.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(fields[3]), fields[sep + 1], options))
+    return tuple(found)
+
+
+def _own_cgroup_paths() -> Dict[str, str]:
+    """This process's cgroup per hierarchy: '' for v2, else each v1 controller's name."""
+    paths: Dict[str, str] = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                for name in controllers.split(",") if controllers else [""]:
+                    paths[name] = path
+    except (OSError, ValueError):
+        pass
+    return paths
+
+
+def _cgroup_home(controller: str = "") -> Optional[str]:
+    """Where our `jobstate` directory goes in one hierarchy ('' = v2, else a v1
+    controller): the topmost cgroup on this process's path that we may write."""
+    path = _own_cgroup_paths().get(controller)
+    if path is None:
+        return None
+    for mount, root, fstype, options in _cgroup_mounts():
+        if (fstype == "cgroup2") != (controller == "") or (controller and controller not in options):
+            continue
+        root = root.rstrip("/")
+        if not (path + "/").startswith(root + "/"):
+            continue  # this mount shows another part of the hierarchy
+        parts = [p for p in path[len(root):].split("/") if p]
+        for depth in range(len(parts) + 1):
+            here = os.path.join(mount, *parts[:depth])
+            if os.access(here, os.W_OK) and os.access(os.path.join(here, "cgroup.procs"), os.W_OK):
+                return here
+    return None
+
+
+def _make_job_cgroup(home: str, job_id: str) -> str:
+    """`home/jobstate/job_id`, fresh where it can be (a previous run's counters gone);
+    a previous run's cgroup whose processes live on is reused as it is."""
+    parent = os.path.join(home, _CGROUP_PARENT)
+    path = os.path.join(parent, job_id)
+    try:
+        os.mkdir(parent, 0o755)
+    except FileExistsError:
+        pass
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        try:
+            os.rmdir(path)
+            os.mkdir(path, 0o755)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+    return path
+
+
+def _is_job_cgroup(path: Optional[str], job_id: str) -> bool:
+    """A recorded path names `.../jobstate/<this job>` inside a cgroup mount: a state
+    file can never make jobstate write to, kill or remove any other cgroup."""
+    if not path or not os.path.isabs(path) or os.path.normpath(path) != path:
+        return False
+    if os.path.basename(path) != job_id or os.path.basename(os.path.dirname(path)) != _CGROUP_PARENT:
+        return False
+    return any(path.startswith(mount.rstrip("/") + "/") for mount, _, _, _ in _cgroup_mounts())
+
+
+def _cgroup_tree_pids(path: str) -> List[int]:
+    """Every pid in a cgroup and the cgroups below it (a job run as root may make some)."""
+    pids: List[int] = []
+    for here, _, _ in os.walk(path):
+        try:
+            with open(os.path.join(here, "cgroup.procs"), "rb") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:  # removed meanwhile
+            pass
+    return pids
+
+
+def _remove_cgroup_tree(path: str) -> bool:
+    """rmdir the cgroup and those below it, deepest first; False while processes live in it."""
+    for here, _, _ in os.walk(path, topdown=False):
+        try:
+            os.rmdir(here)
+        except FileNotFoundError:
+            pass
+        except OSError:  # EBUSY: processes live in it
+            return False
+    return True
+
+
+class _ChildPlan:
+    """What the child does between fork and exec to start contained: enter its
+    cgroups (writing "0" to a cgroup.procs moves the writer) and, in part 2,
+    set its resource limits.  Made by the supervisor, which holds the files open."""
+
+    def __init__(self, containment: _Containment):
+        self.containment = containment
+        self.entries: List[int] = []  # cgroup.procs descriptors
+
+    def enter(self) -> None:
+        for fd in self.entries:
+            os.write(fd, b"0")
+
+    def needs_preexec(self) -> bool:
+        return bool(self.entries)
+
+    def close(self) -> None:
+        for fd in self.entries:
+            os.close(fd)
+        self.entries = []
+
+    def abandon(self) -> None:
+        """The child could not enter: remove the cgroups we made for it."""
+        self.close()
+        for path in self.containment.cgroups():
+            _remove_cgroup_tree(path)
+
+
+def _plan_child(job_id: str, contain: bool) -> _ChildPlan:
+    """Make the job's cgroup where we may (contain=False, or none writable: process group)."""
+    plan = _ChildPlan(_Containment())
+    # The child enters its cgroup from preexec_fn, which is only safe in a
+    # process without other threads: a supervisor starts its child before any.
+    if not (contain and _LINUX and threading.active_count() == 1):
+        return plan
+    if os.environ.get("JOBSTATE_CONTAINMENT", "").lower() in ("off", "0", "no", "none"):
+        return plan
+    home = _cgroup_home("")
+    if home is None:
+        return plan
+    try:
+        path = _make_job_cgroup(home, job_id)
+        plan.entries.append(os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY))
+    except OSError:  # not ours to make after all (a read-only or foreign hierarchy)
+        return plan
+    plan.containment.kind, plan.containment.cgroup = "cgroup", path
+    return plan
 
 
 class _PosixProcessLayer:
@@ -698,10 +918,36 @@ class _PosixProcessLayer:
         return bool(select.select([fd], [], [], 0)[0])
 
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
+        """Start the job's main process in a new session, and in its cgroup where we may make one."""
         import subprocess
-        popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                                 close_fds=True, start_new_session=True)
-        return _Child(popen, popen.pid, self.process_token(popen.pid))
+        plan = _plan_child(job_id, contain=True)
+        try:
+            try:
+                popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+            except subprocess.SubprocessError:
+                # The child could not enter its cgroup (a delegation rule we could
+                # not foresee); it ran nothing of the job: start it again without.
+                plan.abandon()
+                plan = _plan_child(job_id, contain=False)
+                popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+        finally:
+            plan.close()
+        return _Child(popen, popen.pid, self.process_token(popen.pid), containment=plan.containment)
+
+    @staticmethod
+    def _popen_child(argv, plan: _ChildPlan, **kwargs) -> subprocess.Popen:
+        # The child puts itself in its cgroup between fork and exec (preexec_fn),
+        # so it runs no code of the job outside it; its children inherit it.  The
+        # alternatives are worse: the supervisor moving itself into the job's
+        # cgroup around the fork would write to its own cgroup, outside
+        # `jobstate`, to move back (and would stay in the job's if that failed);
+        # an exec shim costs an exec and turns exec errors into exit codes;
+        # clone3(CLONE_INTO_CGROUP) is out of Python's reach.  preexec_fn is
+        # unsafe only where other threads run (one may hold a lock the forked
+        # copy needs): _plan_child asks for it only in a single-threaded process.
+        import subprocess
+        return subprocess.Popen(argv, close_fds=True, start_new_session=True,
+                                preexec_fn=plan.enter if plan.needs_preexec() else None, **kwargs)
 
     def spawn_sink(self, argv, *, env) -> subprocess.Popen:
         """A notification command, in a session of its own so that stop_sink can end its whole tree."""
@@ -819,6 +1065,7 @@ class _PosixProcessLayer:
             found.update(pid for pid in live if self._carries_marker(pid, marker))
         if ref.supervisor_pid in live:
             found.update(pid for pid, info in live.items() if info[0] == ref.supervisor_pid)
+        found.update(pid for pid in self._cgroup_members(ref) if pid in live)
         found |= self._descendants(live, found)
         found -= {os.getpid(), ref.supervisor_pid, 1}
         return [_Proc(pid, live[pid][3]) for pid in sorted(found) if pid in live]
@@ -835,9 +1082,37 @@ class _PosixProcessLayer:
                     todo.append(kid)
         return seen
 
+    def _cgroup_members(self, ref: _TreeRef) -> List[int]:
+        """Processes in the job's cgroups: all of its tree, however it left its group."""
+        return [pid for path in ref.cgroups if _is_job_cgroup(path, ref.job_id) for pid in _cgroup_tree_pids(path)]
+
     def signal_tree(self, ref: _TreeRef, signum: int) -> int:
         """Signal every verified process of the tree; returns how many were signalled."""
-        return sum(self._signal_verified(p, signum) for p in self.find_tree(ref))
+        procs = self.find_tree(ref)
+        if signum == _signal.SIGKILL:
+            self._kill_cgroups(ref)
+        return sum(self._signal_verified(p, signum) for p in procs)
+
+    def _kill_cgroups(self, ref: _TreeRef) -> None:
+        """KILL everything in the job's cgroups: one write to `cgroup.kill` (Linux 5.14+),
+        else rounds of signals until they are empty, which a fork race cannot outrun for long."""
+        for path in ref.cgroups:
+            if not _is_job_cgroup(path, ref.job_id):
+                continue
+            try:
+                with open(os.path.join(path, "cgroup.kill"), "wb", buffering=0) as f:
+                    f.write(b"1")
+                continue
+            except OSError:  # no cgroup.kill (v1, or an older kernel): signal the members
+                pass
+            for _ in range(50):
+                members = [_Proc(pid, self.process_token(pid)) for pid in _cgroup_tree_pids(path)]
+                if not [p for p in members if self._signal_verified(p, _signal.SIGKILL)]:
+                    break
+
+    def remove_containment(self, ref: _TreeRef) -> bool:
+        """Remove the job's cgroups once empty; False while processes live in one."""
+        return all(_remove_cgroup_tree(path) for path in ref.cgroups if _is_job_cgroup(path, ref.job_id))
 
     def _signal_verified(self, proc: _Proc, signum: int) -> bool:
         """Signal proc only if its start time still matches (a recycled pid is never hit).
@@ -1194,7 +1469,8 @@ class _WindowsProcessLayer:
             if not started:
                 self._discard(popen, job)
         return _Child(popen=popen, pid=popen.pid, token=str(token),
-                      windows_job_name=name if job else None, handle=job)
+                      windows_job_name=name if job else None, handle=job,
+                      containment=_Containment("job-object" if job else "process-group"))
 
     def spawn_sink(self, argv, *, env) -> subprocess.Popen:
         """A notification command; stop_sink ends its tree with a walk from it."""
@@ -1350,6 +1626,9 @@ class _WindowsProcessLayer:
                 seen[(proc.pid, proc.token)] = proc
             procs = self._walk_tree(ref, also=list(seen.values()))
         return len(seen)
+
+    def remove_containment(self, ref: _TreeRef) -> bool:
+        return True  # a Job Object goes with its last handle and process
 
     def _excluded_pids(self, ref):
         return {0, os.getpid(), ref.supervisor_pid}
@@ -2086,6 +2365,10 @@ def _delete_job(paths: JobPaths) -> None:
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
             raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
+        try:
+            tree: Optional[_TreeRef] = _TreeRef.from_state(_read_state(paths))
+        except JobError:  # no state to name its cgroup: nothing of ours to remove
+            tree = None
         tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
         try:
             os.rename(paths.dir, tomb)
@@ -2093,6 +2376,8 @@ def _delete_job(paths: JobPaths) -> None:
             raise JobNotFoundError(paths.job_id, paths.root) from None
         except OSError:  # Windows cannot rename a directory holding an open file (our lock)
             tomb = None
+        if tree is not None:  # its cgroup, once empty; one with live processes stays for them
+            _process_layer.remove_containment(tree)
         try:
             if tomb is None:
                 _empty_job_dir(paths)
@@ -2185,7 +2470,8 @@ class _Running:
         fds, started = word.split("@")
         out_r, err_r, *logs = (int(fd) for fd in fds.split(","))
         state = _read_state(paths)
-        child = _Child(None, state.pid, state.pid_token, state.windows_job_name)
+        child = _Child(None, state.pid, state.pid_token, state.windows_job_name,
+                       containment=_Containment.from_state(state))
         return cls(state, _read_spec(paths), child, (out_r, err_r), logs, float(started))
 
 
@@ -2236,6 +2522,9 @@ class _Supervisor:
         started = time.monotonic()
         state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
+        held = child.containment
+        state.containment, state.cgroup, state.cgroups_v1, state.limits = (
+            held.kind, held.cgroup, held.cgroups_v1, held.limits)
         _write_state(self.paths, state)
         _acknowledge()
         return _Running(state, spec, child, pipes, logs, started)
@@ -2262,6 +2551,9 @@ class _Supervisor:
             state.error = Failure("output", self.write_error)
         self._release_space()
         _write_state(self.paths, state)
+        # The job's cgroup goes with its last process; one that daemons still
+        # live in stays, for `kill` to find them, until `delete` or `gc`.
+        _process_layer.remove_containment(self._tree_ref())
         self.announce(spec, state)
 
     def announce(self, spec: JobSpec, state: JobState) -> None:
@@ -2379,7 +2671,7 @@ class _Supervisor:
 
     def _tree_ref(self) -> _TreeRef:
         return _TreeRef(self.paths.job_id, self.child.pid, self.child.token, os.getpid(),
-                        self.child.windows_job_name)
+                        self.child.windows_job_name, cgroups=self.child.containment.cgroups())
 
     def _stop_tree(self, kill_after_s: float) -> None:
         """TERM the tree, then KILL whatever is left after kill_after_s (0 = KILL at once)."""
@@ -3640,6 +3932,10 @@ def _document_schemas() -> Dict[str, dict]:
     meta["properties"]["schema_version"] = {"const": SCHEMA_VERSION}
     meta["required"] = ["schema_version", "argv", "cwd"]
     state["properties"]["job"]["properties"]["status"]["enum"].remove(JobStatus.UNKNOWN.value)
+    state["properties"]["containment"]["enum"] = list(_CONTAINMENTS) + [None]
+    state["properties"]["limits"]["additionalProperties"] = {
+        "type": "object", "required": ["value", "enforced_by"],
+        "properties": {"value": {"type": "number"}, "enforced_by": {"type": "string", "enum": list(_ENFORCERS)}}}
     meta["properties"]["timeout_s"] = meta["properties"]["kill_after_s"] = {"type": "number", "minimum": 0}
     schemas = {"state": state, "meta": meta, "error": _error_schema()}
     for kind in _RESPONSE_FIELDS:

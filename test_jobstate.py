@@ -254,6 +254,7 @@ class JobTestCase(unittest.TestCase):
                 job.wait(10)
             except jobstate.JobError:
                 pass
+            jobstate._process_layer.remove_containment(ref)  # the job's cgroups, now empty
 
     def assert_bystander_survives(self, bystander, token):
         """A stale state that names an unrelated live process (a recycled pid,
@@ -423,6 +424,18 @@ class SchemaTests(unittest.TestCase):
         self.assertEqual(state.started_at, "2026-01-01T00:00:00.000Z")
         self.assertIsNone(state.signal)
         self.assertEqual(state.to_dict()["from_a_newer_version"], {"x": 1})
+
+    def test_containment_and_limits_round_trip(self):
+        doc = {"job": {"id": "c" * 32, "status": "running", "started_at": None}, "result": {},
+               "containment": "cgroup", "cgroup": "/sys/fs/cgroup/jobstate/" + "c" * 32,
+               "cgroups_v1": ["/sys/fs/cgroup/pids/jobstate/" + "c" * 32],
+               "limits": {"max_processes": {"value": 5, "enforced_by": "cgroup-v1"}}}
+        again = jobstate.JobState.from_dict(doc).to_dict()
+        self.assertEqual({k: again[k] for k in ("containment", "cgroup", "cgroups_v1", "limits")},
+                         {k: doc[k] for k in ("containment", "cgroup", "cgroups_v1", "limits")})
+        for bad in ({"cgroups_v1": "/x"}, {"limits": {"memory_max": 5}}, {"cgroup": 7}):
+            with self.assertRaises(ValueError):
+                jobstate.JobState.from_dict(dict(doc, **bad))
 
     def test_malformed_state_is_rejected(self):
         for doc in ([], {"job": {"id": 5, "status": "exited"}}, {"job": {"id": "c", "status": "bogus"}},
@@ -1499,6 +1512,100 @@ class WindowsLayerFakeTests(unittest.TestCase):
                 self.layer.replace("a", "b")
         self.assertEqual(len(calls), 50)
         self.assertLess(sum(slept), 3.0)
+
+def own_cgroup2_dirs():
+    """Directories of this process's cgroup v2 path, mount root first (independent of jobstate)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = [line.split(":", 2)[2].strip() for line in f if line.startswith("0::")][0]
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except (OSError, IndexError):
+        return []
+    for fields in mounts:
+        fstype = fields[fields.index("-") + 1]
+        if fstype == "cgroup2" and path.startswith(fields[3]):
+            rest = [p for p in path[len(fields[3]):].split("/") if p]
+            return [os.path.join(fields[4], *rest[:i]) for i in range(len(rest) + 1)]
+    return []
+
+
+def cgroup2_unwritable_reason():
+    """Why no cgroup v2 containment can be tested here (None: it can)."""
+    if not jobstate._LINUX:
+        return "cgroups are Linux only"
+    dirs = own_cgroup2_dirs()
+    if not dirs:
+        return "no cgroup2 hierarchy holds this process"
+    if not any(os.access(d, os.W_OK) and os.access(os.path.join(d, "cgroup.procs"), os.W_OK) for d in dirs):
+        return "no cgroup2 directory on this process's path is writable (run as root or in a delegated subtree)"
+    if os.environ.get("JOBSTATE_CONTAINMENT") == "off":
+        return "JOBSTATE_CONTAINMENT=off"
+    return None
+
+
+def cgroup_dirs_named(names):
+    """Every directory under every cgroup mount (v1 and v2) whose name is one of names."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = {line.split()[4] for line in f if line.split()[line.split().index("-") + 1] in ("cgroup", "cgroup2")}
+    found = []
+    for mount in mounts:
+        for parent, dirs, _ in os.walk(mount):
+            found += [os.path.join(parent, d) for d in dirs if d in names]
+    return found
+
+
+@unittest.skipIf(cgroup2_unwritable_reason(), cgroup2_unwritable_reason() or "")
+class ContainmentTests(JobTestCase):
+    """Linux containment by cgroup, for real: every job cgroup lives under a `jobstate`
+    parent, and each test leaves none of its own behind."""
+
+    def stop_everything(self):
+        job_ids = set(jobstate._list_job_ids(self.root))
+        super().stop_everything()
+        self.assertEqual(cgroup_dirs_named(job_ids), [], "cgroups of this test's jobs were left behind")
+
+    def assert_inside_jobstate_parent(self, job):
+        made = cgroup_dirs_named({job.id})
+        self.assertTrue(made, "no cgroup was made for the job")
+        for path in made:
+            self.assertEqual(os.path.basename(os.path.dirname(path)), "jobstate", path)
+
+    def test_setsid_env_i_daemon_of_a_finished_job_is_killed(self):
+        # No marker (env -i), no group (setsid), and its parent exits: only the cgroup knows it.
+        job = self.run_job(["sh", "-c", "setsid env -i sleep 305 >/dev/null 2>&1 & echo $!"])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        daemon = int(job.tail().stdout)
+        self.addCleanup(lambda: pid_alive(daemon) and os.kill(daemon, signal.SIGKILL))
+        wait_for(lambda: pid_alive(daemon), 5, "the daemon")
+        result = job.kill("TERM", kill_after_s=1)
+        self.assertEqual((result.state.status, result.state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertEqual(result.processes_alive, 0)
+        self.assertFalse(pid_alive(daemon), "kill reported nothing alive while the daemon runs on")
+        self.assertGreaterEqual(result.processes_signalled, 1)
+        self.assert_inside_jobstate_parent(job)
+        self.assertEqual(state.to_dict()["containment"], "cgroup")
+        self.assertEqual(state.to_dict()["cgroup"], cgroup_dirs_named({job.id})[0])
+        job.delete()  # removes its cgroup, empty now
+        self.assertEqual(cgroup_dirs_named({job.id}), [])
+
+    def test_state_says_which_containment_and_matches_the_schema(self):
+        _, schema, _ = self.cli("schema")
+        job = self.run_job(py("import os; print(open('/proc/self/cgroup').read())"))
+        job.wait(10)
+        with open(job.paths.state) as f:
+            doc = json.load(f)
+        self.assertIn("cgroup", schema["schemas"]["state"]["properties"]["containment"]["enum"])
+        self.assertEqual(validate(doc, schema["schemas"]["state"]), [])
+        self.assertEqual(doc["containment"], "cgroup")
+        relative = doc["cgroup"][len(own_cgroup2_dirs()[0]):]
+        self.assertIn("0::%s\n" % relative, job.tail().stdout, "the child ran in its cgroup from its start")
+        self.assertEqual(cgroup_dirs_named({job.id}), [], "the cgroup of a job that left nothing stays")
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_CONTAINMENT": "off"}):
+            job = self.run_job(py("pass"))
+            doc = jobstate.Job(job.id, self.root).wait(10).to_dict()
+        self.assertEqual((doc["containment"], doc.get("cgroup")), ("process-group", None))
 
 # ---------------------------------------------------------------------------
 # Helpers and store (sections 4 and 5)
