@@ -244,6 +244,13 @@ class Failure:
 
     stage: str
     message: str
+    limit: Optional[str] = None  # with stage "limit": which one ended the job (a JobSpec limit's name)
+
+    def to_dict(self) -> dict:
+        doc = {"stage": self.stage, "message": self.message}
+        if self.limit is not None:
+            doc["limit"] = self.limit
+        return doc
 
 
 @dataclass
@@ -312,7 +319,7 @@ class JobState:
         if self.windows_job_name is not None:
             doc["windows_job_name"] = self.windows_job_name
         if self.error is not None:
-            doc["error"] = {"stage": self.error.stage, "message": self.error.message}
+            doc["error"] = self.error.to_dict()
         for key in ("supervisor_pid", "pid_token", "logs_drained"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
@@ -355,7 +362,7 @@ class JobState:
             finished_at=_typed(doc.get("finished_at"), str, "finished_at"),
             updated_at=_typed(doc.get("updated_at"), str, "updated_at"),
             windows_job_name=_typed(doc.get("windows_job_name"), str, "windows_job_name"),
-            error=Failure(str(error.get("stage")), str(error.get("message")))
+            error=Failure(str(error.get("stage")), str(error.get("message")), _typed(error.get("limit"), str, "error.limit"))
             if isinstance(error, dict) else None,
             supervisor_pid=_typed(doc.get("supervisor_pid"), int, "supervisor_pid"),
             pid_token=_typed(doc.get("pid_token"), str, "pid_token"),
@@ -387,10 +394,15 @@ class JobSpec:
     notify_command: Optional[str] = None
     notify_file: Optional[str] = None
     created_at: Optional[str] = None
+    memory_max: Optional[int] = None  # bytes, for the whole tree where the platform can
+    max_processes: Optional[int] = None
+    cpu_time_s: Optional[float] = None
     extra: Dict[str, object] = field(default_factory=dict)
 
     _KEYS = ("argv", "cwd", "env", "env_files", "inherit_env", "masks", "has_stdin", "timeout_s",
-             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "created_at")
+             "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "created_at",
+             "memory_max", "max_processes", "cpu_time_s")
+    LIMITS = ("memory_max", "max_processes", "cpu_time_s")
 
     def to_dict(self) -> dict:
         doc = dict(self.extra)
@@ -413,8 +425,17 @@ class JobSpec:
         for key in cls._KEYS[3:]:
             if doc.get(key) is not None:
                 setattr(spec, key, doc[key])
+        for key in cls.LIMITS:  # they reach setrlimit and cgroup files: numbers only
+            value = getattr(spec, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, float) if key == "cpu_time_s" else int) or value < 0):
+                raise ValueError("%r is not a non-negative number" % key)
         spec.extra = {k: v for k, v in doc.items() if k not in cls._KEYS and k != "schema_version"}
         return spec
+
+    def limits(self) -> Dict[str, float]:
+        """The limits asked for (a value of 0 or none means no limit)."""
+        return {key: getattr(self, key) for key in self.LIMITS if getattr(self, key)}
 
     def masked_env(self) -> Dict[str, str]:
         return {k: ("***" if k in self.masks else v) for k, v in self.env.items()}
@@ -485,6 +506,7 @@ class _Containment:
     cgroup: Optional[str] = None  # the job's cgroup v2 directory
     cgroups_v1: List[str] = field(default_factory=list)
     limits: Dict[str, Dict[str, object]] = field(default_factory=dict)  # name: {"value", "enforced_by"}
+    baselines: Dict[str, float] = field(default_factory=dict)  # limit counters before the child ran
 
     @classmethod
     def from_state(cls, state: JobState) -> "_Containment":
@@ -660,21 +682,77 @@ def _remove_cgroup_tree(path: str) -> bool:
     return True
 
 
+# Each limit in a cgroup: the controller and file that set it in v2, then in v1
+# (no controller: the file is always there, and the supervisor watches it).
+_CGROUP_LIMIT_FILES = {
+    "memory_max": (("memory", "memory.max"), ("memory", "memory.limit_in_bytes")),
+    "max_processes": (("pids", "pids.max"), ("pids", "pids.max")),
+    "cpu_time_s": ((None, "cpu.stat"), ("cpuacct", "cpuacct.usage")),
+}
+# What counts towards each limit, in v2 then v1: (file, key); no key: the file is
+# the number.  OOM kills and refused forks mean "reached"; CPU time is compared.
+_CGROUP_COUNTERS = {
+    "memory_max": (("memory.events", "oom_kill"), ("memory.oom_control", "oom_kill")),
+    "max_processes": (("pids.events", "max"), ("pids.events", "max")),
+    "cpu_time_s": (("cpu.stat", "usage_usec"), ("cpuacct.usage", None)),
+}
+
+
+def _write_cgroup_file(path: str, name: str, value: str) -> None:
+    with open(os.path.join(path, name), "wb", buffering=0) as f:
+        f.write(value.encode())
+
+
+def _cgroup_counter(path: str, name: str) -> Optional[float]:
+    """What a limit's cgroup counted so far: OOM kills, refused forks or CPU seconds; None if unreadable."""
+    for filename, key in _CGROUP_COUNTERS[name]:
+        try:
+            with open(os.path.join(path, filename), "rb") as f:
+                text = f.read().decode()
+        except OSError:
+            continue
+        if key is None:
+            return int(text.strip()) / 1e9  # cpuacct.usage: nanoseconds
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == key:
+                return int(parts[1]) / (1e6 if key == "usage_usec" else 1)
+    return None
+
+
+def _containment_counters(held: _Containment) -> Dict[str, float]:
+    """What counts towards each limit its cgroup enforces (see _CGROUP_COUNTERS)."""
+    counters = {}
+    for name, entry in held.limits.items():
+        paths = {"cgroup": [held.cgroup], "cgroup-v1": held.cgroups_v1}.get(entry.get("enforced_by"), [])
+        for path in paths:
+            value = _cgroup_counter(path, name) if path else None
+            if value is not None:
+                counters[name] = value
+                break
+    return counters
+
+
 class _ChildPlan:
     """What the child does between fork and exec to start contained: enter its
-    cgroups (writing "0" to a cgroup.procs moves the writer) and, in part 2,
-    set its resource limits.  Made by the supervisor, which holds the files open."""
+    cgroups (writing "0" to a cgroup.procs moves the writer) and set the
+    rlimits that stand in for limits no cgroup enforces.  The supervisor makes
+    the plan and holds the files open; the child only writes and calls setrlimit."""
 
-    def __init__(self, containment: _Containment):
-        self.containment = containment
+    def __init__(self):
+        self.containment = _Containment()
         self.entries: List[int] = []  # cgroup.procs descriptors
+        self.rlimits: List[Tuple[int, Tuple[int, int]]] = []
+        self.setrlimit: Optional[Callable] = None
 
     def enter(self) -> None:
         for fd in self.entries:
             os.write(fd, b"0")
+        for resource_id, values in self.rlimits:
+            self.setrlimit(resource_id, values)
 
     def needs_preexec(self) -> bool:
-        return bool(self.entries)
+        return bool(self.entries or self.rlimits)
 
     def close(self) -> None:
         for fd in self.entries:
@@ -688,25 +766,113 @@ class _ChildPlan:
             _remove_cgroup_tree(path)
 
 
-def _plan_child(job_id: str, contain: bool) -> _ChildPlan:
-    """Make the job's cgroup where we may (contain=False, or none writable: process group)."""
-    plan = _ChildPlan(_Containment())
-    # The child enters its cgroup from preexec_fn, which is only safe in a
-    # process without other threads: a supervisor starts its child before any.
-    if not (contain and _LINUX and threading.active_count() == 1):
-        return plan
-    if os.environ.get("JOBSTATE_CONTAINMENT", "").lower() in ("off", "0", "no", "none"):
-        return plan
-    home = _cgroup_home("")
-    if home is None:
-        return plan
-    try:
-        path = _make_job_cgroup(home, job_id)
-        plan.entries.append(os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY))
-    except OSError:  # not ours to make after all (a read-only or foreign hierarchy)
-        return plan
-    plan.containment.kind, plan.containment.cgroup = "cgroup", path
+def _plan_child(job_id: str, limits: Dict[str, float], contain: bool) -> _ChildPlan:
+    """Decide how the child starts: in the job's cgroup where we may make one
+    (else in a process group), each limit by a cgroup v2 controller, else a
+    cgroup v1 hierarchy, else an rlimit of the main process, else not at all."""
+    plan = _ChildPlan()
+    # The child enters its cgroups and sets its rlimits from preexec_fn, which
+    # is only safe in a process without other threads: a supervisor starts its
+    # child before it starts any.
+    single = threading.active_count() == 1
+    if contain and single and _LINUX and os.environ.get("JOBSTATE_CONTAINMENT", "").lower() not in (
+            "off", "0", "no", "none"):
+        _plan_cgroups(plan, job_id, limits)
+    for name, value in limits.items():
+        if name not in plan.containment.limits:
+            enforcer = _plan_rlimit(plan, name, value) if single else "none"
+            plan.containment.limits[name] = {"value": value, "enforced_by": enforcer}
     return plan
+
+
+def _plan_cgroups(plan: _ChildPlan, job_id: str, limits: Dict[str, float]) -> None:
+    home = _cgroup_home("")
+    if home is not None:
+        try:
+            path = _make_job_cgroup(home, job_id)
+            plan.entries.append(os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY))
+            plan.containment.kind, plan.containment.cgroup = "cgroup", path
+        except OSError:  # not ours to make after all (a read-only or foreign hierarchy)
+            pass
+    for name, value in limits.items():
+        if plan.containment.cgroup and _set_v2_limit(plan.containment.cgroup, name, value):
+            plan.containment.limits[name] = {"value": value, "enforced_by": "cgroup"}
+        elif _plan_v1_limit(plan, job_id, name, value):
+            plan.containment.limits[name] = {"value": value, "enforced_by": "cgroup-v1"}
+    # A previous run's cgroup that old processes kept has counted already.
+    plan.containment.baselines = _containment_counters(plan.containment)
+
+
+def _set_v2_limit(path: str, name: str, value: float) -> bool:
+    """Set a limit on the job's v2 cgroup, enabling its controller from our `jobstate`
+    parent where the cgroup above that gives it; False where it cannot hold."""
+    controller, filename = _CGROUP_LIMIT_FILES[name][0]
+    parent = os.path.dirname(path)
+    try:
+        if controller is not None:
+            with open(os.path.join(parent, "cgroup.controllers")) as f:
+                if controller not in f.read().split():
+                    return False
+            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                if controller not in f.read().split():
+                    _write_cgroup_file(parent, "cgroup.subtree_control", "+" + controller)
+            _write_cgroup_file(path, filename, str(int(value)))
+        if name == "memory_max":
+            # The limit is memory, not memory plus swap, and one OOM kill ends the whole job.
+            for extra, setting in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+                try:
+                    _write_cgroup_file(path, extra, setting)
+                except OSError:  # no swap accounting, or an older kernel: the limit holds regardless
+                    pass
+        return os.path.exists(os.path.join(path, filename))
+    except OSError:
+        return False
+
+
+def _plan_v1_limit(plan: _ChildPlan, job_id: str, name: str, value: float) -> bool:
+    """Enforce a limit in a cgroup v1 hierarchy (hybrid machines); the child enters it too."""
+    controller, filename = _CGROUP_LIMIT_FILES[name][1]
+    home = _cgroup_home(controller)
+    if home is None:
+        return False
+    path = os.path.join(home, _CGROUP_PARENT, job_id)
+    try:
+        if path not in plan.containment.cgroups_v1:  # controllers mounted together share one
+            _make_job_cgroup(home, job_id)
+            plan.entries.append(os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY))
+            plan.containment.cgroups_v1.append(path)
+        if name != "cpu_time_s":
+            _write_cgroup_file(path, filename, str(int(value)))
+        if name == "memory_max":
+            try:  # memory plus swap, where swap is accounted
+                _write_cgroup_file(path, "memory.memsw.limit_in_bytes", str(int(value)))
+            except OSError:
+                pass
+        return os.path.exists(os.path.join(path, filename))
+    except OSError:
+        return False
+
+
+def _plan_rlimit(plan: _ChildPlan, name: str, value: float) -> str:
+    """The limit as an rlimit of the main process (binding each process, not the
+    tree); 'none' for the process count: RLIMIT_NPROC counts every process of
+    the user, not the job's (and root is exempt from it)."""
+    import math
+    import resource
+    if name == "max_processes":
+        return "none"
+    if name == "memory_max":
+        resource_id, soft, hard = resource.RLIMIT_AS, int(value), int(value)
+    else:  # SIGXCPU at the limit (it says which limit ended the job), SIGKILL a second later
+        resource_id = resource.RLIMIT_CPU
+        soft = max(1, math.ceil(value))
+        hard = soft + 1
+    current_hard = resource.getrlimit(resource_id)[1]
+    if current_hard != resource.RLIM_INFINITY:
+        soft, hard = min(soft, current_hard), min(hard, current_hard)
+    plan.rlimits.append((resource_id, (soft, hard)))
+    plan.setrlimit = resource.setrlimit
+    return "rlimit"
 
 
 class _PosixProcessLayer:
@@ -917,10 +1083,12 @@ class _PosixProcessLayer:
         import select
         return bool(select.select([fd], [], [], 0)[0])
 
-    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
-        """Start the job's main process in a new session, and in its cgroup where we may make one."""
+    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr, limits=None) -> _Child:
+        """Start the job's main process in a new session, in its cgroup where we
+        may make one, and with its limits (see _plan_child)."""
         import subprocess
-        plan = _plan_child(job_id, contain=True)
+        limits = dict(limits or {})
+        plan = _plan_child(job_id, limits, contain=True)
         try:
             try:
                 popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
@@ -928,8 +1096,11 @@ class _PosixProcessLayer:
                 # The child could not enter its cgroup (a delegation rule we could
                 # not foresee); it ran nothing of the job: start it again without.
                 plan.abandon()
-                plan = _plan_child(job_id, contain=False)
+                plan = _plan_child(job_id, limits, contain=False)
                 popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+        except OSError:  # it could not be executed: no process, so no cgroup either
+            plan.abandon()
+            raise
         finally:
             plan.close()
         return _Child(popen, popen.pid, self.process_token(popen.pid), containment=plan.containment)
@@ -1110,6 +1281,14 @@ class _PosixProcessLayer:
                 if not [p for p in members if self._signal_verified(p, _signal.SIGKILL)]:
                     break
 
+    # A job ended by a limit dies of a signal here (OOM kill, SIGXCPU, our KILL).
+    limit_exit_code = None
+
+    def limit_counters(self, child: _Child) -> Dict[str, float]:
+        """What counts towards each limit a cgroup enforces: OOM kills (memory_max),
+        refused forks (max_processes), CPU seconds used (cpu_time_s)."""
+        return _containment_counters(child.containment)
+
     def remove_containment(self, ref: _TreeRef) -> bool:
         """Remove the job's cgroups once empty; False while processes live in one."""
         return all(_remove_cgroup_tree(path) for path in ref.cgroups if _is_job_cgroup(path, ref.job_id))
@@ -1151,7 +1330,11 @@ _WIN_CREATE_BREAKAWAY_FROM_JOB = 0x01000000
 _WIN_CREATE_NO_WINDOW = 0x08000000
 _WIN_JOB_OBJECT_QUERY = 0x0004
 _WIN_JOB_OBJECT_TERMINATE = 0x0008
+_WIN_JOB_OBJECT_LIMIT_JOB_TIME = 0x0004
+_WIN_JOB_OBJECT_LIMIT_ACTIVE_PROCESS = 0x0008
+_WIN_JOB_OBJECT_LIMIT_JOB_MEMORY = 0x0200
 _WIN_JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION = 0x0400
+_WIN_JOB_INFO_BASIC_ACCOUNTING = 1
 _WIN_JOB_INFO_BASIC_PROCESS_ID_LIST = 3
 _WIN_JOB_INFO_EXTENDED_LIMIT = 9
 _WIN_PROCESS_TERMINATE = 0x0001
@@ -1169,6 +1352,7 @@ _WIN_ERROR_LOCK_VIOLATION = 33
 _WIN_ERROR_NOT_LOCKED = 158
 _WIN_ERROR_ALREADY_EXISTS = 183
 _WIN_ERROR_MORE_DATA = 234
+_WIN_ERROR_NOT_ENOUGH_QUOTA = 1816
 # Exit code of every process jobstate terminates (what Popen.terminate() uses).
 # The kill-request record, not this code, is what marks a job `killed`.
 _WIN_KILLED_EXIT_CODE = 1
@@ -1210,6 +1394,12 @@ def _win_types():
                     ("JobMemoryLimit", SIZE_T), ("PeakProcessMemoryUsed", SIZE_T),
                     ("PeakJobMemoryUsed", SIZE_T)]
 
+    class JOBOBJECT_BASIC_ACCOUNTING_INFORMATION(ctypes.Structure):  # 48 bytes; times in 100 ns
+        _fields_ = [(n, LARGE_INTEGER) for n in (
+            "TotalUserTime", "TotalKernelTime", "ThisPeriodTotalUserTime", "ThisPeriodTotalKernelTime")] + [
+            (n, DWORD) for n in (
+                "TotalPageFaultCount", "TotalProcesses", "ActiveProcesses", "TotalTerminatedProcesses")]
+
     class PROCESSENTRY32W(ctypes.Structure):                    # 568 bytes; set dwSize
         _fields_ = [("dwSize", DWORD), ("cntUsage", DWORD), ("th32ProcessID", DWORD),
                     ("th32DefaultHeapID", ULONG_PTR), ("th32ModuleID", DWORD),
@@ -1240,6 +1430,7 @@ def _win_types():
         FILETIME=FILETIME, IO_COUNTERS=IO_COUNTERS,
         JOBOBJECT_BASIC_LIMIT_INFORMATION=JOBOBJECT_BASIC_LIMIT_INFORMATION,
         JOBOBJECT_EXTENDED_LIMIT_INFORMATION=JOBOBJECT_EXTENDED_LIMIT_INFORMATION,
+        JOBOBJECT_BASIC_ACCOUNTING_INFORMATION=JOBOBJECT_BASIC_ACCOUNTING_INFORMATION,
         PROCESSENTRY32W=PROCESSENTRY32W, THREADENTRY32=THREADENTRY32, OVERLAPPED=OVERLAPPED,
         kernel32=kernel32, ntdll=ntdll)
 
@@ -1437,10 +1628,11 @@ class _WindowsProcessLayer:
     def supervisor_signals(self) -> None:
         return None  # no signal dispositions or masks to pass on to the child
 
-    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
+    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr, limits=None) -> _Child:
         import subprocess
         name = "jobstate-" + job_id
-        job = self._create_job(name)
+        limits = dict(limits or {})
+        job, limited = self._create_job(name, limits)
         try:
             # Suspended: the child runs no code, so spawns nothing, before it is
             # in the job. CREATE_NO_WINDOW: the supervisor has no console, and a
@@ -1468,9 +1660,11 @@ class _WindowsProcessLayer:
         finally:
             if not started:
                 self._discard(popen, job)
+        enforcer = "job-object" if job and limited else "none"
+        held = _Containment("job-object" if job else "process-group",
+                            limits={n: {"value": v, "enforced_by": enforcer} for n, v in limits.items()})
         return _Child(popen=popen, pid=popen.pid, token=str(token),
-                      windows_job_name=name if job else None, handle=job,
-                      containment=_Containment("job-object" if job else "process-group"))
+                      windows_job_name=name if job else None, handle=job, containment=held)
 
     def spawn_sink(self, argv, *, env) -> subprocess.Popen:
         """A notification command; stop_sink ends its tree with a walk from it."""
@@ -1484,34 +1678,50 @@ class _WindowsProcessLayer:
         token = str(self._handle_ctime(int(popen._handle)))
         self.signal_tree(_TreeRef("", popen.pid, token, None, None), self.signal_numbers()["KILL"])
 
-    def _create_job(self, name):
-        """Create our named job; None when the name is taken (fall back to walks)."""
+    def _create_job(self, name, limits):
+        """Create our named job with its limits: (job, whether the limits hold);
+        job None when the name is taken (fall back to walks)."""
         k = self._k32
         k.set_last_error(0)              # 183 on success is the only sign of a collision
         job = k.CreateJobObjectW(None, name)
         err = k.get_last_error()
         if not job:
-            return None                  # e.g. 6: another object type holds the name
+            return None, False           # e.g. 6: another object type holds the name
         if err == _WIN_ERROR_ALREADY_EXISTS:
             k.CloseHandle(job)           # someone else's job: unknown limits and holders
-            return None
-        self._limit_job(job)
-        return job
+            return None, False
+        return job, self._limit_job(job, limits)
 
-    def _limit_job(self, job):
-        """Make crashes end the process instead of opening a dialog nobody sees.
+    def _limit_job(self, job, limits):
+        """Set the job's limits (memory of the whole job, live processes, user-mode
+        CPU time) and make crashes end the process instead of opening a dialog
+        nobody sees; set before the child is resumed, so they hold from its start.
+        True when they hold.
 
         No KILL_ON_JOB_CLOSE: the workload must outlive a dead supervisor, as
         on POSIX (the stale lock then records supervisor_lost). No breakaway flags.
         """
         t = _win_types()
         info = t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
-        info.BasicLimitInformation.LimitFlags = _WIN_JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION
+        basic = info.BasicLimitInformation
+        basic.LimitFlags = _WIN_JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION
+        if limits.get("memory_max"):
+            basic.LimitFlags |= _WIN_JOB_OBJECT_LIMIT_JOB_MEMORY
+            info.JobMemoryLimit = int(limits["memory_max"])
+        if limits.get("max_processes"):
+            basic.LimitFlags |= _WIN_JOB_OBJECT_LIMIT_ACTIVE_PROCESS
+            basic.ActiveProcessLimit = int(limits["max_processes"])
+        if limits.get("cpu_time_s"):
+            basic.LimitFlags |= _WIN_JOB_OBJECT_LIMIT_JOB_TIME
+            basic.PerJobUserTimeLimit = int(limits["cpu_time_s"] * 10_000_000)  # 100 ns units
         try:
             self._k32.SetInformationJobObject(job, _WIN_JOB_INFO_EXTENDED_LIMIT,
                                               t.byref(info), t.sizeof(info))
+            return True
         except OSError:
-            pass  # safe to ignore: only crash-dialog suppression is lost, containment is not
+            if limits:  # keep the crash setting at least; the state says the limits do not hold
+                self._limit_job(job, {})
+            return False  # without limits, only crash-dialog suppression is lost, containment is not
 
     def _assign(self, job, popen):
         """Put the suspended child in the job; None (job closed) when refused."""
@@ -1629,6 +1839,24 @@ class _WindowsProcessLayer:
 
     def remove_containment(self, ref: _TreeRef) -> bool:
         return True  # a Job Object goes with its last handle and process
+
+    # What Windows ends every process of a job with when its CPU time is up.
+    limit_exit_code = _WIN_ERROR_NOT_ENOUGH_QUOTA
+
+    def limit_counters(self, child: _Child) -> Dict[str, float]:
+        """From the job's accounting: user-mode CPU seconds, and processes ended by a
+        limit (a process over the count).  A memory limit fails allocations instead."""
+        if not child.handle or not child.containment.limits:
+            return {}
+        t = _win_types()
+        info = t.JOBOBJECT_BASIC_ACCOUNTING_INFORMATION()
+        try:
+            self._k32.QueryInformationJobObject(child.handle, _WIN_JOB_INFO_BASIC_ACCOUNTING,
+                                                t.byref(info), t.sizeof(info), None)
+        except OSError:
+            return {}
+        counters = {"cpu_time_s": info.TotalUserTime / 1e7, "max_processes": float(info.TotalTerminatedProcesses)}
+        return {name: value for name, value in counters.items() if name in child.containment.limits}
 
     def _excluded_pids(self, ref):
         return {0, os.getpid(), ref.supervisor_pid}
@@ -1976,6 +2204,26 @@ def _parse_size(value, name: str) -> int:
     if size < 0:
         raise InvalidArgumentError("%s: %r is negative" % (name, value), hint="a size is 0 or more bytes")
     return size
+
+
+def _parse_limit(value, name: str) -> Optional[float]:
+    """A JobSpec limit from the caller: memory_max as a size, max_processes as a
+    count, cpu_time_s as a duration; 0 or None means no limit."""
+    if value is None:
+        return None
+    if name == "memory_max":
+        limit = _parse_size(value, name)
+        return limit if limit < 1 << 62 else _out_of_range(name, value)
+    if name == "cpu_time_s":
+        return _parse_duration(value, name) or None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 31:
+        raise InvalidArgumentError("%s: %r is not a process count" % (name, value),
+                                   hint="a whole number of processes, from 1 (0 = no limit)")
+    return value or None
+
+
+def _out_of_range(name: str, value) -> NoReturn:
+    raise InvalidArgumentError("%s: %r is out of range" % (name, value))
 
 
 def _parse_signal(value) -> Tuple[int, str]:
@@ -2463,15 +2711,17 @@ class _Running:
 
     def encode(self) -> str:
         """One argv word for the exec'd watcher; the rest it reads back from the job directory."""
-        return ",".join(str(fd) for fd in self.fds()) + "@%r" % self.started
+        baselines = json.dumps(self.child.containment.baselines, separators=(",", ":"))
+        return ",".join(str(fd) for fd in self.fds()) + "@%r@%s" % (self.started, baselines)
 
     @classmethod
     def decode(cls, word: str, paths: JobPaths) -> "_Running":
-        fds, started = word.split("@")
+        fds, started, baselines = word.split("@", 2)
         out_r, err_r, *logs = (int(fd) for fd in fds.split(","))
         state = _read_state(paths)
-        child = _Child(None, state.pid, state.pid_token, state.windows_job_name,
-                       containment=_Containment.from_state(state))
+        held = _Containment.from_state(state)
+        held.baselines = json.loads(baselines)
+        child = _Child(None, state.pid, state.pid_token, state.windows_job_name, containment=held)
         return cls(state, _read_spec(paths), child, (out_r, err_r), logs, float(started))
 
 
@@ -2482,6 +2732,7 @@ class _Supervisor:
         self.paths = paths
         self.exited = threading.Event()
         self.timed_out = False
+        self.limit_reached: Optional[str] = None  # the limit the watcher stopped the tree for
         self.last_signal: Optional[str] = None
         self.write_error: Optional[str] = None
         self.child: Optional[_Child] = None
@@ -2537,6 +2788,8 @@ class _Supervisor:
         if spec.timeout_s:
             timeout_s = spec.timeout_s - (time.monotonic() - running.started)
             threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s), daemon=True).start()
+        if _process_layer.limit_counters(running.child):
+            threading.Thread(target=self._enforce_limits, args=(running.child,), daemon=True).start()
         code, signum = _process_layer.wait_child(running.child)
         self.exited.set()
         self._record_end(state, code, signum, int((time.monotonic() - running.started) * 1000))
@@ -2547,7 +2800,7 @@ class _Supervisor:
         if spec.kill_orphans:
             self._stop_tree(spec.kill_after_s)
         state.logs_drained = _joined(pumps, DRAIN_TIMEOUT_S)
-        if self.write_error:
+        if self.write_error and state.error is None:
             state.error = Failure("output", self.write_error)
         self._release_space()
         _write_state(self.paths, state)
@@ -2590,7 +2843,7 @@ class _Supervisor:
         stdin = open(self.paths.stdin, "rb") if spec.has_stdin else subprocess.DEVNULL
         try:
             child = _process_layer.spawn_child(argv, job_id=self.paths.job_id, cwd=spec.cwd, env=env,
-                                               stdin=stdin, stdout=out_w, stderr=err_w)
+                                               stdin=stdin, stdout=out_w, stderr=err_w, limits=spec.limits())
         except OSError as exc:
             os.close(out_r)
             os.close(err_r)
@@ -2669,6 +2922,27 @@ class _Supervisor:
         self.log("timeout of %gs reached; stopping the process tree" % spec.timeout_s)
         self._stop_tree(spec.kill_after_s)
 
+    _LIMIT_CHECK_S = 0.25
+
+    def _enforce_limits(self, child: _Child) -> None:
+        """End the job when one of its limits is reached: an OOM kill or a refused
+        process in its cgroup, or its CPU time used up.  The kernel caps memory and
+        processes by itself; jobstate ends the whole job, so the limit is the verdict."""
+        delay = 0.0
+        while not self.exited.wait(delay):
+            counters = _process_layer.limit_counters(child)
+            reached = _limit_reached(child.containment, counters)
+            if reached:
+                self.limit_reached = reached
+                self.log("limit %s reached; stopping the process tree" % reached)
+                self._stop_tree(0)
+                return
+            delay = self._LIMIT_CHECK_S
+            if "cpu_time_s" in counters:  # no sooner than the CPUs could use up what is left
+                left = child.containment.limits["cpu_time_s"]["value"] - (
+                    counters["cpu_time_s"] - child.containment.baselines.get("cpu_time_s", 0.0))
+                delay = min(delay, max(0.01, left / (os.cpu_count() or 1)))
+
     def _tree_ref(self) -> _TreeRef:
         return _TreeRef(self.paths.job_id, self.child.pid, self.child.token, os.getpid(),
                         self.child.windows_job_name, cgroups=self.child.containment.cgroups())
@@ -2689,16 +2963,51 @@ class _Supervisor:
         requested = _read_kill_request(self.paths)
         state.result.duration_ms, state.result.timed_out = duration_ms, self.timed_out
         state.finished_at = _utc_now()
+        reached = self.limit_reached or self._limit_at_the_end(code, signum)
         if signum is not None:
             state.job.status, state.result.signal = JobStatus.KILLED, _signal_name(signum)
-        elif requested or self.timed_out:
-            # Ended after jobstate asked it to (it may have trapped the signal).
+        elif requested or self.timed_out or reached:
+            # Ended after jobstate asked it to (it may have trapped the signal), or by a limit.
             state.job.status = JobStatus.KILLED
-            state.result.signal = self.last_signal if self.timed_out else requested
+            state.result.signal = (self.last_signal or "SIGKILL") if self.timed_out or reached else requested
         else:
             state.job.status, state.result.exit_code = JobStatus.EXITED, code
+        if reached:
+            value = self.child.containment.limits[reached]["value"]
+            state.error = Failure("limit", _LIMIT_MESSAGES[reached] % value, limit=reached)
         if _process_layer.records_leftovers:
             state.leftovers = _process_layer.find_tree(self._tree_ref())
+
+
+    def _limit_at_the_end(self, code, signum) -> Optional[str]:
+        """The limit that ended the main process before the watcher saw it reached:
+        an OOM kill, a CPU time rlimit (SIGXCPU), Windows ending a job out of time."""
+        limits = self.child.containment.limits
+        if signum is not None and _signal_name(signum) == "SIGXCPU" and \
+                limits.get("cpu_time_s", {}).get("enforced_by") == "rlimit":
+            return "cpu_time_s"
+        if signum is None and (code is None or code != _process_layer.limit_exit_code):
+            return None  # it ended by itself
+        return _limit_reached(self.child.containment, _process_layer.limit_counters(self.child))
+
+
+_LIMIT_MESSAGES = {
+    "memory_max": "the job reached its memory limit of %s bytes (the kernel's OOM killer ended a process)",
+    "max_processes": "the job reached its limit of %s processes (a new process was refused)",
+    "cpu_time_s": "the job used up its CPU time limit of %gs",
+}
+
+
+def _limit_reached(held: _Containment, counters: Dict[str, float]) -> Optional[str]:
+    """The first limit the counters say was reached (any OOM kill or refused
+    process since the start; CPU seconds at the limit), or None."""
+    for name in ("memory_max", "max_processes", "cpu_time_s"):
+        if name not in counters:
+            continue
+        used = counters[name] - held.baselines.get(name, 0.0)
+        if used >= held.limits[name]["value"] if name == "cpu_time_s" else used > 0:
+            return name
+    return None
 
 
 def _joined(threads: List[threading.Thread], timeout_s: float) -> bool:
@@ -3697,7 +4006,7 @@ class Job:
 
 def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, masks=(), has_stdin=False,
                 timeout_s=None, kill_after_s=None, kill_orphans=False, tags=(), notify_command=None,
-                notify_file=None) -> JobSpec:
+                notify_file=None, memory_max=None, max_processes=None, cpu_time_s=None) -> JobSpec:
     """Validate a definition and make it absolute, so the job means the same from anywhere."""
     if isinstance(argv, str):
         argv = [argv]
@@ -3720,20 +4029,27 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
         kill_orphans=bool(kill_orphans), tags=_validate_tags(tags),
         notify_command=notify_command,
         notify_file=_abspath(notify_file) if notify_file else None,
-        created_at=_utc_now())
+        created_at=_utc_now(), memory_max=_parse_limit(memory_max, "memory_max"),
+        max_processes=_parse_limit(max_processes, "max_processes"),
+        cpu_time_s=_parse_limit(cpu_time_s, "cpu_time_s"))
 
 
 def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, env_files: Sequence[str] = (), inherit_env: bool = True,
            masks: Sequence[str] = (), stdin=None, timeout_s=None, kill_after_s=None,
            kill_orphans: bool = False, tags: Sequence[str] = (), notify_command: Optional[str] = None,
-           notify_file: Optional[str] = None) -> Job:
+           notify_file: Optional[str] = None, memory_max=None, max_processes: Optional[int] = None,
+           cpu_time_s=None) -> Job:
     """Define a job (state `created`) without starting it.
 
     argv: a list (run directly) or a one-element list / string (run by the shell).
     stdin: bytes or str given to the job as its standard input.
     timeout_s / kill_after_s: seconds (or '90s', '5m'); TERM at the timeout, KILL after the grace.
     kill_orphans: when the main process exits, stop whatever it left running.
+    memory_max (bytes or '64M'), max_processes, cpu_time_s (seconds or '5m'): limits of
+    the whole tree where the platform can (a Job Object, a cgroup), else of the main
+    process (an rlimit); state.json `limits` says how each one is enforced, and a job
+    ended by one is `killed` with error.stage "limit".
     The job directory appears atomically: readers never see a half-made job.
     """
     if isinstance(stdin, str):
@@ -3741,7 +4057,8 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
     spec = _build_spec(argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env, masks=masks,
                        has_stdin=stdin is not None, timeout_s=timeout_s, kill_after_s=kill_after_s,
                        kill_orphans=kill_orphans, tags=tags, notify_command=notify_command,
-                       notify_file=notify_file)
+                       notify_file=notify_file, memory_max=memory_max, max_processes=max_processes,
+                       cpu_time_s=cpu_time_s)
     root = resolve_root(root)
     _ensure_root(root)
     job_id = new_job_id()
@@ -3816,7 +4133,7 @@ _OPT_STR, _OPT_INT = _json_type("string", "null"), _json_type("integer", "null")
 _STR_LIST = {"type": "array", "items": _STR}
 _RANGE = {"type": "array", "items": _INT, "minItems": 2, "maxItems": 2}
 _STATE_NAME = {"type": "string", "enum": [s.value for s in JobStatus]}
-_ERROR_INFO = {"type": ["object", "null"], "properties": {"stage": _STR, "message": _STR},
+_ERROR_INFO = {"type": ["object", "null"], "properties": {"stage": _STR, "message": _STR, "limit": _STR},
                "required": ["stage", "message"]}
 _JOB_FIELDS = {
     "job_id": _STR, "state": _STATE_NAME, "exit_code": _OPT_INT, "signal": _OPT_STR, "timed_out": _BOOL,
@@ -3933,6 +4250,9 @@ def _document_schemas() -> Dict[str, dict]:
     meta["required"] = ["schema_version", "argv", "cwd"]
     state["properties"]["job"]["properties"]["status"]["enum"].remove(JobStatus.UNKNOWN.value)
     state["properties"]["containment"]["enum"] = list(_CONTAINMENTS) + [None]
+    state["properties"]["error"]["required"] = ["stage", "message"]
+    for key in JobSpec.LIMITS:
+        meta["properties"][key]["minimum"] = 0
     state["properties"]["limits"]["additionalProperties"] = {
         "type": "object", "required": ["value", "enforced_by"],
         "properties": {"value": {"type": "number"}, "enforced_by": {"type": "string", "enum": list(_ENFORCERS)}}}
@@ -3965,7 +4285,7 @@ def _job_view(job: Job, state: JobState) -> dict:
         "exit_code": state.exit_code, "signal": state.signal, "timed_out": state.result.timed_out,
         "duration_ms": state.duration_ms, "created_at": spec.created_at if spec else None,
         "started_at": state.started_at, "finished_at": state.finished_at, "pid": state.pid,
-        "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
+        "error": state.error.to_dict() if state.error else None,
         "command": spec.argv if spec else None, "cwd": spec.cwd if spec else None,
         "env": spec.masked_env() if spec else None, "tags": spec.tags if spec else [],
         "stdout_log_path": job.paths.stdout_log, "stderr_log_path": job.paths.stderr_log,
@@ -4000,7 +4320,7 @@ def _summary_view(root: str, summary: JobSummary) -> dict:
             "signal": state.signal, "timed_out": state.result.timed_out, "duration_ms": state.duration_ms,
             "created_at": summary.created_at, "started_at": state.started_at,
             "finished_at": state.finished_at, "pid": state.pid,
-            "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
+            "error": state.error.to_dict() if state.error else None,
             "command": summary.argv, "cwd": summary.cwd, "tags": summary.tags,
             "stdout_log_path": JobPaths(root, summary.job_id).stdout_log,
             "stderr_log_path": JobPaths(root, summary.job_id).stderr_log}
@@ -4111,7 +4431,11 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                 "stdin": {"type": "string", "description": "standard input for the job"},
                 "timeout": {"type": "number", "minimum": 0, "description": "stop the tree after this many seconds"},
                 "kill_after": {"type": "number", "minimum": 0}, "until": _UNTIL_PARAM,
-                "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM}, ["command"]),
+                "max_bytes": _MAX_BYTES_PARAM, "tags": _TAGS_PARAM,
+                "memory_max": {"type": "integer", "minimum": 0, "description": "memory limit in bytes"},
+                "max_processes": {"type": "integer", "minimum": 0, "description": "most processes at once"},
+                "cpu_time": {"type": "number", "minimum": 0, "description": "CPU seconds the job may use"}},
+            ["command"]),
     "status": ("State, exit code, signal, times and log paths of a job.", {"job_id": _JOB_ID_PARAM}, ["job_id"]),
     "tail": ("The last lines of a job's stdout and stderr.", {
         "job_id": _JOB_ID_PARAM, "lines": {"type": "integer", "minimum": 0}, "max_bytes": _MAX_BYTES_PARAM},
@@ -4166,7 +4490,9 @@ def _call_operation(operation: str, args: dict, root: Optional[str], *, default_
     max_bytes = args.get("max_bytes", DEFAULT_MAX_BYTES)
     if operation == "run":
         job = run(args["command"], root=root, cwd=args.get("cwd"), env=args.get("env"), stdin=args.get("stdin"),
-                  timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()))
+                  timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()),
+                  memory_max=args.get("memory_max"), max_processes=args.get("max_processes"),
+                  cpu_time_s=args.get("cpu_time"))
         return _observed_doc("run", job, until, max_bytes, started)
     if operation == "list":
         return _list_doc(resolve_root(root), cwd=args.get("cwd"), all_jobs=args.get("all", False),
@@ -4661,6 +4987,9 @@ def _outcome(view: dict) -> str:
     return "-" if view["exit_code"] is None else str(view["exit_code"])
 
 
+_LIMIT_LABELS = {"memory_max": "memory limit", "max_processes": "process limit", "cpu_time_s": "CPU time limit"}
+
+
 def _verdict(view: dict, color: bool) -> str:
     """One line saying how the job ended (or where it stands)."""
     state, short = view["state"], view["job_id"][:12]
@@ -4670,8 +4999,11 @@ def _verdict(view: dict, color: bool) -> str:
         text = "job %s exited with code %s after %s" % (short, view["exit_code"], took)
     elif state == "killed":
         key = "killed"
+        limit = (view["error"] or {}).get("limit")
         text = "job %s was killed by %s after %s%s" % (short, view["signal"], took,
-                                                      " (timeout)" if view["timed_out"] else "")
+                                                      " (timeout)" if view["timed_out"] else
+                                                      " (%s reached)" % _LIMIT_LABELS.get(limit, limit)
+                                                      if limit else "")
     elif state == "failed":
         key, error = "failed", view["error"] or {}
         text = "job %s failed (%s): %s" % (short, error.get("stage"), error.get("message"))
@@ -4850,6 +5182,10 @@ def _add_definition_options(p) -> None:
                    help="KILL what is left S seconds after TERM (default 5; 0 = KILL at once)")
     p.add_argument("--kill-orphans", action="store_true",
                    help="when the main process exits, stop what it left running")
+    p.add_argument("--memory-max", metavar="BYTES", type=_size_option,
+                   help="memory limit of the whole job (64M, 1G); see state.json limits")
+    p.add_argument("--max-processes", metavar="N", type=_count_option, help="most processes the job may have at once")
+    p.add_argument("--cpu-time", metavar="S", type=_duration_option, help="CPU time the job may use (90s, 5m)")
     p.add_argument("--tag", action="append", default=[], help="tag such as ci.lint (repeatable)")
     p.add_argument("--notify-command", metavar="CMD", help="shell command run with the job.finished event on stdin")
     p.add_argument("--notify-file", metavar="PATH", help="append the job.finished event to this NDJSON file")
@@ -5127,7 +5463,8 @@ def _cli_definition(ns, auto_stdin: bool) -> dict:
     return dict(cwd=ns.cwd, env=env, env_files=ns.env_file, inherit_env=not ns.no_inherit_env,
                 masks=ns.mask, stdin=_cli_stdin(ns, auto_stdin), timeout_s=_parse_duration(ns.timeout, "--timeout"),
                 kill_after_s=_parse_duration(ns.kill_after, "--kill-after"), kill_orphans=ns.kill_orphans,
-                tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file)
+                tags=ns.tag, notify_command=ns.notify_command, notify_file=ns.notify_file,
+                memory_max=ns.memory_max, max_processes=ns.max_processes, cpu_time_s=ns.cpu_time)
 
 
 def _raw_sink(stream):

@@ -533,6 +533,22 @@ class PosixProcessTests(JobTestCase):
         self.assertTrue(state.logs_drained)
         self.assertEqual(marker_pids(job.id), [])
 
+    @unittest.skipUnless(jobstate._LINUX, "/proc/self/limits")
+    def test_without_cgroups_limits_fall_back_to_rlimits_and_say_so(self):
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_CONTAINMENT": "off"}):
+            job = self.run_job(["cat", "/proc/self/limits"], memory_max=1 << 30, max_processes=50, cpu_time_s=7)
+            state = job.wait(10)
+            busy = self.run_job(py("while True: pass"), cpu_time_s=1).wait(20)
+        self.assertEqual(state.containment, "process-group")
+        # RLIMIT_NPROC would count every process of the user, not the job's: not used.
+        self.assertEqual({k: v["enforced_by"] for k, v in state.limits.items()},
+                         {"memory_max": "rlimit", "cpu_time_s": "rlimit", "max_processes": "none"})
+        limits = {line[:26].strip(): line[26:].split()[:2] for line in job.tail().stdout.splitlines()[1:]}
+        self.assertEqual(limits["Max address space"], [str(1 << 30)] * 2)
+        self.assertEqual(limits["Max cpu time"], ["7", "8"])
+        self.assertEqual((busy.status, busy.signal, busy.error.stage, busy.error.limit),
+                         (jobstate.JobStatus.KILLED, "SIGXCPU", "limit", "cpu_time_s"))
+
     def test_recycled_pid_is_never_signalled(self):
         bystander = subprocess.Popen(["sleep", "60"])
         self.addCleanup(bystander.wait)
@@ -973,7 +989,11 @@ class FakeKernel32:
         return self.handle("job", name)
 
     def _SetInformationJobObject(self, job, info_class, buf, size):
-        self.jobs[self.handles[job][1]]["limits"] = fake_target(buf).BasicLimitInformation.LimitFlags
+        info = fake_target(buf)
+        basic = info.BasicLimitInformation
+        self.jobs[self.handles[job][1]].update(
+            limits=basic.LimitFlags, job_memory=info.JobMemoryLimit, active_processes=basic.ActiveProcessLimit,
+            job_user_time=basic.PerJobUserTimeLimit)
         return 1
 
     def _AssignProcessToJobObject(self, job, process):
@@ -981,6 +1001,11 @@ class FakeKernel32:
         return 1
 
     def _QueryInformationJobObject(self, job, info_class, buf, size, retlen):
+        if info_class == 1:  # basic accounting
+            out, accounting = fake_target(buf), self.jobs[self.handles[job][1]].get("accounting", {})
+            for name, value in accounting.items():
+                setattr(out, name, value)
+            return 1
         assert info_class == 3
         pids, out = sorted(self.jobs[self.handles[job][1]]["pids"]), fake_target(buf)
         out.NumberOfAssignedProcesses = len(pids)
@@ -1121,6 +1146,7 @@ class WindowsLayerFakeTests(unittest.TestCase):
         import ctypes
         t = jobstate._win_types()
         sizes = {t.JOBOBJECT_BASIC_LIMIT_INFORMATION: 64, t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION: 144,
+                 t.JOBOBJECT_BASIC_ACCOUNTING_INFORMATION: 48,
                  t.PROCESSENTRY32W: 568, t.THREADENTRY32: 28, t.IO_COUNTERS: 48,
                  t.OVERLAPPED: 32, t.FILETIME: 8, t.pid_list(1): 16, t.pid_list(4): 40}
         for cls, size in sizes.items():
@@ -1157,10 +1183,10 @@ class WindowsLayerFakeTests(unittest.TestCase):
 
     # -- spawn_child: create job, Popen suspended, assign, resume -------------------
 
-    def spawn(self, **popen_kw):
+    def spawn(self, limits=None, **popen_kw):
         with unittest.mock.patch.object(subprocess, "Popen", fake_popen_class(self.fake, **popen_kw)):
             return self.layer.spawn_child(["prog", "arg"], job_id=self.JOB_ID, cwd=None, env={"A": "1"},
-                                          stdin=None, stdout=None, stderr=None)
+                                          stdin=None, stdout=None, stderr=None, limits=limits)
 
     def spawn_calls(self):
         keep = {"CreateJobObjectW", "SetInformationJobObject", "Popen", "AssignProcessToJobObject",
@@ -1184,6 +1210,39 @@ class WindowsLayerFakeTests(unittest.TestCase):
         limits = self.fake.jobs[self.NAME]["limits"]
         self.assertEqual(limits & WIN_KILL_ON_JOB_CLOSE, 0)
         self.assertEqual(limits, WIN_DIE_ON_UNHANDLED_EXCEPTION)
+
+    def test_spawn_sets_the_limits_before_the_child_is_resumed(self):
+        child = self.spawn(limits={"memory_max": 64 << 20, "max_processes": 5, "cpu_time_s": 1.5})
+        self.assertEqual(self.spawn_calls(), ["CreateJobObjectW", "SetInformationJobObject", "Popen",
+                                              "AssignProcessToJobObject", "ResumeThread", "GetProcessTimes"])
+        job = self.fake.jobs[self.NAME]
+        self.assertEqual(job["limits"], WIN_DIE_ON_UNHANDLED_EXCEPTION | 0x200 | 0x8 | 0x4)  # JOB_MEMORY, ACTIVE_PROCESS, JOB_TIME
+        self.assertEqual((job["job_memory"], job["active_processes"], job["job_user_time"]),
+                         (64 << 20, 5, 15_000_000))  # user time in 100 ns units
+        self.assertEqual(child.containment.kind, "job-object")
+        self.assertEqual({n: e["enforced_by"] for n, e in child.containment.limits.items()},
+                         dict.fromkeys(("memory_max", "max_processes", "cpu_time_s"), "job-object"))
+
+    def test_spawn_with_limits_refused_says_they_do_not_hold(self):
+        self.fake.fail["SetInformationJobObject"] = 87
+        child = self.spawn(limits={"max_processes": 5})
+        self.assertEqual(child.windows_job_name, self.NAME)  # the containment holds regardless
+        self.assertEqual(child.containment.limits, {"max_processes": {"value": 5, "enforced_by": "none"}})
+        self.assertEqual(self.fake.names().count("SetInformationJobObject"), 2, "the crash setting is tried alone")
+        self.fake.other_objects.add("jobstate-" + "1" * 32)
+        with unittest.mock.patch.object(subprocess, "Popen", fake_popen_class(self.fake)):
+            child = self.layer.spawn_child(["p"], job_id="1" * 32, cwd=None, env={}, stdin=None, stdout=None,
+                                           stderr=None, limits={"memory_max": 1 << 20})
+        self.assertEqual((child.containment.kind, child.containment.limits["memory_max"]["enforced_by"]),
+                         ("process-group", "none"))
+
+    def test_limit_counters_come_from_the_job_accounting(self):
+        child = self.spawn(limits={"max_processes": 5, "cpu_time_s": 2})
+        self.fake.jobs[self.NAME]["accounting"] = {"TotalUserTime": 25_000_000, "TotalTerminatedProcesses": 1}
+        counters = self.layer.limit_counters(child)
+        self.assertEqual(counters, {"cpu_time_s": 2.5, "max_processes": 1.0})
+        self.assertEqual(jobstate._limit_reached(child.containment, counters), "max_processes")
+        self.assertEqual(self.layer.limit_exit_code, 1816)  # ERROR_NOT_ENOUGH_QUOTA, when the job time is up
 
     def test_spawn_assign_denied_resumes_without_job(self):
         self.fake.fail["AssignProcessToJobObject"] = 5  # Windows 7: no nested jobs
@@ -1606,6 +1665,76 @@ class ContainmentTests(JobTestCase):
             job = self.run_job(py("pass"))
             doc = jobstate.Job(job.id, self.root).wait(10).to_dict()
         self.assertEqual((doc["containment"], doc.get("cgroup")), ("process-group", None))
+
+    # -- limits ---------------------------------------------------------------------
+
+    FORK_LOOP = ("import os, time\n"
+                 "print('ready', flush=True)\n"
+                 "while True:\n"
+                 "    try:\n"
+                 "        if os.fork() == 0:\n"
+                 "            time.sleep(60)\n"
+                 "            os._exit(0)\n"
+                 "    except OSError:\n"
+                 "        time.sleep(0.01)  # refused: try again, as a fork bomb would\n")
+
+    def assert_ended_by(self, state, limit):
+        self.assertEqual((state.status, state.error and state.error.stage, state.error and state.error.limit),
+                         (jobstate.JobStatus.KILLED, "limit", limit), state.to_dict())
+
+    def test_max_processes_stops_a_fork_loop(self):
+        job = self.run_job(py(self.FORK_LOOP), max_processes=5)
+        state = job.wait(20)
+        self.assert_ended_by(state, "max_processes")
+        self.assertEqual(state.limits["max_processes"]["value"], 5)
+        self.assertIn(state.limits["max_processes"]["enforced_by"], ("cgroup", "cgroup-v1"))
+        self.assertEqual(jobstate._process_layer.find_tree(jobstate._TreeRef.from_state(state)), [])
+        status, doc, _ = self.cli("status", job.id)
+        self.assertEqual((doc["state"], doc["error"]["stage"], doc["error"]["limit"]),
+                         ("killed", "limit", "max_processes"))
+        _, text, _ = self.cli_capture("--format", "text", "wait", job.id)
+        self.assertIn("process limit", text)
+
+    def test_memory_max_ends_a_job_that_allocates_200mb(self):
+        code = "b = bytearray(b'x') * (200 << 20); print('survived', len(b))"
+        job = self.run_job(py(code), memory_max="64M")
+        state = job.wait(30)
+        self.assert_ended_by(state, "memory_max")
+        self.assertEqual(state.limits["memory_max"]["value"], 64 << 20)
+        self.assertIn(state.limits["memory_max"]["enforced_by"], ("cgroup", "cgroup-v1"))
+        self.assertNotIn("survived", job.tail().stdout)
+
+    def test_cpu_time_ends_a_busy_job(self):
+        job = self.run_job(py("while True: pass"), cpu_time_s=0.5)
+        state = job.wait(20)
+        self.assert_ended_by(state, "cpu_time_s")
+        self.assertEqual(state.limits["cpu_time_s"], {"value": 0.5, "enforced_by": "cgroup"})
+        self.assertGreaterEqual(state.duration_ms, 450)
+
+    def test_limits_are_kept_in_meta_and_applied_again_on_restart(self):
+        status, doc, _ = self.cli("create", "--memory-max", "1G", "--max-processes", "50", "--cpu-time", "1m",
+                                  "--", "sh", "-c", "cat /proc/self/limits")
+        self.assertEqual(status, 0, doc)
+        with open(jobstate.JobPaths(self.root, doc["job_id"]).meta) as f:
+            meta = json.load(f)
+        self.assertEqual((meta["memory_max"], meta["max_processes"], meta["cpu_time_s"]), (1 << 30, 50, 60.0))
+        for command in ("start", "restart"):
+            status, ran, _ = self.cli(command, doc["job_id"])
+            self.assertEqual((status, ran["state"]), (0, "exited"), ran)
+            state = jobstate.open_job(doc["job_id"], self.root).state()
+            self.assertEqual(sorted(state.limits), ["cpu_time_s", "max_processes", "memory_max"])
+        for bad in (["--max-processes", "-1"], ["--memory-max", "-5"], ["--cpu-time", "-1"]):
+            status, doc, _ = self.cli("run", *bad, "--", "true")
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), bad)
+
+    def test_limits_through_mcp_and_http_arguments(self):
+        doc = jobstate._call_operation("run", {"command": ["cat", "/proc/self/limits"], "memory_max": 1 << 30,
+                                               "max_processes": 50, "cpu_time": 30}, self.root, default_until=10)
+        state = jobstate.open_job(doc["job_id"], self.root).state()
+        self.assertEqual({k: v["value"] for k, v in state.limits.items()},
+                         {"memory_max": 1 << 30, "max_processes": 50, "cpu_time_s": 30.0})
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate._call_operation("run", {"command": ["true"], "max_processes": "5"}, self.root, default_until=0)
 
 # ---------------------------------------------------------------------------
 # Helpers and store (sections 4 and 5)
