@@ -917,6 +917,11 @@ class _PosixProcessLayer:
         except BlockingIOError:
             return False
 
+    def share_lock(self, fd: int) -> bool:
+        """Turn our exclusive lock into a shared one; False when another process
+        took the lock meanwhile (flock converts by unlocking first)."""
+        return self.lock(fd, exclusive=False, blocking=False)
+
     def read_bytes(self, path: str) -> bytes:
         with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
             return f.read()
@@ -1290,8 +1295,14 @@ class _PosixProcessLayer:
         return _containment_counters(child.containment)
 
     def remove_containment(self, ref: _TreeRef) -> bool:
-        """Remove the job's cgroups once empty; False while processes live in one."""
-        return all(_remove_cgroup_tree(path) for path in ref.cgroups if _is_job_cgroup(path, ref.job_id))
+        """Remove the job's cgroups once empty; False while processes live in one.
+        Besides the recorded ones, those a supervisor started from here would make:
+        one killed before it recorded them leaves them unnamed."""
+        paths = set(ref.cgroups)
+        if _LINUX and ref.job_id:
+            homes = (_cgroup_home(c) for c in ("", "memory", "pids", "cpuacct"))
+            paths.update(os.path.join(home, _CGROUP_PARENT, ref.job_id) for home in homes if home)
+        return all(_remove_cgroup_tree(path) for path in paths if _is_job_cgroup(path, ref.job_id))
 
     def _signal_verified(self, proc: _Proc, signum: int) -> bool:
         """Signal proc only if its start time still matches (a recycled pid is never hit).
@@ -2029,6 +2040,11 @@ class _WindowsProcessLayer:
             raise
         return True
 
+    def share_lock(self, fd: int) -> bool:
+        # A shared lock cannot overlap an exclusive one, even of the same handle: unlock first.
+        self.unlock(fd)
+        return self.lock(fd, exclusive=False, blocking=False)
+
     def unlock(self, fd: int) -> None:
         import msvcrt
         t = _win_types()
@@ -2528,6 +2544,15 @@ class _JobLock:
             _process_layer.unlock(fd)
             os.close(fd)  # closing drops the lock
 
+    def share(self) -> bool:
+        """Keep holding the lock, shared: readers (wait) pass, writers (restart,
+        delete) wait.  False, and released, when another process took it in the
+        moment the conversion leaves it free."""
+        if self.fd is not None and _process_layer.share_lock(self.fd):
+            return True
+        self.release()
+        return False
+
     def __enter__(self):
         return self
 
@@ -2612,7 +2637,7 @@ def _delete_job(paths: JobPaths) -> None:
         raise JobNotFoundError(paths.job_id, paths.root)
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
-            raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
+            _refuse_busy_delete(paths)
         try:
             tree: Optional[_TreeRef] = _TreeRef.from_state(_read_state(paths))
         except JobError:  # no state to name its cgroup: nothing of ours to remove
@@ -2635,6 +2660,18 @@ def _delete_job(paths: JobPaths) -> None:
             raise JobNotFoundError(paths.job_id, paths.root) from None
         except OSError as exc:
             raise JobIOError("cannot delete %s: %s" % (paths.dir, exc)) from None
+
+
+def _refuse_busy_delete(paths: JobPaths) -> NoReturn:
+    """A held lock: the job runs, or its finished run's descendants still write to its logs."""
+    try:
+        state = _read_state(paths)
+    except JobError:
+        state = JobState(JobInfo(paths.job_id, JobStatus.RUNNING))
+    if state.status.is_terminal:
+        raise InvalidStateError(paths.job_id, state.status, "processes it left still write to its logs: stop "
+                                "them first ('jobstate kill %s')" % paths.job_id)
+    raise InvalidStateError(paths.job_id, JobStatus.RUNNING, "stop it first ('jobstate kill')")
 
 
 def _empty_job_dir(paths: JobPaths) -> None:
@@ -2737,6 +2774,10 @@ class _Supervisor:
         self.write_error: Optional[str] = None
         self.child: Optional[_Child] = None
         self.notification: Optional[Tuple[JobSpec, dict]] = None  # what notify() delivers
+        self.pumps: List[threading.Thread] = []
+        self.log_guard = threading.Lock()  # held by the pumps for each write to the logs
+        self.logs_ours = True  # False once another run may own the log files: read, never write
+        self.lock_shared = False  # the job lock, held shared while descendants' output is still copied
 
     def log(self, message: str) -> None:
         sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
@@ -2784,7 +2825,7 @@ class _Supervisor:
         """Copy the output, enforce the timeout, record the end: the rest of the job's life."""
         state, spec = running.state, running.spec
         self.child = running.child
-        pumps = self._start_pumps(running.pipes, running.logs)
+        pumps = self.pumps = self._start_pumps(running.pipes, running.logs)
         if spec.timeout_s:
             timeout_s = spec.timeout_s - (time.monotonic() - running.started)
             threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s), daemon=True).start()
@@ -2817,14 +2858,44 @@ class _Supervisor:
             self.notification = (spec, record)
 
     def notify(self) -> None:
-        """Deliver the announced event to its sinks (the job lock is released by now)."""
+        """Deliver the announced event to its sinks (the job lock is released or shared by now)."""
         if self.notification is None:
             return
         spec, record = self.notification
         try:
-            _deliver_notifications(self.paths, spec, record, self.log)
+            _deliver_notifications(self.paths, spec, record, self.log, lock_shared=self.lock_shared)
         except OSError as exc:  # the sinks ran; only their record could not be written
             self.log("cannot record the notification deliveries: %s" % exc)
+
+    # The end is on disk: `wait` must return, yet descendants may still hold the
+    # output pipes, and a pipe nobody reads would kill them (SIGPIPE) at their
+    # next write.  So the supervisor keeps copying their output, holding the job
+    # lock shared: readers (`wait`, `run`, `status`) pass, while `restart`,
+    # `delete` and `start` wait, so no new run can reset the logs under our
+    # writes (restart stops such leftovers first; delete asks for a kill).  When
+    # the last of them closes the pipes, `logs_drained` turns true.
+
+    def let_waiters_go(self, lock: "_JobLock") -> None:
+        """Release the job lock, or keep it shared while descendants still write."""
+        if not self.pumps or _joined(self.pumps, 0):
+            lock.release()
+            return
+        with self.log_guard:  # no write to the logs while the lock is converted
+            self.lock_shared = lock.share()
+            self.logs_ours = self.lock_shared  # someone took it in the gap: the logs may be theirs now
+
+    def drain_to_the_end(self, lock: "_JobLock") -> None:
+        """Copy descendants' output until they close the pipes, then say so and let go."""
+        _joined(self.pumps, None)  # never leave a pipe unread: that is what would kill them
+        if not self.lock_shared:
+            return
+        try:
+            state = _read_state(self.paths)
+            state.logs_drained = True
+            _write_state(self.paths, state)
+            _process_layer.remove_containment(self._tree_ref())
+        finally:
+            lock.release()
 
     def _spawn(self, spec: JobSpec):
         """Start the child with its output on pipes; _SpawnFailure says why it could not start."""
@@ -2887,15 +2958,16 @@ class _Supervisor:
                 break
             if not chunk:
                 break
-            if self.write_error:
-                continue
-            try:
-                _write_all(log_fd, chunk)
-                full.append(label, chunk)
-            except OSError as exc:
-                self.write_error = "output could not be saved: %s" % exc
-                self._release_space()
-                self.log(self.write_error)
+            with self.log_guard:
+                if self.write_error or not self.logs_ours:
+                    continue
+                try:
+                    _write_all(log_fd, chunk)
+                    full.append(label, chunk)
+                except OSError as exc:
+                    self.write_error = "output could not be saved: %s" % exc
+                    self._release_space()
+                    self.log(self.write_error)
         os.close(read_fd)
 
     _RESERVE_BYTES = 256 * 1024
@@ -3084,8 +3156,11 @@ def _record_event(paths: JobPaths, spec: JobSpec, state: JobState) -> Optional[d
     return record
 
 
-def _deliver_notifications(paths: JobPaths, spec: JobSpec, record: dict, log: Callable[[str], None]) -> None:
-    """Emit the event to the configured sinks; failures never touch the state."""
+def _deliver_notifications(paths: JobPaths, spec: JobSpec, record: dict, log: Callable[[str], None],
+                           lock_shared: bool = False) -> None:
+    """Emit the event to the configured sinks; failures never touch the state.
+    lock_shared: we still hold the job lock (shared, see let_waiters_go), so no
+    restart or delete can have overtaken us."""
     line = json.dumps(record["event"], separators=(",", ":")) + "\n"
     if spec.notify_file:
         record["deliveries"].append(_notify_file(spec.notify_file, line))
@@ -3093,7 +3168,9 @@ def _deliver_notifications(paths: JobPaths, spec: JobSpec, record: dict, log: Ca
         timeout_s = _notify_timeout_s(log)
         record["deliveries"].append(_notify_command(paths, spec.notify_command, line, timeout_s))
     record["pending"] = False
-    if not _record_deliveries(paths, record):
+    if lock_shared:
+        _write_json_atomic(paths.event, record)
+    elif not _record_deliveries(paths, record):
         log("the job was restarted or deleted during its notifications: their results are not recorded")
 
 
@@ -3215,15 +3292,22 @@ def _supervise_to_the_end(supervisor: "_Supervisor", lock: _JobLock, body: Calla
         import traceback
         supervisor.log("internal error:\n" + traceback.format_exc())
         _record_supervisor_crash(supervisor.paths, exc)
-    # Everything is on disk: release the lock now, which wakes every waiter,
-    # then notify (see _record_event), and skip interpreter teardown (daemon
-    # pump threads may still be blocked on a pipe held by a grandchild).
-    lock.release()
+        supervisor.pumps = []  # a supervisor that failed copies nothing more, as it always did
+    # Everything is on disk: release the lock now (or share it, while
+    # descendants still write), which wakes every waiter, then notify (see
+    # _record_event), then copy what the descendants still write, and skip
+    # interpreter teardown.
+    supervisor.let_waiters_go(lock)
     try:
         supervisor.notify()
     except Exception:  # a bug in delivery: the job is recorded, say what went wrong
         import traceback
         supervisor.log("internal error while notifying:\n" + traceback.format_exc())
+    try:
+        supervisor.drain_to_the_end(lock)
+    except Exception:  # the output is copied; only its record failed
+        import traceback
+        supervisor.log("internal error after draining:\n" + traceback.format_exc())
     sys.stderr.flush()
     os._exit(0)
 
@@ -3944,11 +4028,22 @@ class Job:
         _parse_signal(signal)
         self.state()
         with _JobLock(self.paths) as lock:
+            leftovers_deadline = None
             while not lock.acquire():
-                # Only a running job is ours to stop; any other state means another
-                # restart or start holds the lock for a moment: look again shortly.
-                if self.state().status is JobStatus.RUNNING:
+                # A running job is ours to stop; so are the processes a finished
+                # run left that still write to its logs (its supervisor copies
+                # them, holding the lock shared), as the new run starts the logs
+                # afresh.  Any other state means another restart or start holds
+                # the lock for a moment: look again shortly.
+                state = self.state()
+                if state.status is JobStatus.RUNNING:
                     self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
+                elif state.status.is_terminal and state.logs_drained is False and leftovers_deadline is None:
+                    self.kill(signal, kill_after_s=kill_after_s, wait_s=0)
+                    leftovers_deadline = _deadline(DRAIN_TIMEOUT_S + 1)
+                elif leftovers_deadline is not None and _remaining(leftovers_deadline) == 0:
+                    raise InvalidStateError(self.id, state.status, "processes it left still hold its output "
+                                            "and could not be stopped ('jobstate kill %s --signal KILL')" % self.id)
                 else:
                     time.sleep(0.02)
             for path in (self.paths.kill_request, self.paths.event):

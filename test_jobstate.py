@@ -254,7 +254,17 @@ class JobTestCase(unittest.TestCase):
                 job.wait(10)
             except jobstate.JobError:
                 pass
+            wait_for(lambda: self.supervisor_gone(job.paths), 10, "the supervisor to finish copying the output")
             jobstate._process_layer.remove_containment(ref)  # the job's cgroups, now empty
+
+    @staticmethod
+    def supervisor_gone(paths):
+        """Nobody holds the job lock, not even shared (a supervisor copying leftovers' output)."""
+        with jobstate._JobLock(paths) as lock:
+            try:
+                return lock.acquire(create=False)
+            except OSError:
+                return True
 
     def assert_bystander_survives(self, bystander, token):
         """A stale state that names an unrelated live process (a recycled pid,
@@ -1954,6 +1964,68 @@ class SupervisorTests(JobTestCase):
         self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
         self.assertFalse(state.logs_drained)
         self.assertEqual(job.tail().stdout, "started\n")
+
+    # The main process starts a leftover that holds its stdout, prints and exits.
+    # The leftover writes a line every 50 ms until the gate file exists, then a
+    # last line, then leaves a note that it reached its end (a write to a pipe
+    # nobody reads would have killed it, or raised, first).
+    LEFTOVER_MAIN = ("import subprocess, sys\n"
+                     "subprocess.Popen([sys.executable, '-c', sys.argv[1]] + sys.argv[2:], stdin=subprocess.DEVNULL,\n"
+                     "                 stdout=sys.stdout, stderr=sys.stderr)\n"
+                     "sys.stdout.buffer.write(b'main done\\n')\n")
+    LEFTOVER = ("import os, sys, time\n"
+                "gate, note, i = sys.argv[1], sys.argv[2], 0\n"
+                "while not os.path.exists(gate):\n"
+                "    sys.stdout.buffer.write(b'line %d\\n' % i); sys.stdout.flush(); i += 1; time.sleep(0.05)\n"
+                "sys.stdout.buffer.write(b'last %d\\n' % i); sys.stdout.flush()\n"
+                "open(note, 'w').write(str(i))\n")
+
+    def run_leftover_job(self):
+        gate, note = os.path.join(self.tmp, "gate"), os.path.join(self.tmp, "note")
+        job = self.run_job(py(self.LEFTOVER_MAIN) + [self.LEFTOVER, gate, note])
+        return job, gate, note
+
+    def stdout_lines(self, job):
+        with open(job.paths.stdout_log, "rb") as f:
+            return f.read().decode().splitlines()
+
+    def test_a_leftover_keeps_its_output_after_the_main_process_exits(self):
+        job, gate, note = self.run_leftover_job()
+        state = job.wait(15)  # returns as before: the end is on disk, the drain not over
+        self.assertEqual((state.status, state.exit_code, state.logs_drained), (jobstate.JobStatus.EXITED, 0, False))
+        seen = len(self.stdout_lines(job))
+        wait_for(lambda: len(self.stdout_lines(job)) > seen + 10, 10, "the leftover's output to keep coming")
+        open(gate, "w").close()
+        wait_for(lambda: os.path.exists(note) and os.path.getsize(note), 10, "the leftover to reach its end")
+        with open(note) as f:
+            count = int(f.read())
+        wait_for(lambda: job.state().logs_drained, 10, "logs_drained to turn true")
+        lines = self.stdout_lines(job)
+        self.assertEqual([line for line in lines if line != "main done"],
+                         ["line %d" % i for i in range(count)] + ["last %d" % count])
+        self.assertEqual(job.state().to_dict()["job"]["status"], "exited")
+
+    def test_restart_stops_the_leftovers_that_still_write_first(self):
+        job, gate, note = self.run_leftover_job()
+        self.assertFalse(job.wait(15).logs_drained)
+        old = self.stdout_lines(job)
+        status, doc, _ = self.cli("restart", "--no-wait", job.id, "--kill-after", "1")
+        self.assertEqual((status, doc["state"]), (0, "running"), doc)
+        wait_for(lambda: "main done" in self.stdout_lines(job), 10, "the new run's output")
+        self.assertFalse(os.path.exists(note), "the old leftover was not stopped")
+        self.assertGreater(len(old), 1)
+        lines = [line for line in self.stdout_lines(job) if line != "main done"]
+        self.assertEqual(lines, ["line %d" % i for i in range(len(lines))], "the log mixes two runs")
+
+    def test_delete_asks_for_a_kill_while_leftovers_still_write(self):
+        job, gate, note = self.run_leftover_job()
+        self.assertFalse(job.wait(15).logs_drained)
+        status, doc, _ = self.cli("delete", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+        self.assertIn("jobstate kill", doc["error"]["message"])
+        self.assertEqual(self.cli("kill", job.id)[1]["processes_alive"], 0)
+        wait_for(lambda: job.state().logs_drained, 10, "the drain to end with the leftover")
+        self.assertEqual(self.cli("delete", job.id)[0], 0)
 
     @unittest.skipUnless(POSIX, "process groups")
     def test_ctrl_c_on_the_launcher_does_not_touch_the_job(self):
