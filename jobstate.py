@@ -766,7 +766,7 @@ class _ChildPlan:
             _remove_cgroup_tree(path)
 
 
-def _plan_child(job_id: str, limits: Dict[str, float], contain: bool) -> _ChildPlan:
+def _plan_child(job_id: str, limits: Dict[str, float], contain: bool, rlimits: bool = True) -> _ChildPlan:
     """Decide how the child starts: in the job's cgroup where we may make one
     (else in a process group), each limit by a cgroup v2 controller, else a
     cgroup v1 hierarchy, else an rlimit of the main process, else not at all."""
@@ -780,7 +780,7 @@ def _plan_child(job_id: str, limits: Dict[str, float], contain: bool) -> _ChildP
         _plan_cgroups(plan, job_id, limits)
     for name, value in limits.items():
         if name not in plan.containment.limits:
-            enforcer = _plan_rlimit(plan, name, value) if single else "none"
+            enforcer = _plan_rlimit(plan, name, value) if single and rlimits else "none"
             plan.containment.limits[name] = {"value": value, "enforced_by": enforcer}
     return plan
 
@@ -1093,21 +1093,21 @@ class _PosixProcessLayer:
         may make one, and with its limits (see _plan_child)."""
         import subprocess
         limits = dict(limits or {})
-        plan = _plan_child(job_id, limits, contain=True)
-        try:
+        # The child that cannot enter its cgroup (a delegation rule we could not
+        # foresee) or set its rlimits runs nothing of the job: it is started
+        # again without them, and the state says which limits do not hold.
+        for contain, rlimits in ((True, True), (False, True), (False, False)):
+            plan = _plan_child(job_id, limits, contain=contain, rlimits=rlimits)
             try:
                 popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+                break
             except subprocess.SubprocessError:
-                # The child could not enter its cgroup (a delegation rule we could
-                # not foresee); it ran nothing of the job: start it again without.
                 plan.abandon()
-                plan = _plan_child(job_id, limits, contain=False)
-                popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
-        except OSError:  # it could not be executed: no process, so no cgroup either
-            plan.abandon()
-            raise
-        finally:
-            plan.close()
+            except OSError:  # it could not be executed: no process, so no cgroup either
+                plan.abandon()
+                raise
+            finally:
+                plan.close()
         return _Child(popen, popen.pid, self.process_token(popen.pid), containment=plan.containment)
 
     @staticmethod

@@ -1688,6 +1688,39 @@ class ContainmentTests(JobTestCase):
                  "    except OSError:\n"
                  "        time.sleep(0.01)  # refused: try again, as a fork bomb would\n")
 
+    def test_kill_ends_a_forking_tree_in_one_write(self):
+        code = ("import os, time\n"
+                "print('ready', flush=True)\n"
+                "for _ in range(3000):\n"
+                "    if os.fork() == 0:\n"
+                "        time.sleep(60)\n"
+                "        os._exit(0)\n"
+                "    time.sleep(0.005)\n")
+        job = self.run_job(py(code))
+        self.wait_log(job, "ready")
+        wait_for(lambda: len(marker_pids(job.id)) > 20, 10, "the tree to grow")
+        result = job.kill("KILL")
+        self.assertEqual((result.state.status, result.state.signal), (jobstate.JobStatus.KILLED, "SIGKILL"))
+        self.assertEqual(result.processes_alive, 0)
+        self.assertEqual(jobstate._cgroup_tree_pids(job.state().cgroup), [], "processes left in the job's cgroup")
+
+    def test_without_cgroup_kill_the_members_are_signalled_until_none_is_left(self):
+        # The job's cgroup v1 (pids), which has no cgroup.kill: the fallback, on its own.
+        job = self.run_job(py(self.FORK_LOOP.replace("while True", "for _ in range(20)") + "time.sleep(60)\n"),
+                           max_processes=100)
+        self.wait_log(job, "ready")
+        state = job.state()
+        v1 = [path for path in state.cgroups_v1 if os.path.exists(os.path.join(path, "pids.max"))]
+        if not v1:
+            self.skipTest("the process limit is not held by a cgroup v1 here")
+        self.assertFalse(os.path.exists(os.path.join(v1[0], "cgroup.kill")))
+        wait_for(lambda: len(jobstate._cgroup_tree_pids(v1[0])) > 5, 10, "the tree to grow")
+        self.assert_inside_jobstate_parent(job)
+        jobstate._process_layer._kill_cgroups(jobstate._TreeRef(job.id, None, None, None, None, cgroups=v1))
+        wait_for(lambda: not [pid for pid in jobstate._cgroup_tree_pids(v1[0]) if pid_alive(pid)], 5,
+                 "every member to be gone")
+        self.assertEqual(job.wait(10).status, jobstate.JobStatus.KILLED)
+
     def assert_ended_by(self, state, limit):
         self.assertEqual((state.status, state.error and state.error.stage, state.error and state.error.limit),
                          (jobstate.JobStatus.KILLED, "limit", limit), state.to_dict())
