@@ -855,11 +855,11 @@ def _plan_v1_limit(plan: _ChildPlan, job_id: str, name: str, value: float) -> bo
 
 def _plan_rlimit(plan: _ChildPlan, name: str, value: float) -> str:
     """The limit as an rlimit of the main process (binding each process, not the
-    tree); 'none' for the process count: RLIMIT_NPROC counts every process of
-    the user, not the job's (and root is exempt from it)."""
+    tree; its children inherit it); 'none' for the process count: RLIMIT_NPROC
+    counts every process of the user, not the job's (and root is exempt from it)."""
     import math
     import resource
-    if name == "max_processes":
+    if name == "max_processes" or name == "memory_max" and not _LINUX:  # macOS does not enforce RLIMIT_AS
         return "none"
     if name == "memory_max":
         resource_id, soft, hard = resource.RLIMIT_AS, int(value), int(value)
@@ -1294,6 +1294,9 @@ class _PosixProcessLayer:
         refused forks (max_processes), CPU seconds used (cpu_time_s)."""
         return _containment_counters(child.containment)
 
+    def let_go_of_child(self, child: _Child) -> None:
+        return None  # nothing held: a cgroup is found again by its path
+
     def remove_containment(self, ref: _TreeRef) -> bool:
         """Remove the job's cgroups once empty; False while processes live in one.
         Besides the recorded ones, those a supervisor started from here would make:
@@ -1693,15 +1696,25 @@ class _WindowsProcessLayer:
         """Create our named job with its limits: (job, whether the limits hold);
         job None when the name is taken (fall back to walks)."""
         k = self._k32
-        k.set_last_error(0)              # 183 on success is the only sign of a collision
-        job = k.CreateJobObjectW(None, name)
-        err = k.get_last_error()
-        if not job:
-            return None, False           # e.g. 6: another object type holds the name
-        if err == _WIN_ERROR_ALREADY_EXISTS:
-            k.CloseHandle(job)           # someone else's job: unknown limits and holders
-            return None, False
-        return job, self._limit_job(job, limits)
+        for attempt in range(40):
+            k.set_last_error(0)          # 183 on success is the only sign of a collision
+            job = k.CreateJobObjectW(None, name)
+            err = k.get_last_error()
+            if not job:
+                return None, False       # e.g. 6: another object type holds the name
+            if err != _WIN_ERROR_ALREADY_EXISTS:
+                return job, self._limit_job(job, limits)
+            # An empty job of that name is the previous run's, going away as its
+            # last holders let go (Wine keeps one for half a second): wait for it.
+            # One with processes is someone else's: unknown limits and holders.
+            try:
+                empty = not self._job_pids(job)
+            except OSError:
+                empty = False
+            k.CloseHandle(job)
+            if not empty or attempt == 39:
+                return None, False
+            time.sleep(0.05)
 
     def _limit_job(self, job, limits):
         """Set the job's limits (memory of the whole job, live processes, user-mode
@@ -1728,11 +1741,23 @@ class _WindowsProcessLayer:
         try:
             self._k32.SetInformationJobObject(job, _WIN_JOB_INFO_EXTENDED_LIMIT,
                                               t.byref(info), t.sizeof(info))
-            return True
         except OSError:
             if limits:  # keep the crash setting at least; the state says the limits do not hold
                 self._limit_job(job, {})
             return False  # without limits, only crash-dialog suppression is lost, containment is not
+        return not limits or self._job_keeps(job, basic.LimitFlags)
+
+    def _job_keeps(self, job, flags) -> bool:
+        """The job reads back the limit flags we set (Wine 8 accepts limits, then
+        keeps none: the state must not say they hold)."""
+        t = _win_types()
+        info = t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
+        try:
+            self._k32.QueryInformationJobObject(job, _WIN_JOB_INFO_EXTENDED_LIMIT, t.byref(info),
+                                                t.sizeof(info), None)
+        except OSError:
+            return True  # cannot ask: the kernel took them, which is all Windows promises
+        return info.BasicLimitInformation.LimitFlags & flags == flags
 
     def _assign(self, job, popen):
         """Put the suspended child in the job; None (job closed) when refused."""
@@ -1850,6 +1875,13 @@ class _WindowsProcessLayer:
 
     def remove_containment(self, ref: _TreeRef) -> bool:
         return True  # a Job Object goes with its last handle and process
+
+    def let_go_of_child(self, child: _Child) -> None:
+        """Close our handle on the job's Job Object before the job lock goes: a
+        restart's supervisor, which may start the moment it is free, must be able
+        to create the job's name afresh (our open handle would keep the old one)."""
+        job, child.handle = child.handle, None
+        self._close(job)
 
     # What Windows ends every process of a job with when its CPU time is up.
     limit_exit_code = _WIN_ERROR_NOT_ENOUGH_QUOTA
@@ -2878,7 +2910,7 @@ class _Supervisor:
     def let_waiters_go(self, lock: "_JobLock") -> None:
         """Release the job lock, or keep it shared while descendants still write."""
         if not self.pumps or _joined(self.pumps, 0):
-            lock.release()
+            self._release(lock)
             return
         with self.log_guard:  # no write to the logs while the lock is converted
             self.lock_shared = lock.share()
@@ -2895,7 +2927,12 @@ class _Supervisor:
             _write_state(self.paths, state)
             _process_layer.remove_containment(self._tree_ref())
         finally:
-            lock.release()
+            self._release(lock)
+
+    def _release(self, lock: "_JobLock") -> None:
+        if self.child is not None:
+            _process_layer.let_go_of_child(self.child)
+        lock.release()
 
     def _spawn(self, spec: JobSpec):
         """Start the child with its output on pipes; _SpawnFailure says why it could not start."""

@@ -792,6 +792,36 @@ class WindowsProcessTests(JobTestCase):
         for pid, handle in zip(pids, handles):
             self.assertTrue(win_exited(handle, 10), "pid %d survived the kill" % pid)
 
+    # Starts children until one is refused, allocates 200 MB, says how it went, then waits.
+    WIN_LIMITS_PROBE = ("import subprocess, sys, time\n"
+                        "kids, refused = [], 0\n"
+                        "for _ in range(6):\n"
+                        "    try:\n"
+                        "        kids.append(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']))\n"
+                        "    except OSError:\n"
+                        "        refused += 1\n"
+                        "try:\n"
+                        "    memory = len(bytearray(200 << 20)) and 'allocated'\n"
+                        "except MemoryError:\n"
+                        "    memory = 'refused'\n"
+                        "print('children', len(kids), 'refused', refused, 'memory', memory, flush=True)\n"
+                        "time.sleep(float(sys.argv[1]))\n")
+
+    def test_job_object_limits_hold_or_are_said_not_to(self):
+        job = self.run_job(py(self.WIN_LIMITS_PROBE) + ["0"], memory_max="100M")
+        state = job.wait(30)
+        self.assertEqual(state.containment, "job-object")
+        if under_wine():
+            # Wine 8 accepts job limits and keeps none (they read back as zero): the state says so.
+            self.assertEqual(state.limits["memory_max"]["enforced_by"], "none")
+            return
+        self.assertEqual(state.limits["memory_max"], {"value": 100 << 20, "enforced_by": "job-object"})
+        self.assertIn("memory refused", job.tail().stdout)  # allocations fail; nothing is killed
+        job = self.run_job(py(self.WIN_LIMITS_PROBE) + ["30"], max_processes=4)
+        state = job.wait(30)
+        self.assertEqual((state.status, state.error.stage, state.error.limit),
+                         (jobstate.JobStatus.KILLED, "limit", "max_processes"))
+
     def test_kill_leftovers_of_an_exited_job(self):
         # Windows drops the job's name with the supervisor's handle (Wine 8 keeps it
         # while processes remain), so the leftovers are found through the record in state.json.
@@ -1011,6 +1041,14 @@ class FakeKernel32:
         return 1
 
     def _QueryInformationJobObject(self, job, info_class, buf, size, retlen):
+        stored = self.jobs[self.handles[job][1]]
+        if info_class == 9:  # extended limits, as set (or as Wine keeps them: "forget_limits")
+            out = fake_target(buf)
+            if not stored.get("forget_limits"):
+                out.BasicLimitInformation.LimitFlags = stored.get("limits") or 0
+                out.BasicLimitInformation.ActiveProcessLimit = stored.get("active_processes", 0)
+                out.JobMemoryLimit = stored.get("job_memory", 0)
+            return 1
         if info_class == 1:  # basic accounting
             out, accounting = fake_target(buf), self.jobs[self.handles[job][1]].get("accounting", {})
             for name, value in accounting.items():
@@ -1233,6 +1271,18 @@ class WindowsLayerFakeTests(unittest.TestCase):
         self.assertEqual({n: e["enforced_by"] for n, e in child.containment.limits.items()},
                          dict.fromkeys(("memory_max", "max_processes", "cpu_time_s"), "job-object"))
 
+    def test_limits_a_job_does_not_keep_are_said_not_to_hold(self):
+        real_create = self.fake._CreateJobObjectW
+
+        def create_forgetful(sa, name):  # as Wine 8 does: SetInformationJobObject succeeds, nothing is kept
+            handle = real_create(sa, name)
+            self.fake.jobs[name]["forget_limits"] = True
+            return handle
+        self.fake._CreateJobObjectW = create_forgetful
+        child = self.spawn(limits={"memory_max": 1 << 20})
+        self.assertEqual(child.containment.kind, "job-object")
+        self.assertEqual(child.containment.limits["memory_max"]["enforced_by"], "none")
+
     def test_spawn_with_limits_refused_says_they_do_not_hold(self):
         self.fake.fail["SetInformationJobObject"] = 87
         child = self.spawn(limits={"max_processes": 5})
@@ -1270,13 +1320,26 @@ class WindowsLayerFakeTests(unittest.TestCase):
         self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
 
     def test_spawn_name_collision_with_a_job_closes_it_and_falls_back(self):
-        self.fake.jobs[self.NAME] = {"pids": set(), "limits": None}  # a handle, and error 183
+        self.fake.jobs[self.NAME] = {"pids": {4}, "limits": None}  # a handle, and error 183: someone's
         child = self.spawn()
         self.assertIsNone(child.windows_job_name)
         self.assertNotIn("AssignProcessToJobObject", self.fake.names())
         self.assertNotIn("SetInformationJobObject", self.fake.names())
         self.assertEqual(self.fake.open_handles("job"), [])
         self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
+
+    def test_spawn_waits_for_the_previous_runs_empty_job_to_go(self):
+        self.fake.jobs[self.NAME] = {"pids": set(), "limits": None}  # the last run's, lingering
+        attempts = []
+
+        def sleep(seconds):
+            attempts.append(seconds)
+            if len(attempts) == 2:
+                del self.fake.jobs[self.NAME]  # its last holder let go
+        with unittest.mock.patch.object(time, "sleep", sleep):
+            child = self.spawn()
+        self.assertEqual((child.windows_job_name, len(attempts)), (self.NAME, 2))
+        self.assertEqual(self.fake.open_handles("job"), [child.handle])
 
     def test_spawn_resume_falls_back_to_ntresumeprocess(self):
         self.fake.fail["OpenThread"] = 5
