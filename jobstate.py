@@ -1297,14 +1297,18 @@ class _PosixProcessLayer:
     def let_go_of_child(self, child: _Child) -> None:
         return None  # nothing held: a cgroup is found again by its path
 
+    def unrecorded_cgroups(self, job_id: str) -> List[str]:
+        """The cgroups a supervisor started from here would make for the job: one
+        killed before it recorded them in state.json leaves them unnamed."""
+        if not (_LINUX and job_id):
+            return []
+        homes = (_cgroup_home(c) for c in ("", "memory", "pids", "cpuacct"))
+        return [os.path.join(home, _CGROUP_PARENT, job_id) for home in homes if home]
+
     def remove_containment(self, ref: _TreeRef) -> bool:
-        """Remove the job's cgroups once empty; False while processes live in one.
-        Besides the recorded ones, those a supervisor started from here would make:
-        one killed before it recorded them leaves them unnamed."""
-        paths = set(ref.cgroups)
-        if _LINUX and ref.job_id:
-            homes = (_cgroup_home(c) for c in ("", "memory", "pids", "cpuacct"))
-            paths.update(os.path.join(home, _CGROUP_PARENT, ref.job_id) for home in homes if home)
+        """Remove the job's cgroups once empty (the recorded ones and the
+        unrecorded ones); False while processes live in one."""
+        paths = set(ref.cgroups) | set(self.unrecorded_cgroups(ref.job_id))
         return all(_remove_cgroup_tree(path) for path in paths if _is_job_cgroup(path, ref.job_id))
 
     def _signal_verified(self, proc: _Proc, signum: int) -> bool:
@@ -1875,6 +1879,9 @@ class _WindowsProcessLayer:
 
     def remove_containment(self, ref: _TreeRef) -> bool:
         return True  # a Job Object goes with its last handle and process
+
+    def unrecorded_cgroups(self, job_id: str) -> List[str]:
+        return []
 
     def let_go_of_child(self, child: _Child) -> None:
         """Close our handle on the job's Job Object before the job lock goes: a
@@ -4238,9 +4245,19 @@ def run(argv, *, root: Optional[str] = None, **definition) -> Job:
     except LaunchError as exc:
         if job.state().status is JobStatus.CREATED:
             _inline_supervisor_log(exc, job.paths)
-            _rmtree(job.paths.dir, ignore_errors=True)  # no half-made job left behind
+            _discard_half_made(job)
         raise
     return job
+
+
+def _discard_half_made(job: Job) -> None:
+    """No half-made job left behind: not its directory, not a child its supervisor
+    started before it died unrecorded, not the cgroup it made for that child."""
+    ref = _TreeRef(job.id, None, None, None, None, cgroups=_process_layer.unrecorded_cgroups(job.id))
+    if _process_layer.signal_tree(ref, _process_layer.signal_numbers()["KILL"]):
+        _wait_tree_gone(ref, 1.0)
+    _process_layer.remove_containment(ref)
+    _rmtree(job.paths.dir, ignore_errors=True)
 
 
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
