@@ -362,8 +362,8 @@ class JobState:
             finished_at=_typed(doc.get("finished_at"), str, "finished_at"),
             updated_at=_typed(doc.get("updated_at"), str, "updated_at"),
             windows_job_name=_typed(doc.get("windows_job_name"), str, "windows_job_name"),
-            error=Failure(str(error.get("stage")), str(error.get("message")), _typed(error.get("limit"), str, "error.limit"))
-            if isinstance(error, dict) else None,
+            error=Failure(str(error.get("stage")), str(error.get("message")),
+                          _typed(error.get("limit"), str, "error.limit")) if isinstance(error, dict) else None,
             supervisor_pid=_typed(doc.get("supervisor_pid"), int, "supervisor_pid"),
             pid_token=_typed(doc.get("pid_token"), str, "pid_token"),
             logs_drained=_typed(doc.get("logs_drained"), bool, "logs_drained"),
@@ -402,7 +402,7 @@ class JobSpec:
     _KEYS = ("argv", "cwd", "env", "env_files", "inherit_env", "masks", "has_stdin", "timeout_s",
              "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "created_at",
              "memory_max", "max_processes", "cpu_time_s")
-    LIMITS = ("memory_max", "max_processes", "cpu_time_s")
+    _LIMITS = ("memory_max", "max_processes", "cpu_time_s")
 
     def to_dict(self) -> dict:
         doc = dict(self.extra)
@@ -425,7 +425,7 @@ class JobSpec:
         for key in cls._KEYS[3:]:
             if doc.get(key) is not None:
                 setattr(spec, key, doc[key])
-        for key in cls.LIMITS:  # they reach setrlimit and cgroup files: numbers only
+        for key in cls._LIMITS:  # they reach setrlimit and cgroup files: numbers only
             value = getattr(spec, key)
             if value is not None and (isinstance(value, bool) or not isinstance(
                     value, (int, float) if key == "cpu_time_s" else int) or value < 0):
@@ -435,7 +435,7 @@ class JobSpec:
 
     def limits(self) -> Dict[str, float]:
         """The limits asked for (a value of 0 or none means no limit)."""
-        return {key: getattr(self, key) for key in self.LIMITS if getattr(self, key)}
+        return {key: getattr(self, key) for key in self._LIMITS if getattr(self, key)}
 
     def masked_env(self) -> Dict[str, str]:
         return {k: ("***" if k in self.masks else v) for k, v in self.env.items()}
@@ -709,14 +709,14 @@ def _cgroup_counter(path: str, name: str) -> Optional[float]:
         try:
             with open(os.path.join(path, filename), "rb") as f:
                 text = f.read().decode()
-        except OSError:
+            if key is None:
+                return int(text.strip()) / 1e9  # cpuacct.usage: nanoseconds
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == key:
+                    return int(parts[1]) / (1e6 if key == "usage_usec" else 1)
+        except (OSError, ValueError):  # gone, or not what this kernel writes there
             continue
-        if key is None:
-            return int(text.strip()) / 1e9  # cpuacct.usage: nanoseconds
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == key:
-                return int(parts[1]) / (1e6 if key == "usage_usec" else 1)
     return None
 
 
@@ -4400,7 +4400,7 @@ def _document_schemas() -> Dict[str, dict]:
     state["properties"]["job"]["properties"]["status"]["enum"].remove(JobStatus.UNKNOWN.value)
     state["properties"]["containment"]["enum"] = list(_CONTAINMENTS) + [None]
     state["properties"]["error"]["required"] = ["stage", "message"]
-    for key in JobSpec.LIMITS:
+    for key in JobSpec._LIMITS:
         meta["properties"][key]["minimum"] = 0
     state["properties"]["limits"]["additionalProperties"] = {
         "type": "object", "required": ["value", "enforced_by"],
