@@ -6023,12 +6023,18 @@ class Job:
         if terminating and wait_s:
             self._stopped(ref, wait_s)
         state = self.state()
-        if not signalled and state.status is JobStatus.RUNNING:
+        if not signalled and state.status is JobStatus.RUNNING and self._same_run(ref, state):
             state = self.wait(0.5)  # it may have ended just before the signal: then there was nothing to stop
-            if state.status is JobStatus.RUNNING:
+            if state.status is JobStatus.RUNNING and self._same_run(ref, state):
                 raise self._kill_failed(verified)
         alive = len(_process_layer.find_tree(ref)) if verified else None
         return KillResult(state, name, signalled, alive, warnings)
+
+    @staticmethod
+    def _same_run(ref: _TreeRef, state: JobState) -> bool:
+        """The job still runs the child we aimed at: a restart racing the kill may
+        have ended it and started another, and then the kill did not fail."""
+        return (state.pid, state.pid_token) == (ref.pid, ref.pid_token)
 
     def _request_kill(self, name: str, warnings: List[dict]) -> None:
         """Leave the record that makes the job read `killed` however its child reacts."""
