@@ -947,6 +947,13 @@ class _ChildPlan:
         self.setrlimit: Optional[Callable] = None
 
     def enter(self) -> None:
+        """Runs in the forked child.  preexec_fn is unsafe in general where other
+        threads run (one may hold a lock the forked copy needs), but this body
+        takes none: the interpreter's own state is reset after the fork
+        (PyOS_AfterFork_Child), it imports nothing, writes only to descriptors
+        opened beforehand and calls a setrlimit bound beforehand; glibc's malloc
+        is fork-safe.  An error here is a SubprocessError: spawn_child starts
+        the child again without containment."""
         for fd in self.entries:
             os.write(fd, b"0")
         for resource_id, values in self.rlimits:
@@ -987,15 +994,14 @@ def _plan_child(job_id: str, limits: Dict[str, float], contain: bool, rlimits: b
     (else in a process group), each limit by a cgroup v2 controller, else a
     cgroup v1 hierarchy, else an rlimit of the main process, else not at all."""
     plan = _ChildPlan()
-    # The child enters its cgroups and sets its rlimits from preexec_fn, which
-    # is only safe in a process without other threads: a supervisor starts its
-    # child before it starts any.
-    single = threading.active_count() == 1
-    if contain and single and _cgroups_wanted():
+    # The child enters its cgroups and sets its rlimits from preexec_fn (see
+    # _ChildPlan.enter for why that holds with other threads too: a restart
+    # policy's later runs, a queued job, start from a supervisor that has some).
+    if contain and _cgroups_wanted():
         _plan_cgroups(plan, job_id, limits)
     for name, value in limits.items():
         if name not in plan.containment.limits:
-            enforcer = _plan_rlimit(plan, name, value) if single and rlimits else "none"
+            enforcer = _plan_rlimit(plan, name, value) if rlimits else "none"
             plan.containment.limits[name] = {"value": value, "enforced_by": enforcer}
     return plan
 
@@ -1507,8 +1513,8 @@ class _PosixProcessLayer:
         # `jobstate`, to move back (and would stay in the job's if that failed);
         # an exec shim costs an exec and turns exec errors into exit codes;
         # clone3(CLONE_INTO_CGROUP) is out of Python's reach.  preexec_fn is
-        # unsafe only where other threads run (one may hold a lock the forked
-        # copy needs): _plan_child asks for it only in a single-threaded process.
+        # unsafe where other threads run only if it needs a lock one of them may
+        # hold: plan.enter needs none (see _ChildPlan.enter).
         import subprocess
         return subprocess.Popen(argv, close_fds=True, start_new_session=True,
                                 preexec_fn=plan.enter if plan.needs_preexec() else None, **kwargs)

@@ -1759,6 +1759,25 @@ class ContainmentTests(JobTestCase):
             doc = jobstate.Job(job.id, self.root).wait(10).to_dict()
         self.assertEqual((doc["containment"], doc.get("cgroup")), ("process-group", None))
 
+    def test_each_run_of_a_restart_policy_enters_the_cgroup_and_a_restart_stops_the_last_runs_leftovers(self):
+        # Each run prints its cgroup and leaves a setsid daemon behind, then fails.
+        script = ("grep '^0::' /proc/self/cgroup; setsid sleep 306 >/dev/null 2>&1 & echo daemon $!; exit 1")
+        job = self.run_job(["sh", "-c", script], restart="on-failure", max_restarts=1, restart_delay_s=0.01,
+                           max_processes=50)
+        state = job.wait(15)
+        self.assertEqual((state.status, state.exit_code, state.restarts), (jobstate.JobStatus.EXITED, 1, 1))
+        lines = job.tail().stdout.splitlines()
+        daemons = [int(line.split()[1]) for line in lines if line.startswith("daemon ")]
+        for pid in daemons:
+            self.addCleanup(lambda pid=pid: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        relative = state.cgroup[len(own_cgroup2_dirs()[0]):]
+        self.assertEqual([line for line in lines if line.startswith("0::")], ["0::%s" % relative] * 2,
+                         "each run's child starts in the job's cgroup")
+        self.assertIn(state.limits["max_processes"]["enforced_by"], ("cgroup", "cgroup-v1"))
+        self.assertEqual(len(daemons), 2)
+        self.assertFalse(pid_alive(daemons[0]), "the first run's leftover outlived the restart")
+        self.assertTrue(pid_alive(daemons[1]), "the last run's leftover is the job's to keep until a kill")
+
     # -- limits ---------------------------------------------------------------------
 
     FORK_LOOP = ("import os, time\n"
