@@ -134,6 +134,9 @@ _SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "
 _TERMINATING = frozenset({"TERM", "INT", "KILL", "HUP", "QUIT"})
 _TAG_RE = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\Z")
 _QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # a file name on every platform
+# What holds a job's process tree (state.json `containment`), and what may enforce a limit.
+_CONTAINMENTS = ("cgroup", "process-group", "job-object")
+_ENFORCERS = ("job-object", "cgroup", "cgroup-v1", "rlimit", "none")
 
 
 class JobStatus(str, Enum):
@@ -279,6 +282,13 @@ class Failure:
 
     stage: str
     message: str
+    limit: Optional[str] = None  # with stage "limit": which one ended the job (a JobSpec limit's name)
+
+    def to_dict(self) -> dict:
+        doc = {"stage": self.stage, "message": self.message}
+        if self.limit is not None:
+            doc["limit"] = self.limit
+        return doc
 
 
 @dataclass
@@ -310,6 +320,10 @@ class JobState:
     restarts: Optional[int] = None  # runs started again by the restart policy
     last_exit: Optional[Dict[str, object]] = None  # the previous run's result, once restarted
     queue_slot: Optional[Dict[str, object]] = None  # {"queue", "slot", "at"}: the slot this job took
+    containment: Optional[str] = None  # one of _CONTAINMENTS: what holds the job's tree
+    cgroup: Optional[str] = None  # the job's cgroup v2 directory (Linux)
+    cgroups_v1: List[str] = field(default_factory=list)  # cgroup v1 directories enforcing limits
+    limits: Dict[str, Dict[str, object]] = field(default_factory=dict)  # name: {"value", "enforced_by"}
     extra: Dict[str, object] = field(default_factory=dict)  # keys of other versions, kept on rewrite
     # Not in state.json: what the reader that produced this state could not do (see _warning).
     _warnings: List[dict] = field(default_factory=list, repr=False, compare=False)
@@ -351,7 +365,7 @@ class JobState:
         if self.windows_job_name is not None:
             doc["windows_job_name"] = self.windows_job_name
         if self.error is not None:
-            doc["error"] = {"stage": self.error.stage, "message": self.error.message}
+            doc["error"] = self.error.to_dict()
         for key in ("supervisor_pid", "pid_token", "logs_drained"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
@@ -359,6 +373,9 @@ class JobState:
             doc["leftovers"] = [{"pid": p.pid, "token": p.token} for p in self.leftovers]
         for key in ("waiting", "restarts", "last_exit", "queue_slot"):
             if getattr(self, key) is not None:
+                doc[key] = getattr(self, key)
+        for key in ("containment", "cgroup", "cgroups_v1", "limits"):
+            if getattr(self, key):
                 doc[key] = getattr(self, key)
         return doc
 
@@ -373,10 +390,15 @@ class JobState:
         error = doc.get("error")
         known = {"job", "result", "pid", "finished_at", "updated_at", "windows_job_name", "error",
                  "supervisor_pid", "pid_token", "logs_drained", "leftovers", "waiting", "restarts", "last_exit",
-                 "queue_slot"}
+                 "queue_slot", "containment", "cgroup", "cgroups_v1", "limits"}
         leftovers = doc.get("leftovers") or []
         if not isinstance(leftovers, list) or not all(isinstance(p, dict) for p in leftovers):
             raise ValueError("'leftovers' is not a list of objects")
+        cgroups_v1, limits = doc.get("cgroups_v1") or [], doc.get("limits") or {}
+        if not isinstance(cgroups_v1, list) or not all(isinstance(p, str) for p in cgroups_v1):
+            raise ValueError("'cgroups_v1' is not a list of strings")
+        if not isinstance(limits, dict) or not all(isinstance(v, dict) for v in limits.values()):
+            raise ValueError("'limits' is not an object of objects")
         return cls(
             job=JobInfo(id=_typed(job.get("id"), str, "job.id", required=True),
                         status=JobStatus(job.get("status")),
@@ -389,8 +411,8 @@ class JobState:
             finished_at=_typed(doc.get("finished_at"), str, "finished_at"),
             updated_at=_typed(doc.get("updated_at"), str, "updated_at"),
             windows_job_name=_typed(doc.get("windows_job_name"), str, "windows_job_name"),
-            error=Failure(str(error.get("stage")), str(error.get("message")))
-            if isinstance(error, dict) else None,
+            error=Failure(str(error.get("stage")), str(error.get("message")),
+                          _typed(error.get("limit"), str, "error.limit")) if isinstance(error, dict) else None,
             supervisor_pid=_typed(doc.get("supervisor_pid"), int, "supervisor_pid"),
             pid_token=_typed(doc.get("pid_token"), str, "pid_token"),
             logs_drained=_typed(doc.get("logs_drained"), bool, "logs_drained"),
@@ -400,6 +422,9 @@ class JobState:
             restarts=_typed(doc.get("restarts"), int, "restarts"),
             last_exit=_typed(doc.get("last_exit"), dict, "last_exit"),
             queue_slot=_typed(doc.get("queue_slot"), dict, "queue_slot"),
+            containment=_typed(doc.get("containment"), str, "containment"),
+            cgroup=_typed(doc.get("cgroup"), str, "cgroup"),
+            cgroups_v1=cgroups_v1, limits=limits,
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
@@ -433,15 +458,20 @@ class JobSpec:
     restart: str = "never"  # one of RESTART_POLICIES
     max_restarts: int = 0
     restart_delay_s: float = DEFAULT_RESTART_DELAY_S
+    memory_max: Optional[int] = None  # bytes, for the whole tree where the platform can
+    max_processes: Optional[int] = None
+    cpu_time_s: Optional[float] = None
     extra: Dict[str, object] = field(default_factory=dict)
 
     _KEYS = ("argv", "cwd", "env", "env_files", "inherit_env", "masks", "has_stdin", "timeout_s",
              "kill_after_s", "kill_orphans", "tags", "notify_command", "notify_file", "output_pattern",
              "output_match_type", "output_stream", "output_command", "output_file", "created_at",
-             "queue", "after", "after_any", "restart", "max_restarts", "restart_delay_s")
+             "queue", "after", "after_any", "restart", "max_restarts", "restart_delay_s",
+             "memory_max", "max_processes", "cpu_time_s")
     # What `notify set` may change after creation.
     _SINK_KEYS = ("notify_command", "notify_file", "output_pattern", "output_match_type", "output_stream",
                  "output_command", "output_file")
+    _LIMITS = ("memory_max", "max_processes", "cpu_time_s")
 
     def to_dict(self) -> dict:
         doc = dict(self.extra)
@@ -464,8 +494,17 @@ class JobSpec:
         for key in cls._KEYS[3:]:
             if doc.get(key) is not None:
                 setattr(spec, key, doc[key])
+        for key in cls._LIMITS:  # they reach setrlimit and cgroup files: numbers only
+            value = getattr(spec, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, float) if key == "cpu_time_s" else int) or value < 0):
+                raise ValueError("%r is not a non-negative number" % key)
         spec.extra = {k: v for k, v in doc.items() if k not in cls._KEYS and k != "schema_version"}
         return spec
+
+    def limits(self) -> Dict[str, float]:
+        """The limits asked for (a value of 0 or none means no limit)."""
+        return {key: getattr(self, key) for key in self._LIMITS if getattr(self, key)}
 
     def masked_env(self) -> Dict[str, str]:
         return {k: ("***" if k in self.masks else v) for k, v in self.env.items()}
@@ -562,6 +601,26 @@ class GcReport:
 
 
 @dataclass
+class _Containment:
+    """What holds a job's tree and how each of its limits is enforced, as the
+    platform layer decided when it started the child (state.json keeps it)."""
+
+    kind: str = "process-group"  # one of _CONTAINMENTS
+    cgroup: Optional[str] = None  # the job's cgroup v2 directory
+    cgroups_v1: List[str] = field(default_factory=list)
+    limits: Dict[str, Dict[str, object]] = field(default_factory=dict)  # name: {"value", "enforced_by"}
+    baselines: Dict[str, float] = field(default_factory=dict)  # limit counters before the child ran
+
+    @classmethod
+    def from_state(cls, state: JobState) -> "_Containment":
+        return cls(state.containment or "process-group", state.cgroup, list(state.cgroups_v1),
+                   dict(state.limits))
+
+    def cgroups(self) -> List[str]:
+        return ([self.cgroup] if self.cgroup else []) + self.cgroups_v1
+
+
+@dataclass
 class _Child:
     """The job's main process, as seen by its supervisor."""
 
@@ -574,6 +633,7 @@ class _Child:
     # unreaped child's pid, and so its group's id, cannot have been reused.
     guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
     reaped: bool = False
+    containment: _Containment = field(default_factory=_Containment)
 
 
 @dataclass
@@ -586,11 +646,12 @@ class _TreeRef:
     supervisor_pid: Optional[int]
     windows_job_name: Optional[str]
     descendants: List[_Proc] = field(default_factory=list)
+    cgroups: List[str] = field(default_factory=list)  # cgroup directories (v2 first) holding the tree
 
     @classmethod
     def from_state(cls, state: JobState) -> "_TreeRef":
         return cls(state.job_id, state.pid, state.pid_token, state.supervisor_pid,
-                   state.windows_job_name, list(state.leftovers))
+                   state.windows_job_name, list(state.leftovers), _Containment.from_state(state).cgroups())
 
 
 def _survive_signal(signum, frame) -> None:
@@ -691,6 +752,350 @@ def _capability_report(**facts) -> dict:
     return report
 
 
+# -- Linux cgroups -------------------------------------------------------------
+#
+# A job's cgroup v2 holds its whole tree: no process leaves it without
+# privileges, whatever it does to its session, group or environment, and
+# `cgroup.kill` ends everything in it with one write.  jobstate makes one per
+# job where it may: in each hierarchy, under the topmost cgroup on its own path
+# that it can write (the hierarchy's root for root; `user@UID.service` where
+# systemd delegates a subtree to a user), in a directory `jobstate` of its own:
+# `<that cgroup>/jobstate/<job_id>`.  Topmost, because moving a process needs
+# write access to the common ancestor of where it is and where it goes, and
+# because cgroup v2 enables controllers only below cgroups that hold no process.
+# Nothing outside a `jobstate` directory is ever written.
+
+_CGROUP_PARENT = "jobstate"
+
+
+def _unescape_mountinfo(text: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+@functools.lru_cache(maxsize=None)
+def _cgroup_mounts() -> Tuple[Tuple[str, str, str, frozenset], ...]:
+    """(mount point, root inside the hierarchy, fstype, options) of each read-write
+    cgroup mount (cached: a job's hierarchies do not move under it)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return ()
+    found = []
+    for line in lines:
+        fields = line.split()
+        sep = fields.index("-") if "-" in fields else -1
+        if sep < 0 or len(fields) < sep + 4 or fields[sep + 1] not in ("cgroup", "cgroup2"):
+            continue
+        if "rw" in fields[5].split(","):
+            options = frozenset(fields[sep + 3].split(","))
+            found.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(fields[3]), fields[sep + 1], options))
+    return tuple(found)
+
+
+def _own_cgroup_paths() -> Dict[str, str]:
+    """This process's cgroup per hierarchy: '' for v2, else each v1 controller's name."""
+    paths: Dict[str, str] = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                for name in controllers.split(",") if controllers else [""]:
+                    paths[name] = path
+    except (OSError, ValueError):
+        pass
+    return paths
+
+
+def _cgroup_home(controller: str = "") -> Optional[str]:
+    """Where our `jobstate` directory goes in one hierarchy ('' = v2, else a v1
+    controller): the topmost cgroup on this process's path that we may write."""
+    path = _own_cgroup_paths().get(controller)
+    if path is None:
+        return None
+    for mount, root, fstype, options in _cgroup_mounts():
+        if (fstype == "cgroup2") != (controller == "") or (controller and controller not in options):
+            continue
+        root = root.rstrip("/")
+        if not (path + "/").startswith(root + "/"):
+            continue  # this mount shows another part of the hierarchy
+        parts = [p for p in path[len(root):].split("/") if p]
+        for depth in range(len(parts) + 1):
+            here = os.path.join(mount, *parts[:depth])
+            if os.access(here, os.W_OK) and os.access(os.path.join(here, "cgroup.procs"), os.W_OK):
+                return here
+    return None
+
+
+def _make_job_cgroup(home: str, job_id: str) -> str:
+    """`home/jobstate/job_id`, fresh where it can be (a previous run's counters gone);
+    a previous run's cgroup whose processes live on is reused as it is."""
+    parent = os.path.join(home, _CGROUP_PARENT)
+    path = os.path.join(parent, job_id)
+    try:
+        os.mkdir(parent, 0o755)
+    except FileExistsError:
+        pass
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        try:
+            os.rmdir(path)
+            os.mkdir(path, 0o755)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+    return path
+
+
+def _is_job_cgroup(path: Optional[str], job_id: str) -> bool:
+    """A recorded path names `.../jobstate/<this job>` inside a cgroup mount: a state
+    file can never make jobstate write to, kill or remove any other cgroup."""
+    if not path or not os.path.isabs(path) or os.path.normpath(path) != path:
+        return False
+    if os.path.basename(path) != job_id or os.path.basename(os.path.dirname(path)) != _CGROUP_PARENT:
+        return False
+    return any(path.startswith(mount.rstrip("/") + "/") for mount, _, _, _ in _cgroup_mounts())
+
+
+def _cgroup_tree_pids(path: str) -> List[int]:
+    """Every pid in a cgroup and the cgroups below it (a job run as root may make some)."""
+    pids: List[int] = []
+    for here, _, _ in os.walk(path):
+        try:
+            with open(os.path.join(here, "cgroup.procs"), "rb") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:  # removed meanwhile
+            pass
+    return pids
+
+
+def _remove_cgroup_tree(path: str) -> bool:
+    """rmdir the cgroup and those below it, deepest first; False while processes live in it."""
+    for here, _, _ in os.walk(path, topdown=False):
+        try:
+            os.rmdir(here)
+        except FileNotFoundError:
+            pass
+        except OSError:  # EBUSY: processes live in it
+            return False
+    return True
+
+
+# Each limit in a cgroup: the controller and file that set it in v2, then in v1
+# (no controller: the file is always there, and the supervisor watches it).
+_CGROUP_LIMIT_FILES = {
+    "memory_max": (("memory", "memory.max"), ("memory", "memory.limit_in_bytes")),
+    "max_processes": (("pids", "pids.max"), ("pids", "pids.max")),
+    "cpu_time_s": ((None, "cpu.stat"), ("cpuacct", "cpuacct.usage")),
+}
+# What counts towards each limit, in v2 then v1: (file, key); no key: the file is
+# the number.  OOM kills and refused forks mean "reached"; CPU time is compared.
+_CGROUP_COUNTERS = {
+    "memory_max": (("memory.events", "oom_kill"), ("memory.oom_control", "oom_kill")),
+    "max_processes": (("pids.events", "max"), ("pids.events", "max")),
+    "cpu_time_s": (("cpu.stat", "usage_usec"), ("cpuacct.usage", None)),
+}
+
+
+def _write_cgroup_file(path: str, name: str, value: str) -> None:
+    with open(os.path.join(path, name), "wb", buffering=0) as f:
+        f.write(value.encode())
+
+
+def _cgroup_counter(path: str, name: str) -> Optional[float]:
+    """What a limit's cgroup counted so far: OOM kills, refused forks or CPU seconds; None if unreadable."""
+    for filename, key in _CGROUP_COUNTERS[name]:
+        try:
+            with open(os.path.join(path, filename), "rb") as f:
+                text = f.read().decode()
+            if key is None:
+                return int(text.strip()) / 1e9  # cpuacct.usage: nanoseconds
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == key:
+                    return int(parts[1]) / (1e6 if key == "usage_usec" else 1)
+        except (OSError, ValueError):  # gone, or not what this kernel writes there
+            continue
+    return None
+
+
+def _containment_counters(held: _Containment) -> Dict[str, float]:
+    """What counts towards each limit its cgroup enforces (see _CGROUP_COUNTERS)."""
+    counters = {}
+    for name, entry in held.limits.items():
+        paths = {"cgroup": [held.cgroup], "cgroup-v1": held.cgroups_v1}.get(entry.get("enforced_by"), [])
+        for path in paths:
+            value = _cgroup_counter(path, name) if path else None
+            if value is not None:
+                counters[name] = value
+                break
+    return counters
+
+
+class _ChildPlan:
+    """What the child does between fork and exec to start contained: enter its
+    cgroups (writing "0" to a cgroup.procs moves the writer) and set the
+    rlimits that stand in for limits no cgroup enforces.  The supervisor makes
+    the plan and holds the files open; the child only writes and calls setrlimit."""
+
+    def __init__(self):
+        self.containment = _Containment()
+        self.entries: List[int] = []  # cgroup.procs descriptors
+        self.rlimits: List[Tuple[int, Tuple[int, int]]] = []
+        self.setrlimit: Optional[Callable] = None
+
+    def enter(self) -> None:
+        """Runs in the forked child.  preexec_fn is unsafe in general where other
+        threads run (one may hold a lock the forked copy needs), but this body
+        takes none: the interpreter's own state is reset after the fork
+        (PyOS_AfterFork_Child), it imports nothing, writes only to descriptors
+        opened beforehand and calls a setrlimit bound beforehand; glibc's malloc
+        is fork-safe.  An error here is a SubprocessError: spawn_child starts
+        the child again without containment."""
+        for fd in self.entries:
+            os.write(fd, b"0")
+        for resource_id, values in self.rlimits:
+            self.setrlimit(resource_id, values)
+
+    def needs_preexec(self) -> bool:
+        return bool(self.entries or self.rlimits)
+
+    def close(self) -> None:
+        for fd in self.entries:
+            os.close(fd)
+        self.entries = []
+
+    def abandon(self) -> None:
+        """The child could not enter: remove the cgroups we made for it."""
+        self.close()
+        for path in self.containment.cgroups():
+            _remove_cgroup_tree(path)
+
+
+def _cgroups_wanted() -> bool:
+    """Linux, and not turned off by JOBSTATE_CONTAINMENT=off."""
+    return _LINUX and os.environ.get("JOBSTATE_CONTAINMENT", "").lower() not in ("off", "0", "no", "none")
+
+
+def _cgroup_enforcers() -> List[str]:
+    """The cgroup hierarchies a job's limits could use here: 'cgroup' (v2), 'cgroup-v1'."""
+    if not _cgroups_wanted():
+        return []
+    found = ["cgroup"] if _cgroup_home("") is not None else []
+    if any(_cgroup_home(files[1][0]) is not None for files in _CGROUP_LIMIT_FILES.values()):
+        found.append("cgroup-v1")
+    return found
+
+
+def _plan_child(job_id: str, limits: Dict[str, float], contain: bool, rlimits: bool = True) -> _ChildPlan:
+    """Decide how the child starts: in the job's cgroup where we may make one
+    (else in a process group), each limit by a cgroup v2 controller, else a
+    cgroup v1 hierarchy, else an rlimit of the main process, else not at all."""
+    plan = _ChildPlan()
+    # The child enters its cgroups and sets its rlimits from preexec_fn (see
+    # _ChildPlan.enter for why that holds with other threads too: a restart
+    # policy's later runs, a queued job, start from a supervisor that has some).
+    if contain and _cgroups_wanted():
+        _plan_cgroups(plan, job_id, limits)
+    for name, value in limits.items():
+        if name not in plan.containment.limits:
+            enforcer = _plan_rlimit(plan, name, value) if rlimits else "none"
+            plan.containment.limits[name] = {"value": value, "enforced_by": enforcer}
+    return plan
+
+
+def _plan_cgroups(plan: _ChildPlan, job_id: str, limits: Dict[str, float]) -> None:
+    home = _cgroup_home("")
+    if home is not None:
+        try:
+            path = _make_job_cgroup(home, job_id)
+            plan.entries.append(os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY))
+            plan.containment.kind, plan.containment.cgroup = "cgroup", path
+        except OSError:  # not ours to make after all (a read-only or foreign hierarchy)
+            pass
+    for name, value in limits.items():
+        if plan.containment.cgroup and _set_v2_limit(plan.containment.cgroup, name, value):
+            plan.containment.limits[name] = {"value": value, "enforced_by": "cgroup"}
+        elif _plan_v1_limit(plan, job_id, name, value):
+            plan.containment.limits[name] = {"value": value, "enforced_by": "cgroup-v1"}
+    # A previous run's cgroup that old processes kept has counted already.
+    plan.containment.baselines = _containment_counters(plan.containment)
+
+
+def _set_v2_limit(path: str, name: str, value: float) -> bool:
+    """Set a limit on the job's v2 cgroup, enabling its controller from our `jobstate`
+    parent where the cgroup above that gives it; False where it cannot hold."""
+    controller, filename = _CGROUP_LIMIT_FILES[name][0]
+    parent = os.path.dirname(path)
+    try:
+        if controller is not None:
+            with open(os.path.join(parent, "cgroup.controllers")) as f:
+                if controller not in f.read().split():
+                    return False
+            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                if controller not in f.read().split():
+                    _write_cgroup_file(parent, "cgroup.subtree_control", "+" + controller)
+            _write_cgroup_file(path, filename, str(int(value)))
+        if name == "memory_max":
+            # The limit is memory, not memory plus swap, and one OOM kill ends the whole job.
+            for extra, setting in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+                try:
+                    _write_cgroup_file(path, extra, setting)
+                except OSError:  # no swap accounting, or an older kernel: the limit holds regardless
+                    pass
+        return os.path.exists(os.path.join(path, filename))
+    except OSError:
+        return False
+
+
+def _plan_v1_limit(plan: _ChildPlan, job_id: str, name: str, value: float) -> bool:
+    """Enforce a limit in a cgroup v1 hierarchy (hybrid machines); the child enters it too."""
+    controller, filename = _CGROUP_LIMIT_FILES[name][1]
+    home = _cgroup_home(controller)
+    if home is None:
+        return False
+    path = os.path.join(home, _CGROUP_PARENT, job_id)
+    try:
+        if path not in plan.containment.cgroups_v1:  # controllers mounted together share one
+            _make_job_cgroup(home, job_id)
+            plan.entries.append(os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY))
+            plan.containment.cgroups_v1.append(path)
+        if name != "cpu_time_s":
+            _write_cgroup_file(path, filename, str(int(value)))
+        if name == "memory_max":
+            try:  # memory plus swap, where swap is accounted
+                _write_cgroup_file(path, "memory.memsw.limit_in_bytes", str(int(value)))
+            except OSError:
+                pass
+        return os.path.exists(os.path.join(path, filename))
+    except OSError:
+        return False
+
+
+def _plan_rlimit(plan: _ChildPlan, name: str, value: float) -> str:
+    """The limit as an rlimit of the main process (binding each process, not the
+    tree; its children inherit it); 'none' for the process count: RLIMIT_NPROC
+    counts every process of the user, not the job's (and root is exempt from it)."""
+    import math
+    import resource
+    if name == "max_processes" or name == "memory_max" and not _LINUX:  # macOS does not enforce RLIMIT_AS
+        return "none"
+    if name == "memory_max":
+        resource_id, soft, hard = resource.RLIMIT_AS, int(value), int(value)
+    else:  # SIGXCPU at the limit (it says which limit ended the job), SIGKILL a second later
+        resource_id = resource.RLIMIT_CPU
+        soft = max(1, math.ceil(value))
+        hard = soft + 1
+    current_hard = resource.getrlimit(resource_id)[1]
+    if current_hard != resource.RLIM_INFINITY:
+        soft, hard = min(soft, current_hard), min(hard, current_hard)
+    plan.rlimits.append((resource_id, (soft, hard)))
+    plan.setrlimit = resource.setrlimit
+    return "rlimit"
+
+
 class _PosixProcessLayer:
     """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
 
@@ -734,6 +1139,11 @@ class _PosixProcessLayer:
             return True
         except BlockingIOError:
             return False
+
+    def share_lock(self, fd: int) -> bool:
+        """Turn our exclusive lock into a shared one; False when another process
+        took the lock meanwhile (flock converts by unlocking first)."""
+        return self.lock(fd, exclusive=False, blocking=False)
 
     def read_bytes(self, path: str) -> bytes:
         with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
@@ -1005,8 +1415,12 @@ class _PosixProcessLayer:
                 discovery.insert(2, "subreaper")
         delivery = ("supervisor" if identity == "none"
                     else "verified-kill" if "pidfd" in lost or not _LINUX else "pidfd")
-        return _capability_report(containment="process-group", tree_discovery=discovery, pid_identity=identity,
-                                  signal_delivery=delivery, proc=proc, limits=self._limits(), missing=missing,
+        cgroups = _cgroup_enforcers()
+        if "cgroup" in cgroups:  # a job's tree is held, and found, by its own cgroup v2
+            discovery.insert(0, "cgroup")
+        return _capability_report(containment="cgroup" if "cgroup" in cgroups else "process-group",
+                                  tree_discovery=discovery, pid_identity=identity, signal_delivery=delivery,
+                                  proc=proc, limits=cgroups + self._limits(), missing=missing,
                                   dies_with_launcher=self.dies_with_launcher())
 
     def _proc_kind(self) -> str:
@@ -1068,11 +1482,42 @@ class _PosixProcessLayer:
         import select
         return bool(select.select([fd], [], [], 0)[0])
 
-    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
+    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr, limits=None) -> _Child:
+        """Start the job's main process in a new session, in its cgroup where we
+        may make one, and with its limits (see _plan_child)."""
         import subprocess
-        popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                                 close_fds=True, start_new_session=True)
-        return _Child(popen, popen.pid, self.process_token(popen.pid))
+        limits = dict(limits or {})
+        # The child that cannot enter its cgroup (a delegation rule we could not
+        # foresee) or set its rlimits runs nothing of the job: it is started
+        # again without them, and the state says which limits do not hold.
+        for contain, rlimits in ((True, True), (False, True), (False, False)):
+            plan = _plan_child(job_id, limits, contain=contain, rlimits=rlimits)
+            try:
+                popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+                break
+            except subprocess.SubprocessError:
+                plan.abandon()
+            except OSError:  # it could not be executed: no process, so no cgroup either
+                plan.abandon()
+                raise
+            finally:
+                plan.close()
+        return _Child(popen, popen.pid, self.process_token(popen.pid), containment=plan.containment)
+
+    @staticmethod
+    def _popen_child(argv, plan: _ChildPlan, **kwargs) -> subprocess.Popen:
+        # The child puts itself in its cgroup between fork and exec (preexec_fn),
+        # so it runs no code of the job outside it; its children inherit it.  The
+        # alternatives are worse: the supervisor moving itself into the job's
+        # cgroup around the fork would write to its own cgroup, outside
+        # `jobstate`, to move back (and would stay in the job's if that failed);
+        # an exec shim costs an exec and turns exec errors into exit codes;
+        # clone3(CLONE_INTO_CGROUP) is out of Python's reach.  preexec_fn is
+        # unsafe where other threads run only if it needs a lock one of them may
+        # hold: plan.enter needs none (see _ChildPlan.enter).
+        import subprocess
+        return subprocess.Popen(argv, close_fds=True, start_new_session=True,
+                                preexec_fn=plan.enter if plan.needs_preexec() else None, **kwargs)
 
     def spawn_sink(self, argv, *, env) -> subprocess.Popen:
         """A notification command, in a session of its own so that stop_sink can end its whole tree."""
@@ -1228,6 +1673,7 @@ class _PosixProcessLayer:
             found.update(pid for pid in live if self._carries_marker(pid, marker))
         if ref.supervisor_pid in live:
             found.update(pid for pid, info in live.items() if info[0] == ref.supervisor_pid)
+        found.update(pid for pid in self._cgroup_members(ref) if pid in live)
         found |= self._descendants(live, found)
         found -= {os.getpid(), ref.supervisor_pid, 1}
         return [_Proc(pid, live[pid][3]) for pid in sorted(found) if pid in live]
@@ -1244,9 +1690,58 @@ class _PosixProcessLayer:
                     todo.append(kid)
         return seen
 
+    def _cgroup_members(self, ref: _TreeRef) -> List[int]:
+        """Processes in the job's cgroups: all of its tree, however it left its group."""
+        return [pid for path in ref.cgroups if _is_job_cgroup(path, ref.job_id) for pid in _cgroup_tree_pids(path)]
+
     def signal_tree(self, ref: _TreeRef, signum: int) -> int:
         """Signal every verified process of the tree; returns how many were signalled."""
-        return sum(self._signal_verified(p, signum) for p in self.find_tree(ref))
+        procs = self.find_tree(ref)
+        if signum == _signal.SIGKILL:
+            self._kill_cgroups(ref)
+        return sum(self._signal_verified(p, signum) for p in procs)
+
+    def _kill_cgroups(self, ref: _TreeRef) -> None:
+        """KILL everything in the job's cgroups: one write to `cgroup.kill` (Linux 5.14+),
+        else rounds of signals until they are empty, which a fork race cannot outrun for long."""
+        for path in ref.cgroups:
+            if not _is_job_cgroup(path, ref.job_id):
+                continue
+            try:
+                with open(os.path.join(path, "cgroup.kill"), "wb", buffering=0) as f:
+                    f.write(b"1")
+                continue
+            except OSError:  # no cgroup.kill (v1, or an older kernel): signal the members
+                pass
+            for _ in range(50):
+                members = [_Proc(pid, self.process_token(pid)) for pid in _cgroup_tree_pids(path)]
+                if not [p for p in members if self._signal_verified(p, _signal.SIGKILL)]:
+                    break
+
+    # A job ended by a limit dies of a signal here (OOM kill, SIGXCPU, our KILL).
+    limit_exit_code = None
+
+    def limit_counters(self, child: _Child) -> Dict[str, float]:
+        """What counts towards each limit a cgroup enforces: OOM kills (memory_max),
+        refused forks (max_processes), CPU seconds used (cpu_time_s)."""
+        return _containment_counters(child.containment)
+
+    def let_go_of_child(self, child: _Child) -> None:
+        return None  # nothing held: a cgroup is found again by its path
+
+    def unrecorded_cgroups(self, job_id: str) -> List[str]:
+        """The cgroups a supervisor started from here would make for the job: one
+        killed before it recorded them in state.json leaves them unnamed."""
+        if not (_LINUX and job_id):
+            return []
+        homes = (_cgroup_home(c) for c in ("", "memory", "pids", "cpuacct"))
+        return [os.path.join(home, _CGROUP_PARENT, job_id) for home in homes if home]
+
+    def remove_containment(self, ref: _TreeRef) -> bool:
+        """Remove the job's cgroups once empty (the recorded ones and the
+        unrecorded ones); False while processes live in one."""
+        paths = set(ref.cgroups) | set(self.unrecorded_cgroups(ref.job_id))
+        return all(_remove_cgroup_tree(path) for path in paths if _is_job_cgroup(path, ref.job_id))
 
     def _signal_verified(self, proc: _Proc, signum: int) -> bool:
         """Signal proc only if its start time still matches (a recycled pid is never hit).
@@ -1287,7 +1782,11 @@ _WIN_CREATE_BREAKAWAY_FROM_JOB = 0x01000000
 _WIN_CREATE_NO_WINDOW = 0x08000000
 _WIN_JOB_OBJECT_QUERY = 0x0004
 _WIN_JOB_OBJECT_TERMINATE = 0x0008
+_WIN_JOB_OBJECT_LIMIT_JOB_TIME = 0x0004
+_WIN_JOB_OBJECT_LIMIT_ACTIVE_PROCESS = 0x0008
+_WIN_JOB_OBJECT_LIMIT_JOB_MEMORY = 0x0200
 _WIN_JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION = 0x0400
+_WIN_JOB_INFO_BASIC_ACCOUNTING = 1
 _WIN_JOB_INFO_BASIC_PROCESS_ID_LIST = 3
 _WIN_JOB_INFO_EXTENDED_LIMIT = 9
 _WIN_PROCESS_TERMINATE = 0x0001
@@ -1305,6 +1804,7 @@ _WIN_ERROR_LOCK_VIOLATION = 33
 _WIN_ERROR_NOT_LOCKED = 158
 _WIN_ERROR_ALREADY_EXISTS = 183
 _WIN_ERROR_MORE_DATA = 234
+_WIN_ERROR_NOT_ENOUGH_QUOTA = 1816
 # Exit code of every process jobstate terminates (what Popen.terminate() uses).
 # The kill-request record, not this code, is what marks a job `killed`.
 _WIN_KILLED_EXIT_CODE = 1
@@ -1346,6 +1846,12 @@ def _win_types():
                     ("JobMemoryLimit", SIZE_T), ("PeakProcessMemoryUsed", SIZE_T),
                     ("PeakJobMemoryUsed", SIZE_T)]
 
+    class JOBOBJECT_BASIC_ACCOUNTING_INFORMATION(ctypes.Structure):  # 48 bytes; times in 100 ns
+        _fields_ = [(n, LARGE_INTEGER) for n in (
+            "TotalUserTime", "TotalKernelTime", "ThisPeriodTotalUserTime", "ThisPeriodTotalKernelTime")] + [
+            (n, DWORD) for n in (
+                "TotalPageFaultCount", "TotalProcesses", "ActiveProcesses", "TotalTerminatedProcesses")]
+
     class PROCESSENTRY32W(ctypes.Structure):                    # 568 bytes; set dwSize
         _fields_ = [("dwSize", DWORD), ("cntUsage", DWORD), ("th32ProcessID", DWORD),
                     ("th32DefaultHeapID", ULONG_PTR), ("th32ModuleID", DWORD),
@@ -1376,6 +1882,7 @@ def _win_types():
         FILETIME=FILETIME, IO_COUNTERS=IO_COUNTERS,
         JOBOBJECT_BASIC_LIMIT_INFORMATION=JOBOBJECT_BASIC_LIMIT_INFORMATION,
         JOBOBJECT_EXTENDED_LIMIT_INFORMATION=JOBOBJECT_EXTENDED_LIMIT_INFORMATION,
+        JOBOBJECT_BASIC_ACCOUNTING_INFORMATION=JOBOBJECT_BASIC_ACCOUNTING_INFORMATION,
         PROCESSENTRY32W=PROCESSENTRY32W, THREADENTRY32=THREADENTRY32, OVERLAPPED=OVERLAPPED,
         kernel32=kernel32, ntdll=ntdll)
 
@@ -1605,10 +2112,11 @@ class _WindowsProcessLayer:
     def supervisor_signals(self) -> None:
         return None  # no signal dispositions or masks to pass on to the child
 
-    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr) -> _Child:
+    def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr, limits=None) -> _Child:
         import subprocess
         name = "jobstate-" + job_id
-        job = self._create_job(name)
+        limits = dict(limits or {})
+        job, limited = self._create_job(name, limits)
         try:
             # Suspended: the child runs no code, so spawns nothing, before it is
             # in the job. CREATE_NO_WINDOW: the supervisor has no console, and a
@@ -1636,8 +2144,11 @@ class _WindowsProcessLayer:
         finally:
             if not started:
                 self._discard(popen, job)
+        enforcer = "job-object" if job and limited else "none"
+        held = _Containment("job-object" if job else "process-group",
+                            limits={n: {"value": v, "enforced_by": enforcer} for n, v in limits.items()})
         return _Child(popen=popen, pid=popen.pid, token=str(token),
-                      windows_job_name=name if job else None, handle=job)
+                      windows_job_name=name if job else None, handle=job, containment=held)
 
     def spawn_sink(self, argv, *, env) -> subprocess.Popen:
         """A notification command; stop_sink ends its tree with a walk from it."""
@@ -1651,34 +2162,72 @@ class _WindowsProcessLayer:
         token = str(self._handle_ctime(int(popen._handle)))
         self.signal_tree(_TreeRef("", popen.pid, token, None, None), self.signal_numbers()["KILL"])
 
-    def _create_job(self, name):
-        """Create our named job; None when the name is taken (fall back to walks)."""
+    def _create_job(self, name, limits):
+        """Create our named job with its limits: (job, whether the limits hold);
+        job None when the name is taken (fall back to walks)."""
         k = self._k32
-        k.set_last_error(0)              # 183 on success is the only sign of a collision
-        job = k.CreateJobObjectW(None, name)
-        err = k.get_last_error()
-        if not job:
-            return None                  # e.g. 6: another object type holds the name
-        if err == _WIN_ERROR_ALREADY_EXISTS:
-            k.CloseHandle(job)           # someone else's job: unknown limits and holders
-            return None
-        self._limit_job(job)
-        return job
+        for attempt in range(40):
+            k.set_last_error(0)          # 183 on success is the only sign of a collision
+            job = k.CreateJobObjectW(None, name)
+            err = k.get_last_error()
+            if not job:
+                return None, False       # e.g. 6: another object type holds the name
+            if err != _WIN_ERROR_ALREADY_EXISTS:
+                return job, self._limit_job(job, limits)
+            # An empty job of that name is the previous run's, going away as its
+            # last holders let go (Wine keeps one for half a second): wait for it.
+            # One with processes is someone else's: unknown limits and holders.
+            try:
+                empty = not self._job_pids(job)
+            except OSError:
+                empty = False
+            k.CloseHandle(job)
+            if not empty or attempt == 39:
+                return None, False
+            time.sleep(0.05)
 
-    def _limit_job(self, job):
-        """Make crashes end the process instead of opening a dialog nobody sees.
+    def _limit_job(self, job, limits):
+        """Set the job's limits (memory of the whole job, live processes, user-mode
+        CPU time) and make crashes end the process instead of opening a dialog
+        nobody sees; set before the child is resumed, so they hold from its start.
+        True when they hold.
 
         No KILL_ON_JOB_CLOSE: the workload must outlive a dead supervisor, as
         on POSIX (the stale lock then records supervisor_lost). No breakaway flags.
         """
         t = _win_types()
         info = t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
-        info.BasicLimitInformation.LimitFlags = _WIN_JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION
+        basic = info.BasicLimitInformation
+        basic.LimitFlags = _WIN_JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION
+        if limits.get("memory_max"):
+            basic.LimitFlags |= _WIN_JOB_OBJECT_LIMIT_JOB_MEMORY
+            info.JobMemoryLimit = int(limits["memory_max"])
+        if limits.get("max_processes"):
+            basic.LimitFlags |= _WIN_JOB_OBJECT_LIMIT_ACTIVE_PROCESS
+            basic.ActiveProcessLimit = int(limits["max_processes"])
+        if limits.get("cpu_time_s"):
+            basic.LimitFlags |= _WIN_JOB_OBJECT_LIMIT_JOB_TIME
+            basic.PerJobUserTimeLimit = int(limits["cpu_time_s"] * 10_000_000)  # 100 ns units
         try:
             self._k32.SetInformationJobObject(job, _WIN_JOB_INFO_EXTENDED_LIMIT,
                                               t.byref(info), t.sizeof(info))
         except OSError:
-            pass  # safe to ignore: only crash-dialog suppression is lost, containment is not
+            if limits:  # keep the crash setting at least; the state says the limits do not hold
+                self._limit_job(job, {})
+            return False  # without limits, only crash-dialog suppression is lost, containment is not
+        return not limits or self._job_keeps(job, basic.LimitFlags)
+
+    def _job_keeps(self, job, flags) -> bool:
+        """The job reads back the limit flags we set (Wine 8 accepts limits, then
+        keeps none: the state must not say they hold)."""
+        t = _win_types()
+        info = t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
+        try:
+            self._k32.QueryInformationJobObject(job, _WIN_JOB_INFO_EXTENDED_LIMIT, t.byref(info),
+                                                t.sizeof(info), None)
+        except OSError:
+            return True  # cannot ask: the kernel took them, which is all Windows promises
+        return info.BasicLimitInformation.LimitFlags & flags == flags
 
     def _assign(self, job, popen):
         """Put the suspended child in the job; None (job closed) when refused."""
@@ -1794,6 +2343,37 @@ class _WindowsProcessLayer:
                 seen[(proc.pid, proc.token)] = proc
             procs = self._walk_tree(ref, also=list(seen.values()))
         return len(seen)
+
+    def remove_containment(self, ref: _TreeRef) -> bool:
+        return True  # a Job Object goes with its last handle and process
+
+    def unrecorded_cgroups(self, job_id: str) -> List[str]:
+        return []
+
+    def let_go_of_child(self, child: _Child) -> None:
+        """Close our handle on the job's Job Object before the job lock goes: a
+        restart's supervisor, which may start the moment it is free, must be able
+        to create the job's name afresh (our open handle would keep the old one)."""
+        job, child.handle = child.handle, None
+        self._close(job)
+
+    # What Windows ends every process of a job with when its CPU time is up.
+    limit_exit_code = _WIN_ERROR_NOT_ENOUGH_QUOTA
+
+    def limit_counters(self, child: _Child) -> Dict[str, float]:
+        """From the job's accounting: user-mode CPU seconds, and processes ended by a
+        limit (a process over the count).  A memory limit fails allocations instead."""
+        if not child.handle or not child.containment.limits:
+            return {}
+        t = _win_types()
+        info = t.JOBOBJECT_BASIC_ACCOUNTING_INFORMATION()
+        try:
+            self._k32.QueryInformationJobObject(child.handle, _WIN_JOB_INFO_BASIC_ACCOUNTING,
+                                                t.byref(info), t.sizeof(info), None)
+        except OSError:
+            return {}
+        counters = {"cpu_time_s": info.TotalUserTime / 1e7, "max_processes": float(info.TotalTerminatedProcesses)}
+        return {name: value for name, value in counters.items() if name in child.containment.limits}
 
     def _excluded_pids(self, ref):
         return {0, os.getpid(), ref.supervisor_pid}
@@ -1965,6 +2545,11 @@ class _WindowsProcessLayer:
                 return False
             raise
         return True
+
+    def share_lock(self, fd: int) -> bool:
+        # A shared lock cannot overlap an exclusive one, even of the same handle: unlock first.
+        self.unlock(fd)
+        return self.lock(fd, exclusive=False, blocking=False)
 
     def unlock(self, fd: int) -> None:
         import msvcrt
@@ -2149,6 +2734,26 @@ def _parse_size(value, name: str) -> int:
     if size < 0:
         raise InvalidArgumentError("%s: %r is negative" % (name, value), hint="a size is 0 or more bytes")
     return size
+
+
+def _parse_limit(value, name: str) -> Optional[float]:
+    """A JobSpec limit from the caller: memory_max as a size, max_processes as a
+    count, cpu_time_s as a duration; 0 or None means no limit."""
+    if value is None:
+        return None
+    if name == "memory_max":
+        limit = _parse_size(value, name)
+        return limit if limit < 1 << 62 else _out_of_range(name, value)
+    if name == "cpu_time_s":
+        return _parse_duration(value, name) or None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 31:
+        raise InvalidArgumentError("%s: %r is not a process count" % (name, value),
+                                   hint="a whole number of processes, from 1 (0 = no limit)")
+    return value or None
+
+
+def _out_of_range(name: str, value) -> NoReturn:
+    raise InvalidArgumentError("%s: %r is out of range" % (name, value))
 
 
 def _parse_signal(value) -> Tuple[int, str]:
@@ -2612,6 +3217,15 @@ class _LockFile:
             _process_layer.unlock(fd)
             os.close(fd)  # closing drops the lock
 
+    def share(self) -> bool:
+        """Keep holding the lock, shared: readers (wait) pass, writers (restart,
+        delete) wait.  False, and released, when another process took it in the
+        moment the conversion leaves it free."""
+        if self.fd is not None and _process_layer.share_lock(self.fd):
+            return True
+        self.release()
+        return False
+
     def __enter__(self):
         return self
 
@@ -2750,6 +3364,9 @@ def _held_error(paths: JobPaths, wanted: str) -> InvalidStateError:
     if state.status is JobStatus.CREATED and state.waiting:
         return InvalidStateError(paths.job_id, state.status, "it waits for its turn (%s); 'jobstate kill' takes it "
                                  "out of the line" % state.waiting.get("for"))
+    if state.status.is_terminal:  # its finished run's descendants still write to its logs
+        return InvalidStateError(paths.job_id, state.status, "processes it left still write to its logs: stop "
+                                 "them first ('jobstate kill %s')" % paths.job_id)
     return InvalidStateError(paths.job_id, JobStatus.RUNNING, wanted)
 
 
@@ -2764,6 +3381,10 @@ def _delete_job(paths: JobPaths) -> None:
     with _JobLock(paths) as lock:
         if not lock.acquire(create=False):
             raise _held_error(paths, "stop it first ('jobstate kill')")
+        try:
+            tree: Optional[_TreeRef] = _TreeRef.from_state(_read_state(paths))
+        except JobError:  # no state to name its cgroup: nothing of ours to remove
+            tree = None
         tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
         try:
             os.rename(paths.dir, tomb)
@@ -2771,6 +3392,8 @@ def _delete_job(paths: JobPaths) -> None:
             raise JobNotFoundError(paths.job_id, paths.root) from None
         except OSError:  # Windows cannot rename a directory holding an open file (our lock)
             tomb = None
+        if tree is not None:  # its cgroup, once empty; one with live processes stays for them
+            _process_layer.remove_containment(tree)
         if tomb is not None:
             lock.release()
             try:
@@ -3222,16 +3845,26 @@ class _Running:
 
     def encode(self) -> str:
         """One argv word for the exec'd watcher; the rest it reads back from the job directory."""
-        return ",".join(str(fd) for fd in self.fds()) + "@%r" % self.started
+        baselines = json.dumps(self.child.containment.baselines, separators=(",", ":"))
+        return ",".join(str(fd) for fd in self.fds()) + "@%r@%s" % (self.started, baselines)
 
     @classmethod
     def decode(cls, word: str, paths: JobPaths) -> "_Running":
-        fds, started = word.split("@")
+        fds, started, baselines = word.split("@", 2)
         out_r, err_r, *logs = (int(fd) for fd in fds.split(","))
         state = _read_state(paths)
-        child = _Child(None, state.pid, state.pid_token, state.windows_job_name)
+        held = _Containment.from_state(state)
+        held.baselines = json.loads(baselines)
+        child = _Child(None, state.pid, state.pid_token, state.windows_job_name, containment=held)
         slot = logs.pop() if len(logs) > 3 else None
         return cls(state, _read_spec(paths), child, (out_r, err_r), logs, float(started), slot)
+
+
+def _record_containment(state: JobState, child: _Child) -> None:
+    """What holds this run's tree and which limits hold, as state.json says it."""
+    held = child.containment
+    state.containment, state.cgroup, state.cgroups_v1, state.limits = (
+        held.kind, held.cgroup, held.cgroups_v1, held.limits)
 
 
 class _Supervisor:
@@ -3241,6 +3874,7 @@ class _Supervisor:
         self.paths = paths
         self.exited = threading.Event()
         self.timed_out = False
+        self.limit_reached: Optional[str] = None  # the limit the watcher stopped the tree for
         self.last_signal: Optional[str] = None
         self.write_error: Optional[str] = None
         self.child: Optional[_Child] = None
@@ -3255,6 +3889,10 @@ class _Supervisor:
         self.ticket_fd: Optional[int] = None  # a ticket held already, handed over across that exec
         self.sink_exits = _SinkExits(reaping=_process_layer.reaps_every_child)
         self.output: Optional[_OutputWatch] = None  # output-match notifications, while watching
+        self.pumps: List[threading.Thread] = []
+        self.log_guard = threading.Lock()  # held by the pumps for each write to the logs
+        self.logs_ours = True  # False once another run may own the log files: read, never write
+        self.lock_shared = False  # the job lock, held shared while descendants' output is still copied
 
     def log(self, message: str) -> None:
         sys.stderr.write("%s supervisor[%d]: %s\n" % (_utc_now(), os.getpid(), message))
@@ -3298,6 +3936,7 @@ class _Supervisor:
             self._make_kill_fifo()
         state.job.status, state.job.started_at = JobStatus.RUNNING, _utc_now()
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
+        _record_containment(state, child)
         _write_state(self.paths, state)
         _acknowledge()
         self.child = child
@@ -3324,6 +3963,10 @@ class _Supervisor:
             running = self._run_again(running, full)
         self._release_space()
         _write_state(self.paths, state)
+        # The job's cgroup goes with its last process; one that daemons still
+        # live in stays, for `kill` to find them, until `delete` or `gc`.
+        if self.child is not None:
+            _process_layer.remove_containment(self._tree_ref())
         self.announce(self._latest_spec(spec), state)
 
     def _latest_spec(self, spec: JobSpec) -> JobSpec:
@@ -3337,13 +3980,16 @@ class _Supervisor:
         """One run, from its start to its recorded end; whether the policy starts it again."""
         state, spec = running.state, running.spec
         self.child, self.timed_out, self.last_signal = running.child, False, None
+        self.limit_reached = None
         self.exited = exited = threading.Event()
-        pumps = self._start_pumps(running.pipes, running.logs, full)
+        pumps = self.pumps = self._start_pumps(running.pipes, running.logs, full)
         if not _process_layer.can_verify_pids():
             self._listen_for_kills(running.child)
         if spec.timeout_s:  # per run
             timeout_s = spec.timeout_s - (time.monotonic() - running.started)
             threading.Thread(target=self._enforce_timeout, args=(spec, timeout_s, exited), daemon=True).start()
+        if _process_layer.limit_counters(running.child):  # per run: each run's child gets the job's limits
+            threading.Thread(target=self._enforce_limits, args=(running.child, exited), daemon=True).start()
         self.sink_exits.resume()
         code, signum = _process_layer.wait_child(running.child, self.sink_exits.reaped)
         self.sink_exits.stop()
@@ -3359,7 +4005,7 @@ class _Supervisor:
         if spec.kill_orphans:
             self._stop_tree(spec.kill_after_s)
         state.logs_drained = _joined(pumps, DRAIN_TIMEOUT_S)
-        if self.write_error:
+        if self.write_error and state.error is None:
             state.error = Failure("output", self.write_error)
         return again
 
@@ -3576,6 +4222,8 @@ class _Supervisor:
                            "started_at": state.started_at, "finished_at": state.finished_at}
         state.job.status, state.result, state.finished_at = JobStatus.RUNNING, JobResult(), None
         state.pid = state.pid_token = state.logs_drained = None
+        if state.error is not None and state.error.stage == "limit":  # that run's verdict, in last_exit
+            state.last_exit["limit"], state.error = state.error.limit, None
         state.waiting = {"for": "restart", "restart": (state.restarts or 0) + 1,
                          "at": _format_time(time.time() + delay_s)}
         _write_state(self.paths, state)
@@ -3586,12 +4234,22 @@ class _Supervisor:
             state.job.status, state.result.signal = ended.status, ended.signal
             state.waiting, state.finished_at, state.logs_drained = None, _utc_now(), True
             return None
+        self._stop_leftovers(spec)
         state.restarts = (state.restarts or 0) + 1
         last = state.last_exit
         full.append(b"JOBSTATE", ("restart %d of %d: the previous run %s\n" % (
             state.restarts, spec.max_restarts,
             _describe_end(last["state"], last["exit_code"], last["signal"], last["timed_out"]))).encode())
         return self._spawn_again(state, spec, running.logs)
+
+    def _stop_leftovers(self, spec: JobSpec) -> None:
+        """Before a new run: stop what the previous run left (they would share its
+        cgroup and write into the new run's output), then take their last output."""
+        if self.pumps and not _joined(self.pumps, 0) or _process_layer.find_tree(self._tree_ref()):
+            self._stop_tree(spec.kill_after_s)
+        _joined(self.pumps, DRAIN_TIMEOUT_S)
+        # The new run's Job Object takes the same name: ours on the old one would keep it.
+        _process_layer.let_go_of_child(self.child)
 
     def _sleep_unless_killed(self, delay_s: float) -> None:
         self._listen_for_bell()
@@ -3616,6 +4274,7 @@ class _Supervisor:
             return None
         state.waiting, state.job.started_at = None, _utc_now()
         state.pid, state.pid_token, state.windows_job_name = child.pid, child.token, child.windows_job_name
+        _record_containment(state, child)
         _write_state(self.paths, state)
         return _Running(state, spec, child, pipes, logs, time.monotonic(), self.slot)
 
@@ -3628,16 +4287,51 @@ class _Supervisor:
 
     def notify(self) -> None:
         """Deliver what is left of the output-match events, then the announced
-        job.finished event, to their sinks (the job lock is released by now)."""
+        job.finished event, to their sinks (the job lock is released or shared by now)."""
         if self.output is not None:
             self.output.finish()
         if self.notification is None:
             return
         spec, record = self.notification
         try:
-            _deliver_notifications(self.paths, spec, record, self.log)
+            _deliver_notifications(self.paths, spec, record, self.log, lock_shared=self.lock_shared)
         except OSError as exc:  # the sinks ran; only their record could not be written
             self.log("cannot record the notification deliveries: %s" % exc)
+
+    # The end is on disk: `wait` must return, yet descendants may still hold the
+    # output pipes, and a pipe nobody reads would kill them (SIGPIPE) at their
+    # next write.  So the supervisor keeps copying their output, holding the job
+    # lock shared: readers (`wait`, `run`, `status`) pass, while `restart`,
+    # `delete` and `start` wait, so no new run can reset the logs under our
+    # writes (restart stops such leftovers first; delete asks for a kill).  When
+    # the last of them closes the pipes, `logs_drained` turns true.
+
+    def let_waiters_go(self, lock: "_JobLock") -> None:
+        """Release the job lock, or keep it shared while descendants still write."""
+        if not self.pumps or _joined(self.pumps, 0):
+            self._release(lock)
+            return
+        with self.log_guard:  # no write to the logs while the lock is converted
+            self.lock_shared = lock.share()
+            self.logs_ours = self.lock_shared  # someone took it in the gap: the logs may be theirs now
+
+    def drain_to_the_end(self, lock: "_JobLock") -> None:
+        """Copy descendants' output until they close the pipes, then say so and let go."""
+        _joined(self.pumps, None)  # never leave a pipe unread: that is what would kill them
+        if not self.lock_shared:
+            return
+        try:
+            state = _read_state(self.paths)
+            state.logs_drained = True
+            _write_state(self.paths, state)
+            _process_layer.remove_containment(self._tree_ref())
+        finally:
+            self._release(lock)
+
+    def _release(self, lock: "_JobLock") -> None:
+        if self.child is not None:
+            _process_layer.let_go_of_child(self.child)
+        lock.release()
 
     def _spawn(self, spec: JobSpec):
         """Start the child with its output on pipes; _SpawnFailure says why it could not start."""
@@ -3656,7 +4350,7 @@ class _Supervisor:
         stdin = open(self.paths.stdin, "rb") if spec.has_stdin else subprocess.DEVNULL
         try:
             child = _process_layer.spawn_child(argv, job_id=self.paths.job_id, cwd=spec.cwd, env=env,
-                                               stdin=stdin, stdout=out_w, stderr=err_w)
+                                               stdin=stdin, stdout=out_w, stderr=err_w, limits=spec.limits())
         except OSError as exc:
             os.close(out_r)
             os.close(err_r)
@@ -3699,16 +4393,17 @@ class _Supervisor:
                 break
             if not chunk:
                 break
-            if self.write_error:
-                continue
-            try:
-                _write_all(log_fd, chunk)
-                full.append(label, chunk)
-            except OSError as exc:
-                self.write_error = "output could not be saved: %s" % exc
-                self._release_space()
-                self.log(self.write_error)
-                continue
+            with self.log_guard:
+                if self.write_error or not self.logs_ours:
+                    continue
+                try:
+                    _write_all(log_fd, chunk)
+                    full.append(label, chunk)
+                except OSError as exc:
+                    self.write_error = "output could not be saved: %s" % exc
+                    self._release_space()
+                    self.log(self.write_error)
+                    continue
             self._watch_output(label, chunk)
         self._watch_output(label, None)
         os.close(read_fd)
@@ -3798,9 +4493,30 @@ class _Supervisor:
             except OSError as exc:  # the killer then reports that nothing was confirmed
                 self.log("cannot answer kill request %s: %s" % (request_id, exc))
 
+    _LIMIT_CHECK_S = 0.25
+
+    def _enforce_limits(self, child: _Child, exited: threading.Event) -> None:
+        """End the job when one of its limits is reached: an OOM kill or a refused
+        process in its cgroup, or its CPU time used up.  The kernel caps memory and
+        processes by itself; jobstate ends the whole job, so the limit is the verdict."""
+        delay = 0.0
+        while not exited.wait(delay):
+            counters = _process_layer.limit_counters(child)
+            reached = _limit_reached(child.containment, counters)
+            if reached:
+                self.limit_reached = reached
+                self.log("limit %s reached; stopping the process tree" % reached)
+                self._stop_tree(0)
+                return
+            delay = self._LIMIT_CHECK_S
+            if "cpu_time_s" in counters:  # no sooner than the CPUs could use up what is left
+                left = child.containment.limits["cpu_time_s"]["value"] - (
+                    counters["cpu_time_s"] - child.containment.baselines.get("cpu_time_s", 0.0))
+                delay = min(delay, max(0.01, left / (os.cpu_count() or 1)))
+
     def _tree_ref(self) -> _TreeRef:
         return _TreeRef(self.paths.job_id, self.child.pid, self.child.token, os.getpid(),
-                        self.child.windows_job_name)
+                        self.child.windows_job_name, cgroups=self.child.containment.cgroups())
 
     def _stop_tree(self, kill_after_s: float) -> None:
         """TERM the tree, then KILL whatever is left after kill_after_s (0 = KILL at once).
@@ -3824,16 +4540,50 @@ class _Supervisor:
         requested = _read_kill_request(self.paths)
         state.result.duration_ms, state.result.timed_out = duration_ms, self.timed_out
         state.finished_at = _utc_now()
+        reached = self.limit_reached or self._limit_at_the_end(code, signum)
         if signum is not None:
             state.job.status, state.result.signal = JobStatus.KILLED, _signal_name(signum)
-        elif requested or self.timed_out:
-            # Ended after jobstate asked it to (it may have trapped the signal).
+        elif requested or self.timed_out or reached:
+            # Ended after jobstate asked it to (it may have trapped the signal), or by a limit.
             state.job.status = JobStatus.KILLED
-            state.result.signal = self.last_signal if self.timed_out else requested
+            state.result.signal = (self.last_signal or "SIGKILL") if self.timed_out or reached else requested
         else:
             state.job.status, state.result.exit_code = JobStatus.EXITED, code
+        if reached:
+            value = self.child.containment.limits[reached]["value"]
+            state.error = Failure("limit", _LIMIT_MESSAGES[reached] % value, limit=reached)
         if _process_layer.records_leftovers:
             state.leftovers = _process_layer.find_tree(self._tree_ref())
+
+    def _limit_at_the_end(self, code, signum) -> Optional[str]:
+        """The limit that ended the main process before the watcher saw it reached:
+        an OOM kill, a CPU time rlimit (SIGXCPU), Windows ending a job out of time."""
+        limits = self.child.containment.limits
+        if (signum is not None and _signal_name(signum) == "SIGXCPU"
+                and limits.get("cpu_time_s", {}).get("enforced_by") == "rlimit"):
+            return "cpu_time_s"
+        if signum is None and (code is None or code != _process_layer.limit_exit_code):
+            return None  # it ended by itself
+        return _limit_reached(self.child.containment, _process_layer.limit_counters(self.child))
+
+
+_LIMIT_MESSAGES = {
+    "memory_max": "the job reached its memory limit of %s bytes (the kernel's OOM killer ended a process)",
+    "max_processes": "the job reached its limit of %s processes (a new process was refused)",
+    "cpu_time_s": "the job used up its CPU time limit of %gs",
+}
+
+
+def _limit_reached(held: _Containment, counters: Dict[str, float]) -> Optional[str]:
+    """The first limit the counters say was reached (any OOM kill or refused
+    process since the start; CPU seconds at the limit), or None."""
+    for name in ("memory_max", "max_processes", "cpu_time_s"):
+        if name not in counters:
+            continue
+        used = counters[name] - held.baselines.get(name, 0.0)
+        if used >= held.limits[name]["value"] if name == "cpu_time_s" else used > 0:
+            return name
+    return None
 
 
 def _joined(threads: List[threading.Thread], timeout_s: float) -> bool:
@@ -3910,8 +4660,11 @@ def _record_event(paths: JobPaths, spec: JobSpec, state: JobState) -> Optional[d
     return record
 
 
-def _deliver_notifications(paths: JobPaths, spec: JobSpec, record: dict, log: Callable[[str], None]) -> None:
-    """Emit the event to the configured sinks; failures never touch the state."""
+def _deliver_notifications(paths: JobPaths, spec: JobSpec, record: dict, log: Callable[[str], None],
+                           lock_shared: bool = False) -> None:
+    """Emit the event to the configured sinks; failures never touch the state.
+    lock_shared: we still hold the job lock (shared, see let_waiters_go), so no
+    restart or delete can have overtaken us."""
     line = json.dumps(record["event"], separators=(",", ":")) + "\n"
     if spec.notify_file:
         record["deliveries"].append(_notify_file(spec.notify_file, line))
@@ -3919,7 +4672,9 @@ def _deliver_notifications(paths: JobPaths, spec: JobSpec, record: dict, log: Ca
         timeout_s = _notify_timeout_s(log)
         record["deliveries"].append(_notify_command(paths, spec.notify_command, line, timeout_s))
     record["pending"] = False
-    if not _record_deliveries(paths, record):
+    if lock_shared:
+        _write_json_atomic(paths.event, record)
+    elif not _record_deliveries(paths, record):
         log("the job was restarted or deleted during its notifications: their results are not recorded")
 
 
@@ -4317,16 +5072,23 @@ def _finish_supervising(supervisor: "_Supervisor", lock: _JobLock, body: Callabl
         import traceback
         supervisor.log("internal error:\n" + traceback.format_exc())
         _record_supervisor_crash(supervisor.paths, exc)
-    # Everything is on disk: release the lock now, which wakes every waiter,
-    # then notify (see _record_event), and skip interpreter teardown (daemon
-    # pump threads may still be blocked on a pipe held by a grandchild).
+        supervisor.pumps = []  # a supervisor that failed copies nothing more, as it always did
+    # Everything is on disk: release the lock now (or share it, while
+    # descendants still write), which wakes every waiter, then notify (see
+    # _record_event), then copy what the descendants still write, and skip
+    # interpreter teardown.
     supervisor._release_slot()
-    lock.release()
+    supervisor.let_waiters_go(lock)
     try:
         supervisor.notify()
     except Exception:  # a bug in delivery: the job is recorded, say what went wrong
         import traceback
         supervisor.log("internal error while notifying:\n" + traceback.format_exc())
+    try:
+        supervisor.drain_to_the_end(lock)
+    except Exception:  # the output is copied; only its record failed
+        import traceback
+        supervisor.log("internal error after draining:\n" + traceback.format_exc())
     sys.stderr.flush()
     os._exit(0)
 
@@ -5232,11 +5994,22 @@ class Job:
         _parse_signal(signal)
         self.state()
         with _JobLock(self.paths) as lock:
+            leftovers_deadline = None
             while not lock.acquire():
-                # Only a running job is ours to stop; any other state means another
-                # restart or start holds the lock for a moment: look again shortly.
-                if _needs_supervisor(self.state()):  # running, or waiting for its turn
+                # A running (or waiting) job is ours to stop; so are the processes a
+                # finished run left that still write to its logs (its supervisor
+                # copies them, holding the lock shared), as the new run starts the
+                # logs afresh.  Any other state means another restart or start holds
+                # the lock for a moment: look again shortly.
+                state = self.state()
+                if _needs_supervisor(state):
                     self.kill(signal, kill_after_s=kill_after_s, wait_s=kill_after_s + DRAIN_TIMEOUT_S + 1)
+                elif state.status.is_terminal and state.logs_drained is False and leftovers_deadline is None:
+                    self.kill(signal, kill_after_s=kill_after_s, wait_s=0)
+                    leftovers_deadline = _deadline(DRAIN_TIMEOUT_S + 1)
+                elif leftovers_deadline is not None and _remaining(leftovers_deadline) == 0:
+                    raise InvalidStateError(self.id, state.status, "processes it left still hold its output "
+                                            "and could not be stopped ('jobstate kill %s --signal KILL')" % self.id)
                 else:
                     time.sleep(0.02)
             for path in (self.paths.kill_request, self.paths.kill_ack, self.paths.event, self.paths.output_events):
@@ -5277,12 +6050,18 @@ class Job:
         if terminating and wait_s:
             self._stopped(ref, wait_s)
         state = self.state()
-        if not signalled and state.status is JobStatus.RUNNING:
+        if not signalled and state.status is JobStatus.RUNNING and self._same_run(ref, state):
             state = self.wait(0.5)  # it may have ended just before the signal: then there was nothing to stop
-            if state.status is JobStatus.RUNNING:
+            if state.status is JobStatus.RUNNING and self._same_run(ref, state):
                 raise self._kill_failed(verified)
         alive = len(_process_layer.find_tree(ref)) if verified else None
         return KillResult(state, name, signalled, alive, warnings)
+
+    @staticmethod
+    def _same_run(ref: _TreeRef, state: JobState) -> bool:
+        """The job still runs the child we aimed at: a restart racing the kill may
+        have ended it and started another, and then the kill did not fail."""
+        return (state.pid, state.pid_token) == (ref.pid, ref.pid_token)
 
     def _request_kill(self, name: str, warnings: List[dict]) -> None:
         """Leave the record that makes the job read `killed` however its child reacts."""
@@ -5441,7 +6220,8 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
                 timeout_s=None, kill_after_s=None, kill_orphans=False, tags=(), notify_command=None,
                 notify_file=None, output_pattern=None, output_match_type="contains", output_stream="either",
                 output_command=None, output_file=None, queue=None, after=(), after_any=False, restart=None,
-                max_restarts=None, restart_delay_s=None) -> JobSpec:
+                max_restarts=None, restart_delay_s=None, memory_max=None, max_processes=None,
+                cpu_time_s=None) -> JobSpec:
     """Validate a definition and make it absolute, so the job means the same from anywhere."""
     if isinstance(argv, str):
         argv = [argv]
@@ -5467,7 +6247,10 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
         output_stream=output_stream, output_command=output_command or None, output_file=output_file or None,
         created_at=_utc_now(),
         queue=None if queue is None else _validate_queue_name(queue), after=list(after),
-        after_any=_check_after_any(after, after_any), **_restart_policy(restart, max_restarts, restart_delay_s))
+        after_any=_check_after_any(after, after_any), **_restart_policy(restart, max_restarts, restart_delay_s),
+        memory_max=_parse_limit(memory_max, "memory_max"),
+        max_processes=_parse_limit(max_processes, "max_processes"),
+        cpu_time_s=_parse_limit(cpu_time_s, "cpu_time_s"))
     _check_sinks(spec)
     return spec
 
@@ -5500,7 +6283,8 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
            output_match_type: str = "contains", output_stream: str = "either", output_command: Optional[str] = None,
            output_file: Optional[str] = None, queue: Optional[str] = None, after: Sequence[str] = (),
            after_any: bool = False, restart: Optional[str] = None, max_restarts: Optional[int] = None,
-           restart_delay_s=None) -> Job:
+           restart_delay_s=None, memory_max=None, max_processes: Optional[int] = None,
+           cpu_time_s=None) -> Job:
     """Define a job (state `created`) without starting it.
 
     argv: a list (run directly) or a one-element list / string (run by the shell).
@@ -5517,6 +6301,10 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
     exit 0 the job ends `failed` (stage "dependency"), unless after_any.
     restart: 'never' (default), 'on-failure' or 'always'; max_restarts (default 5)
     and restart_delay_s (default 1 s, doubling up to 60 s) bound it.  Per run: the timeout.
+    memory_max (bytes or '64M'), max_processes, cpu_time_s (seconds or '5m'): limits of
+    the whole tree where the platform can (a Job Object, a cgroup), else of the main
+    process (an rlimit); state.json `limits` says how each one is enforced, and a job
+    ended by one is `killed` with error.stage "limit".
     The job directory appears atomically: readers never see a half-made job.
     """
     return _create(resolve_root(root), argv, cwd=cwd, env=env, env_files=env_files, inherit_env=inherit_env,
@@ -5524,7 +6312,8 @@ def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
                    kill_orphans=kill_orphans, tags=tags, notify_command=notify_command, notify_file=notify_file,
                    output_pattern=output_pattern, output_match_type=output_match_type, output_stream=output_stream,
                    output_command=output_command, output_file=output_file, queue=queue, after=after, after_any=after_any, restart=restart, max_restarts=max_restarts,
-                   restart_delay_s=restart_delay_s)
+                   restart_delay_s=restart_delay_s, memory_max=memory_max, max_processes=max_processes,
+                   cpu_time_s=cpu_time_s)
 
 
 def _create(root: str, argv, *, stdin=None, after: Sequence[str] = (), **definition) -> Job:
@@ -5604,11 +6393,21 @@ def _run(root: str, argv, *, ready=None, ready_stream: str = "either", ready_tim
     except LaunchError as exc:
         if job.state().status is JobStatus.CREATED:
             _inline_supervisor_log(exc, job.paths)
-            _rmtree(job.paths.dir, ignore_errors=True)  # no half-made job left behind
+            _discard_half_made(job)
         raise
     if pattern is not None:
         job.readiness = job.wait(ready_timeout_s, match=pattern, stream=ready_stream)
     return job
+
+
+def _discard_half_made(job: Job) -> None:
+    """No half-made job left behind: not its directory, not a child its supervisor
+    started before it died unrecorded, not the cgroup it made for that child."""
+    ref = _TreeRef(job.id, None, None, None, None, cgroups=_process_layer.unrecorded_cgroups(job.id))
+    if _process_layer.signal_tree(ref, _process_layer.signal_numbers()["KILL"]):
+        _wait_tree_gone(ref, 1.0)
+    _process_layer.remove_containment(ref)
+    _rmtree(job.paths.dir, ignore_errors=True)
 
 
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
@@ -5727,7 +6526,7 @@ _OPT_STR, _OPT_INT = _json_type("string", "null"), _json_type("integer", "null")
 _STR_LIST = {"type": "array", "items": _STR}
 _RANGE = {"type": "array", "items": _INT, "minItems": 2, "maxItems": 2}
 _STATE_NAME = {"type": "string", "enum": [s.value for s in JobStatus]}
-_ERROR_INFO = {"type": ["object", "null"], "properties": {"stage": _STR, "message": _STR},
+_ERROR_INFO = {"type": ["object", "null"], "properties": {"stage": _STR, "message": _STR, "limit": _STR},
                "required": ["stage", "message"]}
 _WARNINGS = {"type": "array", "items": {
     "type": "object", "required": ["code", "message"], "additionalProperties": False,
@@ -5738,7 +6537,7 @@ _WAITING_INFO = {"type": ["object", "null"], "required": ["for"], "properties": 
     "jobs": _STR_LIST, "since": _STR, "restart": _INT, "at": _STR}}
 _LAST_EXIT_INFO = {"type": ["object", "null"], "properties": {
     "state": _STATE_NAME, "exit_code": _OPT_INT, "signal": _OPT_STR, "timed_out": _BOOL,
-    "duration_ms": _OPT_INT, "started_at": _OPT_STR, "finished_at": _OPT_STR}}
+    "duration_ms": _OPT_INT, "started_at": _OPT_STR, "finished_at": _OPT_STR, "limit": _OPT_STR}}
 _JOB_FIELDS = {
     "job_id": _STR, "state": _STATE_NAME, "exit_code": _OPT_INT, "signal": _OPT_STR, "timed_out": _BOOL,
     "duration_ms": _OPT_INT, "created_at": _OPT_STR, "started_at": _OPT_STR, "finished_at": _OPT_STR,
@@ -5886,6 +6685,13 @@ def _document_schemas() -> Dict[str, dict]:
     meta["properties"]["schema_version"] = {"const": SCHEMA_VERSION}
     meta["required"] = ["schema_version", "argv", "cwd"]
     state["properties"]["job"]["properties"]["status"]["enum"].remove(JobStatus.UNKNOWN.value)
+    state["properties"]["containment"]["enum"] = list(_CONTAINMENTS) + [None]
+    state["properties"]["error"]["required"] = ["stage", "message"]
+    for key in JobSpec._LIMITS:
+        meta["properties"][key]["minimum"] = 0
+    state["properties"]["limits"]["additionalProperties"] = {
+        "type": "object", "required": ["value", "enforced_by"],
+        "properties": {"value": {"type": "number"}, "enforced_by": {"type": "string", "enum": list(_ENFORCERS)}}}
     meta["properties"]["timeout_s"] = meta["properties"]["kill_after_s"] = {"type": "number", "minimum": 0}
     meta["properties"]["restart_delay_s"] = {"type": "number", "minimum": 0}
     meta["properties"]["restart"] = {"type": "string", "enum": list(RESTART_POLICIES)}
@@ -5925,7 +6731,7 @@ def _job_view(paths: JobPaths, state: JobState, row: Optional[JobSummary] = None
         "exit_code": state.exit_code, "signal": state.signal, "timed_out": state.result.timed_out,
         "duration_ms": state.duration_ms, "created_at": definition.created_at if definition else None,
         "started_at": state.started_at, "finished_at": state.finished_at, "pid": state.pid,
-        "error": {"stage": state.error.stage, "message": state.error.message} if state.error else None,
+        "error": state.error.to_dict() if state.error else None,
         "command": definition.argv if definition else None, "cwd": definition.cwd if definition else None,
         **_policy_view(paths.root, state, definition.queue if definition else None),
     }
@@ -6175,7 +6981,10 @@ _OPERATIONS: Dict[str, Tuple[str, Dict[str, dict], List[str]]] = {
                 "max_restarts": _count_param("at most this many restarts (default 5 with restart)"),
                 "restart_delay": _duration_param("first restart delay, doubling up to 60 s (default 1)"),
                 "ready": {"type": "string", "description": "wait until the job is ready: " + _LINE_PATTERN},
-                "stream": _STREAM_PARAM},
+                "stream": _STREAM_PARAM,
+                "memory_max": _count_param("memory limit of the whole job, in bytes"),
+                "max_processes": _count_param("most processes the job may have at once"),
+                "cpu_time": _duration_param("CPU seconds the job may use")},
             ["command"]),
     "status": ("State, exit code, signal, times and log paths of a job.", {"job_id": _JOB_ID_PARAM}, ["job_id"]),
     "tail": ("The last lines of a job's stdout and stderr.", {
@@ -6328,7 +7137,8 @@ def _call_operation(operation: str, args: dict, root: str, *, default_until: Opt
                    timeout_s=args.get("timeout"), kill_after_s=args.get("kill_after"), tags=args.get("tags", ()),
                    queue=args.get("queue"), after=args.get("after", ()), after_any=args.get("after_any", False),
                    restart=args.get("restart"), max_restarts=args.get("max_restarts"),
-                   restart_delay_s=args.get("restart_delay"))
+                   restart_delay_s=args.get("restart_delay"), memory_max=args.get("memory_max"),
+                   max_processes=args.get("max_processes"), cpu_time_s=args.get("cpu_time"))
         call.job = job
         return _observed_doc("run", job, until, max_bytes, started, ready, stream, call.cancelled)
     if operation == "list":
@@ -8426,6 +9236,9 @@ def _outcome(view: dict) -> str:
     return "-" if view["exit_code"] is None else str(view["exit_code"])
 
 
+_LIMIT_LABELS = {"memory_max": "memory limit", "max_processes": "process limit", "cpu_time_s": "CPU time limit"}
+
+
 def _verdict(view: dict, color: bool) -> str:
     """One line saying how the job ended (or where it stands)."""
     state, short = view["state"], view["job_id"][:12]
@@ -8435,8 +9248,11 @@ def _verdict(view: dict, color: bool) -> str:
         text = "job %s exited with code %s after %s" % (short, view["exit_code"], took)
     elif state == "killed":
         key = "killed"
+        limit = (view["error"] or {}).get("limit")
         text = "job %s was killed by %s after %s%s" % (short, view["signal"], took,
-                                                      " (timeout)" if view["timed_out"] else "")
+                                                      " (timeout)" if view["timed_out"] else
+                                                      " (%s reached)" % _LIMIT_LABELS.get(limit, limit)
+                                                      if limit else "")
     elif state == "failed":
         key, error = "failed", view["error"] or {}
         text = "job %s failed (%s): %s" % (short, error.get("stage"), error.get("message"))
@@ -8721,6 +9537,10 @@ def _add_definition_options(p) -> None:
                    help="KILL what is left S seconds after TERM (default 5; 0 = KILL at once)")
     p.add_argument("--kill-orphans", action="store_true",
                    help="when the main process exits, stop what it left running")
+    p.add_argument("--memory-max", metavar="BYTES", type=_size_option,
+                   help="memory limit of the whole job (64M, 1G); see state.json limits")
+    p.add_argument("--max-processes", metavar="N", type=_count_option, help="most processes the job may have at once")
+    p.add_argument("--cpu-time", metavar="S", type=_duration_option, help="CPU time the job may use (90s, 5m)")
     p.add_argument("--tag", action="append", default=[], help="tag such as ci.lint (repeatable)")
     _add_sink_options(p, ("--notify-command",), "contains", "either")
     p.add_argument("--queue", metavar="NAME", help="run in this queue: at most its --parallel jobs at once, in order")
@@ -9174,7 +9994,8 @@ def _cli_definition(ns, auto_stdin: bool) -> dict:
                 output_stream=ns.output_stream, output_command=ns.output_command, output_file=ns.output_file,
                 queue=ns.queue, after=ns.after, after_any=ns.after_any, restart=ns.restart,
                 max_restarts=None if ns.max_restarts is None else _parse_count(ns.max_restarts, "--max-restarts"),
-                restart_delay_s=ns.restart_delay)
+                restart_delay_s=ns.restart_delay, memory_max=ns.memory_max, max_processes=ns.max_processes,
+                cpu_time_s=ns.cpu_time)
 
 
 def _raw_sink(stream):

@@ -288,6 +288,18 @@ class JobTestCase(unittest.TestCase):
                 job.wait(10)
             except jobstate.JobError:
                 pass
+            wait_for(lambda: self.supervisor_gone(job.paths), 10, "the supervisor to finish copying the output")
+            jobstate._process_layer.remove_containment(ref)  # the job's cgroups, now empty
+
+    @staticmethod
+    def supervisor_gone(paths):
+        """Nobody holds the job lock, not even shared (a supervisor copying leftovers' output)."""
+        # A bare lock file: a test's root may be one whose locks jobstate will not trust.
+        with jobstate._LockFile(paths.lock) as lock:
+            try:
+                return lock.acquire(create=False)
+            except OSError:  # gone with its job
+                return True
 
     def assert_bystander_survives(self, bystander, token):
         """A stale state that names an unrelated live process (a recycled pid,
@@ -482,6 +494,18 @@ class SchemaTests(unittest.TestCase):
         self.assertIsNone(state.signal)
         self.assertEqual(state.to_dict()["from_a_newer_version"], {"x": 1})
 
+    def test_containment_and_limits_round_trip(self):
+        doc = {"job": {"id": "c" * 32, "status": "running", "started_at": None}, "result": {},
+               "containment": "cgroup", "cgroup": "/sys/fs/cgroup/jobstate/" + "c" * 32,
+               "cgroups_v1": ["/sys/fs/cgroup/pids/jobstate/" + "c" * 32],
+               "limits": {"max_processes": {"value": 5, "enforced_by": "cgroup-v1"}}}
+        again = jobstate.JobState.from_dict(doc).to_dict()
+        self.assertEqual({k: again[k] for k in ("containment", "cgroup", "cgroups_v1", "limits")},
+                         {k: doc[k] for k in ("containment", "cgroup", "cgroups_v1", "limits")})
+        for bad in ({"cgroups_v1": "/x"}, {"limits": {"memory_max": 5}}, {"cgroup": 7}):
+            with self.assertRaises(ValueError):
+                jobstate.JobState.from_dict(dict(doc, **bad))
+
     def test_malformed_state_is_rejected(self):
         for doc in ([], {"job": {"id": 5, "status": "exited"}}, {"job": {"id": "c", "status": "bogus"}},
                     {"job": {"id": "c", "status": "exited"}, "result": {"exit_code": "0"}}):
@@ -608,6 +632,22 @@ class PosixProcessTests(JobTestCase):
         self.assertEqual(state.status, jobstate.JobStatus.EXITED)
         self.assertTrue(state.logs_drained)
         self.assertEqual(marker_pids(job.id), [])
+
+    @unittest.skipUnless(jobstate._LINUX, "/proc/self/limits")
+    def test_without_cgroups_limits_fall_back_to_rlimits_and_say_so(self):
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_CONTAINMENT": "off"}):
+            job = self.run_job(["cat", "/proc/self/limits"], memory_max=1 << 30, max_processes=50, cpu_time_s=7)
+            state = job.wait(10)
+            busy = self.run_job(py("while True: pass"), cpu_time_s=1).wait(20)
+        self.assertEqual(state.containment, "process-group")
+        # RLIMIT_NPROC would count every process of the user, not the job's: not used.
+        self.assertEqual({k: v["enforced_by"] for k, v in state.limits.items()},
+                         {"memory_max": "rlimit", "cpu_time_s": "rlimit", "max_processes": "none"})
+        limits = {line[:26].strip(): line[26:].split()[:2] for line in job.tail().stdout.splitlines()[1:]}
+        self.assertEqual(limits["Max address space"], [str(1 << 30)] * 2)
+        self.assertEqual(limits["Max cpu time"], ["7", "8"])
+        self.assertEqual((busy.status, busy.signal, busy.error.stage, busy.error.limit),
+                         (jobstate.JobStatus.KILLED, "SIGXCPU", "limit", "cpu_time_s"))
 
     def test_stop_and_continue(self):
         job = self.run_job(ready_then_sleep())
@@ -805,6 +845,36 @@ class WindowsProcessTests(JobTestCase):
         for pid, handle in zip(pids, handles):
             self.assertTrue(win_exited(handle, 10), "pid %d survived the kill" % pid)
 
+    # Starts children until one is refused, allocates 200 MB, says how it went, then waits.
+    WIN_LIMITS_PROBE = ("import subprocess, sys, time\n"
+                        "kids, refused = [], 0\n"
+                        "for _ in range(6):\n"
+                        "    try:\n"
+                        "        kids.append(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']))\n"
+                        "    except OSError:\n"
+                        "        refused += 1\n"
+                        "try:\n"
+                        "    memory = len(bytearray(200 << 20)) and 'allocated'\n"
+                        "except MemoryError:\n"
+                        "    memory = 'refused'\n"
+                        "print('children', len(kids), 'refused', refused, 'memory', memory, flush=True)\n"
+                        "time.sleep(float(sys.argv[1]))\n")
+
+    def test_job_object_limits_hold_or_are_said_not_to(self):
+        job = self.run_job(py(self.WIN_LIMITS_PROBE) + ["0"], memory_max="100M")
+        state = job.wait(30)
+        self.assertEqual(state.containment, "job-object")
+        if under_wine():
+            # Wine 8 accepts job limits and keeps none (they read back as zero): the state says so.
+            self.assertEqual(state.limits["memory_max"]["enforced_by"], "none")
+            return
+        self.assertEqual(state.limits["memory_max"], {"value": 100 << 20, "enforced_by": "job-object"})
+        self.assertIn("memory refused", job.tail().stdout)  # allocations fail; nothing is killed
+        job = self.run_job(py(self.WIN_LIMITS_PROBE) + ["30"], max_processes=4)
+        state = job.wait(30)
+        self.assertEqual((state.status, state.error.stage, state.error.limit),
+                         (jobstate.JobStatus.KILLED, "limit", "max_processes"))
+
     def test_kill_leftovers_of_an_exited_job(self):
         # Windows drops the job's name with the supervisor's handle (Wine 8 keeps it
         # while processes remain), so the leftovers are found through the record in state.json.
@@ -986,7 +1056,11 @@ class FakeKernel32:
         return self.handle("job", name)
 
     def _SetInformationJobObject(self, job, info_class, buf, size):
-        self.jobs[self.handles[job][1]]["limits"] = fake_target(buf).BasicLimitInformation.LimitFlags
+        info = fake_target(buf)
+        basic = info.BasicLimitInformation
+        self.jobs[self.handles[job][1]].update(
+            limits=basic.LimitFlags, job_memory=info.JobMemoryLimit, active_processes=basic.ActiveProcessLimit,
+            job_user_time=basic.PerJobUserTimeLimit)
         return 1
 
     def _AssignProcessToJobObject(self, job, process):
@@ -994,6 +1068,19 @@ class FakeKernel32:
         return 1
 
     def _QueryInformationJobObject(self, job, info_class, buf, size, retlen):
+        stored = self.jobs[self.handles[job][1]]
+        if info_class == 9:  # extended limits, as set (or as Wine keeps them: "forget_limits")
+            out = fake_target(buf)
+            if not stored.get("forget_limits"):
+                out.BasicLimitInformation.LimitFlags = stored.get("limits") or 0
+                out.BasicLimitInformation.ActiveProcessLimit = stored.get("active_processes", 0)
+                out.JobMemoryLimit = stored.get("job_memory", 0)
+            return 1
+        if info_class == 1:  # basic accounting
+            out, accounting = fake_target(buf), self.jobs[self.handles[job][1]].get("accounting", {})
+            for name, value in accounting.items():
+                setattr(out, name, value)
+            return 1
         assert info_class == 3
         pids, out = sorted(self.jobs[self.handles[job][1]]["pids"]), fake_target(buf)
         out.NumberOfAssignedProcesses = len(pids)
@@ -1134,6 +1221,7 @@ class WindowsLayerFakeTests(unittest.TestCase):
         import ctypes
         t = jobstate._win_types()
         sizes = {t.JOBOBJECT_BASIC_LIMIT_INFORMATION: 64, t.JOBOBJECT_EXTENDED_LIMIT_INFORMATION: 144,
+                 t.JOBOBJECT_BASIC_ACCOUNTING_INFORMATION: 48,
                  t.PROCESSENTRY32W: 568, t.THREADENTRY32: 28, t.IO_COUNTERS: 48,
                  t.OVERLAPPED: 32, t.FILETIME: 8, t.pid_list(1): 16, t.pid_list(4): 40}
         for cls, size in sizes.items():
@@ -1170,10 +1258,10 @@ class WindowsLayerFakeTests(unittest.TestCase):
 
     # -- spawn_child: create job, Popen suspended, assign, resume -------------------
 
-    def spawn(self, **popen_kw):
+    def spawn(self, limits=None, **popen_kw):
         with unittest.mock.patch.object(subprocess, "Popen", fake_popen_class(self.fake, **popen_kw)):
             return self.layer.spawn_child(["prog", "arg"], job_id=self.JOB_ID, cwd=None, env={"A": "1"},
-                                          stdin=None, stdout=None, stderr=None)
+                                          stdin=None, stdout=None, stderr=None, limits=limits)
 
     def spawn_calls(self):
         keep = {"CreateJobObjectW", "SetInformationJobObject", "Popen", "AssignProcessToJobObject",
@@ -1198,6 +1286,51 @@ class WindowsLayerFakeTests(unittest.TestCase):
         self.assertEqual(limits & WIN_KILL_ON_JOB_CLOSE, 0)
         self.assertEqual(limits, WIN_DIE_ON_UNHANDLED_EXCEPTION)
 
+    def test_spawn_sets_the_limits_before_the_child_is_resumed(self):
+        child = self.spawn(limits={"memory_max": 64 << 20, "max_processes": 5, "cpu_time_s": 1.5})
+        self.assertEqual(self.spawn_calls(), ["CreateJobObjectW", "SetInformationJobObject", "Popen",
+                                              "AssignProcessToJobObject", "ResumeThread", "GetProcessTimes"])
+        job = self.fake.jobs[self.NAME]
+        self.assertEqual(job["limits"], WIN_DIE_ON_UNHANDLED_EXCEPTION | 0x200 | 0x8 | 0x4)  # JOB_MEMORY, ACTIVE_PROCESS, JOB_TIME
+        self.assertEqual((job["job_memory"], job["active_processes"], job["job_user_time"]),
+                         (64 << 20, 5, 15_000_000))  # user time in 100 ns units
+        self.assertEqual(child.containment.kind, "job-object")
+        self.assertEqual({n: e["enforced_by"] for n, e in child.containment.limits.items()},
+                         dict.fromkeys(("memory_max", "max_processes", "cpu_time_s"), "job-object"))
+
+    def test_limits_a_job_does_not_keep_are_said_not_to_hold(self):
+        real_create = self.fake._CreateJobObjectW
+
+        def create_forgetful(sa, name):  # as Wine 8 does: SetInformationJobObject succeeds, nothing is kept
+            handle = real_create(sa, name)
+            self.fake.jobs[name]["forget_limits"] = True
+            return handle
+        self.fake._CreateJobObjectW = create_forgetful
+        child = self.spawn(limits={"memory_max": 1 << 20})
+        self.assertEqual(child.containment.kind, "job-object")
+        self.assertEqual(child.containment.limits["memory_max"]["enforced_by"], "none")
+
+    def test_spawn_with_limits_refused_says_they_do_not_hold(self):
+        self.fake.fail["SetInformationJobObject"] = 87
+        child = self.spawn(limits={"max_processes": 5})
+        self.assertEqual(child.windows_job_name, self.NAME)  # the containment holds regardless
+        self.assertEqual(child.containment.limits, {"max_processes": {"value": 5, "enforced_by": "none"}})
+        self.assertEqual(self.fake.names().count("SetInformationJobObject"), 2, "the crash setting is tried alone")
+        self.fake.other_objects.add("jobstate-" + "1" * 32)
+        with unittest.mock.patch.object(subprocess, "Popen", fake_popen_class(self.fake)):
+            child = self.layer.spawn_child(["p"], job_id="1" * 32, cwd=None, env={}, stdin=None, stdout=None,
+                                           stderr=None, limits={"memory_max": 1 << 20})
+        self.assertEqual((child.containment.kind, child.containment.limits["memory_max"]["enforced_by"]),
+                         ("process-group", "none"))
+
+    def test_limit_counters_come_from_the_job_accounting(self):
+        child = self.spawn(limits={"max_processes": 5, "cpu_time_s": 2})
+        self.fake.jobs[self.NAME]["accounting"] = {"TotalUserTime": 25_000_000, "TotalTerminatedProcesses": 1}
+        counters = self.layer.limit_counters(child)
+        self.assertEqual(counters, {"cpu_time_s": 2.5, "max_processes": 1.0})
+        self.assertEqual(jobstate._limit_reached(child.containment, counters), "max_processes")
+        self.assertEqual(self.layer.limit_exit_code, 1816)  # ERROR_NOT_ENOUGH_QUOTA, when the job time is up
+
     def test_spawn_assign_denied_resumes_without_job(self):
         self.fake.fail["AssignProcessToJobObject"] = 5  # Windows 7: no nested jobs
         child = self.spawn()
@@ -1214,13 +1347,26 @@ class WindowsLayerFakeTests(unittest.TestCase):
         self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
 
     def test_spawn_name_collision_with_a_job_closes_it_and_falls_back(self):
-        self.fake.jobs[self.NAME] = {"pids": set(), "limits": None}  # a handle, and error 183
+        self.fake.jobs[self.NAME] = {"pids": {4}, "limits": None}  # a handle, and error 183: someone's
         child = self.spawn()
         self.assertIsNone(child.windows_job_name)
         self.assertNotIn("AssignProcessToJobObject", self.fake.names())
         self.assertNotIn("SetInformationJobObject", self.fake.names())
         self.assertEqual(self.fake.open_handles("job"), [])
         self.assertEqual(self.fake.procs[child.pid].suspend_count, 0)
+
+    def test_spawn_waits_for_the_previous_runs_empty_job_to_go(self):
+        self.fake.jobs[self.NAME] = {"pids": set(), "limits": None}  # the last run's, lingering
+        attempts = []
+
+        def sleep(seconds):
+            attempts.append(seconds)
+            if len(attempts) == 2:
+                del self.fake.jobs[self.NAME]  # its last holder let go
+        with unittest.mock.patch.object(time, "sleep", sleep):
+            child = self.spawn()
+        self.assertEqual((child.windows_job_name, len(attempts)), (self.NAME, 2))
+        self.assertEqual(self.fake.open_handles("job"), [child.handle])
 
     def test_spawn_resume_falls_back_to_ntresumeprocess(self):
         self.fake.fail["OpenThread"] = 5
@@ -1525,6 +1671,222 @@ class WindowsLayerFakeTests(unittest.TestCase):
         self.assertEqual(len(calls), 50)
         self.assertLess(sum(slept), 3.0)
 
+def own_cgroup2_dirs():
+    """Directories of this process's cgroup v2 path, mount root first (independent of jobstate)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = [line.split(":", 2)[2].strip() for line in f if line.startswith("0::")][0]
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except (OSError, IndexError):
+        return []
+    for fields in mounts:
+        fstype = fields[fields.index("-") + 1]
+        if fstype == "cgroup2" and path.startswith(fields[3]):
+            rest = [p for p in path[len(fields[3]):].split("/") if p]
+            return [os.path.join(fields[4], *rest[:i]) for i in range(len(rest) + 1)]
+    return []
+
+
+def cgroup2_unwritable_reason():
+    """Why no cgroup v2 containment can be tested here (None: it can)."""
+    if not jobstate._LINUX:
+        return "cgroups are Linux only"
+    dirs = own_cgroup2_dirs()
+    if not dirs:
+        return "no cgroup2 hierarchy holds this process"
+    if not any(os.access(d, os.W_OK) and os.access(os.path.join(d, "cgroup.procs"), os.W_OK) for d in dirs):
+        return "no cgroup2 directory on this process's path is writable (run as root or in a delegated subtree)"
+    if os.environ.get("JOBSTATE_CONTAINMENT") == "off":
+        return "JOBSTATE_CONTAINMENT=off"
+    return None
+
+
+def cgroup_dirs_named(names):
+    """Every directory under every cgroup mount (v1 and v2) whose name is one of names."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = {line.split()[4] for line in f if line.split()[line.split().index("-") + 1] in ("cgroup", "cgroup2")}
+    found = []
+    for mount in mounts:
+        for parent, dirs, _ in os.walk(mount):
+            found += [os.path.join(parent, d) for d in dirs if d in names]
+    return found
+
+
+@unittest.skipIf(cgroup2_unwritable_reason(), cgroup2_unwritable_reason() or "")
+class ContainmentTests(JobTestCase):
+    """Linux containment by cgroup, for real: every job cgroup lives under a `jobstate`
+    parent, and each test leaves none of its own behind."""
+
+    def stop_everything(self):
+        job_ids = set(jobstate._list_job_ids(self.root))
+        super().stop_everything()
+        self.assertEqual(cgroup_dirs_named(job_ids), [], "cgroups of this test's jobs were left behind")
+
+    def assert_inside_jobstate_parent(self, job):
+        made = cgroup_dirs_named({job.id})
+        self.assertTrue(made, "no cgroup was made for the job")
+        for path in made:
+            self.assertEqual(os.path.basename(os.path.dirname(path)), "jobstate", path)
+
+    def test_setsid_env_i_daemon_of_a_finished_job_is_killed(self):
+        # No marker (env -i), no group (setsid), and its parent exits: only the cgroup knows it.
+        job = self.run_job(["sh", "-c", "setsid env -i sleep 305 >/dev/null 2>&1 & echo $!"])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        daemon = int(job.tail().stdout)
+        self.addCleanup(lambda: pid_alive(daemon) and os.kill(daemon, signal.SIGKILL))
+        wait_for(lambda: pid_alive(daemon), 5, "the daemon")
+        result = job.kill("TERM", kill_after_s=1)
+        self.assertEqual((result.state.status, result.state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertEqual(result.processes_alive, 0)
+        self.assertFalse(pid_alive(daemon), "kill reported nothing alive while the daemon runs on")
+        self.assertGreaterEqual(result.processes_signalled, 1)
+        self.assert_inside_jobstate_parent(job)
+        self.assertEqual(state.to_dict()["containment"], "cgroup")
+        self.assertEqual(state.to_dict()["cgroup"], cgroup_dirs_named({job.id})[0])
+        job.delete()  # removes its cgroup, empty now
+        self.assertEqual(cgroup_dirs_named({job.id}), [])
+
+    def test_state_says_which_containment_and_matches_the_schema(self):
+        _, schema, _ = self.cli("schema")
+        job = self.run_job(py("import os; print(open('/proc/self/cgroup').read())"))
+        job.wait(10)
+        with open(job.paths.state) as f:
+            doc = json.load(f)
+        self.assertIn("cgroup", schema["schemas"]["state"]["properties"]["containment"]["enum"])
+        self.assertEqual(validate(doc, schema["schemas"]["state"]), [])
+        self.assertEqual(doc["containment"], "cgroup")
+        relative = doc["cgroup"][len(own_cgroup2_dirs()[0]):]
+        self.assertIn("0::%s\n" % relative, job.tail().stdout, "the child ran in its cgroup from its start")
+        self.assertEqual(cgroup_dirs_named({job.id}), [], "the cgroup of a job that left nothing stays")
+        with unittest.mock.patch.dict(os.environ, {"JOBSTATE_CONTAINMENT": "off"}):
+            job = self.run_job(py("pass"))
+            doc = jobstate.Job(job.id, self.root).wait(10).to_dict()
+        self.assertEqual((doc["containment"], doc.get("cgroup")), ("process-group", None))
+
+    def test_each_run_of_a_restart_policy_enters_the_cgroup_and_a_restart_stops_the_last_runs_leftovers(self):
+        # Each run prints its cgroup and leaves a setsid daemon behind, then fails.
+        script = ("grep '^0::' /proc/self/cgroup; setsid sleep 306 >/dev/null 2>&1 & echo daemon $!; exit 1")
+        job = self.run_job(["sh", "-c", script], restart="on-failure", max_restarts=1, restart_delay_s=0.01,
+                           max_processes=50)
+        state = job.wait(15)
+        self.assertEqual((state.status, state.exit_code, state.restarts), (jobstate.JobStatus.EXITED, 1, 1))
+        lines = job.tail().stdout.splitlines()
+        daemons = [int(line.split()[1]) for line in lines if line.startswith("daemon ")]
+        for pid in daemons:
+            self.addCleanup(lambda pid=pid: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        relative = state.cgroup[len(own_cgroup2_dirs()[0]):]
+        self.assertEqual([line for line in lines if line.startswith("0::")], ["0::%s" % relative] * 2,
+                         "each run's child starts in the job's cgroup")
+        self.assertIn(state.limits["max_processes"]["enforced_by"], ("cgroup", "cgroup-v1"))
+        self.assertEqual(len(daemons), 2)
+        self.assertFalse(pid_alive(daemons[0]), "the first run's leftover outlived the restart")
+        self.assertTrue(pid_alive(daemons[1]), "the last run's leftover is the job's to keep until a kill")
+
+    # -- limits ---------------------------------------------------------------------
+
+    FORK_LOOP = ("import os, time\n"
+                 "print('ready', flush=True)\n"
+                 "while True:\n"
+                 "    try:\n"
+                 "        if os.fork() == 0:\n"
+                 "            time.sleep(60)\n"
+                 "            os._exit(0)\n"
+                 "    except OSError:\n"
+                 "        time.sleep(0.01)  # refused: try again, as a fork bomb would\n")
+
+    def test_kill_ends_a_forking_tree_in_one_write(self):
+        code = ("import os, time\n"
+                "print('ready', flush=True)\n"
+                "for _ in range(3000):\n"
+                "    if os.fork() == 0:\n"
+                "        time.sleep(60)\n"
+                "        os._exit(0)\n"
+                "    time.sleep(0.005)\n")
+        job = self.run_job(py(code))
+        self.wait_log(job, "ready")
+        wait_for(lambda: len(marker_pids(job.id)) > 20, 10, "the tree to grow")
+        result = job.kill("KILL")
+        self.assertEqual((result.state.status, result.state.signal), (jobstate.JobStatus.KILLED, "SIGKILL"))
+        self.assertEqual(result.processes_alive, 0)
+        self.assertEqual(jobstate._cgroup_tree_pids(job.state().cgroup), [], "processes left in the job's cgroup")
+
+    def test_without_cgroup_kill_the_members_are_signalled_until_none_is_left(self):
+        # The job's cgroup v1 (pids), which has no cgroup.kill: the fallback, on its own.
+        job = self.run_job(py(self.FORK_LOOP.replace("while True", "for _ in range(20)") + "time.sleep(60)\n"),
+                           max_processes=100)
+        self.wait_log(job, "ready")
+        state = job.state()
+        v1 = [path for path in state.cgroups_v1 if os.path.exists(os.path.join(path, "pids.max"))]
+        if not v1:
+            self.skipTest("the process limit is not held by a cgroup v1 here")
+        self.assertFalse(os.path.exists(os.path.join(v1[0], "cgroup.kill")))
+        wait_for(lambda: len(jobstate._cgroup_tree_pids(v1[0])) > 5, 10, "the tree to grow")
+        self.assert_inside_jobstate_parent(job)
+        jobstate._process_layer._kill_cgroups(jobstate._TreeRef(job.id, None, None, None, None, cgroups=v1))
+        wait_for(lambda: not [pid for pid in jobstate._cgroup_tree_pids(v1[0]) if pid_alive(pid)], 5,
+                 "every member to be gone")
+        self.assertEqual(job.wait(10).status, jobstate.JobStatus.KILLED)
+
+    def assert_ended_by(self, state, limit):
+        self.assertEqual((state.status, state.error and state.error.stage, state.error and state.error.limit),
+                         (jobstate.JobStatus.KILLED, "limit", limit), state.to_dict())
+
+    def test_max_processes_stops_a_fork_loop(self):
+        job = self.run_job(py(self.FORK_LOOP), max_processes=5)
+        state = job.wait(20)
+        self.assert_ended_by(state, "max_processes")
+        self.assertEqual(state.limits["max_processes"]["value"], 5)
+        self.assertIn(state.limits["max_processes"]["enforced_by"], ("cgroup", "cgroup-v1"))
+        self.assertEqual(jobstate._process_layer.find_tree(jobstate._TreeRef.from_state(state)), [])
+        status, doc, _ = self.cli("status", job.id)
+        self.assertEqual((doc["state"], doc["error"]["stage"], doc["error"]["limit"]),
+                         ("killed", "limit", "max_processes"))
+        _, text, _ = self.cli_capture("--format", "text", "wait", job.id)
+        self.assertIn("process limit", text)
+
+    def test_memory_max_ends_a_job_that_allocates_200mb(self):
+        code = "b = bytearray(b'x') * (200 << 20); print('survived', len(b))"
+        job = self.run_job(py(code), memory_max="64M")
+        state = job.wait(30)
+        self.assert_ended_by(state, "memory_max")
+        self.assertEqual(state.limits["memory_max"]["value"], 64 << 20)
+        self.assertIn(state.limits["memory_max"]["enforced_by"], ("cgroup", "cgroup-v1"))
+        self.assertNotIn("survived", job.tail().stdout)
+
+    def test_cpu_time_ends_a_busy_job(self):
+        job = self.run_job(py("while True: pass"), cpu_time_s=0.5)
+        state = job.wait(20)
+        self.assert_ended_by(state, "cpu_time_s")
+        self.assertEqual(state.limits["cpu_time_s"], {"value": 0.5, "enforced_by": "cgroup"})
+        self.assertGreaterEqual(state.duration_ms, 450)
+
+    def test_limits_are_kept_in_meta_and_applied_again_on_restart(self):
+        status, doc, _ = self.cli("create", "--memory-max", "1G", "--max-processes", "50", "--cpu-time", "1m",
+                                  "--", "sh", "-c", "cat /proc/self/limits")
+        self.assertEqual(status, 0, doc)
+        with open(jobstate.JobPaths(self.root, doc["job_id"]).meta) as f:
+            meta = json.load(f)
+        self.assertEqual((meta["memory_max"], meta["max_processes"], meta["cpu_time_s"]), (1 << 30, 50, 60.0))
+        for command in ("start", "restart"):
+            status, ran, _ = self.cli(command, doc["job_id"])
+            self.assertEqual((status, ran["state"]), (0, "exited"), ran)
+            state = jobstate.open_job(doc["job_id"], self.root).state()
+            self.assertEqual(sorted(state.limits), ["cpu_time_s", "max_processes", "memory_max"])
+        for bad in (["--max-processes", "-1"], ["--memory-max", "-5"], ["--cpu-time", "-1"]):
+            status, doc, _ = self.cli("run", *bad, "--", "true")
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), bad)
+
+    def test_limits_through_mcp_and_http_arguments(self):
+        doc = jobstate._call_operation("run", {"command": ["cat", "/proc/self/limits"], "memory_max": 1 << 30,
+                                               "max_processes": 50, "cpu_time": 30}, self.root, default_until=10)
+        state = jobstate.open_job(doc["job_id"], self.root).state()
+        self.assertEqual({k: v["value"] for k, v in state.limits.items()},
+                         {"memory_max": 1 << 30, "max_processes": 50, "cpu_time_s": 30.0})
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate._call_operation("run", {"command": ["true"], "max_processes": "5"}, self.root, default_until=0)
+
 # ---------------------------------------------------------------------------
 # Helpers and store (sections 4 and 5)
 # ---------------------------------------------------------------------------
@@ -1769,6 +2131,68 @@ class SupervisorTests(JobTestCase):
         self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
         self.assertFalse(state.logs_drained)
         self.assertEqual(job.tail().stdout, "started\n")
+
+    # The main process starts a leftover that holds its stdout, prints and exits.
+    # The leftover writes a line every 50 ms until the gate file exists, then a
+    # last line, then leaves a note that it reached its end (a write to a pipe
+    # nobody reads would have killed it, or raised, first).
+    LEFTOVER_MAIN = ("import subprocess, sys\n"
+                     "subprocess.Popen([sys.executable, '-c', sys.argv[1]] + sys.argv[2:], stdin=subprocess.DEVNULL,\n"
+                     "                 stdout=sys.stdout, stderr=sys.stderr)\n"
+                     "sys.stdout.buffer.write(b'main done\\n')\n")
+    LEFTOVER = ("import os, sys, time\n"
+                "gate, note, i = sys.argv[1], sys.argv[2], 0\n"
+                "while not os.path.exists(gate):\n"
+                "    sys.stdout.buffer.write(b'line %d\\n' % i); sys.stdout.flush(); i += 1; time.sleep(0.05)\n"
+                "sys.stdout.buffer.write(b'last %d\\n' % i); sys.stdout.flush()\n"
+                "open(note, 'w').write(str(i))\n")
+
+    def run_leftover_job(self):
+        gate, note = os.path.join(self.tmp, "gate"), os.path.join(self.tmp, "note")
+        job = self.run_job(py(self.LEFTOVER_MAIN) + [self.LEFTOVER, gate, note])
+        return job, gate, note
+
+    def stdout_lines(self, job):
+        with open(job.paths.stdout_log, "rb") as f:
+            return f.read().decode().splitlines()
+
+    def test_a_leftover_keeps_its_output_after_the_main_process_exits(self):
+        job, gate, note = self.run_leftover_job()
+        state = job.wait(15)  # returns as before: the end is on disk, the drain not over
+        self.assertEqual((state.status, state.exit_code, state.logs_drained), (jobstate.JobStatus.EXITED, 0, False))
+        seen = len(self.stdout_lines(job))
+        wait_for(lambda: len(self.stdout_lines(job)) > seen + 10, 10, "the leftover's output to keep coming")
+        open(gate, "w").close()
+        wait_for(lambda: os.path.exists(note) and os.path.getsize(note), 10, "the leftover to reach its end")
+        with open(note) as f:
+            count = int(f.read())
+        wait_for(lambda: job.state().logs_drained, 10, "logs_drained to turn true")
+        lines = self.stdout_lines(job)
+        self.assertEqual([line for line in lines if line != "main done"],
+                         ["line %d" % i for i in range(count)] + ["last %d" % count])
+        self.assertEqual(job.state().to_dict()["job"]["status"], "exited")
+
+    def test_restart_stops_the_leftovers_that_still_write_first(self):
+        job, gate, note = self.run_leftover_job()
+        self.assertFalse(job.wait(15).logs_drained)
+        old = self.stdout_lines(job)
+        status, doc, _ = self.cli("restart", "--no-wait", job.id, "--kill-after", "1")
+        self.assertEqual((status, doc["state"]), (0, "running"), doc)
+        wait_for(lambda: "main done" in self.stdout_lines(job), 10, "the new run's output")
+        self.assertFalse(os.path.exists(note), "the old leftover was not stopped")
+        self.assertGreater(len(old), 1)
+        lines = [line for line in self.stdout_lines(job) if line != "main done"]
+        self.assertEqual(lines, ["line %d" % i for i in range(len(lines))], "the log mixes two runs")
+
+    def test_delete_asks_for_a_kill_while_leftovers_still_write(self):
+        job, gate, note = self.run_leftover_job()
+        self.assertFalse(job.wait(15).logs_drained)
+        status, doc, _ = self.cli("delete", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+        self.assertIn("jobstate kill", doc["error"]["message"])
+        self.assertEqual(self.cli("kill", job.id)[1]["processes_alive"], 0)
+        wait_for(lambda: job.state().logs_drained, 10, "the drain to end with the leftover")
+        self.assertEqual(self.cli("delete", job.id)[0], 0)
 
     @unittest.skipUnless(POSIX, "process groups")
     def test_ctrl_c_on_the_launcher_does_not_touch_the_job(self):
