@@ -654,6 +654,71 @@ class _TreeRef:
                    state.windows_job_name, list(state.leftovers), _Containment.from_state(state).cgroups())
 
 
+class _ProcessLayer:
+    """What each platform layer provides; the rest of the file talks only to `_process_layer`.
+
+    _PosixProcessLayer and _WindowsProcessLayer define exactly these public
+    members, in this order, under these sub-banners (StaticTests checks it).
+    Where a member means nothing on a platform, that layer still defines it,
+    as a no-op or a refusal that says why.  The members, by sub-banner:
+
+    where things live
+        default_root                    the jobs root when neither --root nor the environment names one
+        cache_dir                       where supervisors keep the bytecode of this file
+        unsafe_dir_reason               why another user could tamper with path, or None
+    files and locks
+        lock                            lock a whole file; False when not blocking and it is taken
+        unlock                          let go of it (the close that follows drops it anyway)
+        share_lock                      turn our exclusive lock into a shared one (False if another took it meanwhile)
+        lock_kind                       what `lock` uses (flock, LockFileEx), for doctor
+        lock_problem                    why locks on this directory's filesystem do not exclude, or None
+        read_bytes                      a file's bytes, never through a symlink
+        replace                         os.replace, riding out readers that hold dst open
+        fsync_dir                       make a rename inside path durable
+        mounts                          the mount table, where the platform has one
+        filesystem_of                   the mount (type, mount point) a path lives on, or None
+    supervisor
+        hands_over_lock                 the launcher's job lock passes to the supervisor with its descriptor
+        has_forkserver                  a process that launches again may start a forkserver (_Forkserver)
+        spawn_supervisor                start a detached supervisor (or the forkserver) as a new interpreter
+        release_supervisor              let go of a spawned supervisor once it has acknowledged
+        prepare_supervisor              detach for good, first thing in a spawned supervisor
+        supervisor_signals              the signal dispositions and mask a supervisor and its job start with
+        can_fork_supervisor             this process may fork its supervisor instead of spawning one
+        fork_supervisor                 run body() in a detached, forked process
+        exec_keeping                    exec argv keeping only stdio and fds open
+        warm_up                         load now what every supervisor forked from here will need
+        dies_with_launcher              this process is the init of its PID namespace: its jobs die with it
+    child
+        shell_argv                      the argv that runs one command string through the platform shell
+        tune_pipe                       size a pipe that carries the job's output
+        pipe_has_input                  a read of the pipe would not block
+        spawn_child                     start the job's main process in a tree that can be found again
+        wait_child                      block until it exits: (exit code, signal number)
+        reaps_every_child               waiting for the child also reaps the supervisor's other children
+        signal_child_group              from the supervisor, signal its unreaped child's group (no pid check needed)
+        spawn_sink                      start a notification command, stdin a pipe
+        stop_sink                       end a notification command's whole tree
+        let_go_of_child                 drop what the supervisor held of a run's container (the Job Object handle)
+    identity and trees
+        records_leftovers               the supervisor writes down what runs on when the main process exits
+        can_verify_pids                 pids can be checked against their start time here
+        signal_numbers                  {'TERM': 15, ...}: the signals this platform can send
+        process_token                   the start-time token that tells this pid's process from a recycled one
+        is_alive                        the process runs, and is the one its token names
+        find_tree                       the live processes of a job's tree
+        signal_tree                     signal each of them; how many were signalled
+    containment and limits
+        limit_counters                  what counts towards each limit the container enforces
+        limit_exit_code                 the exit code a run gets when a limit refuses it (None: none such)
+        unrecorded_cgroups              the cgroups a supervisor killed before recording them would have left
+        remove_containment              remove a job's container once empty; False while processes live in it
+    what this machine gives
+        missing_facilities              the optional facilities this machine lacks, and what each costs
+        capabilities                    what this machine gives jobstate (doctor, GET /health)
+    """
+
+
 def _survive_signal(signum, frame) -> None:
     """The supervisor's handler for signals it must survive (see supervisor_signals)."""
 
@@ -1096,17 +1161,10 @@ def _plan_rlimit(plan: _ChildPlan, name: str, value: float) -> str:
     return "rlimit"
 
 
-class _PosixProcessLayer:
+class _PosixProcessLayer(_ProcessLayer):
     """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
 
-    # Linux finds a finished job's leftovers again through the environment
-    # marker; macOS cannot read other processes' environments, so the
-    # supervisor writes them down when the main process exits.
-    records_leftovers = not _LINUX
-    reaps_every_child = True  # wait_child reaps any child of the supervisor, not only the job's
-    # The launcher's flock passes to the supervisor with the descriptor.
-    hands_over_lock = True
-    lock_kind = "flock"
+    # -- where things live ----------------------------------------------------
 
     def default_root(self) -> str:
         return os.path.join(os.path.expanduser("~"), ".local", "share", "jobstate", "jobs")
@@ -1114,12 +1172,6 @@ class _PosixProcessLayer:
     def cache_dir(self) -> str:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return os.path.join(base, "jobstate")
-
-    def shell_argv(self, command: str) -> List[str]:
-        return ["/bin/sh", "-c", command]
-
-    def signal_numbers(self) -> Dict[str, int]:
-        return {n: int(getattr(_signal, "SIG" + n)) for n in _SIGNAL_NAMES if hasattr(_signal, "SIG" + n)}
 
     def unsafe_dir_reason(self, path: str) -> Optional[str]:
         st = os.stat(path)
@@ -1129,7 +1181,7 @@ class _PosixProcessLayer:
             return "it is writable by other users (mode %o)" % (st.st_mode & 0o777)
         return None
 
-    # -- files ---------------------------------------------------------------
+    # -- files and locks ------------------------------------------------------
 
     def lock(self, fd: int, *, exclusive: bool, blocking: bool) -> bool:
         import fcntl
@@ -1140,14 +1192,18 @@ class _PosixProcessLayer:
         except BlockingIOError:
             return False
 
+    def unlock(self, fd: int) -> None:
+        # Nothing to do before the close: and an explicit LOCK_UN would be
+        # wrong, since the launcher shares its lock's open file description
+        # with the supervisor it hands the lock to.
+        return None
+
     def share_lock(self, fd: int) -> bool:
         """Turn our exclusive lock into a shared one; False when another process
         took the lock meanwhile (flock converts by unlocking first)."""
         return self.lock(fd, exclusive=False, blocking=False)
 
-    def read_bytes(self, path: str) -> bytes:
-        with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
-            return f.read()
+    lock_kind = "flock"
 
     def lock_problem(self, directory: str) -> Optional[str]:
         """Why flock does not exclude on this directory's filesystem, or None.
@@ -1171,11 +1227,9 @@ class _PosixProcessLayer:
             os.close(first)
             os.close(second)
 
-    def unlock(self, fd: int) -> None:
-        # Nothing to do before the close: and an explicit LOCK_UN would be
-        # wrong, since the launcher shares its lock's open file description
-        # with the supervisor it hands the lock to.
-        return None
+    def read_bytes(self, path: str) -> bytes:
+        with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
+            return f.read()
 
     def replace(self, src: str, dst: str) -> None:
         os.replace(src, dst)
@@ -1187,10 +1241,45 @@ class _PosixProcessLayer:
         finally:
             os.close(fd)
 
-    # -- supervisor ------------------------------------------------------------
+    def mounts(self) -> List[dict]:
+        """Linux mount table of this process's namespace: mount point, filesystem
+        type and super-block options of each mount; [] where it cannot be read."""
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+        except OSError:
+            return []
+        mounts = []
+        for line in lines:
+            head, sep, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if sep and len(fields) >= 5 and len(rest) >= 3:
+                unescape = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)))
+                mounts.append({"mount_point": unescape(fields[4]), "fstype": rest[0],
+                               "options": rest[2] + "," + fields[5] if len(fields) > 5 else rest[2]})
+        return mounts
+
+    def filesystem_of(self, path: str) -> Optional[dict]:
+        """The mount that holds path (the last one mounted over its longest prefix), or None."""
+        real, best = os.path.realpath(path), None
+        for mount in self.mounts():
+            point = mount["mount_point"]
+            if real == point or real.startswith(point.rstrip("/") + "/"):
+                if best is None or len(point) >= len(best["mount_point"]):
+                    best = mount
+        return best
+
+    # -- supervisor -----------------------------------------------------------
+
+    # The launcher's flock passes to the supervisor with the descriptor.
+    hands_over_lock = True
+
+    # Linux only: macOS system libraries are not fork-safe (see can_fork_supervisor).
+    has_forkserver = _LINUX
 
     def spawn_supervisor(self, argv: List[str], *, stdout, stderr, lock_fd: int) -> subprocess.Popen:
-        """Start the supervisor in a new session, handing it the job lock we hold."""
+        """Start the supervisor in a new session, handing it the job lock we hold
+        (or the forkserver its end of the socket)."""
         import subprocess
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 close_fds=True, pass_fds=(lock_fd,), start_new_session=True)
@@ -1336,137 +1425,16 @@ class _PosixProcessLayer:
         prctl.restype = ctypes.c_int
         return prctl, None
 
-    # -- what this machine gives jobstate ------------------------------------
-
     def dies_with_launcher(self) -> bool:
         """This process is the init of its PID namespace (`docker run image python
         jobstate.py ...`, `unshare --pid --fork`): when it exits, the kernel kills
         every process of the namespace, jobs and supervisors included."""
         return os.getpid() == 1
 
-    @functools.lru_cache(maxsize=None)
-    def can_verify_pids(self) -> bool:
-        """A pid can be tied to one process (its start time); without /proc it cannot."""
-        return not _LINUX or os.path.exists("/proc/self/stat")
+    # -- child ----------------------------------------------------------------
 
-    @functools.lru_cache(maxsize=None)
-    def missing_facilities(self) -> List[dict]:
-        """The optional facilities this process lacks, each with what it costs (probed once)."""
-        missing = [_missing(*self._prctl()[1])] if self._prctl()[1] else []
-        refused = self._prctl()[0] is not None and self._subreaper_refusal()
-        if refused:
-            missing.append(_missing("prctl", "prctl(PR_GET_CHILD_SUBREAPER): %s" % os.strerror(refused)))
-        if not self.can_verify_pids():
-            missing.append(_missing("proc", "/proc is not mounted (no /proc/self/stat)"))
-        problem = self._pidfd_problem()
-        if problem:
-            missing.append(_missing("pidfd", problem))
-        problem = self._pipe_size_problem()
-        if problem:
-            missing.append(_missing("pipe_size", problem))
-        missing += _missing_file_facilities(self.cache_dir())
-        return missing
-
-    def _subreaper_refusal(self) -> int:
-        """The errno prctl answers, 0 if it works.  PR_GET_CHILD_SUBREAPER changes
-        nothing; a seccomp profile refusing prctl refuses it as it would the SET."""
-        import ctypes
-        value = ctypes.c_int()
-        return 0 if self._prctl()[0](37, ctypes.addressof(value), 0, 0, 0) == 0 else ctypes.get_errno()
-
-    def _pidfd_problem(self) -> Optional[str]:
-        if not _LINUX:
-            return None  # other POSIX systems have no pidfd to miss
-        if not hasattr(os, "pidfd_open"):
-            return "Python %d.%d has no os.pidfd_open (3.9+)" % sys.version_info[:2]
-        try:
-            os.close(os.pidfd_open(os.getpid()))  # novm (guarded by hasattr above)
-        except OSError as exc:
-            return "pidfd_open: %s" % (exc.strerror or exc)
-        return None
-
-    def _pipe_size_problem(self) -> Optional[str]:
-        if not _LINUX:
-            return None
-        import fcntl
-        r, w = os.pipe()
-        try:
-            fcntl.fcntl(r, 1031, 1 << 20)
-            return None
-        except OSError as exc:
-            return "F_SETPIPE_SZ: %s" % (exc.strerror or exc)
-        finally:
-            os.close(r)
-            os.close(w)
-
-    def capabilities(self) -> dict:
-        """What this machine gives jobstate: how trees are contained, found and
-        signalled, how a pid is identified, and what each missing piece costs."""
-        missing = self.missing_facilities()
-        lost = {m["facility"] for m in missing}
-        proc = self._proc_kind() if _LINUX else None
-        if not _LINUX:
-            discovery, identity = ["process-group", "descendants", "recorded-leftovers"], "ps-start-time"
-        elif proc == "absent":
-            discovery, identity = ["process-group"], "none"
-        else:
-            discovery, identity = ["process-group", "descendants", "env-marker"], "proc-start-time"
-            if not lost & {"ctypes", "prctl"}:
-                discovery.insert(2, "subreaper")
-        delivery = ("supervisor" if identity == "none"
-                    else "verified-kill" if "pidfd" in lost or not _LINUX else "pidfd")
-        cgroups = _cgroup_enforcers()
-        if "cgroup" in cgroups:  # a job's tree is held, and found, by its own cgroup v2
-            discovery.insert(0, "cgroup")
-        return _capability_report(containment="cgroup" if "cgroup" in cgroups else "process-group",
-                                  tree_discovery=discovery, pid_identity=identity, signal_delivery=delivery,
-                                  proc=proc, limits=cgroups + self._limits(), missing=missing,
-                                  dies_with_launcher=self.dies_with_launcher())
-
-    def _proc_kind(self) -> str:
-        """'absent', 'hidepid' (other users' processes hidden) or 'full'."""
-        if not self.can_verify_pids():
-            return "absent"
-        for mount in self.mounts():
-            if mount["mount_point"] == "/proc" and re.search(r"(^|,)hidepid=(?!0|off)", mount["options"]):
-                return "hidepid"
-        return "full"
-
-    @staticmethod
-    def _limits() -> List[str]:
-        try:
-            import resource  # noqa: F401  (only whether it exists)
-        except ImportError:
-            return []
-        return ["rlimit"]
-
-    def mounts(self) -> List[dict]:
-        """Linux mount table of this process's namespace: mount point, filesystem
-        type and super-block options of each mount; [] where it cannot be read."""
-        try:
-            with open("/proc/self/mountinfo", "rb") as f:
-                lines = f.read().decode("utf-8", "surrogateescape").splitlines()
-        except OSError:
-            return []
-        mounts = []
-        for line in lines:
-            head, sep, tail = line.partition(" - ")
-            fields, rest = head.split(), tail.split()
-            if sep and len(fields) >= 5 and len(rest) >= 3:
-                unescape = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)))
-                mounts.append({"mount_point": unescape(fields[4]), "fstype": rest[0],
-                               "options": rest[2] + "," + fields[5] if len(fields) > 5 else rest[2]})
-        return mounts
-
-    def filesystem_of(self, path: str) -> Optional[dict]:
-        """The mount that holds path (the last one mounted over its longest prefix), or None."""
-        real, best = os.path.realpath(path), None
-        for mount in self.mounts():
-            point = mount["mount_point"]
-            if real == point or real.startswith(point.rstrip("/") + "/"):
-                if best is None or len(point) >= len(best["mount_point"]):
-                    best = mount
-        return best
+    def shell_argv(self, command: str) -> List[str]:
+        return ["/bin/sh", "-c", command]
 
     def tune_pipe(self, fd: int) -> None:
         # Bigger pipes mean fewer wake-ups for chatty jobs (Linux F_SETPIPE_SZ).
@@ -1519,20 +1487,6 @@ class _PosixProcessLayer:
         return subprocess.Popen(argv, close_fds=True, start_new_session=True,
                                 preexec_fn=plan.enter if plan.needs_preexec() else None, **kwargs)
 
-    def spawn_sink(self, argv, *, env) -> subprocess.Popen:
-        """A notification command, in a session of its own so that stop_sink can end its whole tree."""
-        import subprocess
-        return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-
-    def stop_sink(self, popen: subprocess.Popen) -> None:
-        """KILL the sink's process group.  It is not reaped yet, so its pid
-        (the group's id) cannot have been reused."""
-        try:
-            os.killpg(popen.pid, _signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):  # no member left (macOS: only zombies)
-            pass
-
     def wait_child(self, child: _Child, reaped: Optional[Callable[[int, int], None]] = None
                    ) -> Tuple[Optional[int], Optional[int]]:
         """Block until the child exits, reaping adopted orphans on the way; (code, signum).
@@ -1563,6 +1517,8 @@ class _PosixProcessLayer:
             child.reaped = child.reaped or pid == child.pid
         return pid, status
 
+    reaps_every_child = True  # wait_child reaps any child of the supervisor, not only the job's
+
     def signal_child_group(self, child: _Child, signum: int) -> int:
         """From the supervisor: signal the job's main process and its process group
         while the child is not reaped, so neither id can have been reused (this
@@ -1582,7 +1538,37 @@ class _PosixProcessLayer:
                 return 0
             return 1
 
-    # -- process identity and trees -------------------------------------------
+    def spawn_sink(self, argv, *, env) -> subprocess.Popen:
+        """A notification command, in a session of its own so that stop_sink can end its whole tree."""
+        import subprocess
+        return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+
+    def stop_sink(self, popen: subprocess.Popen) -> None:
+        """KILL the sink's process group.  It is not reaped yet, so its pid
+        (the group's id) cannot have been reused."""
+        try:
+            os.killpg(popen.pid, _signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no member left (macOS: only zombies)
+            pass
+
+    def let_go_of_child(self, child: _Child) -> None:
+        return None  # nothing held: a cgroup is found again by its path
+
+    # -- identity and trees ---------------------------------------------------
+
+    # Linux finds a finished job's leftovers again through the environment
+    # marker; macOS cannot read other processes' environments, so the
+    # supervisor writes them down when the main process exits.
+    records_leftovers = not _LINUX
+
+    @functools.lru_cache(maxsize=None)
+    def can_verify_pids(self) -> bool:
+        """A pid can be tied to one process (its start time); without /proc it cannot."""
+        return not _LINUX or os.path.exists("/proc/self/stat")
+
+    def signal_numbers(self) -> Dict[str, int]:
+        return {n: int(getattr(_signal, "SIG" + n)) for n in _SIGNAL_NAMES if hasattr(_signal, "SIG" + n)}
 
     def process_token(self, pid: int) -> Optional[str]:
         info = self._stat(pid)
@@ -1718,16 +1704,15 @@ class _PosixProcessLayer:
                 if not [p for p in members if self._signal_verified(p, _signal.SIGKILL)]:
                     break
 
-    # A job ended by a limit dies of a signal here (OOM kill, SIGXCPU, our KILL).
-    limit_exit_code = None
+    # -- containment and limits -----------------------------------------------
 
     def limit_counters(self, child: _Child) -> Dict[str, float]:
         """What counts towards each limit a cgroup enforces: OOM kills (memory_max),
         refused forks (max_processes), CPU seconds used (cpu_time_s)."""
         return _containment_counters(child.containment)
 
-    def let_go_of_child(self, child: _Child) -> None:
-        return None  # nothing held: a cgroup is found again by its path
+    # A job ended by a limit dies of a signal here (OOM kill, SIGXCPU, our KILL).
+    limit_exit_code = None
 
     def unrecorded_cgroups(self, job_id: str) -> List[str]:
         """The cgroups a supervisor started from here would make for the job: one
@@ -1772,6 +1757,99 @@ class _PosixProcessLayer:
         finally:
             if pidfd is not None:
                 os.close(pidfd)
+
+    # -- what this machine gives ----------------------------------------------
+
+    @functools.lru_cache(maxsize=None)
+    def missing_facilities(self) -> List[dict]:
+        """The optional facilities this process lacks, each with what it costs (probed once)."""
+        missing = [_missing(*self._prctl()[1])] if self._prctl()[1] else []
+        refused = self._prctl()[0] is not None and self._subreaper_refusal()
+        if refused:
+            missing.append(_missing("prctl", "prctl(PR_GET_CHILD_SUBREAPER): %s" % os.strerror(refused)))
+        if not self.can_verify_pids():
+            missing.append(_missing("proc", "/proc is not mounted (no /proc/self/stat)"))
+        problem = self._pidfd_problem()
+        if problem:
+            missing.append(_missing("pidfd", problem))
+        problem = self._pipe_size_problem()
+        if problem:
+            missing.append(_missing("pipe_size", problem))
+        missing += _missing_file_facilities(self.cache_dir())
+        return missing
+
+    def _subreaper_refusal(self) -> int:
+        """The errno prctl answers, 0 if it works.  PR_GET_CHILD_SUBREAPER changes
+        nothing; a seccomp profile refusing prctl refuses it as it would the SET."""
+        import ctypes
+        value = ctypes.c_int()
+        return 0 if self._prctl()[0](37, ctypes.addressof(value), 0, 0, 0) == 0 else ctypes.get_errno()
+
+    def _pidfd_problem(self) -> Optional[str]:
+        if not _LINUX:
+            return None  # other POSIX systems have no pidfd to miss
+        if not hasattr(os, "pidfd_open"):
+            return "Python %d.%d has no os.pidfd_open (3.9+)" % sys.version_info[:2]
+        try:
+            os.close(os.pidfd_open(os.getpid()))  # novm (guarded by hasattr above)
+        except OSError as exc:
+            return "pidfd_open: %s" % (exc.strerror or exc)
+        return None
+
+    def _pipe_size_problem(self) -> Optional[str]:
+        if not _LINUX:
+            return None
+        import fcntl
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(r, 1031, 1 << 20)
+            return None
+        except OSError as exc:
+            return "F_SETPIPE_SZ: %s" % (exc.strerror or exc)
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def capabilities(self) -> dict:
+        """What this machine gives jobstate: how trees are contained, found and
+        signalled, how a pid is identified, and what each missing piece costs."""
+        missing = self.missing_facilities()
+        lost = {m["facility"] for m in missing}
+        proc = self._proc_kind() if _LINUX else None
+        if not _LINUX:
+            discovery, identity = ["process-group", "descendants", "recorded-leftovers"], "ps-start-time"
+        elif proc == "absent":
+            discovery, identity = ["process-group"], "none"
+        else:
+            discovery, identity = ["process-group", "descendants", "env-marker"], "proc-start-time"
+            if not lost & {"ctypes", "prctl"}:
+                discovery.insert(2, "subreaper")
+        delivery = ("supervisor" if identity == "none"
+                    else "verified-kill" if "pidfd" in lost or not _LINUX else "pidfd")
+        cgroups = _cgroup_enforcers()
+        if "cgroup" in cgroups:  # a job's tree is held, and found, by its own cgroup v2
+            discovery.insert(0, "cgroup")
+        return _capability_report(containment="cgroup" if "cgroup" in cgroups else "process-group",
+                                  tree_discovery=discovery, pid_identity=identity, signal_delivery=delivery,
+                                  proc=proc, limits=cgroups + self._limits(), missing=missing,
+                                  dies_with_launcher=self.dies_with_launcher())
+
+    def _proc_kind(self) -> str:
+        """'absent', 'hidepid' (other users' processes hidden) or 'full'."""
+        if not self.can_verify_pids():
+            return "absent"
+        for mount in self.mounts():
+            if mount["mount_point"] == "/proc" and re.search(r"(^|,)hidepid=(?!0|off)", mount["options"]):
+                return "hidepid"
+        return "full"
+
+    @staticmethod
+    def _limits() -> List[str]:
+        try:
+            import resource  # noqa: F401  (only whether it exists)
+        except ImportError:
+            return []
+        return ["rlimit"]
 
 
 # Win32 constants, from the Windows SDK headers (the values checked against mingw-w64's headers).
@@ -1978,7 +2056,7 @@ def _win_token_int(token):
         return None
 
 
-class _WindowsProcessLayer:
+class _WindowsProcessLayer(_ProcessLayer):
     """Process control on Windows: Job Objects first, Toolhelp32 walks as the fallback."""
 
     def __init__(self, kernel32=None):
@@ -1990,7 +2068,7 @@ class _WindowsProcessLayer:
             self._k32_loaded = _kernel32()
         return self._k32_loaded
 
-    # -- launching --------------------------------------------------------
+    # -- where things live ----------------------------------------------------
 
     def default_root(self) -> str:
         return os.path.join(self._local_app_data(), "jobstate", "jobs")
@@ -2002,20 +2080,88 @@ class _WindowsProcessLayer:
     def _local_app_data() -> str:
         return os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
 
-    def shell_argv(self, command: str):
-        # A string, not a list: Popen quotes a list with the MSVCRT rules
-        # (list2cmdline turns " into \"), which cmd.exe does not understand, so
-        # `echo "a b"` would arrive as `echo \"a b\"`. With /s, cmd strips exactly
-        # the first and the last quote after /c and runs the rest verbatim, so
-        # the command survives byte for byte. /d skips AutoRun registry hooks,
-        # which would make a job depend on the machine's cmd configuration.
-        comspec = os.environ.get("ComSpec") or os.path.join(
-            os.environ.get("SystemRoot", r"C:\Windows"), "System32", "cmd.exe")
-        return '"%s" /d /s /c "%s"' % (comspec, command)
+    def unsafe_dir_reason(self, path: str) -> Optional[str]:
+        return None  # %LOCALAPPDATA% is per user; ACLs are not checked
 
-    def signal_numbers(self) -> Dict[str, int]:
-        # Windows has no signals; each of these ends the tree the same way.
-        return {"TERM": 15, "INT": 2, "KILL": 9}
+    # -- files and locks ------------------------------------------------------
+
+    def lock(self, fd: int, *, exclusive: bool, blocking: bool) -> bool:
+        import msvcrt
+        t = _win_types()
+        flags = (_WIN_LOCKFILE_EXCLUSIVE_LOCK if exclusive else 0) | (
+            0 if blocking else _WIN_LOCKFILE_FAIL_IMMEDIATELY)
+        overlapped = t.OVERLAPPED()      # Offset 0: the lock is the file's first byte
+        try:
+            self._k32.LockFileEx(msvcrt.get_osfhandle(fd), flags, 0, 1, 0, t.byref(overlapped))
+        except OSError as exc:
+            if not blocking and getattr(exc, "winerror", None) == _WIN_ERROR_LOCK_VIOLATION:
+                return False
+            raise
+        return True
+
+    def unlock(self, fd: int) -> None:
+        import msvcrt
+        t = _win_types()
+        overlapped = t.OVERLAPPED()
+        try:
+            self._k32.UnlockFileEx(msvcrt.get_osfhandle(fd), 0, 1, 0, t.byref(overlapped))
+        except OSError as exc:
+            # Unlocking an unlocked range is a no-op on POSIX (flock); match it.
+            # Windows reports ERROR_NOT_LOCKED, Wine 8 ERROR_LOCK_VIOLATION.
+            if getattr(exc, "winerror", None) not in (_WIN_ERROR_NOT_LOCKED, _WIN_ERROR_LOCK_VIOLATION):
+                raise
+
+    def share_lock(self, fd: int) -> bool:
+        # A shared lock cannot overlap an exclusive one, even of the same handle: unlock first.
+        self.unlock(fd)
+        return self.lock(fd, exclusive=False, blocking=False)
+
+    lock_kind = "LockFileEx"
+
+    def lock_problem(self, directory: str) -> Optional[str]:
+        return None  # LockFileEx is enforced by the server on SMB shares too
+
+    def read_bytes(self, path: str) -> bytes:
+        # While a writer's os.replace swaps the file in, opening it can fail
+        # with access denied for a moment: retry briefly (about 1 s at most).
+        for attempt in range(40):
+            try:
+                with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
+                    return f.read()
+            except PermissionError:
+                if attempt == 39:
+                    raise
+                time.sleep(min(0.05, 0.002 * (attempt + 1)))
+
+    def replace(self, src: str, dst: str) -> None:
+        # A reader that has dst open without FILE_SHARE_DELETE makes the rename
+        # fail with PermissionError; readers hold files only briefly, so retry
+        # for up to about 2 s (a busy poller can hold the file at every try).
+        for attempt in range(50):
+            try:
+                os.replace(src, dst)
+                return
+            except PermissionError:
+                if attempt == 49:
+                    raise
+                time.sleep(min(0.05, 0.005 * (attempt + 1)))
+
+    def fsync_dir(self, path: str) -> None:
+        return None  # NTFS renames are journaled; directories cannot be fsynced
+
+    def mounts(self) -> List[dict]:
+        return []  # no mount table to read: a root's filesystem type is not checked
+
+    def filesystem_of(self, path: str) -> Optional[dict]:
+        return None
+
+    # -- supervisor -----------------------------------------------------------
+
+    # The launcher cannot hand its LockFileEx lock to the supervisor, so the
+    # supervisor takes the job lock itself.
+    hands_over_lock = False
+
+    has_forkserver = False  # no fork: every supervisor is a new process
 
     def spawn_supervisor(self, argv, *, stdout, stderr, lock_fd: int = -1) -> subprocess.Popen:
         # DETACHED_PROCESS: no console, so closing the terminal or Ctrl-C there
@@ -2038,52 +2184,44 @@ class _WindowsProcessLayer:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 close_fds=True, creationflags=flags)
 
-    # The launcher cannot hand its LockFileEx lock to the supervisor, so the
-    # supervisor takes the job lock itself.
-    hands_over_lock = False
-    lock_kind = "LockFileEx"
-    # Once the supervisor, the only holder of a handle to the job object, has
-    # exited, the job's name cannot be relied on to open it (Wine 8 keeps it while
-    # processes remain in the job; Windows need not), so the supervisor writes
-    # down what is still running when the main process exits.
-    records_leftovers = True
-    reaps_every_child = False
-
     def release_supervisor(self, popen: subprocess.Popen) -> None:
         return None  # no zombies on Windows; the handle closes with the Popen object
+
+    def prepare_supervisor(self) -> None:
+        # Nothing to do: detachment happened at creation (spawn_supervisor), and
+        # Windows has no SIGHUP/SIGINT to ignore in a console-less process.
+        return None
+
+    def supervisor_signals(self) -> None:
+        return None  # no signal dispositions or masks to pass on to the child
+
+    def can_fork_supervisor(self) -> bool:
+        return False  # no fork: the supervisor is always a new process
+
+    def fork_supervisor(self, body, *, stdout: int, stderr: int, reaper: bool = False) -> None:
+        raise OSError("Windows has no fork: spawn_supervisor starts every supervisor")
+
+    def exec_keeping(self, argv, fds) -> NoReturn:
+        raise OSError("Windows cannot hand descriptors across an exec: the supervisor is never exec'd there")
+
+    def warm_up(self) -> None:
+        return None  # no forkserver to warm
 
     def dies_with_launcher(self) -> bool:
         return False  # no PID namespaces; the supervisor broke away from the launcher's job
 
-    def can_verify_pids(self) -> bool:
-        return True  # OpenProcess and the creation time, through kernel32
+    # -- child ----------------------------------------------------------------
 
-    _NO_CTYPES_COSTS = ("no job can be started or stopped: Job Objects, process identities and locks all "
-                        "go through kernel32, which jobstate reaches through ctypes")
-
-    @functools.lru_cache(maxsize=None)
-    def missing_facilities(self) -> List[dict]:
-        missing = []
-        try:
-            import ctypes  # noqa: F401  (only whether it exists)
-        except ImportError as exc:
-            missing.append(_missing("ctypes", "%s: %s" % (type(exc).__name__, exc), self._NO_CTYPES_COSTS))
-        return missing + _missing_file_facilities(self.cache_dir())
-
-    def capabilities(self) -> dict:
-        return _capability_report(containment="job-object", tree_discovery=["job-object", "toolhelp-walk"],
-                                  pid_identity="creation-time", signal_delivery="job-object", proc=None,
-                                  limits=["job-object"], missing=self.missing_facilities(),
-                                  dies_with_launcher=False)
-
-    def mounts(self) -> List[dict]:
-        return []  # no mount table to read: a root's filesystem type is not checked
-
-    def filesystem_of(self, path: str) -> Optional[dict]:
-        return None
-
-    def unsafe_dir_reason(self, path: str) -> Optional[str]:
-        return None  # %LOCALAPPDATA% is per user; ACLs are not checked
+    def shell_argv(self, command: str):
+        # A string, not a list: Popen quotes a list with the MSVCRT rules
+        # (list2cmdline turns " into \"), which cmd.exe does not understand, so
+        # `echo "a b"` would arrive as `echo \"a b\"`. With /s, cmd strips exactly
+        # the first and the last quote after /c and runs the rest verbatim, so
+        # the command survives byte for byte. /d skips AutoRun registry hooks,
+        # which would make a job depend on the machine's cmd configuration.
+        comspec = os.environ.get("ComSpec") or os.path.join(
+            os.environ.get("SystemRoot", r"C:\Windows"), "System32", "cmd.exe")
+        return '"%s" /d /s /c "%s"' % (comspec, command)
 
     def tune_pipe(self, fd: int) -> None:
         return None
@@ -2097,20 +2235,6 @@ class _WindowsProcessLayer:
         except BrokenPipeError:
             return True  # the writer is gone: a read returns EOF at once
         return available > 0
-
-    def fsync_dir(self, path: str) -> None:
-        return None  # NTFS renames are journaled; directories cannot be fsynced
-
-    def can_fork_supervisor(self) -> bool:
-        return False  # no fork: the supervisor is always a new process
-
-    def prepare_supervisor(self) -> None:
-        # Nothing to do: detachment happened at creation (spawn_supervisor), and
-        # Windows has no SIGHUP/SIGINT to ignore in a console-less process.
-        return None
-
-    def supervisor_signals(self) -> None:
-        return None  # no signal dispositions or masks to pass on to the child
 
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr, limits=None) -> _Child:
         import subprocess
@@ -2149,6 +2273,16 @@ class _WindowsProcessLayer:
                             limits={n: {"value": v, "enforced_by": enforcer} for n, v in limits.items()})
         return _Child(popen=popen, pid=popen.pid, token=str(token),
                       windows_job_name=name if job else None, handle=job, containment=held)
+
+    def wait_child(self, child, reaped=None) -> Tuple[Optional[int], Optional[int]]:
+        # Windows has no signals; the code is the unsigned DWORD from Popen.
+        # Only the child is waited for: other processes (sinks) are never reaped here.
+        return child.popen.wait(), None
+
+    reaps_every_child = False
+
+    def signal_child_group(self, child, signum: int) -> int:
+        raise OSError("Windows verifies every process through its handle: the supervisor never signals for others")
 
     def spawn_sink(self, argv, *, env) -> subprocess.Popen:
         """A notification command; stop_sink ends its tree with a walk from it."""
@@ -2277,12 +2411,30 @@ class _WindowsProcessLayer:
             pass  # best effort while an earlier exception propagates
         self._close(job)
 
-    def wait_child(self, child, reaped=None) -> Tuple[Optional[int], Optional[int]]:
-        # Windows has no signals; the code is the unsigned DWORD from Popen.
-        # Only the child is waited for: other processes (sinks) are never reaped here.
-        return child.popen.wait(), None
+    def let_go_of_child(self, child: _Child) -> None:
+        """Close our handle on the job's Job Object before the job lock goes: a
+        restart's supervisor, which may start the moment it is free, must be able
+        to create the job's name afresh (our open handle would keep the old one)."""
+        job, child.handle = child.handle, None
+        self._close(job)
 
-    # -- identities ----------------------------------------------------------
+    # -- identity and trees ---------------------------------------------------
+
+    # Once the supervisor, the only holder of a handle to the job object, has
+    # exited, the job's name cannot be relied on to open it (Wine 8 keeps it while
+    # processes remain in the job; Windows need not), so the supervisor writes
+    # down what is still running when the main process exits.
+    records_leftovers = True
+
+    def can_verify_pids(self) -> bool:
+        return True  # OpenProcess and the creation time, through kernel32
+
+    _NO_CTYPES_COSTS = ("no job can be started or stopped: Job Objects, process identities and locks all "
+                        "go through kernel32, which jobstate reaches through ctypes")
+
+    def signal_numbers(self) -> Dict[str, int]:
+        # Windows has no signals; each of these ends the tree the same way.
+        return {"TERM": 15, "INT": 2, "KILL": 9}
 
     def process_token(self, pid: int) -> Optional[str]:
         probe = self._probe(pid, check_running=False)
@@ -2319,8 +2471,6 @@ class _WindowsProcessLayer:
         self._k32.GetProcessTimes(handle, *(t.byref(ft) for ft in times))
         return (times[0].dwHighDateTime << 32) | times[0].dwLowDateTime
 
-    # -- trees ------------------------------------------------------------------
-
     def find_tree(self, ref: _TreeRef) -> List[_Proc]:
         members = self._job_members(ref)
         return members if members is not None else self._walk_tree(ref)
@@ -2344,21 +2494,7 @@ class _WindowsProcessLayer:
             procs = self._walk_tree(ref, also=list(seen.values()))
         return len(seen)
 
-    def remove_containment(self, ref: _TreeRef) -> bool:
-        return True  # a Job Object goes with its last handle and process
-
-    def unrecorded_cgroups(self, job_id: str) -> List[str]:
-        return []
-
-    def let_go_of_child(self, child: _Child) -> None:
-        """Close our handle on the job's Job Object before the job lock goes: a
-        restart's supervisor, which may start the moment it is free, must be able
-        to create the job's name afresh (our open handle would keep the old one)."""
-        job, child.handle = child.handle, None
-        self._close(job)
-
-    # What Windows ends every process of a job with when its CPU time is up.
-    limit_exit_code = _WIN_ERROR_NOT_ENOUGH_QUOTA
+    # -- containment and limits -----------------------------------------------
 
     def limit_counters(self, child: _Child) -> Dict[str, float]:
         """From the job's accounting: user-mode CPU seconds, and processes ended by a
@@ -2530,66 +2666,31 @@ class _WindowsProcessLayer:
         if handle:
             self._k32.CloseHandle(handle)
 
-    # -- files ------------------------------------------------------------------
+    # What Windows ends every process of a job with when its CPU time is up.
+    limit_exit_code = _WIN_ERROR_NOT_ENOUGH_QUOTA
 
-    def lock(self, fd: int, *, exclusive: bool, blocking: bool) -> bool:
-        import msvcrt
-        t = _win_types()
-        flags = (_WIN_LOCKFILE_EXCLUSIVE_LOCK if exclusive else 0) | (
-            0 if blocking else _WIN_LOCKFILE_FAIL_IMMEDIATELY)
-        overlapped = t.OVERLAPPED()      # Offset 0: the lock is the file's first byte
+    def unrecorded_cgroups(self, job_id: str) -> List[str]:
+        return []
+
+    def remove_containment(self, ref: _TreeRef) -> bool:
+        return True  # a Job Object goes with its last handle and process
+
+    # -- what this machine gives ----------------------------------------------
+
+    @functools.lru_cache(maxsize=None)
+    def missing_facilities(self) -> List[dict]:
+        missing = []
         try:
-            self._k32.LockFileEx(msvcrt.get_osfhandle(fd), flags, 0, 1, 0, t.byref(overlapped))
-        except OSError as exc:
-            if not blocking and getattr(exc, "winerror", None) == _WIN_ERROR_LOCK_VIOLATION:
-                return False
-            raise
-        return True
+            import ctypes  # noqa: F401  (only whether it exists)
+        except ImportError as exc:
+            missing.append(_missing("ctypes", "%s: %s" % (type(exc).__name__, exc), self._NO_CTYPES_COSTS))
+        return missing + _missing_file_facilities(self.cache_dir())
 
-    def share_lock(self, fd: int) -> bool:
-        # A shared lock cannot overlap an exclusive one, even of the same handle: unlock first.
-        self.unlock(fd)
-        return self.lock(fd, exclusive=False, blocking=False)
-
-    def unlock(self, fd: int) -> None:
-        import msvcrt
-        t = _win_types()
-        overlapped = t.OVERLAPPED()
-        try:
-            self._k32.UnlockFileEx(msvcrt.get_osfhandle(fd), 0, 1, 0, t.byref(overlapped))
-        except OSError as exc:
-            # Unlocking an unlocked range is a no-op on POSIX (flock); match it.
-            # Windows reports ERROR_NOT_LOCKED, Wine 8 ERROR_LOCK_VIOLATION.
-            if getattr(exc, "winerror", None) not in (_WIN_ERROR_NOT_LOCKED, _WIN_ERROR_LOCK_VIOLATION):
-                raise
-
-    def lock_problem(self, directory: str) -> Optional[str]:
-        return None  # LockFileEx is enforced by the server on SMB shares too
-
-    def read_bytes(self, path: str) -> bytes:
-        # While a writer's os.replace swaps the file in, opening it can fail
-        # with access denied for a moment: retry briefly (about 1 s at most).
-        for attempt in range(40):
-            try:
-                with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
-                    return f.read()
-            except PermissionError:
-                if attempt == 39:
-                    raise
-                time.sleep(min(0.05, 0.002 * (attempt + 1)))
-
-    def replace(self, src: str, dst: str) -> None:
-        # A reader that has dst open without FILE_SHARE_DELETE makes the rename
-        # fail with PermissionError; readers hold files only briefly, so retry
-        # for up to about 2 s (a busy poller can hold the file at every try).
-        for attempt in range(50):
-            try:
-                os.replace(src, dst)
-                return
-            except PermissionError:
-                if attempt == 49:
-                    raise
-                time.sleep(min(0.05, 0.005 * (attempt + 1)))
+    def capabilities(self) -> dict:
+        return _capability_report(containment="job-object", tree_discovery=["job-object", "toolhelp-walk"],
+                                  pid_identity="creation-time", signal_delivery="job-object", proc=None,
+                                  limits=["job-object"], missing=self.missing_facilities(),
+                                  dies_with_launcher=False)
 
 
 _process_layer = _WindowsProcessLayer() if _WINDOWS else _PosixProcessLayer()
@@ -5336,7 +5437,7 @@ class _Forkserver:
 
     @classmethod
     def serves_this_process(cls) -> bool:
-        return cls.launches > 0 and _LINUX
+        return cls.launches > 0 and _process_layer.has_forkserver
 
     @classmethod
     def request(cls, paths: JobPaths, lock_fd: int, ack_w: int, log: int) -> None:
@@ -5361,9 +5462,9 @@ class _Forkserver:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             argv = _supervisor_argv("_forkserver", str(theirs.fileno()))
-            cls._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                                          close_fds=True, start_new_session=True)
+            # Started as a supervisor is: a new session, holding only its end of the socket.
+            cls._popen = _process_layer.spawn_supervisor(argv, stdout=subprocess.DEVNULL,
+                                                         stderr=subprocess.DEVNULL, lock_fd=theirs.fileno())
         cls._sock, cls._owner_pid = ours, os.getpid()
 
     @classmethod

@@ -458,6 +458,29 @@ class StaticTests(unittest.TestCase):
             source = f.read()
         self.assertEqual((source.count("_process_layer.lock("), source.count("_process_layer.unlock(")), (1, 1))
 
+    def test_both_platform_layers_implement_the_declared_interface(self):
+        """_ProcessLayer's docstring declares the interface: each layer defines
+        exactly those public members, in that order, under the same sub-banners;
+        and only sections 1 and 3 ask which platform this is."""
+        import inspect
+        import re
+        declared = jobstate._ProcessLayer.__doc__.split("The members, by sub-banner:")[1]
+        members = re.findall(r"^ {8}(\w+)", declared, re.M)
+        groups = re.findall(r"^ {4}(\w[\w ]*)$", declared, re.M)
+        for layer in (jobstate._PosixProcessLayer, jobstate._WindowsProcessLayer):
+            self.assertEqual([name for name in vars(layer) if not name.startswith("_")], members, layer.__name__)
+            self.assertEqual(re.findall(r"^    # -- (.+?) -+$", inspect.getsource(layer), re.M), groups,
+                             layer.__name__)
+        with open(JOBSTATE, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        section, asking = 0, []
+        for lineno, line in enumerate(lines, 1):
+            banner = re.match(r"# (\d+)\. ", line)
+            section = int(banner.group(1)) if banner else section
+            if section not in (1, 3) and re.search(r"\bos\.name\b|\bsys\.platform\b|\b_LINUX\b|\b_WINDOWS\b", line):
+                asking.append("%d: %s" % (lineno, line.strip()))
+        self.assertEqual(asking, [], "platform checks belong in sections 1 and 3")
+
     def test_no_backslash_continuations(self):
         for path in (JOBSTATE, os.path.join(HERE, "test_jobstate.py")):
             with open(path, encoding="utf-8") as f:
