@@ -10370,7 +10370,7 @@ Any unique prefix of a job id works.
 
 ## Wait for a server to be ready
 
-1. `jobstate run --ready 'listening on port \d+' --until 60 -- npm run dev`
+1. `jobstate run --ready 'listening on port \\d+' --until 60 -- npm run dev`
    (`--ready` is a Python regular expression searched in each line of output; `--stream
    stdout|stderr|either`). It returns as soon as a line matches; the job runs on.
 2. `matched` is `{"stream", "line", "offset"}`: ready, go on. `matched` is null and `state` is

@@ -481,6 +481,17 @@ class StaticTests(unittest.TestCase):
                 asking.append("%d: %s" % (lineno, line.strip()))
         self.assertEqual(asking, [], "platform checks belong in sections 1 and 3")
 
+    def test_sources_compile_without_warnings(self):
+        """An invalid escape is a SyntaxWarning on 3.12 that every uncached start
+        prints to stderr (and a DeprecationWarning before): compile as 3.12 would."""
+        import warnings
+        for path in (JOBSTATE, os.path.join(HERE, "test_jobstate.py")):
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                compile(source, path, "exec")
+
     def test_no_backslash_continuations(self):
         for path in (JOBSTATE, os.path.join(HERE, "test_jobstate.py")):
             with open(path, encoding="utf-8") as f:
