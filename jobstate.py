@@ -7655,230 +7655,237 @@ def _http_status(error: JobError) -> int:
     return _HTTP_STATUS.get(error.code, 400)
 
 
+class _HttpHandling:
+    """serve's request handler, less its base class (http.server's
+    BaseHTTPRequestHandler, imported only when serve starts): _make_http_handler
+    joins the two and sets the server's settings as class attributes."""
+
+    root: str
+    token: Optional[str]
+    session: Optional[str]   # the web page's cookie value, derived from the token
+    bound_host: str
+    allowed_origins: Sequence[str]
+    server_version = "jobstate/" + __version__
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # so that even a garbled request line gets a status line
+    disable_nagle_algorithm = True  # headers and body leave in two writes: no 40 ms delayed-ACK stall
+    cors_origin: Optional[str] = None
+    body_read = False
+
+    def __getattr__(self, name: str):
+        # BaseHTTPRequestHandler calls do_<METHOD>: every method, known or not,
+        # goes through the same checks and is answered with an envelope.
+        if name.startswith("do_"):
+            return self.answer
+        raise AttributeError(name)
+
+    def log_message(self, format, *args):
+        # A login URL's token must not reach the log: it may be a secret the caller chose.
+        sys.stderr.write("%s %s\n" % (_utc_now(), _LOGGED_TOKEN.sub(r"\1***", format % args)))
+
+    def answer(self) -> None:
+        self.cors_origin, self.body_read, extra = None, False, {}
+        try:
+            self.check_request()
+            if self.command == "OPTIONS":
+                return self.send_preflight()
+            endpoint = _http_endpoint(_http_target(self.path)[0])
+            if endpoint == "page" and self.command == "GET":
+                status, doc = 200, self.page_reply()
+            else:
+                self.authorize(endpoint)
+                status, doc = 200, _route_http(self.command, self.path, self.body, self.root)
+        except JobError as exc:
+            status, doc = _http_status(exc), _error_envelope(exc)
+            if isinstance(exc, _MethodNotAllowedError):
+                extra["Allow"] = ", ".join(exc.allowed)
+        except Exception as exc:  # a bug: answer 500 with an envelope, keep serving
+            status, doc = 500, _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
+        self.discard_body()
+        if isinstance(doc, _OutputFollow):  # GET /jobs/{id}/follow: the output, live
+            return _send_follow(self, doc)
+        if isinstance(doc, _RawReply):
+            return self.send_raw(doc)
+        return self.send_envelope(status, doc, extra)
+
+    def check_request(self) -> None:
+        """403 for what a web page could forge: a foreign Host (DNS rebinding) or Origin."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1 or not _host_is_allowed(hosts[0], self.bound_host):
+            raise _ForbiddenError("Host %r is not this server" % (hosts[0] if hosts else None),
+                                  hint="address the server as localhost, a loopback address or %s"
+                                  % self.bound_host)
+        origins = self.headers.get_all("Origin") or []
+        own = len(origins) == 1 and _is_own_origin(origins[0], hosts[0])  # the web page we served
+        if len(origins) > 1 or (origins and origins[0] not in self.allowed_origins and not own):
+            raise _ForbiddenError("requests from web pages of %r are refused" % (origins[-1],),
+                                  hint="start serve with --allow-origin ORIGIN to let one call it")
+        self.cors_origin = origins[0] if origins and not own else None
+
+    def authorize(self, endpoint: Optional[str]) -> None:
+        if self.token is None or (self.command == "GET" and endpoint in ("health", "asset")):
+            return
+        if self.has_bearer_token():
+            return
+        if not self.has_session_cookie():
+            raise _UnauthorizedError("missing or wrong bearer token",
+                                     hint="send 'Authorization: Bearer TOKEN' with the token serve printed "
+                                     "(also in %s under the jobs root)" % _SERVE_FILENAME)
+        # The browser sends the cookie with every request to this host, whichever page
+        # asked: it counts only for the page's own calls, which say they are same-origin
+        # and carry a header that no other page can add without a preflight we refuse.
+        site = self.headers.get("Sec-Fetch-Site")
+        if site is not None and site != "same-origin":
+            raise _ForbiddenError("a %s request cannot use the web page's session" % _clip(site),
+                                  hint="only the page serve itself serves may use its cookie")
+        if self.headers.get("X-Jobstate") != "1":
+            raise _UnauthorizedError("the web page's session cookie counts only with the header X-Jobstate: 1",
+                                     hint="other clients send 'Authorization: Bearer TOKEN'")
+
+    def has_bearer_token(self) -> bool:
+        return _same_secret(self.headers.get("Authorization", ""), "Bearer " + self.token)
+
+    def cookie_name(self) -> str:
+        # Browsers share cookies between the ports of a host: one name per server.
+        return "jobstate_%d" % self.server.server_address[1]
+
+    def has_session_cookie(self) -> bool:
+        given = _cookie_values(self.headers.get_all("Cookie") or [], self.cookie_name())
+        return any([_same_secret(value, self.session) for value in given])
+
+    def page_reply(self) -> _RawReply:
+        """GET /: the web page, or the sign-in page (401); ?token= signs in: a session
+        cookie, and a redirect to the page's address without the token."""
+        from urllib.parse import parse_qs
+        query = parse_qs(_http_target(self.path)[1], keep_blank_values=True)
+        unknown = sorted(set(query) - {"token"})
+        if unknown:
+            raise InvalidArgumentError("unknown query parameter(s): %s" % _clip(", ".join(unknown)),
+                                       hint="the page takes only ?token=")
+        if "token" in query:
+            return self.sign_in(query["token"])
+        if self.token is None or self.has_bearer_token() or self.has_session_cookie():
+            return _RawReply(200, _HTML_TYPE, _WEB_PAGE_HTML.encode("utf-8"))
+        return _RawReply(401, _HTML_TYPE, _WEB_SIGN_IN_HTML.encode("utf-8"))
+
+    def sign_in(self, given: List[str]) -> _RawReply:
+        if self.token is None:
+            return _RawReply(303, "text/plain; charset=utf-8", b"no sign-in needed\n", (("Location", "/"),))
+        if len(given) != 1 or not _same_secret(given[0], self.token):
+            return _RawReply(401, _HTML_TYPE, _WEB_SIGN_IN_HTML.encode("utf-8"))
+        cookie = "%s=%s; HttpOnly; SameSite=Strict; Path=/" % (self.cookie_name(), self.session)
+        return _RawReply(303, "text/plain; charset=utf-8", b"signed in\n",
+                         (("Location", "/"), ("Set-Cookie", cookie)))
+
+    def body(self) -> dict:
+        if self.headers.get("Content-Type") is None and _content_length(self.headers) == 0:
+            # No body at all (agent-exec's POST /kill/ID): nothing to parse, and no
+            # form sends that; Origin and the token were checked already.
+            self.body_read = True
+            return {}
+        if not _is_json_media_type(self.headers.get("Content-Type")):
+            raise _UnsupportedMediaTypeError(
+                "request bodies must be JSON, not %r" % (self.headers.get("Content-Type"),),
+                hint="send 'Content-Type: application/json'")
+        length = _content_length(self.headers)
+        if length > _HTTP_MAX_BODY:
+            raise _PayloadTooLargeError("request body over %d bytes" % _HTTP_MAX_BODY)
+        try:
+            raw = self.rfile.read(length)
+        except OSError:  # the idle timeout, or a reset: the client cannot be answered reliably
+            raw = b""
+        self.body_read = True
+        if len(raw) < length:
+            self.close_connection = True
+            raise InvalidArgumentError("request body ended after %d of %d bytes" % (len(raw), length))
+        return _parse_json_body(raw)
+
+    def discard_body(self) -> None:
+        """Read a body we did not use, so the client gets our answer rather than a
+        reset; one too large (8 MiB) or of unknown length ends the connection."""
+        if self.body_read:
+            return
+        try:
+            length = _content_length(self.headers)
+        except InvalidArgumentError:
+            length = -1
+        if not 0 <= length <= 8 * _HTTP_MAX_BODY:
+            self.close_connection = True
+            return
+        try:
+            self.rfile.read(length)
+        except OSError:  # the client went quiet or away: nothing left to keep in sync
+            self.close_connection = True
+
+    def send_preflight(self) -> None:
+        self.send_response(204)
+        self.send_header("Allow", "GET, POST, DELETE, OPTIONS")
+        if self.cors_origin:
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE")
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+            if self.headers.get("Access-Control-Request-Private-Network") == "true":
+                self.send_header("Access-Control-Allow-Private-Network", "true")
+        self.discard_body()
+        self.finish_response(b"")
+
+    def send_envelope(self, status: int, doc: dict, extra: Dict[str, str]) -> None:
+        body = _json_bytes(doc)
+        if status == 200 and self.command == "GET":
+            # Pollers (the web page, every second) send the tag back: 304 when nothing changed.
+            extra = dict(extra, ETag=_etag(body))
+            if _etag_matches(self.headers.get("If-None-Match"), extra["ETag"]):
+                self.send_response(304)
+                self.send_header("ETag", extra["ETag"])
+                return self.finish_response(b"")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        for name, value in extra.items():
+            self.send_header(name, value)
+        self.finish_response(body if self.command != "HEAD" else b"")
+
+    def send_raw(self, reply: _RawReply) -> None:
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.finish_response(reply.body if self.command != "HEAD" else b"")
+
+    def finish_response(self, body: bytes) -> None:
+        for name, value in _HTTP_SECURITY_HEADERS:
+            self.send_header(name, value)
+        if self.cors_origin:
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Access-Control-Expose-Headers", "ETag, X-Log-Start, X-Log-End, X-Log-Size")
+            self.send_header("Vary", "Origin")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        try:
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client left or stopped reading (write timeout): drop it
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        # The stdlib parser could not read the request line or headers: the
+        # stream is out of step, so answer with an envelope and hang up.
+        self.close_connection, self.cors_origin = True, None
+        error = InvalidArgumentError("unreadable HTTP request: %s" % (message or code),
+                                     hint="send an HTTP/1.1 request with a Host header")
+        self.send_envelope(int(code), _error_envelope(error), {})
+
+
 def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed_origins: Sequence[str],
                        idle_timeout_s: float):
-    import hashlib
-    import hmac
     from http.server import BaseHTTPRequestHandler
-    session = _session_value(token) if token is not None else None
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "jobstate/" + __version__
-        protocol_version = "HTTP/1.1"
-        default_request_version = "HTTP/1.0"  # so that even a garbled request line gets a status line
-        timeout = idle_timeout_s  # per read and write: idle keep-alive connections are closed
-        disable_nagle_algorithm = True  # headers and body leave in two writes: no 40 ms delayed-ACK stall
-        cors_origin: Optional[str] = None
-        body_read = False
-
-        def __getattr__(self, name: str):
-            # BaseHTTPRequestHandler calls do_<METHOD>: every method, known or not,
-            # goes through the same checks and is answered with an envelope.
-            if name.startswith("do_"):
-                return self.answer
-            raise AttributeError(name)
-
-        def log_message(self, format, *args):
-            # A login URL's token must not reach the log: it may be a secret the caller chose.
-            sys.stderr.write("%s %s\n" % (_utc_now(), _LOGGED_TOKEN.sub(r"\1***", format % args)))
-
-        def answer(self) -> None:
-            self.cors_origin, self.body_read, extra = None, False, {}
-            try:
-                self.check_request()
-                if self.command == "OPTIONS":
-                    return self.send_preflight()
-                endpoint = _http_endpoint(_http_target(self.path)[0])
-                if endpoint == "page" and self.command == "GET":
-                    status, doc = 200, self.page_reply()
-                else:
-                    self.authorize(endpoint)
-                    status, doc = 200, _route_http(self.command, self.path, self.body, root)
-            except JobError as exc:
-                status, doc = _http_status(exc), _error_envelope(exc)
-                if isinstance(exc, _MethodNotAllowedError):
-                    extra["Allow"] = ", ".join(exc.allowed)
-            except Exception as exc:  # a bug: answer 500 with an envelope, keep serving
-                status, doc = 500, _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
-            self.discard_body()
-            if isinstance(doc, _OutputFollow):  # GET /jobs/{id}/follow: the output, live
-                return _send_follow(self, doc)
-            if isinstance(doc, _RawReply):
-                return self.send_raw(doc)
-            return self.send_envelope(status, doc, extra)
-
-        def check_request(self) -> None:
-            """403 for what a web page could forge: a foreign Host (DNS rebinding) or Origin."""
-            hosts = self.headers.get_all("Host") or []
-            if len(hosts) != 1 or not _host_is_allowed(hosts[0], bound_host):
-                raise _ForbiddenError("Host %r is not this server" % (hosts[0] if hosts else None),
-                                      hint="address the server as localhost, a loopback address or %s"
-                                      % bound_host)
-            origins = self.headers.get_all("Origin") or []
-            own = len(origins) == 1 and _is_own_origin(origins[0], hosts[0])  # the web page we served
-            if len(origins) > 1 or (origins and origins[0] not in allowed_origins and not own):
-                raise _ForbiddenError("requests from web pages of %r are refused" % (origins[-1],),
-                                      hint="start serve with --allow-origin ORIGIN to let one call it")
-            self.cors_origin = origins[0] if origins and not own else None
-
-        def authorize(self, endpoint: Optional[str]) -> None:
-            if token is None or (self.command == "GET" and endpoint in ("health", "asset")):
-                return
-            if self.has_bearer_token():
-                return
-            if not self.has_session_cookie():
-                raise _UnauthorizedError("missing or wrong bearer token",
-                                         hint="send 'Authorization: Bearer TOKEN' with the token serve printed "
-                                         "(also in %s under the jobs root)" % _SERVE_FILENAME)
-            # The browser sends the cookie with every request to this host, whichever page
-            # asked: it counts only for the page's own calls, which say they are same-origin
-            # and carry a header that no other page can add without a preflight we refuse.
-            site = self.headers.get("Sec-Fetch-Site")
-            if site is not None and site != "same-origin":
-                raise _ForbiddenError("a %s request cannot use the web page's session" % _clip(site),
-                                      hint="only the page serve itself serves may use its cookie")
-            if self.headers.get("X-Jobstate") != "1":
-                raise _UnauthorizedError("the web page's session cookie counts only with the header X-Jobstate: 1",
-                                         hint="other clients send 'Authorization: Bearer TOKEN'")
-
-        def has_bearer_token(self) -> bool:
-            given = self.headers.get("Authorization", "")
-            return hmac.compare_digest(given.encode("utf-8", "replace"), ("Bearer " + token).encode("utf-8"))
-
-        def cookie_name(self) -> str:
-            # Browsers share cookies between the ports of a host: one name per server.
-            return "jobstate_%d" % self.server.server_address[1]
-
-        def has_session_cookie(self) -> bool:
-            given = _cookie_values(self.headers.get_all("Cookie") or [], self.cookie_name())
-            return any([hmac.compare_digest(value.encode("utf-8", "replace"), session.encode()) for value in given])
-
-        def page_reply(self) -> _RawReply:
-            """GET /: the web page, or the sign-in page (401); ?token= signs in: a session
-            cookie, and a redirect to the page's address without the token."""
-            from urllib.parse import parse_qs
-            query = parse_qs(_http_target(self.path)[1], keep_blank_values=True)
-            unknown = sorted(set(query) - {"token"})
-            if unknown:
-                raise InvalidArgumentError("unknown query parameter(s): %s" % _clip(", ".join(unknown)),
-                                           hint="the page takes only ?token=")
-            if "token" in query:
-                return self.sign_in(query["token"])
-            if token is None or self.has_bearer_token() or self.has_session_cookie():
-                return _RawReply(200, _HTML_TYPE, _WEB_PAGE_HTML.encode("utf-8"))
-            return _RawReply(401, _HTML_TYPE, _WEB_SIGN_IN_HTML.encode("utf-8"))
-
-        def sign_in(self, given: List[str]) -> _RawReply:
-            if token is None:
-                return _RawReply(303, "text/plain; charset=utf-8", b"no sign-in needed\n", (("Location", "/"),))
-            if len(given) != 1 or not hmac.compare_digest(given[0].encode("utf-8", "replace"), token.encode("utf-8")):
-                return _RawReply(401, _HTML_TYPE, _WEB_SIGN_IN_HTML.encode("utf-8"))
-            cookie = "%s=%s; HttpOnly; SameSite=Strict; Path=/" % (self.cookie_name(), session)
-            return _RawReply(303, "text/plain; charset=utf-8", b"signed in\n",
-                             (("Location", "/"), ("Set-Cookie", cookie)))
-
-        def body(self) -> dict:
-            if self.headers.get("Content-Type") is None and _content_length(self.headers) == 0:
-                # No body at all (agent-exec's POST /kill/ID): nothing to parse, and no
-                # form sends that; Origin and the token were checked already.
-                self.body_read = True
-                return {}
-            if not _is_json_media_type(self.headers.get("Content-Type")):
-                raise _UnsupportedMediaTypeError(
-                    "request bodies must be JSON, not %r" % (self.headers.get("Content-Type"),),
-                    hint="send 'Content-Type: application/json'")
-            length = _content_length(self.headers)
-            if length > _HTTP_MAX_BODY:
-                raise _PayloadTooLargeError("request body over %d bytes" % _HTTP_MAX_BODY)
-            try:
-                raw = self.rfile.read(length)
-            except OSError:  # the idle timeout, or a reset: the client cannot be answered reliably
-                raw = b""
-            self.body_read = True
-            if len(raw) < length:
-                self.close_connection = True
-                raise InvalidArgumentError("request body ended after %d of %d bytes" % (len(raw), length))
-            return _parse_json_body(raw)
-
-        def discard_body(self) -> None:
-            """Read a body we did not use, so the client gets our answer rather than a
-            reset; one too large (8 MiB) or of unknown length ends the connection."""
-            if self.body_read:
-                return
-            try:
-                length = _content_length(self.headers)
-            except InvalidArgumentError:
-                length = -1
-            if not 0 <= length <= 8 * _HTTP_MAX_BODY:
-                self.close_connection = True
-                return
-            try:
-                self.rfile.read(length)
-            except OSError:  # the client went quiet or away: nothing left to keep in sync
-                self.close_connection = True
-
-        def send_preflight(self) -> None:
-            self.send_response(204)
-            self.send_header("Allow", "GET, POST, DELETE, OPTIONS")
-            if self.cors_origin:
-                self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE")
-                self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
-                self.send_header("Access-Control-Max-Age", "600")
-                if self.headers.get("Access-Control-Request-Private-Network") == "true":
-                    self.send_header("Access-Control-Allow-Private-Network", "true")
-            self.discard_body()
-            self.finish_response(b"")
-
-        def send_envelope(self, status: int, doc: dict, extra: Dict[str, str]) -> None:
-            body = _json_bytes(doc)
-            if status == 200 and self.command == "GET":
-                # Pollers (the web page, every second) send the tag back: 304 when nothing changed.
-                extra = dict(extra, ETag='"%s"' % hashlib.sha256(body).hexdigest()[:32])
-                if _etag_matches(self.headers.get("If-None-Match"), extra["ETag"]):
-                    self.send_response(304)
-                    self.send_header("ETag", extra["ETag"])
-                    return self.finish_response(b"")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if status == 401:
-                self.send_header("WWW-Authenticate", "Bearer")
-            for name, value in extra.items():
-                self.send_header(name, value)
-            self.finish_response(body if self.command != "HEAD" else b"")
-
-        def send_raw(self, reply: _RawReply) -> None:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers:
-                self.send_header(name, value)
-            self.finish_response(reply.body if self.command != "HEAD" else b"")
-
-        def finish_response(self, body: bytes) -> None:
-            for name, value in _HTTP_SECURITY_HEADERS:
-                self.send_header(name, value)
-            if self.cors_origin:
-                self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-                self.send_header("Access-Control-Expose-Headers", "ETag, X-Log-Start, X-Log-End, X-Log-Size")
-                self.send_header("Vary", "Origin")
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            try:
-                self.end_headers()
-                self.wfile.write(body)
-            except OSError:  # the client left or stopped reading (write timeout): drop it
-                self.close_connection = True
-
-        def send_error(self, code, message=None, explain=None):
-            # The stdlib parser could not read the request line or headers: the
-            # stream is out of step, so answer with an envelope and hang up.
-            self.close_connection, self.cors_origin = True, None
-            error = InvalidArgumentError("unreadable HTTP request: %s" % (message or code),
-                                         hint="send an HTTP/1.1 request with a Host header")
-            self.send_envelope(int(code), _error_envelope(error), {})
-
-    return Handler
+    settings = {"root": root, "token": token, "session": _session_value(token) if token is not None else None,
+                "bound_host": bound_host, "allowed_origins": allowed_origins,
+                "timeout": idle_timeout_s}  # per read and write: idle keep-alive connections are closed
+    return type("Handler", (_HttpHandling, BaseHTTPRequestHandler), settings)
 
 
 def _json_bytes(doc: dict) -> bytes:
@@ -8137,6 +8144,17 @@ def _etag_matches(header: Optional[str], etag: str) -> bool:
     """Does If-None-Match name this entity tag (weak or strong), or any (*)?"""
     tags = [tag.strip() for tag in (header or "").split(",")]
     return "*" in tags or etag in tags or "W/" + etag in tags
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    """given == expected, in a time that does not tell how much of it matched."""
+    import hmac
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+
+def _etag(body: bytes) -> str:
+    import hashlib
+    return '"%s"' % hashlib.sha256(body).hexdigest()[:32]
 
 
 def _session_value(token: str) -> str:
