@@ -2237,6 +2237,7 @@ class SupervisorTests(JobTestCase):
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True)
         self.addCleanup(launcher.wait)
+        self.addCleanup(launcher.kill)  # first: a launcher that ignored the SIGINT must not hang the suite
         job = wait_for(lambda: [jobstate.Job(i, self.root) for i in jobstate._list_job_ids(self.root)],
                        10, "the job directory")[0]
         self.wait_log(job, "ready")
@@ -6762,23 +6763,134 @@ class Torture(JobTestCase):
 # ---------------------------------------------------------------------------
 # Runner: "N passed, N failed, N skipped" as the last line
 # ---------------------------------------------------------------------------
+#
+# Most of a test's time is spent waiting on processes (interpreter starts, a
+# job's end), so the whole suite runs its tests in worker processes, several
+# at once: each worker takes the next test when it finishes one.  Tests share
+# nothing but the machine (each has its own root).  JOBSTATE_TEST_WORKERS sets
+# the number (1: in this process, one after another, as a named class always runs).
 
 
-def _main(argv):
-    import unittest.mock  # noqa: F401  (used by StoreTests through unittest.mock)
-    # Tests never read our stdin; a harness's idle pipe must not leak into CLI runs.
+def _worker_count():
+    default = 4 if POSIX else 1  # under Wine, processes are slow to start and Wine itself is the bottleneck
+    value = os.environ.get("JOBSTATE_TEST_WORKERS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else default
+
+
+def _test_names(suite):
+    for item in suite:
+        if isinstance(item, unittest.TestCase):
+            yield item.id().split(".", 1)[1]  # "Class.test_method", loadable by name
+        else:
+            yield from _test_names(item)
+
+
+def _outcome(result, seconds):
+    """One test's result as a JSON line: counts, its letter, and unittest's report of any failure."""
+    report = io.StringIO()
+    text = unittest.TextTestResult(unittest.runner._WritelnDecorator(report), False, 0)
+    text.errors, text.failures = result.errors, result.failures
+    text.printErrors()
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    letter = "E" if result.errors else "F" if failed else "s" if result.skipped else "."
+    return json.dumps({"run": result.testsRun, "failed": failed, "skipped": len(result.skipped),
+                       "letter": letter, "seconds": round(seconds, 2), "report": report.getvalue()})
+
+
+def _serve_tests(module):
+    """--worker: run the tests named on stdin, one per line; one JSON line each on stdout."""
+    names, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # what tests print goes to stderr; stdout carries only answers
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     loader = unittest.TestLoader()
-    module = sys.modules[__name__]
-    suite = (unittest.TestSuite(loader.loadTestsFromName(name, module) for name in argv) if argv
-             else loader.loadTestsFromModule(module))
-    result = unittest.TextTestRunner(verbosity=1 if os.environ.get("CI") else 2).run(suite)
+    for name in names:
+        result = unittest.TestResult()
+        started = time.monotonic()
+        loader.loadTestsFromName(name.strip(), module).run(result)
+        answers.write(_outcome(result, time.monotonic() - started) + "\n")
+        answers.flush()
+    return 0
+
+
+def _run_in_workers(names, count, verbose):
+    """Every test, `count` at a time in worker processes; the counts and reports as unittest gives them."""
+    pending, lock, outcomes = list(reversed(names)), threading.Lock(), []
+
+    def next_name():
+        with lock:
+            return pending.pop() if pending else None
+
+    def finished(name, line):
+        outcome = json.loads(line) if line else {
+            "run": 1, "failed": 1, "skipped": 0, "letter": "E", "seconds": 0,
+            "report": "=" * 70 + "\nERROR: %s\n%s\nits worker process died\n\n" % (name, "-" * 70)}
+        with lock:
+            outcomes.append(outcome)
+            sys.stdout.write("%s ... %s (%.1f s)\n" % (name, outcome["letter"], outcome["seconds"]) if verbose
+                             else outcome["letter"])
+            sys.stdout.flush()
+
+    def drive():
+        name = next_name()
+        while name is not None:  # a worker that dies is replaced
+            with subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, universal_newlines=True) as worker:
+                while name is not None:
+                    try:
+                        worker.stdin.write(name + "\n")
+                        worker.stdin.flush()
+                        line = worker.stdout.readline()
+                    except OSError:
+                        line = ""
+                    finished(name, line)
+                    name = next_name()
+                    if not line:
+                        break
+                worker.stdin.close()
+
+    started = time.monotonic()
+    drivers = [threading.Thread(target=drive) for _ in range(min(count, len(names)))]
+    for driver in drivers:
+        driver.start()
+    for driver in drivers:
+        driver.join()
+    sys.stdout.write("\n" + "".join(outcome["report"] for outcome in outcomes))
+    run = sum(outcome["run"] for outcome in outcomes)
+    print("-" * 70 + "\nRan %d tests in %.3fs (%d workers)\n" % (run, time.monotonic() - started, count))
+    return run, sum(outcome["failed"] for outcome in outcomes), sum(outcome["skipped"] for outcome in outcomes)
+
+
+def _run_here(suite, verbose):
+    result = unittest.TextTestRunner(verbosity=2 if verbose else 1).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    skipped = len(result.skipped)
-    print("%d passed, %d failed, %d skipped" % (result.testsRun - failed - skipped, failed, skipped))
-    return 1 if failed or not result.testsRun else 0
+    return result.testsRun, failed, len(result.skipped)
+
+
+def _main(argv):
+    import unittest.mock  # noqa: F401  (used by StoreTests through unittest.mock)
+    module = sys.modules[__name__]
+    # A suite started in the background (`cmd &` in a script) inherits SIGINT
+    # ignored, and so would every CLI a test starts: the Ctrl-C tests need the default.
+    if POSIX and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if argv == ["--worker"]:
+        return _serve_tests(module)
+    # Tests never read our stdin; a harness's idle pipe must not leak into CLI runs.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    loader, verbose = unittest.TestLoader(), not os.environ.get("CI")
+    if argv:
+        suite = unittest.TestSuite(loader.loadTestsFromName(name, module) for name in argv)
+    else:
+        suite = loader.loadTestsFromModule(module)
+    names = list(_test_names(suite))
+    count = 1 if argv else _worker_count()
+    run, failed, skipped = _run_in_workers(names, count, verbose) if count > 1 else _run_here(suite, verbose)
+    print("%d passed, %d failed, %d skipped" % (run - failed - skipped, failed, skipped))
+    return 1 if failed or not run else 0
 
 
 import unittest.mock  # noqa: E402  (after the helpers, so the module reads top-down)
