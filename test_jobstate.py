@@ -6785,16 +6785,20 @@ def _test_names(suite):
             yield from _test_names(item)
 
 
+def _problem(kind, test, text):
+    """One failure as unittest reports it."""
+    return "%s\n%s: %s\n%s\n%s\n" % ("=" * 70, kind, test, "-" * 70, text)
+
+
 def _outcome(result, seconds):
-    """One test's result as a JSON line: counts, its letter, and unittest's report of any failure."""
-    report = io.StringIO()
-    text = unittest.TextTestResult(unittest.runner._WritelnDecorator(report), False, 0)
-    text.errors, text.failures = result.errors, result.failures
-    text.printErrors()
+    """One test's result as a JSON line: counts, its letter, and the report of any failure."""
+    report = "".join(_problem(kind, test, text) for kind, problems in (("ERROR", result.errors),
+                                                                        ("FAIL", result.failures))
+                     for test, text in problems)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     letter = "E" if result.errors else "F" if failed else "s" if result.skipped else "."
     return json.dumps({"run": result.testsRun, "failed": failed, "skipped": len(result.skipped),
-                       "letter": letter, "seconds": round(seconds, 2), "report": report.getvalue()})
+                       "letter": letter, "seconds": round(seconds, 2), "report": report})
 
 
 def _serve_tests(module):
@@ -6825,7 +6829,7 @@ def _run_in_workers(names, count, verbose):
     def finished(name, line):
         outcome = json.loads(line) if line else {
             "run": 1, "failed": 1, "skipped": 0, "letter": "E", "seconds": 0,
-            "report": "=" * 70 + "\nERROR: %s\n%s\nits worker process died\n\n" % (name, "-" * 70)}
+            "report": _problem("ERROR", name, "its worker process died")}
         with lock:
             outcomes.append(outcome)
             sys.stdout.write("%s ... %s (%.1f s)\n" % (name, outcome["letter"], outcome["seconds"]) if verbose
