@@ -76,7 +76,8 @@ if TYPE_CHECKING:  # annotations stay strings (PEP 563), so `typing` is never lo
 # The documents users get (JobState, JobSpec, ...) are dataclasses.  Internal
 # records are dataclasses without __repr__ and __eq__, which nothing uses:
 # each generated method is source compiled at every start-up (about 0.15 ms
-# each), in every CLI call and every supervisor.
+# each), in every CLI call and every supervisor.  Every dataclass has a
+# docstring: for one without, dataclass() makes one with inspect.signature.
 _record = functools.partial(dataclass, repr=False, eq=False)
 
 __version__ = "0.1.0"
@@ -138,8 +139,9 @@ _SIGNAL_NAMES = ("TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "
 # Signals whose purpose is to end the job: a kill with one of these leaves a
 # kill request, so the job is recorded as `killed` however the child reacts.
 _TERMINATING = frozenset({"TERM", "INT", "KILL", "HUP", "QUIT"})
-_TAG_RE = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\Z")
-_QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # a file name on every platform
+# Patterns are compiled where first used (re caches them), not at every start-up.
+_TAG_RE = r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\Z"
+_QUEUE_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"  # a file name on every platform
 # What holds a job's process tree (state.json `containment`), and what may enforce a limit.
 _CONTAINMENTS = ("cgroup", "process-group", "job-object")
 _ENFORCERS = ("job-object", "cgroup", "cgroup-v1", "rlimit", "none")
@@ -269,6 +271,8 @@ def _warning(code: str, message: str) -> dict:
 
 @dataclass
 class JobInfo:
+    """The `job` object of state.json: the job's id, status and start."""
+
     id: str
     status: JobStatus
     started_at: Optional[str] = None
@@ -276,6 +280,8 @@ class JobInfo:
 
 @dataclass
 class JobResult:
+    """The `result` object of state.json: how the job's last run ended."""
+
     exit_code: Optional[int] = None
     signal: Optional[str] = None
     duration_ms: Optional[int] = None
@@ -561,6 +567,8 @@ class Readiness:
 
 @dataclass
 class KillResult:
+    """What Job.kill() did: the state it left, the signal, the processes it reached and those still alive."""
+
     state: JobState
     signal_sent: str
     processes_signalled: int
@@ -2878,7 +2886,7 @@ def _validate_tags(tags: Sequence[str]) -> List[str]:
     """Check tag syntax and drop duplicates, keeping the first occurrence's order."""
     out: List[str] = []
     for tag in tags:
-        if not isinstance(tag, str) or not _TAG_RE.match(tag):
+        if not isinstance(tag, str) or not re.match(_TAG_RE, tag):
             raise InvalidTagError("invalid tag %r" % (tag,),
                                   hint="tags are dot-separated segments of letters, digits and '-'")
         if tag not in out:
@@ -2887,7 +2895,7 @@ def _validate_tags(tags: Sequence[str]) -> List[str]:
 
 
 def _validate_queue_name(name) -> str:
-    if not isinstance(name, str) or not _QUEUE_NAME_RE.match(name):
+    if not isinstance(name, str) or not re.match(_QUEUE_NAME_RE, name):
         raise InvalidArgumentError("invalid queue name %r" % (name,),
                                    hint="1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return name
@@ -2903,7 +2911,7 @@ def _tag_matches(pattern: str, tags: Sequence[str]) -> bool:
 
 def _validate_tag_filter(pattern: str) -> str:
     body = pattern[:-2] if pattern.endswith(".*") else pattern
-    if not _TAG_RE.match(body):
+    if not re.match(_TAG_RE, body):
         raise InvalidTagError("invalid tag filter %r" % (pattern,),
                               hint="filters are tags, optionally ending in '.*'")
     return pattern
@@ -3605,6 +3613,8 @@ class _QueuePaths:
 
 @_record
 class _QueueSettings:
+    """A queue's settings file (what `queue set` changed)."""
+
     parallel: int = DEFAULT_QUEUE_PARALLEL
     paused: bool = False
 
@@ -6605,7 +6615,7 @@ def _scan_queues(root: str, only: Optional[str] = None) -> List[QueueInfo]:
     except OSError:  # no queue was ever set
         names = []
     for name in names + ([only] if only else []):
-        if _QUEUE_NAME_RE.match(name) and only in (None, name):
+        if re.match(_QUEUE_NAME_RE, name) and only in (None, name):
             info(name)
     for job_id in reversed(_list_job_ids(root)):  # oldest first: the line's order
         paths = JobPaths(root, job_id)
@@ -7330,8 +7340,8 @@ _MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
 # whose recursion would otherwise kill the server.
 _MCP_MAX_LINE = 4 << 20
 _MCP_MAX_DEPTH = 256
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)  # unterminated: to the end
-_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+_JSON_STRING = r'(?s)"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)'  # unterminated: to the end
+_NOT_A_BRACKET = r"[^\[\]{}]+"
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
@@ -7340,7 +7350,7 @@ def _json_nesting_over(text: str, limit: int) -> bool:
     if text.count("[") + text.count("{") <= limit:
         return False
     from itertools import accumulate
-    brackets = _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text))
+    brackets = re.sub(_NOT_A_BRACKET, "", re.sub(_JSON_STRING, "", text))
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0) > limit
 
 
@@ -7392,6 +7402,8 @@ def _read_lines(stream, limit: int):
 
 @_record
 class _McpRequest:
+    """A JSON-RPC request that wants an answer, as _mcp_request checked it."""
+
     id: object
     method: str
     params: dict
@@ -7597,7 +7609,7 @@ class _McpServer:
 
 
 _MCP_PROGRESS_S = 1.0
-_FULL_LOG_PREFIX = re.compile(r"\A\S+ \[(?:STDOUT|STDERR)\] ")
+_FULL_LOG_PREFIX = r"\A\S+ \[(?:STDOUT|STDERR)\] "
 
 
 def _last_output_line(job: Job) -> str:
@@ -7606,7 +7618,7 @@ def _last_output_line(job: Job) -> str:
         text = _read_tail(job.paths.full_log, 1, 4096)[0]
     except JobError:
         return ""
-    return _FULL_LOG_PREFIX.sub("", text.strip())[:200]
+    return re.sub(_FULL_LOG_PREFIX, "", text.strip())[:200]
 
 
 def _serve_mcp(root: str) -> int:
@@ -7646,7 +7658,7 @@ _HTTP_SECURITY_HEADERS = (("Content-Security-Policy", _PAGE_CSP), ("X-Content-Ty
                           ("Cross-Origin-Resource-Policy", "same-origin"), ("Cache-Control", "no-store"))
 _HTML_TYPE = "text/html; charset=utf-8"
 # `token=` in a logged request line, its letters maybe percent-encoded (parse_qs decodes names).
-_LOGGED_TOKEN = re.compile(r"([?&;](?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&;\s\"]*", re.IGNORECASE)
+_LOGGED_TOKEN = r"(?i)([?&;](?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)=)[^&;\s\"]*"
 _LOG_STREAMS = ("stdout", "stderr", "full")
 _LOG_DEFAULT_LENGTH = 1 << 16
 _LOG_MAX_LENGTH = 1 << 20
@@ -7718,7 +7730,7 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
 
         def log_message(self, format, *args):
             # A login URL's token must not reach the log: it may be a secret the caller chose.
-            sys.stderr.write("%s %s\n" % (_utc_now(), _LOGGED_TOKEN.sub(r"\1***", format % args)))
+            sys.stderr.write("%s %s\n" % (_utc_now(), re.sub(_LOGGED_TOKEN, r"\1***", format % args)))
 
         def answer(self) -> None:
             self.cors_origin, self.body_read, extra = None, False, {}
