@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import json
+import marshal
 import os
 import queue
 import shutil
@@ -2157,6 +2158,33 @@ class SupervisorTests(JobTestCase):
             st = os.stat(cached()[0])
             stamps.append((st.st_ino, st.st_mtime_ns))
         self.assertEqual(stamps[0], stamps[1], "the second supervisor wrote the cache again")
+
+    @unittest.skipIf(jobstate._WINDOWS, "POSIX file ownership and modes")
+    def test_supervisors_never_run_cached_code_another_user_could_write(self):
+        """A cache for this very file (the right key) planted where supervisors
+        look, but group- or world-writable, or owned by another user: it is not
+        run; the supervisor compiles the file and writes a cache of its own."""
+        cache = os.path.join(self.tmp, "cache")
+        env = dict(os.environ, XDG_CACHE_HOME=cache)
+        path = jobstate._supervisor_code_path(os.path.join(cache, "jobstate"))
+        os.makedirs(os.path.dirname(path))
+        marker = os.path.join(self.tmp, "planted-code-ran")
+        planted = compile("open(%r, 'w').close()\nraise SystemExit('planted')\n" % marker, "planted", "exec")
+        owners = [(os.getuid(), 0o666), (os.getuid(), 0o620)]
+        if os.getuid() == 0:
+            owners.append((65534, 0o644))
+        for uid, mode in owners:
+            with open(path, "wb") as f:
+                marshal.dump(jobstate._supervisor_code_key(), f)
+                marshal.dump(planted, f)
+            os.chmod(path, mode)
+            os.chown(path, uid, -1)
+            status, doc, proc = self.cli_process("run", "--", *HELLO, env=env)
+            self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hello\n"), proc.stderr)
+            self.assertFalse(os.path.exists(marker), "a supervisor ran code it did not write (uid %d, mode %o)"
+                             % (uid, mode))
+            st = os.stat(path)
+            self.assertEqual((st.st_uid, st.st_mode & 0o777), (os.getuid(), 0o600), "not replaced by our own")
 
     def test_supervisors_run_the_file_as_it_is_now(self):
         """An edited jobstate.py is what the next supervisor runs, not the code
