@@ -5234,10 +5234,10 @@ def _supervisor_argv(*args: str) -> List[str]:
     a supervisor, or the forkserver.
 
     It runs only sections 1 to 7 of this file (see _SUPERVISOR_BOOT), from
-    bytecode cached under our cache directory: a script is compiled from
-    source on every start (~70 ms here), and a supervisor lives as long as its
-    job, holding every function it loaded.  No site (-S): it needs only the
-    standard library, and skipping .pth hooks saves most of the start-up.
+    bytecode cached under our cache directory: compiling them takes ~85 ms
+    here, and a supervisor lives as long as its job, holding every function it
+    loaded.  No site (-S): it needs only the standard library, and skipping
+    .pth hooks saves most of the start-up.
     """
     cache = _supervisor_code_path(_process_layer.cache_dir())
     return [sys.executable, "-S", "-c", _SUPERVISOR_BOOT, _THIS_FILE, cache, *args]
