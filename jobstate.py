@@ -5291,6 +5291,24 @@ def _cache_supervisor_code(cache: str, key: tuple, code) -> None:
         os.replace(part, cache)
     except OSError:  # no cache: the next supervisor compiles again (doctor says so)
         _unlink_quietly(part)
+        return
+    _forget_gone_copies(os.path.dirname(cache))
+
+
+def _forget_gone_copies(cache_dir: str) -> None:
+    """Remove the cached code of copies of jobstate.py that are gone (a temporary
+    checkout, a test's copy): nothing else would, and each is 0.4 MB."""
+    import marshal
+    for name in os.listdir(cache_dir):
+        if name.startswith("jobstate.") and name.endswith(".code"):
+            path = os.path.join(cache_dir, name)
+            try:
+                with open(path, "rb") as f:
+                    source = marshal.load(f)[0]
+            except (OSError, EOFError, ValueError, TypeError, IndexError):
+                continue  # being replaced, or not ours to judge
+            if isinstance(source, str) and not os.path.exists(source):
+                _unlink_quietly(path)
 
 
 def _supervisor_main(argv: List[str]) -> int:

@@ -2186,6 +2186,25 @@ class SupervisorTests(JobTestCase):
             st = os.stat(path)
             self.assertEqual((st.st_uid, st.st_mode & 0o777), (os.getuid(), 0o600), "not replaced by our own")
 
+    def test_supervisors_forget_the_cached_code_of_copies_that_are_gone(self):
+        """A cache left by a copy of jobstate.py since deleted is removed when a
+        supervisor next writes a cache; another copy's that still exists stays."""
+        cache = os.path.join(self.tmp, "cache")
+        env = dict(os.environ, XDG_CACHE_HOME=cache, LOCALAPPDATA=cache)
+        folder = os.path.join(cache, "jobstate")
+        os.makedirs(folder)
+        left = {}
+        sources = {"gone": os.path.join(self.tmp, "deleted", "jobstate.py"), "kept": os.path.abspath(__file__)}
+        for name, source in sources.items():
+            left[name] = os.path.join(folder, "jobstate.%s.code" % name)
+            with open(left[name], "wb") as f:
+                marshal.dump((source, 1, 2, 3), f)
+                marshal.dump(compile("", "x", "exec"), f)
+        status, doc, proc = self.cli_process("run", "--", *HELLO, env=env)
+        self.assertEqual((status, doc["state"]), (0, "exited"), proc.stderr)
+        self.assertFalse(os.path.exists(left["gone"]), "the cache of a deleted copy stayed")
+        self.assertTrue(os.path.exists(left["kept"]))
+
     def test_supervisors_run_the_file_as_it_is_now(self):
         """An edited jobstate.py is what the next supervisor runs, not the code
         cached from before the edit."""
