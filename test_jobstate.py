@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import json
+import marshal
 import os
 import queue
 import shutil
@@ -439,6 +440,14 @@ class StaticTests(unittest.TestCase):
                         for n in inner if isinstance(n, ast.Name) and n.id not in local
                         and defined.get(n.id, 0) > here]
         self.assertEqual(sorted(set(forward)), [], "calls must point backwards")
+
+    def test_supervisors_part_ends_where_section_8_starts(self):
+        """_SUPERVISOR_BOOT compiles the file up to section 8's banner: that banner
+        is there, once, and it is the one the boot looks for."""
+        with open(JOBSTATE, "rb") as f:
+            source = f.read()
+        self.assertEqual(source.count(b"\n# 8. Jobs API"), 1)
+        self.assertIn('source.index(b"\\n# 8. Jobs API")', jobstate._SUPERVISOR_BOOT)
 
     def test_the_root_is_resolved_once_where_a_surface_starts(self):
         """resolve_root runs in the public functions that take root= and in
@@ -2130,14 +2139,96 @@ class SupervisorTests(JobTestCase):
             self.assertEqual(f.read(), b"".join(b"\xff\xfe err %d\n" % i for i in range(40)))
         self.assertTrue(state.logs_drained)
 
-    def test_supervisor_keeps_its_bytecode_cache_when_writing_bytecode_is_off(self):
+    def test_supervisors_cache_their_part_of_the_file_once(self):
+        """A supervisor compiles sections 1-7 of jobstate.py and caches that code in
+        the cache directory (even with bytecode writing off); the next supervisor
+        reuses it instead of writing it again."""
         cache = os.path.join(self.tmp, "cache")
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", XDG_CACHE_HOME=cache, LOCALAPPDATA=cache)
+
+        def cached():
+            return [os.path.join(top, name) for top, _, names in os.walk(cache) for name in names]
+
+        stamps = []
+        for _ in range(2):
+            status, doc, proc = self.cli_process("run", "--", *HELLO, env=env)
+            self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hello\n"), proc.stderr)
+            self.assertEqual([os.path.basename(path).endswith(".code") for path in cached()], [True],
+                             "the supervisor compiled jobstate.py without caching it")
+            st = os.stat(cached()[0])
+            stamps.append((st.st_ino, st.st_mtime_ns))
+        self.assertEqual(stamps[0], stamps[1], "the second supervisor wrote the cache again")
+
+    @unittest.skipIf(jobstate._WINDOWS, "POSIX file ownership and modes")
+    def test_supervisors_never_run_cached_code_another_user_could_write(self):
+        """A cache for this very file (the right key) planted where supervisors
+        look, but group- or world-writable, or owned by another user: it is not
+        run; the supervisor compiles the file and writes a cache of its own."""
+        cache = os.path.join(self.tmp, "cache")
+        env = dict(os.environ, XDG_CACHE_HOME=cache)
+        path = jobstate._supervisor_code_path(os.path.join(cache, "jobstate"))
+        os.makedirs(os.path.dirname(path))
+        marker = os.path.join(self.tmp, "planted-code-ran")
+        planted = compile("open(%r, 'w').close()\nraise SystemExit('planted')\n" % marker, "planted", "exec")
+        owners = [(os.getuid(), 0o666), (os.getuid(), 0o620)]
+        if os.getuid() == 0:
+            owners.append((65534, 0o644))
+        for uid, mode in owners:
+            with open(path, "wb") as f:
+                marshal.dump(jobstate._supervisor_code_key(), f)
+                marshal.dump(planted, f)
+            os.chmod(path, mode)
+            os.chown(path, uid, -1)
+            status, doc, proc = self.cli_process("run", "--", *HELLO, env=env)
+            self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hello\n"), proc.stderr)
+            self.assertFalse(os.path.exists(marker), "a supervisor ran code it did not write (uid %d, mode %o)"
+                             % (uid, mode))
+            st = os.stat(path)
+            self.assertEqual((st.st_uid, st.st_mode & 0o777), (os.getuid(), 0o600), "not replaced by our own")
+
+    def test_supervisors_forget_the_cached_code_of_copies_that_are_gone(self):
+        """A cache left by a copy of jobstate.py since deleted is removed when a
+        supervisor next writes a cache; another copy's that still exists stays."""
+        cache = os.path.join(self.tmp, "cache")
+        env = dict(os.environ, XDG_CACHE_HOME=cache, LOCALAPPDATA=cache)
+        folder = os.path.join(cache, "jobstate")
+        os.makedirs(folder)
+        left = {}
+        sources = {"gone": os.path.join(self.tmp, "deleted", "jobstate.py"), "kept": os.path.abspath(__file__)}
+        for name, source in sources.items():
+            left[name] = os.path.join(folder, "jobstate.%s.code" % name)
+            with open(left[name], "wb") as f:
+                marshal.dump((source, 1, 2, 3), f)
+                marshal.dump(compile("", "x", "exec"), f)
         status, doc, proc = self.cli_process("run", "--", *HELLO, env=env)
-        self.assertEqual((status, doc["state"], doc["stdout"]), (0, "exited", "hello\n"), proc.stderr)
-        cached = [name for _, _, names in os.walk(cache) for name in names
-                  if name.startswith("jobstate.") and name.endswith(".pyc")]
-        self.assertEqual(len(cached), 1, "the supervisor compiled jobstate.py without caching it")
+        self.assertEqual((status, doc["state"]), (0, "exited"), proc.stderr)
+        self.assertFalse(os.path.exists(left["gone"]), "the cache of a deleted copy stayed")
+        self.assertTrue(os.path.exists(left["kept"]))
+
+    def test_supervisors_run_the_file_as_it_is_now(self):
+        """An edited jobstate.py is what the next supervisor runs, not the code
+        cached from before the edit."""
+        copy = os.path.join(self.tmp, "vendor", "jobstate.py")
+        os.mkdir(os.path.dirname(copy))
+        shutil.copy(JOBSTATE, copy)
+        cache = os.path.join(self.tmp, "cache")
+        env = dict(os.environ, XDG_CACHE_HOME=cache, LOCALAPPDATA=cache)
+        show = py("import os; print(os.environ.get('EDITED_JOB_ID', 'unedited'))")
+
+        def run_from_copy():
+            proc = subprocess.run([PY, copy, "--root", self.root, "run", "--"] + show, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+            doc = json.loads(proc.stdout)
+            self.assertEqual(doc["state"], "exited", proc.stderr)
+            return doc
+
+        self.assertEqual(run_from_copy()["stdout"], "unedited\n")
+        with open(copy) as f:
+            source = f.read()
+        with open(copy, "w") as f:
+            f.write(source.replace('JOB_ID_ENV = "JOBSTATE_JOB_ID"', 'JOB_ID_ENV = "EDITED_JOB_ID"', 1))
+        doc = run_from_copy()
+        self.assertEqual(doc["stdout"], doc["job_id"] + "\n")
 
     def test_full_log_interleaves_with_prefixes(self):
         code = ("import sys, time\n"
@@ -6253,19 +6344,20 @@ class RestrictedEnvironmentTests(JobTestCase):
         self.assertIn("missing ctypes (ImportError", said[0])
 
     def test_read_only_copy_without_bytecode(self):
-        """jobstate.py copied into a read-only directory with no compiled bytecode:
-        supervisors compile it each time; the job runs, and doctor says what it costs."""
+        """jobstate.py copied into a read-only directory with no compiled bytecode, and
+        a cache directory that cannot be written either: supervisors compile it each
+        time; the job runs, and doctor says what it costs."""
         source = os.path.join(self.tmp, "vendor")
         os.mkdir(source)
         shutil.copy(JOBSTATE, source)
-        env = dict(os.environ, HOME=self.tmp)
+        env = dict(os.environ, HOME=self.tmp, XDG_CACHE_HOME=os.path.join(source, "cache"))
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"', "sh", source]
         steps = self.drive(wrapper, prefix=[PY, os.path.join(source, "jobstate.py")], env=env)
         self.assert_operations_work(steps)
         self.assertIn("bytecode_cache", missing_facilities(steps["doctor"]["doc"]))
-        self.assertFalse(os.path.exists(os.path.join(source, "__pycache__")))
+        self.assertEqual(os.listdir(source), ["jobstate.py"])
 
     def test_pidfd_prctl_and_pipe_size_refused_by_seccomp(self):
         """An older runtime's seccomp profile: pidfd_open answers ENOSYS, prctl and
