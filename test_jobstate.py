@@ -2281,6 +2281,18 @@ class SupervisorTests(JobTestCase):
         with open(job.paths.stdout_log, "rb") as f:
             return f.read().decode().splitlines()
 
+    def test_wait_returns_with_every_byte_even_when_copying_lags_behind(self):
+        # The child writes 10,000 short lines at once and exits; the copy is slowed down
+        # by a costly pattern (~20 us a line here), so the pipe still holds most of the
+        # output when the child is gone.  wait must not return before it is copied.
+        lines = 10000
+        code = "import sys\nsys.stdout.buffer.write(b'xxxxxxxx\\n' * %d)\n" % lines
+        job = self.run_job(py(code), output_pattern=r"(x+x+)+y", output_match_type="regex")
+        state = job.wait(60)
+        self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
+        self.assertEqual(os.path.getsize(job.paths.stdout_log), 9 * lines, "wait returned before the output was copied")
+        self.assertTrue(state.logs_drained)
+
     def test_a_leftover_keeps_its_output_after_the_main_process_exits(self):
         job, gate, note = self.run_leftover_job()
         state = job.wait(15)  # returns as before: the end is on disk, the drain not over
