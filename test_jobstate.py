@@ -1971,6 +1971,50 @@ class StoreTests(JobTestCase):
         self.assertEqual((status, doc["jobs"], doc["truncated"]), (0, [], False))
         self.assertFalse(os.path.exists(self.root))
 
+    @unittest.skipUnless(jobstate._LINUX, "names each fsync'd descriptor through /proc")
+    def test_a_created_job_is_on_disk_before_create_returns(self):
+        """What a power loss right after create() (or run()) returns leaves: every
+        file of the job fsync'd with its content, the entries of its directory
+        fsync'd after the last of them was made, and the root fsync'd after the
+        job's directory was renamed into it (else the whole job may vanish)."""
+        events = []
+        real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+        def fsync(fd):
+            events.append(("fsync", os.readlink("/proc/self/fd/%d" % fd)))
+            return real_fsync(fd)
+
+        def renamed(real):
+            def rename(src, dst, *args, **kwargs):
+                events.append(("rename", os.fspath(src), os.fspath(dst)))
+                return real(src, dst, *args, **kwargs)
+            return rename
+        os.makedirs(self.root)
+        with contextlib.ExitStack() as patches:
+            patches.enter_context(unittest.mock.patch.object(os, "fsync", fsync))
+            patches.enter_context(unittest.mock.patch.object(os, "rename", renamed(real_rename)))
+            patches.enter_context(unittest.mock.patch.object(os, "replace", renamed(real_replace)))
+            job = jobstate.create(["cat"], root=self.root, stdin="the input")
+        self.assertEqual(sorted(n for n in os.listdir(job.paths.dir) if n != "lock"),
+                         ["meta.json", "state.json", "stdin.bin"])
+        into_root = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == job.paths.dir]
+        self.assertEqual(len(into_root), 1, events)
+        staging = events[into_root[0]][1]
+        before, after = events[:into_root[0]], events[into_root[0] + 1:]
+        self.assertIn(("fsync", os.path.realpath(self.root)), after, "the rename into the root is not durable")
+        synced = set()  # the final names of the files fsync'd before the rename
+        for event in before:
+            if event[0] == "fsync":
+                synced.add(event[1])
+            elif event[1] in synced:
+                synced.add(event[2])
+        for name in ("meta.json", "state.json", "stdin.bin"):
+            self.assertIn(os.path.join(os.path.realpath(staging), name), synced, "%s was never fsync'd" % name)
+        last_entry = max(i for i, e in enumerate(before) if e[0] == "rename" or
+                         (e[0] == "fsync" and e[1] != os.path.realpath(staging)))
+        self.assertIn(("fsync", os.path.realpath(staging)), before[last_entry + 1:],
+                      "the job directory's entries were not fsync'd after the last was made")
+
     def test_invalid_ids_never_touch_the_filesystem(self):
         os.makedirs(self.root)
         for bad in ("..", "../..", "/etc", "", "a/b", "x" * 33, "0" * 33, "g1", "a\0b", "é"):
