@@ -4034,7 +4034,6 @@ class _Supervisor:
             state = self._wait_turn(state, spec)
             if state is None:
                 return None
-        self._reserve_space()
         try:
             logs = self._open_logs()
             child, pipes = self._spawn(spec)
@@ -4042,7 +4041,6 @@ class _Supervisor:
             self.log("cannot start the command: %s" % failure.message)
             state.job.status, state.error = JobStatus.FAILED, Failure(failure.stage, failure.message)
             state.finished_at, state.logs_drained = _utc_now(), True
-            self._release_space()
             self._release_slot()
             _write_state(self.paths, state)
             _acknowledge()
@@ -4056,6 +4054,10 @@ class _Supervisor:
         _record_containment(state, child)
         _write_state(self.paths, state)
         _acknowledge()
+        # Only the pumps (in watch, after this) write the output to disk: a
+        # reserve taken here still keeps the room for the final state, and
+        # the launcher does not wait for it.
+        self._reserve_space()
         self.child = child
         self._log_missing_facilities()
         if (spec.after or spec.queue) and _read_kill_request(self.paths):
