@@ -5506,15 +5506,32 @@ def _read_ack(stream, timeout_s: float) -> Optional[bool]:
     return box[0].startswith(b"ok")
 
 
+def _poll_ack(fd: int, timeout_s: float) -> Optional[bool]:
+    """_read_ack without its thread, where a pipe can be polled (the fork paths: POSIX)."""
+    import select
+    poller, deadline, line = select.poll(), _deadline(timeout_s), b""
+    poller.register(fd, select.POLLIN)
+    while not line.endswith(b"\n"):
+        if not poller.poll(_remaining(deadline) * 1000):
+            return None
+        chunk = os.read(fd, 64)
+        if not chunk:
+            break
+        line += chunk
+    return line.startswith(b"ok")
+
+
 def _launch_by_fork(fork: Callable[[int], None]) -> Optional[bool]:
     """fork(ack_w) makes a supervisor that acknowledges on ack_w; wait for that."""
     ack_r, ack_w = os.pipe()
-    with open(ack_r, "rb", buffering=0) as ack:
+    try:
         try:
             fork(ack_w)
         finally:
             os.close(ack_w)
-        return _read_ack(ack, LAUNCH_ACK_TIMEOUT_S)
+        return _poll_ack(ack_r, LAUNCH_ACK_TIMEOUT_S)
+    finally:
+        os.close(ack_r)
 
 
 def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
