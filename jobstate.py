@@ -5375,10 +5375,9 @@ def _reap_children(*_signal_args) -> None:
         pass
 
 
-def _supervise_from_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
+def _supervise_from_forkserver(paths: JobPaths, lock_fd: int, request: dict) -> NoReturn:
     """A supervisor forked by the forkserver for one request: it takes on the
     launcher's environment and umask, then runs the whole job."""
-    sock.close()
     # What a spawned supervisor would inherit from the launcher at launch time.
     if os.environ != request["env"]:  # usually equal: we started with the launcher's environment
         os.environ.clear()
@@ -5389,14 +5388,54 @@ def _supervise_from_forkserver(paths: JobPaths, lock_fd: int, request: dict, soc
     _finish_supervising(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
 
 
+def _spare_supervisor(launcher_sock, forkserver_end, conn) -> NoReturn:
+    """A supervisor forked before its job was asked for (see _forkserver_main):
+    detached already, it waits for the one request the forkserver hands it on
+    conn, then runs that job.  It exits when the forkserver goes first."""
+    launcher_sock.close()  # a launcher must see the forkserver's death, not a spare that still listens
+    forkserver_end.close()
+    try:
+        message, fds = _recv_request(conn)
+    except (OSError, ValueError):
+        message, fds = b"", []
+    conn.close()
+    if not message:
+        os._exit(0)
+    # A bad request ends us here (fork_supervisor exits): its launcher reads EOF, not "ok".
+    request = json.loads(message)
+    lock_fd, ack_w, log = fds
+    for fd, target in ((ack_w, 1), (log, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    _supervise_from_forkserver(JobPaths(request["root"], request["job_id"]), lock_fd, request)
+
+
+def _fork_spare(launcher_sock, null: int):
+    """Fork the next spare supervisor; our end of its socket, or None when no
+    process can be forked now (the next request tries again)."""
+    import socket
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        body = functools.partial(_spare_supervisor, launcher_sock, ours, theirs)
+        _process_layer.fork_supervisor(body, stdout=null, stderr=null, reaper=True)
+        return ours
+    except OSError:
+        ours.close()
+        return None
+    finally:
+        theirs.close()
+
+
 def _forkserver_main(sock_fd: int) -> NoReturn:
     """Serve launch requests from one launcher process until it closes the socket.
 
     Each request is the job and the launcher's environment, with three
     descriptors: the job lock (held: the hand-over has no gap), the
     acknowledgement pipe and supervisor.log.  The supervisor is a fork of
-    this small warm process, so it starts in about a millisecond and shares
-    its memory with its siblings.
+    this small warm process, shares its memory with its siblings, and is
+    forked before its request comes: a spare that has its session, signals
+    and subreaper set already, and starts the job the moment it is handed
+    the request.  The next spare is forked while that job starts.
     """
     import gc
     import socket
@@ -5406,23 +5445,30 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
     _process_layer.supervisor_signals()  # a launcher's mask must not block our SIGCHLD
     _signal.signal(_signal.SIGCHLD, _reap_children)
     gc.freeze()  # forked supervisors then never copy these pages to collect them
+    null = os.open(os.devnull, os.O_WRONLY)
+    spare = _fork_spare(sock, null)
     while True:
         try:
             message, fds = _recv_request(sock)
         except (OSError, ValueError):
             message, fds = b"", []
         if not message:
-            os._exit(0)  # the launcher is gone; its jobs are not ours to end
-        try:
-            request = json.loads(message)
-            lock_fd, ack_w, log = fds
-            paths = JobPaths(request["root"], request["job_id"])
-            body = functools.partial(_supervise_from_forkserver, paths, lock_fd, request, sock)
-            _process_layer.fork_supervisor(body, stdout=ack_w, stderr=log, reaper=True)
-        except (ValueError, KeyError, OSError):  # a bad request: its launcher sees no ack
-            pass
+            os._exit(0)  # the launcher is gone; its jobs are not ours to end (the spare sees us go)
+        for _attempt in (1, 2):  # a spare that died (killed) is replaced once
+            spare = spare or _fork_spare(sock, null)
+            if spare is None:
+                break  # no process to run it: its launcher reads EOF
+            try:
+                _send_request(spare, message, fds)
+                break
+            except OSError:
+                pass
+            finally:
+                spare.close()
+                spare = None
         for fd in fds:
             os.close(fd)
+        spare = _fork_spare(sock, null)
 
 
 def _current_umask() -> Optional[int]:
@@ -5441,9 +5487,9 @@ class _Forkserver:
     """The forkserver of a process that launches more than one job (API, MCP, HTTP).
 
     Its first launch forks directly (or spawns); from the second on, a small
-    warm process started for the purpose forks each supervisor (see
-    _forkserver_main), so a launch costs about a millisecond of fork instead
-    of an interpreter start, whatever threads or memory this process has.
+    warm process started for the purpose hands each launch to a supervisor it
+    forked ahead (see _forkserver_main), so a launch costs no interpreter
+    start and no fork, whatever threads or memory this process has.
     The one-shot CLI never starts one.
     """
 

@@ -151,6 +151,16 @@ def waiting_for_a_lock(pid):
     return False
 
 
+def live_children(ppid):
+    """Running (not zombie) children of ppid (Linux /proc)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        fields = proc_stat(int(name))
+        if fields and fields[0] != b"Z" and int(fields[1]) == ppid:
+            found.append(int(name))
+    return found
+
+
 def zombie_children(ppid):
     """Exited, unreaped children of ppid (Linux /proc)."""
     found = []
@@ -800,6 +810,36 @@ class PosixProcessTests(JobTestCase):
         self.assertEqual(second_job.kill("TERM").state.signal, "SIGTERM")
         third_job = jobstate.open_job(third, self.root)
         self.assertEqual((third_job.wait(10).exit_code, third_job.tail().stdout), (0, "hello\n0027\n"))
+
+    @unittest.skipUnless(jobstate._LINUX, "the forkserver is Linux only")
+    def test_the_forkserver_keeps_a_spare_supervisor_and_replaces_a_killed_one(self):
+        script = ("import json, sys\nsys.path.insert(0, %r)\nimport jobstate\n"
+                  "for _ in range(2):\n"
+                  "    jobstate.run(['true'], root=%r).wait(10)\n"
+                  "print(json.dumps(jobstate._Forkserver._popen.pid), flush=True)\n"
+                  "sys.stdin.readline()\n"
+                  "job = jobstate.run(['sh', '-c', 'echo hi'], root=%r)\n"
+                  "print(json.dumps(job.id), flush=True)\n"
+                  "sys.stdin.read()\n" % (HERE, self.root, self.root))
+        proc = subprocess.Popen([PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(proc.wait, 60)
+        self.addCleanup(proc.stdin.close)
+        forkserver = json.loads(proc.stdout.readline())
+        # Its jobs' supervisors have exited: what stays is the spare, waiting.
+        spare = wait_for(lambda: live_children(forkserver) if len(live_children(forkserver)) == 1 else None,
+                         10, "one spare supervisor")[0]
+        self.assertEqual(os.getsid(spare), spare, "a spare is detached already")
+        os.kill(spare, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(spare), 5, "the spare to die")
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        job = jobstate.open_job(json.loads(proc.stdout.readline()), self.root)
+        self.assertEqual((job.wait(10).exit_code, job.tail().stdout), (0, "hi\n"))
+        replacement = wait_for(lambda: [p for p in live_children(forkserver) if p != spare], 10, "a new spare")[0]
+        proc.stdin.close()
+        self.assertEqual(proc.wait(60), 0)
+        wait_for(lambda: not pid_alive(forkserver), 10, "the forkserver to exit with its launcher")
+        wait_for(lambda: not pid_alive(replacement), 10, "the spare to exit with its forkserver")
 
     def test_launcher_ignoring_sigchld_still_gets_the_exit_code(self):
         status, doc, proc = self.cli_process(
