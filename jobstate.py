@@ -5338,7 +5338,8 @@ def _send_request(sock, data: bytes, fds: List[int]) -> None:
     import socket
     message = b"%010d" % len(data) + data
     sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    sock.sendall(message[sent:])
+    if sent < len(message):  # never an empty send: to a peer that read it all and closed, that is EPIPE
+        sock.sendall(message[sent:])
 
 
 def _recv_request(sock) -> Tuple[bytes, List[int]]:

@@ -841,6 +841,20 @@ class PosixProcessTests(JobTestCase):
         wait_for(lambda: not pid_alive(forkserver), 10, "the forkserver to exit with its launcher")
         wait_for(lambda: not pid_alive(replacement), 10, "the spare to exit with its forkserver")
 
+    @unittest.skipUnless(jobstate._LINUX, "the forkserver is Linux only")
+    def test_each_launch_through_the_forkserver_runs_its_job_once(self):
+        """A spare that read its whole request and closed its socket at once must
+        not make the forkserver believe the hand-over failed and hand the same
+        job to a second spare (two supervisors, the job run twice)."""
+        runs = os.path.join(self.tmp, "runs")
+        jobs = [self.run_job(["sh", "-c", "echo $JOBSTATE_JOB_ID >> %s" % runs]) for _ in range(40)]
+        for job in jobs:
+            self.assertEqual(job.wait(10).exit_code, 0)
+            wait_for(lambda: self.supervisor_gone(job.paths), 10, "the supervisor to exit")
+        with open(runs) as f:
+            ran = f.read().split()
+        self.assertEqual(sorted(ran), sorted(job.id for job in jobs))
+
     def test_launcher_ignoring_sigchld_still_gets_the_exit_code(self):
         status, doc, proc = self.cli_process(
             "run", "--", "sh", "-c", "exit 3",
