@@ -735,6 +735,9 @@ _MISSING_COSTS = {
     "pidfd": "signals go by pid after a start-time check: a window of microseconds in which a recycled pid "
              "could be hit",
     "pipe_size": "64 KiB output pipes instead of 1 MiB: more wake-ups of the supervisor for chatty jobs",
+    "clone3": "a job's child is not born in its cgroup but moves there before it execs: each launch waits for "
+              "the kernel's cgroup migration lock (an RCU grace period, milliseconds) unless another launch "
+              "has just paid for one",
     "fallocate": "the disk reserve that keeps room for the final state is written as zeros (256 KiB a start)",
     "o_nofollow": "job files are opened without the guard against a symbolic link planted in the root",
     "bytecode_cache": "every supervisor compiles jobstate.py from source: tens of milliseconds more per launch",
@@ -1021,11 +1024,18 @@ class _ChildPlan:
         the child again without containment."""
         for fd in self.entries:
             os.write(fd, b"0")
+        self.set_rlimits()
+
+    def set_rlimits(self) -> None:
         for resource_id, values in self.rlimits:
             self.setrlimit(resource_id, values)
 
     def needs_preexec(self) -> bool:
         return bool(self.entries or self.rlimits)
+
+    def enters_one_v2_cgroup(self) -> bool:
+        """The child's only cgroup is the job's v2 one: it can be born there (see _clone_into_cgroup)."""
+        return self.containment.cgroup is not None and len(self.entries) == 1
 
     def close(self) -> None:
         for fd in self.entries:
@@ -1159,6 +1169,68 @@ def _plan_rlimit(plan: _ChildPlan, name: str, value: float) -> str:
     plan.rlimits.append((resource_id, (soft, hard)))
     plan.setrlimit = resource.setrlimit
     return "rlimit"
+
+
+_SYS_CLONE3 = 435
+_CLONE_INTO_CGROUP = 0x200000000
+_CLONE3_MACHINES = frozenset({"x86_64", "aarch64", "riscv64", "ppc64le", "ppc64", "s390x", "loongarch64"})
+
+
+def _exec_arguments(argv, env) -> Tuple[List[bytes], List[bytes], Dict[bytes, bytes]]:
+    """The paths to try, argv and the environment for execve, checked as Popen
+    checks them (ValueError for a NUL or a bad name), before any child exists."""
+    def encoded(value) -> bytes:
+        value = os.fsencode(value)
+        if b"\0" in value:
+            raise ValueError("embedded null byte")
+        return value
+    args = [encoded(a) for a in argv]
+    environment = {}
+    for key, value in env.items():
+        key = encoded(key)
+        if not key or b"=" in key:
+            raise ValueError("illegal environment variable name")
+        environment[key] = encoded(value)
+    if os.path.dirname(args[0]):
+        return [args[0]], args, environment
+    return [os.path.join(os.fsencode(d), args[0]) for d in os.get_exec_path(env)], args, environment
+
+
+def _exec_child(executables: List[bytes], argv: List[bytes], env: Dict[bytes, bytes], cwd: str,
+                stdio: Tuple[int, int, int], report: int, top: int, plan: _ChildPlan) -> NoReturn:
+    """The child of _clone_into_cgroup, from clone to exec: what Popen's child
+    does for spawn_child (a new session, cwd, stdio, SIGPIPE and SIGXFSZ back to
+    the default, only fds 0-2), then the exec.  Only system calls: nothing here
+    takes a lock.  A failure goes to the parent as "errno:stage" on report."""
+    stage = b"setup"
+    try:
+        os.setsid()
+        stage = b"chdir"
+        os.chdir(cwd)
+        stage = b"setup"
+        for target, fd in enumerate(stdio):  # every fd given is 3 or above (the supervisor holds 0-2)
+            os.dup2(fd, target)
+        for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):
+            _signal.signal(signum, _signal.SIG_DFL)
+        plan.set_rlimits()
+        os.closerange(3, report)
+        os.closerange(report + 1, top)
+        stage, failure = b"exec", None
+        for path in executables:  # as Popen does: the first error that is not "not here" wins
+            try:
+                os.execve(path, argv, env)
+            except OSError as exc:
+                if failure is None or failure.errno in (errno.ENOENT, errno.ENOTDIR):
+                    failure = exc
+        raise failure or OSError(errno.ENOENT, "no path to try")
+    except BaseException as exc:
+        number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+        try:
+            os.write(report, b"%d:%s" % (number, stage))
+        except OSError:
+            pass
+    finally:
+        os._exit(127)
 
 
 class _PosixProcessLayer(_ProcessLayer):
@@ -1403,6 +1475,8 @@ class _PosixProcessLayer(_ProcessLayer):
     def warm_up(self) -> None:
         """Load and probe now what every supervisor forked from this process will need."""
         self.missing_facilities()
+        _cgroup_mounts()
+        self._clone3()
 
     @functools.lru_cache(maxsize=None)
     def _prctl(self):
@@ -1461,7 +1535,8 @@ class _PosixProcessLayer(_ProcessLayer):
         for contain, rlimits in ((True, True), (False, True), (False, False)):
             plan = _plan_child(job_id, limits, contain=contain, rlimits=rlimits)
             try:
-                popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+                popen, pid = self._start_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
+                                               stderr=stderr)
                 break
             except subprocess.SubprocessError:
                 plan.abandon()
@@ -1470,19 +1545,116 @@ class _PosixProcessLayer(_ProcessLayer):
                 raise
             finally:
                 plan.close()
-        return _Child(popen, popen.pid, self.process_token(popen.pid), containment=plan.containment)
+        return _Child(popen, pid, self.process_token(pid), containment=plan.containment)
+
+    def _start_child(self, argv, plan: _ChildPlan, **kwargs) -> Tuple[Optional[subprocess.Popen], int]:
+        """(Popen or None, pid): born in its cgroup where clone3 can, else entering it itself."""
+        if plan.enters_one_v2_cgroup():
+            pid = self._clone_into_cgroup(argv, plan, **kwargs)
+            if pid is not None:
+                return None, pid
+        popen = self._popen_child(argv, plan, **kwargs)
+        return popen, popen.pid
+
+    def _clone_into_cgroup(self, argv, plan: _ChildPlan, *, cwd, env, stdin, stdout, stderr) -> Optional[int]:
+        """Start the child inside the job's cgroup from its first instant
+        (clone3 with CLONE_INTO_CGROUP, Linux 5.7): nothing migrates, so the
+        launch never waits for the kernel's migration lock, which first waits
+        for an RCU grace period (6 to 17 ms here) unless another migration
+        just paid for one.  None where that cannot be done here: the caller
+        starts the child the other way (_popen_child).
+
+        The clone is a raw system call, so the interpreter is not told of the
+        fork as os.fork tells it.  That is sound with no other thread (none can
+        hold a lock the child needs, and the child's one thread is the one that
+        called) and the collector off (no finalizer of the parent's runs in the
+        child), as the child only makes system calls until it execs or exits
+        (_exec_child).  The pid it returns is ours to reap (wait_child).
+        """
+        import gc
+        import subprocess
+        clone = self._clone3()[0]
+        if clone is None or threading.active_count() != 1 or threading.current_thread() != threading.main_thread():
+            return None
+        executables, args, environment = _exec_arguments(argv, env)  # a ValueError here, as Popen's
+        opened: List[int] = []
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            opened.append(os.open(plan.containment.cgroup, os.O_RDONLY | os.O_DIRECTORY))
+            if stdin == subprocess.DEVNULL:
+                stdin = os.open(os.devnull, os.O_RDONLY)
+                opened.append(stdin)
+            elif not isinstance(stdin, int):
+                stdin = stdin.fileno()
+            report_r, report_w = os.pipe()  # close-on-exec: EOF once the exec succeeded
+            opened += [report_r, report_w]
+            top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+            pid = clone(opened[0])
+            if pid == 0:  # the child: it never comes back from here, nor turns the collector on
+                _exec_child(executables, args, environment, cwd, (stdin, stdout, stderr), report_w, top, plan)
+        except OSError:  # no /proc, or clone3 refused (seccomp, an older kernel, the cgroup's rules)
+            for fd in opened:
+                os.close(fd)
+            return None
+        finally:
+            if collecting:
+                gc.enable()
+        for fd in opened:
+            if fd != report_r:
+                os.close(fd)
+        with open(report_r, "rb") as report:
+            failure = report.read()
+        if failure:
+            os.waitpid(pid, 0)
+            number, _, stage = failure.partition(b":")
+            raise OSError(int(number), os.strerror(int(number)), cwd if stage == b"chdir" else argv[0])
+        return pid
+
+    @functools.lru_cache(maxsize=None)
+    def _clone3(self) -> Tuple[Optional[Callable[[int], int]], Optional[str]]:
+        """(clone(cgroup_fd) -> pid, 0 in the child, None) through libc's syscall(),
+        or (None, why not here).  clone3 is 435 on the 64-bit ABIs listed (MIPS
+        and x32, say, number it otherwise); an empty call tells whether the
+        kernel has it and a seccomp profile lets it through (EINVAL: it does)."""
+        if not _LINUX:
+            return None, None
+        if os.uname().machine not in _CLONE3_MACHINES or sys.maxsize < 2 ** 32:
+            return None, "clone3 is not known by number on %s" % os.uname().machine
+        try:
+            import ctypes
+            # PyDLL keeps the GIL across the call: the child comes back holding it, as the parent does.
+            syscall = ctypes.PyDLL(None, use_errno=True).syscall
+        except (ImportError, OSError, AttributeError) as exc:
+            return None, "no libc syscall() through ctypes: %s" % exc
+        syscall.restype = ctypes.c_long
+        syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t]
+        if syscall(_SYS_CLONE3, None, 0) < 0 and ctypes.get_errno() != errno.EINVAL:
+            return None, "clone3: %s" % os.strerror(ctypes.get_errno())
+
+        def clone(cgroup_fd: int) -> int:
+            # struct clone_args as of 5.7: flags, pidfd, child_tid, parent_tid,
+            # exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup.
+            args = (ctypes.c_uint64 * 11)(_CLONE_INTO_CGROUP, 0, 0, 0, _signal.SIGCHLD, 0, 0, 0, 0, 0, cgroup_fd)
+            pid = syscall(_SYS_CLONE3, args, ctypes.sizeof(args))
+            if pid < 0:
+                number = ctypes.get_errno()
+                raise OSError(number, os.strerror(number))
+            return pid
+        return clone, None
 
     @staticmethod
     def _popen_child(argv, plan: _ChildPlan, **kwargs) -> subprocess.Popen:
         # The child puts itself in its cgroup between fork and exec (preexec_fn),
-        # so it runs no code of the job outside it; its children inherit it.  The
-        # alternatives are worse: the supervisor moving itself into the job's
+        # so it runs no code of the job outside it; its children inherit it.
+        # Where it can, _clone_into_cgroup starts it there instead; this is the
+        # way without clone3, with cgroup v1 hierarchies to enter too, or with
+        # other threads running.  The alternatives are worse: the supervisor moving itself into the job's
         # cgroup around the fork would write to its own cgroup, outside
         # `jobstate`, to move back (and would stay in the job's if that failed);
-        # an exec shim costs an exec and turns exec errors into exit codes;
-        # clone3(CLONE_INTO_CGROUP) is out of Python's reach.  preexec_fn is
-        # unsafe where other threads run only if it needs a lock one of them may
-        # hold: plan.enter needs none (see _ChildPlan.enter).
+        # an exec shim costs an exec and turns exec errors into exit codes.
+        # preexec_fn is unsafe where other threads run only if it needs a lock
+        # one of them may hold: plan.enter needs none (see _ChildPlan.enter).
         import subprocess
         return subprocess.Popen(argv, close_fds=True, start_new_session=True,
                                 preexec_fn=plan.enter if plan.needs_preexec() else None, **kwargs)
@@ -1775,6 +1947,9 @@ class _PosixProcessLayer(_ProcessLayer):
         problem = self._pipe_size_problem()
         if problem:
             missing.append(_missing("pipe_size", problem))
+        problem = self._clone3()[1]
+        if problem and "cgroup" in _cgroup_enforcers():
+            missing.append(_missing("clone3", problem))
         missing += _missing_file_facilities(self.cache_dir())
         return missing
 
