@@ -5571,6 +5571,10 @@ def _spare_supervisor(launcher_sock, forkserver_end, conn) -> NoReturn:
     launcher_sock.close()  # a launcher must see the forkserver's death, not a spare that still listens
     forkserver_end.close()
     try:
+        _rehearse_start()
+    except Exception:  # it only warms memory: what failed in it, the real start meets and records
+        pass
+    try:
         message, fds = _recv_request(conn)
     except (OSError, ValueError):
         message, fds = b"", []
@@ -5584,6 +5588,24 @@ def _spare_supervisor(launcher_sock, forkserver_end, conn) -> NoReturn:
         os.dup2(fd, target)
         os.close(fd)
     _supervise_from_forkserver(JobPaths(request["root"], request["job_id"]), lock_fd, request)
+
+
+def _rehearse_start() -> None:
+    """What a spare does before it waits: run the code of a start on a job that
+    does not exist (no file opened, no process made).  A spare is a fork of the
+    forkserver, so each page of memory is copied when it is first written; the
+    hundreds of pages a start touches (the objects whose counts it changes)
+    are copied now instead of while the launcher waits (1.5 ms of a launch
+    here).  The job would have copied the same pages anyway."""
+    job_id = "0" * 32
+    request = json.loads(json.dumps({"root": os.sep, "job_id": job_id, "env": dict(os.environ), "umask": None}))
+    _Supervisor(JobPaths(request["root"], request["job_id"]))
+    state = JobState.from_dict(json.loads(_json_bytes(JobState(JobInfo(job_id, JobStatus.CREATED)).to_dict())))
+    spec = JobSpec.from_dict(json.loads(_json_bytes(JobSpec(["true"], os.sep).to_dict())))
+    state.job.status, state.job.started_at, state.pid = JobStatus.RUNNING, _utc_now(), os.getpid()
+    state.pid_token = _process_layer.process_token(os.getpid())
+    _json_bytes(state.to_dict())
+    _exec_arguments(spec.argv, _job_environment(spec, job_id))
 
 
 def _fork_spare(launcher_sock, null: int):
