@@ -5571,7 +5571,8 @@ def _spare_supervisor(launcher_sock, forkserver_end, conn) -> NoReturn:
     launcher_sock.close()  # a launcher must see the forkserver's death, not a spare that still listens
     forkserver_end.close()
     try:
-        _rehearse_start()
+        if not _request_waits(conn):  # launches in quick succession: the job first, not the rehearsal
+            _rehearse_start()
     except Exception:  # it only warms memory: what failed in it, the real start meets and records
         pass
     try:
@@ -5588,6 +5589,13 @@ def _spare_supervisor(launcher_sock, forkserver_end, conn) -> NoReturn:
         os.dup2(fd, target)
         os.close(fd)
     _supervise_from_forkserver(JobPaths(request["root"], request["job_id"]), lock_fd, request)
+
+
+def _request_waits(conn) -> bool:
+    import select
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _rehearse_start() -> None:
