@@ -755,6 +755,9 @@ _MISSING_COSTS = {
     "pidfd": "signals go by pid after a start-time check: a window of microseconds in which a recycled pid "
              "could be hit",
     "pipe_size": "64 KiB output pipes instead of 1 MiB: more wake-ups of the supervisor for chatty jobs",
+    "clone3": "a job's child is not born in its cgroup but moves there before it execs: each launch waits for "
+              "the kernel's cgroup migration lock (an RCU grace period, milliseconds) unless another launch "
+              "has just paid for one",
     "fallocate": "the disk reserve that keeps room for the final state is written as zeros (256 KiB a start)",
     "o_nofollow": "job files are opened without the guard against a symbolic link planted in the root",
     "bytecode_cache": "every supervisor compiles jobstate.py from source: tens of milliseconds more per launch",
@@ -1037,11 +1040,18 @@ class _ChildPlan:
         the child again without containment."""
         for fd in self.entries:
             os.write(fd, b"0")
+        self.set_rlimits()
+
+    def set_rlimits(self) -> None:
         for resource_id, values in self.rlimits:
             self.setrlimit(resource_id, values)
 
     def needs_preexec(self) -> bool:
         return bool(self.entries or self.rlimits)
+
+    def enters_one_v2_cgroup(self) -> bool:
+        """The child's only cgroup is the job's v2 one: it can be born there (see _clone_into_cgroup)."""
+        return self.containment.cgroup is not None and len(self.entries) == 1
 
     def close(self) -> None:
         for fd in self.entries:
@@ -1175,6 +1185,68 @@ def _plan_rlimit(plan: _ChildPlan, name: str, value: float) -> str:
     plan.rlimits.append((resource_id, (soft, hard)))
     plan.setrlimit = resource.setrlimit
     return "rlimit"
+
+
+_SYS_CLONE3 = 435
+_CLONE_INTO_CGROUP = 0x200000000
+_CLONE3_MACHINES = frozenset({"x86_64", "aarch64", "riscv64", "ppc64le", "ppc64", "s390x", "loongarch64"})
+
+
+def _exec_arguments(argv, env) -> Tuple[List[bytes], List[bytes], Dict[bytes, bytes]]:
+    """The paths to try, argv and the environment for execve, checked as Popen
+    checks them (ValueError for a NUL or a bad name), before any child exists."""
+    def encoded(value) -> bytes:
+        value = os.fsencode(value)
+        if b"\0" in value:
+            raise ValueError("embedded null byte")
+        return value
+    args = [encoded(a) for a in argv]
+    environment = {}
+    for key, value in env.items():
+        key = encoded(key)
+        if not key or b"=" in key:
+            raise ValueError("illegal environment variable name")
+        environment[key] = encoded(value)
+    if os.path.dirname(args[0]):
+        return [args[0]], args, environment
+    return [os.path.join(os.fsencode(d), args[0]) for d in os.get_exec_path(env)], args, environment
+
+
+def _exec_child(executables: List[bytes], argv: List[bytes], env: Dict[bytes, bytes], cwd: str,
+                stdio: Tuple[int, int, int], report: int, top: int, plan: _ChildPlan) -> NoReturn:
+    """The child of _clone_into_cgroup, from clone to exec: what Popen's child
+    does for spawn_child (a new session, cwd, stdio, SIGPIPE and SIGXFSZ back to
+    the default, only fds 0-2), then the exec.  Only system calls: nothing here
+    takes a lock.  A failure goes to the parent as "errno:stage" on report."""
+    stage = b"setup"
+    try:
+        os.setsid()
+        stage = b"chdir"
+        os.chdir(cwd)
+        stage = b"setup"
+        for target, fd in enumerate(stdio):  # every fd given is 3 or above (the supervisor holds 0-2)
+            os.dup2(fd, target)
+        for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):
+            _signal.signal(signum, _signal.SIG_DFL)
+        plan.set_rlimits()
+        os.closerange(3, report)
+        os.closerange(report + 1, top)
+        stage, failure = b"exec", None
+        for path in executables:  # as Popen does: the first error that is not "not here" wins
+            try:
+                os.execve(path, argv, env)
+            except OSError as exc:
+                if failure is None or failure.errno in (errno.ENOENT, errno.ENOTDIR):
+                    failure = exc
+        raise failure or OSError(errno.ENOENT, "no path to try")
+    except BaseException as exc:
+        number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+        try:
+            os.write(report, b"%d:%s" % (number, stage))
+        except OSError:
+            pass
+    finally:
+        os._exit(127)
 
 
 class _PosixProcessLayer(_ProcessLayer):
@@ -1419,6 +1491,8 @@ class _PosixProcessLayer(_ProcessLayer):
     def warm_up(self) -> None:
         """Load and probe now what every supervisor forked from this process will need."""
         self.missing_facilities()
+        _cgroup_mounts()
+        self._clone3()
 
     @functools.lru_cache(maxsize=None)
     def _prctl(self):
@@ -1477,7 +1551,8 @@ class _PosixProcessLayer(_ProcessLayer):
         for contain, rlimits in ((True, True), (False, True), (False, False)):
             plan = _plan_child(job_id, limits, contain=contain, rlimits=rlimits)
             try:
-                popen = self._popen_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+                popen, pid = self._start_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
+                                               stderr=stderr)
                 break
             except subprocess.SubprocessError:
                 plan.abandon()
@@ -1486,19 +1561,116 @@ class _PosixProcessLayer(_ProcessLayer):
                 raise
             finally:
                 plan.close()
-        return _Child(popen, popen.pid, self.process_token(popen.pid), containment=plan.containment)
+        return _Child(popen, pid, self.process_token(pid), containment=plan.containment)
+
+    def _start_child(self, argv, plan: _ChildPlan, **kwargs) -> Tuple[Optional[subprocess.Popen], int]:
+        """(Popen or None, pid): born in its cgroup where clone3 can, else entering it itself."""
+        if plan.enters_one_v2_cgroup():
+            pid = self._clone_into_cgroup(argv, plan, **kwargs)
+            if pid is not None:
+                return None, pid
+        popen = self._popen_child(argv, plan, **kwargs)
+        return popen, popen.pid
+
+    def _clone_into_cgroup(self, argv, plan: _ChildPlan, *, cwd, env, stdin, stdout, stderr) -> Optional[int]:
+        """Start the child inside the job's cgroup from its first instant
+        (clone3 with CLONE_INTO_CGROUP, Linux 5.7): nothing migrates, so the
+        launch never waits for the kernel's migration lock, which first waits
+        for an RCU grace period (6 to 17 ms here) unless another migration
+        just paid for one.  None where that cannot be done here: the caller
+        starts the child the other way (_popen_child).
+
+        The clone is a raw system call, so the interpreter is not told of the
+        fork as os.fork tells it.  That is sound with no other thread (none can
+        hold a lock the child needs, and the child's one thread is the one that
+        called) and the collector off (no finalizer of the parent's runs in the
+        child), as the child only makes system calls until it execs or exits
+        (_exec_child).  The pid it returns is ours to reap (wait_child).
+        """
+        import gc
+        import subprocess
+        clone = self._clone3()[0]
+        if clone is None or threading.active_count() != 1 or threading.current_thread() != threading.main_thread():
+            return None
+        executables, args, environment = _exec_arguments(argv, env)  # a ValueError here, as Popen's
+        opened: List[int] = []
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            opened.append(os.open(plan.containment.cgroup, os.O_RDONLY | os.O_DIRECTORY))
+            if stdin == subprocess.DEVNULL:
+                stdin = os.open(os.devnull, os.O_RDONLY)
+                opened.append(stdin)
+            elif not isinstance(stdin, int):
+                stdin = stdin.fileno()
+            report_r, report_w = os.pipe()  # close-on-exec: EOF once the exec succeeded
+            opened += [report_r, report_w]
+            top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+            pid = clone(opened[0])
+            if pid == 0:  # the child: it never comes back from here, nor turns the collector on
+                _exec_child(executables, args, environment, cwd, (stdin, stdout, stderr), report_w, top, plan)
+        except OSError:  # no /proc, or clone3 refused (seccomp, an older kernel, the cgroup's rules)
+            for fd in opened:
+                os.close(fd)
+            return None
+        finally:
+            if collecting:
+                gc.enable()
+        for fd in opened:
+            if fd != report_r:
+                os.close(fd)
+        with open(report_r, "rb") as report:
+            failure = report.read()
+        if failure:
+            os.waitpid(pid, 0)
+            number, _, stage = failure.partition(b":")
+            raise OSError(int(number), os.strerror(int(number)), cwd if stage == b"chdir" else argv[0])
+        return pid
+
+    @functools.lru_cache(maxsize=None)
+    def _clone3(self) -> Tuple[Optional[Callable[[int], int]], Optional[str]]:
+        """(clone(cgroup_fd) -> pid, 0 in the child, None) through libc's syscall(),
+        or (None, why not here).  clone3 is 435 on the 64-bit ABIs listed (MIPS
+        and x32, say, number it otherwise); an empty call tells whether the
+        kernel has it and a seccomp profile lets it through (EINVAL: it does)."""
+        if not _LINUX:
+            return None, None
+        if os.uname().machine not in _CLONE3_MACHINES or sys.maxsize < 2 ** 32:
+            return None, "clone3 is not known by number on %s" % os.uname().machine
+        try:
+            import ctypes
+            # PyDLL keeps the GIL across the call: the child comes back holding it, as the parent does.
+            syscall = ctypes.PyDLL(None, use_errno=True).syscall
+        except (ImportError, OSError, AttributeError) as exc:
+            return None, "no libc syscall() through ctypes: %s" % exc
+        syscall.restype = ctypes.c_long
+        syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t]
+        if syscall(_SYS_CLONE3, None, 0) < 0 and ctypes.get_errno() != errno.EINVAL:
+            return None, "clone3: %s" % os.strerror(ctypes.get_errno())
+
+        def clone(cgroup_fd: int) -> int:
+            # struct clone_args as of 5.7: flags, pidfd, child_tid, parent_tid,
+            # exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup.
+            args = (ctypes.c_uint64 * 11)(_CLONE_INTO_CGROUP, 0, 0, 0, _signal.SIGCHLD, 0, 0, 0, 0, 0, cgroup_fd)
+            pid = syscall(_SYS_CLONE3, args, ctypes.sizeof(args))
+            if pid < 0:
+                number = ctypes.get_errno()
+                raise OSError(number, os.strerror(number))
+            return pid
+        return clone, None
 
     @staticmethod
     def _popen_child(argv, plan: _ChildPlan, **kwargs) -> subprocess.Popen:
         # The child puts itself in its cgroup between fork and exec (preexec_fn),
-        # so it runs no code of the job outside it; its children inherit it.  The
-        # alternatives are worse: the supervisor moving itself into the job's
+        # so it runs no code of the job outside it; its children inherit it.
+        # Where it can, _clone_into_cgroup starts it there instead; this is the
+        # way without clone3, with cgroup v1 hierarchies to enter too, or with
+        # other threads running.  The alternatives are worse: the supervisor moving itself into the job's
         # cgroup around the fork would write to its own cgroup, outside
         # `jobstate`, to move back (and would stay in the job's if that failed);
-        # an exec shim costs an exec and turns exec errors into exit codes;
-        # clone3(CLONE_INTO_CGROUP) is out of Python's reach.  preexec_fn is
-        # unsafe where other threads run only if it needs a lock one of them may
-        # hold: plan.enter needs none (see _ChildPlan.enter).
+        # an exec shim costs an exec and turns exec errors into exit codes.
+        # preexec_fn is unsafe where other threads run only if it needs a lock
+        # one of them may hold: plan.enter needs none (see _ChildPlan.enter).
         import subprocess
         return subprocess.Popen(argv, close_fds=True, start_new_session=True,
                                 preexec_fn=plan.enter if plan.needs_preexec() else None, **kwargs)
@@ -1791,6 +1963,9 @@ class _PosixProcessLayer(_ProcessLayer):
         problem = self._pipe_size_problem()
         if problem:
             missing.append(_missing("pipe_size", problem))
+        problem = self._clone3()[1]
+        if problem and "cgroup" in _cgroup_enforcers():
+            missing.append(_missing("clone3", problem))
         missing += _missing_file_facilities(self.cache_dir())
         return missing
 
@@ -3068,7 +3243,7 @@ def _write_json_atomic(path: str, doc: dict) -> None:
     Temp file in the same directory, fsync, replace, fsync of the directory.
     ensure_ascii keeps argv bytes that are not UTF-8 (surrogate escapes) round-trippable.
     """
-    data = json.dumps(doc, separators=(",", ":")).encode("ascii")
+    data = _json_bytes(doc)
     tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
     try:
@@ -3082,6 +3257,20 @@ def _write_json_atomic(path: str, doc: dict) -> None:
         _unlink_quietly(tmp)
         raise
     _process_layer.fsync_dir(os.path.dirname(path))
+
+
+def _json_bytes(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+
+def _write_new_file(path: str, data: bytes) -> None:
+    """Create path (it must not exist), write data and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -3457,19 +3646,21 @@ def _read_json_quietly(path: str):
 
 
 def _populate_job_dir(final: JobPaths, staging: str, spec: JobSpec, stdin: Optional[bytes]) -> None:
-    """Write meta.json, state.json (created), stdin.bin and the lock file into the staging dir."""
+    """Write meta.json, state.json (created), stdin.bin and the lock file into the staging dir.
+
+    No reader sees the staging dir before _create renames it into the root, so
+    the files go straight to their names (no temp file, no rename each): each
+    is fsync'd, then the directory once, for all of their entries.
+    """
     def at(path):
         return os.path.join(staging, os.path.basename(path))
     if stdin is not None:
-        fd = os.open(at(final.stdin), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
-        try:
-            _write_all(fd, stdin)
-        finally:
-            os.close(fd)
+        _write_new_file(at(final.stdin), stdin)
     os.close(os.open(at(final.lock), os.O_WRONLY | os.O_CREAT | _FILE_FLAGS, 0o600))
-    _write_json_atomic(at(final.meta), spec.to_dict())
+    _write_new_file(at(final.meta), _json_bytes(spec.to_dict()))
     state = JobState(JobInfo(final.job_id, JobStatus.CREATED), updated_at=_utc_now())
-    _write_json_atomic(at(final.state), state.to_dict())
+    _write_new_file(at(final.state), _json_bytes(state.to_dict()))
+    _process_layer.fsync_dir(staging)
 
 
 def _held_error(paths: JobPaths, wanted: str) -> InvalidStateError:
@@ -4036,7 +4227,6 @@ class _Supervisor:
             state = self._wait_turn(state, spec)
             if state is None:
                 return None
-        self._reserve_space()
         try:
             logs = self._open_logs()
             child, pipes = self._spawn(spec)
@@ -4044,7 +4234,6 @@ class _Supervisor:
             self.log("cannot start the command: %s" % failure.message)
             state.job.status, state.error = JobStatus.FAILED, Failure(failure.stage, failure.message)
             state.finished_at, state.logs_drained = _utc_now(), True
-            self._release_space()
             self._release_slot()
             _write_state(self.paths, state)
             _acknowledge()
@@ -4058,6 +4247,10 @@ class _Supervisor:
         _record_containment(state, child)
         _write_state(self.paths, state)
         _acknowledge()
+        # Only the pumps (in watch, after this) write the output to disk: a
+        # reserve taken here still keeps the room for the final state, and
+        # the launcher does not wait for it.
+        self._reserve_space()
         self.child = child
         self._log_missing_facilities()
         if (spec.after or spec.queue) and _read_kill_request(self.paths):
@@ -5404,7 +5597,8 @@ def _send_request(sock, data: bytes, fds: List[int]) -> None:
     import socket
     message = b"%010d" % len(data) + data
     sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    sock.sendall(message[sent:])
+    if sent < len(message):  # never an empty send: to a peer that read it all and closed, that is EPIPE
+        sock.sendall(message[sent:])
 
 
 def _recv_request(sock) -> Tuple[bytes, List[int]]:
@@ -5441,10 +5635,9 @@ def _reap_children(*_signal_args) -> None:
         pass
 
 
-def _supervise_from_forkserver(paths: JobPaths, lock_fd: int, request: dict, sock) -> NoReturn:
+def _supervise_from_forkserver(paths: JobPaths, lock_fd: int, request: dict) -> NoReturn:
     """A supervisor forked by the forkserver for one request: it takes on the
     launcher's environment and umask, then runs the whole job."""
-    sock.close()
     # What a spawned supervisor would inherit from the launcher at launch time.
     if os.environ != request["env"]:  # usually equal: we started with the launcher's environment
         os.environ.clear()
@@ -5455,14 +5648,84 @@ def _supervise_from_forkserver(paths: JobPaths, lock_fd: int, request: dict, soc
     _finish_supervising(supervisor, _JobLock.handed_over(paths, lock_fd), supervisor.run)
 
 
+def _spare_supervisor(launcher_sock, forkserver_end, conn) -> NoReturn:
+    """A supervisor forked before its job was asked for (see _forkserver_main):
+    detached already, it waits for the one request the forkserver hands it on
+    conn, then runs that job.  It exits when the forkserver goes first."""
+    launcher_sock.close()  # a launcher must see the forkserver's death, not a spare that still listens
+    forkserver_end.close()
+    try:
+        if not _request_waits(conn):  # launches in quick succession: the job first, not the rehearsal
+            _rehearse_start()
+    except Exception:  # it only warms memory: what failed in it, the real start meets and records
+        pass
+    try:
+        message, fds = _recv_request(conn)
+    except (OSError, ValueError):
+        message, fds = b"", []
+    conn.close()
+    if not message:
+        os._exit(0)
+    # A bad request ends us here (fork_supervisor exits): its launcher reads EOF, not "ok".
+    request = json.loads(message)
+    lock_fd, ack_w, log = fds
+    for fd, target in ((ack_w, 1), (log, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    _supervise_from_forkserver(JobPaths(request["root"], request["job_id"]), lock_fd, request)
+
+
+def _request_waits(conn) -> bool:
+    import select
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _rehearse_start() -> None:
+    """What a spare does before it waits: run the code of a start on a job that
+    does not exist (no file opened, no process made).  A spare is a fork of the
+    forkserver, so each page of memory is copied when it is first written; the
+    hundreds of pages a start touches (the objects whose counts it changes)
+    are copied now instead of while the launcher waits (1.5 ms of a launch
+    here).  The job would have copied the same pages anyway."""
+    job_id = "0" * 32
+    request = json.loads(json.dumps({"root": os.sep, "job_id": job_id, "env": dict(os.environ), "umask": None}))
+    _Supervisor(JobPaths(request["root"], request["job_id"]))
+    state = JobState.from_dict(json.loads(_json_bytes(JobState(JobInfo(job_id, JobStatus.CREATED)).to_dict())))
+    spec = JobSpec.from_dict(json.loads(_json_bytes(JobSpec(["true"], os.sep).to_dict())))
+    state.job.status, state.job.started_at, state.pid = JobStatus.RUNNING, _utc_now(), os.getpid()
+    state.pid_token = _process_layer.process_token(os.getpid())
+    _json_bytes(state.to_dict())
+    _exec_arguments(spec.argv, _job_environment(spec, job_id))
+
+
+def _fork_spare(launcher_sock, null: int):
+    """Fork the next spare supervisor; our end of its socket, or None when no
+    process can be forked now (the next request tries again)."""
+    import socket
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        body = functools.partial(_spare_supervisor, launcher_sock, ours, theirs)
+        _process_layer.fork_supervisor(body, stdout=null, stderr=null, reaper=True)
+        return ours
+    except OSError:
+        ours.close()
+        return None
+    finally:
+        theirs.close()
+
+
 def _forkserver_main(sock_fd: int) -> NoReturn:
     """Serve launch requests from one launcher process until it closes the socket.
 
     Each request is the job and the launcher's environment, with three
     descriptors: the job lock (held: the hand-over has no gap), the
     acknowledgement pipe and supervisor.log.  The supervisor is a fork of
-    this small warm process, so it starts in about a millisecond and shares
-    its memory with its siblings.
+    this small warm process, shares its memory with its siblings, and is
+    forked before its request comes: a spare that has its session, signals
+    and subreaper set already, and starts the job the moment it is handed
+    the request.  The next spare is forked while that job starts.
     """
     import gc
     import socket
@@ -5472,23 +5735,30 @@ def _forkserver_main(sock_fd: int) -> NoReturn:
     _process_layer.supervisor_signals()  # a launcher's mask must not block our SIGCHLD
     _signal.signal(_signal.SIGCHLD, _reap_children)
     gc.freeze()  # forked supervisors then never copy these pages to collect them
+    null = os.open(os.devnull, os.O_WRONLY)
+    spare = _fork_spare(sock, null)
     while True:
         try:
             message, fds = _recv_request(sock)
         except (OSError, ValueError):
             message, fds = b"", []
         if not message:
-            os._exit(0)  # the launcher is gone; its jobs are not ours to end
-        try:
-            request = json.loads(message)
-            lock_fd, ack_w, log = fds
-            paths = JobPaths(request["root"], request["job_id"])
-            body = functools.partial(_supervise_from_forkserver, paths, lock_fd, request, sock)
-            _process_layer.fork_supervisor(body, stdout=ack_w, stderr=log, reaper=True)
-        except (ValueError, KeyError, OSError):  # a bad request: its launcher sees no ack
-            pass
+            os._exit(0)  # the launcher is gone; its jobs are not ours to end (the spare sees us go)
+        for _attempt in (1, 2):  # a spare that died (killed) is replaced once
+            spare = spare or _fork_spare(sock, null)
+            if spare is None:
+                break  # no process to run it: its launcher reads EOF
+            try:
+                _send_request(spare, message, fds)
+                break
+            except OSError:
+                pass
+            finally:
+                spare.close()
+                spare = None
         for fd in fds:
             os.close(fd)
+        spare = _fork_spare(sock, null)
 
 
 def _current_umask() -> Optional[int]:
@@ -5507,9 +5777,9 @@ class _Forkserver:
     """The forkserver of a process that launches more than one job (API, MCP, HTTP).
 
     Its first launch forks directly (or spawns); from the second on, a small
-    warm process started for the purpose forks each supervisor (see
-    _forkserver_main), so a launch costs about a millisecond of fork instead
-    of an interpreter start, whatever threads or memory this process has.
+    warm process started for the purpose hands each launch to a supervisor it
+    forked ahead (see _forkserver_main), so a launch costs no interpreter
+    start and no fork, whatever threads or memory this process has.
     The one-shot CLI never starts one.
     """
 
@@ -5572,15 +5842,32 @@ def _read_ack(stream, timeout_s: float) -> Optional[bool]:
     return box[0].startswith(b"ok")
 
 
+def _poll_ack(fd: int, timeout_s: float) -> Optional[bool]:
+    """_read_ack without its thread, where a pipe can be polled (the fork paths: POSIX)."""
+    import select
+    poller, deadline, line = select.poll(), _deadline(timeout_s), b""
+    poller.register(fd, select.POLLIN)
+    while not line.endswith(b"\n"):
+        if not poller.poll(_remaining(deadline) * 1000):
+            return None
+        chunk = os.read(fd, 64)
+        if not chunk:
+            break
+        line += chunk
+    return line.startswith(b"ok")
+
+
 def _launch_by_fork(fork: Callable[[int], None]) -> Optional[bool]:
     """fork(ack_w) makes a supervisor that acknowledges on ack_w; wait for that."""
     ack_r, ack_w = os.pipe()
-    with open(ack_r, "rb", buffering=0) as ack:
+    try:
         try:
             fork(ack_w)
         finally:
             os.close(ack_w)
-        return _read_ack(ack, LAUNCH_ACK_TIMEOUT_S)
+        return _poll_ack(ack_r, LAUNCH_ACK_TIMEOUT_S)
+    finally:
+        os.close(ack_r)
 
 
 def _launch_by_spawn(paths: JobPaths, lock: _JobLock, log: int) -> Optional[bool]:
@@ -6514,11 +6801,13 @@ def _create(root: str, argv, *, stdin=None, after: Sequence[str] = (), **definit
     _ensure_root(root)
     _require_trusted_locks(root)
     job_id = new_job_id()
-    staging = os.path.join(root, ".new-" + job_id)
+    staging, final = os.path.join(root, ".new-" + job_id), os.path.join(root, job_id)
     try:
         os.mkdir(staging, 0o700)
         _populate_job_dir(JobPaths(root, job_id), staging, spec, stdin)
-        os.rename(staging, os.path.join(root, job_id))
+        os.rename(staging, final)
+        staging = final  # a failure from here on removes the job itself: nobody was told of it
+        _process_layer.fsync_dir(root)  # the job that run() reports survives a power loss
     except OSError as exc:
         _rmtree(staging, ignore_errors=True)
         raise JobIOError("cannot create the job directory under %s: %s" % (root, exc.strerror or exc),

@@ -152,6 +152,16 @@ def waiting_for_a_lock(pid):
     return False
 
 
+def live_children(ppid):
+    """Running (not zombie) children of ppid (Linux /proc)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        fields = proc_stat(int(name))
+        if fields and fields[0] != b"Z" and int(fields[1]) == ppid:
+            found.append(int(name))
+    return found
+
+
 def zombie_children(ppid):
     """Exited, unreaped children of ppid (Linux /proc)."""
     found = []
@@ -809,6 +819,50 @@ class PosixProcessTests(JobTestCase):
         self.assertEqual(second_job.kill("TERM").state.signal, "SIGTERM")
         third_job = jobstate.open_job(third, self.root)
         self.assertEqual((third_job.wait(10).exit_code, third_job.tail().stdout), (0, "hello\n0027\n"))
+
+    @unittest.skipUnless(jobstate._LINUX, "the forkserver is Linux only")
+    def test_the_forkserver_keeps_a_spare_supervisor_and_replaces_a_killed_one(self):
+        script = ("import json, sys\nsys.path.insert(0, %r)\nimport jobstate\n"
+                  "for _ in range(2):\n"
+                  "    jobstate.run(['true'], root=%r).wait(10)\n"
+                  "print(json.dumps(jobstate._Forkserver._popen.pid), flush=True)\n"
+                  "sys.stdin.readline()\n"
+                  "job = jobstate.run(['sh', '-c', 'echo hi'], root=%r)\n"
+                  "print(json.dumps(job.id), flush=True)\n"
+                  "sys.stdin.read()\n" % (HERE, self.root, self.root))
+        proc = subprocess.Popen([PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(proc.wait, 60)
+        self.addCleanup(proc.stdin.close)
+        forkserver = json.loads(proc.stdout.readline())
+        # Its jobs' supervisors have exited: what stays is the spare, waiting.
+        spare = wait_for(lambda: live_children(forkserver) if len(live_children(forkserver)) == 1 else None,
+                         10, "one spare supervisor")[0]
+        self.assertEqual(os.getsid(spare), spare, "a spare is detached already")
+        os.kill(spare, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(spare), 5, "the spare to die")
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        job = jobstate.open_job(json.loads(proc.stdout.readline()), self.root)
+        self.assertEqual((job.wait(10).exit_code, job.tail().stdout), (0, "hi\n"))
+        replacement = wait_for(lambda: [p for p in live_children(forkserver) if p != spare], 10, "a new spare")[0]
+        proc.stdin.close()
+        self.assertEqual(proc.wait(60), 0)
+        wait_for(lambda: not pid_alive(forkserver), 10, "the forkserver to exit with its launcher")
+        wait_for(lambda: not pid_alive(replacement), 10, "the spare to exit with its forkserver")
+
+    @unittest.skipUnless(jobstate._LINUX, "the forkserver is Linux only")
+    def test_each_launch_through_the_forkserver_runs_its_job_once(self):
+        """A spare that read its whole request and closed its socket at once must
+        not make the forkserver believe the hand-over failed and hand the same
+        job to a second spare (two supervisors, the job run twice)."""
+        runs = os.path.join(self.tmp, "runs")
+        jobs = [self.run_job(["sh", "-c", "echo $JOBSTATE_JOB_ID >> %s" % runs]) for _ in range(40)]
+        for job in jobs:
+            self.assertEqual(job.wait(10).exit_code, 0)
+            wait_for(lambda: self.supervisor_gone(job.paths), 10, "the supervisor to exit")
+        with open(runs) as f:
+            ran = f.read().split()
+        self.assertEqual(sorted(ran), sorted(job.id for job in jobs))
 
     def test_launcher_ignoring_sigchld_still_gets_the_exit_code(self):
         status, doc, proc = self.cli_process(
@@ -1791,6 +1845,18 @@ class ContainmentTests(JobTestCase):
         job.delete()  # removes its cgroup, empty now
         self.assertEqual(cgroup_dirs_named({job.id}), [])
 
+    def test_a_command_that_cannot_be_executed_fails_the_job_and_leaves_no_cgroup(self):
+        """The child born in its cgroup (clone3) reports a failed exec as Popen's
+        does: the job fails at stage spawn, and the cgroup made for it goes."""
+        cases = ((["definitely-not-a-command-xyz", "a"], "command not found: definitely-not-a-command-xyz"),
+                 (["/etc/passwd", "x"], "permission denied: /etc/passwd is not executable"),
+                 ([os.path.join(self.tmp, "nowhere", "x"), "y"], "command not found"))
+        for argv, message in cases:
+            state = self.run_job(argv).state()  # the failure is on disk when run returns
+            self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "spawn"), argv)
+            self.assertIn(message, state.error.message)
+        self.assertEqual(cgroup_dirs_named(set(jobstate._list_job_ids(self.root))), [])
+
     def test_state_says_which_containment_and_matches_the_schema(self):
         _, schema, _ = self.cli("schema")
         job = self.run_job(py("import os; print(open('/proc/self/cgroup').read())"))
@@ -1979,6 +2045,50 @@ class StoreTests(JobTestCase):
         status, doc, _ = self.cli("list", "--all")
         self.assertEqual((status, doc["jobs"], doc["truncated"]), (0, [], False))
         self.assertFalse(os.path.exists(self.root))
+
+    @unittest.skipUnless(jobstate._LINUX, "names each fsync'd descriptor through /proc")
+    def test_a_created_job_is_on_disk_before_create_returns(self):
+        """What a power loss right after create() (or run()) returns leaves: every
+        file of the job fsync'd with its content, the entries of its directory
+        fsync'd after the last of them was made, and the root fsync'd after the
+        job's directory was renamed into it (else the whole job may vanish)."""
+        events = []
+        real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+        def fsync(fd):
+            events.append(("fsync", os.readlink("/proc/self/fd/%d" % fd)))
+            return real_fsync(fd)
+
+        def renamed(real):
+            def rename(src, dst, *args, **kwargs):
+                events.append(("rename", os.fspath(src), os.fspath(dst)))
+                return real(src, dst, *args, **kwargs)
+            return rename
+        os.makedirs(self.root)
+        with contextlib.ExitStack() as patches:
+            patches.enter_context(unittest.mock.patch.object(os, "fsync", fsync))
+            patches.enter_context(unittest.mock.patch.object(os, "rename", renamed(real_rename)))
+            patches.enter_context(unittest.mock.patch.object(os, "replace", renamed(real_replace)))
+            job = jobstate.create(["cat"], root=self.root, stdin="the input")
+        self.assertEqual(sorted(n for n in os.listdir(job.paths.dir) if n != "lock"),
+                         ["meta.json", "state.json", "stdin.bin"])
+        into_root = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == job.paths.dir]
+        self.assertEqual(len(into_root), 1, events)
+        staging = events[into_root[0]][1]
+        before, after = events[:into_root[0]], events[into_root[0] + 1:]
+        self.assertIn(("fsync", os.path.realpath(self.root)), after, "the rename into the root is not durable")
+        synced = set()  # the final names of the files fsync'd before the rename
+        for event in before:
+            if event[0] == "fsync":
+                synced.add(event[1])
+            elif event[1] in synced:
+                synced.add(event[2])
+        for name in ("meta.json", "state.json", "stdin.bin"):
+            self.assertIn(os.path.join(os.path.realpath(staging), name), synced, "%s was never fsync'd" % name)
+        last_entry = max(i for i, e in enumerate(before) if e[0] == "rename" or
+                         (e[0] == "fsync" and e[1] != os.path.realpath(staging)))
+        self.assertIn(("fsync", os.path.realpath(staging)), before[last_entry + 1:],
+                      "the job directory's entries were not fsync'd after the last was made")
 
     def test_invalid_ids_never_touch_the_filesystem(self):
         os.makedirs(self.root)
@@ -6265,6 +6375,7 @@ SECCOMP_EXEC = (
     "    return struct.pack('HBBI', code, jt, jf, k)\n"
     "prog = b''.join([op(LD_ABS, 4), op(JEQ, arch, 1, 0), op(RET, ALLOW), op(LD_ABS, 0),\n"
     "                 op(JEQ, 434, 0, 1), op(RET, ERRNO | errno.ENOSYS),\n"
+    "                 op(JEQ, 435, 0, 1), op(RET, ERRNO | errno.ENOSYS),\n"
     "                 op(JEQ, prctl_nr, 0, 1), op(RET, ERRNO | errno.EPERM),\n"
     "                 op(JEQ, fcntl_nr, 0, 3), op(LD_ABS, 24), op(JEQ, 1031, 0, 1), op(RET, ERRNO | errno.EPERM),\n"
     "                 op(RET, ALLOW)])\n"
@@ -6372,8 +6483,10 @@ class RestrictedEnvironmentTests(JobTestCase):
         self.assertEqual(os.listdir(source), ["jobstate.py"])
 
     def test_pidfd_prctl_and_pipe_size_refused_by_seccomp(self):
-        """An older runtime's seccomp profile: pidfd_open answers ENOSYS, prctl and
-        F_SETPIPE_SZ EPERM, for the launcher, the supervisors and the jobs alike."""
+        """An older runtime's seccomp profile: pidfd_open and clone3 answer ENOSYS,
+        prctl and F_SETPIPE_SZ EPERM, for the launcher, the supervisors and the
+        jobs alike.  Without clone3 a job's child still enters its cgroup (it
+        moves there before it execs), and doctor says what that costs."""
         import platform
         if platform.machine() not in ("x86_64", "aarch64"):
             self.skipTest("the seccomp filter knows the syscall numbers of x86_64 and aarch64 only")
@@ -6381,8 +6494,11 @@ class RestrictedEnvironmentTests(JobTestCase):
         self.assert_operations_work(steps, signalled_at_least=3)
         self.assert_tree_gone_here(steps)
         caps = self.doctor(steps)
-        self.assertTrue({"pidfd", "prctl", "pipe_size"} <= missing_facilities(steps["doctor"]["doc"]),
-                        caps["missing"])
+        contained = cgroup2_unwritable_reason() is None
+        expected = {"pidfd", "prctl", "pipe_size"} | ({"clone3"} if contained else set())
+        self.assertTrue(expected <= missing_facilities(steps["doctor"]["doc"]), caps["missing"])
+        with open(os.path.join(self.root, steps["run"]["doc"]["job_id"], "state.json")) as f:
+            self.assertEqual(json.load(f)["containment"], "cgroup" if contained else "process-group")
         self.assertEqual(caps["signal_delivery"], "verified-kill")
         self.assertNotIn("subreaper", caps["tree_discovery"])
 
