@@ -2301,7 +2301,8 @@ class SupervisorTests(JobTestCase):
         supervisor next writes a cache; another copy's that still exists stays."""
         cache = os.path.join(self.tmp, "cache")
         env = dict(os.environ, XDG_CACHE_HOME=cache, LOCALAPPDATA=cache)
-        folder = os.path.join(cache, "jobstate")
+        with unittest.mock.patch.dict(os.environ, XDG_CACHE_HOME=cache, LOCALAPPDATA=cache):
+            folder = jobstate._process_layer.cache_dir()  # ~/.cache/jobstate, %LOCALAPPDATA%\jobstate\cache
         os.makedirs(folder)
         left = {}
         sources = {"gone": os.path.join(self.tmp, "deleted", "jobstate.py"), "kept": os.path.abspath(__file__)}
@@ -2332,13 +2333,13 @@ class SupervisorTests(JobTestCase):
             self.assertEqual(doc["state"], "exited", proc.stderr)
             return doc
 
-        self.assertEqual(run_from_copy()["stdout"], "unedited\n")
+        self.assertEqual(lf(run_from_copy()["stdout"]), "unedited\n")
         with open(copy) as f:
             source = f.read()
         with open(copy, "w") as f:
             f.write(source.replace('JOB_ID_ENV = "JOBSTATE_JOB_ID"', 'JOB_ID_ENV = "EDITED_JOB_ID"', 1))
         doc = run_from_copy()
-        self.assertEqual(doc["stdout"], doc["job_id"] + "\n")
+        self.assertEqual(lf(doc["stdout"]), doc["job_id"] + "\n")
 
     def test_full_log_interleaves_with_prefixes(self):
         code = ("import sys, time\n"
