@@ -7022,13 +7022,10 @@ def _outcome(result, seconds):
                        "letter": letter, "seconds": round(seconds, 2), "report": report})
 
 
-def _serve_tests(module):
-    """--worker: run the tests named on stdin, one per line; one JSON line each on stdout."""
-    names, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
+def _serve_tests(module, names):
+    """--worker: run the tests named on `names` (our stdin), one per line; one JSON line each on stdout."""
+    answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what tests print goes to stderr; stdout carries only answers
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
     loader = unittest.TestLoader()
     for name in names:
         result = unittest.TestResult()
@@ -7100,12 +7097,14 @@ def _main(argv):
     # ignored, and so would every CLI a test starts: the Ctrl-C tests need the default.
     if POSIX and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if argv == ["--worker"]:
-        return _serve_tests(module)
+    worker = argv == ["--worker"]
+    names = os.fdopen(os.dup(0), "r") if worker else None  # a worker's orders, kept apart
     # Tests never read our stdin; a harness's idle pipe must not leak into CLI runs.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    if worker:
+        return _serve_tests(module, names)
     loader, verbose = unittest.TestLoader(), not os.environ.get("CI")
     if argv:
         suite = unittest.TestSuite(loader.loadTestsFromName(name, module) for name in argv)
