@@ -6953,8 +6953,10 @@ class Torture(JobTestCase):
         self.assertIn("owned by uid 65534", doc["error"]["message"])
 
     def test_soak(self):
-        short, long_running = scaled((60, 5), (2000, 50))
-        long_jobs = [self.run_job(py("import time; time.sleep(600)")) for _ in range(long_running)]
+        short, long_running, lasting_s = scaled((60, 5, 120), (2000, 50, 1200))
+        # Long enough to outlast the soak; no longer, so that one the cleanup missed (under
+        # Wine it holds the suite's output pipe) cannot outlast make test-windows's timeout.
+        long_jobs = [self.run_job(py("import time; time.sleep(%d)" % lasting_s)) for _ in range(long_running)]
         stop, errors = threading.Event(), []
 
         def hammer():
