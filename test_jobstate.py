@@ -5647,6 +5647,8 @@ class WebPageTests(ServeTestCase):
                 % (target, html.escape(field, quote=True), target, json.dumps(body), target, victim.id)).encode()
 
         class EvilSite(http.server.BaseHTTPRequestHandler):
+            timeout = 5  # a connection the browser opens ahead and leaves idle is dropped
+
             def do_GET(self):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
@@ -5656,7 +5658,9 @@ class WebPageTests(ServeTestCase):
 
             def log_message(self, *args):
                 pass
-        evil = http.server.HTTPServer(("127.0.0.1", 0), EvilSite)
+        # Threads: one idle connection (browsers open some ahead) must not hold up the rest or shutdown.
+        evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EvilSite)
+        evil.daemon_threads = True
         self.addCleanup(evil.server_close)
         threading.Thread(target=evil.serve_forever, daemon=True).start()
         self.addCleanup(evil.shutdown)
