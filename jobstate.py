@@ -3243,7 +3243,7 @@ def _write_json_atomic(path: str, doc: dict) -> None:
     Temp file in the same directory, fsync, replace, fsync of the directory.
     ensure_ascii keeps argv bytes that are not UTF-8 (surrogate escapes) round-trippable.
     """
-    data = _json_bytes(doc)
+    data = _file_json_bytes(doc)
     tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
     try:
@@ -3259,7 +3259,8 @@ def _write_json_atomic(path: str, doc: dict) -> None:
     _process_layer.fsync_dir(os.path.dirname(path))
 
 
-def _json_bytes(doc: dict) -> bytes:
+def _file_json_bytes(doc: dict) -> bytes:
+    """A job file's JSON: ASCII, so argv bytes that are not UTF-8 (surrogate escapes) round-trip."""
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
@@ -3657,9 +3658,9 @@ def _populate_job_dir(final: JobPaths, staging: str, spec: JobSpec, stdin: Optio
     if stdin is not None:
         _write_new_file(at(final.stdin), stdin)
     os.close(os.open(at(final.lock), os.O_WRONLY | os.O_CREAT | _FILE_FLAGS, 0o600))
-    _write_new_file(at(final.meta), _json_bytes(spec.to_dict()))
+    _write_new_file(at(final.meta), _file_json_bytes(spec.to_dict()))
     state = JobState(JobInfo(final.job_id, JobStatus.CREATED), updated_at=_utc_now())
-    _write_new_file(at(final.state), _json_bytes(state.to_dict()))
+    _write_new_file(at(final.state), _file_json_bytes(state.to_dict()))
     _process_layer.fsync_dir(staging)
 
 
@@ -5692,11 +5693,11 @@ def _rehearse_start() -> None:
     job_id = "0" * 32
     request = json.loads(json.dumps({"root": os.sep, "job_id": job_id, "env": dict(os.environ), "umask": None}))
     _Supervisor(JobPaths(request["root"], request["job_id"]))
-    state = JobState.from_dict(json.loads(_json_bytes(JobState(JobInfo(job_id, JobStatus.CREATED)).to_dict())))
-    spec = JobSpec.from_dict(json.loads(_json_bytes(JobSpec(["true"], os.sep).to_dict())))
+    state = JobState.from_dict(json.loads(_file_json_bytes(JobState(JobInfo(job_id, JobStatus.CREATED)).to_dict())))
+    spec = JobSpec.from_dict(json.loads(_file_json_bytes(JobSpec(["true"], os.sep).to_dict())))
     state.job.status, state.job.started_at, state.pid = JobStatus.RUNNING, _utc_now(), os.getpid()
     state.pid_token = _process_layer.process_token(os.getpid())
-    _json_bytes(state.to_dict())
+    _file_json_bytes(state.to_dict())
     _exec_arguments(spec.argv, _job_environment(spec, job_id))
 
 
