@@ -517,16 +517,21 @@ class StaticTests(unittest.TestCase):
                 ends = [n for n, line in enumerate(f, 1) if line.rstrip("\n").endswith("\\")]
             self.assertEqual(ends, [], "%s: use parentheses" % os.path.basename(path))
 
-    def test_no_name_is_defined_twice_at_the_top_level(self):
+    def test_no_name_is_defined_twice(self):
         """A second def of a name silently replaces the first for every caller (a merge
-        brought two _json_bytes, one of section 5 and one of section 10)."""
+        brought two _json_bytes, one of section 5 and one of section 10); in a test
+        class, the first test would silently never run."""
         import ast
         import collections
-        with open(JOBSTATE, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        defined = collections.Counter(node.name for node in tree.body
-                                      if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
-        self.assertEqual(sorted(name for name, count in defined.items() if count > 1), [])
+        for path in (JOBSTATE, os.path.join(HERE, "test_jobstate.py")):
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for scope in [tree] + [node for node in tree.body if isinstance(node, ast.ClassDef)]:
+                defined = collections.Counter(node.name for node in scope.body
+                                              if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
+                twice = sorted(name for name, count in defined.items() if count > 1)
+                where = getattr(scope, "name", "the module")
+                self.assertEqual(twice, [], "%s, in %s" % (os.path.basename(path), where))
 
 # ---------------------------------------------------------------------------
 # Schema (jobstate.py section 2)
