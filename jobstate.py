@@ -6643,35 +6643,33 @@ class Job:
         if unknown:
             raise InvalidArgumentError("unknown notification setting(s): %s" % ", ".join(unknown),
                                        hint="one of: " + ", ".join(JobSpec._SINK_KEYS))
-        try:
-            with _meta_lock(self.paths) as lock:
-                lock.acquire(blocking=True)
-                spec = _read_spec(self.paths)
-                for key, value in changes.items():
-                    setattr(spec, key, value if value not in (None, "") else JobSpec.__dataclass_fields__[key].default)
-                _check_sinks(spec)
-                _write_json_atomic(self.paths.meta, spec.to_dict())
-        except OSError as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise  # a deleted job: _deleted_is_not_found says so
-            raise JobIOError("cannot update the notifications of job %s: %s" % (self.id, exc.strerror or exc)) from None
-        return spec
+
+        def change(spec: JobSpec) -> None:
+            for key, value in changes.items():
+                setattr(spec, key, value if value not in (None, "") else JobSpec.__dataclass_fields__[key].default)
+            _check_sinks(spec)
+        return self._update_spec("notifications", change)
 
     @_deleted_is_not_found
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
         tags = _validate_tags(tags)
+        self._update_spec("tags", lambda spec: setattr(spec, "tags", tags))
+        return tags
+
+    def _update_spec(self, what: str, change: Callable[[JobSpec], None]) -> JobSpec:
+        """Read, change and rewrite meta.json under its lock; the new definition."""
         try:
             with _meta_lock(self.paths) as lock:
                 lock.acquire(blocking=True)
                 spec = _read_spec(self.paths)
-                spec.tags = tags
+                change(spec)
                 _write_json_atomic(self.paths.meta, spec.to_dict())
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):
                 raise  # a deleted job: _deleted_is_not_found says so
-            raise JobIOError("cannot update the tags of job %s: %s" % (self.id, exc.strerror or exc)) from None
-        return tags
+            raise JobIOError("cannot update the %s of job %s: %s" % (what, self.id, exc.strerror or exc)) from None
+        return spec
 
 
 def _check_sinks(spec: JobSpec) -> None:
