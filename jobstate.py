@@ -1018,6 +1018,11 @@ def _containment_counters(held: _Containment) -> Dict[str, float]:
     return counters
 
 
+class _PlanRefused(Exception):
+    """The child could not follow its _ChildPlan (subprocess's SubprocessError
+    from plan.enter), so it ran nothing: start it again with less."""
+
+
 class _ChildPlan:
     """What the child does between fork and exec to start contained: enter its
     cgroups (writing "0" to a cgroup.procs moves the writer) and set the
@@ -1036,8 +1041,8 @@ class _ChildPlan:
         takes none: the interpreter's own state is reset after the fork
         (PyOS_AfterFork_Child), it imports nothing, writes only to descriptors
         opened beforehand and calls a setrlimit bound beforehand; glibc's malloc
-        is fork-safe.  An error here is a SubprocessError: spawn_child starts
-        the child again without containment."""
+        is fork-safe.  An error here is a SubprocessError (_PlanRefused, to
+        spawn_child), which starts the child again without containment."""
         for fd in self.entries:
             os.write(fd, b"0")
         self.set_rlimits()
@@ -1542,8 +1547,7 @@ class _PosixProcessLayer(_ProcessLayer):
 
     def spawn_child(self, argv, *, job_id, cwd, env, stdin, stdout, stderr, limits=None) -> _Child:
         """Start the job's main process in a new session, in its cgroup where we
-        may make one, and with its limits (see _plan_child)."""
-        import subprocess
+        may make one, and with its limits (see _plan_child).  stdin None: /dev/null."""
         limits = dict(limits or {})
         # The child that cannot enter its cgroup (a delegation rule we could not
         # foresee) or set its rlimits runs nothing of the job: it is started
@@ -1554,7 +1558,7 @@ class _PosixProcessLayer(_ProcessLayer):
                 popen, pid = self._start_child(argv, plan, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
                                                stderr=stderr)
                 break
-            except subprocess.SubprocessError:
+            except _PlanRefused:
                 plan.abandon()
             except OSError:  # it could not be executed: no process, so no cgroup either
                 plan.abandon()
@@ -1588,7 +1592,6 @@ class _PosixProcessLayer(_ProcessLayer):
         (_exec_child).  The pid it returns is ours to reap (wait_child).
         """
         import gc
-        import subprocess
         clone = self._clone3()[0]
         if clone is None or threading.active_count() != 1 or threading.current_thread() != threading.main_thread():
             return None
@@ -1598,7 +1601,7 @@ class _PosixProcessLayer(_ProcessLayer):
         gc.disable()
         try:
             opened.append(os.open(plan.containment.cgroup, os.O_RDONLY | os.O_DIRECTORY))
-            if stdin == subprocess.DEVNULL:
+            if stdin is None:
                 stdin = os.open(os.devnull, os.O_RDONLY)
                 opened.append(stdin)
             elif not isinstance(stdin, int):
@@ -1672,8 +1675,13 @@ class _PosixProcessLayer(_ProcessLayer):
         # preexec_fn is unsafe where other threads run only if it needs a lock
         # one of them may hold: plan.enter needs none (see _ChildPlan.enter).
         import subprocess
-        return subprocess.Popen(argv, close_fds=True, start_new_session=True,
-                                preexec_fn=plan.enter if plan.needs_preexec() else None, **kwargs)
+        if kwargs["stdin"] is None:
+            kwargs["stdin"] = subprocess.DEVNULL
+        try:
+            return subprocess.Popen(argv, close_fds=True, start_new_session=True,
+                                    preexec_fn=plan.enter if plan.needs_preexec() else None, **kwargs)
+        except subprocess.SubprocessError as exc:  # raised in the child by plan.enter: no process
+            raise _PlanRefused(str(exc)) from None
 
     def wait_child(self, child: _Child, reaped: Optional[Callable[[int, int], None]] = None
                    ) -> Tuple[Optional[int], Optional[int]]:
@@ -2443,7 +2451,8 @@ class _WindowsProcessLayer(_ProcessLayer):
             # off for it, but with no console none could come, and INT ends
             # the tree through the Job Object anyway.)
             popen = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=stdout,
+                stderr=stderr,
                 creationflags=_WIN_CREATE_SUSPENDED | _WIN_CREATE_NEW_PROCESS_GROUP | _WIN_CREATE_NO_WINDOW)
         except BaseException:
             self._close(job)             # cleanup only; the caller records Popen's OSError
@@ -4648,7 +4657,6 @@ class _Supervisor:
 
     def _spawn(self, spec: JobSpec):
         """Start the child with its output on pipes; _SpawnFailure says why it could not start."""
-        import subprocess
         if not os.path.isdir(spec.cwd):
             raise _SpawnFailure("cwd", "working directory %s does not exist" % spec.cwd)
         try:
@@ -4660,7 +4668,7 @@ class _Supervisor:
         err_r, err_w = os.pipe()
         for fd in (out_r, err_r):
             _process_layer.tune_pipe(fd)
-        stdin = open(self.paths.stdin, "rb") if spec.has_stdin else subprocess.DEVNULL
+        stdin = open(self.paths.stdin, "rb") if spec.has_stdin else None  # None: /dev/null
         try:
             child = _process_layer.spawn_child(argv, job_id=self.paths.job_id, cwd=spec.cwd, env=env,
                                                stdin=stdin, stdout=out_w, stderr=err_w, limits=spec.limits())
@@ -4671,7 +4679,7 @@ class _Supervisor:
         finally:
             os.close(out_w)
             os.close(err_w)
-            if stdin is not subprocess.DEVNULL:
+            if stdin is not None:
                 stdin.close()
         return child, (out_r, err_r)
 
@@ -5445,8 +5453,20 @@ def _supervisor_argv(*args: str) -> List[str]:
 # used only if it is ours and only we may write it (it is code we run), and
 # only for the file it was compiled from (the key _supervisor_code_key()
 # computes); it is written by _cache_supervisor_code once the code runs.
+# dataclasses imports inspect, which brings ast, dis and tokenize (1.4 MiB per
+# supervisor, 5 ms of its start), only to write a docstring for a class that
+# has none; ours all have one (StaticTests), so a supervisor loads inspect the
+# first time something asks it for a name, and otherwise never.
 _SUPERVISOR_BOOT = r"""
 import marshal, os, sys, types
+
+class Later(types.ModuleType):  # see _SUPERVISOR_BOOT's comment
+    def __getattr__(self, name):
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(__import__(self.__name__), name)
+
+sys.modules.setdefault("inspect", Later("inspect"))
 path, cache = sys.argv[1:3]
 st = os.stat(path)
 key = (path, st.st_mtime_ns, st.st_size, sys.hexversion)

@@ -403,6 +403,19 @@ class StaticTests(unittest.TestCase):
         self.assertEqual(json.loads(out.decode().replace("'", '"')), [])
         self.assertEqual(os.listdir(home), [], "importing created files")
 
+    def test_every_dataclass_has_a_docstring(self):
+        """dataclass() writes one with inspect.signature for a class without: then
+        supervisors, which never load inspect otherwise, would (see _SUPERVISOR_BOOT)."""
+        import ast
+        with open(JOBSTATE, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        def named(decorator):
+            decorator = decorator.func if isinstance(decorator, ast.Call) else decorator
+            return getattr(decorator, "id", None)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and {"dataclass", "_record"} & set(map(named, node.decorator_list)):
+                self.assertTrue(ast.get_docstring(node), "dataclass %s has no docstring" % node.name)
+
     def test_public_names_exist(self):
         for name in jobstate.__all__:
             self.assertTrue(hasattr(jobstate, name), name)
@@ -2264,6 +2277,26 @@ class SupervisorTests(JobTestCase):
         with open(job.paths.stderr_log, "rb") as f:
             self.assertEqual(f.read(), b"".join(b"\xff\xfe err %d\n" % i for i in range(40)))
         self.assertTrue(state.logs_drained)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/maps") and "_opcode" not in sys.builtin_module_names,
+                         "needs /proc and an interpreter whose _opcode is a shared library")
+    def test_a_supervisor_never_loads_inspect(self):
+        """dataclasses imports inspect (with ast, dis and tokenize: 1.4 MiB in every
+        running job's supervisor) only for a class without a docstring.  Launched
+        both ways (a fork that execs the watcher, then through the forkserver),
+        the supervisor has not loaded dis: its _opcode library is not mapped."""
+        for _ in range(2):
+            job = self.run_job(py("import time; time.sleep(60)"))
+            pid = job.state().supervisor_pid
+
+            def booted():  # the forked launcher has exec'd the small interpreter, or is the forkserver's spare
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    return b"\0-S\0-c\0" in f.read()
+            wait_for(booted, message="a supervisor started by _SUPERVISOR_BOOT")
+            with open("/proc/%d/maps" % pid) as f:
+                self.assertNotIn("_opcode", f.read(), "the supervisor loaded dis (and inspect, ast, tokenize)")
+            job.kill("KILL")
+            job.wait(10)
 
     def test_supervisors_cache_their_part_of_the_file_once(self):
         """A supervisor compiles sections 1-7 of jobstate.py and caches that code in
