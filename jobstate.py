@@ -7203,6 +7203,22 @@ def _document_schemas() -> Dict[str, dict]:
     return schemas
 
 
+# Argv, cwd, env and tags keep bytes that are not UTF-8 as surrogate escapes
+# (U+DC80-U+DCFF), so the job files hold them exactly.  No strict JSON parser
+# accepts a lone surrogate, so a document shows each as U+FFFD, as the output
+# excerpts do ("utf-8-lossy"); the exact bytes stay in meta.json and Job.spec().
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _strict_json(doc, indent: Optional[int] = None, separators=(",", ":")) -> bytes:
+    """A document as UTF-8 JSON that every parser reads (MCP, HTTP and the CLI print this)."""
+    text = json.dumps(doc, ensure_ascii=False, indent=indent, separators=separators)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a JSON string escapes no surrogate: each is in the text as itself
+        return _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
+
+
 def _error_envelope(error: JobError) -> dict:
     body = {"code": error.code, "message": error.message, "retryable": error.retryable}
     if error.hint:
@@ -7822,7 +7838,7 @@ class _McpServer:
         return 0
 
     def send(self, message: dict) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
+        data = _strict_json(message) + b"\n"
         with self.write_lock:
             try:
                 self.output.write(data)
@@ -8224,7 +8240,7 @@ class _HttpHandling:
         self.finish_response(b"")
 
     def send_envelope(self, status: int, doc: dict, extra: Dict[str, str]) -> None:
-        body = _json_bytes(doc)
+        body = _strict_json(doc)
         if status == 200 and self.command == "GET":
             # Pollers (the web page, every second) send the tag back: 304 when nothing changed.
             extra = dict(extra, ETag=_etag(body))
@@ -8280,13 +8296,6 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
                 "bound_host": bound_host, "allowed_origins": allowed_origins,
                 "timeout": idle_timeout_s}  # per read and write: idle keep-alive connections are closed
     return type("Handler", (_HttpHandling, BaseHTTPRequestHandler), settings)
-
-
-def _json_bytes(doc: dict) -> bytes:
-    try:
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:  # argv bytes that are not UTF-8 (surrogate escapes): \u escapes instead
-        return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
 def _route_http(method: str, target: str, read_body, root: str):
@@ -8435,7 +8444,7 @@ def _send_follow(handler, follow: _OutputFollow) -> None:
         _follow(follow.job.paths, follow.start, [sink("stdout", follow.start[0]), sink("stderr", follow.start[1])],
                 wanted=lambda: _client_is_there(handler.connection))
         if events:
-            chunk(b"event: end\ndata: %s\n\n" % json.dumps(_status_doc(follow.job)).encode())
+            chunk(b"event: end\ndata: %s\n\n" % _strict_json(_status_doc(follow.job)))
         out.write(b"0\r\n\r\n")
         out.flush()
     except (OSError, JobError):  # the client went away, or the job was deleted: nothing left to send
@@ -10944,10 +10953,7 @@ def _emit(doc: dict, pretty: bool) -> None:
     """Print one JSON document on stdout (the only place the CLI writes JSON)."""
     indent = 2 if pretty else None
     separators = None if pretty else (",", ":")
-    try:
-        data = json.dumps(doc, ensure_ascii=False, indent=indent, separators=separators).encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes in paths or argv: fall back to \u escapes
-        data = json.dumps(doc, indent=indent, separators=separators).encode("ascii")
+    data = _strict_json(doc, indent, separators)
     try:
         sys.stdout.buffer.write(data + b"\n")
         sys.stdout.flush()

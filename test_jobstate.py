@@ -20,6 +20,7 @@ import json
 import marshal
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -261,6 +262,32 @@ def validate(instance, schema, path="$"):
     if "minimum" in schema and isinstance(instance, (int, float)) and instance < schema["minimum"]:
         errors.append("%s: %r < %r" % (path, instance, schema["minimum"]))
     return errors
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
+
+
+def strict_json(testcase, data):
+    """Parse bytes as a strict parser (orjson, pydantic) would: UTF-8 only, and no
+    \\uD800-\\uDFFF escapes, which stand for no character in a document."""
+    testcase.assertIsNone(SURROGATE_ESCAPE.search(data), data[:300])
+    return json.loads(data.decode("utf-8", "strict"))
+
+
+def job_with_bytes_not_utf8(testcase):
+    """A finished job whose argv, cwd and env hold the byte 0xE9 alone (what
+    `ls $'/tmp/caf\\xe9'` stores, surrogate-escaped in Python)."""
+    cwd = os.path.join(testcase.tmp, "caf\udce9")
+    os.mkdir(cwd)
+    job = jobstate.run([PY, "-c", "pass", "caf\udce9"], cwd=cwd, env={"K\udce9": "v\udce9"},
+                       root=testcase.root)
+    testcase.assertEqual(job.wait(30).status, jobstate.JobStatus.EXITED)
+    return job
+
+
+def assert_shown_as_replacement(testcase, doc):
+    testcase.assertEqual(doc["command"][-1], "caf\ufffd")
+    testcase.assertTrue(doc["cwd"].endswith("caf\ufffd"), doc["cwd"])
 
 
 class JobTestCase(unittest.TestCase):
@@ -4146,6 +4173,7 @@ main(...process.argv.slice(2)).catch((e) => { console.error(e); process.exit(1);
 """
 
 
+
 class McpTests(JobTestCase):
     def start_server(self, **env):
         proc = subprocess.Popen([PY, JOBSTATE, "--root", self.root, "mcp"], stdin=subprocess.PIPE,
@@ -4172,6 +4200,22 @@ class McpTests(JobTestCase):
         result = reply["result"]
         self.assertEqual(json.loads(result["content"][0]["text"]), result["structuredContent"])
         return result
+
+    def test_bytes_that_are_not_utf8_reach_strict_parsers(self):
+        job = job_with_bytes_not_utf8(self)
+        proc = self.start_server()
+        for msg_id, (name, args) in enumerate([("list", {"all": True}), ("status", {"job_id": job.id}),
+                                               ("wait", {"job_id": job.id, "until": 1})]):
+            message = {"jsonrpc": "2.0", "id": msg_id, "method": "tools/call",
+                       "params": {"name": name, "arguments": args}}
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+            proc.stdin.flush()
+            result = strict_json(self, proc.stdout.readline())["result"]
+            doc = result["structuredContent"]
+            self.assertEqual(json.loads(result["content"][0]["text"]), doc)
+            assert_shown_as_replacement(self, doc["jobs"][0] if name == "list" else doc)
+        self.assertEqual(job.spec().argv[-1], "caf\udce9")  # the job file keeps the byte
+        proc.stdin.close()
 
     def test_run_takes_a_queue_dependencies_and_a_restart_policy(self):
         proc = self.start_server()
@@ -4653,6 +4697,20 @@ class ServeTestCase(JobTestCase):
 
 
 class HttpTests(ServeTestCase):
+    def test_bytes_that_are_not_utf8_reach_strict_parsers(self):
+        job = job_with_bytes_not_utf8(self)
+        self.start_server()
+        for target in ("/jobs?all=1", "/jobs/" + job.id, "/jobs/%s/definition" % job.id):
+            status, _, data = self.send("GET", target, raw=True)
+            doc = strict_json(self, data)
+            self.assertEqual(status, 200, doc)
+            if "jobs" not in doc:
+                self.assertEqual(doc["env"], {"K\ufffd": "v\ufffd"})
+            assert_shown_as_replacement(self, doc["jobs"][0] if "jobs" in doc else doc)
+        status, doc = self.request("POST", "http://127.0.0.1:%d/jobs" % self.port, {"command": ["true"], "cwd": "\udce9\ud800"})
+        self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"))
+        self.assertIn("hint", doc["error"])
+
     def test_health_carries_the_capabilities(self):
         url = self.start_server()
         status, doc = self.request("GET", url + "/health")
@@ -5925,6 +5983,13 @@ class TextRenderingTests(JobTestCase):
 
 
 class CommandLineTests(JobTestCase):
+    def test_bytes_that_are_not_utf8_reach_strict_parsers(self):
+        job = job_with_bytes_not_utf8(self)
+        for args in (["status", job.id], ["list", "--all"], ["status", job.id, "--pretty"]):
+            _, _, proc = self.cli_process(*args)
+            doc = strict_json(self, proc.stdout)
+            assert_shown_as_replacement(self, doc["jobs"][0] if "jobs" in doc else doc)
+
     def test_agent_exec_option_names(self):
         job = self.run_job(py("print('a'); print('b')"))
         job.wait(20)
