@@ -7981,9 +7981,16 @@ def _last_output_line(job: Job) -> str:
     return re.sub(_FULL_LOG_PREFIX, "", text.strip())[:200]
 
 
+def _take_serve_token() -> Optional[str]:
+    """JOBSTATE_SERVE_TOKEN, removed from our environment: the jobs serve and mcp
+    start (and their forkserver) inherit it, and a job must not be able to drive serve."""
+    return os.environ.pop("JOBSTATE_SERVE_TOKEN", None) or None
+
+
 def _serve_mcp(root: str) -> int:
     """MCP on stdio.  Our real stdout carries only protocol: fd 1 is pointed at
     stderr so nothing else (a stray print, a child) can corrupt the stream."""
+    _take_serve_token()
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     return _McpServer(root, protocol).serve(sys.stdin.buffer)
@@ -8677,7 +8684,7 @@ def _check_origin_option(value: str) -> str:
 def _serve_token(host: str, use_token: bool) -> Tuple[Optional[str], bool]:
     """The bearer token serve demands and whether serve made it: JOBSTATE_SERVE_TOKEN,
     else a new random one; None only for --no-token, which loopback binds alone may use."""
-    given = os.environ.get("JOBSTATE_SERVE_TOKEN") or None
+    given = _take_serve_token()
     if use_token and given:
         return given, False
     if use_token:

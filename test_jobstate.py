@@ -4173,6 +4173,9 @@ main(...process.argv.slice(2)).catch((e) => { console.error(e); process.exit(1);
 """
 
 
+# A job that prints the variables whose name has TOKEN in it, one a line.
+PRINT_TOKENS = py("import os; print(sorted(k + '=' + v for k, v in os.environ.items() if 'TOKEN' in k))")
+
 
 class McpTests(JobTestCase):
     def start_server(self, **env):
@@ -4215,6 +4218,13 @@ class McpTests(JobTestCase):
             self.assertEqual(json.loads(result["content"][0]["text"]), doc)
             assert_shown_as_replacement(self, doc["jobs"][0] if name == "list" else doc)
         self.assertEqual(job.spec().argv[-1], "caf\udce9")  # the job file keeps the byte
+        proc.stdin.close()
+
+    def test_jobs_do_not_inherit_the_serve_token(self):
+        proc = self.start_server(JOBSTATE_SERVE_TOKEN="MYSECRETTOKEN123")
+        doc = self.call(proc, 1, "run", {"command": PRINT_TOKENS, "until": 30})["structuredContent"]
+        self.assertEqual(doc["state"], "exited", doc)
+        self.assertEqual(doc["stdout"].strip(), "[]")
         proc.stdin.close()
 
     def test_run_takes_a_queue_dependencies_and_a_restart_policy(self):
@@ -4710,6 +4720,13 @@ class HttpTests(ServeTestCase):
         status, doc = self.request("POST", "http://127.0.0.1:%d/jobs" % self.port, {"command": ["true"], "cwd": "\udce9\ud800"})
         self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"))
         self.assertIn("hint", doc["error"])
+
+    def test_jobs_do_not_inherit_the_serve_token(self):
+        url = self.start_server(token="MYSECRETTOKEN123")
+        for target in ("/jobs", "/exec"):
+            status, doc = self.request("POST", url + target, {"command": PRINT_TOKENS, "until": 30})
+            self.assertEqual((status, doc["state"]), (200, "exited"), doc)
+            self.assertEqual(doc["stdout"].strip(), "[]", target)
 
     def test_health_carries_the_capabilities(self):
         url = self.start_server()
