@@ -8002,6 +8002,12 @@ _HTTP_MAX_BODY = 1 << 20
 _HTTP_MAX_THREADS = 64        # connections served at once; more wait in the listen queue
 _HTTP_LISTEN_BACKLOG = 128
 _HTTP_IDLE_TIMEOUT_S = 30.0   # JOBSTATE_SERVE_IDLE_TIMEOUT
+# A request's head (request line and headers, the wait for it included) and its
+# body each have the idle timeout in all, however the bytes trickle in; while
+# most handler threads are taken, 2 s: a client that has not sent its head by
+# then gives its thread to the connections waiting in the listen queue.
+_HTTP_BUSY_THREADS = _HTTP_MAX_THREADS * 3 // 4
+_HTTP_BUSY_DEADLINE_S = 2.0
 _SERVE_FILENAME = "serve.json"
 _HTTP_STATUS = {"job_not_found": 404, "invalid_state": 409, "unauthorized": 401, "forbidden": 403,
                 "payload_too_large": 413, "not_found": 404, "method_not_allowed": 405,
@@ -8099,6 +8105,28 @@ class _HttpHandling:
     def log_message(self, format, *args):
         # A login URL's token must not reach the log: it may be a secret the caller chose.
         sys.stderr.write("%s %s\n" % (_utc_now(), re.sub(_LOGGED_TOKEN, r"\1***", format % args)))
+
+    def handle_one_request(self) -> None:
+        self.server.watch(self)  # from now until the head is read: see _HTTP_BUSY_DEADLINE_S
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.unwatch(self)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if self.server.unwatch(self):  # cut off mid-head: what was read is not a whole request
+            self.close_connection = True
+            return False
+        return parsed
+
+    def read_within_deadline(self, length: int) -> bytes:
+        """A body's bytes, all of them within the deadline (a short read when it passes)."""
+        self.server.watch(self)
+        try:
+            return self.rfile.read(length)
+        finally:
+            self.server.unwatch(self)
 
     def answer(self) -> None:
         self.cors_origin, self.body_read, extra = None, False, {}
@@ -8208,7 +8236,7 @@ class _HttpHandling:
         if length > _HTTP_MAX_BODY:
             raise _PayloadTooLargeError("request body over %d bytes" % _HTTP_MAX_BODY)
         try:
-            raw = self.rfile.read(length)
+            raw = self.read_within_deadline(length)
         except OSError:  # the idle timeout, or a reset: the client cannot be answered reliably
             raw = b""
         self.body_read = True
@@ -8230,7 +8258,7 @@ class _HttpHandling:
             self.close_connection = True
             return
         try:
-            self.rfile.read(length)
+            self.read_within_deadline(length)
         except OSError:  # the client went quiet or away: nothing left to keep in sync
             self.close_connection = True
 
@@ -8719,25 +8747,62 @@ def _make_http_server(host: str, port: int, handler):
         stopping = False  # set by a signal handler; checked at least every `timeout` seconds
         timeout = 0.5
 
+        busy = 0  # handler threads under way
+        reading: Dict[object, float] = {}  # handlers reading a head or body: since when
+        reading_guard = threading.Lock()
+
         def process_request(self, request, client_address):
             # With every slot busy the accepting loop waits here, and new
             # connections wait in the kernel's listen queue, not in threads.
             while not self.slots.acquire(timeout=0.5):
+                self.cut_overdue_reads()
                 if self.stopping:
                     return self.shutdown_request(request)
+            with self.reading_guard:
+                self.busy += 1
             thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
                                       daemon=True)
             try:
                 thread.start()
             except RuntimeError:  # "can't start new thread": it never ran, so it never releases its slot
-                self.slots.release()
+                self.release_slot()
                 raise
 
         def process_request_thread(self, request, client_address):
             try:
                 super().process_request_thread(request, client_address)
             finally:
-                self.slots.release()
+                self.release_slot()
+
+        def release_slot(self):
+            with self.reading_guard:
+                self.busy -= 1
+            self.slots.release()
+
+        def watch(self, handler):
+            with self.reading_guard:
+                self.reading[handler] = time.monotonic()
+
+        def unwatch(self, handler) -> bool:
+            """Stop watching; whether the read had been cut off (it is then over)."""
+            with self.reading_guard:
+                return self.reading.pop(handler, None) is None and getattr(handler, "cut_off", False)
+
+        def cut_overdue_reads(self):
+            """Hang up on reads past their deadline: a shutdown wakes the handler's recv (EOF)."""
+            now = time.monotonic()
+            with self.reading_guard:
+                busy = self.busy >= _HTTP_BUSY_THREADS
+                allowed = _HTTP_BUSY_DEADLINE_S if busy else self.RequestHandlerClass.timeout
+                overdue = [h for h, since in self.reading.items() if now - since > allowed]
+                for handler in overdue:
+                    del self.reading[handler]
+                    handler.cut_off = True
+            for handler in overdue:
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already gone
+                    pass
 
         def handle_error(self, request, client_address):
             sys.stderr.write("%s %s: %s\n" % (_utc_now(), client_address[0], sys.exc_info()[1]))
@@ -8771,6 +8836,7 @@ def _serve_http(root: str, bind: str, ready, *, use_token: bool = True,
             "login_url": _login_url(url, token, made_token), "allowed_origins": origins}))
         while not server.stopping:
             server.handle_request()
+            server.cut_overdue_reads()
     except KeyboardInterrupt:  # where our handlers could not be installed
         pass
     finally:

@@ -4717,7 +4717,8 @@ class HttpTests(ServeTestCase):
             if "jobs" not in doc:
                 self.assertEqual(doc["env"], {"K\ufffd": "v\ufffd"})
             assert_shown_as_replacement(self, doc["jobs"][0] if "jobs" in doc else doc)
-        status, doc = self.request("POST", "http://127.0.0.1:%d/jobs" % self.port, {"command": ["true"], "cwd": "\udce9\ud800"})
+        status, doc = self.request("POST", "http://127.0.0.1:%d/jobs" % self.port,
+                                   {"command": ["true"], "cwd": "\udce9\ud800"})
         self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"))
         self.assertIn("hint", doc["error"])
 
@@ -4727,6 +4728,52 @@ class HttpTests(ServeTestCase):
             status, doc = self.request("POST", url + target, {"command": PRINT_TOKENS, "until": 30})
             self.assertEqual((status, doc["state"]), (200, "exited"), doc)
             self.assertEqual(doc["stdout"].strip(), "[]", target)
+
+    @unittest.skipUnless(jobstate._LINUX, "counts the server's threads in /proc")
+    def test_slow_connections_cannot_hold_every_handler_thread(self):
+        """Slowloris: more connections than handler threads, each trickling a byte
+        of a request that never ends (reconnecting when dropped); a well-formed
+        request, with or without a token, is still answered."""
+        import socket
+        self.start_server()
+        stop, lock, socks = threading.Event(), threading.Lock(), []
+
+        def connect():
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            sock.sendall(b"G")
+            return sock
+
+        def trickle():
+            while not stop.wait(0.5):
+                with lock:
+                    for i, sock in enumerate(socks):
+                        try:
+                            sock.sendall(b"E")
+                        except OSError:
+                            sock.close()
+                            try:
+                                socks[i] = connect()
+                            except OSError:
+                                pass
+        with lock:
+            socks.extend(connect() for _ in range(jobstate._HTTP_MAX_THREADS + 6))
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        try:
+            wait_for(lambda: len(os.listdir("/proc/%d/task" % self.server.pid)) > jobstate._HTTP_MAX_THREADS,
+                     30, "every handler thread taken")
+            time.sleep(1)  # the trickle is under way
+            for target, token in (("/health", None), ("/jobs?all=1", self.token)):
+                headers = [("Host", "127.0.0.1:%d" % self.port)]
+                if token:
+                    headers.append(("Authorization", "Bearer " + token))
+                status, _, doc = http_exchange(self.port, "GET", target, headers, timeout=40)
+                self.assertEqual((status, doc["ok"]), (200, True), target)
+        finally:
+            stop.set()
+            trickler.join(10)
+            for sock in socks:
+                sock.close()
 
     def test_health_carries_the_capabilities(self):
         url = self.start_server()
