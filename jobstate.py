@@ -7539,14 +7539,14 @@ def _check_arguments(operation: str, args: dict) -> dict:
     """Reject unknown, missing, mistyped and out-of-range arguments before doing anything."""
     _, params, required = _OPERATIONS[operation]
     if not isinstance(args, dict):
-        raise InvalidArgumentError("arguments must be a JSON object")
+        raise InvalidArgumentError("arguments must be a JSON object", hint="e.g. {\"job_id\": \"01a2\"}")
     unknown = sorted(set(args) - set(params))
     if unknown:
         raise InvalidArgumentError("unknown argument(s) for %s: %s" % (operation, ", ".join(unknown)),
                                    hint="accepted: " + ", ".join(params))
     for name in required:
         if name not in args:
-            raise InvalidArgumentError("%s needs %r" % (operation, name))
+            raise InvalidArgumentError("%s needs %r" % (operation, name), hint="required: " + ", ".join(required))
     return {name: _check_value("%s: %r" % (operation, name), value, params[name]) for name, value in args.items()}
 
 
@@ -7561,17 +7561,26 @@ def _check_value(what: str, value, param: dict):
     if ok and kind == "object":
         ok = all(isinstance(v, str) for v in value.values())
     if not ok:
-        raise InvalidArgumentError("%s must be of type %s" % (what, kind))
+        raise InvalidArgumentError("%s must be of type %s" % (what, kind), hint=_type_text(param))
     if not _is_encodable(value):
         raise InvalidArgumentError("%s holds a lone surrogate, which is not text" % what,
                                    hint="only \\udc80-\\udcff are accepted, each standing for one byte")
     if kind == "array" and len(value) < param.get("minItems", 0):
-        raise InvalidArgumentError("%s needs at least %d item(s)" % (what, param["minItems"]))
+        raise InvalidArgumentError("%s needs at least %d item(s)" % (what, param["minItems"]),
+                                   hint="e.g. [\"echo\", \"hello\"]")
     if "enum" in param and value not in param["enum"]:
-        raise InvalidArgumentError("%s must be one of %s" % (what, ", ".join(param["enum"])))
+        raise InvalidArgumentError("%s must be one of %s" % (what, ", ".join(param["enum"])),
+                                   hint="one of: " + ", ".join(param["enum"]))
     if kind in ("integer", "number") and not _in_range(value, param):
         raise InvalidArgumentError("%s: %r is out of range" % (what, value), hint=_range_text(param))
     return value
+
+
+def _type_text(param: dict) -> str:
+    kind = param["type"]
+    if kind in ("array", "object"):
+        return "a JSON %s of strings" % kind
+    return "a JSON %s%s" % (kind, "" if kind in ("string", "boolean") else " (not a string)")
 
 
 def _is_encodable(value) -> bool:
@@ -7601,6 +7610,26 @@ def _range_text(param: dict) -> str:
     return "a finite %s with %s <= value %s" % (param["type"], param["minimum"], high)
 
 
+# The README promises a hint with every error: an error raised below the agent
+# surfaces without one gets the hint of its code.
+_CODE_HINTS = {
+    "invalid_argument": "each operation's parameters, types and ranges are its JSON Schema (MCP tools/list)",
+    "invalid_state": "check the job's state with status first",
+    "state_unreadable": "a job file was changed outside jobstate; status shows what can be read, delete removes it",
+    "io_error": "check that the jobs root exists, is yours and has free space",
+    "launch_failed": "check the jobs root and the limits on processes and files, then retry",
+    "kill_failed": "retry, or stop the processes with the system's tools",
+    "internal_error": "a bug in jobstate: report it with the request that caused it",
+}
+
+
+def _agent_error(error: JobError) -> dict:
+    """The error envelope MCP and HTTP answer with: always with a hint."""
+    if not error.hint:
+        error.hint = _CODE_HINTS.get(error.code, _CODE_HINTS["internal_error"])
+    return _error_envelope(error)
+
+
 class _ToolCall:
     """One operation under way: its client may cancel it (the wait ends at
     once, the job runs on) and follow its progress (the job it is about)."""
@@ -7617,13 +7646,14 @@ def _operation_stdin(args: dict):
     if "stdin_file" not in args:
         return args.get("stdin")
     if "stdin" in args:
-        raise InvalidArgumentError("give either stdin or stdin_file, not both")
+        raise InvalidArgumentError("give either stdin or stdin_file, not both", hint="drop one of them")
     path = os.path.join(args.get("cwd") or os.curdir, os.path.expanduser(args["stdin_file"]))
     try:
         with open(path, "rb") as f:
             data = f.read(DEFAULT_STDIN_MAX_BYTES + 1)
     except OSError as exc:
-        raise InvalidArgumentError("cannot read stdin_file %s: %s" % (path, exc.strerror or exc)) from None
+        raise InvalidArgumentError("cannot read stdin_file %s: %s" % (path, exc.strerror or exc),
+                                   hint="a readable file; a relative path is in `cwd`") from None
     if len(data) > DEFAULT_STDIN_MAX_BYTES:
         raise StdinTooLargeError("stdin_file is larger than %d bytes" % DEFAULT_STDIN_MAX_BYTES,
                                  hint="give the job a smaller input, or let it read the file itself")
@@ -7677,16 +7707,25 @@ def _line_pattern_args(args: dict, key: str):
     stream = args.get("stream")
     if args.get(key) is None:
         if stream is not None:
-            raise InvalidArgumentError("'stream' is for %r, and no %r was given" % (key, key))
+            raise InvalidArgumentError("'stream' is for %r, and no %r was given" % (key, key),
+                                       hint="give %r too, or drop 'stream'" % key)
         return None, "either"
     return _compile_line_pattern(args[key], key), _check_stream(stream or "either", "stream")
 
 
 def _env_seconds(name: str, default: float) -> float:
+    """A duration setting of mcp or serve (unset or empty: the default); one
+    that is not a duration stops the server at start rather than being ignored."""
+    text = os.environ.get(name, "").strip()
     try:
-        return _parse_duration(os.environ.get(name, default), name)
-    except JobError:
-        return default
+        return _parse_duration(text, name) if text else default
+    except JobError as exc:
+        raise _bad_setting(name, text, exc, "seconds or a duration (500ms, 90s, 5m); unset, it is %g" % default) from None
+
+
+def _bad_setting(name: str, text: str, error: JobError, accepted: str) -> JobError:
+    return InvalidArgumentError("%s=%s: %s" % (name, _clip(text), error.message.partition(": ")[2] or error.message),
+                                hint="%s is %s" % (name, accepted))
 
 
 # -- MCP over stdio -------------------------------------------------------------
@@ -7734,11 +7773,17 @@ def _reject_constant(name: str):
     raise ValueError("%s is not JSON" % name)
 
 
-def _env_size(name: str, default: int) -> int:
+def _env_size(name: str, default: int, low: int, high: int) -> int:
+    """A size setting of mcp or serve, from low to high bytes (unset or empty: the default)."""
+    text = os.environ.get(name, "").strip()
+    accepted = "a size from %d to %d bytes (64k, 10M, 1G); unset, it is %d" % (low, high, default)
     try:
-        return _parse_size(os.environ.get(name, default), name) or default
-    except JobError:
-        return default
+        size = _parse_size(text, name) if text else default
+    except JobError as exc:
+        raise _bad_setting(name, text, exc, accepted) from None
+    if not low <= size <= high:
+        raise _bad_setting(name, text, InvalidArgumentError("out of range"), accepted)
+    return size
 
 
 def _clip(value, size: int = 60) -> str:
@@ -7825,7 +7870,7 @@ class _McpServer:
         self.pending_guard = threading.Lock()
         self.default_until = _env_seconds("JOBSTATE_MCP_DEFAULT_UNTIL", DEFAULT_RUN_UNTIL_S)
         self.max_until = _env_seconds("JOBSTATE_MCP_MAX_UNTIL", 55.0)
-        self.max_line = _env_size("JOBSTATE_MCP_MAX_LINE", _MCP_MAX_LINE)
+        self.max_line = _env_size("JOBSTATE_MCP_MAX_LINE", _MCP_MAX_LINE, 1 << 10, 1 << 30)
 
     def serve(self, stream) -> int:
         for line in _read_lines(stream, self.max_line):
@@ -7942,9 +7987,9 @@ class _McpServer:
             doc = _call_operation(name, args, self.root, default_until=self.default_until,
                                   max_until=self.max_until, call=call)
         except JobError as exc:
-            doc = _error_envelope(exc)
+            doc = _agent_error(exc)
         except Exception as exc:  # a bug must not kill the server: report it as a tool error
-            doc = _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
+            doc = _agent_error(JobError("%s: %s" % (type(exc).__name__, exc)))
         with call.guard:
             call.answered = True
         if call.cancelled.is_set():
@@ -7991,9 +8036,10 @@ def _serve_mcp(root: str) -> int:
     """MCP on stdio.  Our real stdout carries only protocol: fd 1 is pointed at
     stderr so nothing else (a stray print, a child) can corrupt the stream."""
     _take_serve_token()
-    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    server = _McpServer(root, None)  # its settings are checked while stdout can still say what is wrong
+    server.output = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    return _McpServer(root, protocol).serve(sys.stdin.buffer)
+    return server.serve(sys.stdin.buffer)
 
 
 # -- HTTP --------------------------------------------------------------------------
@@ -8141,11 +8187,11 @@ class _HttpHandling:
                 self.authorize(endpoint)
                 status, doc = 200, _route_http(self.command, self.path, self.body, self.root)
         except JobError as exc:
-            status, doc = _http_status(exc), _error_envelope(exc)
+            status, doc = _http_status(exc), _agent_error(exc)
             if isinstance(exc, _MethodNotAllowedError):
                 extra["Allow"] = ", ".join(exc.allowed)
         except Exception as exc:  # a bug: answer 500 with an envelope, keep serving
-            status, doc = 500, _error_envelope(JobError("%s: %s" % (type(exc).__name__, exc)))
+            status, doc = 500, _agent_error(JobError("%s: %s" % (type(exc).__name__, exc)))
         self.discard_body()
         if isinstance(doc, _OutputFollow):  # GET /jobs/{id}/follow: the output, live
             return _send_follow(self, doc)
@@ -8234,7 +8280,8 @@ class _HttpHandling:
                 hint="send 'Content-Type: application/json'")
         length = _content_length(self.headers)
         if length > _HTTP_MAX_BODY:
-            raise _PayloadTooLargeError("request body over %d bytes" % _HTTP_MAX_BODY)
+            raise _PayloadTooLargeError("request body over %d bytes" % _HTTP_MAX_BODY,
+                                        hint="pass large input as stdin_file (a file the server reads)")
         try:
             raw = self.read_within_deadline(length)
         except OSError:  # the idle timeout, or a reset: the client cannot be answered reliably
@@ -8242,7 +8289,9 @@ class _HttpHandling:
         self.body_read = True
         if len(raw) < length:
             self.close_connection = True
-            raise InvalidArgumentError("request body ended after %d of %d bytes" % (len(raw), length))
+            raise InvalidArgumentError("request body ended after %d of %d bytes" % (len(raw), length),
+                                       hint="send as many bytes as Content-Length says, within %gs"
+                                       % self.timeout)
         return _parse_json_body(raw)
 
     def discard_body(self) -> None:
@@ -8358,7 +8407,7 @@ def _route_http(method: str, target: str, read_body, root: str):
         body = read_body()
         wait = body.pop("wait", True)
         if not isinstance(wait, bool):
-            raise InvalidArgumentError("exec: 'wait' must be true or false")
+            raise InvalidArgumentError("exec: 'wait' must be true or false", hint="a JSON boolean, not a string")
         return _call_operation("run", body if wait else dict(body, until=0), root, default_until=DEFAULT_RUN_UNTIL_S)
     wait_until: Optional[float] = DEFAULT_WAIT_UNTIL_S
     if endpoint in _HTTP_ALIASES:  # agent-exec's GET /status|tail|wait/ID (wait: to the end), POST /kill/ID
@@ -8502,7 +8551,8 @@ def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
     Ranges are checked with the operation's schema, like JSON arguments."""
     unknown = sorted(set(query) - set(types) - {"tag"})
     if unknown:
-        raise InvalidArgumentError("unknown query parameter(s): %s" % ", ".join(unknown))
+        raise InvalidArgumentError("unknown query parameter(s): %s" % _clip(", ".join(unknown)),
+                                   hint="accepted: " + (", ".join(sorted(types)) or "none"))
     args = {}
     for name, value in query.items():
         if name == "tag":
@@ -8511,8 +8561,13 @@ def _query_args(query: Dict[str, str], types: Dict[str, type]) -> dict:
         try:
             args[name] = _query_bool(value) if kind is bool else kind(value)
         except ValueError:
-            raise InvalidArgumentError("query parameter %r: %r is not a %s" % (name, value, kind.__name__)) from None
+            raise InvalidArgumentError("query parameter %r: %r is not a %s" % (name, _clip(value), kind.__name__),
+                                       hint=_QUERY_TYPE_HINTS[kind]) from None
     return args
+
+
+_QUERY_TYPE_HINTS = {int: "a whole number, e.g. 5", float: "a number of seconds, e.g. 2.5",
+                     bool: "1, true, yes, 0, false or no", str: "text"}
 
 
 def _query_bool(value: str) -> bool:
@@ -8621,13 +8676,17 @@ def _content_length(headers) -> int:
         raise InvalidArgumentError("chunked request bodies are not supported", hint="send a Content-Length")
     values = headers.get_all("Content-Length") or []
     if len(values) > 1 or (values and not re.fullmatch(r"[0-9]{1,15}", values[0].strip())):
-        raise InvalidArgumentError("bad Content-Length %s" % ", ".join(values))
+        raise InvalidArgumentError("bad Content-Length %s" % _clip(", ".join(values)),
+                                   hint="send one Content-Length: the body's size in bytes")
     return int(values[0]) if values else 0
 
 
 def _is_json_media_type(value: Optional[str]) -> bool:
     """application/json, with or without parameters (`; charset=utf-8`)."""
     return bool(value) and value.split(";", 1)[0].strip().lower() == "application/json"
+
+
+_BODY_EXAMPLE = 'a JSON object, e.g. {"command": ["echo", "hello"], "until": 5}'
 
 
 def _parse_json_body(raw: bytes) -> dict:
@@ -8637,13 +8696,14 @@ def _parse_json_body(raw: bytes) -> dict:
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
     except UnicodeDecodeError:
-        raise InvalidArgumentError("request body is not UTF-8") from None
+        raise InvalidArgumentError("request body is not UTF-8", hint="JSON bodies are UTF-8 text") from None
     except RecursionError:
-        raise InvalidArgumentError("request body is nested too deeply") from None
+        raise InvalidArgumentError("request body is nested too deeply",
+                                   hint="arguments are flat: strings, numbers, arrays of strings") from None
     except ValueError as exc:
-        raise InvalidArgumentError("request body is not JSON: %s" % exc) from None
+        raise InvalidArgumentError("request body is not JSON: %s" % exc, hint=_BODY_EXAMPLE) from None
     if not isinstance(doc, dict):
-        raise InvalidArgumentError("request body must be a JSON object")
+        raise InvalidArgumentError("request body must be a JSON object", hint=_BODY_EXAMPLE)
     return doc
 
 

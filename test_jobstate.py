@@ -4227,6 +4227,38 @@ class McpTests(JobTestCase):
         self.assertEqual(doc["stdout"].strip(), "[]")
         proc.stdin.close()
 
+    def test_every_tool_error_has_a_hint(self):
+        running = self.run_job(ready_then_sleep())
+        proc = self.start_server()
+        cases = [("status", {}), ("status", {"job_id": 5}), ("status", {"job_id": ".."}),
+                 ("status", {"job_id": "abc", "bogus": 1}), ("status", {"job_id": "0123456789"}),
+                 ("run", {"command": []}), ("run", {"command": "echo"}), ("run", {"command": ["x"], "until": -1}),
+                 ("run", {"command": ["x"], "stream": "stdout"}), ("run", {"command": ["x"], "restart": "maybe"}),
+                 ("run", {"command": ["x"], "ready": "("}), ("run", {"command": ["x"], "stdin": "a", "stdin_file": "b"}),
+                 ("run", {"command": ["x"], "stdin_file": "/nonexistent/file"}), ("run", {"command": ["x"], "tags": [""]}),
+                 ("kill", {"job_id": running.id, "signal": "NOPE"}), ("delete", {"job_id": running.id}),
+                 ("list", {"state": "bogus"}), ("list", {"limit": 1.5}), ("tail", {"job_id": running.id, "lines": -1})]
+        for msg_id, (name, args) in enumerate(cases):
+            result = self.call(proc, msg_id, name, args)
+            error = result["structuredContent"].get("error") or {}
+            self.assertTrue(result["isError"], (name, args, result))
+            self.assertTrue(error.get("hint"), (name, args, error))
+        proc.stdin.close()
+
+    def test_absurd_settings_are_refused_at_start(self):
+        for name, value in (("JOBSTATE_MCP_MAX_LINE", "9999999999999999G"), ("JOBSTATE_MCP_MAX_LINE", "garbage"),
+                            ("JOBSTATE_MCP_MAX_LINE", "-1"), ("JOBSTATE_MCP_MAX_LINE", "1"),
+                            ("JOBSTATE_MCP_DEFAULT_UNTIL", "soon"), ("JOBSTATE_MCP_DEFAULT_UNTIL", "1e400"),
+                            ("JOBSTATE_MCP_MAX_UNTIL", "-5"), ("JOBSTATE_MCP_MAX_UNTIL", "nan")):
+            proc = subprocess.run([PY, JOBSTATE, "--root", self.root, "mcp"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
+                                  env=dict(os.environ, **{name: value}))
+            self.assertEqual(proc.returncode, 1, (name, value, proc.stdout, proc.stderr))
+            error = json.loads(proc.stdout)["error"]
+            self.assertEqual(error["code"], "invalid_argument", (name, value, error))
+            self.assertIn(name, error["message"])
+            self.assertTrue(error.get("hint"), error)
+
     def test_run_takes_a_queue_dependencies_and_a_restart_policy(self):
         proc = self.start_server()
         self.rpc(proc, 1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
@@ -4703,6 +4735,7 @@ class ServeTestCase(JobTestCase):
         self.assertIsNotNone(doc, "no JSON envelope for %r" % (context,))
         self.assertEqual((got_status, doc["ok"], doc["type"], doc["error"]["code"]), (status, False, "error", code),
                          context)
+        self.assertTrue(doc["error"].get("hint"), ("every error has a hint", str(context)[:200], doc))
         return headers, doc
 
 
@@ -4774,6 +4807,14 @@ class HttpTests(ServeTestCase):
             trickler.join(10)
             for sock in socks:
                 sock.close()
+
+    def test_absurd_settings_are_refused_at_start(self):
+        for value in ("garbage", "-5", "1e400", "nan"):
+            doc, proc = self.launch_server(JOBSTATE_SERVE_IDLE_TIMEOUT=value)
+            self.assertEqual(proc.wait(30), 1, (value, doc))
+            self.assertEqual(doc["error"]["code"], "invalid_argument", (value, doc))
+            self.assertIn("JOBSTATE_SERVE_IDLE_TIMEOUT", doc["error"]["message"])
+            self.assertTrue(doc["error"].get("hint"), doc)
 
     def test_health_carries_the_capabilities(self):
         url = self.start_server()
@@ -5233,14 +5274,36 @@ class HttpTests(ServeTestCase):
             bad.append(("GET", "/jobs/abc/wait?" + query, None, {}, 400, "invalid_argument"))
         for query in ("lines=-1", "max_bytes=-1", "lines=nan"):
             bad.append(("GET", "/jobs/abc/tail?" + query, None, {}, 400, "invalid_argument"))
-        for query in ("limit=-1", "limit=inf", "all=maybe", "state=bogus"):
+        for query in ("limit=-1", "limit=inf", "all=maybe", "state=bogus", "limit=a", "bogus=1", "cwd=%00"):
             bad.append(("GET", "/jobs?" + query, None, {}, 400, "invalid_argument"))
+        # The tester's list of errors that came without a hint.
+        bad += [("POST", "/jobs", b"{not json", {}, 400, "invalid_argument"),
+                ("POST", "/jobs", b"[1]", {}, 400, "invalid_argument"),
+                ("POST", "/jobs", {"command": cmd, "timeout": "1"}, {}, 400, "invalid_argument"),
+                ("POST", "/jobs", b'{"command": ["x"], "until": 1' + b"0" * 5000 + b"}", {}, 400, "invalid_argument"),
+                ("POST", "/jobs", b"\xff{}", {}, 400, "invalid_argument"),
+                ("POST", "/jobs", b" " * (jobstate._HTTP_MAX_BODY + 1), {}, 413, "payload_too_large"),
+                ("POST", "/jobs", b"{}", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+                ("POST", "/exec", {"command": cmd, "wait": "no"}, {}, 400, "invalid_argument"),
+                ("POST", "/jobs", {}, {}, 400, "invalid_argument"),
+                ("POST", "/jobs", {"command": cmd, "stream": "both"}, {}, 400, "invalid_argument"),
+                ("GET", "/jobs/abc/tail?lines=a", None, {}, 400, "invalid_argument"),
+                ("GET", "/jobs/abc/wait?match=(", None, {}, 404, "job_not_found"),
+                ("GET", "/jobs/abc", None, {}, 404, "job_not_found"),
+                ("GET", "/jobs/abc/log?stream=x", None, {}, 400, "invalid_argument"),
+                ("GET", "/jobs", None, {"Authorization": "Bearer wrong"}, 401, "unauthorized"),
+                ("GET", "/jobs", None, {"Host": "evil.example"}, 403, "forbidden")]
         for method, target, body, headers, status, code in bad:
             self.assert_error(self.send(method, target, body, headers=headers), status, code, (method, target, body))
+        post = "POST /jobs HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n" % (self.port, self.token)
         for data in (b"HELLO\r\n\r\n", b"GET /jobs HTTP/9.9\r\nHost: localhost\r\n\r\n",
-                     b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+                     b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                     post.encode() + b"Content-Type: application/json\r\nContent-Length: 2\r\n"
+                     b"Content-Length: 2\r\n\r\n{}",
+                     post.encode() + b"Content-Type: application/json\r\nContent-Length: -2\r\n\r\n{}"):
             status, doc = raw_exchange(self.port, data)
             self.assertTrue((400 <= status < 500 or status == 505) and doc["ok"] is False, (data[:30], status, doc))
+            self.assertTrue(doc["error"].get("hint"), (data[-60:], doc))
         self.assertEqual(jobstate._list_job_ids(self.root), [], "a malformed request launched a job")
         # The server still serves, and JSON Schema's "integer" includes 5.0.
         status, _, doc = self.send("POST", "/jobs", {"command": cmd, "until": 10, "max_bytes": 100.0})
@@ -5261,6 +5324,7 @@ class HttpTests(ServeTestCase):
             resp.begin()
             doc = json.loads(resp.read())
         self.assertEqual((resp.status, doc["error"]["code"]), (400, "invalid_argument"))
+        self.assertTrue(doc["error"].get("hint"), doc)
         self.assertEqual(jobstate._list_job_ids(self.root), [])
 
     def test_numeric_arguments_follow_their_schema(self):
