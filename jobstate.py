@@ -7720,12 +7720,13 @@ def _env_seconds(name: str, default: float) -> float:
     try:
         return _parse_duration(text, name) if text else default
     except JobError as exc:
-        raise _bad_setting(name, text, exc, "seconds or a duration (500ms, 90s, 5m); unset, it is %g" % default) from None
+        accepted = "seconds or a duration (500ms, 90s, 5m); unset, it is %g" % default
+        raise _bad_setting(name, text, exc, accepted) from None
 
 
 def _bad_setting(name: str, text: str, error: JobError, accepted: str) -> JobError:
-    return InvalidArgumentError("%s=%s: %s" % (name, _clip(text), error.message.partition(": ")[2] or error.message),
-                                hint="%s is %s" % (name, accepted))
+    problem = error.message.partition(": ")[2] or error.message  # without the name _parse_* put first
+    return InvalidArgumentError("%s=%s: %s" % (name, _clip(text), problem), hint="%s is %s" % (name, accepted))
 
 
 # -- MCP over stdio -------------------------------------------------------------
@@ -8214,7 +8215,7 @@ class _HttpHandling:
         self.cors_origin = origins[0] if origins and not own else None
 
     def authorize(self, endpoint: Optional[str]) -> None:
-        if self.token is None or (self.command == "GET" and endpoint in ("health", "asset")):
+        if self.token is None or (self.command == "GET" and (endpoint == "health" or self.is_public_asset(endpoint))):
             return
         if self.has_bearer_token():
             return
@@ -8229,9 +8230,16 @@ class _HttpHandling:
         if site is not None and site != "same-origin":
             raise _ForbiddenError("a %s request cannot use the web page's session" % _clip(site),
                                   hint="only the page serve itself serves may use its cookie")
+        if endpoint == "asset":  # the page's <script src> sends the cookie but cannot add a header
+            return
         if self.headers.get("X-Jobstate") != "1":
             raise _UnauthorizedError("the web page's session cookie counts only with the header X-Jobstate: 1",
                                      hint="other clients send 'Authorization: Bearer TOKEN'")
+
+    def is_public_asset(self, endpoint: Optional[str]) -> bool:
+        """The style: the sign-in page, shown to visitors without the token, uses it
+        (it holds no data, and the policy allows no inline style).  The script needs a sign-in."""
+        return endpoint == "asset" and _http_target(self.path)[0] == [_PUBLIC_ASSET]
 
     def has_bearer_token(self) -> bool:
         return _same_secret(self.headers.get("Authorization", ""), "Bearer " + self.token)
@@ -8248,6 +8256,7 @@ class _HttpHandling:
         """GET /: the web page, or the sign-in page (401); ?token= signs in: a session
         cookie, and a redirect to the page's address without the token."""
         from urllib.parse import parse_qs
+        # A repeated token is a failed sign-in, answered like every other: the sign-in page (401).
         query = parse_qs(_http_target(self.path)[1], keep_blank_values=True)
         unknown = sorted(set(query) - {"token"})
         if unknown:
@@ -8397,7 +8406,8 @@ def _route_http(method: str, target: str, read_body, root: str):
                                           "agent-exec's /exec, /status/ID, /tail/ID, /wait/ID, /kill/ID")
     if method not in _HTTP_METHODS[endpoint]:
         raise _MethodNotAllowedError(method, path, _HTTP_METHODS[endpoint])
-    params = parse_qs(query_text)
+    _query_params(query_text)
+    params = parse_qs(query_text)  # blank values dropped: `?state=` is no state
     query = {k: v[-1] for k, v in params.items()}
     if endpoint == "health":
         return _envelope("health", {"version": __version__, "root": root, "capabilities": _capabilities(root)})
@@ -8442,6 +8452,18 @@ def _route_http(method: str, target: str, read_body, root: str):
              "wait": {"until": float, "max_bytes": int, "match": str, "stream": str}}
     args = dict(_query_args(query, types[endpoint]), job_id=job_id)
     return _call_operation("status" if endpoint == "job" else endpoint, args, root, default_until=wait_until)
+
+
+def _query_params(query_text: str) -> Dict[str, List[str]]:
+    """A query's parameters, blank ones kept.  One rule on every endpoint: each
+    parameter at most once (tag excepted: one per tag), rather than the last winning."""
+    from urllib.parse import parse_qs
+    params = parse_qs(query_text, keep_blank_values=True)
+    repeated = sorted(name for name, values in params.items() if len(values) > 1 and name != "tag")
+    if repeated:
+        raise InvalidArgumentError("query parameter(s) given more than once: %s" % _clip(", ".join(repeated)),
+                                   hint="give each parameter once; only tag repeats, one per tag")
+    return params
 
 
 def _http_target(target: str) -> Tuple[Optional[List[str]], str]:
@@ -9838,6 +9860,7 @@ _WEB_JS = r"""// jobstate's web page: one script, no framework.  Every piece of 
 })();
 """
 
+_PUBLIC_ASSET = "app.css"
 _WEB_ASSETS = {"app.js": ("text/javascript; charset=utf-8", _WEB_JS), "app.css": ("text/css; charset=utf-8", _WEB_CSS)}
 
 # ---------------------------------------------------------------------------

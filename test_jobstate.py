@@ -4816,6 +4816,26 @@ class HttpTests(ServeTestCase):
             self.assertIn("JOBSTATE_SERVE_IDLE_TIMEOUT", doc["error"]["message"])
             self.assertTrue(doc["error"].get("hint"), doc)
 
+    def test_repeated_query_parameters_are_refused_everywhere(self):
+        """One rule: a parameter given twice is a 400, except tag (one per tag).  The page's
+        ?token= given twice is a failed sign-in (test_wrong_login_token_is_401_without_cookie)."""
+        job = self.run_job(py("print('x')"))
+        job.wait(30)
+        self.start_server()
+        for method, target in (("GET", "/jobs?limit=1&limit=5"), ("GET", "/jobs?all=1&all=0"),
+                               ("GET", "/jobs?limit=&limit=5"), ("GET", "/jobs/%s?x=1&x=2"),
+                               ("GET", "/jobs/%s/tail?lines=1&lines=2"), ("GET", "/jobs/%s/wait?until=1&until=0"),
+                               ("GET", "/jobs/%s/follow?lines=1&lines=2"),
+                               ("GET", "/jobs/%s/log?stream=stdout&stream=stderr"),
+                               ("GET", "/jobs/%s/definition?a=1&a=1"), ("GET", "/tail/%s?tail_lines=1&tail_lines=2"),
+                               ("POST", "/jobs/%s/kill?no_wait=1&no_wait=0"), ("GET", "/health?a=1&a=2")):
+            target = target.replace("%s", job.id)
+            _, doc = self.assert_error(self.send(method, target, {} if method == "POST" else None), 400,
+                                       "invalid_argument", target)
+            self.assertIn("more than once", doc["error"]["message"], target)
+        status, _, doc = self.send("GET", "/jobs?all=1&tag=a&tag=b")
+        self.assertEqual((status, doc["count"]), (200, 0))
+
     def test_health_carries_the_capabilities(self):
         url = self.start_server()
         status, doc = self.request("GET", url + "/health")
@@ -5448,9 +5468,16 @@ class WebHttpTests(ServeTestCase):
             self.assertEqual(headers["Referrer-Policy"], "no-referrer", path)
             self.assertEqual(headers["X-Frame-Options"], "DENY", path)
             self.assertGreater(len(body), 1000, path)
-        # The assets hold no data and are the same for everyone: no login needed, Host rules still apply.
-        self.assertEqual(self.send("GET", "/app.js", headers={"Authorization": None})[0], 200)
+        # The script needs the page's sign-in (SPEC: every endpoint but /health needs the token): the
+        # cookie, which a <script> sends without X-Jobstate, or the token. The style is the sign-in
+        # page's too, so it is served without one. Host rules apply to both.
+        self.assert_error(self.send("GET", "/app.js", headers={"Authorization": None}), 401, "unauthorized")
+        self.assertEqual(self.send("GET", "/app.js")[0], 200)
+        self.assert_error(self.send("GET", "/app.js", headers={"Authorization": None, "Cookie": cookie,
+                                                               "Sec-Fetch-Site": "cross-site"}), 403, "forbidden")
+        self.assertEqual(self.send("GET", "/app.css", headers={"Authorization": None})[0], 200)
         self.assert_error(self.send("GET", "/app.js", headers={"Host": "evil.example"}), 403, "forbidden")
+        self.assert_error(self.send("GET", "/app.css", headers={"Host": "evil.example"}), 403, "forbidden")
         status, headers, doc = self.send("GET", "/jobs")
         self.assertEqual((headers["X-Content-Type-Options"], headers["Cache-Control"]), ("nosniff", "no-store"))
 
