@@ -7901,6 +7901,11 @@ class _McpServer:
             return self.send(request)
         if request is None:
             return self.notified(line)
+        with self.pending_guard:  # one reader thread: nothing registers an id between this and below
+            in_use = request.id in self.pending
+        if in_use:  # answered apart, so the call under way keeps its id (its cancellation, its answer)
+            return self.error(request.id, -32600, "invalid request: id %s is that of a call under way"
+                              % _clip(json.dumps(request.id)))
         if request.method != "tools/call":
             return self.guarded(request.id, self.answer, request)
         # Tool calls may wait: each in a thread, so pings and other calls go on meanwhile.

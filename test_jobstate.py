@@ -4259,6 +4259,38 @@ class McpTests(JobTestCase):
             self.assertIn(name, error["message"])
             self.assertTrue(error.get("hint"), error)
 
+    def test_a_reused_id_is_refused_and_the_first_call_stays_cancellable(self):
+        job = self.run_job(ready_then_sleep())
+        proc = self.start_server()
+        lines = self.replies(proc)
+
+        def call(msg_id, name, args, meta=None):
+            params = {"name": name, "arguments": args}
+            if meta:
+                params["_meta"] = meta
+            self.send_line(proc, json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "tools/call",
+                                             "params": params}).encode())
+        call("dup", "wait", {"job_id": job.id, "until": 3}, {"progressToken": "p"})
+        reply = self.next_reply(lines)  # the first progress notification: the call is under way
+        self.assertEqual(reply.get("method"), "notifications/progress", reply)
+        call("dup", "status", {"job_id": job.id})
+        while True:
+            reply = self.next_reply(lines)
+            if reply.get("method") != "notifications/progress":
+                break
+        self.assertEqual((reply["id"], reply["error"]["code"]), ("dup", -32600), reply)
+        self.assertIn("dup", reply["error"]["message"])
+        self.send_line(proc, json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                         "params": {"requestId": "dup"}}).encode())
+        call("later", "wait", {"job_id": job.id, "until": 4})  # answers after the first would have
+        while True:
+            reply = self.next_reply(lines)
+            self.assertNotEqual(reply.get("id"), "dup", "the cancelled call answered")
+            if reply.get("id") == "later":
+                break
+        self.assertEqual(reply["result"]["structuredContent"]["state"], "running")
+        proc.stdin.close()
+
     def test_run_takes_a_queue_dependencies_and_a_restart_policy(self):
         proc = self.start_server()
         self.rpc(proc, 1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
