@@ -4065,6 +4065,22 @@ asyncio.run(main(*sys.argv[1:]))
 '''
 
 
+MCP_SDK_NOT_UTF8 = '''
+import anyio, asyncio, sys
+from mcp import Client, StdioServerParameters
+
+async def main(py, jobstate, root, job_id):
+    async with Client(StdioServerParameters(command=py, args=[jobstate, "--root", root, "mcp"])) as client:
+        with anyio.fail_after(30):  # an answer the SDK cannot parse never resolves the call
+            r = await client.call_tool("list", {"all": True})
+            print("list", r.is_error, ascii(r.structured_content["jobs"][0]["command"][-1]))
+            r = await client.call_tool("status", {"job_id": job_id})
+            print("status", r.is_error, ascii(r.structured_content["cwd"][-4:]))
+
+asyncio.run(main(*sys.argv[1:]))
+'''
+
+
 def http_exchange(port, method, target, headers=(), body=None, timeout=30, raw=False):
     """One request carrying exactly `headers` (http.client adds none: no Host, no
     Content-Type), the way a browser page or an attacker shapes it.
@@ -4670,6 +4686,17 @@ class McpTests(JobTestCase):
         self.assertEqual(out.stdout.decode().splitlines(), [
             "protocol 2025-11-25", "tools delete kill list restart run status tail wait", "run False exited hi",
             "wait exited", "tail hi", "kill False", "list 1", "error True invalid_job_id"])
+
+    @unittest.skipUnless(os.environ.get("JOBSTATE_MCP_PYTHON"), "set JOBSTATE_MCP_PYTHON to a Python with `mcp`")
+    def test_official_sdk_reads_bytes_that_are_not_utf8(self):
+        job = job_with_bytes_not_utf8(self)
+        script = os.path.join(self.tmp, "not_utf8.py")
+        with open(script, "w") as f:
+            f.write(MCP_SDK_NOT_UTF8)
+        out = subprocess.run([os.environ["JOBSTATE_MCP_PYTHON"], script, PY, JOBSTATE, self.root, job.id],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr.decode()[-2000:])
+        self.assertEqual(out.stdout.decode().splitlines(), ["list False 'caf\\ufffd'", "status False 'caf\\ufffd'"])
 
     def agent_session(self, argv, script, name):
         """Run an SDK's agent session; its transcript goes to stderr for the record."""
