@@ -3136,17 +3136,225 @@ def _parse_env_pairs(pairs: Sequence[str]) -> Dict[str, str]:
     return env
 
 
-def _compile_line_pattern(pattern, name: str):
-    """A regular expression (Python re) as given, compiled; InvalidArgumentError naming the option."""
-    if hasattr(pattern, "search") and hasattr(pattern, "pattern"):  # compiled already
-        return pattern
-    if not isinstance(pattern, str):
-        raise InvalidArgumentError("%s must be a regular expression (a string), not %r" % (name, pattern))
+# Output lines are searched with the user's regular expressions (wait --match,
+# run --ready, --output-pattern), and Python's re backtracks holding the GIL,
+# uninterruptibly: one line could stall a supervisor (its timeout and kills),
+# the HTTP server or the MCP server for hours.  So _compile_line_pattern
+# refuses a pattern whose search can take exponential time (a repeat of a part
+# that matches texts of several lengths, or of an alternation whose branches
+# match the same text), and caps the text one search sees by the pattern's
+# degree: the longest chain of unbounded repeats that can take the same
+# characters one after the other (a*a*b: 2; a search costs up to n**(degree+1)).
+_REPEAT_UNBOUNDED = 4  # a repeat allowing more than this counts as unbounded
+_MATCH_CHARS_BY_DEGREE = (None, 8192, 512)  # degree 3 and more is refused
+_ANY_CHAR = ((0, 0x10FFFF),)
+# The characters of \d, \w and \s (Unicode): \s exactly (str.isspace), \d and \w
+# as every character beyond ASCII that is not a space (a superset).
+_SPACE_CHARS = ((0x09, 0x0D), (0x1C, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+                (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000))
+_NON_ASCII_NON_SPACE = ((0x80, 0x84), (0x86, 0x9F), (0xA1, 0x167F), (0x1681, 0x1FFF), (0x200B, 0x2027),
+                        (0x202A, 0x202E), (0x2030, 0x205E), (0x2060, 0x2FFF), (0x3001, 0x10FFFF))
+_CATEGORY_CHARS = {"CATEGORY_DIGIT": ((0x30, 0x39),) + _NON_ASCII_NON_SPACE,
+                   "CATEGORY_WORD": ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)) + _NON_ASCII_NON_SPACE,
+                   "CATEGORY_SPACE": _SPACE_CHARS}
+
+
+class _LinePattern:
+    """A compiled output-line pattern whose search sees at most the first
+    max_chars of a line (None: all of it, for a pattern without repeats)."""
+
+    def __init__(self, compiled, max_chars: Optional[int]):
+        self.compiled, self.pattern, self.max_chars = compiled, compiled.pattern, max_chars
+
+    def search(self, line: str):
+        return self.compiled.search(line if self.max_chars is None else line[:self.max_chars])
+
+
+def _sre_parser():
     try:
-        return re.compile(pattern)
-    except (re.error, OverflowError, RecursionError) as exc:
-        raise InvalidArgumentError("%s: %r is not a valid regular expression: %s" % (name, pattern[:200], exc),
-                                   hint=r"Python re syntax, searched in each line: 'listening on port \d+'") from None
+        from re import _parser  # 3.11+; sre_parse warns there that it is deprecated
+        return _parser
+    except ImportError:
+        import sre_parse
+        return sre_parse
+
+
+def _chars_overlap(a, b) -> bool:
+    return any(lo1 <= hi2 and lo2 <= hi1 for lo1, hi1 in a for lo2, hi2 in b)
+
+
+class _PatternShape:
+    """One walk of a parsed pattern: raises ValueError (why) for a pattern whose
+    search can take exponential time, and measures its degree (see above).
+
+    Each node becomes tokens (kind, characters): "one" a character, "opt" a
+    part that may match nothing, "rep" an unbounded repeat."""
+
+    def __init__(self, parser, ignorecase: bool):
+        self.p, self.ignorecase, self.degree = parser, ignorecase, 0
+        self.repeats = (parser.MAX_REPEAT, parser.MIN_REPEAT, getattr(parser, "POSSESSIVE_REPEAT", None))
+        self.variable_repeats = 0  # repeats of a variable-length part around the node walked
+        self.long_repeats = 0  # unbounded repeats around the node walked
+
+    def tokens(self, items) -> list:
+        found = [token for op, av in items for token in self.node_tokens(op, av)]
+        self.degree = max(self.degree, self.chain_length(found))
+        return found
+
+    def node_tokens(self, op, av) -> list:
+        p = self.p
+        if op in self.repeats:
+            return self.repeat_tokens(*av)
+        if op is p.SUBPATTERN:
+            return self.tokens(av[-1])
+        if op is getattr(p, "ATOMIC_GROUP", None):
+            return self.tokens(av)
+        if op in (p.ASSERT, p.ASSERT_NOT):
+            self.tokens(av[1])
+            return []
+        if op is p.BRANCH:
+            return self.branch_tokens(av[1])
+        if op is p.GROUPREF_EXISTS:
+            return self.branch_tokens([av[1], av[2] or []])
+        if op is p.AT:
+            return []
+        if op is p.GROUPREF:  # as long as its group: (a*)\1b is a*a*b
+            return [("rep", _ANY_CHAR)]
+        return [("one", self.node_chars(op, av))]
+
+    def repeat_tokens(self, low, high, body) -> list:
+        lo, hi = body.getwidth()
+        variable = lo != hi and high > 1
+        if variable and (high > _REPEAT_UNBOUNDED or self.variable_repeats):
+            raise ValueError("it repeats a part that can match texts of different lengths "
+                             "(like (a+)+, (a|aa)* or (a?a)*), which can take exponential time")
+        long = high > _REPEAT_UNBOUNDED
+        self.variable_repeats += variable
+        self.long_repeats += long
+        try:
+            inner = self.tokens(body)
+        finally:
+            self.variable_repeats -= variable
+            self.long_repeats -= long
+        chars = tuple(r for _, token_chars in inner for r in token_chars)
+        if variable and any(kind == "rep" for kind, _ in inner):
+            raise ValueError("it repeats a part that holds an unbounded repeat (like (.{0,30}){3}), "
+                             "which can take time n**k")
+        if long or any(kind == "rep" for kind, _ in inner):
+            required = [("one", chars)] if low > 0 and lo > 0 else []  # a+ is a a*: what it must take
+            return required + [("rep", chars)]
+        return [("opt" if low == 0 or lo == 0 else "one", chars)]
+
+    def branch_tokens(self, branches) -> list:
+        walked = [self.tokens(branch) for branch in branches]
+        if self.long_repeats:
+            for i, first in enumerate(walked):
+                if any(self.may_match_alike(first, other) for other in walked[i + 1:]):
+                    raise ValueError("it repeats an alternation whose branches can match the same text "
+                                     "(like (a|a)* or (\\w|\\d)+), which can take exponential time")
+        chars = tuple(r for tokens in walked for _, token_chars in tokens for r in token_chars)
+        if any(kind == "rep" for tokens in walked for kind, _ in tokens):
+            return [("rep", chars)]
+        return [("opt" if any(kind != "one" for tokens in walked for kind, _ in tokens) or not all(walked)
+                 else "one", chars)]
+
+    @staticmethod
+    def may_match_alike(a, b) -> bool:
+        """False only for two runs of single characters that differ at one position."""
+        if len(a) != len(b) or any(kind != "one" for kind, _ in a + b):
+            return True
+        return all(_chars_overlap(x, y) for (_, x), (_, y) in zip(a, b))
+
+    def node_chars(self, op, av):
+        """The characters one single-character node can match (a superset), as ranges."""
+        p = self.p
+        if op in (p.LITERAL, p.NOT_LITERAL):
+            ranges = ((av, av),)
+        elif op is p.IN:
+            ranges = ()
+            for item_op, item in av:
+                if item_op is p.LITERAL:
+                    ranges += ((item, item),)
+                elif item_op is p.RANGE:
+                    ranges += (tuple(item),)
+                elif item_op is p.CATEGORY and str(item) in _CATEGORY_CHARS and av[0][0] is not p.NEGATE:
+                    ranges += _CATEGORY_CHARS[str(item)]  # a superset: its complement would not be
+                elif item_op is not p.NEGATE:
+                    return _ANY_CHAR
+        else:
+            return _ANY_CHAR
+        if op is p.NOT_LITERAL or op is p.IN and av[0][0] is p.NEGATE:
+            return self.complement(ranges)
+        if self.ignorecase and _chars_overlap(ranges, ((0x41, 0x7A),)):  # both cases, and the Kelvin sign
+            ranges += ((0x41, 0x7A), (0x80, 0x10FFFF))
+        return ranges
+
+    @staticmethod
+    def complement(ranges):
+        """All characters outside ranges (a superset of what [^...] matches under IGNORECASE)."""
+        gaps, start = [], 0
+        for lo, hi in sorted(ranges):
+            if lo > start:
+                gaps.append((start, lo - 1))
+            start = max(start, hi + 1)
+        return tuple(gaps) + (((start, 0x10FFFF),) if start <= 0x10FFFF else ())
+
+    @staticmethod
+    def chain_length(tokens) -> int:
+        """The longest chain of "rep" tokens each of which can go on taking
+        the characters of the one before (what lies between may too)."""
+        chain = [1 if kind == "rep" else 0 for kind, _ in tokens]
+        for i, (kind, chars) in enumerate(tokens):
+            if kind != "rep":
+                continue
+            for j in range(i + 1, len(tokens)):
+                next_kind, next_chars = tokens[j]
+                overlaps = _chars_overlap(chars, next_chars)
+                if next_kind == "rep" and overlaps:
+                    chain[j] = max(chain[j], chain[i] + 1)
+                elif next_kind == "one" and not overlaps:
+                    break
+        return max(chain, default=0)
+
+
+def _pattern_degree(compiled) -> int:
+    """The degree of a compiled pattern (see above); ValueError for one refused."""
+    parser = _sre_parser()
+    try:
+        shape = _PatternShape(parser, bool(compiled.flags & re.IGNORECASE))
+        shape.tokens(parser.parse(compiled.pattern, compiled.flags))
+    except RecursionError:
+        raise ValueError("it nests too deeply to be checked") from None
+    if shape.degree >= len(_MATCH_CHARS_BY_DEGREE):
+        raise ValueError("it has %d unbounded repeats in a row that can take the same characters (like a*a*a*b), "
+                         "whose search can take time n**%d on a line of n characters"
+                         % (shape.degree, shape.degree + 1))
+    return shape.degree
+
+
+def _compile_line_pattern(pattern, name: str) -> _LinePattern:
+    """A regular expression (Python re, a string or compiled) checked and
+    compiled (see _PatternShape); InvalidArgumentError naming the option."""
+    if isinstance(pattern, _LinePattern):
+        return pattern
+    if isinstance(pattern, re.Pattern) and isinstance(pattern.pattern, str):
+        compiled, pattern = pattern, pattern.pattern
+    elif not isinstance(pattern, str):
+        raise InvalidArgumentError("%s must be a regular expression (a string), not %r" % (name, pattern))
+    else:
+        try:
+            compiled = re.compile(pattern)
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise InvalidArgumentError("%s: %r is not a valid regular expression: %s" % (name, pattern[:200], exc),
+                                       hint=r"Python re syntax, searched in each line: 'listening on port \d+'") from None
+    try:
+        degree = _pattern_degree(compiled)
+    except ValueError as exc:
+        raise InvalidArgumentError("%s: %r is refused: %s" % (name, pattern[:200], exc),
+                                   hint="repeat single characters or fixed-length parts, and separate repeats "
+                                        r"with text they cannot take: '(\w+\s)*' -> '[\w\s]*', "
+                                        r"'(a|aa)+' -> 'a+', '.*=.*=.*' -> '[^=]*=[^=]*=.*'") from None
+    return _LinePattern(compiled, _MATCH_CHARS_BY_DEGREE[degree])
 
 
 def _output_search(pattern, match_type, name: str = "--output-pattern"):

@@ -2447,7 +2447,7 @@ class SupervisorTests(JobTestCase):
         # output when the child is gone.  wait must not return before it is copied.
         lines = 10000
         code = "import sys\nsys.stdout.buffer.write(b'xxxxxxxx\\n' * %d)\n" % lines
-        job = self.run_job(py(code), output_pattern=r"(x+x+)+y", output_match_type="regex")
+        job = self.run_job(py(code), output_pattern=r"(?:x?){4}x*x*y", output_match_type="regex")
         state = job.wait(60)
         self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
         self.assertEqual(os.path.getsize(job.paths.stdout_log), 9 * lines, "wait returned before the output was copied")
@@ -3615,6 +3615,56 @@ def queue_storm(case, jobs, processes=4, parallel=4):
 
 
 @unittest.skipIf(jobstate._WINDOWS, "POSIX only: FIFO gates, SIGKILL")
+class BacktrackingPatternTests(JobTestCase):
+    """A user's regular expression never stalls the process that searches with it
+    (Python's re holds the GIL): exponential ones are refused where patterns are
+    compiled, and a search sees a part of a line bounded by the pattern's degree."""
+
+    EXPONENTIAL = r"(a+)+$"  # ~13 s on 27 a's and a b; twice that per a more
+    LINE = "a" * 27 + "b"
+
+    def test_an_exponential_pattern_is_refused_before_anything_launches(self):
+        printer = py("import time; print(%r, flush=True); time.sleep(60)" % self.LINE)
+        for args in (["run", "--output-pattern", self.EXPONENTIAL, "--output-match-type", "regex", "--timeout", "1",
+                      "--until", "40", "--"] + printer,
+                     ["run", "--ready", self.EXPONENTIAL, "--until", "2", "--"] + printer):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), args)
+            self.assertIn("exponential", doc["error"]["message"])
+            self.assertTrue(doc["error"].get("hint"), doc)
+        self.assertEqual(jobstate._list_job_ids(self.root), [], "a job was made for a refused pattern")
+        import re
+        for pattern in (self.EXPONENTIAL, re.compile(self.EXPONENTIAL), r"(a|aa)*c", r"(a?a)+$", r"(a|a)*b",
+                        r"(\w+\s?)*$", r"a*a*a*b", r".*.*=.*", r"(.{0,30}){3}x"):
+            with self.assertRaises(jobstate.InvalidArgumentError, msg=pattern):
+                jobstate.run(printer, root=self.root, ready=pattern)
+            with self.assertRaises(jobstate.InvalidArgumentError, msg=pattern):
+                jobstate.create(printer, root=self.root, output_pattern=pattern, output_match_type="regex")
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        job = self.run_job(printer)
+        status, doc, _ = self.cli("wait", job.id, "--match", self.EXPONENTIAL, "--until", "1")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+
+    def test_ordinary_patterns_are_kept(self):
+        for pattern, line in ((r"listening on port \d+", "listening on port 80"), (r"(?i)error|warning", "a WARNING"),
+                              (r"^E\d+", "E12 x"), (r"v\d+\.\d+\.\d+", "v1.22.3"), (r"\w+\s+\w+", "two words"),
+                              (r"foo.*bar.*baz", "foo, bar, baz"), (r"(\d{1,3}\.){3}\d{1,3}", "at 10.0.0.1"),
+                              (r"(ab|ac)*d", "ababacd"), (r"[^=]*=[^=]*=.*", "a=b=c"), (r"^ready$", "ready")):
+            self.assertTrue(jobstate._compile_line_pattern(pattern, "match").search(line), pattern)
+
+    def test_a_polynomial_pattern_on_a_long_line_leaves_the_timeout_enforced(self):
+        # a*a*b costs n**3 on a line of n a's: days on this one, were it searched whole.
+        printer = py("import sys, time\nsys.stdout.write('a' * 200000 + '\\n'); sys.stdout.flush(); time.sleep(60)")
+        job = self.run_job(printer, output_pattern="a*a*b", output_match_type="regex", timeout_s=1)
+        state = job.wait(60)
+        self.assertTrue(state.status.is_terminal, "the timeout was not enforced")
+        self.assertTrue(state.result.timed_out)
+        started = time.monotonic()
+        readiness = self.run_job(printer).wait(2, match="a*a*b")
+        self.assertIsNone(readiness.match)
+        self.assertLess(time.monotonic() - started, 30, "wait --match overran its deadline")
+
+
 class QueueTests(JobTestCase):
     """Queues with a parallel limit and no daemon: each waiting job is its own
     supervisor, blocked on locks, and a crash anywhere leaves an explainable state."""
@@ -4724,6 +4774,16 @@ class HttpTests(ServeTestCase):
             status, doc = self.request(method, url + path, body)
             self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), path)
         self.assertEqual(jobstate._list_job_ids(self.root), [job_id])
+
+    def test_an_exponential_wait_match_is_refused_and_health_answers(self):
+        from urllib.parse import quote
+        url = self.start_server()
+        job = self.run_job(py("import time; print(%r, flush=True); time.sleep(60)" % ("a" * 27 + "b")))
+        self.wait_log(job, "ab")
+        status, doc = self.request("GET", url + "/jobs/%s/wait?match=%s&until=1" % (job.id, quote("(a+)+$")))
+        self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), doc)
+        self.assertTrue(doc["error"].get("hint"))
+        self.assertEqual(self.request("GET", url + "/health")[0], 200)
 
     def follow(self, url, job_id, accept=None, query=""):
         """An open GET /jobs/{id}/follow: (connection, response)."""
