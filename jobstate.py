@@ -213,9 +213,10 @@ class InvalidJobIdError(JobError):
 class InvalidStateError(JobError):
     code = "invalid_state"
 
-    def __init__(self, job_id: str, state: "JobStatus", wanted: str):
+    def __init__(self, job_id: str, state: "JobStatus", wanted: str, hint: Optional[str] = None):
         self.job_id, self.state = job_id, state
         super().__init__("job %s is %s; %s" % (job_id, state.value, wanted),
+                         hint=hint or "'jobstate status %s' shows what it is doing" % job_id,
                          details={"job_id": job_id, "state": state.value})
 
 
@@ -2951,6 +2952,10 @@ def _normalize_job_ref(ref) -> str:
 
 def resolve_root(root: Optional[str] = None) -> str:
     """The jobs root: `root` > $JOBSTATE_ROOT > $XDG_DATA_HOME/jobstate/jobs > platform default."""
+    root = _path_argument(root, "root")
+    if root == "":  # a variable that expanded to nothing: not a reason to use another root
+        raise InvalidArgumentError("the root is an empty path",
+                                   hint="give a directory, or leave the root out to use $JOBSTATE_ROOT or the default")
     if root:
         return _abspath(os.path.expanduser(root))
     if os.environ.get("JOBSTATE_ROOT"):
@@ -2958,6 +2963,39 @@ def resolve_root(root: Optional[str] = None) -> str:
     if os.environ.get("XDG_DATA_HOME"):
         return os.path.join(_abspath(os.environ["XDG_DATA_HOME"]), "jobstate", "jobs")
     return _process_layer.default_root()
+
+
+def _path_argument(value, name: str) -> Optional[str]:
+    """A path from a caller: a str or any os.PathLike (None stays None)."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        path = None
+    if not isinstance(path, str):
+        raise InvalidArgumentError("%s must be a path (a string or os.PathLike), not %r" % (name, value),
+                                   hint="a directory such as '/srv/app' or pathlib.Path('/srv/app')")
+    return path
+
+
+def _count_argument(value, name: str) -> Optional[int]:
+    """A whole number from 0 given to the API (None stays None), as the CLI takes one."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value),
+                                   hint="a whole number from 0 (an int), or None for no limit")
+    return value
+
+
+def _strings_argument(value, name: str) -> List[str]:
+    """A list of strings given to the API; one string is a list of one
+    (tags='web' is the tag 'web', not the tags 'w', 'e' and 'b')."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise InvalidArgumentError("%s must be a list of strings, not %r" % (name, value),
+                                   hint="%s=['a', 'b'] (one string is one item)" % name)
+    return list(value)
 
 
 def _abspath(path: str) -> str:
@@ -2991,7 +3029,7 @@ class JobPaths:
 
 def _duration_seconds(text: str) -> float:
     """Seconds, signed, from '90', '1.5', '250ms', '90s', '5m', '2h', '7d'; ValueError otherwise."""
-    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", text)
+    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h|d)?\s*", text)
     if not match:
         raise ValueError("not a duration: %r" % (text,))
     unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
@@ -3131,7 +3169,8 @@ def _parse_env_pairs(pairs: Sequence[str]) -> Dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key or "\0" in pair:
-            raise InvalidArgumentError("--env %r is not KEY=VALUE" % (pair,))
+            raise InvalidArgumentError("--env %r is not KEY=VALUE" % (pair,),
+                                       hint="--env NAME=VALUE, with a non-empty NAME (VALUE may be empty)")
         env[key] = value
     return env
 
@@ -3632,7 +3671,8 @@ def _list_job_ids(root: str) -> List[str]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise JobIOError("cannot read the jobs root %s: %s" % (root, exc.strerror)) from None
+        raise JobIOError("cannot read the jobs root %s: %s" % (root, exc.strerror),
+                         hint="the root must be a directory (--root DIR or $JOBSTATE_ROOT)") from None
     return sorted(names, reverse=True)
 
 
@@ -3893,7 +3933,9 @@ def _held_error(paths: JobPaths, wanted: str) -> InvalidStateError:
     if state.status.is_terminal:  # its finished run's descendants still write to its logs
         return InvalidStateError(paths.job_id, state.status, "processes it left still write to its logs: stop "
                                  "them first ('jobstate kill %s')" % paths.job_id)
-    return InvalidStateError(paths.job_id, JobStatus.RUNNING, wanted)
+    return InvalidStateError(paths.job_id, JobStatus.RUNNING, wanted,
+                             hint="'jobstate kill %s' stops it; 'jobstate wait %s' waits for its end"
+                                  % (paths.job_id, paths.job_id))
 
 
 def _delete_job(paths: JobPaths) -> None:
@@ -6153,6 +6195,24 @@ _UNVERIFIABLE = ("this system has no /proc, so no pid can be verified: the job's
                  "finished job, cannot be found or counted")
 
 
+class _CallArgumentsError(InvalidArgumentError, TypeError):
+    """Arguments a public function does not take (a TypeError too, as Python's own)."""
+
+
+def _api_arguments(function):
+    """An argument the function does not take (an unknown keyword, one too many)
+    raises InvalidArgumentError like every other bad input, not a bare TypeError."""
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except TypeError as exc:
+            if exc.__traceback__.tb_next is not None:  # raised inside the function, not by the call
+                raise
+            raise _CallArgumentsError(str(exc), hint="see help(jobstate.%s)" % function.__qualname__) from None
+    return checked
+
+
 def _lock_is_free(paths: JobPaths) -> bool:
     with _JobLock(paths) as lock:
         return lock.acquire(exclusive=False, create=False)
@@ -6400,6 +6460,7 @@ def _summarize(paths: JobPaths, spec: JobSpec) -> Optional[JobSummary]:
     return JobSummary(paths.job_id, state, spec.argv, spec.cwd, spec.tags, spec.created_at, spec.queue)
 
 
+@_api_arguments
 def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: bool = False,
               state: Optional[str] = None, tags: Sequence[str] = (), limit: Optional[int] = DEFAULT_LIST_LIMIT
               ) -> List[JobSummary]:
@@ -6410,9 +6471,11 @@ def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: boo
     match ('a.b' exact, 'a.*' subtree).  limit: at most that many (None: no limit).
     """
     _check_state_name(state)
-    return _list_summaries(resolve_root(root), cwd=cwd, all_jobs=all, state=state, tags=tags, limit=limit)[0]
+    return _list_summaries(resolve_root(root), cwd=_path_argument(cwd, "cwd"), all_jobs=all, state=state,
+                           tags=_strings_argument(tags, "tags"), limit=_count_argument(limit, "limit"))[0]
 
 
+@_api_arguments
 def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optional[int] = None,
        max_bytes: Optional[int] = None, dry_run: bool = False) -> GcReport:
     """Remove terminal jobs across the whole root.
@@ -6594,6 +6657,7 @@ class Job:
         """The current JobState; a job whose supervisor died reads as failed (supervisor_lost)."""
         return _read_state_reconciled(self.paths)
 
+    @_api_arguments
     def wait(self, timeout_s: Optional[float] = None, *, match=None, stream: str = "either",
              cancel: Optional[threading.Event] = None):
         """Block until the job is terminal and its logs are drained, or timeout_s passes.
@@ -6611,6 +6675,8 @@ class Job:
         once (within 50 ms), as if the time had run out.
         Raises InvalidArgumentError for an invalid pattern or stream.
         """
+        if timeout_s is not None:  # as the CLI's --until: a duration from 0, never NaN
+            timeout_s = _parse_duration(timeout_s, "timeout_s")
         if match is not None:
             return self._wait_for_line(_compile_line_pattern(match, "match"), _check_stream(stream, "stream"),
                                        timeout_s, cancel)
@@ -6663,10 +6729,11 @@ class Job:
             scanner.close()
 
     @_deleted_is_not_found
+    @_api_arguments
     def tail(self, lines: Optional[int] = DEFAULT_TAIL_LINES, max_bytes: int = DEFAULT_MAX_BYTES) -> Tail:
         """The last `lines` lines (None: no line limit) and at most max_bytes of each stream."""
         self.state()  # raises JobNotFoundError for a job that is gone
-        return _tail(self.paths, lines, _parse_size(max_bytes, "max_bytes"))
+        return _tail(self.paths, _count_argument(lines, "lines"), _parse_size(max_bytes, "max_bytes"))
 
     @_deleted_is_not_found
     def start(self, *, auto_gc=True) -> "Job":
@@ -6686,6 +6753,7 @@ class Job:
         return self
 
     @_deleted_is_not_found
+    @_api_arguments
     def restart(self, signal: str = "TERM", *, kill_after_s: float = DEFAULT_KILL_AFTER_S, auto_gc=True) -> "Job":
         """Stop the job's tree if it runs, then launch the same definition under the same id.
 
@@ -6721,6 +6789,7 @@ class Job:
         return self
 
     @_deleted_is_not_found
+    @_api_arguments
     def kill(self, signal: str = "TERM", *, kill_after_s: Optional[float] = None,
              wait_s: float = DEFAULT_KILL_OBSERVE_S) -> KillResult:
         """Signal the job's whole process tree, then observe it for up to wait_s.
@@ -6734,7 +6803,9 @@ class Job:
         if state.status is JobStatus.CREATED and state.waiting is not None and terminating:
             return self._kill_waiting(name, wait_s)
         if state.status is JobStatus.CREATED:
-            raise InvalidStateError(self.id, state.status, "it has no process to signal")
+            raise InvalidStateError(self.id, state.status, "it has no process to signal",
+                                    hint="it never started: 'jobstate start %s' runs it, 'jobstate delete %s' "
+                                         "removes it" % (self.id, self.id))
         ref, running = _TreeRef.from_state(state), state.status is JobStatus.RUNNING
         terminating, verified = name[3:] in _TERMINATING, _process_layer.can_verify_pids()
         send = functools.partial(self._send, ref, running and not verified)
@@ -6853,11 +6924,13 @@ class Job:
             return state.status.is_terminal
         return _wait_tree_gone(ref, _remaining(deadline))
 
+    @_api_arguments
     def delete(self) -> None:
         """Remove the job's directory; refuses a running job (InvalidStateError)."""
         _delete_job(self.paths)
 
     @_deleted_is_not_found
+    @_api_arguments
     def set_notifications(self, **changes) -> JobSpec:
         """Change the job's notification sinks, in any state; returns the new definition.
 
@@ -6879,9 +6952,10 @@ class Job:
         return self._update_spec("notifications", change)
 
     @_deleted_is_not_found
+    @_api_arguments
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
-        tags = _validate_tags(tags)
+        tags = _validate_tags(_strings_argument(tags, "tags"))
         self._update_spec("tags", lambda spec: setattr(spec, "tags", tags))
         return tags
 
@@ -6933,14 +7007,14 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
         if (not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key
                 or "\0" in key + value):
             raise InvalidArgumentError("invalid environment variable %r" % (key,))
-    cwd = _abspath(cwd or os.curdir)
+    cwd = _abspath(_path_argument(cwd, "cwd") or os.curdir)
     spec = JobSpec(
         argv=argv, cwd=cwd, env=env, env_files=[_abspath(p) for p in env_files],
         inherit_env=bool(inherit_env), masks=list(masks), has_stdin=has_stdin,
-        timeout_s=_parse_duration(timeout_s or 0, "timeout"),
+        timeout_s=_parse_duration(0 if timeout_s is None else timeout_s, "timeout"),
         kill_after_s=_parse_duration(DEFAULT_KILL_AFTER_S if kill_after_s is None else kill_after_s,
                                      "kill_after"),
-        kill_orphans=bool(kill_orphans), tags=_validate_tags(tags),
+        kill_orphans=bool(kill_orphans), tags=_validate_tags(_strings_argument(tags, "tags")),
         notify_command=notify_command or None, notify_file=notify_file or None,
         output_pattern=output_pattern or None, output_match_type=output_match_type,
         output_stream=output_stream, output_command=output_command or None, output_file=output_file or None,
@@ -6968,12 +7042,14 @@ def _restart_policy(restart, max_restarts, restart_delay_s) -> dict:
     if max_restarts is None:
         max_restarts = 0 if restart == "never" else DEFAULT_MAX_RESTARTS
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-        raise InvalidArgumentError("max_restarts: %r is not a non-negative integer" % (max_restarts,))
+        raise InvalidArgumentError("max_restarts: %r is not a non-negative integer" % (max_restarts,),
+                                   hint="a whole number of restarts from 0")
     delay = _parse_duration(DEFAULT_RESTART_DELAY_S if restart_delay_s is None else restart_delay_s,
                             "restart_delay")
     return {"restart": restart, "max_restarts": max_restarts, "restart_delay_s": delay}
 
 
+@_api_arguments
 def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, env_files: Sequence[str] = (), inherit_env: bool = True,
            masks: Sequence[str] = (), stdin=None, timeout_s=None, kill_after_s=None,
@@ -7061,6 +7137,7 @@ def _inline_supervisor_log(error: LaunchError, paths: JobPaths) -> None:
                       "files (ulimit -u, ulimit -n)")
 
 
+@_api_arguments
 def run(argv, *, root: Optional[str] = None, ready=None, ready_stream: str = "either",
         ready_timeout_s: Optional[float] = None, auto_gc=True, **definition) -> Job:
     """Define and launch a job; returns once its supervisor has acknowledged.
@@ -7075,6 +7152,11 @@ def run(argv, *, root: Optional[str] = None, ready=None, ready_stream: str = "ei
     on.  ready_stream: 'stdout', 'stderr' or 'either'.  An invalid pattern
     raises InvalidArgumentError before anything is created.  auto_gc: see Job.start.
     """
+    code = create.__wrapped__.__code__
+    unknown = sorted(set(definition) - set(code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]))
+    if unknown:
+        raise _CallArgumentsError("run() got unexpected keyword arguments: %s" % ", ".join(unknown),
+                                  hint="run() takes create()'s keyword arguments: see help(jobstate.create)")
     return _run(resolve_root(root), argv, ready=ready, ready_stream=ready_stream, ready_timeout_s=ready_timeout_s,
                 auto_gc=auto_gc, **definition)
 
@@ -7111,6 +7193,7 @@ def _discard_half_made(job: Job) -> None:
     _rmtree(job.paths.dir, ignore_errors=True)
 
 
+@_api_arguments
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
     """The Job for an id or unique prefix (case-insensitive)."""
     return _open_job(resolve_root(root), job_id_or_prefix)
@@ -7123,6 +7206,7 @@ def _open_job(root: str, job_id_or_prefix: str) -> Job:
     return job
 
 
+@_api_arguments
 def set_queue(name: str, *, parallel: Optional[int] = None, paused: Optional[bool] = None,
               root: Optional[str] = None) -> QueueInfo:
     """Set a queue's parallel limit (1 to MAX_QUEUE_PARALLEL) and/or pause or resume it.
@@ -7144,6 +7228,7 @@ def set_queue(name: str, *, parallel: Optional[int] = None, paused: Optional[boo
     return _scan_queues(root, only=name)[0]
 
 
+@_api_arguments
 def list_queues(root: Optional[str] = None) -> List[QueueInfo]:
     """Every queue that has settings or unfinished jobs, by name."""
     return _scan_queues(resolve_root(root))
@@ -7809,7 +7894,8 @@ def _operation_stdin(args: dict):
     if "stdin_file" not in args:
         return args.get("stdin")
     if "stdin" in args:
-        raise InvalidArgumentError("give either stdin or stdin_file, not both")
+        raise InvalidArgumentError("give either stdin or stdin_file, not both",
+                                   hint="stdin is the data itself, stdin_file a file to read it from")
     path = os.path.join(args.get("cwd") or os.curdir, os.path.expanduser(args["stdin_file"]))
     try:
         with open(path, "rb") as f:
@@ -10663,7 +10749,8 @@ def _cli_stdin(ns, auto: bool) -> Optional[bytes]:
     """Standard input for the job from --stdin/--stdin-file, or our own piped stdin for run."""
     limit = _parse_size(ns.stdin_max_bytes, "--stdin-max-bytes")
     if ns.stdin is not None and ns.stdin_file is not None:
-        raise InvalidArgumentError("give either --stdin or --stdin-file, not both")
+        raise InvalidArgumentError("give either --stdin or --stdin-file, not both",
+                                   hint="--stdin TEXT gives the data itself, --stdin-file PATH a file to read it from")
     if ns.stdin == "-" or (ns.stdin is None and ns.stdin_file is None and auto and _stdin_is_piped()):
         if sys.stdin is None or sys.stdin.isatty():
             raise StdinRequiredError("--stdin - needs piped standard input",
@@ -10676,7 +10763,8 @@ def _cli_stdin(ns, auto: bool) -> Optional[bytes]:
             with open(ns.stdin_file, "rb") as f:
                 data = f.read(limit + 1)
         except OSError as exc:
-            raise InvalidArgumentError("cannot read --stdin-file %s: %s" % (ns.stdin_file, exc.strerror)) from None
+            raise InvalidArgumentError("cannot read --stdin-file %s: %s" % (ns.stdin_file, exc.strerror),
+                                       hint="--stdin-file takes a readable file ('-' is not one: use --stdin -)") from None
     else:
         return None
     if len(data) > limit:
@@ -10732,7 +10820,7 @@ def _parse_count(value, name: str) -> int:
     except (TypeError, ValueError):
         count = -1
     if count < 0:
-        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value))
+        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value), hint="a whole number from 0")
     return count
 
 

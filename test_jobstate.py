@@ -2795,6 +2795,45 @@ class ObservationTests(JobTestCase):
 
 
 class ApiTests(JobTestCase):
+    def test_bad_arguments_raise_invalid_argument_like_the_cli(self):
+        import pathlib
+        job = self.run_job(TRUE)
+        job.wait(10)
+        root = self.root
+        refused = {
+            "cwd=5": lambda: jobstate.create(TRUE, root=root, cwd=5),
+            "root=5": lambda: jobstate.create(TRUE, root=5),
+            "root=''": lambda: jobstate.list_jobs(root=""),
+            "tail(lines=nan)": lambda: job.tail(lines=float("nan")),
+            "tail(lines=-1)": lambda: job.tail(lines=-1),
+            "run(bogus=1)": lambda: jobstate.run(TRUE, root=root, bogus=1),
+            "create(bogus=1)": lambda: jobstate.create(TRUE, root=root, bogus=1),
+            "wait(bogus=1)": lambda: job.wait(bogus=1),
+            "list_jobs(bogus=1)": lambda: jobstate.list_jobs(root, bogus=1),
+            "timeout_s=[]": lambda: jobstate.create(TRUE, root=root, timeout_s=[]),
+            "tags=5": lambda: jobstate.create(TRUE, root=root, tags=5),
+            "limit=-1": lambda: jobstate.list_jobs(root, limit=-1),
+            "limit='5'": lambda: jobstate.list_jobs(root, limit="5"),
+            "limit=True": lambda: jobstate.list_jobs(root, limit=True),
+            "wait(nan)": lambda: job.wait(timeout_s=float("nan")),
+            "wait(-1)": lambda: job.wait(-1),
+            "wait([])": lambda: job.wait([]),
+        }
+        for name, call in refused.items():
+            with self.assertRaises(jobstate.InvalidArgumentError, msg=name) as caught:
+                call()
+            self.assertTrue(caught.exception.hint, name)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id], "a refused call made a job")
+        with self.assertRaises(TypeError):  # still what Python raises for a call it cannot make
+            job.wait(bogus=1)
+        # One string is one tag (as --tag abc), in a definition and in a filter.
+        tagged = jobstate.create(TRUE, root=root, cwd=pathlib.Path(self.tmp), tags="abc")
+        self.assertEqual((tagged.spec().tags, tagged.spec().cwd), (["abc"], os.path.realpath(self.tmp)))
+        self.assertEqual([s.job_id for s in jobstate.list_jobs(pathlib.Path(root), all=True, tags="abc")], [tagged.id])
+        self.assertEqual(tagged.set_tags("x.y"), ["x.y"])
+        empty = job.tail(lines=0)
+        self.assertEqual((empty.stdout_range, empty.stdout_total_bytes), ((0, 0), 0))
+
     def test_vendored_copy_under_another_name(self):
         vendor = os.path.join(self.tmp, "pkg", "_vendor")
         os.makedirs(vendor)
@@ -5985,6 +6024,41 @@ class TextRenderingTests(JobTestCase):
 
 
 class CommandLineTests(JobTestCase):
+    def test_every_error_envelope_has_a_hint(self):
+        a_file = os.path.join(self.tmp, "a-file")
+        with open(a_file, "w") as f:
+            f.write("x")
+        created = jobstate.create(TRUE, root=self.root)
+        running = self.run_job(py("import time; time.sleep(60)"))
+        cases = [["run", "--env", "FOO", "--"] + TRUE, ["run", "--env", "=x", "--"] + TRUE,
+                 ["run", "--stdin-file", "/nonexistent", "--"] + TRUE, ["run", "--stdin-file", self.tmp, "--"] + TRUE,
+                 ["run", "--stdin", "x", "--stdin-file", a_file, "--"] + TRUE,
+                 ["run", "--max-restarts", "-1", "--restart", "always", "--"] + TRUE,
+                 ["list", "--limit", "-1"], ["tail", created.id, "--lines", "-1"], ["gc", "--max-jobs", "-1"],
+                 ["queue", "set", "x", "--parallel", "-1"], ["kill", created.id], ["delete", running.id]]
+        for args in cases:
+            status, doc, _ = self.cli(*args)
+            self.assertEqual(status, 1, args)
+            self.assertTrue(doc["error"].get("hint"), (args, doc))
+        for root in (a_file, ""):  # a root that is a file; an empty one
+            proc = subprocess.run([PY, JOBSTATE, "--root", root, "list"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
+                                  env=dict(os.environ, JOBSTATE_ROOT=self.root))
+            doc = json.loads(proc.stdout)
+            self.assertEqual((proc.returncode, doc["ok"]), (1, False), root)
+            self.assertTrue(doc["error"].get("hint"), doc)
+        self.assertIn("empty", doc["error"]["message"], "--root '' fell back to $JOBSTATE_ROOT")
+
+    def test_a_duration_out_of_range_is_exit_1_however_it_is_written(self):
+        for value in ("-1", "1e9", "1e400", "2e7m"):
+            status, doc, _ = self.cli("run", "--timeout", value, "--", *TRUE)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), value)
+            self.assertIn("out of range", doc["error"]["message"])
+        for value in ("soon", "nan", "1e", "0x10"):  # not a duration at all: a usage error
+            status, doc, _ = self.cli("run", "--timeout", value, "--", *TRUE)
+            self.assertEqual(status, 2, value)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+
     def test_agent_exec_option_names(self):
         job = self.run_job(py("print('a'); print('b')"))
         job.wait(20)
