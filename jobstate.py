@@ -10948,16 +10948,40 @@ def _cmd_skill(ns):
     if ns.install is None:
         _write_text(sys.stdout, text)
         return None, 0
-    path = os.path.join(_abspath(os.path.expanduser(ns.install)), "jobstate", "SKILL.md")
+    skills = _abspath(os.path.expanduser(ns.install))
+    if not os.path.isdir(skills):  # a typo must not grow a tree of directories
+        raise InvalidArgumentError("--install %s: no such directory" % (skills,),
+                                   hint="give an existing skills directory, e.g. .claude/skills (mkdir it first)")
+    path = os.path.join(skills, "jobstate", "SKILL.md")
     data = text.encode("utf-8")
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        _install_file(path, data)
     except OSError as exc:
         raise JobIOError("cannot write %s: %s" % (path, exc.strerror or exc),
                          hint="give a skills directory you can write, e.g. .claude/skills") from None
     return _envelope("skill", {"path": path, "bytes": len(data)}), 0
+
+
+def _install_file(path: str, data: bytes) -> None:
+    """Write path as a new file that replaces what was there (a symlink is
+    replaced, never written through), in a real directory made if missing."""
+    folder = os.path.dirname(path)
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            raise OSError(errno.ENOTDIR, "%s is not a real directory (a symlink or a file)" % folder) from None
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        _process_layer.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def _cmd_completions(ns):

@@ -6105,13 +6105,39 @@ class CommandLineTests(JobTestCase):
         for code in jobstate._error_codes():
             self.assertIn(code, body, "the guide lists every error code")
         target = os.path.join(self.tmp, "skills")
+        os.mkdir(target)
         status, doc, _ = self.cli("skill", "--install", target)
         self.assertEqual((status, doc["type"]), (0, "skill"), doc)
         self.assertEqual(doc["path"], os.path.join(target, "jobstate", "SKILL.md"))
         with open(doc["path"], encoding="utf-8") as f:
             self.assertEqual(f.read(), text)
         status, doc, _ = self.cli("skill", "--install", os.path.join(JOBSTATE, "not-a-dir"))
-        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+
+    def test_skill_install_makes_no_tree_and_never_writes_through_a_symlink(self):
+        missing = os.path.join(self.tmp, "no", "such", "dir")
+        status, doc, _ = self.cli("skill", "--install", missing)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), doc)
+        self.assertTrue(doc["error"]["hint"])
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "no")), "skill --install made the path")
+        if not POSIX:
+            return
+        skills, victim = os.path.join(self.tmp, "skills"), os.path.join(self.tmp, "victim")
+        with open(victim, "w") as f:
+            f.write("precious")
+        os.makedirs(os.path.join(skills, "jobstate"))
+        os.symlink(victim, os.path.join(skills, "jobstate", "SKILL.md"))
+        status, doc, _ = self.cli("skill", "--install", skills)
+        self.assertEqual(status, 0, doc)
+        with open(victim) as f:
+            self.assertEqual(f.read(), "precious", "written through the symlink")
+        self.assertFalse(os.path.islink(doc["path"]))
+        os.remove(doc["path"])
+        os.rmdir(os.path.join(skills, "jobstate"))
+        os.symlink(self.tmp, os.path.join(skills, "jobstate"))  # a symlinked folder: refused
+        status, doc, _ = self.cli("skill", "--install", skills)
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"), doc)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "SKILL.md")))
 
     @unittest.skipUnless(shutil.which("bash"), "exercising the completions needs bash")
     def test_completions_are_generated_from_the_parser(self):
