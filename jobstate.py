@@ -109,6 +109,7 @@ DEFAULT_RUN_UNTIL_S = 10.0
 DEFAULT_WAIT_UNTIL_S = 30.0
 DEFAULT_KILL_AFTER_S = 5.0
 DEFAULT_KILL_OBSERVE_S = 3.0
+_TREE_END_RECORD_S = 1.0  # how long kill waits for the record of a tree its signal ended
 DEFAULT_STDIN_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_LIST_LIMIT = 50
 LAUNCH_ACK_TIMEOUT_S = 5.0
@@ -6827,6 +6828,10 @@ class Job:
             if state.status is JobStatus.RUNNING and self._same_run(ref, state):
                 raise self._kill_failed(verified)
         alive = len(_process_layer.find_tree(ref)) if verified else None
+        if alive == 0 and state.status is JobStatus.RUNNING and self._same_run(ref, state):
+            # The tree is gone (USR1's default action, say: a signal not waited for above), and its
+            # supervisor records the end at once: answer that, not `running` with no process alive.
+            state = self.wait(_TREE_END_RECORD_S)
         return KillResult(state, name, signalled, alive, warnings)
 
     @staticmethod

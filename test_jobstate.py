@@ -6114,6 +6114,16 @@ class CommandLineTests(JobTestCase):
         status, doc, _ = self.cli("skill", "--install", os.path.join(JOBSTATE, "not-a-dir"))
         self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
 
+    @unittest.skipUnless(POSIX, "SIGUSR1 is POSIX")
+    def test_kill_with_a_non_terminating_signal_answers_a_consistent_state(self):
+        for _ in range(3):
+            job = self.run_job(["sleep", "60"])
+            status, doc, _ = self.cli("kill", job.id, "--signal", "USR1")
+            self.assertEqual(status, 0, doc)
+            if doc["processes_alive"] == 0:  # the default action of USR1 ended it: the answer says so
+                self.assertNotEqual(doc["state"], "running", doc)
+                self.assertEqual(doc["signal"], "SIGUSR1", doc)
+
     def test_skill_install_makes_no_tree_and_never_writes_through_a_symlink(self):
         missing = os.path.join(self.tmp, "no", "such", "dir")
         status, doc, _ = self.cli("skill", "--install", missing)
