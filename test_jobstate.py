@@ -4532,6 +4532,17 @@ class McpTests(JobTestCase):
             self.assertEqual(result["structuredContent"]["error"]["code"], "invalid_argument", args)
         self.assertEqual(jobstate._list_job_ids(self.root), [job_id], "a job was made for a bad ready")
 
+    def test_an_exponential_match_is_refused(self):
+        proc = self.start_server()
+        job = self.run_job(py("import time; print(%r, flush=True); time.sleep(60)" % ("a" * 27 + "b")))
+        self.wait_log(job, "ab")
+        for msg_id, (name, args) in enumerate((("wait", {"job_id": job.id, "match": "(a+)+$", "until": 1}),
+                                                ("run", {"command": TRUE, "ready": "(a+)+$", "until": 1})), 1):
+            doc = self.call(proc, msg_id, name, args)["structuredContent"]
+            self.assertEqual(doc.get("error", {}).get("code"), "invalid_argument", doc)
+            self.assertTrue(doc["error"]["hint"])
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
+
     def tools(self, proc, msg_id=100):
         return {t["name"]: t for t in self.rpc(proc, msg_id, "tools/list")["result"]["tools"]}
 
