@@ -109,6 +109,7 @@ DEFAULT_RUN_UNTIL_S = 10.0
 DEFAULT_WAIT_UNTIL_S = 30.0
 DEFAULT_KILL_AFTER_S = 5.0
 DEFAULT_KILL_OBSERVE_S = 3.0
+_TREE_END_RECORD_S = 1.0  # how long kill waits for the record of a tree its signal ended
 DEFAULT_STDIN_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_LIST_LIMIT = 50
 LAUNCH_ACK_TIMEOUT_S = 5.0
@@ -213,9 +214,10 @@ class InvalidJobIdError(JobError):
 class InvalidStateError(JobError):
     code = "invalid_state"
 
-    def __init__(self, job_id: str, state: "JobStatus", wanted: str):
+    def __init__(self, job_id: str, state: "JobStatus", wanted: str, hint: Optional[str] = None):
         self.job_id, self.state = job_id, state
         super().__init__("job %s is %s; %s" % (job_id, state.value, wanted),
+                         hint=hint or "'jobstate status %s' shows what it is doing" % job_id,
                          details={"job_id": job_id, "state": state.value})
 
 
@@ -2951,6 +2953,10 @@ def _normalize_job_ref(ref) -> str:
 
 def resolve_root(root: Optional[str] = None) -> str:
     """The jobs root: `root` > $JOBSTATE_ROOT > $XDG_DATA_HOME/jobstate/jobs > platform default."""
+    root = _path_argument(root, "root")
+    if root == "":  # a variable that expanded to nothing: not a reason to use another root
+        raise InvalidArgumentError("the root is an empty path",
+                                   hint="give a directory, or leave the root out to use $JOBSTATE_ROOT or the default")
     if root:
         return _abspath(os.path.expanduser(root))
     if os.environ.get("JOBSTATE_ROOT"):
@@ -2958,6 +2964,39 @@ def resolve_root(root: Optional[str] = None) -> str:
     if os.environ.get("XDG_DATA_HOME"):
         return os.path.join(_abspath(os.environ["XDG_DATA_HOME"]), "jobstate", "jobs")
     return _process_layer.default_root()
+
+
+def _path_argument(value, name: str) -> Optional[str]:
+    """A path from a caller: a str or any os.PathLike (None stays None)."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        path = None
+    if not isinstance(path, str):
+        raise InvalidArgumentError("%s must be a path (a string or os.PathLike), not %r" % (name, value),
+                                   hint="a directory such as '/srv/app' or pathlib.Path('/srv/app')")
+    return path
+
+
+def _count_argument(value, name: str) -> Optional[int]:
+    """A whole number from 0 given to the API (None stays None), as the CLI takes one."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value),
+                                   hint="a whole number from 0 (an int), or None for no limit")
+    return value
+
+
+def _strings_argument(value, name: str) -> List[str]:
+    """A list of strings given to the API; one string is a list of one
+    (tags='web' is the tag 'web', not the tags 'w', 'e' and 'b')."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise InvalidArgumentError("%s must be a list of strings, not %r" % (name, value),
+                                   hint="%s=['a', 'b'] (one string is one item)" % name)
+    return list(value)
 
 
 def _abspath(path: str) -> str:
@@ -2991,7 +3030,7 @@ class JobPaths:
 
 def _duration_seconds(text: str) -> float:
     """Seconds, signed, from '90', '1.5', '250ms', '90s', '5m', '2h', '7d'; ValueError otherwise."""
-    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", text)
+    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h|d)?\s*", text)
     if not match:
         raise ValueError("not a duration: %r" % (text,))
     unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
@@ -3131,22 +3170,231 @@ def _parse_env_pairs(pairs: Sequence[str]) -> Dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key or "\0" in pair:
-            raise InvalidArgumentError("--env %r is not KEY=VALUE" % (pair,))
+            raise InvalidArgumentError("--env %r is not KEY=VALUE" % (pair,),
+                                       hint="--env NAME=VALUE, with a non-empty NAME (VALUE may be empty)")
         env[key] = value
     return env
 
 
-def _compile_line_pattern(pattern, name: str):
-    """A regular expression (Python re) as given, compiled; InvalidArgumentError naming the option."""
-    if hasattr(pattern, "search") and hasattr(pattern, "pattern"):  # compiled already
-        return pattern
-    if not isinstance(pattern, str):
-        raise InvalidArgumentError("%s must be a regular expression (a string), not %r" % (name, pattern))
+# Output lines are searched with the user's regular expressions (wait --match,
+# run --ready, --output-pattern), and Python's re backtracks holding the GIL,
+# uninterruptibly: one line could stall a supervisor (its timeout and kills),
+# the HTTP server or the MCP server for hours.  So _compile_line_pattern
+# refuses a pattern whose search can take exponential time (a repeat of a part
+# that matches texts of several lengths, or of an alternation whose branches
+# match the same text), and caps the text one search sees by the pattern's
+# degree: the longest chain of unbounded repeats that can take the same
+# characters one after the other (a*a*b: 2; a search costs up to n**(degree+1)).
+_REPEAT_UNBOUNDED = 4  # a repeat allowing more than this counts as unbounded
+_MATCH_CHARS_BY_DEGREE = (None, 8192, 512)  # degree 3 and more is refused
+_ANY_CHAR = ((0, 0x10FFFF),)
+# The characters of \d, \w and \s (Unicode): \s exactly (str.isspace), \d and \w
+# as every character beyond ASCII that is not a space (a superset).
+_SPACE_CHARS = ((0x09, 0x0D), (0x1C, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+                (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000))
+_NON_ASCII_NON_SPACE = ((0x80, 0x84), (0x86, 0x9F), (0xA1, 0x167F), (0x1681, 0x1FFF), (0x200B, 0x2027),
+                        (0x202A, 0x202E), (0x2030, 0x205E), (0x2060, 0x2FFF), (0x3001, 0x10FFFF))
+_CATEGORY_CHARS = {"CATEGORY_DIGIT": ((0x30, 0x39),) + _NON_ASCII_NON_SPACE,
+                   "CATEGORY_WORD": ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)) + _NON_ASCII_NON_SPACE,
+                   "CATEGORY_SPACE": _SPACE_CHARS}
+
+
+class _LinePattern:
+    """A compiled output-line pattern whose search sees at most the first
+    max_chars of a line (None: all of it, for a pattern without repeats)."""
+
+    def __init__(self, compiled, max_chars: Optional[int]):
+        self.compiled, self.pattern, self.max_chars = compiled, compiled.pattern, max_chars
+
+    def search(self, line: str):
+        return self.compiled.search(line if self.max_chars is None else line[:self.max_chars])
+
+
+def _sre_parser():
     try:
-        return re.compile(pattern)
-    except (re.error, OverflowError, RecursionError) as exc:
-        raise InvalidArgumentError("%s: %r is not a valid regular expression: %s" % (name, pattern[:200], exc),
-                                   hint=r"Python re syntax, searched in each line: 'listening on port \d+'") from None
+        from re import _parser  # 3.11+; sre_parse warns there that it is deprecated
+        return _parser
+    except ImportError:
+        import sre_parse
+        return sre_parse
+
+
+def _chars_overlap(a, b) -> bool:
+    return any(lo1 <= hi2 and lo2 <= hi1 for lo1, hi1 in a for lo2, hi2 in b)
+
+
+class _PatternShape:
+    """One walk of a parsed pattern: raises ValueError (why) for a pattern whose
+    search can take exponential time, and measures its degree (see above).
+
+    Each node becomes tokens (kind, characters): "one" a character, "opt" a
+    part that may match nothing, "rep" an unbounded repeat."""
+
+    def __init__(self, parser, ignorecase: bool):
+        self.p, self.ignorecase, self.degree = parser, ignorecase, 0
+        self.repeats = (parser.MAX_REPEAT, parser.MIN_REPEAT, getattr(parser, "POSSESSIVE_REPEAT", None))
+        self.variable_repeats = 0  # repeats of a variable-length part around the node walked
+        self.long_repeats = 0  # unbounded repeats around the node walked
+
+    def tokens(self, items) -> list:
+        found = [token for op, av in items for token in self.node_tokens(op, av)]
+        self.degree = max(self.degree, self.chain_length(found))
+        return found
+
+    def node_tokens(self, op, av) -> list:
+        p = self.p
+        if op in self.repeats:
+            return self.repeat_tokens(*av)
+        if op is p.SUBPATTERN:
+            return self.tokens(av[-1])
+        if op is getattr(p, "ATOMIC_GROUP", None):
+            return self.tokens(av)
+        if op in (p.ASSERT, p.ASSERT_NOT):
+            self.tokens(av[1])
+            return []
+        if op is p.BRANCH:
+            return self.branch_tokens(av[1])
+        if op is p.GROUPREF_EXISTS:
+            return self.branch_tokens([av[1], av[2] or []])
+        if op is p.AT:
+            return []
+        if op is p.GROUPREF:  # as long as its group: (a*)\1b is a*a*b
+            return [("rep", _ANY_CHAR)]
+        return [("one", self.node_chars(op, av))]
+
+    def repeat_tokens(self, low, high, body) -> list:
+        lo, hi = body.getwidth()
+        variable = lo != hi and high > 1
+        if variable and (high > _REPEAT_UNBOUNDED or self.variable_repeats):
+            raise ValueError("it repeats a part that can match texts of different lengths "
+                             "(like (a+)+, (a|aa)* or (a?a)*), which can take exponential time")
+        long = high > _REPEAT_UNBOUNDED
+        self.variable_repeats += variable
+        self.long_repeats += long
+        try:
+            inner = self.tokens(body)
+        finally:
+            self.variable_repeats -= variable
+            self.long_repeats -= long
+        chars = tuple(r for _, token_chars in inner for r in token_chars)
+        if variable and any(kind == "rep" for kind, _ in inner):
+            raise ValueError("it repeats a part that holds an unbounded repeat (like (.{0,30}){3}), "
+                             "which can take time n**k")
+        if long or any(kind == "rep" for kind, _ in inner):
+            required = [("one", chars)] if low > 0 and lo > 0 else []  # a+ is a a*: what it must take
+            return required + [("rep", chars)]
+        return [("opt" if low == 0 or lo == 0 else "one", chars)]
+
+    def branch_tokens(self, branches) -> list:
+        walked = [self.tokens(branch) for branch in branches]
+        if self.long_repeats:
+            for i, first in enumerate(walked):
+                if any(self.may_match_alike(first, other) for other in walked[i + 1:]):
+                    raise ValueError("it repeats an alternation whose branches can match the same text "
+                                     "(like (a|a)* or (\\w|\\d)+), which can take exponential time")
+        chars = tuple(r for tokens in walked for _, token_chars in tokens for r in token_chars)
+        if any(kind == "rep" for tokens in walked for kind, _ in tokens):
+            return [("rep", chars)]
+        return [("opt" if any(kind != "one" for tokens in walked for kind, _ in tokens) or not all(walked)
+                 else "one", chars)]
+
+    @staticmethod
+    def may_match_alike(a, b) -> bool:
+        """False only for two runs of single characters that differ at one position."""
+        if len(a) != len(b) or any(kind != "one" for kind, _ in a + b):
+            return True
+        return all(_chars_overlap(x, y) for (_, x), (_, y) in zip(a, b))
+
+    def node_chars(self, op, av):
+        """The characters one single-character node can match (a superset), as ranges."""
+        p = self.p
+        if op in (p.LITERAL, p.NOT_LITERAL):
+            ranges = ((av, av),)
+        elif op is p.IN:
+            ranges = ()
+            for item_op, item in av:
+                if item_op is p.LITERAL:
+                    ranges += ((item, item),)
+                elif item_op is p.RANGE:
+                    ranges += (tuple(item),)
+                elif item_op is p.CATEGORY and str(item) in _CATEGORY_CHARS and av[0][0] is not p.NEGATE:
+                    ranges += _CATEGORY_CHARS[str(item)]  # a superset: its complement would not be
+                elif item_op is not p.NEGATE:
+                    return _ANY_CHAR
+        else:
+            return _ANY_CHAR
+        if op is p.NOT_LITERAL or op is p.IN and av[0][0] is p.NEGATE:
+            return self.complement(ranges)
+        if self.ignorecase and _chars_overlap(ranges, ((0x41, 0x7A),)):  # both cases, and the Kelvin sign
+            ranges += ((0x41, 0x7A), (0x80, 0x10FFFF))
+        return ranges
+
+    @staticmethod
+    def complement(ranges):
+        """All characters outside ranges (a superset of what [^...] matches under IGNORECASE)."""
+        gaps, start = [], 0
+        for lo, hi in sorted(ranges):
+            if lo > start:
+                gaps.append((start, lo - 1))
+            start = max(start, hi + 1)
+        return tuple(gaps) + (((start, 0x10FFFF),) if start <= 0x10FFFF else ())
+
+    @staticmethod
+    def chain_length(tokens) -> int:
+        """The longest chain of "rep" tokens each of which can go on taking
+        the characters of the one before (what lies between may too)."""
+        chain = [1 if kind == "rep" else 0 for kind, _ in tokens]
+        for i, (kind, chars) in enumerate(tokens):
+            if kind != "rep":
+                continue
+            for j in range(i + 1, len(tokens)):
+                next_kind, next_chars = tokens[j]
+                overlaps = _chars_overlap(chars, next_chars)
+                if next_kind == "rep" and overlaps:
+                    chain[j] = max(chain[j], chain[i] + 1)
+                elif next_kind == "one" and not overlaps:
+                    break
+        return max(chain, default=0)
+
+
+def _pattern_degree(compiled) -> int:
+    """The degree of a compiled pattern (see above); ValueError for one refused."""
+    parser = _sre_parser()
+    try:
+        shape = _PatternShape(parser, bool(compiled.flags & re.IGNORECASE))
+        shape.tokens(parser.parse(compiled.pattern, compiled.flags))
+    except RecursionError:
+        raise ValueError("it nests too deeply to be checked") from None
+    if shape.degree >= len(_MATCH_CHARS_BY_DEGREE):
+        raise ValueError("it has %d unbounded repeats in a row that can take the same characters (like a*a*a*b), "
+                         "whose search can take time n**%d on a line of n characters"
+                         % (shape.degree, shape.degree + 1))
+    return shape.degree
+
+
+def _compile_line_pattern(pattern, name: str) -> _LinePattern:
+    """A regular expression (Python re, a string or compiled) checked and
+    compiled (see _PatternShape); InvalidArgumentError naming the option."""
+    if isinstance(pattern, _LinePattern):
+        return pattern
+    if isinstance(pattern, re.Pattern) and isinstance(pattern.pattern, str):
+        compiled, pattern = pattern, pattern.pattern
+    elif not isinstance(pattern, str):
+        raise InvalidArgumentError("%s must be a regular expression (a string), not %r" % (name, pattern))
+    else:
+        try:
+            compiled = re.compile(pattern)
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise InvalidArgumentError("%s: %r is not a valid regular expression: %s" % (name, pattern[:200], exc),
+                                       hint=r"Python re syntax, searched in each line: 'listening on port \d+'") from None
+    try:
+        degree = _pattern_degree(compiled)
+    except ValueError as exc:
+        raise InvalidArgumentError("%s: %r is refused: %s" % (name, pattern[:200], exc),
+                                   hint="repeat single characters or fixed-length parts, and separate repeats "
+                                        r"with text they cannot take: '(\w+\s)*' -> '[\w\s]*', "
+                                        r"'(a|aa)+' -> 'a+', '.*=.*=.*' -> '[^=]*=[^=]*=.*'") from None
+    return _LinePattern(compiled, _MATCH_CHARS_BY_DEGREE[degree])
 
 
 def _output_search(pattern, match_type, name: str = "--output-pattern"):
@@ -3424,7 +3672,8 @@ def _list_job_ids(root: str) -> List[str]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise JobIOError("cannot read the jobs root %s: %s" % (root, exc.strerror)) from None
+        raise JobIOError("cannot read the jobs root %s: %s" % (root, exc.strerror),
+                         hint="the root must be a directory (--root DIR or $JOBSTATE_ROOT)") from None
     return sorted(names, reverse=True)
 
 
@@ -3685,7 +3934,9 @@ def _held_error(paths: JobPaths, wanted: str) -> InvalidStateError:
     if state.status.is_terminal:  # its finished run's descendants still write to its logs
         return InvalidStateError(paths.job_id, state.status, "processes it left still write to its logs: stop "
                                  "them first ('jobstate kill %s')" % paths.job_id)
-    return InvalidStateError(paths.job_id, JobStatus.RUNNING, wanted)
+    return InvalidStateError(paths.job_id, JobStatus.RUNNING, wanted,
+                             hint="'jobstate kill %s' stops it; 'jobstate wait %s' waits for its end"
+                                  % (paths.job_id, paths.job_id))
 
 
 def _delete_job(paths: JobPaths) -> None:
@@ -5945,6 +6196,24 @@ _UNVERIFIABLE = ("this system has no /proc, so no pid can be verified: the job's
                  "finished job, cannot be found or counted")
 
 
+class _CallArgumentsError(InvalidArgumentError, TypeError):
+    """Arguments a public function does not take (a TypeError too, as Python's own)."""
+
+
+def _api_arguments(function):
+    """An argument the function does not take (an unknown keyword, one too many)
+    raises InvalidArgumentError like every other bad input, not a bare TypeError."""
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except TypeError as exc:
+            if exc.__traceback__.tb_next is not None:  # raised inside the function, not by the call
+                raise
+            raise _CallArgumentsError(str(exc), hint="see help(jobstate.%s)" % function.__qualname__) from None
+    return checked
+
+
 def _lock_is_free(paths: JobPaths) -> bool:
     with _JobLock(paths) as lock:
         return lock.acquire(exclusive=False, create=False)
@@ -6192,6 +6461,7 @@ def _summarize(paths: JobPaths, spec: JobSpec) -> Optional[JobSummary]:
     return JobSummary(paths.job_id, state, spec.argv, spec.cwd, spec.tags, spec.created_at, spec.queue)
 
 
+@_api_arguments
 def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: bool = False,
               state: Optional[str] = None, tags: Sequence[str] = (), limit: Optional[int] = DEFAULT_LIST_LIMIT
               ) -> List[JobSummary]:
@@ -6202,9 +6472,11 @@ def list_jobs(root: Optional[str] = None, *, cwd: Optional[str] = None, all: boo
     match ('a.b' exact, 'a.*' subtree).  limit: at most that many (None: no limit).
     """
     _check_state_name(state)
-    return _list_summaries(resolve_root(root), cwd=cwd, all_jobs=all, state=state, tags=tags, limit=limit)[0]
+    return _list_summaries(resolve_root(root), cwd=_path_argument(cwd, "cwd"), all_jobs=all, state=state,
+                           tags=_strings_argument(tags, "tags"), limit=_count_argument(limit, "limit"))[0]
 
 
+@_api_arguments
 def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optional[int] = None,
        max_bytes: Optional[int] = None, dry_run: bool = False) -> GcReport:
     """Remove terminal jobs across the whole root.
@@ -6386,6 +6658,7 @@ class Job:
         """The current JobState; a job whose supervisor died reads as failed (supervisor_lost)."""
         return _read_state_reconciled(self.paths)
 
+    @_api_arguments
     def wait(self, timeout_s: Optional[float] = None, *, match=None, stream: str = "either",
              cancel: Optional[threading.Event] = None):
         """Block until the job is terminal and its logs are drained, or timeout_s passes.
@@ -6403,6 +6676,8 @@ class Job:
         once (within 50 ms), as if the time had run out.
         Raises InvalidArgumentError for an invalid pattern or stream.
         """
+        if timeout_s is not None:  # as the CLI's --until: a duration from 0, never NaN
+            timeout_s = _parse_duration(timeout_s, "timeout_s")
         if match is not None:
             return self._wait_for_line(_compile_line_pattern(match, "match"), _check_stream(stream, "stream"),
                                        timeout_s, cancel)
@@ -6455,10 +6730,11 @@ class Job:
             scanner.close()
 
     @_deleted_is_not_found
+    @_api_arguments
     def tail(self, lines: Optional[int] = DEFAULT_TAIL_LINES, max_bytes: int = DEFAULT_MAX_BYTES) -> Tail:
         """The last `lines` lines (None: no line limit) and at most max_bytes of each stream."""
         self.state()  # raises JobNotFoundError for a job that is gone
-        return _tail(self.paths, lines, _parse_size(max_bytes, "max_bytes"))
+        return _tail(self.paths, _count_argument(lines, "lines"), _parse_size(max_bytes, "max_bytes"))
 
     @_deleted_is_not_found
     def start(self, *, auto_gc=True) -> "Job":
@@ -6478,6 +6754,7 @@ class Job:
         return self
 
     @_deleted_is_not_found
+    @_api_arguments
     def restart(self, signal: str = "TERM", *, kill_after_s: float = DEFAULT_KILL_AFTER_S, auto_gc=True) -> "Job":
         """Stop the job's tree if it runs, then launch the same definition under the same id.
 
@@ -6513,6 +6790,7 @@ class Job:
         return self
 
     @_deleted_is_not_found
+    @_api_arguments
     def kill(self, signal: str = "TERM", *, kill_after_s: Optional[float] = None,
              wait_s: float = DEFAULT_KILL_OBSERVE_S) -> KillResult:
         """Signal the job's whole process tree, then observe it for up to wait_s.
@@ -6526,7 +6804,9 @@ class Job:
         if state.status is JobStatus.CREATED and state.waiting is not None and terminating:
             return self._kill_waiting(name, wait_s)
         if state.status is JobStatus.CREATED:
-            raise InvalidStateError(self.id, state.status, "it has no process to signal")
+            raise InvalidStateError(self.id, state.status, "it has no process to signal",
+                                    hint="it never started: 'jobstate start %s' runs it, 'jobstate delete %s' "
+                                         "removes it" % (self.id, self.id))
         ref, running = _TreeRef.from_state(state), state.status is JobStatus.RUNNING
         terminating, verified = name[3:] in _TERMINATING, _process_layer.can_verify_pids()
         send = functools.partial(self._send, ref, running and not verified)
@@ -6548,6 +6828,10 @@ class Job:
             if state.status is JobStatus.RUNNING and self._same_run(ref, state):
                 raise self._kill_failed(verified)
         alive = len(_process_layer.find_tree(ref)) if verified else None
+        if alive == 0 and state.status is JobStatus.RUNNING and self._same_run(ref, state):
+            # The tree is gone (USR1's default action, say: a signal not waited for above), and its
+            # supervisor records the end at once: answer that, not `running` with no process alive.
+            state = self.wait(_TREE_END_RECORD_S)
         return KillResult(state, name, signalled, alive, warnings)
 
     @staticmethod
@@ -6645,11 +6929,13 @@ class Job:
             return state.status.is_terminal
         return _wait_tree_gone(ref, _remaining(deadline))
 
+    @_api_arguments
     def delete(self) -> None:
         """Remove the job's directory; refuses a running job (InvalidStateError)."""
         _delete_job(self.paths)
 
     @_deleted_is_not_found
+    @_api_arguments
     def set_notifications(self, **changes) -> JobSpec:
         """Change the job's notification sinks, in any state; returns the new definition.
 
@@ -6671,9 +6957,10 @@ class Job:
         return self._update_spec("notifications", change)
 
     @_deleted_is_not_found
+    @_api_arguments
     def set_tags(self, tags: Sequence[str]) -> List[str]:
         """Replace the job's tags (deduplicated, in order); returns the new list."""
-        tags = _validate_tags(tags)
+        tags = _validate_tags(_strings_argument(tags, "tags"))
         self._update_spec("tags", lambda spec: setattr(spec, "tags", tags))
         return tags
 
@@ -6725,14 +7012,14 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
         if (not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key
                 or "\0" in key + value):
             raise InvalidArgumentError("invalid environment variable %r" % (key,))
-    cwd = _abspath(cwd or os.curdir)
+    cwd = _abspath(_path_argument(cwd, "cwd") or os.curdir)
     spec = JobSpec(
         argv=argv, cwd=cwd, env=env, env_files=[_abspath(p) for p in env_files],
         inherit_env=bool(inherit_env), masks=list(masks), has_stdin=has_stdin,
-        timeout_s=_parse_duration(timeout_s or 0, "timeout"),
+        timeout_s=_parse_duration(0 if timeout_s is None else timeout_s, "timeout"),
         kill_after_s=_parse_duration(DEFAULT_KILL_AFTER_S if kill_after_s is None else kill_after_s,
                                      "kill_after"),
-        kill_orphans=bool(kill_orphans), tags=_validate_tags(tags),
+        kill_orphans=bool(kill_orphans), tags=_validate_tags(_strings_argument(tags, "tags")),
         notify_command=notify_command or None, notify_file=notify_file or None,
         output_pattern=output_pattern or None, output_match_type=output_match_type,
         output_stream=output_stream, output_command=output_command or None, output_file=output_file or None,
@@ -6760,12 +7047,14 @@ def _restart_policy(restart, max_restarts, restart_delay_s) -> dict:
     if max_restarts is None:
         max_restarts = 0 if restart == "never" else DEFAULT_MAX_RESTARTS
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-        raise InvalidArgumentError("max_restarts: %r is not a non-negative integer" % (max_restarts,))
+        raise InvalidArgumentError("max_restarts: %r is not a non-negative integer" % (max_restarts,),
+                                   hint="a whole number of restarts from 0")
     delay = _parse_duration(DEFAULT_RESTART_DELAY_S if restart_delay_s is None else restart_delay_s,
                             "restart_delay")
     return {"restart": restart, "max_restarts": max_restarts, "restart_delay_s": delay}
 
 
+@_api_arguments
 def create(argv, *, root: Optional[str] = None, cwd: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, env_files: Sequence[str] = (), inherit_env: bool = True,
            masks: Sequence[str] = (), stdin=None, timeout_s=None, kill_after_s=None,
@@ -6853,6 +7142,7 @@ def _inline_supervisor_log(error: LaunchError, paths: JobPaths) -> None:
                       "files (ulimit -u, ulimit -n)")
 
 
+@_api_arguments
 def run(argv, *, root: Optional[str] = None, ready=None, ready_stream: str = "either",
         ready_timeout_s: Optional[float] = None, auto_gc=True, **definition) -> Job:
     """Define and launch a job; returns once its supervisor has acknowledged.
@@ -6867,6 +7157,11 @@ def run(argv, *, root: Optional[str] = None, ready=None, ready_stream: str = "ei
     on.  ready_stream: 'stdout', 'stderr' or 'either'.  An invalid pattern
     raises InvalidArgumentError before anything is created.  auto_gc: see Job.start.
     """
+    code = create.__wrapped__.__code__
+    unknown = sorted(set(definition) - set(code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]))
+    if unknown:
+        raise _CallArgumentsError("run() got unexpected keyword arguments: %s" % ", ".join(unknown),
+                                  hint="run() takes create()'s keyword arguments: see help(jobstate.create)")
     return _run(resolve_root(root), argv, ready=ready, ready_stream=ready_stream, ready_timeout_s=ready_timeout_s,
                 auto_gc=auto_gc, **definition)
 
@@ -6903,6 +7198,7 @@ def _discard_half_made(job: Job) -> None:
     _rmtree(job.paths.dir, ignore_errors=True)
 
 
+@_api_arguments
 def open_job(job_id_or_prefix: str, root: Optional[str] = None) -> Job:
     """The Job for an id or unique prefix (case-insensitive)."""
     return _open_job(resolve_root(root), job_id_or_prefix)
@@ -6915,6 +7211,7 @@ def _open_job(root: str, job_id_or_prefix: str) -> Job:
     return job
 
 
+@_api_arguments
 def set_queue(name: str, *, parallel: Optional[int] = None, paused: Optional[bool] = None,
               root: Optional[str] = None) -> QueueInfo:
     """Set a queue's parallel limit (1 to MAX_QUEUE_PARALLEL) and/or pause or resume it.
@@ -6936,6 +7233,7 @@ def set_queue(name: str, *, parallel: Optional[int] = None, paused: Optional[boo
     return _scan_queues(root, only=name)[0]
 
 
+@_api_arguments
 def list_queues(root: Optional[str] = None) -> List[QueueInfo]:
     """Every queue that has settings or unfinished jobs, by name."""
     return _scan_queues(resolve_root(root))
@@ -7646,7 +7944,8 @@ def _operation_stdin(args: dict):
     if "stdin_file" not in args:
         return args.get("stdin")
     if "stdin" in args:
-        raise InvalidArgumentError("give either stdin or stdin_file, not both", hint="drop one of them")
+        raise InvalidArgumentError("give either stdin or stdin_file, not both",
+                                   hint="stdin is the data itself, stdin_file a file to read it from")
     path = os.path.join(args.get("cwd") or os.curdir, os.path.expanduser(args["stdin_file"]))
     try:
         with open(path, "rb") as f:
@@ -10625,7 +10924,8 @@ def _cli_stdin(ns, auto: bool) -> Optional[bytes]:
     """Standard input for the job from --stdin/--stdin-file, or our own piped stdin for run."""
     limit = _parse_size(ns.stdin_max_bytes, "--stdin-max-bytes")
     if ns.stdin is not None and ns.stdin_file is not None:
-        raise InvalidArgumentError("give either --stdin or --stdin-file, not both")
+        raise InvalidArgumentError("give either --stdin or --stdin-file, not both",
+                                   hint="--stdin TEXT gives the data itself, --stdin-file PATH a file to read it from")
     if ns.stdin == "-" or (ns.stdin is None and ns.stdin_file is None and auto and _stdin_is_piped()):
         if sys.stdin is None or sys.stdin.isatty():
             raise StdinRequiredError("--stdin - needs piped standard input",
@@ -10638,7 +10938,8 @@ def _cli_stdin(ns, auto: bool) -> Optional[bytes]:
             with open(ns.stdin_file, "rb") as f:
                 data = f.read(limit + 1)
         except OSError as exc:
-            raise InvalidArgumentError("cannot read --stdin-file %s: %s" % (ns.stdin_file, exc.strerror)) from None
+            raise InvalidArgumentError("cannot read --stdin-file %s: %s" % (ns.stdin_file, exc.strerror),
+                                       hint="--stdin-file takes a readable file ('-' is not one: use --stdin -)") from None
     else:
         return None
     if len(data) > limit:
@@ -10694,7 +10995,7 @@ def _parse_count(value, name: str) -> int:
     except (TypeError, ValueError):
         count = -1
     if count < 0:
-        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value))
+        raise InvalidArgumentError("%s: %r is not a non-negative integer" % (name, value), hint="a whole number from 0")
     return count
 
 
@@ -10822,16 +11123,40 @@ def _cmd_skill(ns):
     if ns.install is None:
         _write_text(sys.stdout, text)
         return None, 0
-    path = os.path.join(_abspath(os.path.expanduser(ns.install)), "jobstate", "SKILL.md")
+    skills = _abspath(os.path.expanduser(ns.install))
+    if not os.path.isdir(skills):  # a typo must not grow a tree of directories
+        raise InvalidArgumentError("--install %s: no such directory" % (skills,),
+                                   hint="give an existing skills directory, e.g. .claude/skills (mkdir it first)")
+    path = os.path.join(skills, "jobstate", "SKILL.md")
     data = text.encode("utf-8")
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        _install_file(path, data)
     except OSError as exc:
         raise JobIOError("cannot write %s: %s" % (path, exc.strerror or exc),
                          hint="give a skills directory you can write, e.g. .claude/skills") from None
     return _envelope("skill", {"path": path, "bytes": len(data)}), 0
+
+
+def _install_file(path: str, data: bytes) -> None:
+    """Write path as a new file that replaces what was there (a symlink is
+    replaced, never written through), in a real directory made if missing."""
+    folder = os.path.dirname(path)
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            raise OSError(errno.ENOTDIR, "%s is not a real directory (a symlink or a file)" % folder) from None
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        _process_layer.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def _cmd_completions(ns):

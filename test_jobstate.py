@@ -2474,7 +2474,7 @@ class SupervisorTests(JobTestCase):
         # output when the child is gone.  wait must not return before it is copied.
         lines = 10000
         code = "import sys\nsys.stdout.buffer.write(b'xxxxxxxx\\n' * %d)\n" % lines
-        job = self.run_job(py(code), output_pattern=r"(x+x+)+y", output_match_type="regex")
+        job = self.run_job(py(code), output_pattern=r"(?:x?){4}x*x*y", output_match_type="regex")
         state = job.wait(60)
         self.assertEqual((state.status, state.exit_code), (jobstate.JobStatus.EXITED, 0))
         self.assertEqual(os.path.getsize(job.paths.stdout_log), 9 * lines, "wait returned before the output was copied")
@@ -2822,6 +2822,45 @@ class ObservationTests(JobTestCase):
 
 
 class ApiTests(JobTestCase):
+    def test_bad_arguments_raise_invalid_argument_like_the_cli(self):
+        import pathlib
+        job = self.run_job(TRUE)
+        job.wait(10)
+        root = self.root
+        refused = {
+            "cwd=5": lambda: jobstate.create(TRUE, root=root, cwd=5),
+            "root=5": lambda: jobstate.create(TRUE, root=5),
+            "root=''": lambda: jobstate.list_jobs(root=""),
+            "tail(lines=nan)": lambda: job.tail(lines=float("nan")),
+            "tail(lines=-1)": lambda: job.tail(lines=-1),
+            "run(bogus=1)": lambda: jobstate.run(TRUE, root=root, bogus=1),
+            "create(bogus=1)": lambda: jobstate.create(TRUE, root=root, bogus=1),
+            "wait(bogus=1)": lambda: job.wait(bogus=1),
+            "list_jobs(bogus=1)": lambda: jobstate.list_jobs(root, bogus=1),
+            "timeout_s=[]": lambda: jobstate.create(TRUE, root=root, timeout_s=[]),
+            "tags=5": lambda: jobstate.create(TRUE, root=root, tags=5),
+            "limit=-1": lambda: jobstate.list_jobs(root, limit=-1),
+            "limit='5'": lambda: jobstate.list_jobs(root, limit="5"),
+            "limit=True": lambda: jobstate.list_jobs(root, limit=True),
+            "wait(nan)": lambda: job.wait(timeout_s=float("nan")),
+            "wait(-1)": lambda: job.wait(-1),
+            "wait([])": lambda: job.wait([]),
+        }
+        for name, call in refused.items():
+            with self.assertRaises(jobstate.InvalidArgumentError, msg=name) as caught:
+                call()
+            self.assertTrue(caught.exception.hint, name)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id], "a refused call made a job")
+        with self.assertRaises(TypeError):  # still what Python raises for a call it cannot make
+            job.wait(bogus=1)
+        # One string is one tag (as --tag abc), in a definition and in a filter.
+        tagged = jobstate.create(TRUE, root=root, cwd=pathlib.Path(self.tmp), tags="abc")
+        self.assertEqual((tagged.spec().tags, tagged.spec().cwd), (["abc"], os.path.realpath(self.tmp)))
+        self.assertEqual([s.job_id for s in jobstate.list_jobs(pathlib.Path(root), all=True, tags="abc")], [tagged.id])
+        self.assertEqual(tagged.set_tags("x.y"), ["x.y"])
+        empty = job.tail(lines=0)
+        self.assertEqual((empty.stdout_range, empty.stdout_total_bytes), ((0, 0), 0))
+
     def test_vendored_copy_under_another_name(self):
         vendor = os.path.join(self.tmp, "pkg", "_vendor")
         os.makedirs(vendor)
@@ -3642,6 +3681,56 @@ def queue_storm(case, jobs, processes=4, parallel=4):
 
 
 @unittest.skipIf(jobstate._WINDOWS, "POSIX only: FIFO gates, SIGKILL")
+class BacktrackingPatternTests(JobTestCase):
+    """A user's regular expression never stalls the process that searches with it
+    (Python's re holds the GIL): exponential ones are refused where patterns are
+    compiled, and a search sees a part of a line bounded by the pattern's degree."""
+
+    EXPONENTIAL = r"(a+)+$"  # ~13 s on 27 a's and a b; twice that per a more
+    LINE = "a" * 27 + "b"
+
+    def test_an_exponential_pattern_is_refused_before_anything_launches(self):
+        printer = py("import time; print(%r, flush=True); time.sleep(60)" % self.LINE)
+        for args in (["run", "--output-pattern", self.EXPONENTIAL, "--output-match-type", "regex", "--timeout", "1",
+                      "--until", "40", "--"] + printer,
+                     ["run", "--ready", self.EXPONENTIAL, "--until", "2", "--"] + printer):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), args)
+            self.assertIn("exponential", doc["error"]["message"])
+            self.assertTrue(doc["error"].get("hint"), doc)
+        self.assertEqual(jobstate._list_job_ids(self.root), [], "a job was made for a refused pattern")
+        import re
+        for pattern in (self.EXPONENTIAL, re.compile(self.EXPONENTIAL), r"(a|aa)*c", r"(a?a)+$", r"(a|a)*b",
+                        r"(\w+\s?)*$", r"a*a*a*b", r".*.*=.*", r"(.{0,30}){3}x"):
+            with self.assertRaises(jobstate.InvalidArgumentError, msg=pattern):
+                jobstate.run(printer, root=self.root, ready=pattern)
+            with self.assertRaises(jobstate.InvalidArgumentError, msg=pattern):
+                jobstate.create(printer, root=self.root, output_pattern=pattern, output_match_type="regex")
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        job = self.run_job(printer)
+        status, doc, _ = self.cli("wait", job.id, "--match", self.EXPONENTIAL, "--until", "1")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+
+    def test_ordinary_patterns_are_kept(self):
+        for pattern, line in ((r"listening on port \d+", "listening on port 80"), (r"(?i)error|warning", "a WARNING"),
+                              (r"^E\d+", "E12 x"), (r"v\d+\.\d+\.\d+", "v1.22.3"), (r"\w+\s+\w+", "two words"),
+                              (r"foo.*bar.*baz", "foo, bar, baz"), (r"(\d{1,3}\.){3}\d{1,3}", "at 10.0.0.1"),
+                              (r"(ab|ac)*d", "ababacd"), (r"[^=]*=[^=]*=.*", "a=b=c"), (r"^ready$", "ready")):
+            self.assertTrue(jobstate._compile_line_pattern(pattern, "match").search(line), pattern)
+
+    def test_a_polynomial_pattern_on_a_long_line_leaves_the_timeout_enforced(self):
+        # a*a*b costs n**3 on a line of n a's: days on this one, were it searched whole.
+        printer = py("import sys, time\nsys.stdout.write('a' * 200000 + '\\n'); sys.stdout.flush(); time.sleep(60)")
+        job = self.run_job(printer, output_pattern="a*a*b", output_match_type="regex", timeout_s=1)
+        state = job.wait(60)
+        self.assertTrue(state.status.is_terminal, "the timeout was not enforced")
+        self.assertTrue(state.result.timed_out)
+        started = time.monotonic()
+        readiness = self.run_job(printer).wait(2, match="a*a*b")
+        self.assertIsNone(readiness.match)
+        self.assertLess(time.monotonic() - started, 30, "wait --match overran its deadline")
+
+
 class QueueTests(JobTestCase):
     """Queues with a parallel limit and no daemon: each waiting job is its own
     supervisor, blocked on locks, and a crash anywhere leaves an explainable state."""
@@ -4577,6 +4666,17 @@ class McpTests(JobTestCase):
             self.assertEqual(result["structuredContent"]["error"]["code"], "invalid_argument", args)
         self.assertEqual(jobstate._list_job_ids(self.root), [job_id], "a job was made for a bad ready")
 
+    def test_an_exponential_match_is_refused(self):
+        proc = self.start_server()
+        job = self.run_job(py("import time; print(%r, flush=True); time.sleep(60)" % ("a" * 27 + "b")))
+        self.wait_log(job, "ab")
+        for msg_id, (name, args) in enumerate((("wait", {"job_id": job.id, "match": "(a+)+$", "until": 1}),
+                                                ("run", {"command": TRUE, "ready": "(a+)+$", "until": 1})), 1):
+            doc = self.call(proc, msg_id, name, args)["structuredContent"]
+            self.assertEqual(doc.get("error", {}).get("code"), "invalid_argument", doc)
+            self.assertTrue(doc["error"]["hint"])
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
+
     def tools(self, proc, msg_id=100):
         return {t["name"]: t for t in self.rpc(proc, msg_id, "tools/list")["result"]["tools"]}
 
@@ -4966,6 +5066,16 @@ class HttpTests(ServeTestCase):
             status, doc = self.request(method, url + path, body)
             self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), path)
         self.assertEqual(jobstate._list_job_ids(self.root), [job_id])
+
+    def test_an_exponential_wait_match_is_refused_and_health_answers(self):
+        from urllib.parse import quote
+        url = self.start_server()
+        job = self.run_job(py("import time; print(%r, flush=True); time.sleep(60)" % ("a" * 27 + "b")))
+        self.wait_log(job, "ab")
+        status, doc = self.request("GET", url + "/jobs/%s/wait?match=%s&until=1" % (job.id, quote("(a+)+$")))
+        self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), doc)
+        self.assertTrue(doc["error"].get("hint"))
+        self.assertEqual(self.request("GET", url + "/health")[0], 200)
 
     def follow(self, url, job_id, accept=None, query=""):
         """An open GET /jobs/{id}/follow: (connection, response)."""
@@ -6204,6 +6314,41 @@ class CommandLineTests(JobTestCase):
             doc = strict_json(self, proc.stdout)
             assert_shown_as_replacement(self, doc["jobs"][0] if "jobs" in doc else doc)
 
+    def test_every_error_envelope_has_a_hint(self):
+        a_file = os.path.join(self.tmp, "a-file")
+        with open(a_file, "w") as f:
+            f.write("x")
+        created = jobstate.create(TRUE, root=self.root)
+        running = self.run_job(py("import time; time.sleep(60)"))
+        cases = [["run", "--env", "FOO", "--"] + TRUE, ["run", "--env", "=x", "--"] + TRUE,
+                 ["run", "--stdin-file", "/nonexistent", "--"] + TRUE, ["run", "--stdin-file", self.tmp, "--"] + TRUE,
+                 ["run", "--stdin", "x", "--stdin-file", a_file, "--"] + TRUE,
+                 ["run", "--max-restarts", "-1", "--restart", "always", "--"] + TRUE,
+                 ["list", "--limit", "-1"], ["tail", created.id, "--lines", "-1"], ["gc", "--max-jobs", "-1"],
+                 ["queue", "set", "x", "--parallel", "-1"], ["kill", created.id], ["delete", running.id]]
+        for args in cases:
+            status, doc, _ = self.cli(*args)
+            self.assertEqual(status, 1, args)
+            self.assertTrue(doc["error"].get("hint"), (args, doc))
+        for root in (a_file, ""):  # a root that is a file; an empty one
+            proc = subprocess.run([PY, JOBSTATE, "--root", root, "list"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
+                                  env=dict(os.environ, JOBSTATE_ROOT=self.root))
+            doc = json.loads(proc.stdout)
+            self.assertEqual((proc.returncode, doc["ok"]), (1, False), root)
+            self.assertTrue(doc["error"].get("hint"), doc)
+        self.assertIn("empty", doc["error"]["message"], "--root '' fell back to $JOBSTATE_ROOT")
+
+    def test_a_duration_out_of_range_is_exit_1_however_it_is_written(self):
+        for value in ("-1", "1e9", "1e400", "2e7m"):
+            status, doc, _ = self.cli("run", "--timeout", value, "--", *TRUE)
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), value)
+            self.assertIn("out of range", doc["error"]["message"])
+        for value in ("soon", "nan", "1e", "0x10"):  # not a duration at all: a usage error
+            status, doc, _ = self.cli("run", "--timeout", value, "--", *TRUE)
+            self.assertEqual(status, 2, value)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+
     def test_agent_exec_option_names(self):
         job = self.run_job(py("print('a'); print('b')"))
         job.wait(20)
@@ -6250,13 +6395,49 @@ class CommandLineTests(JobTestCase):
         for code in jobstate._error_codes():
             self.assertIn(code, body, "the guide lists every error code")
         target = os.path.join(self.tmp, "skills")
+        os.mkdir(target)
         status, doc, _ = self.cli("skill", "--install", target)
         self.assertEqual((status, doc["type"]), (0, "skill"), doc)
         self.assertEqual(doc["path"], os.path.join(target, "jobstate", "SKILL.md"))
         with open(doc["path"], encoding="utf-8") as f:
             self.assertEqual(f.read(), text)
         status, doc, _ = self.cli("skill", "--install", os.path.join(JOBSTATE, "not-a-dir"))
-        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"))
+
+    @unittest.skipUnless(POSIX, "SIGUSR1 is POSIX")
+    def test_kill_with_a_non_terminating_signal_answers_a_consistent_state(self):
+        for _ in range(3):
+            job = self.run_job(["sleep", "60"])
+            status, doc, _ = self.cli("kill", job.id, "--signal", "USR1")
+            self.assertEqual(status, 0, doc)
+            if doc["processes_alive"] == 0:  # the default action of USR1 ended it: the answer says so
+                self.assertNotEqual(doc["state"], "running", doc)
+                self.assertEqual(doc["signal"], "SIGUSR1", doc)
+
+    def test_skill_install_makes_no_tree_and_never_writes_through_a_symlink(self):
+        missing = os.path.join(self.tmp, "no", "such", "dir")
+        status, doc, _ = self.cli("skill", "--install", missing)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), doc)
+        self.assertTrue(doc["error"]["hint"])
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "no")), "skill --install made the path")
+        if not POSIX:
+            return
+        skills, victim = os.path.join(self.tmp, "skills"), os.path.join(self.tmp, "victim")
+        with open(victim, "w") as f:
+            f.write("precious")
+        os.makedirs(os.path.join(skills, "jobstate"))
+        os.symlink(victim, os.path.join(skills, "jobstate", "SKILL.md"))
+        status, doc, _ = self.cli("skill", "--install", skills)
+        self.assertEqual(status, 0, doc)
+        with open(victim) as f:
+            self.assertEqual(f.read(), "precious", "written through the symlink")
+        self.assertFalse(os.path.islink(doc["path"]))
+        os.remove(doc["path"])
+        os.rmdir(os.path.join(skills, "jobstate"))
+        os.symlink(self.tmp, os.path.join(skills, "jobstate"))  # a symlinked folder: refused
+        status, doc, _ = self.cli("skill", "--install", skills)
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"), doc)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "SKILL.md")))
 
     @unittest.skipUnless(shutil.which("bash"), "exercising the completions needs bash")
     def test_completions_are_generated_from_the_parser(self):
