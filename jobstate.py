@@ -3391,7 +3391,19 @@ def _ensure_root(root: str) -> None:
     except OSError as exc:
         raise JobIOError("cannot create the jobs root %s: %s" % (root, exc.strerror),
                          hint="pass --root or set JOBSTATE_ROOT to a writable directory") from None
-    problem = _process_layer.unsafe_dir_reason(root)
+    _refuse_unsafe_root(root)
+
+
+def _refuse_unsafe_root(root: str) -> None:
+    """Refuse a root that another user could tamper with, before anything in it is
+    read or acted on: they could plant a definition for us to run, or a state that
+    names their victim for us to kill.  Every entry passes here once per operation
+    (_ensure_root, Job(), _list_job_ids), never cached: a root can be opened up later.
+    A missing root holds no jobs; one we cannot stat fails where it is used."""
+    try:
+        problem = _process_layer.unsafe_dir_reason(root)
+    except OSError:
+        return
     if problem:
         raise JobIOError("refusing the jobs root %s: %s" % (root, problem),
                          hint="use a directory owned by you and not writable by others")
@@ -3418,6 +3430,7 @@ def _list_job_ids(root: str) -> List[str]:
     Only real directories count: a symlink planted in the root is never a job,
     so nothing is ever read, written or deleted through it.
     """
+    _refuse_unsafe_root(root)
     try:
         with os.scandir(root) as entries:
             names = [e.name for e in entries if _is_job_id(e.name) and e.is_dir(follow_symlinks=False)]
@@ -6368,6 +6381,7 @@ class Job:
     """A handle on one job directory.  Cheap to create; every method reads the disk afresh."""
 
     def __init__(self, job_id: str, root: str):
+        _refuse_unsafe_root(root)
         self.id = job_id
         self.root = root
         self.paths = JobPaths(root, job_id)

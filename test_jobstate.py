@@ -2256,6 +2256,95 @@ class StoreTests(JobTestCase):
 # ---------------------------------------------------------------------------
 
 
+class TamperTests(JobTestCase):
+    """Attacks through the files of a root: an unsafe root, planted files, a lost supervisor."""
+
+    def planted_jobs(self):
+        """A finished job, and a created one whose definition now runs a command that leaves a marker."""
+        done = self.run_job(HELLO)
+        self.assertEqual(done.wait(10).exit_code, 0)
+        created = jobstate.create(TRUE, root=self.root)
+        marker = os.path.join(self.tmp, "planted-command-ran")
+        with open(created.paths.meta) as f:
+            doc = json.load(f)
+        doc["argv"] = py("open(%r, 'w').close()" % marker)
+        jobstate._write_json_atomic(created.paths.meta, doc)
+        return done, created, marker
+
+    def assert_refused_everywhere(self, done, created, why):
+        """Every entry that reads or acts on the root answers io_error (with a hint), and changes nothing."""
+        def refused(what, call):
+            with self.assertRaises(jobstate.JobIOError, msg=what) as caught:
+                call()
+            self.assertIn(why, caught.exception.message, what)
+            self.assertTrue(caught.exception.hint, what)
+        for args in (("start", created.id), ("restart", done.id), ("kill", done.id), ("delete", done.id),
+                     ("delete", "--all"), ("gc", "--older-than", "0"), ("tag", "set", done.id, "--tag", "x"),
+                     ("notify", "set", done.id, "--notify-file", os.path.join(self.tmp, "n")),
+                     ("status", done.id), ("status", done.id[:10]), ("wait", done.id), ("tail", done.id),
+                     ("list", "--all"), ("ps", "--all"), ("queue", "list"), ("queue", "pause", "q")):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "io_error"), args)
+            self.assertIn(why, doc["error"]["message"], args)
+            self.assertTrue(doc["error"]["hint"], args)
+        refused("open_job", lambda: jobstate.open_job(done.id, root=self.root))
+        refused("list_jobs", lambda: jobstate.list_jobs(root=self.root, all=True))
+        refused("list_queues", lambda: jobstate.list_queues(root=self.root))
+        refused("gc", lambda: jobstate.gc(root=self.root, older_than_s=0))
+        refused("Job.state", lambda: jobstate.Job(done.id, self.root).state())
+        refused("Job.start", lambda: jobstate.Job(created.id, self.root).start())
+        refused("Job.delete", lambda: jobstate.Job(done.id, self.root).delete())
+        for operation in ("status", "tail", "wait", "kill", "restart", "delete"):
+            refused("MCP " + operation, lambda: jobstate._call_operation(
+                operation, {"job_id": done.id}, self.root, default_until=0))
+        refused("MCP list", lambda: jobstate._call_operation("list", {"all": True}, self.root, default_until=0))
+        for method, target in (("GET", "/jobs?all=true"), ("GET", "/jobs/" + done.id), ("DELETE", "/jobs/" + done.id),
+                               ("POST", "/jobs/%s/restart" % done.id), ("GET", "/jobs/%s/log?stream=stdout" % done.id)):
+            refused("HTTP %s %s" % (method, target), lambda: jobstate._route_http(method, target, dict, self.root))
+
+    def assert_untouched(self, done, created, marker):
+        self.assertFalse(os.path.exists(marker), "the planted command ran")
+        self.assertEqual(jobstate._read_state(created.paths).status, jobstate.JobStatus.CREATED)
+        self.assertEqual(jobstate._read_state(done.paths).exit_code, 0)
+        self.assertEqual(jobstate._read_spec(done.paths).tags, [])
+
+    @unittest.skipUnless(POSIX, "POSIX modes")
+    def test_a_world_writable_root_is_refused_by_every_entry(self):
+        done, created, marker = self.planted_jobs()
+        os.chmod(self.root, 0o777)
+        self.addCleanup(os.chmod, self.root, 0o700)
+        self.assert_refused_everywhere(done, created, "writable by other users")
+        self.assert_untouched(done, created, marker)
+
+    @unittest.skipUnless(POSIX and os.geteuid() == 0, "needs root to give the root away")
+    def test_a_root_owned_by_someone_else_is_refused_by_every_entry(self):
+        done, created, marker = self.planted_jobs()
+        os.chown(self.root, 65534, 65534)
+        self.addCleanup(os.chown, self.root, 0, 0)
+        for path in (created.paths.dir, created.paths.meta):
+            os.chown(path, 65534, 65534)
+        self.assert_refused_everywhere(done, created, "owned by uid 65534")
+        self.assert_untouched(done, created, marker)
+
+    @unittest.skipUnless(POSIX and os.path.exists("/proc/self/stat"), "/proc start times")
+    def test_kill_in_an_unsafe_root_never_signals_a_planted_victim(self):
+        victim = subprocess.Popen([PY, "-c", "import time; time.sleep(300)"])
+        self.addCleanup(victim.wait)
+        self.addCleanup(victim.kill)
+        job = jobstate.create(TRUE, root=self.root)
+        with open(job.paths.state) as f:
+            doc = json.load(f)
+        token = jobstate._process_layer.process_token(victim.pid)
+        doc["job"]["status"] = "running"
+        doc.update(pid=victim.pid, pid_token=token, supervisor_pid=victim.pid)
+        jobstate._write_json_atomic(job.paths.state, doc)
+        os.chmod(self.root, 0o777)
+        self.addCleanup(os.chmod, self.root, 0o700)
+        status, doc, _ = self.cli("kill", job.id, "--signal", "KILL")
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+        self.assertIsNone(victim.poll(), "the planted victim was killed")
+
+
 class SupervisorTests(JobTestCase):
     def test_logs_are_byte_exact(self):
         code = ("import os, random, sys\n"
