@@ -331,6 +331,7 @@ class JobState:
     supervisor_pid: Optional[int] = None
     pid_token: Optional[str] = None
     logs_drained: Optional[bool] = None
+    supervisor_token: Optional[str] = None  # its start-time token: proof it lives when its lock cannot say
     leftovers: List[_Proc] = field(default_factory=list)  # where trees cannot be found again later
     # Why a job has no child right now: {"for": "queue" | "jobs" | "restart", ...}
     # (created while it waits for a slot or for jobs; running between restarts).
@@ -384,7 +385,7 @@ class JobState:
             doc["windows_job_name"] = self.windows_job_name
         if self.error is not None:
             doc["error"] = self.error.to_dict()
-        for key in ("supervisor_pid", "pid_token", "logs_drained"):
+        for key in ("supervisor_pid", "pid_token", "logs_drained", "supervisor_token"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
         if self.leftovers:
@@ -407,7 +408,7 @@ class JobState:
             raise ValueError("'job' or 'result' is not an object")
         error = doc.get("error")
         known = {"job", "result", "pid", "finished_at", "updated_at", "windows_job_name", "error",
-                 "supervisor_pid", "pid_token", "logs_drained", "leftovers", "waiting", "restarts", "last_exit",
+                 "supervisor_pid", "pid_token", "logs_drained", "supervisor_token", "leftovers", "waiting", "restarts", "last_exit",
                  "queue_slot", "containment", "cgroup", "cgroups_v1", "limits"}
         leftovers = doc.get("leftovers") or []
         if not isinstance(leftovers, list) or not all(isinstance(p, dict) for p in leftovers):
@@ -434,6 +435,7 @@ class JobState:
             supervisor_pid=_typed(doc.get("supervisor_pid"), int, "supervisor_pid"),
             pid_token=_typed(doc.get("pid_token"), str, "pid_token"),
             logs_drained=_typed(doc.get("logs_drained"), bool, "logs_drained"),
+            supervisor_token=_typed(doc.get("supervisor_token"), str, "supervisor_token"),
             leftovers=[_Proc(_typed(p.get("pid"), int, "leftovers.pid", required=True),
                              _typed(p.get("token"), str, "leftovers.token", required=True)) for p in leftovers],
             waiting=_typed(doc.get("waiting"), dict, "waiting"),
@@ -3610,6 +3612,20 @@ def _meta_lock(paths: JobPaths) -> _LockFile:
     return _LockFile(os.path.join(paths.dir, "meta.lock"))
 
 
+def _supervisor_alive(state: JobState) -> bool:
+    """The recorded supervisor verifiably still runs (pid and start-time token):
+    then a free lock only means its lock file was removed, not that it is lost."""
+    return (state.supervisor_pid is not None and state.supervisor_token is not None
+            and _process_layer.is_alive(_Proc(state.supervisor_pid, state.supervisor_token)))
+
+
+def _run_may_outlive_supervisor(state: JobState) -> bool:
+    """The run's processes may live on with no supervisor to stop them: it was lost,
+    or it reads `running` while its lock was free (a lock file removed by hand)."""
+    lost = state.error is not None and state.error.stage == "supervisor_lost"
+    return state.pid is not None and (lost or _needs_supervisor(state))
+
+
 def _needs_supervisor(state: JobState) -> bool:
     """Running, or waiting (a queue slot, other jobs): only a live supervisor explains it."""
     return state.status is JobStatus.RUNNING or (state.status is JobStatus.CREATED and state.waiting is not None)
@@ -3618,8 +3634,9 @@ def _needs_supervisor(state: JobState) -> bool:
 def _reconcile(paths: JobPaths, state: JobState) -> JobState:
     """Turn a `running` (or waiting) state whose supervisor is gone into `failed` (supervisor_lost).
 
-    The supervisor holds the lock for its whole life, so a free lock is proof; the
-    re-read under the lock avoids racing a supervisor that just finished.
+    The supervisor holds the lock for its whole life, so a free lock is proof, unless
+    the lock file was removed (by hand): a supervisor that verifiably lives is not lost.
+    The re-read under the lock avoids racing a supervisor that just finished.
     """
     if not _needs_supervisor(state):
         return state
@@ -3627,7 +3644,7 @@ def _reconcile(paths: JobPaths, state: JobState) -> JobState:
         if not lock.acquire(create=False):
             return state
         state = _read_state(paths)
-        if _needs_supervisor(state):
+        if _needs_supervisor(state) and not _supervisor_alive(state):
             state.job.status, state.waiting = JobStatus.FAILED, None
             state.error = Failure("supervisor_lost",
                                   "the supervisor exited without recording the job's end")
@@ -3713,9 +3730,13 @@ def _delete_job(paths: JobPaths) -> None:
         if not lock.acquire(create=False):
             raise _held_error(paths, "stop it first ('jobstate kill')")
         try:
-            tree: Optional[_TreeRef] = _TreeRef.from_state(_read_state(paths))
+            state: Optional[JobState] = _read_state(paths)
         except JobError:  # no state to name its cgroup: nothing of ours to remove
-            tree = None
+            state = None
+        tree = _TreeRef.from_state(state) if state is not None else None
+        if state is not None and _run_may_outlive_supervisor(state) and _process_layer.find_tree(tree):
+            raise InvalidStateError(paths.job_id, state.status, "its supervisor is gone but processes of its run "
+                                    "still live: stop them first ('jobstate kill %s')" % paths.job_id)
         tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
         try:
             os.rename(paths.dir, tomb)
@@ -4245,7 +4266,7 @@ class _Supervisor:
             self.log("job is %s, not created; nothing to do" % state.status.value)
             return None
         spec = _read_spec(self.paths)
-        state.supervisor_pid = os.getpid()
+        state.supervisor_pid, state.supervisor_token = os.getpid(), _process_layer.process_token(os.getpid())
         if spec.after or spec.queue:
             state = self._wait_turn(state, spec)
             if state is None:
@@ -6519,12 +6540,42 @@ class Job:
                                             "and could not be stopped ('jobstate kill %s --signal KILL')" % self.id)
                 else:
                     time.sleep(0.02)
+            self._stop_unsupervised_run(_read_state(self.paths), signal, kill_after_s)
             for path in (self.paths.kill_request, self.paths.kill_ack, self.paths.event, self.paths.output_events):
                 _unlink_quietly(path)
             _write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
             _launch(self.paths, lock)
         _auto_gc_after_launch(self.root, auto_gc)
         return self
+
+    def _stop_unsupervised_run(self, state: JobState, signal: str, kill_after_s: float) -> None:
+        """Before a new run starts, stop a previous one the lock did not stand for: its
+        supervisor was lost (its tree lives on), or its lock file was removed (the
+        supervisor lives on, and must finish first: it would write over the new run's
+        state).  Else two copies would run.  Under the job lock; InvalidStateError
+        when it will not stop."""
+        if not _run_may_outlive_supervisor(state) or not _process_layer.can_verify_pids():
+            return
+        supervisor = _Proc(state.supervisor_pid, state.supervisor_token) if _supervisor_alive(state) else None
+        if supervisor is not None:
+            self._request_kill(_parse_signal(signal)[1], [])  # so that it records the end, and starts no other run
+        ref = _TreeRef.from_state(state)
+        stopped = False
+        for signum, wait_s in ((_parse_signal(signal)[0], kill_after_s),
+                               (_process_layer.signal_numbers()["KILL"], DRAIN_TIMEOUT_S)):
+            if _wait_tree_gone(ref, 0):
+                stopped = True
+                break
+            _process_layer.signal_tree(ref, signum)
+            if _wait_tree_gone(ref, wait_s):
+                stopped = True
+                break
+        deadline = _deadline(DRAIN_TIMEOUT_S + 1)
+        while stopped and supervisor is not None and _process_layer.is_alive(supervisor) and _remaining(deadline):
+            time.sleep(0.02)
+        if not stopped or (supervisor is not None and _process_layer.is_alive(supervisor)):
+            raise InvalidStateError(self.id, state.status, "its previous run could not be stopped "
+                                    "('jobstate kill %s --signal KILL')" % self.id)
 
     @_deleted_is_not_found
     def kill(self, signal: str = "TERM", *, kill_after_s: Optional[float] = None,

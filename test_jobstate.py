@@ -2156,6 +2156,7 @@ class StoreTests(JobTestCase):
     def test_world_writable_root_is_refused(self):
         os.makedirs(self.root)
         os.chmod(self.root, 0o777)
+        self.addCleanup(os.chmod, self.root, 0o700)  # so that the cleanup may list it
         status, doc, _ = self.cli("run", "--", "true")
         self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
         self.assertIn("writable by other users", doc["error"]["message"])
@@ -2343,6 +2344,60 @@ class TamperTests(JobTestCase):
         status, doc, _ = self.cli("kill", job.id, "--signal", "KILL")
         self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
         self.assertIsNone(victim.poll(), "the planted victim was killed")
+
+    def counting_job(self):
+        """A running job whose every run appends a line to a file; (job, that file, its first state)."""
+        runs = os.path.join(self.tmp, "runs")
+        job = self.run_job(py("import time\nopen(%r, 'a').write('run\\n')\nprint('ready', flush=True)\n"
+                              "time.sleep(60)\n" % runs))
+        self.wait_log(job, "ready")
+        return job, runs, job.state()
+
+    def lose_supervisor(self, job, state):
+        os.kill(state.supervisor_pid, signal.SIGKILL)
+        wait_for(lambda: job.state().status is jobstate.JobStatus.FAILED, 10, "the job to read supervisor_lost")
+        self.assertEqual(job.state().error.stage, "supervisor_lost")
+
+    def assert_one_copy_runs(self, job, runs, old):
+        def count():
+            with open(runs) as f:
+                return f.read().count("run")
+        wait_for(lambda: count() == 2, 10, "the new run to start")
+        self.assertFalse(jobstate._process_layer.is_alive(jobstate._Proc(old.pid, old.pid_token)),
+                         "the old run's command still runs next to the new one")
+
+    @unittest.skipUnless(POSIX and os.path.exists("/proc/self/stat"), "/proc to verify pids")
+    def test_restart_after_a_lost_supervisor_stops_the_old_tree_first(self):
+        job, runs, old = self.counting_job()
+        self.lose_supervisor(job, old)
+        status, doc, _ = self.cli("restart", job.id, "--no-wait")
+        self.assertEqual(status, 0, doc)
+        self.assert_one_copy_runs(job, runs, old)
+
+    @unittest.skipUnless(POSIX and os.path.exists("/proc/self/stat"), "/proc to verify pids")
+    def test_restart_after_the_lock_file_was_removed_never_runs_two_copies(self):
+        job, runs, old = self.counting_job()
+        os.unlink(job.paths.lock)
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING, "a live supervisor read as lost")
+        status, doc, _ = self.cli("restart", job.id, "--no-wait")
+        self.assertEqual(status, 0, doc)
+        self.assert_one_copy_runs(job, runs, old)
+        self.assertFalse(jobstate._process_layer.is_alive(jobstate._Proc(old.supervisor_pid, old.supervisor_token)),
+                         "the old supervisor still runs next to the new one")
+
+    @unittest.skipUnless(POSIX and os.path.exists("/proc/self/stat"), "/proc to verify pids")
+    def test_delete_refuses_a_lost_run_whose_processes_live(self):
+        job, runs, old = self.counting_job()
+        self.lose_supervisor(job, old)
+        status, doc, _ = self.cli("delete", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+        self.assertIn("jobstate kill", doc["error"]["message"])
+        self.assertTrue(os.path.isdir(job.paths.dir))
+        self.assertTrue(jobstate._process_layer.is_alive(jobstate._Proc(old.pid, old.pid_token)))
+        status, doc, _ = self.cli("kill", job.id, "--signal", "KILL")
+        self.assertEqual(status, 0, doc)
+        status, doc, _ = self.cli("delete", job.id)
+        self.assertEqual(status, 0, doc)
 
 
 class SupervisorTests(JobTestCase):
@@ -7090,6 +7145,7 @@ class Torture(JobTestCase):
     def test_root_owned_by_someone_else_is_refused(self):
         os.makedirs(self.root)
         os.chown(self.root, 65534, 65534)
+        self.addCleanup(os.chown, self.root, 0, 0)  # so that the cleanup may list it
         status, doc, _ = self.cli("run", "--", "echo", "x")
         self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
         self.assertIn("owned by uid 65534", doc["error"]["message"])
