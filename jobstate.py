@@ -6508,6 +6508,7 @@ class Job:
             state = _read_state(self.paths)
             if state.status is not JobStatus.CREATED:
                 raise InvalidStateError(self.id, state.status, "only a created job can be started")
+            _read_spec(self.paths)  # a damaged definition is refused here, not by a supervisor
             _launch(self.paths, lock)
         _auto_gc_after_launch(self.root, auto_gc)
         return self
@@ -6521,6 +6522,7 @@ class Job:
         """
         _parse_signal(signal)
         self.state()
+        _read_spec(self.paths)  # a damaged definition is refused before anything is stopped or reset
         with _JobLock(self.paths) as lock:
             leftovers_deadline = None
             while not lock.acquire():
@@ -6540,6 +6542,7 @@ class Job:
                                             "and could not be stopped ('jobstate kill %s --signal KILL')" % self.id)
                 else:
                     time.sleep(0.02)
+            _read_spec(self.paths)  # again under the lock: damaged meanwhile
             self._stop_unsupervised_run(_read_state(self.paths), signal, kill_after_s)
             for path in (self.paths.kill_request, self.paths.kill_ack, self.paths.event, self.paths.output_events):
                 _unlink_quietly(path)

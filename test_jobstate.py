@@ -2399,6 +2399,37 @@ class TamperTests(JobTestCase):
         status, doc, _ = self.cli("delete", job.id)
         self.assertEqual(status, 0, doc)
 
+    def assert_definition_refused(self, job, command):
+        """With meta.json corrupt, then missing: `command` answers state_unreadable and changes nothing."""
+        for damage in ('{"argv":', None):
+            if damage is None:
+                os.unlink(job.paths.meta)
+            else:
+                with open(job.paths.meta, "w") as f:
+                    f.write(damage)
+            with open(job.paths.state, "rb") as f:
+                before = f.read()
+            status, doc, _ = self.cli(command, job.id)
+            self.assertEqual((status, doc["error"]["code"]), (1, "state_unreadable"), damage)
+            self.assertIn("meta.json", doc["error"]["message"])
+            with open(job.paths.state, "rb") as f:
+                self.assertEqual(f.read(), before, "the recorded state changed")
+            if os.path.exists(job.paths.supervisor_log):
+                with open(job.paths.supervisor_log) as f:
+                    self.assertNotIn("Traceback", f.read())
+            self.assertTrue(self.supervisor_gone(job.paths))
+
+    def test_restart_with_a_damaged_definition_keeps_the_previous_result(self):
+        job = self.run_job(HELLO)
+        self.assertEqual(job.wait(10).exit_code, 0)
+        self.assert_definition_refused(job, "restart")
+        self.assertEqual(jobstate._read_state(job.paths).exit_code, 0)
+
+    def test_start_with_a_damaged_definition_is_refused(self):
+        job = jobstate.create(HELLO, root=self.root)
+        self.assert_definition_refused(job, "start")
+        self.assertEqual(jobstate._read_state(job.paths).status, jobstate.JobStatus.CREATED)
+
 
 class SupervisorTests(JobTestCase):
     def test_logs_are_byte_exact(self):
