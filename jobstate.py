@@ -408,8 +408,8 @@ class JobState:
             raise ValueError("'job' or 'result' is not an object")
         error = doc.get("error")
         known = {"job", "result", "pid", "finished_at", "updated_at", "windows_job_name", "error",
-                 "supervisor_pid", "pid_token", "logs_drained", "supervisor_token", "leftovers", "waiting", "restarts", "last_exit",
-                 "queue_slot", "containment", "cgroup", "cgroups_v1", "limits"}
+                 "supervisor_pid", "pid_token", "logs_drained", "supervisor_token", "leftovers", "waiting",
+                 "restarts", "last_exit", "queue_slot", "containment", "cgroup", "cgroups_v1", "limits"}
         leftovers = doc.get("leftovers") or []
         if not isinstance(leftovers, list) or not all(isinstance(p, dict) for p in leftovers):
             raise ValueError("'leftovers' is not a list of objects")
@@ -1256,6 +1256,30 @@ def _exec_child(executables: List[bytes], argv: List[bytes], env: Dict[bytes, by
         os._exit(127)
 
 
+def _open_regular(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open of one of a job's own files: never through a symlink, never blocked
+    by a FIFO planted in its place (O_NONBLOCK, which regular files ignore), and
+    only a regular file: OSError EINVAL, with filename, for anything else."""
+    import stat
+    not_regular = OSError(errno.EINVAL, "it is not a regular file (a FIFO or device planted in its place?), "
+                          "and jobstate uses only regular files in a job directory", path)
+    try:
+        fd = os.open(path, flags | _FILE_FLAGS | getattr(os, "O_NONBLOCK", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO (or device) opened for writing, with nobody at the other end
+            raise not_regular from None
+        raise
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise not_regular
+    return fd
+
+
 class _PosixProcessLayer(_ProcessLayer):
     """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
 
@@ -1323,7 +1347,7 @@ class _PosixProcessLayer(_ProcessLayer):
             os.close(second)
 
     def read_bytes(self, path: str) -> bytes:
-        with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
+        with open(_open_regular(path, os.O_RDONLY), "rb") as f:
             return f.read()
 
     def replace(self, src: str, dst: str) -> None:
@@ -3346,7 +3370,7 @@ def _unreadable(path: str, exc: OSError) -> StateFileError:
 def _open_job_file(path: str) -> Optional[int]:
     """A descriptor on a job's file for reading, never through a symlink; None if it does not exist."""
     try:
-        return os.open(path, os.O_RDONLY | _FILE_FLAGS)
+        return _open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -4698,11 +4722,14 @@ class _Supervisor:
         except (OSError, ValueError) as exc:
             raise _SpawnFailure("env", "cannot read env file: %s" % exc) from None
         argv = _process_layer.shell_argv(spec.argv[0]) if len(spec.argv) == 1 else spec.argv
+        try:  # None: /dev/null
+            stdin = open(_open_regular(self.paths.stdin, os.O_RDONLY), "rb") if spec.has_stdin else None
+        except OSError as exc:
+            raise _SpawnFailure("spawn", "cannot open %s: %s" % (self.paths.stdin, exc.strerror or exc)) from None
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         for fd in (out_r, err_r):
             _process_layer.tune_pipe(fd)
-        stdin = open(self.paths.stdin, "rb") if spec.has_stdin else None  # None: /dev/null
         try:
             child = _process_layer.spawn_child(argv, job_id=self.paths.job_id, cwd=spec.cwd, env=env,
                                                stdin=stdin, stdout=out_w, stderr=err_w, limits=spec.limits())
@@ -4720,11 +4747,11 @@ class _Supervisor:
     def _open_logs(self) -> List[int]:
         """Open (and reset) the three logs before the child exists, so a failure
         here leaves no process behind."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         logs: List[int] = []
         try:
             for path in (self.paths.stdout_log, self.paths.stderr_log, self.paths.full_log):
-                logs.append(os.open(path, flags, 0o600))
+                logs.append(_open_regular(path, flags))
         except OSError as exc:
             for fd in logs:
                 os.close(fd)
@@ -4781,7 +4808,7 @@ class _Supervisor:
         """Hold some disk space so that, if the job's output fills the disk, the
         final state and the reason can still be written (we free it then)."""
         try:
-            fd = os.open(self.paths.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600)
+            fd = _open_regular(self.paths.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
                 _allocate(fd, self._RESERVE_BYTES)
             finally:
@@ -5373,7 +5400,7 @@ class _OutputWatch:
                                               self.paths.output_events, self.exits))
         record = json.dumps({"event": event, "deliveries": deliveries}, separators=(",", ":")) + "\n"
         if _supervised_here(self.paths):  # a restart started a new record: this run's late events stay out
-            fd = os.open(self.paths.output_events, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
+            fd = _open_regular(self.paths.output_events, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
                 _write_all(fd, record.encode("utf-8"))
             finally:
@@ -5952,7 +5979,11 @@ def _start_supervisor(paths: JobPaths, lock: _JobLock, log: int) -> Optional[boo
 
 def _launch(paths: JobPaths, lock: _JobLock) -> None:
     """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
-    log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
+    try:
+        log = _open_regular(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except OSError as exc:
+        raise LaunchError("cannot open %s: %s" % (paths.supervisor_log, exc.strerror or exc),
+                          hint="remove it; jobstate writes it anew") from None
     try:
         acknowledged = _start_supervisor(paths, lock, log)
     except OSError as exc:

@@ -22,6 +22,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -2429,6 +2430,87 @@ class TamperTests(JobTestCase):
         job = jobstate.create(HELLO, root=self.root)
         self.assert_definition_refused(job, "start")
         self.assertEqual(jobstate._read_state(job.paths).status, jobstate.JobStatus.CREATED)
+
+    def plant_fifo(self, path):
+        os.unlink(path)
+        os.mkfifo(path, 0o600)
+
+        def remove():  # whatever still waits to open it (before the fix: a wedged supervisor) goes on
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+                if stat.S_ISFIFO(os.lstat(path).st_mode):
+                    os.unlink(path)  # so that the cleanup reads no FIFO in this process
+            except OSError:
+                pass
+        self.addCleanup(remove)
+
+    def assert_answers(self, *args, code=None):
+        """The CLI answers within 20 s (a hang fails the test, not the suite); its JSON."""
+        try:
+            status, doc, proc = self.cli_process(*args, timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail("%s hung on a FIFO" % (args,))
+        if code is not None:
+            self.assertEqual((status, doc["error"]["code"]), (1, code), (args, doc))
+            self.assertIn("not a regular file", doc["error"]["message"])
+        return doc
+
+    def call_in_thread(self, call):
+        """call() in a thread, which must end within 20 s; its result or exception."""
+        box = {}
+
+        def target():
+            try:
+                box["result"] = call()
+            except Exception as exc:  # the caller inspects it
+                box["error"] = exc
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(20)
+        self.assertFalse(thread.is_alive(), "the call hung on a FIFO")
+        return box
+
+    @unittest.skipUnless(POSIX, "FIFOs")
+    def test_a_fifo_planted_as_a_log_hangs_no_reader(self):
+        job = self.run_job(HELLO)
+        self.assertEqual(job.wait(10).exit_code, 0)
+        self.plant_fifo(job.paths.stdout_log)
+        self.assert_answers("tail", job.id, code="state_unreadable")
+        self.assert_answers("wait", job.id, code="state_unreadable")
+        self.assert_answers("wait", job.id, "--match", "x", "--until", "1", code="state_unreadable")
+        self.assert_answers("status", job.id)
+        for target in ("/jobs/%s/log?stream=stdout" % job.id, "/jobs/%s/tail" % job.id):
+            box = self.call_in_thread(lambda: jobstate._route_http("GET", target, dict, self.root))
+            self.assertIsInstance(box.get("error"), jobstate.StateFileError, target)
+
+    @unittest.skipUnless(POSIX, "FIFOs")
+    def test_a_fifo_planted_as_a_log_fails_the_run_and_frees_the_job(self):
+        job = self.run_job(HELLO)
+        self.assertEqual(job.wait(10).exit_code, 0)
+        self.plant_fifo(job.paths.stdout_log)
+        doc = self.assert_answers("restart", job.id, "--no-wait")
+        if not doc["ok"]:  # the new run failed, and its answer could not show the log it refused
+            self.assertEqual(doc["error"]["code"], "state_unreadable")
+            self.assertIn("not a regular file", doc["error"]["message"])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "logs"))
+        self.assertIn("not a regular file", state.error.message)
+        wait_for(lambda: self.supervisor_gone(job.paths), 10, "the supervisor to let go of the job")
+        self.assertEqual(self.assert_answers("delete", job.id)["deleted"], 1)
+
+    @unittest.skipUnless(POSIX, "FIFOs")
+    def test_a_fifo_planted_as_a_job_file_hangs_no_reader(self):
+        job = self.run_job(HELLO)
+        self.assertEqual(job.wait(10).exit_code, 0)
+        self.plant_fifo(job.paths.state)
+        for args in (("status", job.id), ("wait", job.id), ("tail", job.id), ("kill", job.id)):
+            self.assert_answers(*args, code="state_unreadable")
+        self.assertTrue(self.assert_answers("list", "--all")["ok"])
+        self.assert_answers("restart", job.id, code="state_unreadable")
+        box = self.call_in_thread(lambda: jobstate._call_operation("status", {"job_id": job.id}, self.root,
+                                                                   default_until=0))
+        self.assertIsInstance(box.get("error"), jobstate.StateFileError)
+        self.assertEqual(self.assert_answers("delete", job.id)["deleted"], 1)
 
 
 class SupervisorTests(JobTestCase):
