@@ -6820,6 +6820,8 @@ class RestrictedEnvironmentTests(JobTestCase):
         if not python or not shutil.which("setpriv"):
             self.skipTest("needs setpriv and a python3 that the user nobody may run (%s is under /root)" % PY)
         os.chown(self.tmp, 65534, 65534)
+        # The cleanup, as root, may act on nobody's root only once it is root's again.
+        self.addCleanup(lambda: os.path.isdir(self.root) and os.chown(self.root, os.getuid(), -1))
         env = dict(os.environ, HOME=self.tmp)
         env.pop("XDG_CACHE_HOME", None)
         wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
