@@ -333,6 +333,7 @@ class JobState:
     supervisor_pid: Optional[int] = None
     pid_token: Optional[str] = None
     logs_drained: Optional[bool] = None
+    supervisor_token: Optional[str] = None  # its start-time token: proof it lives when its lock cannot say
     leftovers: List[_Proc] = field(default_factory=list)  # where trees cannot be found again later
     # Why a job has no child right now: {"for": "queue" | "jobs" | "restart", ...}
     # (created while it waits for a slot or for jobs; running between restarts).
@@ -386,7 +387,7 @@ class JobState:
             doc["windows_job_name"] = self.windows_job_name
         if self.error is not None:
             doc["error"] = self.error.to_dict()
-        for key in ("supervisor_pid", "pid_token", "logs_drained"):
+        for key in ("supervisor_pid", "pid_token", "logs_drained", "supervisor_token"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
         if self.leftovers:
@@ -409,8 +410,8 @@ class JobState:
             raise ValueError("'job' or 'result' is not an object")
         error = doc.get("error")
         known = {"job", "result", "pid", "finished_at", "updated_at", "windows_job_name", "error",
-                 "supervisor_pid", "pid_token", "logs_drained", "leftovers", "waiting", "restarts", "last_exit",
-                 "queue_slot", "containment", "cgroup", "cgroups_v1", "limits"}
+                 "supervisor_pid", "pid_token", "logs_drained", "supervisor_token", "leftovers", "waiting",
+                 "restarts", "last_exit", "queue_slot", "containment", "cgroup", "cgroups_v1", "limits"}
         leftovers = doc.get("leftovers") or []
         if not isinstance(leftovers, list) or not all(isinstance(p, dict) for p in leftovers):
             raise ValueError("'leftovers' is not a list of objects")
@@ -436,6 +437,7 @@ class JobState:
             supervisor_pid=_typed(doc.get("supervisor_pid"), int, "supervisor_pid"),
             pid_token=_typed(doc.get("pid_token"), str, "pid_token"),
             logs_drained=_typed(doc.get("logs_drained"), bool, "logs_drained"),
+            supervisor_token=_typed(doc.get("supervisor_token"), str, "supervisor_token"),
             leftovers=[_Proc(_typed(p.get("pid"), int, "leftovers.pid", required=True),
                              _typed(p.get("token"), str, "leftovers.token", required=True)) for p in leftovers],
             waiting=_typed(doc.get("waiting"), dict, "waiting"),
@@ -1256,6 +1258,30 @@ def _exec_child(executables: List[bytes], argv: List[bytes], env: Dict[bytes, by
         os._exit(127)
 
 
+def _open_regular(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open of one of a job's own files: never through a symlink, never blocked
+    by a FIFO planted in its place (O_NONBLOCK, which regular files ignore), and
+    only a regular file: OSError EINVAL, with filename, for anything else."""
+    import stat
+    not_regular = OSError(errno.EINVAL, "it is not a regular file (a FIFO or device planted in its place?), "
+                          "and jobstate uses only regular files in a job directory", path)
+    try:
+        fd = os.open(path, flags | _FILE_FLAGS | getattr(os, "O_NONBLOCK", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO (or device) opened for writing, with nobody at the other end
+            raise not_regular from None
+        raise
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise not_regular
+    return fd
+
+
 class _PosixProcessLayer(_ProcessLayer):
     """Linux and macOS: sessions, process groups, signals, flock, /proc or ps."""
 
@@ -1323,7 +1349,7 @@ class _PosixProcessLayer(_ProcessLayer):
             os.close(second)
 
     def read_bytes(self, path: str) -> bytes:
-        with open(os.open(path, os.O_RDONLY | _FILE_FLAGS), "rb") as f:
+        with open(_open_regular(path, os.O_RDONLY), "rb") as f:
             return f.read()
 
     def replace(self, src: str, dst: str) -> None:
@@ -3592,7 +3618,7 @@ def _unreadable(path: str, exc: OSError) -> StateFileError:
 def _open_job_file(path: str) -> Optional[int]:
     """A descriptor on a job's file for reading, never through a symlink; None if it does not exist."""
     try:
-        return os.open(path, os.O_RDONLY | _FILE_FLAGS)
+        return _open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -3639,7 +3665,19 @@ def _ensure_root(root: str) -> None:
     except OSError as exc:
         raise JobIOError("cannot create the jobs root %s: %s" % (root, exc.strerror),
                          hint="pass --root or set JOBSTATE_ROOT to a writable directory") from None
-    problem = _process_layer.unsafe_dir_reason(root)
+    _refuse_unsafe_root(root)
+
+
+def _refuse_unsafe_root(root: str) -> None:
+    """Refuse a root that another user could tamper with, before anything in it is
+    read or acted on: they could plant a definition for us to run, or a state that
+    names their victim for us to kill.  Every entry passes here once per operation
+    (_ensure_root, Job(), _list_job_ids), never cached: a root can be opened up later.
+    A missing root holds no jobs; one we cannot stat fails where it is used."""
+    try:
+        problem = _process_layer.unsafe_dir_reason(root)
+    except OSError:
+        return
     if problem:
         raise JobIOError("refusing the jobs root %s: %s" % (root, problem),
                          hint="use a directory owned by you and not writable by others")
@@ -3666,6 +3704,7 @@ def _list_job_ids(root: str) -> List[str]:
     Only real directories count: a symlink planted in the root is never a job,
     so nothing is ever read, written or deleted through it.
     """
+    _refuse_unsafe_root(root)
     try:
         with os.scandir(root) as entries:
             names = [e.name for e in entries if _is_job_id(e.name) and e.is_dir(follow_symlinks=False)]
@@ -3846,6 +3885,20 @@ def _meta_lock(paths: JobPaths) -> _LockFile:
     return _LockFile(os.path.join(paths.dir, "meta.lock"))
 
 
+def _supervisor_alive(state: JobState) -> bool:
+    """The recorded supervisor verifiably still runs (pid and start-time token):
+    then a free lock only means its lock file was removed, not that it is lost."""
+    return (state.supervisor_pid is not None and state.supervisor_token is not None
+            and _process_layer.is_alive(_Proc(state.supervisor_pid, state.supervisor_token)))
+
+
+def _run_may_outlive_supervisor(state: JobState) -> bool:
+    """The run's processes may live on with no supervisor to stop them: it was lost,
+    or it reads `running` while its lock was free (a lock file removed by hand)."""
+    lost = state.error is not None and state.error.stage == "supervisor_lost"
+    return state.pid is not None and (lost or _needs_supervisor(state))
+
+
 def _needs_supervisor(state: JobState) -> bool:
     """Running, or waiting (a queue slot, other jobs): only a live supervisor explains it."""
     return state.status is JobStatus.RUNNING or (state.status is JobStatus.CREATED and state.waiting is not None)
@@ -3854,8 +3907,9 @@ def _needs_supervisor(state: JobState) -> bool:
 def _reconcile(paths: JobPaths, state: JobState) -> JobState:
     """Turn a `running` (or waiting) state whose supervisor is gone into `failed` (supervisor_lost).
 
-    The supervisor holds the lock for its whole life, so a free lock is proof; the
-    re-read under the lock avoids racing a supervisor that just finished.
+    The supervisor holds the lock for its whole life, so a free lock is proof, unless
+    the lock file was removed (by hand): a supervisor that verifiably lives is not lost.
+    The re-read under the lock avoids racing a supervisor that just finished.
     """
     if not _needs_supervisor(state):
         return state
@@ -3863,7 +3917,7 @@ def _reconcile(paths: JobPaths, state: JobState) -> JobState:
         if not lock.acquire(create=False):
             return state
         state = _read_state(paths)
-        if _needs_supervisor(state):
+        if _needs_supervisor(state) and not _supervisor_alive(state):
             state.job.status, state.waiting = JobStatus.FAILED, None
             state.error = Failure("supervisor_lost",
                                   "the supervisor exited without recording the job's end")
@@ -3951,9 +4005,13 @@ def _delete_job(paths: JobPaths) -> None:
         if not lock.acquire(create=False):
             raise _held_error(paths, "stop it first ('jobstate kill')")
         try:
-            tree: Optional[_TreeRef] = _TreeRef.from_state(_read_state(paths))
+            state: Optional[JobState] = _read_state(paths)
         except JobError:  # no state to name its cgroup: nothing of ours to remove
-            tree = None
+            state = None
+        tree = _TreeRef.from_state(state) if state is not None else None
+        if state is not None and _run_may_outlive_supervisor(state) and _process_layer.find_tree(tree):
+            raise InvalidStateError(paths.job_id, state.status, "its supervisor is gone but processes of its run "
+                                    "still live: stop them first ('jobstate kill %s')" % paths.job_id)
         tomb = os.path.join(paths.root, ".deleted-%s-%s" % (paths.job_id, os.urandom(4).hex()))
         try:
             os.rename(paths.dir, tomb)
@@ -4483,7 +4541,7 @@ class _Supervisor:
             self.log("job is %s, not created; nothing to do" % state.status.value)
             return None
         spec = _read_spec(self.paths)
-        state.supervisor_pid = os.getpid()
+        state.supervisor_pid, state.supervisor_token = os.getpid(), _process_layer.process_token(os.getpid())
         if spec.after or spec.queue:
             state = self._wait_turn(state, spec)
             if state is None:
@@ -4915,11 +4973,14 @@ class _Supervisor:
         except (OSError, ValueError) as exc:
             raise _SpawnFailure("env", "cannot read env file: %s" % exc) from None
         argv = _process_layer.shell_argv(spec.argv[0]) if len(spec.argv) == 1 else spec.argv
+        try:  # None: /dev/null
+            stdin = open(_open_regular(self.paths.stdin, os.O_RDONLY), "rb") if spec.has_stdin else None
+        except OSError as exc:
+            raise _SpawnFailure("spawn", "cannot open %s: %s" % (self.paths.stdin, exc.strerror or exc)) from None
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         for fd in (out_r, err_r):
             _process_layer.tune_pipe(fd)
-        stdin = open(self.paths.stdin, "rb") if spec.has_stdin else None  # None: /dev/null
         try:
             child = _process_layer.spawn_child(argv, job_id=self.paths.job_id, cwd=spec.cwd, env=env,
                                                stdin=stdin, stdout=out_w, stderr=err_w, limits=spec.limits())
@@ -4937,11 +4998,11 @@ class _Supervisor:
     def _open_logs(self) -> List[int]:
         """Open (and reset) the three logs before the child exists, so a failure
         here leaves no process behind."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         logs: List[int] = []
         try:
             for path in (self.paths.stdout_log, self.paths.stderr_log, self.paths.full_log):
-                logs.append(os.open(path, flags, 0o600))
+                logs.append(_open_regular(path, flags))
         except OSError as exc:
             for fd in logs:
                 os.close(fd)
@@ -4998,7 +5059,7 @@ class _Supervisor:
         """Hold some disk space so that, if the job's output fills the disk, the
         final state and the reason can still be written (we free it then)."""
         try:
-            fd = os.open(self.paths.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS, 0o600)
+            fd = _open_regular(self.paths.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
                 _allocate(fd, self._RESERVE_BYTES)
             finally:
@@ -5590,7 +5651,7 @@ class _OutputWatch:
                                               self.paths.output_events, self.exits))
         record = json.dumps({"event": event, "deliveries": deliveries}, separators=(",", ":")) + "\n"
         if _supervised_here(self.paths):  # a restart started a new record: this run's late events stay out
-            fd = os.open(self.paths.output_events, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
+            fd = _open_regular(self.paths.output_events, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
                 _write_all(fd, record.encode("utf-8"))
             finally:
@@ -6169,7 +6230,11 @@ def _start_supervisor(paths: JobPaths, lock: _JobLock, log: int) -> Optional[boo
 
 def _launch(paths: JobPaths, lock: _JobLock) -> None:
     """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
-    log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS, 0o600)
+    try:
+        log = _open_regular(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except OSError as exc:
+        raise LaunchError("cannot open %s: %s" % (paths.supervisor_log, exc.strerror or exc),
+                          hint="remove it; jobstate writes it anew") from None
     try:
         acknowledged = _start_supervisor(paths, lock, log)
     except OSError as exc:
@@ -6640,6 +6705,7 @@ class Job:
     """A handle on one job directory.  Cheap to create; every method reads the disk afresh."""
 
     def __init__(self, job_id: str, root: str):
+        _refuse_unsafe_root(root)
         self.id = job_id
         self.root = root
         self.paths = JobPaths(root, job_id)
@@ -6749,6 +6815,7 @@ class Job:
             state = _read_state(self.paths)
             if state.status is not JobStatus.CREATED:
                 raise InvalidStateError(self.id, state.status, "only a created job can be started")
+            _read_spec(self.paths)  # a damaged definition is refused here, not by a supervisor
             _launch(self.paths, lock)
         _auto_gc_after_launch(self.root, auto_gc)
         return self
@@ -6763,6 +6830,7 @@ class Job:
         """
         _parse_signal(signal)
         self.state()
+        _read_spec(self.paths)  # a damaged definition is refused before anything is stopped or reset
         with _JobLock(self.paths) as lock:
             leftovers_deadline = None
             while not lock.acquire():
@@ -6782,12 +6850,43 @@ class Job:
                                             "and could not be stopped ('jobstate kill %s --signal KILL')" % self.id)
                 else:
                     time.sleep(0.02)
+            _read_spec(self.paths)  # again under the lock: damaged meanwhile
+            self._stop_unsupervised_run(_read_state(self.paths), signal, kill_after_s)
             for path in (self.paths.kill_request, self.paths.kill_ack, self.paths.event, self.paths.output_events):
                 _unlink_quietly(path)
             _write_state(self.paths, JobState(JobInfo(self.id, JobStatus.CREATED)))
             _launch(self.paths, lock)
         _auto_gc_after_launch(self.root, auto_gc)
         return self
+
+    def _stop_unsupervised_run(self, state: JobState, signal: str, kill_after_s: float) -> None:
+        """Before a new run starts, stop a previous one the lock did not stand for: its
+        supervisor was lost (its tree lives on), or its lock file was removed (the
+        supervisor lives on, and must finish first: it would write over the new run's
+        state).  Else two copies would run.  Under the job lock; InvalidStateError
+        when it will not stop."""
+        if not _run_may_outlive_supervisor(state) or not _process_layer.can_verify_pids():
+            return
+        supervisor = _Proc(state.supervisor_pid, state.supervisor_token) if _supervisor_alive(state) else None
+        if supervisor is not None:
+            self._request_kill(_parse_signal(signal)[1], [])  # so that it records the end, and starts no other run
+        ref = _TreeRef.from_state(state)
+        stopped = False
+        for signum, wait_s in ((_parse_signal(signal)[0], kill_after_s),
+                               (_process_layer.signal_numbers()["KILL"], DRAIN_TIMEOUT_S)):
+            if _wait_tree_gone(ref, 0):
+                stopped = True
+                break
+            _process_layer.signal_tree(ref, signum)
+            if _wait_tree_gone(ref, wait_s):
+                stopped = True
+                break
+        deadline = _deadline(DRAIN_TIMEOUT_S + 1)
+        while stopped and supervisor is not None and _process_layer.is_alive(supervisor) and _remaining(deadline):
+            time.sleep(0.02)
+        if not stopped or (supervisor is not None and _process_layer.is_alive(supervisor)):
+            raise InvalidStateError(self.id, state.status, "its previous run could not be stopped "
+                                    "('jobstate kill %s --signal KILL')" % self.id)
 
     @_deleted_is_not_found
     @_api_arguments

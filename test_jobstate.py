@@ -23,6 +23,7 @@ import queue
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -2183,6 +2184,7 @@ class StoreTests(JobTestCase):
     def test_world_writable_root_is_refused(self):
         os.makedirs(self.root)
         os.chmod(self.root, 0o777)
+        self.addCleanup(os.chmod, self.root, 0o700)  # so that the cleanup may list it
         status, doc, _ = self.cli("run", "--", "true")
         self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
         self.assertIn("writable by other users", doc["error"]["message"])
@@ -2281,6 +2283,261 @@ class StoreTests(JobTestCase):
 # ---------------------------------------------------------------------------
 # Supervisor (section 6)
 # ---------------------------------------------------------------------------
+
+
+class TamperTests(JobTestCase):
+    """Attacks through the files of a root: an unsafe root, planted files, a lost supervisor."""
+
+    def planted_jobs(self):
+        """A finished job, and a created one whose definition now runs a command that leaves a marker."""
+        done = self.run_job(HELLO)
+        self.assertEqual(done.wait(10).exit_code, 0)
+        created = jobstate.create(TRUE, root=self.root)
+        marker = os.path.join(self.tmp, "planted-command-ran")
+        with open(created.paths.meta) as f:
+            doc = json.load(f)
+        doc["argv"] = py("open(%r, 'w').close()" % marker)
+        jobstate._write_json_atomic(created.paths.meta, doc)
+        return done, created, marker
+
+    def assert_refused_everywhere(self, done, created, why):
+        """Every entry that reads or acts on the root answers io_error (with a hint), and changes nothing."""
+        def refused(what, call):
+            with self.assertRaises(jobstate.JobIOError, msg=what) as caught:
+                call()
+            self.assertIn(why, caught.exception.message, what)
+            self.assertTrue(caught.exception.hint, what)
+        for args in (("start", created.id), ("restart", done.id), ("kill", done.id), ("delete", done.id),
+                     ("delete", "--all"), ("gc", "--older-than", "0"), ("tag", "set", done.id, "--tag", "x"),
+                     ("notify", "set", done.id, "--notify-file", os.path.join(self.tmp, "n")),
+                     ("status", done.id), ("status", done.id[:10]), ("wait", done.id), ("tail", done.id),
+                     ("list", "--all"), ("ps", "--all"), ("queue", "list"), ("queue", "pause", "q")):
+            status, doc, _ = self.cli(*args)
+            self.assertEqual((status, doc["error"]["code"]), (1, "io_error"), args)
+            self.assertIn(why, doc["error"]["message"], args)
+            self.assertTrue(doc["error"]["hint"], args)
+        refused("open_job", lambda: jobstate.open_job(done.id, root=self.root))
+        refused("list_jobs", lambda: jobstate.list_jobs(root=self.root, all=True))
+        refused("list_queues", lambda: jobstate.list_queues(root=self.root))
+        refused("gc", lambda: jobstate.gc(root=self.root, older_than_s=0))
+        refused("Job.state", lambda: jobstate.Job(done.id, self.root).state())
+        refused("Job.start", lambda: jobstate.Job(created.id, self.root).start())
+        refused("Job.delete", lambda: jobstate.Job(done.id, self.root).delete())
+        for operation in ("status", "tail", "wait", "kill", "restart", "delete"):
+            refused("MCP " + operation, lambda: jobstate._call_operation(
+                operation, {"job_id": done.id}, self.root, default_until=0))
+        refused("MCP list", lambda: jobstate._call_operation("list", {"all": True}, self.root, default_until=0))
+        for method, target in (("GET", "/jobs?all=true"), ("GET", "/jobs/" + done.id), ("DELETE", "/jobs/" + done.id),
+                               ("POST", "/jobs/%s/restart" % done.id), ("GET", "/jobs/%s/log?stream=stdout" % done.id)):
+            refused("HTTP %s %s" % (method, target), lambda: jobstate._route_http(method, target, dict, self.root))
+
+    def assert_untouched(self, done, created, marker):
+        self.assertFalse(os.path.exists(marker), "the planted command ran")
+        self.assertEqual(jobstate._read_state(created.paths).status, jobstate.JobStatus.CREATED)
+        self.assertEqual(jobstate._read_state(done.paths).exit_code, 0)
+        self.assertEqual(jobstate._read_spec(done.paths).tags, [])
+
+    @unittest.skipUnless(POSIX, "POSIX modes")
+    def test_a_world_writable_root_is_refused_by_every_entry(self):
+        done, created, marker = self.planted_jobs()
+        os.chmod(self.root, 0o777)
+        self.addCleanup(os.chmod, self.root, 0o700)
+        self.assert_refused_everywhere(done, created, "writable by other users")
+        self.assert_untouched(done, created, marker)
+
+    @unittest.skipUnless(POSIX and os.geteuid() == 0, "needs root to give the root away")
+    def test_a_root_owned_by_someone_else_is_refused_by_every_entry(self):
+        done, created, marker = self.planted_jobs()
+        os.chown(self.root, 65534, 65534)
+        self.addCleanup(os.chown, self.root, 0, 0)
+        for path in (created.paths.dir, created.paths.meta):
+            os.chown(path, 65534, 65534)
+        self.assert_refused_everywhere(done, created, "owned by uid 65534")
+        self.assert_untouched(done, created, marker)
+
+    @unittest.skipUnless(POSIX and os.path.exists("/proc/self/stat"), "/proc start times")
+    def test_kill_in_an_unsafe_root_never_signals_a_planted_victim(self):
+        victim = subprocess.Popen([PY, "-c", "import time; time.sleep(300)"])
+        self.addCleanup(victim.wait)
+        self.addCleanup(victim.kill)
+        job = jobstate.create(TRUE, root=self.root)
+        with open(job.paths.state) as f:
+            doc = json.load(f)
+        token = jobstate._process_layer.process_token(victim.pid)
+        doc["job"]["status"] = "running"
+        doc.update(pid=victim.pid, pid_token=token, supervisor_pid=victim.pid)
+        jobstate._write_json_atomic(job.paths.state, doc)
+        os.chmod(self.root, 0o777)
+        self.addCleanup(os.chmod, self.root, 0o700)
+        status, doc, _ = self.cli("kill", job.id, "--signal", "KILL")
+        self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
+        self.assertIsNone(victim.poll(), "the planted victim was killed")
+
+    def counting_job(self):
+        """A running job whose every run appends a line to a file; (job, that file, its first state)."""
+        runs = os.path.join(self.tmp, "runs")
+        job = self.run_job(py("import time\nopen(%r, 'a').write('run\\n')\nprint('ready', flush=True)\n"
+                              "time.sleep(60)\n" % runs))
+        self.wait_log(job, "ready")
+        return job, runs, job.state()
+
+    def lose_supervisor(self, job, state):
+        os.kill(state.supervisor_pid, signal.SIGKILL)
+        wait_for(lambda: job.state().status is jobstate.JobStatus.FAILED, 10, "the job to read supervisor_lost")
+        self.assertEqual(job.state().error.stage, "supervisor_lost")
+
+    def assert_one_copy_runs(self, job, runs, old):
+        def count():
+            with open(runs) as f:
+                return f.read().count("run")
+        wait_for(lambda: count() == 2, 10, "the new run to start")
+        self.assertFalse(jobstate._process_layer.is_alive(jobstate._Proc(old.pid, old.pid_token)),
+                         "the old run's command still runs next to the new one")
+
+    @unittest.skipUnless(POSIX and os.path.exists("/proc/self/stat"), "/proc to verify pids")
+    def test_restart_after_a_lost_supervisor_stops_the_old_tree_first(self):
+        job, runs, old = self.counting_job()
+        self.lose_supervisor(job, old)
+        status, doc, _ = self.cli("restart", job.id, "--no-wait")
+        self.assertEqual(status, 0, doc)
+        self.assert_one_copy_runs(job, runs, old)
+
+    @unittest.skipUnless(POSIX and os.path.exists("/proc/self/stat"), "/proc to verify pids")
+    def test_restart_after_the_lock_file_was_removed_never_runs_two_copies(self):
+        job, runs, old = self.counting_job()
+        os.unlink(job.paths.lock)
+        self.assertEqual(job.state().status, jobstate.JobStatus.RUNNING, "a live supervisor read as lost")
+        status, doc, _ = self.cli("restart", job.id, "--no-wait")
+        self.assertEqual(status, 0, doc)
+        self.assert_one_copy_runs(job, runs, old)
+        self.assertFalse(jobstate._process_layer.is_alive(jobstate._Proc(old.supervisor_pid, old.supervisor_token)),
+                         "the old supervisor still runs next to the new one")
+
+    @unittest.skipUnless(POSIX and os.path.exists("/proc/self/stat"), "/proc to verify pids")
+    def test_delete_refuses_a_lost_run_whose_processes_live(self):
+        job, runs, old = self.counting_job()
+        self.lose_supervisor(job, old)
+        status, doc, _ = self.cli("delete", job.id)
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+        self.assertIn("jobstate kill", doc["error"]["message"])
+        self.assertTrue(os.path.isdir(job.paths.dir))
+        self.assertTrue(jobstate._process_layer.is_alive(jobstate._Proc(old.pid, old.pid_token)))
+        status, doc, _ = self.cli("kill", job.id, "--signal", "KILL")
+        self.assertEqual(status, 0, doc)
+        status, doc, _ = self.cli("delete", job.id)
+        self.assertEqual(status, 0, doc)
+
+    def assert_definition_refused(self, job, command):
+        """With meta.json corrupt, then missing: `command` answers state_unreadable and changes nothing."""
+        for damage in ('{"argv":', None):
+            if damage is None:
+                os.unlink(job.paths.meta)
+            else:
+                with open(job.paths.meta, "w") as f:
+                    f.write(damage)
+            with open(job.paths.state, "rb") as f:
+                before = f.read()
+            status, doc, _ = self.cli(command, job.id)
+            self.assertEqual((status, doc["error"]["code"]), (1, "state_unreadable"), damage)
+            self.assertIn("meta.json", doc["error"]["message"])
+            with open(job.paths.state, "rb") as f:
+                self.assertEqual(f.read(), before, "the recorded state changed")
+            if os.path.exists(job.paths.supervisor_log):
+                with open(job.paths.supervisor_log) as f:
+                    self.assertNotIn("Traceback", f.read())
+            self.assertTrue(self.supervisor_gone(job.paths))
+
+    def test_restart_with_a_damaged_definition_keeps_the_previous_result(self):
+        job = self.run_job(HELLO)
+        self.assertEqual(job.wait(10).exit_code, 0)
+        self.assert_definition_refused(job, "restart")
+        self.assertEqual(jobstate._read_state(job.paths).exit_code, 0)
+
+    def test_start_with_a_damaged_definition_is_refused(self):
+        job = jobstate.create(HELLO, root=self.root)
+        self.assert_definition_refused(job, "start")
+        self.assertEqual(jobstate._read_state(job.paths).status, jobstate.JobStatus.CREATED)
+
+    def plant_fifo(self, path):
+        os.unlink(path)
+        os.mkfifo(path, 0o600)
+
+        def remove():  # whatever still waits to open it (before the fix: a wedged supervisor) goes on
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+                if stat.S_ISFIFO(os.lstat(path).st_mode):
+                    os.unlink(path)  # so that the cleanup reads no FIFO in this process
+            except OSError:
+                pass
+        self.addCleanup(remove)
+
+    def assert_answers(self, *args, code=None):
+        """The CLI answers within 20 s (a hang fails the test, not the suite); its JSON."""
+        try:
+            status, doc, proc = self.cli_process(*args, timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail("%s hung on a FIFO" % (args,))
+        if code is not None:
+            self.assertEqual((status, doc["error"]["code"]), (1, code), (args, doc))
+            self.assertIn("not a regular file", doc["error"]["message"])
+        return doc
+
+    def call_in_thread(self, call):
+        """call() in a thread, which must end within 20 s; its result or exception."""
+        box = {}
+
+        def target():
+            try:
+                box["result"] = call()
+            except Exception as exc:  # the caller inspects it
+                box["error"] = exc
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(20)
+        self.assertFalse(thread.is_alive(), "the call hung on a FIFO")
+        return box
+
+    @unittest.skipUnless(POSIX, "FIFOs")
+    def test_a_fifo_planted_as_a_log_hangs_no_reader(self):
+        job = self.run_job(HELLO)
+        self.assertEqual(job.wait(10).exit_code, 0)
+        self.plant_fifo(job.paths.stdout_log)
+        self.assert_answers("tail", job.id, code="state_unreadable")
+        self.assert_answers("wait", job.id, code="state_unreadable")
+        self.assert_answers("wait", job.id, "--match", "x", "--until", "1", code="state_unreadable")
+        self.assert_answers("status", job.id)
+        for target in ("/jobs/%s/log?stream=stdout" % job.id, "/jobs/%s/tail" % job.id):
+            box = self.call_in_thread(lambda: jobstate._route_http("GET", target, dict, self.root))
+            self.assertIsInstance(box.get("error"), jobstate.StateFileError, target)
+
+    @unittest.skipUnless(POSIX, "FIFOs")
+    def test_a_fifo_planted_as_a_log_fails_the_run_and_frees_the_job(self):
+        job = self.run_job(HELLO)
+        self.assertEqual(job.wait(10).exit_code, 0)
+        self.plant_fifo(job.paths.stdout_log)
+        doc = self.assert_answers("restart", job.id, "--no-wait")
+        if not doc["ok"]:  # the new run failed, and its answer could not show the log it refused
+            self.assertEqual(doc["error"]["code"], "state_unreadable")
+            self.assertIn("not a regular file", doc["error"]["message"])
+        state = job.wait(10)
+        self.assertEqual((state.status, state.error.stage), (jobstate.JobStatus.FAILED, "logs"))
+        self.assertIn("not a regular file", state.error.message)
+        wait_for(lambda: self.supervisor_gone(job.paths), 10, "the supervisor to let go of the job")
+        self.assertEqual(self.assert_answers("delete", job.id)["deleted"], 1)
+
+    @unittest.skipUnless(POSIX, "FIFOs")
+    def test_a_fifo_planted_as_a_job_file_hangs_no_reader(self):
+        job = self.run_job(HELLO)
+        self.assertEqual(job.wait(10).exit_code, 0)
+        self.plant_fifo(job.paths.state)
+        for args in (("status", job.id), ("wait", job.id), ("tail", job.id), ("kill", job.id)):
+            self.assert_answers(*args, code="state_unreadable")
+        self.assertTrue(self.assert_answers("list", "--all")["ok"])
+        self.assert_answers("restart", job.id, code="state_unreadable")
+        box = self.call_in_thread(lambda: jobstate._call_operation("status", {"job_id": job.id}, self.root,
+                                                                   default_until=0))
+        self.assertIsInstance(box.get("error"), jobstate.StateFileError)
+        self.assertEqual(self.assert_answers("delete", job.id)["deleted"], 1)
 
 
 class SupervisorTests(JobTestCase):
@@ -7023,6 +7280,8 @@ class RestrictedEnvironmentTests(JobTestCase):
         if not python or not shutil.which("setpriv"):
             self.skipTest("needs setpriv and a python3 that the user nobody may run (%s is under /root)" % PY)
         os.chown(self.tmp, 65534, 65534)
+        # The cleanup, as root, may act on nobody's root only once it is root's again.
+        self.addCleanup(lambda: os.path.isdir(self.root) and os.chown(self.root, os.getuid(), -1))
         env = dict(os.environ, HOME=self.tmp)
         env.pop("XDG_CACHE_HOME", None)
         wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -7461,6 +7720,7 @@ class Torture(JobTestCase):
     def test_root_owned_by_someone_else_is_refused(self):
         os.makedirs(self.root)
         os.chown(self.root, 65534, 65534)
+        self.addCleanup(os.chown, self.root, 0, 0)  # so that the cleanup may list it
         status, doc, _ = self.cli("run", "--", "echo", "x")
         self.assertEqual((status, doc["error"]["code"]), (1, "io_error"))
         self.assertIn("owned by uid 65534", doc["error"]["message"])
