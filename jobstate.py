@@ -2957,12 +2957,28 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+_JOB_ID_GUARD = threading.Lock()
+_last_job_id = 0
+
+
 def new_job_id() -> str:
-    """A new job id: 32 hex digits in the UUIDv7 layout, so ids sort by creation time."""
+    """A new job id: 32 hex digits in the UUIDv7 layout, so ids sort by creation time.
+
+    Within one millisecond the ids one process makes count up from the first
+    (RFC 9562's monotonic random bits): a job's `after` names only older ids,
+    and those must sort before its own.  (The count reaches the variant bits
+    only from a random part of 2**62 - 1: never in practice.)
+    """
+    global _last_job_id
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     rand_a, rand_b = (rand >> 62) & 0xFFF, rand & ((1 << 62) - 1)
-    return "%032x" % (ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b)
+    value = ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
+    with _JOB_ID_GUARD:
+        if value <= _last_job_id:  # the same millisecond as the last id (or the clock went back)
+            value = _last_job_id + 1
+        _last_job_id = value
+    return "%032x" % value
 
 
 def _is_job_id(name: str) -> bool:

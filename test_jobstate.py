@@ -643,6 +643,15 @@ class SchemaTests(unittest.TestCase):
         self.assertEqual(ids, sorted(ids))
         self.assertEqual(len(set(jobstate.new_job_id() for _ in range(1000))), 1000)
 
+    def test_job_ids_made_in_the_same_millisecond_keep_their_order(self):
+        """`after` names only older jobs (so no cycle can form) because ids sort by
+        creation: within one millisecond too, for the ids one process makes."""
+        ids = [jobstate.new_job_id() for _ in range(5000)]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), len(ids))
+        for job_id in ids[:: len(ids) // 10]:
+            self.assertEqual((job_id[12], job_id[16] in "89ab"), ("7", True))
+
     def test_signal_parsing(self):
         for value in ("TERM", "SIGTERM", "term", "15", 15):
             self.assertEqual(jobstate._parse_signal(value), (15, "SIGTERM"))
