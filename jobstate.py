@@ -5205,14 +5205,18 @@ class _Supervisor:
             state.leftovers = _process_layer.find_tree(self._tree_ref())
 
     def _limit_at_the_end(self, code, signum) -> Optional[str]:
-        """The limit that ended the main process before the watcher saw it reached:
-        an OOM kill, a CPU time rlimit (SIGXCPU), Windows ending a job out of time."""
+        """The limit reached before the watcher saw it.  The main process may have
+        died of it (an OOM kill, SIGXCPU from a CPU time rlimit, Windows ending a
+        job out of time) or ended by itself right after: a shell exits at once
+        when a fork is refused, a parent may exit 0 when the OOM killer ended its
+        child.  Either way the limit is the verdict (see _enforce_limits)."""
         limits = self.child.containment.limits
         if (signum is not None and _signal_name(signum) == "SIGXCPU"
                 and limits.get("cpu_time_s", {}).get("enforced_by") == "rlimit"):
             return "cpu_time_s"
-        if signum is None and (code is None or code != _process_layer.limit_exit_code):
-            return None  # it ended by itself
+        ending = _process_layer.limit_exit_code
+        if signum is None and ending is not None and code != ending:
+            return None  # Windows: a limit ends its process with that code; any other is the job's own
         return _limit_reached(self.child.containment, _process_layer.limit_counters(self.child))
 
 

@@ -2032,6 +2032,26 @@ class ContainmentTests(JobTestCase):
         self.assertIn(state.limits["memory_max"]["enforced_by"], ("cgroup", "cgroup-v1"))
         self.assertNotIn("survived", job.tail().stdout)
 
+    def test_a_job_that_exits_at_once_after_reaching_a_limit_still_ends_by_it(self):
+        """A shell exits as soon as a fork is refused, and a parent whose child the
+        OOM killer ended may exit 0 at once: both before the watcher's next look at
+        the cgroup.  The verdict is still the limit (the README's promise), on every
+        surface alike."""
+        refused = ("import os, sys\n"
+                   "try:\n"
+                   "    pid = os.fork()\n"
+                   "except OSError:\n"
+                   "    sys.exit(3)\n"
+                   "if pid == 0:\n"
+                   "    os._exit(0)\n"
+                   "os.waitpid(pid, 0)\n")
+        for _ in range(3):
+            self.assert_ended_by(self.run_job(py(refused), max_processes=1).wait(20), "max_processes")
+        hog = "b = bytearray(b'x') * (200 << 20)"
+        parent = "import subprocess, sys; subprocess.call([sys.executable, '-c', %r]); print('parent done')" % hog
+        state = self.run_job(py(parent), memory_max="64M").wait(30)
+        self.assert_ended_by(state, "memory_max")
+
     def test_cpu_time_ends_a_busy_job(self):
         job = self.run_job(py("while True: pass"), cpu_time_s=0.5)
         state = job.wait(20)
