@@ -737,6 +737,7 @@ class _ProcessLayer:
         limit_exit_code                 the exit code a run gets when a limit refuses it (None: none such)
         unrecorded_cgroups              the cgroups a supervisor killed before recording them would have left
         remove_containment              remove a job's container once empty; False while processes live in it
+        remove_forsaken_containment     remove the empty containers of every job that nobody else will remove
     what this machine gives
         missing_facilities              the optional facilities this machine lacks, and what each costs
         capabilities                    what this machine gives jobstate (doctor, GET /health)
@@ -1952,6 +1953,31 @@ class _PosixProcessLayer(_ProcessLayer):
         paths = set(ref.cgroups) | set(self.unrecorded_cgroups(ref.job_id))
         return all(_remove_cgroup_tree(path) for path in paths if _is_job_cgroup(path, ref.job_id))
 
+    def remove_forsaken_containment(self, min_age_s: float) -> int:
+        """Remove the empty job cgroups nobody else will: a job deleted while its
+        daemons lived keeps its cgroup for them (kill finds them there), and
+        when the last of them ends no supervisor is left to remove it; nor is
+        there one for a supervisor killed before its job's end.  Any job's of
+        any root: an empty one holds nothing, and a run makes its own afresh.
+        Only one unchanged for min_age_s: a supervisor makes a run's cgroup a
+        moment before the child enters it.  How many were removed."""
+        removed = 0
+        homes = [_cgroup_home(c) for c in ("", "memory", "pids", "cpuacct")] if _LINUX else []
+        for parent in {os.path.join(home, _CGROUP_PARENT) for home in homes if home}:
+            try:
+                names = os.listdir(parent)
+            except OSError:  # none made here yet
+                continue
+            for name in names:
+                path = os.path.join(parent, name)
+                try:
+                    old = time.time() - os.stat(path).st_mtime >= min_age_s
+                except OSError:
+                    continue
+                if old and os.path.isdir(path) and _is_job_cgroup(path, name) and not _cgroup_tree_pids(path):
+                    removed += _remove_cgroup_tree(path)
+        return removed
+
     def _signal_verified(self, proc: _Proc, signum: int) -> bool:
         """Signal proc only if its start time still matches (a recycled pid is never hit).
 
@@ -2902,6 +2928,9 @@ class _WindowsProcessLayer(_ProcessLayer):
 
     def remove_containment(self, ref: _TreeRef) -> bool:
         return True  # a Job Object goes with its last handle and process
+
+    def remove_forsaken_containment(self, min_age_s: float) -> int:
+        return 0  # nothing is left behind to remove
 
     # -- what this machine gives ----------------------------------------------
 
@@ -6574,6 +6603,10 @@ def gc(root: Optional[str] = None, *, older_than_s=30 * 86400, max_jobs: Optiona
                dry_run=dry_run)
 
 
+# How long an empty job cgroup stays before gc removes it (see remove_forsaken_containment).
+_FORSAKEN_CGROUP_AGE_S = 60.0
+
+
 def _gc(root: str, *, older_than_s, max_jobs: Optional[int], max_bytes: Optional[int], dry_run: bool) -> GcReport:
     """gc() under a resolved root."""
     cutoff = time.time() - _parse_duration(older_than_s, "older_than")
@@ -6596,6 +6629,8 @@ def _gc(root: str, *, older_than_s, max_jobs: Optional[int], max_bytes: Optional
             reason = "older_than" if finished < cutoff else "over_cap"
             deleted.append(_delete_row(JobPaths(root, job_id), dry_run, reason, bytes=size))
     _remove_abandoned_dirs(root, dry_run)
+    if not dry_run:
+        _process_layer.remove_forsaken_containment(_FORSAKEN_CGROUP_AGE_S)
     done = [d for d in deleted if d["action"] in ("deleted", "would_delete")]
     return GcReport(deleted, len(terminal) - len(done), sum(d["bytes"] for d in done), dry_run)
 
@@ -6695,6 +6730,7 @@ def _auto_gc(root: str, older_than_s=None) -> None:
                     _delete_row(JobPaths(root, job_id), False, "older_than")
                 if scanned >= _AUTO_GC_MAX_SCAN:
                     break
+            _process_layer.remove_forsaken_containment(_FORSAKEN_CGROUP_AGE_S)
         except (OSError, JobError):  # housekeeping only: the launch already succeeded
             pass
 

@@ -1989,6 +1989,29 @@ class ContainmentTests(JobTestCase):
         self.assertEqual(result.processes_alive, 0)
         self.assertEqual(jobstate._cgroup_tree_pids(job.state().cgroup), [], "processes left in the job's cgroup")
 
+    def test_gc_removes_the_empty_cgroup_of_a_job_deleted_while_its_daemon_lived(self):
+        """delete keeps the cgroup a job's daemon still lives in (kill finds it there);
+        when the daemon ends, no supervisor is left to remove it: gc does, once it
+        has been empty a while, and never the cgroup of a job that still runs."""
+        job = self.run_job(["sh", "-c", "setsid sleep 306 </dev/null >/dev/null 2>&1 & echo $!"])
+        state = job.wait(10)
+        daemon = int(job.tail().stdout)
+        self.addCleanup(lambda: pid_alive(daemon) and os.kill(daemon, signal.SIGKILL))
+        made = cgroup_dirs_named({job.id})
+        if state.containment != "cgroup" or not made:
+            self.skipTest("no cgroup made for the job here")
+        running = self.run_job(["sleep", "60"])
+        wait_for(lambda: cgroup_dirs_named({running.id}), 5, "the running job's cgroup")
+        self.assertEqual(self.cli("delete", job.id)[0], 0)
+        self.assertEqual(cgroup_dirs_named({job.id}), made, "delete removed the cgroup its daemon lives in")
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(lambda: not jobstate._cgroup_tree_pids(made[0]), 5, "the daemon to be gone")
+        for path in made + cgroup_dirs_named({running.id}):  # as if made long ago
+            os.utime(path, (time.time() - 3600, time.time() - 3600))
+        jobstate.gc(self.root)
+        self.assertEqual(cgroup_dirs_named({job.id}), [], "the deleted job's empty cgroup stays forever")
+        self.assertTrue(cgroup_dirs_named({running.id}), "gc removed the cgroup of a job that runs")
+
     def test_without_cgroup_kill_the_members_are_signalled_until_none_is_left(self):
         # The job's cgroup v1 (pids), which has no cgroup.kill: the fallback, on its own.
         job = self.run_job(py(self.FORK_LOOP.replace("while True", "for _ in range(20)") + "time.sleep(60)\n"),
