@@ -6333,6 +6333,23 @@ def _lock_is_free(paths: JobPaths) -> bool:
         return lock.acquire(exclusive=False, create=False)
 
 
+def _restart_lock(paths: JobPaths) -> _LockFile:
+    """Held shared by each restart from before it stops the run until the next one
+    is launched: a run that ended `killed` while it is held is about to run again,
+    which a free job lock alone cannot tell (the restart takes that lock only after
+    the old supervisor lets go of it).  A crashed restart's hold dies with it."""
+    _require_trusted_locks(paths.root)
+    return _LockFile(os.path.join(paths.dir, "restart.lock"))
+
+
+def _restart_announced(paths: JobPaths) -> bool:
+    try:
+        with _restart_lock(paths) as lock:
+            return not lock.acquire(create=False)
+    except FileNotFoundError:  # never restarted
+        return False
+
+
 class _ReleaseWaiter:
     """Wakes when the job's supervisor releases the lock: a thread blocks on the
     lock itself, so the wake-up comes from the kernel, not from polling.
@@ -6833,6 +6850,8 @@ class Job:
             run_started = state.started_at
             while True:
                 ended = state.status.is_terminal and _lock_is_free(self.paths)
+                restarting = ended and _restart_announced(self.paths)
+                ended = ended and not restarting and self._same_state(state)
                 found = scanner.find(ended, deadline)
                 if found is not None:
                     return Readiness(self.state(), found)
@@ -6840,7 +6859,7 @@ class Job:
                 if ended or remaining == 0 or cancel is not None and cancel.is_set():
                     return Readiness(state, None)
                 pause = _MATCH_POLL_S if remaining is None else min(_MATCH_POLL_S, remaining)
-                if state.status is JobStatus.CREATED and state.waiting is None:  # nobody runs it (yet)
+                if restarting or state.status is JobStatus.CREATED and state.waiting is None:  # no run (yet)
                     time.sleep(pause)
                 elif not self._release.wait(pause):
                     continue
@@ -6850,6 +6869,12 @@ class Job:
                     run_started = state.started_at
         finally:
             scanner.close()
+
+    def _same_state(self, state: JobState) -> bool:
+        """No restart launched a new run since `state` was read: one that ran its
+        course between that read and the look at the restart lock did."""
+        again = self.state()
+        return (again.status, again.started_at, again.updated_at) == (state.status, state.started_at, state.updated_at)
 
     @_deleted_is_not_found
     @_api_arguments
@@ -6887,7 +6912,8 @@ class Job:
         _parse_signal(signal)
         self.state()
         _read_spec(self.paths)  # a damaged definition is refused before anything is stopped or reset
-        with _JobLock(self.paths) as lock:
+        with _restart_lock(self.paths) as announced, _JobLock(self.paths) as lock:
+            announced.acquire(exclusive=False, blocking=True)  # so that a wait --match keeps waiting
             leftovers_deadline = None
             while not lock.acquire():
                 # A running (or waiting) job is ours to stop; so are the processes a

@@ -3665,6 +3665,55 @@ class ReadinessTests(JobTestCase):
         status, doc, _ = self.cli("run", "--ready", "never", "--until", "0.5", "--", *SERVER)
         self.assertEqual((status, doc["state"], doc["matched"]), (0, "running", None))
 
+    def gated_go(self):
+        """A job printing `hello`, then `GO` once the gate file exists, then sleeping: a
+        restart before the gate opens leaves the first run without its GO."""
+        gate = os.path.join(self.tmp, "gate")
+        code = ("import os, time\nprint('hello', flush=True)\n"
+                "while not os.path.exists(%r): time.sleep(0.01)\nprint('GO', flush=True)\ntime.sleep(60)\n" % gate)
+        job = self.run_job(py(code))
+        self.wait_log(job, "hello")
+        return job, gate
+
+    def restart_and_open_gate(self, job, gate):
+        """Restart the job, and open the gate once the new run is running."""
+        first_start = job.state().started_at
+        job.restart()
+        wait_for(lambda: (lambda s: s.status is jobstate.JobStatus.RUNNING and s.started_at != first_start)(
+            job.state()), 20, "the new run")
+        with open(gate, "w"):
+            pass
+        return first_start
+
+    def test_a_restart_during_a_match_wait_matches_on_the_new_run(self):
+        job, gate = self.gated_go()
+        waiter, found = jobstate.open_job(job.id, self.root), []
+        thread = threading.Thread(target=lambda: found.append(waiter.wait(60, match="^GO$")))
+        thread.start()
+        self.addCleanup(thread.join, 70)
+        # Its first look at the logs is done once it blocks on the job lock.
+        wait_for(lambda: waiter._release.event is not None, 10, "the waiter's first look")
+        first_start = self.restart_and_open_gate(job, gate)
+        thread.join(70)
+        readiness = found[0]
+        self.assertIsNotNone(readiness.match, "the waiter gave up at the restart: %r" % (readiness.state,))
+        self.assertEqual((readiness.match.line, readiness.state.status), ("GO", jobstate.JobStatus.RUNNING))
+        self.assertNotEqual(readiness.state.started_at, first_start)
+
+    def test_a_match_wait_ends_when_the_job_is_killed_for_good_after_a_restart(self):
+        job, gate = self.gated_go()
+        job.restart()  # leaves its restart lock behind, free
+        self.wait_log(job, "hello")
+        waiter, found = jobstate.open_job(job.id, self.root), []
+        thread = threading.Thread(target=lambda: found.append(waiter.wait(60, match="^GO$")))
+        thread.start()
+        self.addCleanup(thread.join, 70)
+        wait_for(lambda: waiter._release.event is not None, 10, "the waiter's first look")
+        job.kill()
+        thread.join(30)
+        self.assertFalse(thread.is_alive(), "the waiter waits on after a kill for good")
+        self.assertEqual((found[0].match, found[0].state.status), (None, jobstate.JobStatus.KILLED))
+
     def test_every_run_data_carries_matched(self):
         for args in (["run", "--", "true", "x"], ["run", "--no-wait", "--", "true", "x"]):
             status, doc, _ = self.cli(*args)
@@ -5210,6 +5259,29 @@ class ServeTestCase(JobTestCase):
 
 
 class HttpTests(ServeTestCase):
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "which files a process holds open is read from /proc")
+    def test_a_restart_during_an_http_match_wait_matches_on_the_new_run(self):
+        job, gate = ReadinessTests.gated_go(self)
+        url = self.start_server()
+        replies = []
+        thread = threading.Thread(target=lambda: replies.append(self.request(
+            "GET", url + "/jobs/%s/wait?match=%s&until=60" % (job.id, "%5EGO%24"))))
+        thread.start()
+        self.addCleanup(thread.join, 70)
+        fds = "/proc/%d/fd" % self.server.pid
+
+        def holds_lock_open():  # the waiter blocks on the job lock once it has looked at the logs
+            try:
+                return any(os.readlink(os.path.join(fds, fd)) == job.paths.lock for fd in os.listdir(fds))
+            except OSError:  # an fd closed while we looked
+                return False
+        wait_for(holds_lock_open, 10, "the server's waiter to block on the job lock")
+        first_start = ReadinessTests.restart_and_open_gate(self, job, gate)
+        thread.join(70)
+        status, doc = replies[0]
+        self.assertEqual((status, doc["state"], (doc["matched"] or {}).get("line")), (200, "running", "GO"), doc)
+        self.assertNotEqual(doc["started_at"], first_start)
+
     def test_bytes_that_are_not_utf8_reach_strict_parsers(self):
         job = job_with_bytes_not_utf8(self)
         self.start_server()
