@@ -3166,9 +3166,16 @@ def _validate_tags(tags: Sequence[str]) -> List[str]:
 
 
 def _validate_queue_name(name) -> str:
-    if not isinstance(name, str) or not re.match(_QUEUE_NAME_RE, name):
+    """A name for a new queue.  Queue q keeps q.json, q.lock and q/ side by side,
+    so a name ending in .json or .lock (any case: macOS and Windows fold it) would
+    take another queue's file, and Windows drops a trailing dot.  Jobs queued
+    under such a name before it was refused keep their queue (specs are not
+    checked again)."""
+    if (not isinstance(name, str) or not re.match(_QUEUE_NAME_RE, name)
+            or name.lower().endswith((".json", ".lock", "."))):
         raise InvalidArgumentError("invalid queue name %r" % (name,),
-                                   hint="1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+                                   hint="1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit,"
+                                        " not ending in '.json', '.lock' or '.' (the queue's own files)")
     return name
 
 
@@ -7334,18 +7341,26 @@ def set_queue(name: str, *, parallel: Optional[int] = None, paused: Optional[boo
     Waiting jobs see the change at once: raising the limit starts them, resuming
     lets them start again (a pause never stops running jobs).
     """
-    name = _validate_queue_name(name)
+    root = resolve_root(root)
+    if not _is_legacy_queue(root, name):
+        name = _validate_queue_name(name)
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int)
                                  or not 1 <= parallel <= MAX_QUEUE_PARALLEL):
         raise InvalidArgumentError("parallel: %r is not an integer from 1 to %d" % (parallel, MAX_QUEUE_PARALLEL),
                                    hint="to stop starting jobs, pause the queue ('jobstate queue pause NAME')")
-    root = resolve_root(root)
     _ensure_root(root)
     qp = _QueuePaths(root, name)
     _update_queue_settings(qp, parallel, None if paused is None else bool(paused))
     for job_id in _queue_line(qp):  # the head takes the news; the others follow as the line moves
         _Bell.ring(JobPaths(root, job_id).bell)
     return _scan_queues(root, only=name)[0]
+
+
+def _is_legacy_queue(root: str, name) -> bool:
+    """A queue whose name is refused now but which has settings from before
+    (it may be paused): it can still be set, paused and resumed."""
+    return (isinstance(name, str) and bool(re.match(_QUEUE_NAME_RE, name))
+            and os.path.isfile(_QueuePaths(root, name).settings))
 
 
 @_api_arguments

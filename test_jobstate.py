@@ -4127,6 +4127,28 @@ class QueueTests(JobTestCase):
         with self.assertRaises(jobstate.InvalidArgumentError):
             jobstate.set_queue("q", parallel=True, root=self.root)
 
+    def test_queue_names_that_would_collide_with_another_queues_files(self):
+        # Queue q keeps q.json, q.lock and q/ in .queues: a queue named q.json or
+        # q.lock would take (or be blocked by) one of them.
+        self.assertEqual(self.cli("queue", "set", "a", "--parallel", "2")[0], 0)
+        for name in ("a.lock", "b.json", "c.JSON", "d.Lock", "e."):
+            for args in (["run", "--queue", name, "--until", "3", "--", "true"], ["queue", "set", name, "--parallel", "2"],
+                         ["queue", "pause", name]):
+                status, doc, _ = self.cli(*args)
+                self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), (args, doc))
+                self.assertIn(".json", doc["error"]["hint"])
+            with self.assertRaises(jobstate.InvalidArgumentError):
+                jobstate.create(["true"], queue=name, root=self.root)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.root, ".queues"))), ["a.json", "a.lock"])
+        status, doc, _ = self.cli("queue", "set", "b", "--parallel", "3")
+        self.assertEqual((status, doc["queues"][0]["parallel"]), (0, 3), doc)
+        for name in ("a.jsonx", "json", "lock", "a.locked", "x.y"):  # only the suffixes are taken
+            self.assertEqual(self.cli("queue", "set", name, "--parallel", "2")[0], 0, name)
+        jobstate._write_json_atomic(os.path.join(self.root, ".queues", "old.json.json"), {"paused": True})
+        status, doc, _ = self.cli("queue", "resume", "old.json")  # set before such names were refused
+        self.assertEqual((status, doc["queues"][0]["paused"]), (0, False), doc)
+
     def test_supervisor_of_a_waiting_job_killed(self):
         gate = self.gate()
         markers = [os.path.join(self.tmp, name) for name in ("lost", "next")]
