@@ -4172,10 +4172,22 @@ def _read_queue_settings(qp: _QueuePaths) -> _QueueSettings:
         raise StateFileError(qp.settings, str(exc)) from None
 
 
+def _make_private_dirs(path: str) -> None:
+    """os.makedirs with mode 0700 at every level it makes (makedirs gives the
+    levels above the last one the default mode, 0755 under the usual umask)."""
+    parent = os.path.dirname(path)
+    if parent and parent != path and not os.path.isdir(parent):
+        _make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
 def _update_queue_settings(qp: _QueuePaths, parallel: Optional[int], paused: Optional[bool]) -> _QueueSettings:
     """Change what is given, keep the rest; a corrupt settings file is replaced."""
     try:
-        os.makedirs(qp.base, mode=0o700, exist_ok=True)
+        _make_private_dirs(qp.base)
         with _LockFile(qp.settings_lock) as lock:
             lock.acquire(blocking=True)
             try:
@@ -4216,7 +4228,7 @@ class _Ticket:
         self.lock = _LockFile.held(self.path, fd)
 
     def enter(self) -> None:
-        os.makedirs(self.qp.tickets, mode=0o700, exist_ok=True)
+        _make_private_dirs(self.qp.tickets)
         tmp = os.path.join(self.qp.tickets, ".%s.%s" % (os.path.basename(self.path), os.urandom(4).hex()))
         lock = _LockFile(tmp)
         lock.acquire()  # a fresh random name: nobody else holds it
@@ -6925,6 +6937,12 @@ class Job:
         terminating = name[3:] in _TERMINATING
         if state.status is JobStatus.CREATED and state.waiting is not None and terminating:
             return self._kill_waiting(name, wait_s)
+        if state.status is JobStatus.CREATED and state.waiting is not None:  # start and delete refuse it
+            raise InvalidStateError(self.id, state.status, "it has no process to signal yet",
+                                    hint="it waits for %s: 'jobstate kill %s' takes it out of the line;"
+                                         " a signal reaches it once it runs ('jobstate wait %s')"
+                                         % ("a queue slot" if state.waiting.get("for") == "queue"
+                                            else state.waiting.get("for"), self.id, self.id))
         if state.status is JobStatus.CREATED:
             raise InvalidStateError(self.id, state.status, "it has no process to signal",
                                     hint="it never started: 'jobstate start %s' runs it, 'jobstate delete %s' "

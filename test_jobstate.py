@@ -4149,6 +4149,23 @@ class QueueTests(JobTestCase):
         status, doc, _ = self.cli("queue", "resume", "old.json")  # set before such names were refused
         self.assertEqual((status, doc["queues"][0]["paused"]), (0, False), doc)
 
+    def test_queue_directories_made_by_a_job_are_private(self):
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        self.assertEqual(self.run_job(["true"], queue="fresh").wait(10).exit_code, 0)
+        base = os.path.join(self.root, ".queues")
+        for path in (base, os.path.join(base, "fresh"), os.path.join(base, "fresh", "tickets")):
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700, path)
+
+    def test_a_signal_for_a_waiting_job_says_what_can_be_done(self):
+        jobstate.set_queue("q", parallel=1, paused=True, root=self.root)
+        job = self.run_job(["true"], queue="q")
+        status, doc, _ = self.cli("kill", job.id, "--signal", "CONT")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"), doc)
+        self.assertNotIn("start", doc["error"]["hint"])
+        self.assertIn("jobstate kill %s" % job.id, doc["error"]["hint"])
+        self.assertEqual(self.position(job), 1)
+
     def test_supervisor_of_a_waiting_job_killed(self):
         gate = self.gate()
         markers = [os.path.join(self.tmp, name) for name in ("lost", "next")]
