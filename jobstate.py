@@ -7990,6 +7990,8 @@ def _check_arguments(operation: str, args: dict) -> dict:
     if unknown:
         raise InvalidArgumentError("unknown argument(s) for %s: %s" % (operation, ", ".join(unknown)),
                                    hint="accepted: " + ", ".join(params))
+    # null is "not given" (MCP and HTTP alike): clients fill absent optionals with it.
+    args = {name: value for name, value in args.items() if value is not None}
     for name in required:
         if name not in args:
             raise InvalidArgumentError("%s needs %r" % (operation, name), hint="required: " + ", ".join(required))

@@ -5221,6 +5221,18 @@ class HttpTests(ServeTestCase):
         self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"))
         self.assertIn("hint", doc["error"])
 
+    def test_null_means_not_given(self):
+        # As over MCP (the same argument check): JSON null for an optional argument is its absence.
+        url = self.start_server()
+        status, doc = self.request("POST", url + "/jobs", {"command": ["echo", "hi"], "queue": None, "ready": None,
+                                                          "timeout": None, "restart": None, "until": 10})
+        self.assertEqual((status, doc.get("state"), doc.get("queue"), doc.get("stdout")), (200, "exited", None, "hi\n"),
+                         doc)
+        status, doc = self.request("POST", url + "/jobs", {"command": None})
+        self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), doc)
+        self.assertIn("command", doc["error"]["message"])
+        self.assertEqual(jobstate._check_arguments("wait", {"job_id": "x", "match": None}), {"job_id": "x"})
+
     def test_jobs_do_not_inherit_the_serve_token(self):
         url = self.start_server(token="MYSECRETTOKEN123")
         for target in ("/jobs", "/exec"):
