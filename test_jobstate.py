@@ -2948,7 +2948,7 @@ class CleanStartTests(JobTestCase):
                 self.assert_starts_clean(launch())
 
     def after_a_wait(self, argv):
-        jobstate.set_queue("clean", paused=True, root=self.root)
+        jobstate.set_queue("clean", parallel=1, paused=True, root=self.root)
         job = jobstate.Job(self.hostile_cli("run", "--no-wait", "--queue", "clean", "--", *argv), self.root)
         self.assertEqual(job.state().waiting["for"], "queue")
         jobstate.set_queue("clean", paused=False, root=self.root)
@@ -4076,6 +4076,7 @@ class QueueTests(JobTestCase):
         self.assertFalse(os.path.exists(doomed.paths.stdout_log))
 
     def test_pause_and_resume(self):
+        self.cli("queue", "set", "q", "--parallel", "1")  # pause and resume name an existing queue
         status, doc, _ = self.cli("queue", "pause", "q")
         self.assertEqual((status, doc["queues"][0]["paused"]), (0, True))
         job = self.run_job(["echo", "hi"], queue="q")
@@ -4199,6 +4200,7 @@ class QueueTests(JobTestCase):
         # ~25 MB each); a job that may wait for hours gets a small one (~7 MB).
         # It is exec'd once the job shows as waiting, handed the job lock and its
         # ticket (so `run` does not wait for a second interpreter to boot).
+        self.cli("queue", "set", "q", "--parallel", "1")
         self.cli("queue", "pause", "q")
         status, doc, _ = self.cli_process("run", "--queue", "q", "--", "true")
         self.assertEqual((status, doc["state"]), (0, "created"))
@@ -4714,7 +4716,7 @@ class McpTests(JobTestCase):
                                            "max_restarts": 1, "restart_delay": 0.01, "until": 10})["structuredContent"]
         self.assertEqual((first["state"], first["exit_code"], first["restarts"], first["last_exit"]["exit_code"]),
                          ("exited", 2, 1, 2))
-        jobstate.set_queue("q", paused=True, root=self.root)
+        jobstate.set_queue("q", parallel=1, paused=True, root=self.root)
         doc = self.call(proc, 4, "run", {"command": HELLO, "queue": "q", "after": [first["job_id"]],
                                          "after_any": True})["structuredContent"]
         self.assertEqual((doc["state"], doc["queue"], doc["waiting"]["for"], doc["waiting"]["position"]),
@@ -5326,7 +5328,7 @@ class HttpTests(ServeTestCase):
         status, first = self.request("POST", url + "/jobs", {"command": py("import sys; sys.stdout.buffer.write(b'a\\n')"), "restart": "always",
                                                              "max_restarts": 1, "restart_delay": 0.01, "until": 10})
         self.assertEqual((status, first["state"], first["restarts"], first["stdout"]), (200, "exited", 1, "a\na\n"))
-        jobstate.set_queue("q", paused=True, root=self.root)
+        jobstate.set_queue("q", parallel=1, paused=True, root=self.root)
         status, doc = self.request("POST", url + "/jobs", {"command": ["echo", "b"], "queue": "q",
                                                            "after": [first["job_id"][:8]]})
         self.assertEqual((status, doc["state"], doc["waiting"]["for"], doc["waiting"]["queue"]),
@@ -6626,6 +6628,47 @@ class TextRenderingTests(JobTestCase):
 
 
 class CommandLineTests(JobTestCase):
+    def test_contradictory_or_ignored_options_are_refused(self):
+        job = jobstate.create(["true"], root=self.root)
+        sink = os.path.join(self.tmp, "events")
+        cases = ((["run", "--until", "1", "--forever", "--", "true"], "--forever"),
+                 (["wait", job.id, "--forever", "--until", "1"], "--forever"),
+                 (["run", "--no-wait", "--forever", "--", "true"], "--forever"),
+                 (["run", "--max-restarts", "3", "--", "true"], "--restart"),
+                 (["run", "--restart-delay", "3", "--", "true"], "--restart"),
+                 (["run", "--restart", "never", "--max-restarts", "3", "--", "true"], "--restart"),
+                 (["run", "--restart", "always", "--restart-delay", "61", "--", "true"], "60"),
+                 (["run", "--output-file", sink, "--", "true"], "--output-pattern"),
+                 (["run", "--output-command", "cat", "--", "true"], "--output-pattern"),
+                 (["run", "--output-pattern", "", "--output-file", sink, "--", "true"], "--output-pattern"),
+                 (["create", "--output-pattern", "", "--", "true"], "--output-pattern"),
+                 (["queue", "pause", "nosuch"], "queue set"),
+                 (["queue", "resume", "nosuch"], "queue set"))
+        for args, hint in cases:
+            status, doc, raw = self.cli(*args)
+            self.assertEqual((status, doc and doc["error"]["code"]), (1, "invalid_argument"), (args, raw))
+            self.assertIn(hint, doc["error"]["message"] + doc["error"]["hint"], args)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
+        self.assertFalse(os.path.exists(os.path.join(self.root, ".queues")))
+        for kw in ({"max_restarts": 2}, {"restart_delay_s": 2}, {"restart": "on-failure", "restart_delay_s": 1e9},
+                   {"output_file": sink}, {"output_command": "cat"}, {"output_pattern": ""}):
+            with self.assertRaises(jobstate.InvalidArgumentError, msg=kw):
+                jobstate.create(["true"], root=self.root, **kw)
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate.set_queue("nosuch", paused=True, root=self.root)
+        with unittest.mock.patch.dict(os.environ, JOBSTATE_CONTAINMENT="of"):  # a typo of off
+            status, doc, _ = self.cli("run", "--", "true")
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), doc)
+            self.assertIn("JOBSTATE_CONTAINMENT=off", doc["error"]["hint"])
+            with self.assertRaises(jobstate.InvalidArgumentError):
+                job.start()
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
+        self.assertEqual(job.state().status, jobstate.JobStatus.CREATED)
+        # The bounds themselves are fine.
+        status, doc, _ = self.cli("create", "--restart", "always", "--restart-delay", "60", "--max-restarts", "0",
+                                  "--output-pattern", "x", "--output-file", sink, "--", "true")
+        self.assertEqual(status, 0, doc)
+
     def test_bytes_that_are_not_utf8_reach_strict_parsers(self):
         job = job_with_bytes_not_utf8(self)
         for args in (["status", job.id], ["list", "--all"], ["status", job.id, "--pretty"]):
