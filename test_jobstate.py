@@ -6650,7 +6650,7 @@ class CommandLineTests(JobTestCase):
             self.assertIn(hint, doc["error"]["message"] + doc["error"]["hint"], args)
         self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
         self.assertFalse(os.path.exists(os.path.join(self.root, ".queues")))
-        for kw in ({"max_restarts": 2}, {"restart_delay_s": 2}, {"restart": "on-failure", "restart_delay_s": 1e9},
+        for kw in ({"max_restarts": 2}, {"restart_delay_s": 2}, {"restart": "on-failure", "restart_delay_s": 99999999},
                    {"output_file": sink}, {"output_command": "cat"}, {"output_pattern": ""}):
             with self.assertRaises(jobstate.InvalidArgumentError, msg=kw):
                 jobstate.create(["true"], root=self.root, **kw)
