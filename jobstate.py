@@ -1075,9 +1075,23 @@ class _ChildPlan:
             _remove_cgroup_tree(path)
 
 
+_CONTAINMENT_OFF = ("off", "0", "no", "none")
+_CONTAINMENT_ON = ("", "on", "1", "yes")
+
+
 def _cgroups_wanted() -> bool:
     """Linux, and not turned off by JOBSTATE_CONTAINMENT=off."""
-    return _LINUX and os.environ.get("JOBSTATE_CONTAINMENT", "").lower() not in ("off", "0", "no", "none")
+    return _LINUX and os.environ.get("JOBSTATE_CONTAINMENT", "").lower() not in _CONTAINMENT_OFF
+
+
+def _check_containment_setting() -> None:
+    """Refuse a launch under a JOBSTATE_CONTAINMENT that is neither on nor off:
+    a typo of "off" would otherwise quietly leave cgroups on."""
+    value = os.environ.get("JOBSTATE_CONTAINMENT", "")
+    if value.lower() not in _CONTAINMENT_OFF + _CONTAINMENT_ON:
+        raise InvalidArgumentError("JOBSTATE_CONTAINMENT=%r is neither on nor off" % (value,),
+                                   hint="JOBSTATE_CONTAINMENT=off (or 0, no, none) turns cgroups off;"
+                                        " unset it (or on, 1, yes) for them")
 
 
 def _cgroup_enforcers() -> List[str]:
@@ -3195,9 +3209,16 @@ def _validate_tags(tags: Sequence[str]) -> List[str]:
 
 
 def _validate_queue_name(name) -> str:
-    if not isinstance(name, str) or not re.match(_QUEUE_NAME_RE, name):
+    """A name for a new queue.  Queue q keeps q.json, q.lock and q/ side by side,
+    so a name ending in .json or .lock (any case: macOS and Windows fold it) would
+    take another queue's file, and Windows drops a trailing dot.  Jobs queued
+    under such a name before it was refused keep their queue (specs are not
+    checked again)."""
+    if (not isinstance(name, str) or not re.match(_QUEUE_NAME_RE, name)
+            or name.lower().endswith((".json", ".lock", "."))):
         raise InvalidArgumentError("invalid queue name %r" % (name,),
-                                   hint="1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+                                   hint="1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit,"
+                                        " not ending in '.json', '.lock' or '.' (the queue's own files)")
     return name
 
 
@@ -4194,10 +4215,22 @@ def _read_queue_settings(qp: _QueuePaths) -> _QueueSettings:
         raise StateFileError(qp.settings, str(exc)) from None
 
 
+def _make_private_dirs(path: str) -> None:
+    """os.makedirs with mode 0700 at every level it makes (makedirs gives the
+    levels above the last one the default mode, 0755 under the usual umask)."""
+    parent = os.path.dirname(path)
+    if parent and parent != path and not os.path.isdir(parent):
+        _make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
 def _update_queue_settings(qp: _QueuePaths, parallel: Optional[int], paused: Optional[bool]) -> _QueueSettings:
     """Change what is given, keep the rest; a corrupt settings file is replaced."""
     try:
-        os.makedirs(qp.base, mode=0o700, exist_ok=True)
+        _make_private_dirs(qp.base)
         with _LockFile(qp.settings_lock) as lock:
             lock.acquire(blocking=True)
             try:
@@ -4238,7 +4271,7 @@ class _Ticket:
         self.lock = _LockFile.held(self.path, fd)
 
     def enter(self) -> None:
-        os.makedirs(self.qp.tickets, mode=0o700, exist_ok=True)
+        _make_private_dirs(self.qp.tickets)
         tmp = os.path.join(self.qp.tickets, ".%s.%s" % (os.path.basename(self.path), os.urandom(4).hex()))
         lock = _LockFile(tmp)
         lock.acquire()  # a fresh random name: nobody else holds it
@@ -6279,6 +6312,7 @@ def _start_supervisor(paths: JobPaths, lock: _JobLock, log: int) -> Optional[boo
 
 def _launch(paths: JobPaths, lock: _JobLock) -> None:
     """Start the supervisor of a created job whose lock we hold; return after its acknowledgement."""
+    _check_containment_setting()
     try:
         log = _open_regular(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     except OSError as exc:
@@ -6984,6 +7018,12 @@ class Job:
         terminating = name[3:] in _TERMINATING
         if state.status is JobStatus.CREATED and state.waiting is not None and terminating:
             return self._kill_waiting(name, wait_s)
+        if state.status is JobStatus.CREATED and state.waiting is not None:  # start and delete refuse it
+            raise InvalidStateError(self.id, state.status, "it has no process to signal yet",
+                                    hint="it waits for %s: 'jobstate kill %s' takes it out of the line;"
+                                         " a signal reaches it once it runs ('jobstate wait %s')"
+                                         % ("a queue slot" if state.waiting.get("for") == "queue"
+                                            else state.waiting.get("for"), self.id, self.id))
         if state.status is JobStatus.CREATED:
             raise InvalidStateError(self.id, state.status, "it has no process to signal",
                                     hint="it never started: 'jobstate start %s' runs it, 'jobstate delete %s' "
@@ -7202,7 +7242,7 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
                                      "kill_after"),
         kill_orphans=bool(kill_orphans), tags=_validate_tags(_strings_argument(tags, "tags")),
         notify_command=notify_command or None, notify_file=notify_file or None,
-        output_pattern=output_pattern or None, output_match_type=output_match_type,
+        output_pattern=_check_output_pattern(output_pattern, output_command, output_file), output_match_type=output_match_type,
         output_stream=output_stream, output_command=output_command or None, output_file=output_file or None,
         created_at=_utc_now(),
         queue=None if queue is None else _validate_queue_name(queue), after=list(after),
@@ -7212,6 +7252,18 @@ def _build_spec(argv, *, cwd=None, env=None, env_files=(), inherit_env=True, mas
         cpu_time_s=_parse_limit(cpu_time_s, "cpu_time_s"))
     _check_sinks(spec)
     return spec
+
+
+def _check_output_pattern(pattern, command, file) -> Optional[str]:
+    """The pattern, or None: output sinks without one would never hear of a line."""
+    if pattern == "":
+        raise InvalidArgumentError("output_pattern is empty: it would match nothing ever sent",
+                                   hint="--output-pattern TEXT (a literal; with --output-match-type regex, a regex)")
+    if pattern is None and (command or file):
+        raise InvalidArgumentError("output_command and output_file receive the lines output_pattern finds,"
+                                   " and no output_pattern was given",
+                                   hint="--output-pattern TEXT --output-file PATH (or --output-command CMD)")
+    return pattern
 
 
 def _check_after_any(after, after_any) -> bool:
@@ -7225,6 +7277,9 @@ def _restart_policy(restart, max_restarts, restart_delay_s) -> dict:
     restart = restart or "never"
     if restart not in RESTART_POLICIES:
         raise InvalidArgumentError("unknown restart policy %r" % (restart,), hint="one of: " + ", ".join(RESTART_POLICIES))
+    if restart == "never" and (max_restarts is not None or restart_delay_s is not None):
+        raise InvalidArgumentError("max_restarts and restart_delay bound a restart policy, and there is none",
+                                   hint="--restart on-failure|always --max-restarts N --restart-delay S")
     if max_restarts is None:
         max_restarts = 0 if restart == "never" else DEFAULT_MAX_RESTARTS
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
@@ -7232,6 +7287,9 @@ def _restart_policy(restart, max_restarts, restart_delay_s) -> dict:
                                    hint="a whole number of restarts from 0")
     delay = _parse_duration(DEFAULT_RESTART_DELAY_S if restart_delay_s is None else restart_delay_s,
                             "restart_delay")
+    if delay > MAX_RESTART_DELAY_S:  # the doubling stops there: a longer first delay would pass it
+        raise InvalidArgumentError("restart_delay: %gs is more than the %gs the delay doubles up to"
+                                   % (delay, MAX_RESTART_DELAY_S), hint="--restart-delay 0 to 60 seconds")
     return {"restart": restart, "max_restarts": max_restarts, "restart_delay_s": delay}
 
 
@@ -7287,6 +7345,7 @@ def _create(root: str, argv, *, stdin=None, after: Sequence[str] = (), **definit
     # names them, so no job can come after itself, directly or through others.
     after = list(dict.fromkeys(_resolve_job_id(root, ref) for ref in after))
     spec = _build_spec(argv, has_stdin=stdin is not None, after=after, **definition)
+    _check_containment_setting()  # before the job exists: run would leave it created
     _ensure_root(root)
     _require_trusted_locks(root)
     job_id = new_job_id()
@@ -7400,18 +7459,37 @@ def set_queue(name: str, *, parallel: Optional[int] = None, paused: Optional[boo
     Waiting jobs see the change at once: raising the limit starts them, resuming
     lets them start again (a pause never stops running jobs).
     """
-    name = _validate_queue_name(name)
+    root = resolve_root(root)
+    if not _is_legacy_queue(root, name):
+        name = _validate_queue_name(name)
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int)
                                  or not 1 <= parallel <= MAX_QUEUE_PARALLEL):
         raise InvalidArgumentError("parallel: %r is not an integer from 1 to %d" % (parallel, MAX_QUEUE_PARALLEL),
                                    hint="to stop starting jobs, pause the queue ('jobstate queue pause NAME')")
-    root = resolve_root(root)
     _ensure_root(root)
     qp = _QueuePaths(root, name)
+    if parallel is None and not _queue_exists(root, name):  # a typo must not make a queue
+        raise InvalidArgumentError("no queue %s: it has no settings and no running or waiting job" % name,
+                                   hint="make it first: 'jobstate queue set %s --parallel N', then pause it;"
+                                        " 'jobstate queue list' shows the queues" % name)
     _update_queue_settings(qp, parallel, None if paused is None else bool(paused))
     for job_id in _queue_line(qp):  # the head takes the news; the others follow as the line moves
         _Bell.ring(JobPaths(root, job_id).bell)
     return _scan_queues(root, only=name)[0]
+
+
+def _is_legacy_queue(root: str, name) -> bool:
+    """A queue whose name is refused now but which has settings from before
+    (it may be paused): it can still be set, paused and resumed."""
+    return (isinstance(name, str) and bool(re.match(_QUEUE_NAME_RE, name))
+            and os.path.isfile(_QueuePaths(root, name).settings))
+
+
+def _queue_exists(root: str, name: str) -> bool:
+    if os.path.isfile(_QueuePaths(root, name).settings):
+        return True
+    info = _scan_queues(root, only=name)[0]
+    return bool(info.running or info.waiting)
 
 
 @_api_arguments
@@ -8023,6 +8101,8 @@ def _check_arguments(operation: str, args: dict) -> dict:
     if unknown:
         raise InvalidArgumentError("unknown argument(s) for %s: %s" % (operation, ", ".join(unknown)),
                                    hint="accepted: " + ", ".join(params))
+    # null is "not given" (MCP and HTTP alike): clients fill absent optionals with it.
+    args = {name: value for name, value in args.items() if value is not None}
     for name in required:
         if name not in args:
             raise InvalidArgumentError("%s needs %r" % (operation, name), hint="required: " + ", ".join(required))
@@ -10738,8 +10818,9 @@ def _add_sink_options(p, command_names: Tuple[str, ...], match_type: Optional[st
 
 
 def _add_observe_options(p, default_until: float) -> None:
-    p.add_argument("--until", default=str(default_until), metavar="S", type=_duration_option,
+    p.add_argument("--until", metavar="S", type=_duration_option,
                    help="wait at most S seconds for the job to finish (default %g)" % default_until)
+    p.set_defaults(default_until=str(default_until))  # --until left unset: --forever may not meet it
     p.add_argument("--forever", action="store_true", help="wait until the job finishes")
     p.add_argument("--no-wait", action="store_true", help="return as soon as the job is launched")
     p.add_argument("--wait", nargs="?", const="true", metavar="true|false", type=_bool_option,
@@ -10800,8 +10881,8 @@ def _job_only_options(p) -> None:
 
 def _wait_options(p) -> None:
     p.add_argument("job")
-    p.add_argument("--until", default=str(DEFAULT_WAIT_UNTIL_S), metavar="S", type=_duration_option,
-                   help="wait at most S seconds (default 30)")
+    p.add_argument("--until", metavar="S", type=_duration_option, help="wait at most S seconds (default 30)")
+    p.set_defaults(default_until=str(DEFAULT_WAIT_UNTIL_S))
     p.add_argument("--forever", action="store_true", help="no deadline")
     p.add_argument("--max-bytes", default=str(DEFAULT_MAX_BYTES), metavar="B", type=_size_option,
                    help="output excerpt size per stream (default 64k)")
@@ -10974,11 +11055,14 @@ def _no_wait(ns) -> bool:
 
 
 def _observe_deadline(ns) -> Optional[float]:
+    if ns.forever and (ns.until is not None or _no_wait(ns)):
+        raise InvalidArgumentError("--forever contradicts %s" % ("--until" if ns.until is not None else "--no-wait"),
+                                   hint="one of --forever (no deadline), --until S, --no-wait")
     if _no_wait(ns):
         return 0.0
     if ns.forever:
         return None
-    return _parse_duration(ns.until, "--until")
+    return _parse_duration(ns.default_until if ns.until is None else ns.until, "--until")
 
 
 def _observe_limits(ns) -> Tuple[Optional[float], int]:

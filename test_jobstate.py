@@ -2991,7 +2991,7 @@ class CleanStartTests(JobTestCase):
                 self.assert_starts_clean(launch())
 
     def after_a_wait(self, argv):
-        jobstate.set_queue("clean", paused=True, root=self.root)
+        jobstate.set_queue("clean", parallel=1, paused=True, root=self.root)
         job = jobstate.Job(self.hostile_cli("run", "--no-wait", "--queue", "clean", "--", *argv), self.root)
         self.assertEqual(job.state().waiting["for"], "queue")
         jobstate.set_queue("clean", paused=False, root=self.root)
@@ -4168,6 +4168,7 @@ class QueueTests(JobTestCase):
         self.assertFalse(os.path.exists(doomed.paths.stdout_log))
 
     def test_pause_and_resume(self):
+        self.cli("queue", "set", "q", "--parallel", "1")  # pause and resume name an existing queue
         status, doc, _ = self.cli("queue", "pause", "q")
         self.assertEqual((status, doc["queues"][0]["paused"]), (0, True))
         job = self.run_job(["echo", "hi"], queue="q")
@@ -4219,6 +4220,45 @@ class QueueTests(JobTestCase):
         with self.assertRaises(jobstate.InvalidArgumentError):
             jobstate.set_queue("q", parallel=True, root=self.root)
 
+    def test_queue_names_that_would_collide_with_another_queues_files(self):
+        # Queue q keeps q.json, q.lock and q/ in .queues: a queue named q.json or
+        # q.lock would take (or be blocked by) one of them.
+        self.assertEqual(self.cli("queue", "set", "a", "--parallel", "2")[0], 0)
+        for name in ("a.lock", "b.json", "c.JSON", "d.Lock", "e."):
+            for args in (["run", "--queue", name, "--until", "3", "--", "true"], ["queue", "set", name, "--parallel", "2"],
+                         ["queue", "pause", name]):
+                status, doc, _ = self.cli(*args)
+                self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), (args, doc))
+                self.assertIn(".json", doc["error"]["hint"])
+            with self.assertRaises(jobstate.InvalidArgumentError):
+                jobstate.create(["true"], queue=name, root=self.root)
+        self.assertEqual(jobstate._list_job_ids(self.root), [])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.root, ".queues"))), ["a.json", "a.lock"])
+        status, doc, _ = self.cli("queue", "set", "b", "--parallel", "3")
+        self.assertEqual((status, doc["queues"][0]["parallel"]), (0, 3), doc)
+        for name in ("a.jsonx", "json", "lock", "a.locked", "x.y"):  # only the suffixes are taken
+            self.assertEqual(self.cli("queue", "set", name, "--parallel", "2")[0], 0, name)
+        jobstate._write_json_atomic(os.path.join(self.root, ".queues", "old.json.json"), {"paused": True})
+        status, doc, _ = self.cli("queue", "resume", "old.json")  # set before such names were refused
+        self.assertEqual((status, doc["queues"][0]["paused"]), (0, False), doc)
+
+    def test_queue_directories_made_by_a_job_are_private(self):
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        self.assertEqual(self.run_job(["true"], queue="fresh").wait(10).exit_code, 0)
+        base = os.path.join(self.root, ".queues")
+        for path in (base, os.path.join(base, "fresh"), os.path.join(base, "fresh", "tickets")):
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700, path)
+
+    def test_a_signal_for_a_waiting_job_says_what_can_be_done(self):
+        jobstate.set_queue("q", parallel=1, paused=True, root=self.root)
+        job = self.run_job(["true"], queue="q")
+        status, doc, _ = self.cli("kill", job.id, "--signal", "CONT")
+        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"), doc)
+        self.assertNotIn("start", doc["error"]["hint"])
+        self.assertIn("jobstate kill %s" % job.id, doc["error"]["hint"])
+        self.assertEqual(self.position(job), 1)
+
     def test_supervisor_of_a_waiting_job_killed(self):
         gate = self.gate()
         markers = [os.path.join(self.tmp, name) for name in ("lost", "next")]
@@ -4252,6 +4292,7 @@ class QueueTests(JobTestCase):
         # ~25 MB each); a job that may wait for hours gets a small one (~7 MB).
         # It is exec'd once the job shows as waiting, handed the job lock and its
         # ticket (so `run` does not wait for a second interpreter to boot).
+        self.cli("queue", "set", "q", "--parallel", "1")
         self.cli("queue", "pause", "q")
         status, doc, _ = self.cli_process("run", "--queue", "q", "--", "true")
         self.assertEqual((status, doc["state"]), (0, "created"))
@@ -4767,7 +4808,7 @@ class McpTests(JobTestCase):
                                            "max_restarts": 1, "restart_delay": 0.01, "until": 10})["structuredContent"]
         self.assertEqual((first["state"], first["exit_code"], first["restarts"], first["last_exit"]["exit_code"]),
                          ("exited", 2, 1, 2))
-        jobstate.set_queue("q", paused=True, root=self.root)
+        jobstate.set_queue("q", parallel=1, paused=True, root=self.root)
         doc = self.call(proc, 4, "run", {"command": HELLO, "queue": "q", "after": [first["job_id"]],
                                          "after_any": True})["structuredContent"]
         self.assertEqual((doc["state"], doc["queue"], doc["waiting"]["for"], doc["waiting"]["position"]),
@@ -5297,6 +5338,18 @@ class HttpTests(ServeTestCase):
         self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"))
         self.assertIn("hint", doc["error"])
 
+    def test_null_means_not_given(self):
+        # As over MCP (the same argument check): JSON null for an optional argument is its absence.
+        url = self.start_server()
+        status, doc = self.request("POST", url + "/jobs", {"command": ["echo", "hi"], "queue": None, "ready": None,
+                                                          "timeout": None, "restart": None, "until": 10})
+        self.assertEqual((status, doc.get("state"), doc.get("queue"), doc.get("stdout")), (200, "exited", None, "hi\n"),
+                         doc)
+        status, doc = self.request("POST", url + "/jobs", {"command": None})
+        self.assertEqual((status, doc["error"]["code"]), (400, "invalid_argument"), doc)
+        self.assertIn("command", doc["error"]["message"])
+        self.assertEqual(jobstate._check_arguments("wait", {"job_id": "x", "match": None}), {"job_id": "x"})
+
     def test_jobs_do_not_inherit_the_serve_token(self):
         url = self.start_server(token="MYSECRETTOKEN123")
         for target in ("/jobs", "/exec"):
@@ -5390,7 +5443,7 @@ class HttpTests(ServeTestCase):
         status, first = self.request("POST", url + "/jobs", {"command": py("import sys; sys.stdout.buffer.write(b'a\\n')"), "restart": "always",
                                                              "max_restarts": 1, "restart_delay": 0.01, "until": 10})
         self.assertEqual((status, first["state"], first["restarts"], first["stdout"]), (200, "exited", 1, "a\na\n"))
-        jobstate.set_queue("q", paused=True, root=self.root)
+        jobstate.set_queue("q", parallel=1, paused=True, root=self.root)
         status, doc = self.request("POST", url + "/jobs", {"command": ["echo", "b"], "queue": "q",
                                                            "after": [first["job_id"][:8]]})
         self.assertEqual((status, doc["state"], doc["waiting"]["for"], doc["waiting"]["queue"]),
@@ -5912,10 +5965,12 @@ class HttpTests(ServeTestCase):
                 self.assertEqual(param["minimum"], 0, (operation, name))
                 high = param.get("maximum", param.get("exclusiveMaximum"))
                 self.assertIsNotNone(high, (operation, name))
-                for value in (-1, -0.001, float("inf"), float("-inf"), float("nan"), True, False, "5", None,
+                for value in (-1, -0.001, float("inf"), float("-inf"), float("nan"), True, False, "5",
                               high + 1, 10 ** 30):
                     with self.assertRaises(jobstate.InvalidArgumentError, msg=(operation, name, value)):
                         jobstate._check_arguments(operation, dict(base, **{name: value}))
+                if name not in required:  # null is "not given"
+                    self.assertNotIn(name, jobstate._check_arguments(operation, dict(base, **{name: None})))
                 if "exclusiveMaximum" in param:
                     with self.assertRaises(jobstate.InvalidArgumentError):
                         jobstate._check_arguments(operation, dict(base, **{name: high}))
@@ -6690,6 +6745,47 @@ class TextRenderingTests(JobTestCase):
 
 
 class CommandLineTests(JobTestCase):
+    def test_contradictory_or_ignored_options_are_refused(self):
+        job = jobstate.create(["true"], root=self.root)
+        sink = os.path.join(self.tmp, "events")
+        cases = ((["run", "--until", "1", "--forever", "--", "true"], "--forever"),
+                 (["wait", job.id, "--forever", "--until", "1"], "--forever"),
+                 (["run", "--no-wait", "--forever", "--", "true"], "--forever"),
+                 (["run", "--max-restarts", "3", "--", "true"], "--restart"),
+                 (["run", "--restart-delay", "3", "--", "true"], "--restart"),
+                 (["run", "--restart", "never", "--max-restarts", "3", "--", "true"], "--restart"),
+                 (["run", "--restart", "always", "--restart-delay", "61", "--", "true"], "60"),
+                 (["run", "--output-file", sink, "--", "true"], "--output-pattern"),
+                 (["run", "--output-command", "cat", "--", "true"], "--output-pattern"),
+                 (["run", "--output-pattern", "", "--output-file", sink, "--", "true"], "--output-pattern"),
+                 (["create", "--output-pattern", "", "--", "true"], "--output-pattern"),
+                 (["queue", "pause", "nosuch"], "queue set"),
+                 (["queue", "resume", "nosuch"], "queue set"))
+        for args, hint in cases:
+            status, doc, raw = self.cli(*args)
+            self.assertEqual((status, doc and doc["error"]["code"]), (1, "invalid_argument"), (args, raw))
+            self.assertIn(hint, doc["error"]["message"] + doc["error"]["hint"], args)
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
+        self.assertFalse(os.path.exists(os.path.join(self.root, ".queues")))
+        for kw in ({"max_restarts": 2}, {"restart_delay_s": 2}, {"restart": "on-failure", "restart_delay_s": 99999999},
+                   {"output_file": sink}, {"output_command": "cat"}, {"output_pattern": ""}):
+            with self.assertRaises(jobstate.InvalidArgumentError, msg=kw):
+                jobstate.create(["true"], root=self.root, **kw)
+        with self.assertRaises(jobstate.InvalidArgumentError):
+            jobstate.set_queue("nosuch", paused=True, root=self.root)
+        with unittest.mock.patch.dict(os.environ, JOBSTATE_CONTAINMENT="of"):  # a typo of off
+            status, doc, _ = self.cli("run", "--", "true")
+            self.assertEqual((status, doc["error"]["code"]), (1, "invalid_argument"), doc)
+            self.assertIn("JOBSTATE_CONTAINMENT=off", doc["error"]["hint"])
+            with self.assertRaises(jobstate.InvalidArgumentError):
+                job.start()
+        self.assertEqual(jobstate._list_job_ids(self.root), [job.id])
+        self.assertEqual(job.state().status, jobstate.JobStatus.CREATED)
+        # The bounds themselves are fine.
+        status, doc, _ = self.cli("create", "--restart", "always", "--restart-delay", "60", "--max-restarts", "0",
+                                  "--output-pattern", "x", "--output-file", sink, "--", "true")
+        self.assertEqual(status, 0, doc)
+
     def test_bytes_that_are_not_utf8_reach_strict_parsers(self):
         job = job_with_bytes_not_utf8(self)
         for args in (["status", job.id], ["list", "--all"], ["status", job.id, "--pretty"]):
