@@ -2471,8 +2471,11 @@ class TamperTests(JobTestCase):
     def test_delete_refuses_a_lost_run_whose_processes_live(self):
         job, runs, old = self.counting_job()
         self.lose_supervisor(job, old)
+        run = jobstate._Proc(old.pid, old.pid_token)
+        self.assertTrue(jobstate._process_layer.is_alive(run), "the run's process ended with its supervisor")
         status, doc, _ = self.cli("delete", job.id)
-        self.assertEqual((status, doc["error"]["code"]), (1, "invalid_state"))
+        self.assertEqual((status, doc.get("error", {}).get("code")), (1, "invalid_state"),
+                         (doc, jobstate._process_layer.is_alive(run), job.state().to_dict()))
         self.assertIn("jobstate kill", doc["error"]["message"])
         self.assertTrue(os.path.isdir(job.paths.dir))
         self.assertTrue(jobstate._process_layer.is_alive(jobstate._Proc(old.pid, old.pid_token)))
