@@ -8959,7 +8959,6 @@ def _make_http_handler(root: str, token: Optional[str], bound_host: str, allowed
 def _route_http(method: str, target: str, read_body, root: str):
     """Answer one request with an envelope (a dict) or a _RawReply: `target` is the
     path with its query, read_body() the JSON body."""
-    from urllib.parse import parse_qs
     parts, query_text = _http_target(target)
     path = target.partition("?")[0][:200]
     endpoint = _http_endpoint(parts)
@@ -8971,9 +8970,9 @@ def _route_http(method: str, target: str, read_body, root: str):
                                           "agent-exec's /exec, /status/ID, /tail/ID, /wait/ID, /kill/ID")
     if method not in _HTTP_METHODS[endpoint]:
         raise _MethodNotAllowedError(method, path, _HTTP_METHODS[endpoint])
-    _query_params(query_text)
-    params = parse_qs(query_text)  # blank values dropped: `?state=` is no state
-    query = {k: v[-1] for k, v in params.items()}
+    given = _query_params(query_text)
+    params = {name: [v for v in values if v] for name, values in given.items()}  # `?state=` is no state
+    query = {k: v[-1] for k, v in params.items() if v}
     if endpoint == "health":
         return _envelope("health", {"version": __version__, "root": root, "capabilities": _capabilities(root)})
     if endpoint == "asset":
@@ -8993,7 +8992,7 @@ def _route_http(method: str, target: str, read_body, root: str):
         return _call_operation("run", read_body(), root, default_until=DEFAULT_RUN_UNTIL_S)
     if endpoint == "jobs":
         args = _query_args(query, {"state": str, "limit": int, "all": bool, "cwd": str})
-        if "tag" in params:
+        if params.get("tag"):
             args["tags"] = params["tag"]
         return _call_operation("list", args, root, default_until=0)
     job_id = parts[1]
@@ -9006,7 +9005,7 @@ def _route_http(method: str, target: str, read_body, root: str):
         return _follow_request(_open_job(root, job_id), _query_args(query, {"lines": int, "max_bytes": int,
                                                                              "stream": str}))
     if endpoint == "log":
-        return _log_reply(root, job_id, parse_qs(query_text, keep_blank_values=True))
+        return _log_reply(root, job_id, given)
     if endpoint in ("definition", "notifications"):
         _query_args(query, {})
         job = _open_job(root, job_id)
@@ -9181,9 +9180,6 @@ def _log_range_args(query: Dict[str, List[str]]) -> Tuple[str, Optional[int], in
     if unknown:
         raise InvalidArgumentError("unknown query parameter(s): %s" % _clip(", ".join(unknown)),
                                    hint="log takes stream, offset and length")
-    repeated = sorted(name for name, values in query.items() if len(values) > 1)
-    if repeated:
-        raise InvalidArgumentError("query parameter(s) given more than once: %s" % ", ".join(repeated))
     stream = query.get("stream", [None])[0]
     if stream not in _LOG_STREAMS:
         raise InvalidArgumentError("stream must be one of %s, not %r" % (", ".join(_LOG_STREAMS), _clip(stream)),
