@@ -3589,23 +3589,24 @@ def _matching_lines(pattern, block: Tuple[int, bytes], first_only: bool = False)
 def _write_json_atomic(path: str, doc: dict) -> None:
     """Write a JSON file so that readers see the old or the new content, never a mix.
 
-    Temp file in the same directory, fsync, replace, fsync of the directory.
-    ensure_ascii keeps argv bytes that are not UTF-8 (surrogate escapes) round-trippable.
+    _replace_file, then fsync of the directory.  ensure_ascii keeps argv bytes
+    that are not UTF-8 (surrogate escapes) round-trippable.
     """
-    data = _file_json_bytes(doc)
+    _replace_file(path, _file_json_bytes(doc))
+    _process_layer.fsync_dir(os.path.dirname(path))
+
+
+def _replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Put a file holding data in path's place: a temp file in the same directory,
+    written and fsync'd, then renamed over it (a symlink there is replaced, never
+    written through)."""
     tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
     try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new_file(tmp, data, mode)
         _process_layer.replace(tmp, path)
     except BaseException:  # clean up the temp file whatever stopped us, then re-raise
         _unlink_quietly(tmp)
         raise
-    _process_layer.fsync_dir(os.path.dirname(path))
 
 
 def _file_json_bytes(doc: dict) -> bytes:
@@ -3613,9 +3614,9 @@ def _file_json_bytes(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
-def _write_new_file(path: str, data: bytes) -> None:
+def _write_new_file(path: str, data: bytes, mode: int = 0o600) -> None:
     """Create path (it must not exist), write data and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, mode)
     try:
         _write_all(fd, data)
         os.fsync(fd)
@@ -11407,17 +11408,7 @@ def _install_file(path: str, data: bytes) -> None:
     except FileExistsError:
         if os.path.islink(folder) or not os.path.isdir(folder):
             raise OSError(errno.ENOTDIR, "%s is not a real directory (a symlink or a file)" % folder) from None
-    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(4).hex())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644)
-    try:
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
-        _process_layer.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    _replace_file(path, data, 0o644)
 
 
 def _cmd_completions(ns):
