@@ -6984,17 +6984,17 @@ class Job:
         when it will not stop."""
         if not _run_may_outlive_supervisor(state) or not _process_layer.can_verify_pids():
             return
+        signum, name = _parse_signal(signal)
         supervisor = _Proc(state.supervisor_pid, state.supervisor_token) if _supervisor_alive(state) else None
         if supervisor is not None:
-            self._request_kill(_parse_signal(signal)[1], [])  # so that it records the end, and starts no other run
+            self._request_kill(name, [])  # so that it records the end, and starts no other run
         ref = _TreeRef.from_state(state)
         stopped = False
-        for signum, wait_s in ((_parse_signal(signal)[0], kill_after_s),
-                               (_process_layer.signal_numbers()["KILL"], DRAIN_TIMEOUT_S)):
+        for sent, wait_s in ((signum, kill_after_s), (_process_layer.signal_numbers()["KILL"], DRAIN_TIMEOUT_S)):
             if _wait_tree_gone(ref, 0):
                 stopped = True
                 break
-            _process_layer.signal_tree(ref, signum)
+            _process_layer.signal_tree(ref, sent)
             if _wait_tree_gone(ref, wait_s):
                 stopped = True
                 break
