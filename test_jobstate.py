@@ -330,7 +330,9 @@ class JobTestCase(unittest.TestCase):
             except jobstate.JobError:
                 pass
             wait_for(lambda: self.supervisor_gone(job.paths), 10, "the supervisor to finish copying the output")
-            jobstate._process_layer.remove_containment(ref)  # the job's cgroups, now empty
+            # The job's cgroups, once the processes SIGKILLed above have gone (a kill is not
+            # instant, least of all under load: rmdir refuses a cgroup they are still in).
+            wait_for(lambda: jobstate._process_layer.remove_containment(ref), 10, "the job's cgroups to empty")
 
     @staticmethod
     def supervisor_gone(paths):
